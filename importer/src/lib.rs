@@ -1,0 +1,1 @@
+//! Closure import from Nix binary caches into the store. Not built yet.
