@@ -1,7 +1,25 @@
-//! The content-addressed store.
+//! The content-addressed store under lazystore.
+//!
+//! Everything is named by a BLAKE3 [`Digest`]: a file's contents are a blob,
+//! stored as FastCDC chunks each named by its own digest; a directory is
+//! named by the digest of its canonical encoding. The [`nodes`] types are the
+//! validated data model; [`blobs`] and [`directories`] are the stores, each a
+//! backend trait with one file per backend.
+
+pub mod blobs;
+mod chunker;
+mod digest;
+pub mod directories;
+pub mod nodes;
 
 /// Wire types generated from `proto/castore.proto`.
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
     tonic::include_proto!("lazystore.castore.v1");
 }
+
+pub use blobs::{BlobError, BlobMeta, BlobService, Blobs};
+pub use chunker::{Chunker, ChunkerParams, InvalidChunkerParams};
+pub use digest::{DIGEST_LEN, Digest, InvalidDigest};
+pub use directories::{DirectoryError, DirectoryService};
+pub use nodes::{Directory, Node, PathComponent, SymlinkTarget, ValidateError};

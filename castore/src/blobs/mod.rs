@@ -1,0 +1,489 @@
+//! Blobs: file contents, stored as content-defined chunks.
+//!
+//! [`BlobService`] is what a backend implements: chunks by digest (stored in
+//! their encoded form) and a chunk list per blob. [`Blobs`] is what everyone
+//! else uses: it chunks and compresses on write, and on read it decodes and
+//! checks every chunk against its BLAKE3 before any byte is returned, so
+//! verification never depends on the backend.
+
+mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::digest::Digest;
+use crate::proto::ChunkEncoding;
+
+pub use memory::MemoryBlobService;
+
+/// Largest chunk any store accepts (fastcdc's largest maximum), so a claimed
+/// size can be bounded before anything is allocated for it.
+pub const MAX_CHUNK_SIZE: u64 = 16 * 1024 * 1024;
+
+/// zstd level for chunks: fast enough to keep up with ingest, and the
+/// per-chunk ratio barely improves above it.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Chunks gathered before asking the backend which it lacks.
+const WRITE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Chunks asked for in one backend read.
+const READ_BATCH_CHUNKS: usize = 64;
+
+/// One chunk of a blob's chunk list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkMeta {
+    /// BLAKE3 of the chunk's bytes.
+    pub digest: Digest,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+/// A blob's length and chunk list, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// Length of the blob in bytes: the sum of the chunk sizes.
+    pub size: u64,
+    /// The chunks, in order. Empty for the empty blob.
+    pub chunks: Vec<ChunkMeta>,
+}
+
+impl BlobMeta {
+    /// Builds a chunk list, checking the sizes add up to `size` and each
+    /// chunk is within [`MAX_CHUNK_SIZE`].
+    pub fn new(blob: Digest, size: u64, chunks: Vec<ChunkMeta>) -> Result<Self, BlobError> {
+        let mut total: u64 = 0;
+        for c in &chunks {
+            if c.size == 0 || c.size > MAX_CHUNK_SIZE {
+                return Err(BlobError::BadChunkList {
+                    blob,
+                    reason: "chunk size out of range",
+                });
+            }
+            total = total.checked_add(c.size).ok_or(BlobError::BadChunkList {
+                blob,
+                reason: "size overflows",
+            })?;
+        }
+        if total != size {
+            return Err(BlobError::BadChunkList {
+                blob,
+                reason: "chunk sizes do not add up",
+            });
+        }
+        Ok(BlobMeta { size, chunks })
+    }
+}
+
+/// A chunk as stored and sent: its digest and its possibly compressed bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedChunk {
+    /// BLAKE3 of the decoded bytes.
+    pub digest: Digest,
+    /// How `data` is encoded.
+    pub encoding: ChunkEncoding,
+    /// Decoded length.
+    pub size: u64,
+    /// The encoded bytes.
+    pub data: Bytes,
+}
+
+impl EncodedChunk {
+    /// Encodes `raw`, compressing it when that makes it smaller.
+    pub fn encode(raw: Bytes) -> Self {
+        let digest = Digest::of(&raw);
+        let size = raw.len() as u64;
+        match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
+            Ok(z) if z.len() < raw.len() => EncodedChunk {
+                digest,
+                encoding: ChunkEncoding::Zstd,
+                size,
+                data: z.into(),
+            },
+            _ => EncodedChunk {
+                digest,
+                encoding: ChunkEncoding::Raw,
+                size,
+                data: raw,
+            },
+        }
+    }
+
+    /// Decodes the chunk and checks it against its digest. The only way
+    /// chunk bytes leave the store.
+    pub fn decode(&self) -> Result<Bytes, BlobError> {
+        let chunk = self.digest;
+        if self.size > MAX_CHUNK_SIZE {
+            return Err(BlobError::Corrupt {
+                chunk,
+                reason: "claims more than the largest chunk",
+            });
+        }
+        let raw: Bytes = match self.encoding {
+            ChunkEncoding::Raw => self.data.clone(),
+            ChunkEncoding::Zstd => zstd::bulk::decompress(&self.data, self.size as usize)
+                .map_err(|source| BlobError::Decompress { chunk, source })?
+                .into(),
+        };
+        if raw.len() as u64 != self.size {
+            return Err(BlobError::Corrupt {
+                chunk,
+                reason: "wrong length",
+            });
+        }
+        if Digest::of(&raw) != chunk {
+            return Err(BlobError::Corrupt {
+                chunk,
+                reason: "BLAKE3 mismatch",
+            });
+        }
+        Ok(raw)
+    }
+}
+
+/// What can go wrong storing or reading blobs.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// No blob with this digest is stored.
+    #[error("blob {0} not found")]
+    BlobNotFound(Digest),
+    /// A chunk the caller needs is not stored.
+    #[error("chunk {0} not found")]
+    ChunkNotFound(Digest),
+    /// A chunk's bytes do not match its digest: never returned.
+    #[error("chunk {chunk} is corrupt: {reason}")]
+    Corrupt {
+        /// The chunk.
+        chunk: Digest,
+        /// What check failed.
+        reason: &'static str,
+    },
+    /// A compressed chunk does not decompress.
+    #[error("chunk {chunk} does not decompress")]
+    Decompress {
+        /// The chunk.
+        chunk: Digest,
+        /// zstd's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A chunk list is inconsistent.
+    #[error("chunk list of blob {blob} is invalid: {reason}")]
+    BadChunkList {
+        /// The blob.
+        blob: Digest,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A read past the end of a blob.
+    #[error("range {offset}+{len} is outside blob {blob} of {size} bytes")]
+    OutOfRange {
+        /// The blob.
+        blob: Digest,
+        /// Start asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// The blob's size.
+        size: u64,
+    },
+    /// The bytes read for a whole blob hash to something else.
+    #[error("blob {expected} reads back as {actual}")]
+    BlobMismatch {
+        /// The blob asked for.
+        expected: Digest,
+        /// BLAKE3 of what its chunks gave.
+        actual: Digest,
+    },
+    /// The storage backend failed.
+    #[error("blob store backend failed")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A chunk store backend.
+#[async_trait]
+pub trait BlobService: Send + Sync {
+    /// The chunk list of `blob`. Must return exactly what [`put_blob`] stored,
+    /// or `None` for an unknown blob.
+    ///
+    /// [`put_blob`]: BlobService::put_blob
+    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError>;
+
+    /// The stored chunks, in the order asked. Must fail with
+    /// [`BlobError::ChunkNotFound`] if any is unknown. Need not verify them:
+    /// [`Blobs`] does, whatever the backend.
+    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError>;
+
+    /// The subset of `chunks` that is not stored, in the order asked.
+    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError>;
+
+    /// Stores chunks. Must be idempotent: a chunk already present is kept
+    /// once. Callers must pass chunks whose digest matches their bytes.
+    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError>;
+
+    /// Records `blob`'s chunk list. Must refuse (with
+    /// [`BlobError::ChunkNotFound`]) a list naming a chunk that is not stored,
+    /// so no blob ever points at missing data.
+    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError>;
+}
+
+/// Verified access to a [`BlobService`]: chunked, compressed writes and
+/// checked reads.
+#[derive(Clone)]
+pub struct Blobs {
+    service: Arc<dyn BlobService>,
+    params: ChunkerParams,
+}
+
+impl Blobs {
+    /// Wraps a backend; writes are chunked with `params`.
+    pub fn new(service: Arc<dyn BlobService>, params: ChunkerParams) -> Self {
+        Blobs { service, params }
+    }
+
+    /// The backend.
+    pub fn service(&self) -> &Arc<dyn BlobService> {
+        &self.service
+    }
+
+    /// The chunk list of `blob`, or `None`.
+    pub async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
+        self.service.stat(blob).await
+    }
+
+    /// A writer for a new blob.
+    pub fn writer(&self) -> BlobWriter {
+        BlobWriter {
+            service: self.service.clone(),
+            chunker: Chunker::new(self.params),
+            hasher: blake3::Hasher::new(),
+            size: 0,
+            chunks: Vec::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+        }
+    }
+
+    /// Stores `data` as a blob and returns its digest.
+    pub async fn put(&self, data: &[u8]) -> Result<Digest, BlobError> {
+        let mut w = self.writer();
+        w.write(data).await?;
+        Ok(w.finish().await?.0)
+    }
+
+    /// Reads `len` bytes at `offset` of the blob with chunk list `meta`,
+    /// fetching only the chunks that overlap and verifying each one.
+    pub async fn read_range(
+        &self,
+        blob: &Digest,
+        meta: &BlobMeta,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, BlobError> {
+        let end =
+            offset
+                .checked_add(len)
+                .filter(|&e| e <= meta.size)
+                .ok_or(BlobError::OutOfRange {
+                    blob: *blob,
+                    offset,
+                    len,
+                    size: meta.size,
+                })?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        // Find the chunks overlapping [offset, end).
+        let mut start_of = 0u64;
+        let mut wanted = Vec::new();
+        let mut first_start = 0;
+        for c in &meta.chunks {
+            let c_end = start_of + c.size;
+            if c_end > offset && start_of < end {
+                if wanted.is_empty() {
+                    first_start = start_of;
+                }
+                wanted.push(c.digest);
+            }
+            if c_end >= end {
+                break;
+            }
+            start_of = c_end;
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        let mut pos = first_start;
+        for batch in wanted.chunks(READ_BATCH_CHUNKS) {
+            for chunk in self.read_chunks_verified(batch).await? {
+                let c_end = pos + chunk.len() as u64;
+                let from = offset.saturating_sub(pos) as usize;
+                let to = (end.min(c_end) - pos) as usize;
+                out.extend_from_slice(&chunk[from..to]);
+                pos = c_end;
+            }
+        }
+        Ok(out.into())
+    }
+
+    /// Fetches chunks and returns their verified bytes, in order.
+    pub async fn read_chunks_verified(&self, chunks: &[Digest]) -> Result<Vec<Bytes>, BlobError> {
+        let encoded = self.service.read_chunks(chunks).await?;
+        if encoded.len() != chunks.len() {
+            return Err(BlobError::Backend(
+                "backend returned the wrong number of chunks".into(),
+            ));
+        }
+        encoded
+            .iter()
+            .zip(chunks)
+            .map(|(e, want)| {
+                if e.digest != *want {
+                    return Err(BlobError::Corrupt {
+                        chunk: *want,
+                        reason: "backend sent another chunk",
+                    });
+                }
+                e.decode()
+            })
+            .collect()
+    }
+
+    /// Reads a whole blob, chunk by chunk, verified; see [`BlobReader`].
+    pub fn reader(&self, blob: Digest, meta: BlobMeta) -> BlobReader {
+        BlobReader {
+            blobs: self.clone(),
+            blob,
+            meta,
+            next: 0,
+            ready: std::collections::VecDeque::new(),
+            hasher: blake3::Hasher::new(),
+        }
+    }
+}
+
+/// Reads a whole blob in order, a batch of chunks at a time, each chunk
+/// verified, and checks at the end that the bytes hash to the blob's digest.
+pub struct BlobReader {
+    blobs: Blobs,
+    blob: Digest,
+    meta: BlobMeta,
+    next: usize,
+    ready: std::collections::VecDeque<Bytes>,
+    hasher: blake3::Hasher,
+}
+
+impl BlobReader {
+    /// The next chunk's bytes, or `None` after the last one.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, BlobError> {
+        if self.ready.is_empty() {
+            if self.next == self.meta.chunks.len() {
+                let actual = Digest::from(self.hasher.finalize());
+                if actual != self.blob {
+                    return Err(BlobError::BlobMismatch {
+                        expected: self.blob,
+                        actual,
+                    });
+                }
+                return Ok(None);
+            }
+            let end = (self.next + READ_BATCH_CHUNKS).min(self.meta.chunks.len());
+            let digests: Vec<Digest> = self.meta.chunks[self.next..end]
+                .iter()
+                .map(|c| c.digest)
+                .collect();
+            self.ready
+                .extend(self.blobs.read_chunks_verified(&digests).await?);
+            self.next = end;
+        }
+        let chunk = self.ready.pop_front().expect("a batch is never empty");
+        self.hasher.update(&chunk);
+        Ok(Some(chunk))
+    }
+}
+
+/// Streams one blob into the store: chunks, hashes, sends only the chunks
+/// the backend lacks (compressed), and records the chunk list on `finish`.
+pub struct BlobWriter {
+    service: Arc<dyn BlobService>,
+    chunker: Chunker,
+    hasher: blake3::Hasher,
+    size: u64,
+    chunks: Vec<ChunkMeta>,
+    pending: Vec<Bytes>,
+    pending_bytes: usize,
+}
+
+impl BlobWriter {
+    /// Appends bytes to the blob.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        let before = self.pending.len();
+        self.chunker.push(data, &mut self.pending);
+        self.pending_bytes += self.pending[before..].iter().map(Bytes::len).sum::<usize>();
+        if self.pending_bytes >= WRITE_BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), BlobError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // Hash on a blocking thread: it is the CPU-heavy part of ingest.
+        let hashed = tokio::task::spawn_blocking(move || {
+            pending
+                .into_iter()
+                .map(|c| (Digest::of(&c), c))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| BlobError::Backend(e.into()))?;
+        let digests: Vec<Digest> = hashed.iter().map(|(d, _)| *d).collect();
+        self.chunks
+            .extend(hashed.iter().map(|(digest, c)| ChunkMeta {
+                digest: *digest,
+                size: c.len() as u64,
+            }));
+        let missing: std::collections::HashSet<Digest> = self
+            .service
+            .missing_chunks(&digests)
+            .await?
+            .into_iter()
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let to_send: Vec<Bytes> = hashed
+            .into_iter()
+            .filter(|(d, _)| missing.contains(d) && seen.insert(*d))
+            .map(|(_, c)| c)
+            .collect();
+        if to_send.is_empty() {
+            return Ok(());
+        }
+        let encoded = tokio::task::spawn_blocking(move || {
+            to_send
+                .into_iter()
+                .map(EncodedChunk::encode)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| BlobError::Backend(e.into()))?;
+        self.service.put_chunks(encoded).await
+    }
+
+    /// Ends the blob: stores the last chunks and the chunk list, and returns
+    /// the blob's digest and size.
+    pub async fn finish(mut self) -> Result<(Digest, u64), BlobError> {
+        self.chunker.finish(&mut self.pending);
+        self.flush().await?;
+        let digest = Digest::from(self.hasher.finalize());
+        let meta = BlobMeta::new(digest, self.size, std::mem::take(&mut self.chunks))?;
+        self.service.put_blob(digest, meta).await?;
+        Ok((digest, self.size))
+    }
+}

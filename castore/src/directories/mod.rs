@@ -1,0 +1,122 @@
+//! Directories: stored by the digest of their canonical encoding.
+//!
+//! [`DirectoryService`] is what a backend implements. Every backend checks a
+//! directory against its digest on every get, and refuses a put whose
+//! subdirectories are not stored yet, so directories are uploaded leaves
+//! first and a stored directory never points at a missing one.
+
+mod memory;
+
+use async_trait::async_trait;
+
+use crate::digest::Digest;
+use crate::nodes::{DecodeDirectoryError, Directory};
+
+pub use memory::MemoryDirectoryService;
+
+/// What can go wrong storing or reading directories.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// Stored or received bytes are not the directory asked for.
+    #[error(transparent)]
+    Invalid(#[from] DecodeDirectoryError),
+    /// A put names a subdirectory that is not stored.
+    #[error(
+        "directory {parent}: subdirectory {child:?} ({digest}) is not stored; put leaves first"
+    )]
+    MissingChild {
+        /// The directory being put.
+        parent: Digest,
+        /// The entry name.
+        child: String,
+        /// The missing directory.
+        digest: Digest,
+    },
+    /// A put records a subdirectory size that differs from the stored one.
+    #[error("directory {parent}: subdirectory {child:?} has size {actual}, entry says {recorded}")]
+    SizeMismatch {
+        /// The directory being put.
+        parent: Digest,
+        /// The entry name.
+        child: String,
+        /// Size in the entry.
+        recorded: u64,
+        /// Size of the stored subdirectory.
+        actual: u64,
+    },
+    /// A recursive get found a directory missing below the root.
+    #[error("directory {0} not found")]
+    NotFound(Digest),
+    /// The storage backend failed.
+    #[error("directory store backend failed")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A directory store backend.
+#[async_trait]
+pub trait DirectoryService: Send + Sync {
+    /// The directory stored under `digest`, or `None`. Must verify the
+    /// directory hashes to `digest` before returning it.
+    async fn get(&self, digest: &Digest) -> Result<Option<Directory>, DirectoryError>;
+
+    /// Stores a directory and returns its digest. Must refuse it unless every
+    /// subdirectory is stored with the size its entry records.
+    async fn put(&self, dir: Directory) -> Result<Digest, DirectoryError>;
+
+    /// Stores directories in order, leaves first, root last; returns the
+    /// last digest (the root's).
+    async fn put_all(&self, dirs: Vec<Directory>) -> Result<Option<Digest>, DirectoryError> {
+        let mut last = None;
+        for d in dirs {
+            last = Some(self.put(d).await?);
+        }
+        Ok(last)
+    }
+
+    /// `root` and every directory below it, root first and each directory
+    /// after its parent (breadth first), each once.
+    async fn get_recursive(&self, root: &Digest) -> Result<Vec<Directory>, DirectoryError> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::from([*root]);
+        let mut queue = std::collections::VecDeque::from([*root]);
+        while let Some(d) = queue.pop_front() {
+            let dir = self.get(&d).await?.ok_or(DirectoryError::NotFound(d))?;
+            for (_, child, _) in dir.subdirectories() {
+                if seen.insert(child) {
+                    queue.push_back(child);
+                }
+            }
+            out.push(dir);
+        }
+        Ok(out)
+    }
+}
+
+/// Checks that `dir`'s subdirectories are stored with matching sizes, using
+/// `lookup` to find a stored directory's size. Shared by every backend's put.
+pub fn check_children(
+    dir: &Directory,
+    mut lookup: impl FnMut(&Digest) -> Result<Option<u64>, DirectoryError>,
+) -> Result<(), DirectoryError> {
+    for (name, digest, recorded) in dir.subdirectories() {
+        match lookup(&digest)? {
+            None => {
+                return Err(DirectoryError::MissingChild {
+                    parent: dir.digest(),
+                    child: name.to_string(),
+                    digest,
+                });
+            }
+            Some(actual) if actual != recorded => {
+                return Err(DirectoryError::SizeMismatch {
+                    parent: dir.digest(),
+                    child: name.to_string(),
+                    recorded,
+                    actual,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
