@@ -487,3 +487,141 @@ impl BlobWriter {
         Ok((digest, self.size))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngExt;
+
+    fn store() -> (Arc<MemoryBlobService>, Blobs) {
+        let mem = Arc::new(MemoryBlobService::new());
+        (mem.clone(), Blobs::new(mem, ChunkerParams::default()))
+    }
+
+    fn random(len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        rand::rng().fill(&mut v[..]);
+        v
+    }
+
+    async fn read_back(blobs: &Blobs, digest: Digest) -> Vec<u8> {
+        let meta = blobs.stat(&digest).await.unwrap().unwrap();
+        let mut r = blobs.reader(digest, meta);
+        let mut out = Vec::new();
+        while let Some(c) = r.next_chunk().await.unwrap() {
+            out.extend_from_slice(&c);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn boundary_sizes_round_trip() {
+        let (_, blobs) = store();
+        let p = ChunkerParams::default();
+        let (min, avg, max) = (p.min as usize, p.avg as usize, p.max as usize);
+        for len in [0, 1, min - 1, min, avg, max, max + 1, 10 << 20] {
+            let data = random(len);
+            let digest = blobs.put(&data).await.unwrap();
+            assert_eq!(digest, Digest::of(&data), "len {len}");
+            let meta = blobs.stat(&digest).await.unwrap().unwrap();
+            assert_eq!(meta.size, len as u64);
+            if len < min {
+                assert!(
+                    meta.chunks.len() <= 1,
+                    "len {len}: {} chunks",
+                    meta.chunks.len()
+                );
+            }
+            assert!(meta.chunks.iter().all(|c| c.size <= max as u64));
+            assert_eq!(read_back(&blobs, digest).await, data, "len {len}");
+        }
+    }
+
+    #[tokio::test]
+    async fn range_reads_match_the_bytes() {
+        let (_, blobs) = store();
+        let data = random(3 << 20);
+        let digest = blobs.put(&data).await.unwrap();
+        let meta = blobs.stat(&digest).await.unwrap().unwrap();
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let offset = rng.random_range(0..data.len());
+            let len = rng.random_range(0..=(data.len() - offset).min(600_000));
+            let got = blobs
+                .read_range(&digest, &meta, offset as u64, len as u64)
+                .await
+                .unwrap();
+            assert_eq!(&got[..], &data[offset..offset + len]);
+        }
+        assert!(
+            blobs
+                .read_range(&digest, &meta, data.len() as u64, 1)
+                .await
+                .is_err()
+        );
+        assert!(
+            blobs
+                .read_range(&digest, &meta, data.len() as u64, 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn one_inserted_byte_adds_few_chunks() {
+        let (mem, blobs) = store();
+        let data = random(10 << 20);
+        let a = blobs.put(&data).await.unwrap();
+        let mut edited = data.clone();
+        edited.insert(data.len() / 2, 0x5a);
+        let b = blobs.put(&edited).await.unwrap();
+        let old: std::collections::HashSet<Digest> = mem
+            .stat(&a)
+            .await
+            .unwrap()
+            .unwrap()
+            .chunks
+            .iter()
+            .map(|c| c.digest)
+            .collect();
+        let new = mem.stat(&b).await.unwrap().unwrap().chunks;
+        let added = new.iter().filter(|c| !old.contains(&c.digest)).count();
+        assert!(added <= 3, "{added} new chunks");
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunk_is_an_error_never_bytes() {
+        let (mem, blobs) = store();
+        let data = random(200_000);
+        let digest = blobs.put(&data).await.unwrap();
+        let meta = blobs.stat(&digest).await.unwrap().unwrap();
+        let victim = meta.chunks[0].digest;
+        assert!(mem.corrupt_chunk(&victim, |c| {
+            let mut d = c.data.to_vec();
+            let mid = d.len() / 2;
+            d[mid] ^= 1;
+            c.data = d.into();
+        }));
+        let err = blobs.read_range(&digest, &meta, 0, 10).await.unwrap_err();
+        assert!(
+            matches!(err, BlobError::Corrupt { chunk, .. } | BlobError::Decompress { chunk, .. } if chunk == victim),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn put_blob_refuses_missing_chunks() {
+        let (mem, _) = store();
+        let chunk = ChunkMeta {
+            digest: Digest::of(b"x"),
+            size: 1,
+        };
+        let meta = BlobMeta::new(Digest::of(b"x"), 1, vec![chunk]).unwrap();
+        assert!(matches!(
+            mem.put_blob(Digest::of(b"x"), meta).await,
+            Err(BlobError::ChunkNotFound(_))
+        ));
+        assert!(BlobMeta::new(Digest::of(b"x"), 2, vec![chunk]).is_err());
+    }
+}
