@@ -1,5 +1,22 @@
 //! The Nix layer.
 
+mod narinfo;
+pub mod nixbase32;
+mod signature;
+mod store_path;
+
+pub use narinfo::{
+    Compression, FieldError, HashError, MAX_NARINFO_SIZE, NarInfo, NarInfoError, format_sha256,
+    parse_sha256,
+};
+pub use signature::{
+    KeyError, PUBLIC_KEY_LEN, PublicKey, SECRET_KEY_LEN, SIGNATURE_LEN, Signature, SignatureError,
+    SigningKey, VerifyError, fingerprint,
+};
+pub use store_path::{
+    DIGEST_LEN, ENCODED_DIGEST_LEN, MAX_NAME_LEN, STORE_DIR, StorePath, StorePathError,
+};
+
 /// Wire types generated from `proto/pathinfo.proto`.
 #[allow(missing_docs, clippy::all)]
 pub mod proto {

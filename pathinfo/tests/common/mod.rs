@@ -1,0 +1,273 @@
+//! Real Nix for integration tests: running Nix commands as root without a daemon,
+//! sandbox or build users, building small closures with references, adding trees,
+//! making signing keys, and writing binary caches with `nix copy`.
+//!
+//! Every helper panics on failure with the command line and Nix's stderr, and a
+//! missing `nix` is a failure, never a skip: these tests compare against Nix, and
+//! a suite that passes without its oracle proves nothing.
+//!
+//! Use it from a test file with `mod common;`. Each test binary uses a subset of
+//! the helpers, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tempfile::TempDir;
+
+/// `NIX_CONFIG` for every command: the new CLI, builds without a sandbox or
+/// build users (we run as root without a daemon), and no substituters, since
+/// these machines cannot reach cache.nixos.org.
+pub const NIX_CONFIG: &str =
+    "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =";
+
+/// A `Command` for `program` (`nix`, `nix-store`, `nix-build`, …) with
+/// [`NIX_CONFIG`] set, for callers that need more control than [`nix_cmd`].
+pub fn nix_command(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.env("NIX_CONFIG", NIX_CONFIG);
+    command
+}
+
+/// Runs `args` (the program first, e.g. `["nix", "copy", …]`) and returns its
+/// output whatever its exit status, for tests that expect Nix to refuse something.
+/// Panics only if the program cannot be started.
+pub fn nix_output<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<S> = args.into_iter().collect();
+    let (program, rest) = args
+        .split_first()
+        .expect("nix_output needs at least a program");
+    nix_command(program)
+        .args(rest)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {:?}: {e}; the tests need real Nix (try: apt-get install nix-bin)",
+                program.as_ref()
+            )
+        })
+}
+
+/// Runs `args` (the program first) and returns its stdout, panicking with the
+/// command line and stderr if it fails.
+pub fn nix_cmd<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<S> = args.into_iter().collect();
+    let output = nix_output(&args);
+    let line: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    assert!(
+        output.status.success(),
+        "`{}` failed ({}):\n{}",
+        line.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("nix printed non-UTF-8 output")
+}
+
+/// Adds a file or directory tree to the store (`nix-store --add`) and returns its
+/// store path. The result is content-addressed (`CA: fixed:r:sha256:…`).
+pub fn add_tree(path: &Path) -> String {
+    nix_cmd([
+        OsStr::new("nix-store"),
+        OsStr::new("--add"),
+        path.as_os_str(),
+    ])
+    .trim()
+    .to_owned()
+}
+
+/// A freshly built closure of three store paths: `c` references `b` and `a`, `b`
+/// references `a`. `c` is a directory holding a regular file, an executable and a
+/// symlink; `a` and `b` are regular files.
+#[derive(Debug, Clone)]
+pub struct Closure {
+    /// `/nix/store/…-lazystore-test-a`, no references.
+    pub a: String,
+    /// `/nix/store/…-lazystore-test-b`, references `a`.
+    pub b: String,
+    /// `/nix/store/…-lazystore-test-c`, references `a` and `b`.
+    pub c: String,
+}
+
+impl Closure {
+    /// All three paths, dependencies first.
+    pub fn paths(&self) -> [&str; 3] {
+        [&self.a, &self.b, &self.c]
+    }
+
+    /// The path whose closure is all three.
+    pub fn top(&self) -> &str {
+        &self.c
+    }
+}
+
+/// A value no earlier call, in this process or another, has used.
+fn nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock before 1970")
+        .as_nanos();
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Builds a new [`Closure`] with `nix-build` (`builder = "/bin/sh"`).
+///
+/// Each call builds paths that never existed before (the derivations embed a
+/// nonce), so no test sees signatures another test or an earlier run added to
+/// the same paths in the local Nix database.
+pub fn build_closure() -> Closure {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expression = format!(
+        r#"
+let
+  mk = name: script: derivation {{
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  }};
+  a = mk "lazystore-test-a" "echo '{nonce}' > $out";
+  b = mk "lazystore-test-b" "echo ${{a}} > $out";
+in mk "lazystore-test-c" ''
+  /bin/mkdir -p $out/bin
+  echo ${{b}} ${{a}} > $out/refs
+  printf '#!/bin/sh\necho hi\n' > $out/bin/hi
+  /bin/chmod +x $out/bin/hi
+  /bin/ln -s ${{b}} $out/b
+''
+"#,
+        nonce = nonce()
+    );
+    let file = dir.path().join("closure.nix");
+    std::fs::write(&file, expression).expect("write closure.nix");
+    let c = nix_cmd([
+        OsStr::new("nix-build"),
+        OsStr::new("--no-out-link"),
+        file.as_os_str(),
+    ])
+    .trim()
+    .to_owned();
+    let requisites = nix_cmd(["nix-store", "--query", "--requisites", &c]);
+    let find = |suffix: &str| {
+        requisites
+            .lines()
+            .find(|p| p.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no {suffix} in the closure of {c}:\n{requisites}"))
+            .to_owned()
+    };
+    Closure {
+        a: find("-lazystore-test-a"),
+        b: find("-lazystore-test-b"),
+        c,
+    }
+}
+
+/// Makes a signing key pair with `nix-store --generate-binary-cache-key` in `dir`;
+/// returns the secret key file and the public key (`name:base64`).
+pub fn gen_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let secret = dir.join(format!("{name}.secret"));
+    let public = dir.join(format!("{name}.public"));
+    nix_cmd([
+        OsStr::new("nix-store"),
+        OsStr::new("--generate-binary-cache-key"),
+        OsStr::new(name),
+        secret.as_os_str(),
+        public.as_os_str(),
+    ]);
+    let public = std::fs::read_to_string(&public)
+        .expect("read public key")
+        .trim()
+        .to_owned();
+    (secret, public)
+}
+
+/// Signs the closures of `paths` in the local store with `nix store sign -r`.
+pub fn sign_paths(secret_key: &Path, paths: &[&str]) {
+    let mut args = vec![
+        OsStr::new("nix"),
+        OsStr::new("store"),
+        OsStr::new("sign"),
+        OsStr::new("-r"),
+    ];
+    args.extend([OsStr::new("-k"), secret_key.as_os_str()]);
+    args.extend(paths.iter().map(OsStr::new));
+    nix_cmd(args);
+}
+
+/// The `file://` URL of a binary cache in `dir` with `compression` (`xz`, `zstd`,
+/// `none`, …) and `.ls` listings, as `nix copy --to` takes it.
+pub fn cache_url(dir: &Path, compression: &str) -> String {
+    format!(
+        "file://{}?compression={compression}&write-nar-listing=true",
+        dir.display()
+    )
+}
+
+/// Writes the closures of `paths` to a new binary cache with `nix copy`, after
+/// signing them with `secret_key` if given, and returns the cache directory.
+pub fn make_cache(paths: &[&str], compression: &str, secret_key: Option<&Path>) -> TempDir {
+    if let Some(secret_key) = secret_key {
+        sign_paths(secret_key, paths);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = cache_url(dir.path(), compression);
+    let mut args = vec!["nix", "copy", "--to", &url];
+    args.extend(paths);
+    nix_cmd(args);
+    dir
+}
+
+/// The `.narinfo` files of a binary cache, sorted.
+pub fn narinfo_files(cache: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(cache)
+        .expect("read cache dir")
+        .map(|entry| entry.expect("read cache dir").path())
+        .filter(|path| path.extension() == Some(OsStr::new("narinfo")))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Copies a binary cache (or any tree of plain files and directories) into a new
+/// temporary directory, for tests that edit a cache without touching the original.
+pub fn copy_tree(from: &Path) -> TempDir {
+    fn copy(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).expect("read dir") {
+            let entry = entry.expect("read dir");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("file type").is_dir() {
+                std::fs::create_dir(&target).expect("create dir");
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).expect("copy file");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy(from, dir.path());
+    dir
+}
+
+/// A new, empty Nix store rooted in a temporary directory; `.1` is its store URL
+/// (`local?root=…`) for `nix copy --to`. Its paths land in `<root>/nix/store`.
+pub fn fresh_store() -> (TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("local?root={}", dir.path().display());
+    (dir, url)
+}
