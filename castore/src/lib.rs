@@ -10,6 +10,7 @@ pub mod blobs;
 mod chunker;
 mod digest;
 pub mod directories;
+pub mod grpc;
 pub mod nodes;
 
 /// Wire types generated from `proto/castore.proto`.

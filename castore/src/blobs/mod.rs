@@ -6,6 +6,7 @@
 //! checks every chunk against its BLAKE3 before any byte is returned, so
 //! verification never depends on the backend.
 
+mod grpc;
 mod memory;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::digest::Digest;
 use crate::proto::ChunkEncoding;
 
+pub use self::grpc::GrpcBlobService;
 pub use memory::MemoryBlobService;
 
 /// Largest chunk any store accepts (fastcdc's largest maximum), so a claimed

@@ -5,6 +5,7 @@
 //! subdirectories are not stored yet, so directories are uploaded leaves
 //! first and a stored directory never points at a missing one.
 
+mod grpc;
 mod memory;
 
 use async_trait::async_trait;
@@ -12,6 +13,7 @@ use async_trait::async_trait;
 use crate::digest::Digest;
 use crate::nodes::{DecodeDirectoryError, Directory};
 
+pub use self::grpc::GrpcDirectoryService;
 pub use memory::MemoryDirectoryService;
 
 /// What can go wrong storing or reading directories.

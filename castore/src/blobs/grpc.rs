@@ -1,0 +1,228 @@
+//! Blob backend over gRPC: a client of a lazystore server's blob service.
+//!
+//! Chunks arrive as the server stores them (zstd stays compressed) and are
+//! verified like any backend's, by [`Blobs`](super::Blobs) after they
+//! arrive: the server is not trusted. Every call is retried on transient
+//! failures (see [`RetryPolicy`](crate::grpc::RetryPolicy)); the writes are
+//! idempotent, as the trait requires: storing a chunk or a chunk list twice
+//! stores it once.
+
+use async_trait::async_trait;
+use futures::stream;
+use tonic::transport::Channel;
+
+use super::{BlobError, BlobMeta, BlobService, EncodedChunk};
+use crate::digest::Digest;
+use crate::grpc::{
+    AttemptError, BadMessage, Connection, InvalidUrl, MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS,
+    MAX_READ_CHUNKS,
+};
+use crate::grpc::{CallError, wire};
+use crate::proto;
+use crate::proto::blob_service_client::BlobServiceClient;
+use crate::proto::put_request::{BlobRecord, Item};
+
+/// A [`BlobService`] on a gRPC server.
+#[derive(Clone, Debug)]
+pub struct GrpcBlobService {
+    connection: Connection,
+    client: BlobServiceClient<Channel>,
+}
+
+impl GrpcBlobService {
+    /// A client of the server at `url` (`grpc+http://HOST:PORT` or
+    /// `grpc+unix:///PATH`), connected on first use, with the default
+    /// retry policy. Must be called within a Tokio runtime.
+    pub fn connect_lazy(url: &str) -> Result<Self, InvalidUrl> {
+        Ok(Self::new(Connection::lazy(url)?))
+    }
+
+    /// A client over an existing connection (shared with other clients, or
+    /// with another retry policy).
+    pub fn new(connection: Connection) -> Self {
+        let client = BlobServiceClient::new(connection.channel())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        GrpcBlobService { connection, client }
+    }
+
+    /// The connection it uses.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    fn error(&self, e: CallError) -> BlobError {
+        e.into_blob_error(self.connection.url())
+    }
+
+    /// Streams `want` into `out`, appending each chunk as it arrives so a
+    /// retry can resume after the last one received.
+    async fn read_batch(
+        &self,
+        want: &[Digest],
+        out: &mut Vec<EncodedChunk>,
+    ) -> Result<(), AttemptError> {
+        let policy = self.connection.retry_policy();
+        let request = proto::ReadChunksRequest {
+            digests: wire::digests_to_wire(want),
+        };
+        let mut client = self.client.clone();
+        let mut stream = policy
+            .timed(client.read_chunks(request))
+            .await?
+            .into_inner();
+        let mut received = 0;
+        while let Some(chunk) = policy.timed(stream.message()).await? {
+            let Some(&asked) = want.get(received) else {
+                return Err(BadMessage::new("stream", "more chunks than asked for").into());
+            };
+            let chunk = EncodedChunk::try_from(chunk)?;
+            if chunk.digest != asked {
+                return Err(BadMessage::new(
+                    "chunk.digest",
+                    format!("sent {} where {asked} was asked for", chunk.digest),
+                )
+                .into());
+            }
+            out.push(chunk);
+            received += 1;
+        }
+        if received < want.len() {
+            return Err(BadMessage::new(
+                "stream",
+                format!("{received} chunks, {} asked for", want.len()),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Sends `items` as one `Put` call, retried as a whole.
+    async fn put(
+        &self,
+        call: &'static str,
+        items: Vec<proto::PutRequest>,
+    ) -> Result<(), BlobError> {
+        let bytes: usize = items
+            .iter()
+            .map(|i| match &i.item {
+                Some(Item::Chunk(c)) => c.data.len(),
+                _ => 0,
+            })
+            .sum();
+        self.connection
+            .call(call, || {
+                let mut client = self.client.clone();
+                let items = items.clone();
+                let policy = *self.connection.retry_policy();
+                async move {
+                    policy
+                        .timed_upload(bytes, client.put(stream::iter(items)))
+                        .await
+                        .map_err(AttemptError::from)
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobService for GrpcBlobService {
+    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
+        let request = proto::StatBlobRequest {
+            digest: (*blob).into(),
+        };
+        let answer = self
+            .connection
+            .call("Stat", || {
+                let mut client = self.client.clone();
+                let request = request.clone();
+                let policy = *self.connection.retry_policy();
+                async move {
+                    let answer = policy.timed(client.stat(request)).await?.into_inner();
+                    Ok(wire::chunk_list_from_wire(
+                        *blob,
+                        answer.size,
+                        answer.chunks,
+                    )?)
+                }
+            })
+            .await;
+        match answer.map_err(|e| self.error(e)) {
+            Ok(meta) => Ok(Some(meta)),
+            Err(BlobError::BlobNotFound(d)) if d == *blob => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for batch in chunks.chunks(MAX_READ_CHUNKS) {
+            let start = out.len();
+            let mut retry = self.connection.retry("ReadChunks");
+            loop {
+                let done = out.len() - start;
+                match self.read_batch(&batch[done..], &mut out).await {
+                    Ok(()) => break,
+                    Err(e) => retry.failed(e).await.map_err(|e| self.error(e))?,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        let mut missing = Vec::new();
+        for batch in chunks.chunks(MAX_MISSING_CHUNKS) {
+            let request = proto::MissingChunksRequest {
+                digests: wire::digests_to_wire(batch),
+            };
+            let answer = self
+                .connection
+                .call("MissingChunks", || {
+                    let mut client = self.client.clone();
+                    let request = request.clone();
+                    let policy = *self.connection.retry_policy();
+                    async move {
+                        let answer = policy.timed(client.missing_chunks(request)).await?;
+                        Ok::<_, AttemptError>(answer.into_inner().digests)
+                    }
+                })
+                .await
+                .map_err(|e| self.error(e))?;
+            let answer = wire::digests("digests", &answer, batch.len())
+                .map_err(|b| self.error(CallError::bad_reply("MissingChunks", b)))?;
+            missing.extend(answer);
+        }
+        Ok(missing)
+    }
+
+    /// One `Put` stream of chunks. Idempotent, so retried like a read.
+    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let items = chunks
+            .into_iter()
+            .map(|c| proto::PutRequest {
+                item: Some(Item::Chunk(c.into())),
+            })
+            .collect();
+        self.put("Put", items).await
+    }
+
+    /// One `Put` with the chunk list. Idempotent, so retried like a read.
+    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
+        let record = BlobRecord {
+            digest: blob.into(),
+            size: meta.size,
+            chunks: wire::chunk_list_to_wire(&meta),
+        };
+        let item = proto::PutRequest {
+            item: Some(Item::Blob(record)),
+        };
+        self.put("Put", vec![item]).await
+    }
+}

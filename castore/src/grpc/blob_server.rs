@@ -1,0 +1,211 @@
+//! [`BlobServer`]: the gRPC blob service over any [`BlobService`] backend.
+//!
+//! Chunks go out as stored (zstd stays compressed on the wire; the reader
+//! decodes and verifies them). Chunks coming in are decoded and checked
+//! against their digest before they are stored, so a client can never plant
+//! bytes under the wrong name.
+
+use std::sync::Arc;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::wire::{self, BadMessage};
+use super::{MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS, MAX_READ_CHUNKS};
+use crate::blobs::{BlobError, BlobService, EncodedChunk};
+use crate::digest::Digest;
+use crate::proto;
+use crate::proto::blob_service_server::{self, BlobServiceServer};
+use crate::proto::put_request::Item;
+
+/// Chunks read from the backend at a time while answering `ReadChunks`; one
+/// batch is read ahead while the previous one is sent.
+const READ_BATCH_CHUNKS: usize = 16;
+
+/// Encoded bytes of uploaded chunks gathered before they are verified and
+/// stored together; one batch is verified and stored while the next arrives.
+const PUT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// The blob service, answering gRPC calls from a backend.
+#[derive(Clone)]
+pub struct BlobServer {
+    blobs: Arc<dyn BlobService>,
+}
+
+impl BlobServer {
+    /// Serves `blobs`.
+    pub fn new(blobs: Arc<dyn BlobService>) -> Self {
+        BlobServer { blobs }
+    }
+
+    /// The tonic service, with message limits of [`MAX_MESSAGE_SIZE`].
+    pub fn into_service(self) -> BlobServiceServer<Self> {
+        BlobServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    /// Verifies `chunks` on a blocking thread (decompressing and hashing is
+    /// CPU work) and stores them.
+    async fn store_chunks(
+        blobs: Arc<dyn BlobService>,
+        chunks: Vec<EncodedChunk>,
+    ) -> Result<u64, BlobError> {
+        let chunks = tokio::task::spawn_blocking(move || {
+            for c in &chunks {
+                c.decode()?;
+            }
+            Ok::<_, BlobError>(chunks)
+        })
+        .await
+        .map_err(|e| BlobError::Backend(e.into()))??;
+        let n = chunks.len() as u64;
+        blobs.put_chunks(chunks).await?;
+        Ok(n)
+    }
+}
+
+/// An upload in progress: chunks gathered for the next batch, and the batch
+/// being verified and stored.
+struct Upload {
+    blobs: Arc<dyn BlobService>,
+    pending: Vec<EncodedChunk>,
+    pending_bytes: usize,
+    storing: Option<tokio::task::JoinHandle<Result<u64, BlobError>>>,
+    chunks_stored: u64,
+}
+
+impl Upload {
+    async fn add(&mut self, chunk: EncodedChunk) -> Result<(), Status> {
+        self.pending_bytes += chunk.data.len();
+        self.pending.push(chunk);
+        if self.pending_bytes >= PUT_BATCH_BYTES {
+            self.start_batch().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the batch being stored, then starts storing the pending one.
+    async fn start_batch(&mut self) -> Result<(), Status> {
+        self.wait().await?;
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        if !batch.is_empty() {
+            let blobs = self.blobs.clone();
+            // A task, so receiving the next batch overlaps with this one. If
+            // the client goes away it still finishes: storing verified
+            // chunks is harmless.
+            self.storing = Some(tokio::spawn(BlobServer::store_chunks(blobs, batch)));
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<(), Status> {
+        if let Some(task) = self.storing.take() {
+            self.chunks_stored += task.await.map_err(|e| BlobError::Backend(e.into()))??;
+        }
+        Ok(())
+    }
+
+    /// Stores everything received so far.
+    async fn flush(&mut self) -> Result<(), Status> {
+        self.start_batch().await?;
+        self.wait().await
+    }
+}
+
+#[tonic::async_trait]
+impl blob_service_server::BlobService for BlobServer {
+    async fn stat(
+        &self,
+        request: Request<proto::StatBlobRequest>,
+    ) -> Result<Response<proto::StatBlobResponse>, Status> {
+        let blob = wire::digest("digest", &request.get_ref().digest)?;
+        let meta = self
+            .blobs
+            .stat(&blob)
+            .await?
+            .ok_or(BlobError::BlobNotFound(blob))?;
+        Ok(Response::new(proto::StatBlobResponse {
+            size: meta.size,
+            chunks: wire::chunk_list_to_wire(&meta),
+        }))
+    }
+
+    type ReadChunksStream = BoxStream<'static, Result<proto::ChunkData, Status>>;
+
+    async fn read_chunks(
+        &self,
+        request: Request<proto::ReadChunksRequest>,
+    ) -> Result<Response<Self::ReadChunksStream>, Status> {
+        let digests = wire::digests("digests", &request.get_ref().digests, MAX_READ_CHUNKS)?;
+        let batches: Vec<Vec<Digest>> = digests
+            .chunks(READ_BATCH_CHUNKS)
+            .map(<[Digest]>::to_vec)
+            .collect();
+        let blobs = self.blobs.clone();
+        let mut failed = false;
+        let stream = stream::iter(batches)
+            .map(move |batch| {
+                let blobs = blobs.clone();
+                async move { blobs.read_chunks(&batch).await }
+            })
+            .buffered(2)
+            .flat_map(|batch| match batch {
+                Ok(chunks) => stream::iter(chunks.into_iter().map(|c| Ok(c.into()))).left_stream(),
+                Err(e) => stream::once(async { Err(Status::from(e)) }).right_stream(),
+            })
+            // The first error ends the stream.
+            .take_while(move |item| {
+                let go = !failed;
+                failed |= item.is_err();
+                std::future::ready(go)
+            });
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn missing_chunks(
+        &self,
+        request: Request<proto::MissingChunksRequest>,
+    ) -> Result<Response<proto::MissingChunksResponse>, Status> {
+        let digests = wire::digests("digests", &request.get_ref().digests, MAX_MISSING_CHUNKS)?;
+        let missing = self.blobs.missing_chunks(&digests).await?;
+        Ok(Response::new(proto::MissingChunksResponse {
+            digests: wire::digests_to_wire(&missing),
+        }))
+    }
+
+    async fn put(
+        &self,
+        request: Request<Streaming<proto::PutRequest>>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut upload = Upload {
+            blobs: self.blobs.clone(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            storing: None,
+            chunks_stored: 0,
+        };
+        let mut blobs_stored = 0;
+        while let Some(message) = stream.message().await? {
+            match message.item {
+                Some(Item::Chunk(chunk)) => upload.add(EncodedChunk::try_from(chunk)?).await?,
+                Some(Item::Blob(record)) => {
+                    // A chunk list may name any chunk sent before it.
+                    upload.flush().await?;
+                    let blob = wire::digest("blob.digest", &record.digest)?;
+                    let meta = wire::chunk_list_from_wire(blob, record.size, record.chunks)?;
+                    self.blobs.put_blob(blob, meta).await?;
+                    blobs_stored += 1;
+                }
+                None => return Err(BadMessage::new("item", "empty PutRequest").into()),
+            }
+        }
+        upload.flush().await?;
+        Ok(Response::new(proto::PutResponse {
+            chunks_stored: upload.chunks_stored,
+            blobs_stored,
+        }))
+    }
+}

@@ -1,0 +1,162 @@
+//! [`Connection`]: one lazily connected HTTP/2 channel to a gRPC store and
+//! the retry policy for calls over it. The blob and directory clients (and
+//! any other service's client on the same server) share one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::retry::{AttemptError, CallError, Retry, RetryPolicy};
+
+/// How long to wait for a TCP connection to be accepted.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// HTTP/2 pings on a busy connection, so a server that vanished without
+/// closing it (power loss, network partition) is noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A store URL that is not a gRPC address this client can use.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "invalid gRPC store URL {url:?}: {reason} (expected grpc+http://HOST:PORT or grpc+unix:///PATH)"
+)]
+pub struct InvalidUrl {
+    /// The URL given.
+    pub url: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// A lazily connected channel to a gRPC store, with the retry policy its
+/// clients use. Cheap to clone; clones share the HTTP/2 connection.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    channel: Channel,
+    url: Arc<str>,
+    retry: RetryPolicy,
+}
+
+impl Connection {
+    /// A channel to `url`, connected on first use (and reconnected after the
+    /// server restarts). `url` is one of
+    ///
+    /// - `grpc+http://HOST:PORT` (or plain `http://HOST:PORT`): TCP,
+    ///   cleartext HTTP/2;
+    /// - `grpc+unix:///PATH`: a Unix socket at the absolute `PATH`.
+    ///
+    /// Must be called within a Tokio runtime: the channel's worker task is
+    /// spawned here.
+    pub fn lazy(url: &str) -> Result<Self, InvalidUrl> {
+        let invalid = |reason| InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let endpoint = if let Some(path) = url.strip_prefix("grpc+unix://") {
+            if !path.starts_with('/') || path.len() < 2 {
+                return Err(invalid("the socket path must be absolute"));
+            }
+            Endpoint::from_shared(format!("unix://{path}"))
+                .map_err(|_| invalid("bad socket path"))?
+        } else {
+            let rest = url
+                .strip_prefix("grpc+http://")
+                .or_else(|| url.strip_prefix("http://"))
+                .ok_or_else(|| invalid("unsupported scheme"))?;
+            let http = format!("http://{rest}");
+            let uri: tonic::codegen::http::Uri = http.parse().map_err(|_| invalid("not a URL"))?;
+            if uri.host().is_none_or(str::is_empty) {
+                return Err(invalid("no host"));
+            }
+            if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+                return Err(invalid("a gRPC store URL has no path or query"));
+            }
+            Endpoint::from(uri).connect_timeout(CONNECT_TIMEOUT)
+        };
+        let channel = endpoint
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .http2_adaptive_window(true)
+            .connect_lazy();
+        Ok(Connection {
+            channel,
+            url: url.into(),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// The same channel with another retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The channel, for building clients of other services on this server.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The URL it was made from, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// How calls are retried.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Retry state for one call, for calls that keep state across attempts.
+    pub(crate) fn retry(&self, call: &'static str) -> Retry {
+        Retry::new(self.retry, self.url.clone(), call)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the retry
+    /// deadline passes. Only for idempotent calls.
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        call: &'static str,
+        mut attempt: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, AttemptError>>,
+    {
+        let mut retry = self.retry(call);
+        loop {
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) => retry.failed(e).await?,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls() {
+        for good in [
+            "grpc+http://127.0.0.1:8000",
+            "grpc+http://localhost:8000/",
+            "http://[::1]:8000",
+            "grpc+unix:///run/lazystore.sock",
+        ] {
+            assert!(Connection::lazy(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "grpc+https://host:1",
+            "redb:///x",
+            "grpc+http://",
+            "grpc+http://host:1/path",
+            "grpc+unix://relative.sock",
+            "grpc+unix:///",
+        ] {
+            assert!(Connection::lazy(bad).is_err(), "{bad}");
+        }
+    }
+}

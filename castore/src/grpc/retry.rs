@@ -1,0 +1,314 @@
+//! Retrying idempotent calls: exponential backoff on transient failures
+//! (server unreachable, connection dropped, no answer in time) up to a total
+//! deadline, and which failures count as transient.
+//!
+//! Every call the clients make is idempotent, so every call is retried:
+//! reads trivially, and writes because the store is content-addressed (a
+//! chunk, chunk list or directory stored twice is stored once).
+
+use std::error::Error as _;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Status};
+
+use super::wire::BadMessage;
+
+/// How a client retries a call that failed transiently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Wait before the second attempt; it doubles after every failure.
+    pub initial_backoff: Duration,
+    /// Longest wait between two attempts.
+    pub max_backoff: Duration,
+    /// No attempt starts later than this after the first one; the call then
+    /// fails with an error naming the server. Zero: a single attempt.
+    pub deadline: Duration,
+    /// Longest wait, within one attempt, for the server's answer or its next
+    /// streamed message (uploads get one more second per MiB sent). When it
+    /// passes, the attempt fails with `DEADLINE_EXCEEDED` and is retried.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 50 ms doubling to 2 s, for up to 30 s; 10 s per answer.
+    fn default() -> Self {
+        RetryPolicy {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            deadline: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// One attempt per call, with the default attempt timeout.
+    pub fn no_retries() -> Self {
+        RetryPolicy {
+            deadline: Duration::ZERO,
+            ..RetryPolicy::default()
+        }
+    }
+
+    /// Awaits one step of an attempt (an answer, or the next message of a
+    /// stream), failing it with `DEADLINE_EXCEEDED` after `attempt_timeout`.
+    pub(crate) async fn timed<T>(
+        &self,
+        step: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        self.timed_for(self.attempt_timeout, step).await
+    }
+
+    /// Like [`timed`](Self::timed) for an upload of `bytes`: large uploads
+    /// are allowed one more second per MiB.
+    pub(crate) async fn timed_upload<T>(
+        &self,
+        bytes: usize,
+        step: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let extra = Duration::from_secs((bytes >> 20) as u64);
+        self.timed_for(self.attempt_timeout + extra, step).await
+    }
+
+    async fn timed_for<T>(
+        &self,
+        limit: Duration,
+        step: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(limit, step).await {
+            Ok(result) => result,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer from the server within {limit:?}"
+            ))),
+        }
+    }
+}
+
+/// Why one attempt failed.
+#[derive(Debug)]
+pub(crate) enum AttemptError {
+    /// The call failed; retried if the status is transient.
+    Status(Status),
+    /// The server answered something the protocol does not allow; not
+    /// retried.
+    BadReply(BadMessage),
+}
+
+impl From<Status> for AttemptError {
+    fn from(s: Status) -> Self {
+        AttemptError::Status(s)
+    }
+}
+
+impl From<BadMessage> for AttemptError {
+    fn from(b: BadMessage) -> Self {
+        AttemptError::BadReply(b)
+    }
+}
+
+/// Why a call failed, after any retries; turned into the store's errors in
+/// [`super::status`].
+#[derive(Debug)]
+pub(crate) struct CallError {
+    /// The RPC, for messages.
+    pub(crate) call: &'static str,
+    /// What went wrong.
+    pub(crate) failure: Failure,
+}
+
+impl CallError {
+    /// An answer found invalid after the call itself succeeded.
+    pub(crate) fn bad_reply(call: &'static str, b: BadMessage) -> Self {
+        CallError {
+            call,
+            failure: Failure::BadReply(b),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The server refused, for a reason retrying would not change.
+    Rejected(Status),
+    /// Transient failures until the deadline.
+    GaveUp {
+        attempts: u32,
+        elapsed: Duration,
+        last: Status,
+    },
+    /// The server's answer broke the protocol.
+    BadReply(BadMessage),
+}
+
+/// The retry state of one call: attempts so far and the next backoff.
+pub(crate) struct Retry {
+    policy: RetryPolicy,
+    url: std::sync::Arc<str>,
+    call: &'static str,
+    started: Instant,
+    attempts: u32,
+    backoff: Duration,
+}
+
+impl Retry {
+    pub(crate) fn new(policy: RetryPolicy, url: std::sync::Arc<str>, call: &'static str) -> Self {
+        Retry {
+            policy,
+            url,
+            call,
+            started: Instant::now(),
+            attempts: 0,
+            backoff: policy.initial_backoff,
+        }
+    }
+
+    /// After a failed attempt: waits and returns `Ok` if another attempt
+    /// should be made, or the error the call fails with.
+    pub(crate) async fn failed(&mut self, error: AttemptError) -> Result<(), CallError> {
+        self.attempts += 1;
+        let status = match error {
+            AttemptError::Status(s) => s,
+            AttemptError::BadReply(b) => return Err(self.error(Failure::BadReply(b))),
+        };
+        if !is_transient(&status) {
+            return Err(self.error(Failure::Rejected(status)));
+        }
+        let elapsed = self.started.elapsed();
+        let wait = jitter(self.backoff);
+        if elapsed + wait > self.policy.deadline {
+            return Err(self.error(Failure::GaveUp {
+                attempts: self.attempts,
+                elapsed,
+                last: status,
+            }));
+        }
+        tracing::debug!(
+            url = %self.url,
+            call = self.call,
+            attempt = self.attempts,
+            code = ?status.code(),
+            message = status.message(),
+            "transient failure, retrying in {wait:?}",
+        );
+        tokio::time::sleep(wait).await;
+        self.backoff = (self.backoff * 2).min(self.policy.max_backoff);
+        Ok(())
+    }
+
+    fn error(&self, failure: Failure) -> CallError {
+        CallError {
+            call: self.call,
+            failure,
+        }
+    }
+}
+
+/// Between half and all of `backoff`, so clients that failed together do
+/// not all come back at the same instant.
+fn jitter(backoff: Duration) -> Duration {
+    // RandomState is seeded per process and per instance: enough randomness
+    // for spreading retries, without a dependency.
+    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    let half = backoff / 2;
+    half + half.mul_f64((r % 1024) as f64 / 1024.0)
+}
+
+/// Whether a failed call may succeed if tried again: the server is
+/// unreachable or restarting, the connection broke, or no answer came in
+/// time. Errors the server chose to return are final.
+pub(crate) fn is_transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => true,
+        // A connection dropped mid-call surfaces as UNKNOWN or INTERNAL, with
+        // the transport error as its source.
+        Code::Unknown | Code::Internal => connection_broke(status),
+        _ => false,
+    }
+}
+
+fn connection_broke(status: &Status) -> bool {
+    use std::io::ErrorKind;
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::NotConnected
+                    | ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    // hyper and h2 errors are not dependencies of this crate; recognise
+    // them by their messages.
+    let message = status.message().to_ascii_lowercase();
+    [
+        "connection reset",
+        "connection closed",
+        "broken pipe",
+        "error reading a body from connection",
+        "connection error",
+        "stream closed because of a broken pipe",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert!(is_transient(&Status::unavailable("tcp connect error")));
+        assert!(is_transient(&Status::cancelled("")));
+        assert!(is_transient(&Status::deadline_exceeded("")));
+        assert!(is_transient(&Status::unknown(
+            "error reading a body from connection"
+        )));
+        assert!(!is_transient(&Status::unknown("something else")));
+        assert!(!is_transient(&Status::not_found("blob")));
+        assert!(!is_transient(&Status::invalid_argument("digest")));
+    }
+
+    #[test]
+    fn jitter_stays_between_half_and_all() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_millis(100));
+            assert!(j >= Duration::from_millis(50) && j <= Duration::from_millis(100));
+        }
+    }
+
+    #[tokio::test]
+    async fn gives_up_at_the_deadline() {
+        let policy = RetryPolicy {
+            initial_backoff: Duration::from_millis(10),
+            deadline: Duration::from_millis(200),
+            ..RetryPolicy::default()
+        };
+        let mut retry = Retry::new(policy, "grpc+http://x".into(), "Stat");
+        let mut attempts = 0;
+        let err = loop {
+            attempts += 1;
+            match retry.failed(Status::unavailable("down").into()).await {
+                Ok(()) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err.failure, Failure::GaveUp { .. }), "{err:?}");
+        // 10 + 20 + 40 + 80 ms (at most) fit in 200 ms, 160 more do not.
+        assert!((4..=7).contains(&attempts), "{attempts} attempts");
+        let err = Retry::new(policy, "u".into(), "Stat")
+            .failed(Status::not_found("x").into())
+            .await
+            .unwrap_err();
+        assert!(matches!(err.failure, Failure::Rejected(_)));
+    }
+}

@@ -1,0 +1,448 @@
+//! The one mapping between the store's errors and `tonic::Status`, both
+//! ways.
+//!
+//! Server side, [`BlobError`], [`DirectoryError`] and [`BadMessage`] become a
+//! status with a fitting code, the error's full message, and metadata naming
+//! the variant and its digests (`lazystore-error`, `lazystore-digest`, …).
+//! Client side, that metadata turns the status back into the same variant,
+//! so a caller matches `BlobError::ChunkNotFound` or
+//! `DirectoryError::MissingChild` whether its backend is local or remote.
+//! Anything else becomes a [`GrpcError`] naming the server.
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Status};
+
+use super::retry::{CallError, Failure};
+use super::wire::BadMessage;
+use crate::blobs::BlobError;
+use crate::digest::Digest;
+use crate::directories::DirectoryError;
+use crate::nodes::DecodeDirectoryError;
+
+/// A failed gRPC call that the store's own error variants don't describe.
+/// Found as the source of `BlobError::Backend` / `DirectoryError::Backend`.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    /// The server refused the call, for a reason retrying would not change.
+    #[error("gRPC store {url}: {call} failed: {code:?}: {message}")]
+    Rejected {
+        /// The server.
+        url: String,
+        /// The RPC.
+        call: &'static str,
+        /// The status code.
+        code: Code,
+        /// The status message, with its transport-level causes.
+        message: String,
+    },
+    /// The server stayed unreachable (or kept dropping the call) until the
+    /// retry deadline passed.
+    #[error(
+        "gRPC store {url}: {call} still failing after {attempts} attempts in {elapsed:.1?} \
+         (is the server running?): {code:?}: {message}"
+    )]
+    GaveUp {
+        /// The server.
+        url: String,
+        /// The RPC.
+        call: &'static str,
+        /// Attempts made.
+        attempts: u32,
+        /// Time from the first attempt to giving up.
+        elapsed: Duration,
+        /// Code of the last failure.
+        code: Code,
+        /// Message of the last failure, with its causes.
+        message: String,
+    },
+    /// The server's answer broke the protocol.
+    #[error("gRPC store {url}: {call}: invalid answer from the server: {reason}")]
+    BadReply {
+        /// The server.
+        url: String,
+        /// The RPC.
+        call: &'static str,
+        /// What is wrong with the answer.
+        reason: String,
+    },
+}
+
+impl GrpcError {
+    /// The status code of the failure, if the server sent one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            GrpcError::Rejected { code, .. } | GrpcError::GaveUp { code, .. } => Some(*code),
+            GrpcError::BadReply { .. } => None,
+        }
+    }
+}
+
+// Metadata keys. The variant is named by KIND; the others carry its fields.
+const KIND: &str = "lazystore-error";
+const DIGEST: &str = "lazystore-digest";
+const PARENT: &str = "lazystore-parent";
+const CHILD: &str = "lazystore-child-bin";
+const RECORDED: &str = "lazystore-recorded";
+const ACTUAL: &str = "lazystore-actual";
+const REASON: &str = "lazystore-reason";
+
+// Values of KIND.
+const BLOB_NOT_FOUND: &str = "blob-not-found";
+const CHUNK_NOT_FOUND: &str = "chunk-not-found";
+const CHUNK_CORRUPT: &str = "chunk-corrupt";
+const CHUNK_DECOMPRESS: &str = "chunk-decompress";
+const BAD_CHUNK_LIST: &str = "bad-chunk-list";
+const DIRECTORY_NOT_FOUND: &str = "directory-not-found";
+const MISSING_CHILD: &str = "missing-child";
+const SIZE_MISMATCH: &str = "size-mismatch";
+
+/// The reasons `BlobError::Corrupt` and `BadChunkList` are made with, so a
+/// received one maps back to the same `&'static str`.
+const KNOWN_REASONS: &[&str] = &[
+    "claims more than the largest chunk",
+    "wrong length",
+    "BLAKE3 mismatch",
+    "backend sent another chunk",
+    "chunk size out of range",
+    "size overflows",
+    "chunk sizes do not add up",
+];
+
+/// An error and its sources, joined with ": ".
+fn chain(err: &dyn Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let _ = write!(out, ": {e}");
+        source = e.source();
+    }
+    out
+}
+
+/// A status carrying `err`'s message and, if `kind` is set, the metadata a
+/// client needs to rebuild it.
+struct Builder(Status);
+
+impl Builder {
+    fn new(code: Code, err: &dyn Error, kind: Option<&'static str>) -> Self {
+        let mut status = Status::new(code, chain(err));
+        if let Some(kind) = kind {
+            status
+                .metadata_mut()
+                .insert(KIND, MetadataValue::from_static(kind));
+        }
+        Builder(status)
+    }
+
+    fn field(mut self, key: &'static str, value: impl ToString) -> Self {
+        if let Ok(v) = MetadataValue::try_from(value.to_string()) {
+            self.0.metadata_mut().insert(key, v);
+        }
+        self
+    }
+
+    fn name(mut self, name: &str) -> Self {
+        self.0
+            .metadata_mut()
+            .insert_bin(CHILD, MetadataValue::from_bytes(name.as_bytes()));
+        self
+    }
+}
+
+impl From<BlobError> for Status {
+    /// Codes: unknown blob or chunk `NOT_FOUND`; an uploaded chunk or chunk
+    /// list that fails its checks `INVALID_ARGUMENT` (the server produces
+    /// these only while checking uploads); a backend failure `INTERNAL`.
+    fn from(e: BlobError) -> Self {
+        let b = match &e {
+            BlobError::BlobNotFound(d) => {
+                Builder::new(Code::NotFound, &e, Some(BLOB_NOT_FOUND)).field(DIGEST, d)
+            }
+            BlobError::ChunkNotFound(d) => {
+                Builder::new(Code::NotFound, &e, Some(CHUNK_NOT_FOUND)).field(DIGEST, d)
+            }
+            BlobError::Corrupt { chunk, reason } => {
+                Builder::new(Code::InvalidArgument, &e, Some(CHUNK_CORRUPT))
+                    .field(DIGEST, chunk)
+                    .field(REASON, reason)
+            }
+            BlobError::Decompress { chunk, .. } => {
+                Builder::new(Code::InvalidArgument, &e, Some(CHUNK_DECOMPRESS)).field(DIGEST, chunk)
+            }
+            BlobError::BadChunkList { blob, reason } => {
+                Builder::new(Code::InvalidArgument, &e, Some(BAD_CHUNK_LIST))
+                    .field(DIGEST, blob)
+                    .field(REASON, reason)
+            }
+            BlobError::OutOfRange { .. } => Builder::new(Code::OutOfRange, &e, None),
+            BlobError::BlobMismatch { .. } => Builder::new(Code::DataLoss, &e, None),
+            BlobError::Backend(_) => Builder::new(Code::Internal, &e, None),
+        };
+        if matches!(e, BlobError::Backend(_)) {
+            tracing::warn!(error = %chain(&e), "blob backend failed");
+        }
+        b.0
+    }
+}
+
+impl From<DirectoryError> for Status {
+    /// Codes: unknown directory `NOT_FOUND`; a put whose subdirectories are
+    /// missing or mis-sized `FAILED_PRECONDITION` (put leaves first); an
+    /// invalid directory `INVALID_ARGUMENT`, but stored bytes that don't
+    /// decode or hash right `DATA_LOSS`; a backend failure `INTERNAL`.
+    fn from(e: DirectoryError) -> Self {
+        let b = match &e {
+            DirectoryError::NotFound(d) => {
+                Builder::new(Code::NotFound, &e, Some(DIRECTORY_NOT_FOUND)).field(DIGEST, d)
+            }
+            DirectoryError::MissingChild {
+                parent,
+                child,
+                digest,
+            } => Builder::new(Code::FailedPrecondition, &e, Some(MISSING_CHILD))
+                .field(PARENT, parent)
+                .field(DIGEST, digest)
+                .name(child),
+            DirectoryError::SizeMismatch {
+                parent,
+                child,
+                recorded,
+                actual,
+            } => Builder::new(Code::FailedPrecondition, &e, Some(SIZE_MISMATCH))
+                .field(PARENT, parent)
+                .field(RECORDED, recorded)
+                .field(ACTUAL, actual)
+                .name(child),
+            DirectoryError::Invalid(DecodeDirectoryError::Invalid { .. }) => {
+                Builder::new(Code::InvalidArgument, &e, None)
+            }
+            DirectoryError::Invalid(_) => Builder::new(Code::DataLoss, &e, None),
+            DirectoryError::Backend(_) => Builder::new(Code::Internal, &e, None),
+        };
+        if matches!(
+            e,
+            DirectoryError::Backend(_)
+                | DirectoryError::Invalid(
+                    DecodeDirectoryError::Decode { .. } | DecodeDirectoryError::Mismatch { .. }
+                )
+        ) {
+            tracing::warn!(error = %chain(&e), "directory backend failed");
+        }
+        b.0
+    }
+}
+
+impl From<BadMessage> for Status {
+    /// A request that breaks the protocol: `INVALID_ARGUMENT`.
+    fn from(e: BadMessage) -> Self {
+        Builder::new(Code::InvalidArgument, &e, None).0
+    }
+}
+
+fn kind(m: &MetadataMap) -> Option<&str> {
+    m.get(KIND)?.to_str().ok()
+}
+
+fn digest(m: &MetadataMap, key: &'static str) -> Option<Digest> {
+    m.get(key)?.to_str().ok()?.parse().ok()
+}
+
+fn number(m: &MetadataMap, key: &'static str) -> Option<u64> {
+    m.get(key)?.to_str().ok()?.parse().ok()
+}
+
+fn child(m: &MetadataMap) -> Option<String> {
+    let bytes = m.get_bin(CHILD)?.to_bytes().ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn reason(m: &MetadataMap) -> &'static str {
+    let got = m.get(REASON).and_then(|v| v.to_str().ok());
+    KNOWN_REASONS
+        .iter()
+        .find(|r| Some(**r) == got)
+        .copied()
+        .unwrap_or("reported by the server")
+}
+
+/// A status's message followed by its transport-level causes.
+fn message(status: &Status) -> String {
+    let mut out = status.message().to_string();
+    let mut source = status.source();
+    while let Some(e) = source {
+        let _ = write!(out, ": {e}");
+        source = e.source();
+    }
+    out
+}
+
+impl CallError {
+    /// The failure as the client side sees it, for a call to `url`.
+    fn into_grpc_error(self, url: &str) -> GrpcError {
+        let url = url.to_string();
+        let call = self.call;
+        match self.failure {
+            Failure::Rejected(status) => GrpcError::Rejected {
+                url,
+                call,
+                code: status.code(),
+                message: message(&status),
+            },
+            Failure::GaveUp {
+                attempts,
+                elapsed,
+                last,
+            } => GrpcError::GaveUp {
+                url,
+                call,
+                attempts,
+                elapsed,
+                code: last.code(),
+                message: message(&last),
+            },
+            Failure::BadReply(b) => GrpcError::BadReply {
+                url,
+                call,
+                reason: b.to_string(),
+            },
+        }
+    }
+
+    /// Back to a [`BlobError`]: the variant the server reported, or
+    /// `Backend` with a [`GrpcError`].
+    pub(crate) fn into_blob_error(self, url: &str) -> BlobError {
+        if let Failure::Rejected(status) = &self.failure {
+            let m = status.metadata();
+            let rebuilt = match (kind(m), digest(m, DIGEST)) {
+                (Some(BLOB_NOT_FOUND), Some(d)) => Some(BlobError::BlobNotFound(d)),
+                (Some(CHUNK_NOT_FOUND), Some(d)) => Some(BlobError::ChunkNotFound(d)),
+                (Some(CHUNK_CORRUPT), Some(chunk)) => Some(BlobError::Corrupt {
+                    chunk,
+                    reason: reason(m),
+                }),
+                (Some(CHUNK_DECOMPRESS), Some(chunk)) => Some(BlobError::Decompress {
+                    chunk,
+                    source: std::io::Error::other(message(status)),
+                }),
+                (Some(BAD_CHUNK_LIST), Some(blob)) => Some(BlobError::BadChunkList {
+                    blob,
+                    reason: reason(m),
+                }),
+                _ => None,
+            };
+            if let Some(e) = rebuilt {
+                return e;
+            }
+        }
+        BlobError::Backend(Box::new(self.into_grpc_error(url)))
+    }
+
+    /// Back to a [`DirectoryError`]: the variant the server reported, or
+    /// `Backend` with a [`GrpcError`].
+    pub(crate) fn into_directory_error(self, url: &str) -> DirectoryError {
+        if let Failure::Rejected(status) = &self.failure {
+            let m = status.metadata();
+            let rebuilt = match kind(m) {
+                Some(DIRECTORY_NOT_FOUND) => digest(m, DIGEST).map(DirectoryError::NotFound),
+                Some(MISSING_CHILD) => (|| {
+                    Some(DirectoryError::MissingChild {
+                        parent: digest(m, PARENT)?,
+                        child: child(m)?,
+                        digest: digest(m, DIGEST)?,
+                    })
+                })(),
+                Some(SIZE_MISMATCH) => (|| {
+                    Some(DirectoryError::SizeMismatch {
+                        parent: digest(m, PARENT)?,
+                        child: child(m)?,
+                        recorded: number(m, RECORDED)?,
+                        actual: number(m, ACTUAL)?,
+                    })
+                })(),
+                _ => None,
+            };
+            if let Some(e) = rebuilt {
+                return e;
+            }
+        }
+        DirectoryError::Backend(Box::new(self.into_grpc_error(url)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn back_blob(e: BlobError) -> BlobError {
+        CallError {
+            call: "Test",
+            failure: Failure::Rejected(Status::from(e)),
+        }
+        .into_blob_error("grpc+http://test")
+    }
+
+    fn back_dir(e: DirectoryError) -> DirectoryError {
+        CallError {
+            call: "Test",
+            failure: Failure::Rejected(Status::from(e)),
+        }
+        .into_directory_error("grpc+http://test")
+    }
+
+    #[test]
+    fn blob_errors_survive_the_wire() {
+        let d = Digest::of(b"x");
+        assert!(
+            matches!(back_blob(BlobError::BlobNotFound(d)), BlobError::BlobNotFound(x) if x == d)
+        );
+        assert!(
+            matches!(back_blob(BlobError::ChunkNotFound(d)), BlobError::ChunkNotFound(x) if x == d)
+        );
+        assert!(matches!(
+            back_blob(BlobError::Corrupt { chunk: d, reason: "BLAKE3 mismatch" }),
+            BlobError::Corrupt { chunk, reason: "BLAKE3 mismatch" } if chunk == d
+        ));
+        assert!(matches!(
+            back_blob(BlobError::BadChunkList { blob: d, reason: "chunk sizes do not add up" }),
+            BlobError::BadChunkList { blob, reason: "chunk sizes do not add up" } if blob == d
+        ));
+        let e = back_blob(BlobError::Backend("disk on fire".into()));
+        let BlobError::Backend(inner) = &e else {
+            panic!("{e}")
+        };
+        let msg = inner.to_string();
+        assert!(
+            msg.contains("grpc+http://test") && msg.contains("disk on fire"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn directory_errors_survive_the_wire() {
+        let (p, c) = (Digest::of(b"p"), Digest::of(b"c"));
+        assert!(
+            matches!(back_dir(DirectoryError::NotFound(p)), DirectoryError::NotFound(x) if x == p)
+        );
+        assert!(matches!(
+            back_dir(DirectoryError::MissingChild { parent: p, child: "süb".into(), digest: c }),
+            DirectoryError::MissingChild { parent, child, digest } if parent == p && child == "süb" && digest == c
+        ));
+        assert!(matches!(
+            back_dir(DirectoryError::SizeMismatch {
+                parent: p,
+                child: "s".into(),
+                recorded: 3,
+                actual: 4
+            }),
+            DirectoryError::SizeMismatch {
+                recorded: 3,
+                actual: 4,
+                ..
+            }
+        ));
+    }
+}
