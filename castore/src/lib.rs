@@ -12,6 +12,7 @@ mod digest;
 pub mod directories;
 pub mod grpc;
 pub mod nodes;
+mod redb_store;
 
 /// Wire types generated from `proto/castore.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -24,3 +25,4 @@ pub use chunker::{Chunker, ChunkerParams, InvalidChunkerParams};
 pub use digest::{DIGEST_LEN, Digest, InvalidDigest};
 pub use directories::{DirectoryError, DirectoryService};
 pub use nodes::{Directory, Node, PathComponent, SymlinkTarget, ValidateError};
+pub use redb_store::{OpenError, RedbOptions, RedbStore, SyncMode};

@@ -8,6 +8,7 @@
 
 mod grpc;
 mod memory;
+mod redb;
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use crate::digest::Digest;
 use crate::proto::ChunkEncoding;
 
 pub use self::grpc::GrpcBlobService;
+pub use self::redb::RedbBlobService;
 pub use memory::MemoryBlobService;
 
 /// Largest chunk any store accepts (fastcdc's largest maximum), so a claimed

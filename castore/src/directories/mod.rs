@@ -7,6 +7,7 @@
 
 mod grpc;
 mod memory;
+mod redb;
 
 use async_trait::async_trait;
 
@@ -14,6 +15,7 @@ use crate::digest::Digest;
 use crate::nodes::{DecodeDirectoryError, Directory};
 
 pub use self::grpc::GrpcDirectoryService;
+pub use self::redb::RedbDirectoryService;
 pub use memory::MemoryDirectoryService;
 
 /// What can go wrong storing or reading directories.
