@@ -16,6 +16,17 @@ pub struct MemoryBlobService {
     inner: RwLock<Inner>,
 }
 
+/// What a [`MemoryBlobService`] holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Distinct chunks.
+    pub chunks: u64,
+    /// Their decoded bytes.
+    pub chunk_bytes: u64,
+    /// Their bytes as stored (compressed where that was smaller).
+    pub stored_bytes: u64,
+}
+
 #[derive(Default)]
 struct Inner {
     chunks: HashMap<Digest, EncodedChunk>,
@@ -26,6 +37,20 @@ impl MemoryBlobService {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many chunks are stored, their decoded and their stored bytes.
+    pub fn stats(&self) -> MemoryStats {
+        let inner = self.inner.read().expect("lock poisoned");
+        let mut stats = MemoryStats {
+            chunks: inner.chunks.len() as u64,
+            ..Default::default()
+        };
+        for c in inner.chunks.values() {
+            stats.chunk_bytes += c.size;
+            stats.stored_bytes += c.data.len() as u64;
+        }
+        stats
     }
 
     /// Replaces a stored chunk's bytes, for corruption tests.

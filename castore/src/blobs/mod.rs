@@ -21,7 +21,7 @@ use crate::proto::ChunkEncoding;
 
 pub use self::grpc::GrpcBlobService;
 pub use self::redb::RedbBlobService;
-pub use memory::MemoryBlobService;
+pub use memory::{MemoryBlobService, MemoryStats};
 
 /// Largest chunk any store accepts (fastcdc's largest maximum), so a claimed
 /// size can be bounded before anything is allocated for it.
@@ -268,6 +268,7 @@ impl Blobs {
             chunks: Vec::new(),
             pending: Vec::new(),
             pending_bytes: 0,
+            in_flight: std::collections::VecDeque::new(),
         }
     }
 
@@ -409,6 +410,12 @@ impl BlobReader {
 
 /// Streams one blob into the store: chunks, hashes, sends only the chunks
 /// the backend lacks (compressed), and records the chunk list on `finish`.
+///
+/// Chunking happens as bytes arrive; each full batch is hashed, checked
+/// against the backend, compressed and stored by a task of its own, with up
+/// to [`MAX_BATCHES_IN_FLIGHT`] batches behind the one being filled, so the
+/// hashing and compression of one batch overlap with the chunking of the
+/// next and with the backend's round trips.
 pub struct BlobWriter {
     service: Arc<dyn BlobService>,
     chunker: Chunker,
@@ -417,7 +424,13 @@ pub struct BlobWriter {
     chunks: Vec<ChunkMeta>,
     pending: Vec<Bytes>,
     pending_bytes: usize,
+    in_flight:
+        std::collections::VecDeque<tokio::task::JoinHandle<Result<Vec<ChunkMeta>, BlobError>>>,
 }
+
+/// Batches a writer has being stored at once (besides the one it fills):
+/// enough to keep two cores compressing while the next batch is chunked.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 impl BlobWriter {
     /// Appends bytes to the blob.
@@ -428,47 +441,76 @@ impl BlobWriter {
         self.chunker.push(data, &mut self.pending);
         self.pending_bytes += self.pending[before..].iter().map(Bytes::len).sum::<usize>();
         if self.pending_bytes >= WRITE_BATCH_BYTES {
-            self.flush().await?;
+            self.flush(MAX_BATCHES_IN_FLIGHT).await?;
         }
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), BlobError> {
+    /// Sends the pending chunks off to be stored, then waits for the oldest
+    /// batches until at most `keep` are still in flight.
+    async fn flush(&mut self, keep: usize) -> Result<(), BlobError> {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        if pending.is_empty() {
-            return Ok(());
+        if !pending.is_empty() {
+            self.in_flight
+                .push_back(tokio::spawn(store_batch(self.service.clone(), pending)));
         }
-        // Hash on a blocking thread: it is the CPU-heavy part of ingest.
-        let hashed = tokio::task::spawn_blocking(move || {
-            pending
-                .into_iter()
-                .map(|c| (Digest::of(&c), c))
-                .collect::<Vec<_>>()
+        while self.in_flight.len() > keep {
+            let batch = self.in_flight.pop_front().expect("checked non-empty");
+            let metas = batch.await.map_err(|e| BlobError::Backend(e.into()))??;
+            self.chunks.extend(metas);
+        }
+        Ok(())
+    }
+
+    /// Ends the blob: stores the last chunks and the chunk list, and returns
+    /// the blob's digest and size.
+    pub async fn finish(mut self) -> Result<(Digest, u64), BlobError> {
+        self.chunker.finish(&mut self.pending);
+        self.flush(0).await?;
+        let digest = Digest::from(self.hasher.finalize());
+        let meta = BlobMeta::new(digest, self.size, std::mem::take(&mut self.chunks))?;
+        self.service.put_blob(digest, meta).await?;
+        Ok((digest, self.size))
+    }
+}
+
+/// Hashes a batch of chunks, asks the backend which it lacks, compresses
+/// and stores those, and returns the batch's part of the chunk list.
+async fn store_batch(
+    service: Arc<dyn BlobService>,
+    batch: Vec<Bytes>,
+) -> Result<Vec<ChunkMeta>, BlobError> {
+    // Hashing and compression run on blocking threads: they are the
+    // CPU-heavy part of ingest and must not stall the async workers.
+    let hashed = tokio::task::spawn_blocking(move || {
+        batch
+            .into_iter()
+            .map(|c| (Digest::of(&c), c))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| BlobError::Backend(e.into()))?;
+    let metas: Vec<ChunkMeta> = hashed
+        .iter()
+        .map(|(digest, c)| ChunkMeta {
+            digest: *digest,
+            size: c.len() as u64,
         })
-        .await
-        .map_err(|e| BlobError::Backend(e.into()))?;
-        let digests: Vec<Digest> = hashed.iter().map(|(d, _)| *d).collect();
-        self.chunks
-            .extend(hashed.iter().map(|(digest, c)| ChunkMeta {
-                digest: *digest,
-                size: c.len() as u64,
-            }));
-        let missing: std::collections::HashSet<Digest> = self
-            .service
-            .missing_chunks(&digests)
-            .await?
-            .into_iter()
-            .collect();
-        let mut seen = std::collections::HashSet::new();
-        let to_send: Vec<Bytes> = hashed
-            .into_iter()
-            .filter(|(d, _)| missing.contains(d) && seen.insert(*d))
-            .map(|(_, c)| c)
-            .collect();
-        if to_send.is_empty() {
-            return Ok(());
-        }
+        .collect();
+    let digests: Vec<Digest> = metas.iter().map(|c| c.digest).collect();
+    let missing: std::collections::HashSet<Digest> = service
+        .missing_chunks(&digests)
+        .await?
+        .into_iter()
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let to_send: Vec<Bytes> = hashed
+        .into_iter()
+        .filter(|(d, _)| missing.contains(d) && seen.insert(*d))
+        .map(|(_, c)| c)
+        .collect();
+    if !to_send.is_empty() {
         let encoded = tokio::task::spawn_blocking(move || {
             to_send
                 .into_iter()
@@ -477,19 +519,9 @@ impl BlobWriter {
         })
         .await
         .map_err(|e| BlobError::Backend(e.into()))?;
-        self.service.put_chunks(encoded).await
+        service.put_chunks(encoded).await?;
     }
-
-    /// Ends the blob: stores the last chunks and the chunk list, and returns
-    /// the blob's digest and size.
-    pub async fn finish(mut self) -> Result<(Digest, u64), BlobError> {
-        self.chunker.finish(&mut self.pending);
-        self.flush().await?;
-        let digest = Digest::from(self.hasher.finalize());
-        let meta = BlobMeta::new(digest, self.size, std::mem::take(&mut self.chunks))?;
-        self.service.put_blob(digest, meta).await?;
-        Ok((digest, self.size))
-    }
+    Ok(metas)
 }
 
 #[cfg(test)]
