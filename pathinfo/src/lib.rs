@@ -1,5 +1,6 @@
 //! The Nix layer.
 
+pub mod nar;
 mod narinfo;
 pub mod nixbase32;
 mod signature;
