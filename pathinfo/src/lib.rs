@@ -1,6 +1,11 @@
 //! The Nix layer.
 
+pub mod ingest;
 pub mod nar;
+pub mod pathinfos;
+pub mod render;
+mod store;
+
 mod narinfo;
 pub mod nixbase32;
 mod signature;
@@ -14,6 +19,7 @@ pub use signature::{
     KeyError, PUBLIC_KEY_LEN, PublicKey, SECRET_KEY_LEN, SIGNATURE_LEN, Signature, SignatureError,
     SigningKey, VerifyError, fingerprint,
 };
+pub use store::{OpenStoreError, Store};
 pub use store_path::{
     DIGEST_LEN, ENCODED_DIGEST_LEN, MAX_NAME_LEN, STORE_DIR, StorePath, StorePathError,
 };

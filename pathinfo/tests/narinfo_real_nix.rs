@@ -3,7 +3,7 @@
 //! signatures made here are accepted by Nix when it substitutes with
 //! `require-sigs`.
 
-mod common;
+use lazystore_testkit as common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

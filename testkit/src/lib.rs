@@ -6,9 +6,7 @@
 //! missing `nix` is a failure, never a skip: these tests compare against Nix, and
 //! a suite that passes without its oracle proves nothing.
 //!
-//! Use it from a test file with `mod common;`. Each test binary uses a subset of
-//! the helpers, hence the `dead_code` allowance.
-#![allow(dead_code)]
+//! A dev-dependency of every crate whose tests need real Nix.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,186 @@
+//! NAR → castore: splits a NAR stream into blobs and directories while
+//! computing its NarHash and NarSize.
+//!
+//! Everything is written bottom-up as the NAR streams past: a file's chunks
+//! and chunk list when its contents end, a directory when its last entry has
+//! been stored. The caller publishes a PathInfo only after checking the
+//! returned hash and size, so a failed or interrupted ingest leaves
+//! unreferenced data at worst, never a path pointing at missing data.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use lazystore_castore::blobs::BlobError;
+use lazystore_castore::{
+    Blobs, Directory, DirectoryError, DirectoryService, Node, PathComponent, SymlinkTarget,
+    ValidateError,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::nar::{Event, NarError, NarReader};
+
+/// Bytes moved from the NAR into a blob writer per read: a chunk's worth.
+const CONTENT_BUFFER: usize = 256 * 1024;
+
+/// What ingesting a NAR produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ingested {
+    /// The root node of the tree.
+    pub root: Node,
+    /// Length of the NAR in bytes.
+    pub nar_size: u64,
+    /// SHA-256 of the NAR.
+    pub nar_sha256: [u8; 32],
+}
+
+/// Why a NAR could not be ingested.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The NAR is malformed or could not be read.
+    #[error(transparent)]
+    Nar(#[from] NarError),
+    /// Storing file contents failed.
+    #[error("storing file contents")]
+    Blob(#[from] BlobError),
+    /// Storing a directory failed.
+    #[error("storing a directory")]
+    Directory(#[from] DirectoryError),
+    /// The NAR holds something castore can't represent.
+    #[error(transparent)]
+    Validate(#[from] ValidateError),
+    /// A file's contents were not the length its header said.
+    #[error("file contents ended after {got} of {size} bytes")]
+    ShortFile {
+        /// Length in the NAR header.
+        size: u64,
+        /// Bytes read.
+        got: u64,
+    },
+}
+
+/// Reads a NAR from `reader` into the stores and returns its root node,
+/// NarSize and NarHash. The NAR is checked as Nix checks it, in constant
+/// memory apart from the directories still open.
+pub async fn ingest_nar<R>(
+    blobs: &Blobs,
+    directories: &dyn DirectoryService,
+    reader: R,
+) -> Result<Ingested, IngestError>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let mut nar = NarReader::new(HashingReader::new(reader));
+    // Directories still open, innermost last, with the name each has in its
+    // parent (None for the root).
+    let mut open: Vec<(Option<PathComponent>, Directory)> = Vec::new();
+    let mut root = None;
+    let mut buf = vec![0u8; CONTENT_BUFFER];
+
+    while let Some(event) = nar.next().await? {
+        let (name, node) = match event {
+            Event::DirectoryStart { name } => {
+                open.push((
+                    name.map(PathComponent::try_from).transpose()?,
+                    Directory::new(),
+                ));
+                continue;
+            }
+            Event::DirectoryEnd => {
+                let (name, dir) = open.pop().expect("the reader balances directories");
+                let node = Node::directory(&dir);
+                directories.put(dir).await?;
+                (name, node)
+            }
+            Event::File {
+                name,
+                executable,
+                size,
+            } => {
+                let mut writer = blobs.writer();
+                let mut got = 0u64;
+                loop {
+                    let n = nar.read_content(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n as u64;
+                    writer.write(&buf[..n]).await?;
+                }
+                if got != size {
+                    return Err(IngestError::ShortFile { size, got });
+                }
+                let (digest, _) = writer.finish().await?;
+                let name = name.map(PathComponent::try_from).transpose()?;
+                (
+                    name,
+                    Node::File {
+                        digest,
+                        size,
+                        executable,
+                    },
+                )
+            }
+            Event::Symlink { name, target } => {
+                let name = name.map(PathComponent::try_from).transpose()?;
+                (
+                    name,
+                    Node::Symlink {
+                        target: SymlinkTarget::try_from(target)?,
+                    },
+                )
+            }
+        };
+        match (open.last_mut(), name) {
+            (Some((_, parent)), Some(name)) => parent.add(name, node)?,
+            // The reader only produces a nameless node at the root.
+            _ => root = Some(node),
+        }
+    }
+    let hashing = nar.into_inner();
+    let (nar_size, nar_sha256) = hashing.finish();
+    Ok(Ingested {
+        root: root.expect("a complete NAR has a root node"),
+        nar_size,
+        nar_sha256,
+    })
+}
+
+/// Counts and SHA-256-hashes the bytes read through it.
+pub(crate) struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    /// Bytes read so far and their SHA-256.
+    pub(crate) fn finish(self) -> (u64, [u8; 32]) {
+        (self.count, self.hasher.finalize().into())
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = poll {
+            let new = &buf.filled()[before..];
+            self.count += new.len() as u64;
+            self.hasher.update(new);
+        }
+        poll
+    }
+}

@@ -1,0 +1,50 @@
+//! In-memory PathInfo backend, for tests and throwaway stores.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+use futures::stream::{self, BoxStream, StreamExt};
+
+use super::{PathInfo, PathInfoError, PathInfoService};
+
+/// PathInfos in a hash map keyed by store path hash.
+#[derive(Default)]
+pub struct MemoryPathInfoService {
+    // A std RwLock: critical sections are single map operations, no await.
+    infos: RwLock<HashMap<[u8; 20], PathInfo>>,
+}
+
+impl MemoryPathInfoService {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl PathInfoService for MemoryPathInfoService {
+    async fn get(&self, hash: &[u8; 20]) -> Result<Option<PathInfo>, PathInfoError> {
+        Ok(self.infos.read().expect("lock poisoned").get(hash).cloned())
+    }
+
+    async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
+        let hash = *info.store_path.digest();
+        self.infos
+            .write()
+            .expect("lock poisoned")
+            .insert(hash, info);
+        Ok(())
+    }
+
+    fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {
+        let all: Vec<_> = self
+            .infos
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        stream::iter(all.into_iter().map(Ok)).boxed()
+    }
+}

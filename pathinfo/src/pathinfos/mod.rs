@@ -1,0 +1,231 @@
+//! PathInfos: what each store path is — its root node in the castore plus
+//! the metadata of its narinfo — keyed by the 20-byte hash of the store path.
+//!
+//! [`PathInfoService`] is what a backend implements. A PathInfo is published
+//! last, after everything its root node reaches is stored, and it is the
+//! only thing that makes a store path visible; so a reader that finds one can
+//! rely on its data being present.
+
+mod memory;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use lazystore_castore::{Node, ValidateError};
+
+use crate::proto;
+use crate::signature::{Signature, SignatureError, fingerprint};
+use crate::store_path::{StorePath, StorePathError};
+
+pub use memory::MemoryPathInfoService;
+
+/// A store path in the store: its root node and its narinfo metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The store path.
+    pub store_path: StorePath,
+    /// The tree, in the castore.
+    pub root: Node,
+    /// Store paths it refers to, sorted.
+    pub references: Vec<StorePath>,
+    /// Length of its NAR.
+    pub nar_size: u64,
+    /// SHA-256 of its NAR.
+    pub nar_sha256: [u8; 32],
+    /// Signatures over [`PathInfo::fingerprint`], kept from upstream.
+    pub signatures: Vec<Signature>,
+    /// The derivation that built it, when known.
+    pub deriver: Option<StorePath>,
+    /// Its content address, when it has one.
+    pub ca: Option<String>,
+}
+
+impl PathInfo {
+    /// The text Nix signatures sign for this path.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(
+            &self.store_path,
+            &self.nar_sha256,
+            self.nar_size,
+            &self.references,
+        )
+    }
+}
+
+/// Why a wire PathInfo is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum PathInfoDecodeError {
+    /// The store path, a reference or the deriver is not a store path.
+    #[error("invalid store path {path:?}")]
+    StorePath {
+        /// The offending value.
+        path: String,
+        /// The rule it breaks.
+        #[source]
+        source: StorePathError,
+    },
+    /// The root node is missing or invalid.
+    #[error("invalid root node")]
+    Root(#[source] ValidateError),
+    /// NarHash is not 32 bytes.
+    #[error("NarHash has {0} bytes, not 32")]
+    NarHashLength(usize),
+    /// NarSize is zero.
+    #[error("NarSize is 0")]
+    EmptyNar,
+    /// A signature is malformed.
+    #[error("invalid signature")]
+    Signature(#[source] SignatureError),
+}
+
+fn store_path(path: &str) -> Result<StorePath, PathInfoDecodeError> {
+    StorePath::from_basename(path).map_err(|source| PathInfoDecodeError::StorePath {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl TryFrom<proto::PathInfo> for PathInfo {
+    type Error = PathInfoDecodeError;
+    fn try_from(wire: proto::PathInfo) -> Result<Self, Self::Error> {
+        let root = wire
+            .root
+            .ok_or(PathInfoDecodeError::Root(ValidateError::EmptyNode))?;
+        let mut references = wire
+            .references
+            .iter()
+            .map(|r| store_path(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        references.sort();
+        if wire.nar_size == 0 {
+            return Err(PathInfoDecodeError::EmptyNar);
+        }
+        Ok(PathInfo {
+            store_path: store_path(&wire.store_path)?,
+            root: Node::try_from(root).map_err(PathInfoDecodeError::Root)?,
+            references,
+            nar_size: wire.nar_size,
+            nar_sha256: <[u8; 32]>::try_from(wire.nar_sha256.as_ref())
+                .map_err(|_| PathInfoDecodeError::NarHashLength(wire.nar_sha256.len()))?,
+            signatures: wire
+                .signatures
+                .iter()
+                .map(|s| s.parse().map_err(PathInfoDecodeError::Signature))
+                .collect::<Result<_, _>>()?,
+            deriver: match wire.deriver.as_str() {
+                "" => None,
+                d => Some(store_path(d)?),
+            },
+            ca: Some(wire.ca).filter(|ca| !ca.is_empty()),
+        })
+    }
+}
+
+impl From<&PathInfo> for proto::PathInfo {
+    fn from(info: &PathInfo) -> Self {
+        proto::PathInfo {
+            store_path: info.store_path.to_string(),
+            root: Some((&info.root).into()),
+            references: info.references.iter().map(ToString::to_string).collect(),
+            nar_size: info.nar_size,
+            nar_sha256: bytes::Bytes::copy_from_slice(&info.nar_sha256),
+            signatures: info.signatures.iter().map(ToString::to_string).collect(),
+            deriver: info
+                .deriver
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            ca: info.ca.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// What can go wrong storing or reading PathInfos.
+#[derive(Debug, thiserror::Error)]
+pub enum PathInfoError {
+    /// Stored or received data is not a valid PathInfo.
+    #[error("invalid PathInfo")]
+    Invalid(#[from] PathInfoDecodeError),
+    /// The storage backend failed.
+    #[error("PathInfo store backend failed")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A PathInfo store backend.
+#[async_trait]
+pub trait PathInfoService: Send + Sync {
+    /// The PathInfo of the store path whose hash is `hash`, or `None`.
+    async fn get(&self, hash: &[u8; 20]) -> Result<Option<PathInfo>, PathInfoError>;
+
+    /// Publishes a PathInfo, replacing any earlier one for the same path.
+    /// Callers must have stored everything its root node reaches first.
+    async fn put(&self, info: PathInfo) -> Result<(), PathInfoError>;
+
+    /// Every PathInfo, in no particular order.
+    fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+    use lazystore_castore::Digest;
+
+    fn sample() -> PathInfo {
+        let sp = |s: &str| StorePath::from_basename(s).unwrap();
+        PathInfo {
+            store_path: sp("00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432"),
+            root: Node::File { digest: Digest::of(b"x"), size: 1, executable: true },
+            references: vec![sp("00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432")],
+            nar_size: 120,
+            nar_sha256: [7; 32],
+            signatures: vec![
+                "cache.nixos.org-1:Wz9mDGZpAAKpW8BEyqH+QjuLGxh6LEfKP3hNxhGOK1kcaCIz4zQNHJRnTlVmeq+tqMtHBEd2OBLj4rVhvwJ1BQ=="
+                    .parse()
+                    .unwrap(),
+            ],
+            deriver: Some(sp("1bgd045z0d4icpbc2yyz4gx48ak44lab-x.drv")),
+            ca: Some("fixed:r:sha256:1b9fbdyiw53nv3jnagiz5vk0qb2b1hz6gzl2fsl2ib2q6ybjmlz0".into()),
+        }
+    }
+
+    #[test]
+    fn wire_round_trip() {
+        let info = sample();
+        let wire = proto::PathInfo::from(&info);
+        assert_eq!(PathInfo::try_from(wire.clone()).unwrap(), info);
+        let mut bad = wire.clone();
+        bad.nar_sha256 = bytes::Bytes::from_static(&[0; 31]);
+        assert!(matches!(
+            PathInfo::try_from(bad),
+            Err(PathInfoDecodeError::NarHashLength(31))
+        ));
+        let mut bad = wire.clone();
+        bad.root = None;
+        assert!(matches!(
+            PathInfo::try_from(bad),
+            Err(PathInfoDecodeError::Root(_))
+        ));
+        let mut bad = wire;
+        bad.references.push("not-a-store-path".into());
+        assert!(matches!(
+            PathInfo::try_from(bad),
+            Err(PathInfoDecodeError::StorePath { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn memory_get_put_list() {
+        let svc = MemoryPathInfoService::new();
+        let info = sample();
+        assert!(svc.get(info.store_path.digest()).await.unwrap().is_none());
+        svc.put(info.clone()).await.unwrap();
+        assert_eq!(
+            svc.get(info.store_path.digest()).await.unwrap(),
+            Some(info.clone())
+        );
+        assert_eq!(
+            svc.list().try_collect::<Vec<_>>().await.unwrap(),
+            vec![info]
+        );
+    }
+}

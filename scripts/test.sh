@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test suite: formatting, lints, every test of the workspace (real Nix,
+# real servers on 127.0.0.1), and the fuzz crate's build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for tool in nix nix-store; do
+  command -v "$tool" >/dev/null || {
+    echo "test.sh: $tool is missing; the tests use real Nix as their oracle. Try: apt-get install nix-bin" >&2
+    exit 1
+  }
+done
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
+# The fuzz crate is its own workspace; building it keeps the targets compiling.
+cargo build --manifest-path fuzz/Cargo.toml
