@@ -22,6 +22,75 @@ pub const MAX_NAME_LEN: usize = 255;
 /// Longest symlink target (`PATH_MAX` minus the terminating NUL).
 pub const MAX_TARGET_LEN: usize = 4095;
 
+/// Why an entry name is not allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("empty")]
+    Empty,
+    /// The name is `.` or `..`, which every directory has implicitly.
+    #[error("is . or ..")]
+    Dot,
+    /// The name contains `/`, so it would be a path, not a name.
+    #[error("contains /")]
+    Slash,
+    /// The name contains a NUL byte, which no file system name can.
+    #[error("contains NUL")]
+    Nul,
+    /// The name is longer than [`MAX_NAME_LEN`] bytes.
+    #[error("{len} bytes long, more than {MAX_NAME_LEN}")]
+    TooLong {
+        /// Its length.
+        len: u64,
+    },
+}
+
+/// Why a symlink target is not allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// The target is empty.
+    #[error("empty")]
+    Empty,
+    /// The target contains a NUL byte.
+    #[error("contains NUL")]
+    Nul,
+    /// The target is longer than [`MAX_TARGET_LEN`] bytes.
+    #[error("{len} bytes long, more than {MAX_TARGET_LEN}")]
+    TooLong {
+        /// Its length.
+        len: u64,
+    },
+}
+
+/// Checks an entry name: the rules Nix's NAR format and castore share.
+pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
+    match name {
+        [] => Err(NameError::Empty),
+        b"." | b".." => Err(NameError::Dot),
+        _ if name.len() > MAX_NAME_LEN => Err(NameError::TooLong {
+            len: name.len() as u64,
+        }),
+        _ if name.contains(&b'/') => Err(NameError::Slash),
+        _ if name.contains(&0) => Err(NameError::Nul),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a symlink target: what a Linux `symlink(2)` could have created.
+pub fn validate_target(target: &[u8]) -> Result<(), TargetError> {
+    if target.is_empty() {
+        Err(TargetError::Empty)
+    } else if target.len() > MAX_TARGET_LEN {
+        Err(TargetError::TooLong {
+            len: target.len() as u64,
+        })
+    } else if target.contains(&0) {
+        Err(TargetError::Nul)
+    } else {
+        Ok(())
+    }
+}
+
 /// Why a wire value is not a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ValidateError {
@@ -31,7 +100,7 @@ pub enum ValidateError {
         /// The offending name, lossily decoded.
         name: String,
         /// Which rule it breaks.
-        reason: &'static str,
+        reason: NameError,
     },
     /// A symlink target breaks the target rules.
     #[error("invalid symlink target {target:?}: {reason}")]
@@ -39,7 +108,7 @@ pub enum ValidateError {
         /// The offending target, lossily decoded.
         target: String,
         /// Which rule it breaks.
-        reason: &'static str,
+        reason: TargetError,
     },
     /// A digest field is not 32 bytes.
     #[error("entry {name:?}: {source}")]
@@ -91,23 +160,12 @@ impl PathComponent {
     pub fn to_bytes(&self) -> Bytes {
         self.0.clone()
     }
-
-    fn check(name: &[u8]) -> Result<(), &'static str> {
-        match name {
-            [] => Err("empty"),
-            b"." | b".." => Err("is . or .."),
-            _ if name.len() > MAX_NAME_LEN => Err("longer than 255 bytes"),
-            _ if name.contains(&b'/') => Err("contains /"),
-            _ if name.contains(&0) => Err("contains NUL"),
-            _ => Ok(()),
-        }
-    }
 }
 
 impl TryFrom<Bytes> for PathComponent {
     type Error = ValidateError;
     fn try_from(name: Bytes) -> Result<Self, Self::Error> {
-        match Self::check(&name) {
+        match validate_name(&name) {
             Ok(()) => Ok(PathComponent(name)),
             Err(reason) => Err(ValidateError::InvalidName {
                 name: lossy(&name),
@@ -163,19 +221,13 @@ impl SymlinkTarget {
 impl TryFrom<Bytes> for SymlinkTarget {
     type Error = ValidateError;
     fn try_from(target: Bytes) -> Result<Self, Self::Error> {
-        let reason = if target.is_empty() {
-            "empty"
-        } else if target.len() > MAX_TARGET_LEN {
-            "longer than 4095 bytes"
-        } else if target.contains(&0) {
-            "contains NUL"
-        } else {
-            return Ok(SymlinkTarget(target));
-        };
-        Err(ValidateError::InvalidTarget {
-            target: lossy(&target),
-            reason,
-        })
+        match validate_target(&target) {
+            Ok(()) => Ok(SymlinkTarget(target)),
+            Err(reason) => Err(ValidateError::InvalidTarget {
+                target: lossy(&target),
+                reason,
+            }),
+        }
     }
 }
 

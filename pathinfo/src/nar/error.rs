@@ -6,45 +6,7 @@ use std::io;
 
 use bytes::Bytes;
 
-/// Why an entry name is not allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum NameError {
-    /// The name is empty.
-    #[error("empty")]
-    Empty,
-    /// The name is `.` or `..`, which every directory has implicitly.
-    #[error("is . or ..")]
-    Dot,
-    /// The name contains `/`, so it would be a path, not a name.
-    #[error("contains /")]
-    Slash,
-    /// The name contains a NUL byte, which no file system name can.
-    #[error("contains NUL")]
-    Nul,
-    /// The name is longer than [`super::MAX_NAME_LEN`] bytes.
-    #[error("{len} bytes long, more than {}", super::MAX_NAME_LEN)]
-    TooLong {
-        /// Its length.
-        len: u64,
-    },
-}
-
-/// Why a symlink target is not allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TargetError {
-    /// The target is empty.
-    #[error("empty")]
-    Empty,
-    /// The target contains a NUL byte.
-    #[error("contains NUL")]
-    Nul,
-    /// The target is longer than [`super::MAX_TARGET_LEN`] bytes.
-    #[error("{len} bytes long, more than {}", super::MAX_TARGET_LEN)]
-    TooLong {
-        /// Its length.
-        len: u64,
-    },
-}
+use super::{NameError, TargetError};
 
 /// A NAR the [`super::NarReader`] rejects, and where.
 #[derive(Debug)]

@@ -44,15 +44,14 @@ mod tests;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use error::{CopyNarError, NameError, NarError, NarErrorKind, NarWriteError, TargetError};
+pub use error::{CopyNarError, NarError, NarErrorKind, NarWriteError};
+// The entry-name and symlink-target rules are castore's: a NAR holds
+// exactly what castore can represent.
+pub use lazystore_castore::nodes::{
+    MAX_NAME_LEN, MAX_TARGET_LEN, NameError, TargetError, validate_name, validate_target,
+};
 pub use reader::{ContentReader, NarReader};
 pub use writer::NarWriter;
-
-/// Longest entry name, as on Linux filesystems (`NAME_MAX`).
-pub const MAX_NAME_LEN: usize = 255;
-
-/// Longest symlink target (`PATH_MAX` less the terminating NUL).
-pub const MAX_TARGET_LEN: usize = 4095;
 
 /// Most directories open at once, the root included: a NAR with directories
 /// nested 64 deep is rejected. Nix has no such limit, but no store path comes
@@ -118,35 +117,6 @@ pub enum Event {
     },
     /// The innermost open directory closes.
     DirectoryEnd,
-}
-
-/// Checks an entry name against the rules Nix and castore share.
-pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
-    match name {
-        [] => Err(NameError::Empty),
-        b"." | b".." => Err(NameError::Dot),
-        _ if name.len() > MAX_NAME_LEN => Err(NameError::TooLong {
-            len: name.len() as u64,
-        }),
-        _ if name.contains(&b'/') => Err(NameError::Slash),
-        _ if name.contains(&0) => Err(NameError::Nul),
-        _ => Ok(()),
-    }
-}
-
-/// Checks a symlink target: what a Linux `symlink(2)` could have created.
-pub fn validate_target(target: &[u8]) -> Result<(), TargetError> {
-    if target.is_empty() {
-        Err(TargetError::Empty)
-    } else if target.len() > MAX_TARGET_LEN {
-        Err(TargetError::TooLong {
-            len: target.len() as u64,
-        })
-    } else if target.contains(&0) {
-        Err(TargetError::Nul)
-    } else {
-        Ok(())
-    }
 }
 
 /// Copies a NAR event by event from `reader` to `writer` and returns the
