@@ -435,13 +435,17 @@ const MAX_BATCHES_IN_FLIGHT: usize = 2;
 impl BlobWriter {
     /// Appends bytes to the blob.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
-        self.hasher.update(data);
-        self.size += data.len() as u64;
-        let before = self.pending.len();
-        self.chunker.push(data, &mut self.pending);
-        self.pending_bytes += self.pending[before..].iter().map(Bytes::len).sum::<usize>();
-        if self.pending_bytes >= WRITE_BATCH_BYTES {
-            self.flush(MAX_BATCHES_IN_FLIGHT).await?;
+        // A batch at a time, so a large write is stored in a pipeline
+        // rather than chunked whole before any of it is sent.
+        for piece in data.chunks(WRITE_BATCH_BYTES) {
+            self.hasher.update(piece);
+            self.size += piece.len() as u64;
+            let before = self.pending.len();
+            self.chunker.push(piece, &mut self.pending);
+            self.pending_bytes += self.pending[before..].iter().map(Bytes::len).sum::<usize>();
+            if self.pending_bytes >= WRITE_BATCH_BYTES {
+                self.flush(MAX_BATCHES_IN_FLIGHT).await?;
+            }
         }
         Ok(())
     }
