@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod import;
 mod nar_check;
 
 /// Lazy /nix/store for Nix builders: store paths split into a
@@ -18,6 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Import(import::Args),
     NarCheck(nar_check::Args),
 }
 
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Import(args) => import::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,
         }
     });

@@ -1,0 +1,391 @@
+//! Reading Nix binary caches: `http://`, `https://` and `file://` ones, through
+//! one [`BinaryCache`] type.
+//!
+//! A cache is opened once per run, which reads and checks its
+//! `nix-cache-info`. After that it hands out small files whole (narinfo
+//! files, bounded in size before they are buffered) and large ones as
+//! streams (NARs). Small-file reads retry transient failures themselves;
+//! a stream can fail half-way, so retrying one is the caller's business,
+//! guided by [`CacheError::is_transient`].
+
+use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use lazystore_pathinfo::STORE_DIR;
+use reqwest::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::io::StreamReader;
+use url::Url;
+
+use crate::retry::RetryPolicy;
+use crate::stream::{into_transport, transport_error};
+
+/// Largest `nix-cache-info` read. Real ones are three short lines.
+const MAX_CACHE_INFO_SIZE: usize = 64 * 1024;
+
+/// Why a cache could not be opened or a file in it read.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The cache URL does not parse.
+    #[error("invalid cache URL {url:?}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What the URL parser said.
+        #[source]
+        source: url::ParseError,
+    },
+    /// The URL's scheme is not one this importer reads.
+    #[error("unsupported cache URL {url}: expected https://, http:// or file:///")]
+    UnsupportedScheme {
+        /// The URL given.
+        url: String,
+    },
+    /// The cache has no `nix-cache-info`, so it is not a binary cache.
+    #[error("{url} is not a Nix binary cache: it has no nix-cache-info")]
+    NotACache {
+        /// The cache URL.
+        url: String,
+    },
+    /// `nix-cache-info` is not `Key: value` lines of text.
+    #[error("{url}/nix-cache-info is malformed")]
+    MalformedCacheInfo {
+        /// The cache URL.
+        url: String,
+    },
+    /// The cache holds paths of another store directory.
+    #[error("{url} is a cache for store {store_dir}, not {STORE_DIR}")]
+    WrongStoreDir {
+        /// The cache URL.
+        url: String,
+        /// The `StoreDir` it declares.
+        store_dir: String,
+    },
+    /// The server answered with an error status other than not-found.
+    #[error("{url}: HTTP status {status}")]
+    Status {
+        /// The file's URL.
+        url: String,
+        /// The status.
+        status: StatusCode,
+    },
+    /// The request or the response body failed in transit.
+    #[error("{url}: request failed")]
+    Http {
+        /// The file's URL.
+        url: String,
+        /// What failed.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A file of a `file://` cache could not be read.
+    #[error("{path}: cannot read")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file that is read whole is larger than allowed.
+    #[error("{url} is larger than {limit} bytes")]
+    TooLarge {
+        /// The file's URL.
+        url: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// A NAR URL in a narinfo leaves the cache or does not parse.
+    #[error("NAR URL {nar_url:?} is not a file inside {url}")]
+    BadNarUrl {
+        /// The URL in the narinfo.
+        nar_url: String,
+        /// The cache URL.
+        url: String,
+    },
+}
+
+impl CacheError {
+    /// Whether trying again may help: a 5xx, 408 or 429 status, a timeout,
+    /// a refused or reset connection, a body cut short.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CacheError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            CacheError::Http { source, .. } => {
+                source.is_timeout()
+                    || source.is_connect()
+                    || source.is_request()
+                    || source.is_body()
+                    || source.is_decode()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A stream of a file's bytes as they arrive.
+pub type Body = Pin<Box<dyn AsyncRead + Send>>;
+
+/// How to reach the cache's files.
+#[derive(Debug)]
+enum Location {
+    Http { client: reqwest::Client, base: Url },
+    File { root: PathBuf },
+}
+
+/// An opened binary cache whose `nix-cache-info` has been checked.
+#[derive(Debug)]
+pub struct BinaryCache {
+    /// The URL as given (without a trailing `/`), for messages.
+    url: String,
+    location: Location,
+    retry: RetryPolicy,
+    priority: Option<u32>,
+}
+
+/// HTTP client settings shared by every cache of a run.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Time to establish a connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response.
+    pub read_timeout: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            connect_timeout: Duration::from_secs(20),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Builds the HTTP client every cache of a run shares (one connection pool).
+pub fn http_client(options: &HttpOptions) -> Result<reqwest::Client, reqwest::Error> {
+    // reqwest is built without a bundled crypto provider; ring is ours.
+    // Installing fails harmlessly when one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("lazystore/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(options.connect_timeout)
+        .read_timeout(options.read_timeout)
+        .build()
+}
+
+impl BinaryCache {
+    /// Opens the cache at `url` and reads its `nix-cache-info`, which must
+    /// exist and, if it names a `StoreDir`, name `/nix/store`.
+    pub async fn open(
+        url: &str,
+        client: &reqwest::Client,
+        retry: RetryPolicy,
+    ) -> Result<BinaryCache, CacheError> {
+        let trimmed = url.trim_end_matches('/');
+        let parsed = Url::parse(trimmed).map_err(|source| CacheError::InvalidUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+        let location = match parsed.scheme() {
+            "http" | "https" => {
+                // A base URL must end in '/' for `join` to append to it.
+                let mut base = parsed.clone();
+                base.set_path(&format!("{}/", parsed.path().trim_end_matches('/')));
+                Location::Http {
+                    client: client.clone(),
+                    base,
+                }
+            }
+            "file" => Location::File {
+                root: parsed
+                    .to_file_path()
+                    .map_err(|()| CacheError::UnsupportedScheme {
+                        url: url.to_owned(),
+                    })?,
+            },
+            _ => {
+                return Err(CacheError::UnsupportedScheme {
+                    url: url.to_owned(),
+                });
+            }
+        };
+        let mut cache = BinaryCache {
+            url: trimmed.to_owned(),
+            location,
+            retry,
+            priority: None,
+        };
+        let info = cache
+            .read_small("nix-cache-info", MAX_CACHE_INFO_SIZE)
+            .await?
+            .ok_or_else(|| CacheError::NotACache {
+                url: cache.url.clone(),
+            })?;
+        cache.priority = cache.check_cache_info(&info)?;
+        Ok(cache)
+    }
+
+    /// Checks `nix-cache-info` and returns its `Priority`, if any.
+    fn check_cache_info(&self, info: &[u8]) -> Result<Option<u32>, CacheError> {
+        let malformed = || CacheError::MalformedCacheInfo {
+            url: self.url.clone(),
+        };
+        let text = std::str::from_utf8(info).map_err(|_| malformed())?;
+        let mut priority = None;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (key, value) = line.split_once(':').ok_or_else(malformed)?;
+            let value = value.trim();
+            match key.trim() {
+                "StoreDir" if value != STORE_DIR => {
+                    return Err(CacheError::WrongStoreDir {
+                        url: self.url.clone(),
+                        store_dir: value.to_owned(),
+                    });
+                }
+                "Priority" => priority = value.parse().ok(),
+                _ => {}
+            }
+        }
+        Ok(priority)
+    }
+
+    /// The cache URL, as given without a trailing `/`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The `Priority` from `nix-cache-info` (lower is preferred by Nix).
+    pub fn priority(&self) -> Option<u32> {
+        self.priority
+    }
+
+    /// The URL of the file at `relative`, for messages.
+    pub fn file_url(&self, relative: &str) -> String {
+        format!("{}/{relative}", self.url)
+    }
+
+    /// Reads a small file whole, retrying transient failures: `None` if the
+    /// cache does not have it, an error if it is larger than `limit`.
+    pub async fn read_small(
+        &self,
+        relative: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        self.retry
+            .run(CacheError::is_transient, || async {
+                let Some(body) = self.open_file(relative).await? else {
+                    return Ok(None);
+                };
+                let mut data = Vec::new();
+                // One byte more than allowed shows an overlong file.
+                let read = body
+                    .take(limit as u64 + 1)
+                    .read_to_end(&mut data)
+                    .await
+                    .map_err(|e| self.body_error(relative, e))?;
+                if read > limit {
+                    return Err(CacheError::TooLarge {
+                        url: self.file_url(relative),
+                        limit,
+                    });
+                }
+                Ok(Some(data))
+            })
+            .await
+    }
+
+    /// Turns an error out of a body stream back into a `CacheError`.
+    fn body_error(&self, relative: &str, e: std::io::Error) -> CacheError {
+        match into_transport(e) {
+            Ok(transport) => transport,
+            Err(source) => CacheError::File {
+                path: self.file_path(relative).unwrap_or_else(|| relative.into()),
+                source,
+            },
+        }
+    }
+
+    fn file_path(&self, relative: &str) -> Option<PathBuf> {
+        match &self.location {
+            Location::File { root } => Some(root.join(relative)),
+            Location::Http { .. } => None,
+        }
+    }
+
+    /// Opens the NAR file a narinfo's `URL` names, once (no retries: a
+    /// stream that fails half-way must be started again by the caller).
+    /// `None` if the cache does not have it.
+    pub async fn open_nar(&self, nar_url: &str) -> Result<Option<Body>, CacheError> {
+        let bad = || CacheError::BadNarUrl {
+            nar_url: nar_url.to_owned(),
+            url: self.url.clone(),
+        };
+        // The URL is not covered by the signature, so it is held to a
+        // relative path inside the cache: no absolute URLs, no `..`.
+        let relative = Path::new(nar_url);
+        if nar_url.contains("://")
+            || nar_url.contains('?')
+            || nar_url.contains('#')
+            || !relative
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(bad());
+        }
+        self.open_file(nar_url).await
+    }
+
+    /// Starts reading the file at `relative`, once.
+    async fn open_file(&self, relative: &str) -> Result<Option<Body>, CacheError> {
+        match &self.location {
+            Location::File { root } => {
+                let path = root.join(relative);
+                match tokio::fs::File::open(&path).await {
+                    Ok(file) => Ok(Some(Box::pin(file))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(CacheError::File { path, source }),
+                }
+            }
+            Location::Http { client, base } => {
+                let url = base.join(relative).map_err(|_| CacheError::BadNarUrl {
+                    nar_url: relative.to_owned(),
+                    url: self.url.clone(),
+                })?;
+                let shown = url.to_string();
+                let response = client
+                    .get(url)
+                    .send()
+                    .await
+                    .map_err(|source| CacheError::Http {
+                        url: shown.clone(),
+                        source,
+                    })?;
+                let status = response.status();
+                // S3 answers 403 for a missing key of a bucket that does
+                // not allow listing; Nix counts both as not found.
+                if status == StatusCode::NOT_FOUND
+                    || status == StatusCode::FORBIDDEN
+                    || status == StatusCode::GONE
+                {
+                    return Ok(None);
+                }
+                if !status.is_success() {
+                    return Err(CacheError::Status { url: shown, status });
+                }
+                let stream = response.bytes_stream().map_err(move |source| {
+                    transport_error(CacheError::Http {
+                        url: shown.clone(),
+                        source,
+                    })
+                });
+                Ok(Some(Box::pin(StreamReader::new(stream))))
+            }
+        }
+    }
+}

@@ -1,0 +1,723 @@
+//! The import run: walks the closure of the paths asked for, fetches and
+//! verifies each missing path from the first cache that has it, and
+//! publishes PathInfos in dependency order.
+//!
+//! One coordinator owns the plan (every path's state); up to `jobs` tasks
+//! each take one path through lookup → narinfo → signature → NAR download,
+//! decompression and ingest → NarSize/NarHash check, and hand back a
+//! PathInfo ready to publish. The coordinator publishes it once all its
+//! references are present, so the store never shows a path whose closure
+//! is incomplete; a path whose reference failed is not published. Memory
+//! is bounded by `jobs` streams, whatever the NAR sizes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use lazystore_castore::Node;
+use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_nar};
+use lazystore_pathinfo::nar::{NarError, NarErrorKind};
+use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::{DIGEST_LEN, MAX_NARINFO_SIZE, NarInfo, PublicKey, Store, StorePath};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::cache::{BinaryCache, HttpOptions, http_client};
+use crate::error::{PathError, PathErrorKind, SetupError};
+use crate::progress::{Progress, ProgressMode, bytes};
+use crate::retry::RetryPolicy;
+use crate::stream::{Bounded, Counted, StreamError, decompress, supported, take_stream_error};
+use crate::summary::Summary;
+use crate::wanted::Wanted;
+
+/// The cache Nix substitutes from by default.
+pub const DEFAULT_CACHE: &str = "https://cache.nixos.org";
+
+/// The key cache.nixos.org signs with.
+pub const DEFAULT_TRUSTED_KEY: &str =
+    "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
+/// How an import runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Binary cache URLs, tried in order for each path.
+    pub caches: Vec<String>,
+    /// Keys whose signatures are trusted.
+    pub trusted_keys: Vec<PublicKey>,
+    /// Require a valid signature by a trusted key on every narinfo.
+    pub check_signatures: bool,
+    /// Paths fetched at once; at least 1.
+    pub jobs: usize,
+    /// Import the references of every path too, recursively.
+    pub closure: bool,
+    /// Retries of transient HTTP failures.
+    pub retry: RetryPolicy,
+    /// HTTP timeouts.
+    pub http: HttpOptions,
+    /// How progress is shown.
+    pub progress: ProgressMode,
+}
+
+impl Default for Options {
+    /// cache.nixos.org with its key, signatures checked, 4 jobs, closures.
+    fn default() -> Self {
+        Options {
+            caches: vec![DEFAULT_CACHE.to_owned()],
+            trusted_keys: vec![DEFAULT_TRUSTED_KEY.parse().expect("valid built-in key")],
+            check_signatures: true,
+            jobs: 4,
+            closure: true,
+            retry: RetryPolicy::default(),
+            http: HttpOptions::default(),
+            progress: ProgressMode::Quiet,
+        }
+    }
+}
+
+/// Imports store paths from binary caches into a [`Store`].
+pub struct Importer {
+    shared: Arc<Shared>,
+    jobs: usize,
+    closure: bool,
+    progress: ProgressMode,
+}
+
+/// What every task of a run needs.
+struct Shared {
+    store: Store,
+    caches: Vec<BinaryCache>,
+    trusted_keys: Vec<PublicKey>,
+    check_signatures: bool,
+    retry: RetryPolicy,
+    /// Compressed bytes and narinfo bytes received.
+    downloaded: Arc<AtomicU64>,
+    /// NAR downloads started.
+    nar_downloads: AtomicU64,
+    /// Root node of every NAR seen this run, by (NarHash, NarSize): a path
+    /// whose NAR is already stored is published without a download.
+    // A std Mutex: each use is one map operation, never held across await.
+    nar_index: Mutex<HashMap<([u8; 32], u64), Node>>,
+}
+
+/// How a task ended for one path.
+enum Outcome {
+    /// The store has it already.
+    Present(PathInfo),
+    /// Verified and ready to publish.
+    Ready {
+        info: PathInfo,
+        /// Whether its NAR was downloaded (false: an identical NAR was stored).
+        downloaded: bool,
+    },
+}
+
+/// A path's place in the plan.
+enum State {
+    /// Waiting for a task.
+    Queued,
+    /// A task is on it.
+    Running,
+    /// Verified, waiting for `missing` references to be published.
+    Waiting {
+        info: Box<PathInfo>,
+        downloaded: bool,
+        missing: usize,
+    },
+    /// In the store (found, imported or deduplicated).
+    Done,
+    /// Not imported.
+    Failed,
+}
+
+/// The coordinator's view of a run.
+struct Plan {
+    closure: bool,
+    states: HashMap<[u8; DIGEST_LEN], State>,
+    /// How each path was asked for, for messages.
+    names: HashMap<[u8; DIGEST_LEN], Wanted>,
+    queue: VecDeque<Wanted>,
+    /// Paths waiting for the key to be published.
+    dependents: HashMap<[u8; DIGEST_LEN], Vec<[u8; DIGEST_LEN]>>,
+    summary: Summary,
+}
+
+impl Importer {
+    /// Opens every cache (reading each `nix-cache-info` once) and prepares a
+    /// run into `store`.
+    pub async fn new(store: Store, options: Options) -> Result<Importer, SetupError> {
+        if options.caches.is_empty() {
+            return Err(SetupError::NoCaches);
+        }
+        let client = http_client(&options.http).map_err(SetupError::HttpClient)?;
+        let mut caches = Vec::with_capacity(options.caches.len());
+        for url in &options.caches {
+            let cache = BinaryCache::open(url, &client, options.retry)
+                .await
+                .map_err(|source| SetupError::Cache {
+                    url: url.clone(),
+                    source,
+                })?;
+            caches.push(cache);
+        }
+        Ok(Importer {
+            shared: Arc::new(Shared {
+                store,
+                caches,
+                trusted_keys: options.trusted_keys,
+                check_signatures: options.check_signatures,
+                retry: options.retry,
+                downloaded: Arc::new(AtomicU64::new(0)),
+                nar_downloads: AtomicU64::new(0),
+                nar_index: Mutex::new(HashMap::new()),
+            }),
+            jobs: options.jobs.max(1),
+            closure: options.closure,
+            progress: options.progress,
+        })
+    }
+
+    /// Imports `wanted` (and their closures, unless disabled) and returns
+    /// what happened. Failures of single paths are in the summary; the run
+    /// itself does not fail. May be called again: paths imported by an
+    /// earlier run are found present.
+    pub async fn run(&self, wanted: &[Wanted]) -> Summary {
+        let start = Instant::now();
+        let shared = &self.shared;
+        let progress = Progress::new(self.progress);
+        let downloaded_before = shared.downloaded.load(Ordering::Relaxed);
+        let nar_downloads_before = shared.nar_downloads.load(Ordering::Relaxed);
+        if !shared.check_signatures {
+            progress.warn(
+                "signature checks are off (--no-check-sigs): paths are imported \
+                 whoever signed them, or nobody",
+            );
+        }
+        let mut plan = Plan {
+            closure: self.closure,
+            states: HashMap::new(),
+            names: HashMap::new(),
+            queue: VecDeque::new(),
+            dependents: HashMap::new(),
+            summary: Summary::default(),
+        };
+        for w in wanted {
+            plan.enqueue(w.clone(), &progress);
+        }
+        let (references_tx, mut references_rx) = mpsc::unbounded_channel();
+        let mut tasks = JoinSet::new();
+        loop {
+            // References found by a task arrive before its result does.
+            while let Ok(references) = references_rx.try_recv() {
+                plan.discovered(references, &progress);
+            }
+            while tasks.len() < self.jobs {
+                let Some(next) = plan.queue.pop_front() else {
+                    break;
+                };
+                plan.states.insert(*next.digest(), State::Running);
+                let shared = self.shared.clone();
+                let tx = references_tx.clone();
+                let progress = progress.clone();
+                tasks.spawn(async move {
+                    let digest = *next.digest();
+                    (digest, shared.import_one(&next, &tx, &progress).await)
+                });
+            }
+            tokio::select! {
+                biased;
+                Some(references) = references_rx.recv() => {
+                    plan.discovered(references, &progress);
+                }
+                joined = tasks.join_next() => match joined {
+                    None => break,
+                    Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Some(Err(e)) => unreachable!("import tasks are never cancelled: {e}"),
+                    Some(Ok((digest, result))) => {
+                        plan.finished(shared, &progress, digest, result).await;
+                    }
+                },
+            }
+        }
+        plan.fail_cycles(&progress);
+        progress.finish();
+        let mut summary = plan.summary;
+        summary.downloaded_bytes = shared.downloaded.load(Ordering::Relaxed) - downloaded_before;
+        summary.nar_downloads = shared.nar_downloads.load(Ordering::Relaxed) - nar_downloads_before;
+        summary.elapsed = start.elapsed();
+        summary
+    }
+}
+
+impl Plan {
+    /// Adds a path to the plan unless it is there already.
+    fn enqueue(&mut self, wanted: Wanted, progress: &Progress) {
+        let digest = *wanted.digest();
+        if self.states.contains_key(&digest) {
+            return;
+        }
+        progress.path_found();
+        self.states.insert(digest, State::Queued);
+        self.names.insert(digest, wanted.clone());
+        self.queue.push_back(wanted);
+    }
+
+    /// A task learnt a path's references from its verified narinfo.
+    fn discovered(&mut self, references: Vec<StorePath>, progress: &Progress) {
+        if self.closure {
+            for reference in references {
+                self.enqueue(reference.into(), progress);
+            }
+        }
+    }
+
+    fn name(&self, digest: &[u8; DIGEST_LEN]) -> String {
+        self.names
+            .get(digest)
+            .map_or_else(|| "?".to_owned(), ToString::to_string)
+    }
+
+    /// A task ended.
+    async fn finished(
+        &mut self,
+        shared: &Shared,
+        progress: &Progress,
+        digest: [u8; DIGEST_LEN],
+        result: Result<Outcome, PathError>,
+    ) {
+        match result {
+            Err(error) => self.fail(digest, error, progress),
+            Ok(Outcome::Present(info)) => {
+                self.names.insert(digest, info.store_path.clone().into());
+                shared.remember_nar(&info);
+                self.discovered(info.references.clone(), progress);
+                self.summary.present += 1;
+                progress.path_done(&format!("present {}", info.store_path.to_absolute()), false);
+                self.states.insert(digest, State::Done);
+                self.published(shared, progress, digest).await;
+            }
+            Ok(Outcome::Ready { info, downloaded }) => {
+                self.names.insert(digest, info.store_path.clone().into());
+                self.discovered(info.references.clone(), progress);
+                let mut missing = 0;
+                if self.closure {
+                    for reference in &info.references {
+                        let r = *reference.digest();
+                        if r == digest {
+                            continue;
+                        }
+                        match self.states.get(&r) {
+                            Some(State::Done) => {}
+                            Some(State::Failed) => {
+                                let error = PathError {
+                                    path: self.name(&digest),
+                                    kind: PathErrorKind::Reference {
+                                        reference: reference.to_absolute(),
+                                    },
+                                };
+                                self.fail(digest, error, progress);
+                                return;
+                            }
+                            _ => {
+                                missing += 1;
+                                self.dependents.entry(r).or_default().push(digest);
+                            }
+                        }
+                    }
+                }
+                self.states.insert(
+                    digest,
+                    State::Waiting {
+                        info: Box::new(info),
+                        downloaded,
+                        missing,
+                    },
+                );
+                if missing == 0 {
+                    self.publish(shared, progress, digest).await;
+                }
+            }
+        }
+    }
+
+    /// Publishes `digest`, which must be waiting with nothing missing, then
+    /// every dependent that was waiting only for it, and so on.
+    async fn publish(&mut self, shared: &Shared, progress: &Progress, digest: [u8; DIGEST_LEN]) {
+        let mut ready = vec![digest];
+        while let Some(digest) = ready.pop() {
+            let Some(State::Waiting {
+                info, downloaded, ..
+            }) = self.states.remove(&digest)
+            else {
+                unreachable!("only waiting paths are published");
+            };
+            let path = info.store_path.clone();
+            let nar_size = info.nar_size;
+            if let Err(source) = shared.store.path_infos.put(*info).await {
+                let error = PathError {
+                    path: path.to_absolute(),
+                    kind: PathErrorKind::Publish(source),
+                };
+                self.states.insert(digest, State::Queued);
+                self.fail(digest, error, progress);
+                continue;
+            }
+            self.states.insert(digest, State::Done);
+            if downloaded {
+                self.summary.nar_bytes += nar_size;
+                progress.path_done(
+                    &format!("imported {} ({} NAR)", path.to_absolute(), bytes(nar_size)),
+                    true,
+                );
+                self.summary.imported.push(path);
+            } else {
+                progress.path_done(
+                    &format!(
+                        "imported {} (identical NAR already stored)",
+                        path.to_absolute()
+                    ),
+                    true,
+                );
+                self.summary.deduplicated.push(path);
+            }
+            ready.extend(self.release_dependents(digest));
+        }
+    }
+
+    /// Counts `digest` as present for the paths waiting on it; returns those
+    /// now waiting for nothing.
+    fn release_dependents(&mut self, digest: [u8; DIGEST_LEN]) -> Vec<[u8; DIGEST_LEN]> {
+        let mut ready = Vec::new();
+        for dependent in self.dependents.remove(&digest).unwrap_or_default() {
+            if let Some(State::Waiting { missing, .. }) = self.states.get_mut(&dependent) {
+                *missing -= 1;
+                if *missing == 0 {
+                    ready.push(dependent);
+                }
+            }
+        }
+        ready
+    }
+
+    /// A path that was already present: release what waited on it.
+    async fn published(&mut self, shared: &Shared, progress: &Progress, digest: [u8; DIGEST_LEN]) {
+        for dependent in self.release_dependents(digest) {
+            self.publish(shared, progress, dependent).await;
+        }
+    }
+
+    /// Records a failure and fails every path waiting on it, recursively.
+    fn fail(&mut self, digest: [u8; DIGEST_LEN], error: PathError, progress: &Progress) {
+        let mut failures = vec![(digest, error)];
+        while let Some((digest, error)) = failures.pop() {
+            if matches!(
+                self.states.insert(digest, State::Failed),
+                Some(State::Failed)
+            ) {
+                continue;
+            }
+            progress.error(&error);
+            self.summary.failed.push(error);
+            let reference = self.name(&digest);
+            for dependent in self.dependents.remove(&digest).unwrap_or_default() {
+                if let Some(State::Waiting { .. }) = self.states.get(&dependent) {
+                    let error = PathError {
+                        path: self.name(&dependent),
+                        kind: PathErrorKind::Reference {
+                            reference: reference.clone(),
+                        },
+                    };
+                    failures.push((dependent, error));
+                }
+            }
+        }
+    }
+
+    /// Fails whatever still waits once nothing runs: its references can
+    /// only be waiting on each other.
+    fn fail_cycles(&mut self, progress: &Progress) {
+        let stuck: Vec<_> = self
+            .states
+            .iter()
+            .filter_map(|(digest, state)| match state {
+                State::Waiting { info, .. } => Some((*digest, info.store_path.to_absolute())),
+                _ => None,
+            })
+            .collect();
+        for (digest, path) in stuck {
+            let error = PathError {
+                path,
+                kind: PathErrorKind::ReferenceCycle,
+            };
+            self.fail(digest, error, progress);
+        }
+    }
+}
+
+/// How one try at one cache ended, short of success.
+enum Miss {
+    /// The cache has no narinfo for the path.
+    NotThere,
+    /// It has one, and something about it or its NAR is wrong.
+    Failed(PathErrorKind),
+}
+
+impl Shared {
+    /// Takes one path as far as a verified PathInfo.
+    async fn import_one(
+        &self,
+        wanted: &Wanted,
+        references: &mpsc::UnboundedSender<Vec<StorePath>>,
+        progress: &Progress,
+    ) -> Result<Outcome, PathError> {
+        let error = |kind| PathError {
+            path: wanted.to_string(),
+            kind,
+        };
+        if let Some(info) = self
+            .store
+            .path_infos
+            .get(wanted.digest())
+            .await
+            .map_err(|e| error(PathErrorKind::Lookup(e)))?
+        {
+            return Ok(Outcome::Present(info));
+        }
+        let mut first_failure = None;
+        for cache in &self.caches {
+            match self.fetch_from(cache, wanted, references, progress).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(Miss::NotThere) => {}
+                Err(Miss::Failed(kind)) => {
+                    if first_failure.is_some() {
+                        // The first failure is the one reported; say what
+                        // went wrong with later caches too.
+                        progress.warn(&format!("{wanted}: {kind}"));
+                    } else {
+                        first_failure = Some(kind);
+                    }
+                }
+            }
+        }
+        Err(error(first_failure.unwrap_or_else(|| {
+            PathErrorKind::NotFound {
+                caches: self.caches.iter().map(|c| c.url().to_owned()).collect(),
+            }
+        })))
+    }
+
+    /// Fetches, checks and ingests one path from one cache.
+    async fn fetch_from(
+        &self,
+        cache: &BinaryCache,
+        wanted: &Wanted,
+        references: &mpsc::UnboundedSender<Vec<StorePath>>,
+        progress: &Progress,
+    ) -> Result<Outcome, Miss> {
+        let narinfo_file = format!("{}.narinfo", wanted.hash_str());
+        let url = cache.file_url(&narinfo_file);
+        let text = cache
+            .read_small(&narinfo_file, MAX_NARINFO_SIZE)
+            .await
+            .map_err(|source| {
+                Miss::Failed(PathErrorKind::NarInfoFetch {
+                    cache: cache.url().to_owned(),
+                    source,
+                })
+            })?
+            .ok_or(Miss::NotThere)?;
+        self.downloaded
+            .fetch_add(text.len() as u64, Ordering::Relaxed);
+        let text = String::from_utf8(text)
+            .map_err(|_| Miss::Failed(PathErrorKind::NarInfoText { url: url.clone() }))?;
+        let narinfo = NarInfo::parse(&text).map_err(|source| {
+            Miss::Failed(PathErrorKind::NarInfo {
+                url: url.clone(),
+                source,
+            })
+        })?;
+        if !wanted.matches(&narinfo.store_path) {
+            return Err(Miss::Failed(PathErrorKind::WrongStorePath {
+                url,
+                found: narinfo.store_path,
+            }));
+        }
+        if self.check_signatures {
+            narinfo.verify(&self.trusted_keys).map_err(|source| {
+                Miss::Failed(PathErrorKind::Untrusted {
+                    url: url.clone(),
+                    trusted: self
+                        .trusted_keys
+                        .iter()
+                        .map(|k| k.name().to_owned())
+                        .collect(),
+                    source,
+                })
+            })?;
+        }
+        // The references are trustworthy now (they are signed); the
+        // coordinator can queue them while the NAR downloads.
+        let _ = references.send(narinfo.references.clone());
+
+        let known = self
+            .nar_index
+            .lock()
+            .expect("lock poisoned")
+            .get(&(narinfo.nar_hash, narinfo.nar_size))
+            .cloned();
+        if let Some(root) = known {
+            return Ok(Outcome::Ready {
+                info: path_info(narinfo, root),
+                downloaded: false,
+            });
+        }
+
+        let nar_url = cache.file_url(&narinfo.url);
+        if !supported(narinfo.compression) {
+            return Err(Miss::Failed(PathErrorKind::UnsupportedCompression {
+                url: nar_url,
+                compression: narinfo.compression,
+            }));
+        }
+        progress.nar_expected(narinfo.nar_size);
+        let ingested = self
+            .fetch_nar(cache, &narinfo, &nar_url, progress)
+            .await
+            .map_err(Miss::Failed)?;
+        if ingested.nar_size != narinfo.nar_size {
+            return Err(Miss::Failed(PathErrorKind::NarSize {
+                url: nar_url,
+                expected: narinfo.nar_size,
+                actual: ingested.nar_size,
+            }));
+        }
+        if ingested.nar_sha256 != narinfo.nar_hash {
+            return Err(Miss::Failed(PathErrorKind::NarHash {
+                url: nar_url,
+                expected: narinfo.nar_hash,
+                actual: ingested.nar_sha256,
+            }));
+        }
+        let info = path_info(narinfo, ingested.root);
+        self.remember_nar(&info);
+        Ok(Outcome::Ready {
+            info,
+            downloaded: true,
+        })
+    }
+
+    /// Downloads and ingests a NAR, starting again after transient failures.
+    async fn fetch_nar(
+        &self,
+        cache: &BinaryCache,
+        narinfo: &NarInfo,
+        nar_url: &str,
+        progress: &Progress,
+    ) -> Result<Ingested, PathErrorKind> {
+        let mut failed = 0;
+        loop {
+            match self.fetch_nar_once(cache, narinfo, nar_url, progress).await {
+                Err(kind) if kind.is_transient() && self.retry.may_retry(failed) => {
+                    let wait = self.retry.backoff(failed);
+                    progress.warn(&format!(
+                        "{}: {kind}; trying again in {wait:?}",
+                        narinfo.store_path.to_absolute()
+                    ));
+                    tokio::time::sleep(wait).await;
+                    failed += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn fetch_nar_once(
+        &self,
+        cache: &BinaryCache,
+        narinfo: &NarInfo,
+        nar_url: &str,
+        progress: &Progress,
+    ) -> Result<Ingested, PathErrorKind> {
+        self.nar_downloads.fetch_add(1, Ordering::Relaxed);
+        let body = cache
+            .open_nar(&narinfo.url)
+            .await
+            .map_err(|source| PathErrorKind::Download {
+                url: nar_url.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| PathErrorKind::NarMissing {
+                url: nar_url.to_owned(),
+                cache: cache.url().to_owned(),
+            })?;
+        let compressed = Counted::new(body, self.downloaded.clone(), narinfo.nar_size);
+        let nar = Bounded::new(
+            decompress(compressed, narinfo.compression),
+            narinfo.nar_size,
+            progress.nar_counter(),
+        );
+        ingest_nar(&self.store.blobs, &*self.store.directories, nar)
+            .await
+            .map_err(|e| classify(e, nar_url))
+    }
+
+    /// Indexes a stored NAR so an identical one is not downloaded again.
+    fn remember_nar(&self, info: &PathInfo) {
+        self.nar_index
+            .lock()
+            .expect("lock poisoned")
+            .insert((info.nar_sha256, info.nar_size), info.root.clone());
+    }
+}
+
+/// Says which stage an ingest failure came from: the transport, the
+/// decoder, the size bound, the NAR itself or the store.
+fn classify(error: IngestError, url: &str) -> PathErrorKind {
+    let url = url.to_owned();
+    let (offset, io) = match error {
+        IngestError::Nar(NarError {
+            offset,
+            kind: NarErrorKind::Io(io),
+        }) => (offset, io),
+        e @ (IngestError::Blob(_) | IngestError::Directory(_)) => return PathErrorKind::Store(e),
+        source => return PathErrorKind::InvalidNar { url, source },
+    };
+    match take_stream_error(io) {
+        Ok(StreamError::Transport(source)) => PathErrorKind::Download { url, source },
+        Ok(StreamError::Decompress {
+            compression,
+            source,
+        }) => PathErrorKind::Decompress {
+            url,
+            compression,
+            source,
+        },
+        Ok(StreamError::TooLong { nar_size }) => PathErrorKind::NarTooLong { url, nar_size },
+        Ok(StreamError::CompressedTooLong { limit, .. }) => {
+            PathErrorKind::CompressedTooLong { url, limit }
+        }
+        Err(io) => PathErrorKind::InvalidNar {
+            url,
+            source: IngestError::Nar(NarError {
+                offset,
+                kind: NarErrorKind::Io(io),
+            }),
+        },
+    }
+}
+
+/// The PathInfo of a verified narinfo whose NAR is stored under `root`.
+fn path_info(narinfo: NarInfo, root: Node) -> PathInfo {
+    let mut references = narinfo.references;
+    references.sort();
+    PathInfo {
+        store_path: narinfo.store_path,
+        root,
+        references,
+        nar_size: narinfo.nar_size,
+        nar_sha256: narinfo.nar_hash,
+        signatures: narinfo.signatures,
+        deriver: narinfo.deriver,
+        ca: narinfo.ca,
+    }
+}

@@ -1,0 +1,382 @@
+//! The byte pipeline between a cache and the NAR reader: count what comes
+//! off the wire, decompress it, and cut the decompressed stream off at
+//! NarSize + 1 bytes.
+//!
+//! Each stage is an `AsyncRead` that reports its own failures as an
+//! [`io::Error`] carrying a [`StreamError`], so that after the NAR reader has
+//! failed the importer can tell a transport failure (worth a retry) from a
+//! decompression failure or a decompression bomb (not worth one) by looking
+//! at the error alone; see [`StreamError::find`].
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use async_compression::tokio::bufread::{
+    BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder,
+};
+use lazystore_pathinfo::Compression;
+use tokio::io::{AsyncRead, BufReader, ReadBuf};
+
+use crate::cache::CacheError;
+
+/// Memory an xz decoder may use. `xz -9` needs 65 MiB; Nix writes `xz -6`
+/// (9 MiB). A stream asking for more is refused instead of allocated.
+const XZ_MEMORY_LIMIT: u64 = 128 * 1024 * 1024;
+
+/// Read size between the transport and the decoder.
+const COMPRESSED_BUFFER: usize = 256 * 1024;
+
+/// A failure of one stage of the pipeline, carried inside an [`io::Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The transport failed mid-body (reset, timeout, truncated response).
+    #[error("download failed")]
+    Transport(#[source] CacheError),
+    /// The compressed data is corrupt or truncated.
+    #[error("{compression} decompression failed")]
+    Decompress {
+        /// The method.
+        compression: Compression,
+        /// The decoder's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The decompressed stream went on past the NarSize the narinfo states.
+    #[error("NAR is longer than its NarSize of {nar_size} bytes (stopped at byte {})", nar_size + 1)]
+    TooLong {
+        /// The NarSize from the narinfo.
+        nar_size: u64,
+    },
+    /// The compressed file is far larger than any compression of a NAR of
+    /// this NarSize could be.
+    #[error("compressed file exceeds {limit} bytes for a NAR of {nar_size} bytes")]
+    CompressedTooLong {
+        /// The limit that was hit.
+        limit: u64,
+        /// The NarSize from the narinfo.
+        nar_size: u64,
+    },
+}
+
+impl StreamError {
+    fn into_io(self) -> io::Error {
+        let kind = match &self {
+            StreamError::Transport(_) => io::ErrorKind::ConnectionAborted,
+            _ => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, self)
+    }
+
+    /// The first `StreamError` in `error`'s source chain, if any. `io::Error`
+    /// hides the error it wraps from `source()`, so each one met is opened.
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a StreamError> {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(found) = e.downcast_ref::<StreamError>() {
+                return Some(found);
+            }
+            if let Some(found) = e
+                .downcast_ref::<io::Error>()
+                .and_then(io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<StreamError>())
+            {
+                return Some(found);
+            }
+            next = e.source();
+        }
+        None
+    }
+}
+
+/// Wraps a transport failure for the pipeline.
+pub(crate) fn transport_error(error: CacheError) -> io::Error {
+    StreamError::Transport(error).into_io()
+}
+
+/// The [`StreamError`] `e` carries, or `e` itself if it carries none.
+pub(crate) fn take_stream_error(e: io::Error) -> Result<StreamError, io::Error> {
+    if !e.get_ref().is_some_and(|inner| inner.is::<StreamError>()) {
+        return Err(e);
+    }
+    let inner = e.into_inner().expect("checked above");
+    Ok(*inner.downcast::<StreamError>().expect("checked above"))
+}
+
+/// The transport failure `e` carries, or `e` itself.
+pub(crate) fn into_transport(e: io::Error) -> Result<CacheError, io::Error> {
+    match take_stream_error(e) {
+        Ok(StreamError::Transport(transport)) => Ok(transport),
+        Ok(other) => Err(other.into_io()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The most compressed bytes accepted for a NAR of `nar_size` bytes:
+/// incompressible data grows by well under 1/8 in every supported format,
+/// plus headers. Stops a server that streams forever without the
+/// decompressed side ever growing (padding, skippable frames).
+pub fn compressed_limit(nar_size: u64) -> u64 {
+    nar_size
+        .saturating_add(nar_size / 8)
+        .saturating_add(1024 * 1024)
+}
+
+/// Counts bytes read through it into a shared counter and fails once more
+/// than `limit` have passed.
+pub struct Counted<R> {
+    inner: R,
+    counter: Arc<AtomicU64>,
+    read: u64,
+    limit: u64,
+    nar_size: u64,
+}
+
+impl<R> Counted<R> {
+    /// Counts into `counter`; fails past `compressed_limit(nar_size)`.
+    pub fn new(inner: R, counter: Arc<AtomicU64>, nar_size: u64) -> Self {
+        Counted {
+            inner,
+            counter,
+            read: 0,
+            limit: compressed_limit(nar_size),
+            nar_size,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as u64;
+        self.read += n;
+        self.counter.fetch_add(n, Ordering::Relaxed);
+        if self.read > self.limit {
+            // A read that fails hands out nothing.
+            buf.set_filled(before);
+            let (limit, nar_size) = (self.limit, self.nar_size);
+            return Poll::Ready(Err(
+                StreamError::CompressedTooLong { limit, nar_size }.into_io()
+            ));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The decompressed stream of a cache file, for any supported method.
+pub type Decompressed = Pin<Box<dyn AsyncRead + Send>>;
+
+/// Whether `compression` can be decompressed here. Nix caches use xz,
+/// zstd, bzip2 and none; br and gzip come almost free with the others.
+pub fn supported(compression: Compression) -> bool {
+    !matches!(compression, Compression::Lzip | Compression::Lz4)
+}
+
+/// Decompresses `compressed` as `compression`, tagging decoder failures.
+/// Must only be called when [`supported`] says so.
+pub fn decompress<R>(compressed: R, compression: Compression) -> Decompressed
+where
+    R: AsyncRead + Send + 'static,
+{
+    let input = BufReader::with_capacity(COMPRESSED_BUFFER, compressed);
+    let decoder: Decompressed = match compression {
+        Compression::None => return Box::pin(input),
+        Compression::Xz => Box::pin(XzDecoder::with_mem_limit(input, XZ_MEMORY_LIMIT)),
+        Compression::Zstd => Box::pin(ZstdDecoder::new(input)),
+        Compression::Bzip2 => Box::pin(BzDecoder::new(input)),
+        Compression::Brotli => Box::pin(BrotliDecoder::new(input)),
+        Compression::Gzip => Box::pin(GzipDecoder::new(input)),
+        Compression::Lzip | Compression::Lz4 => {
+            unreachable!("callers check `supported` first")
+        }
+    };
+    Box::pin(Tagged {
+        inner: decoder,
+        compression,
+    })
+}
+
+/// Tags a decoder's own errors as [`StreamError::Decompress`], passing
+/// through errors that already carry a [`StreamError`] from below.
+struct Tagged {
+    inner: Decompressed,
+    compression: Compression,
+}
+
+impl AsyncRead for Tagged {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match ready!(self.inner.as_mut().poll_read(cx, buf)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) if StreamError::find(&e).is_some() => Poll::Ready(Err(e)),
+            Err(source) => Poll::Ready(Err(StreamError::Decompress {
+                compression: self.compression,
+                source,
+            }
+            .into_io())),
+        }
+    }
+}
+
+/// Passes through exactly the first `nar_size` bytes and fails on byte
+/// `nar_size + 1`, never asking the inner reader for more than that one
+/// byte past the limit: a decompression bomb costs NarSize + 1 bytes of
+/// output, whatever it would expand to.
+pub struct Bounded<R> {
+    inner: R,
+    nar_size: u64,
+    /// Bytes passed through so far; never more than `nar_size`.
+    read: u64,
+    /// Byte `nar_size + 1` has been seen; every later read fails.
+    overflowed: bool,
+    /// Counter for progress reporting.
+    progress: Arc<AtomicU64>,
+}
+
+impl<R> Bounded<R> {
+    /// Bounds `inner` at `nar_size`, adding each byte passed to `progress`.
+    pub fn new(inner: R, nar_size: u64, progress: Arc<AtomicU64>) -> Self {
+        Bounded {
+            inner,
+            nar_size,
+            read: 0,
+            overflowed: false,
+            progress,
+        }
+    }
+
+    fn too_long(&self) -> io::Error {
+        StreamError::TooLong {
+            nar_size: self.nar_size,
+        }
+        .into_io()
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Bounded<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.overflowed {
+            return Poll::Ready(Err(self.too_long()));
+        }
+        // One byte more than allowed, so that an overlong stream shows.
+        let allowed = self.nar_size - self.read + 1;
+        let room = buf
+            .remaining()
+            .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        let mut limited = buf.take(room);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut limited))?;
+        let mut n = limited.filled().len();
+        if n as u64 == allowed {
+            // Hand out the bytes within the limit; the next read fails.
+            self.overflowed = true;
+            n -= 1;
+            if n == 0 {
+                return Poll::Ready(Err(self.too_long()));
+            }
+        }
+        // SAFETY: `limited` is a view of `buf`'s unfilled part, and the
+        // inner reader initialised and filled its first `n` bytes (or more).
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        self.read += n as u64;
+        self.progress.fetch_add(n as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// An endless stream of zeros that counts what it hands out.
+    struct Zeros(Arc<AtomicU64>);
+
+    impl AsyncRead for Zeros {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = buf.remaining();
+            buf.put_slice(&vec![0; n]);
+            self.0.fetch_add(n as u64, Ordering::Relaxed);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_stops_at_nar_size_plus_one() {
+        for nar_size in [1u64, 7, 8, 4096, 1 << 20] {
+            let produced = Arc::new(AtomicU64::new(0));
+            let progress = Arc::new(AtomicU64::new(0));
+            let mut r = Bounded::new(Zeros(produced.clone()), nar_size, progress.clone());
+            let mut out = Vec::new();
+            let err = r.read_to_end(&mut out).await.unwrap_err();
+            assert_eq!(out.len() as u64, nar_size);
+            assert_eq!(progress.load(Ordering::Relaxed), nar_size);
+            // The inner reader was never asked for more than one byte past.
+            assert_eq!(produced.load(Ordering::Relaxed), nar_size + 1);
+            assert!(matches!(
+                StreamError::find(&err),
+                Some(StreamError::TooLong { nar_size: n }) if *n == nar_size
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_passes_exact_length() {
+        let data = vec![5u8; 1000];
+        let progress = Arc::new(AtomicU64::new(0));
+        let mut r = Bounded::new(&data[..], 1000, progress);
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, data);
+        // Shorter is not this reader's business: the NAR reader and the
+        // NarSize check see it.
+        let mut r = Bounded::new(&data[..], 2000, Arc::new(AtomicU64::new(0)));
+        out.clear();
+        r.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out.len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn counted_limits_compressed_bytes() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut r = Counted::new(Zeros(Arc::new(AtomicU64::new(0))), counter.clone(), 10);
+        let err = r.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(matches!(
+            StreamError::find(&err),
+            Some(StreamError::CompressedTooLong { nar_size: 10, .. })
+        ));
+        assert!(counter.load(Ordering::Relaxed) > compressed_limit(10));
+    }
+
+    #[tokio::test]
+    async fn decoder_errors_are_tagged() {
+        let garbage: &'static [u8] = b"definitely not xz";
+        let mut r = decompress(garbage, Compression::Xz);
+        let err = r.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(matches!(
+            StreamError::find(&err),
+            Some(StreamError::Decompress {
+                compression: Compression::Xz,
+                ..
+            })
+        ));
+    }
+}
