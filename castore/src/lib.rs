@@ -7,6 +7,7 @@
 //! backend trait with one file per backend.
 
 pub mod blobs;
+mod cache_store;
 mod chunker;
 mod digest;
 pub mod directories;
@@ -21,6 +22,7 @@ pub mod proto {
 }
 
 pub use blobs::{BlobError, BlobMeta, BlobService, Blobs};
+pub use cache_store::{CacheOptions, CacheStats, CacheStore, DEFAULT_CACHE_SIZE};
 pub use chunker::{Chunker, ChunkerParams, InvalidChunkerParams};
 pub use digest::{DIGEST_LEN, Digest, InvalidDigest};
 pub use directories::{DirectoryError, DirectoryService};

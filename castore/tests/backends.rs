@@ -40,6 +40,7 @@ async fn backends() -> Vec<Backend> {
         redb("redb", SyncMode::EveryCommit).await,
         redb("redb-deferred", SyncMode::Deferred).await,
         grpc().await,
+        cache().await,
     ]
 }
 
@@ -102,6 +103,55 @@ async fn grpc() -> Backend {
         corrupt_chunk: Some(Box::new(move |d| blobs.corrupt_chunk(d, flip_chunk))),
         corrupt_directory: None,
         _keep: Box::new(stop),
+    }
+}
+
+/// The cache layer: a local cache file in front of the gRPC clients of a
+/// server on a redb store. Writes go through to the server, reads are
+/// cached; the corruption hook damages the server's copy of a chunk and the
+/// cached one, if any, so no good copy is left to read.
+async fn cache() -> Backend {
+    use lazystore_castore::blobs::{CachingBlobService, GrpcBlobService};
+    use lazystore_castore::directories::{CachingDirectoryService, GrpcDirectoryService};
+    use lazystore_castore::grpc::{Services, serve};
+    use lazystore_castore::{CacheOptions, CacheStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("remote.redb")).unwrap();
+    let remote_blobs = RedbBlobService::new(store.clone());
+    let services = Services::new(
+        Arc::new(remote_blobs.clone()),
+        Arc::new(RedbDirectoryService::new(store.clone())),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, services, async {
+        stopped.await.ok();
+    }));
+    let local = CacheStore::open(dir.path().join("cache.redb"), CacheOptions::default()).unwrap();
+    let blobs = CachingBlobService::new(
+        local.clone(),
+        Arc::new(GrpcBlobService::connect_lazy(&url).unwrap()),
+    );
+    let directories = CachingDirectoryService::new(
+        local.clone(),
+        Arc::new(GrpcDirectoryService::connect_lazy(&url).unwrap()),
+    );
+    Backend {
+        name: "cache",
+        blobs: Arc::new(blobs),
+        directories: Arc::new(directories),
+        params: store.params(),
+        corrupt_chunk: Some(Box::new(move |d| {
+            let remote = remote_blobs.corrupt_chunk(d, flip_chunk).unwrap();
+            let cached = local.corrupt_chunk(d, flip_chunk).unwrap();
+            remote || cached
+        })),
+        // Over gRPC a damaged directory comes back as a server failure, not
+        // `DirectoryError::Invalid`; `tests/cache.rs` covers damage to the
+        // cached copy.
+        corrupt_directory: None,
+        _keep: Box::new((dir, stop)),
     }
 }
 

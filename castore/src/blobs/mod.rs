@@ -6,6 +6,7 @@
 //! checks every chunk against its BLAKE3 before any byte is returned, so
 //! verification never depends on the backend.
 
+mod cache;
 mod grpc;
 mod memory;
 mod redb;
@@ -19,6 +20,7 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::digest::Digest;
 use crate::proto::ChunkEncoding;
 
+pub use self::cache::CachingBlobService;
 pub use self::grpc::GrpcBlobService;
 pub use self::redb::RedbBlobService;
 pub use memory::{MemoryBlobService, MemoryStats};

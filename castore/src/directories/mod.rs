@@ -5,6 +5,7 @@
 //! subdirectories are not stored yet, so directories are uploaded leaves
 //! first and a stored directory never points at a missing one.
 
+mod cache;
 mod grpc;
 mod memory;
 mod redb;
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 use crate::digest::Digest;
 use crate::nodes::{DecodeDirectoryError, Directory};
 
+pub use self::cache::CachingDirectoryService;
 pub use self::grpc::GrpcDirectoryService;
 pub use self::redb::RedbDirectoryService;
 pub use memory::MemoryDirectoryService;
