@@ -27,7 +27,9 @@ use crate::cache::{BinaryCache, HttpOptions, http_client};
 use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::progress::{Progress, ProgressMode, bytes};
 use crate::retry::RetryPolicy;
-use crate::stream::{Bounded, Counted, StreamError, decompress, supported, take_stream_error};
+use crate::stream::{
+    Bounded, Counted, StreamError, decompress, pipelined, supported, take_stream_error,
+};
 use crate::summary::Summary;
 use crate::wanted::Wanted;
 
@@ -651,11 +653,11 @@ impl Shared {
                 cache: cache.url().to_owned(),
             })?;
         let compressed = Counted::new(body, self.downloaded.clone(), narinfo.nar_size);
-        let nar = Bounded::new(
+        let nar = pipelined(Bounded::new(
             decompress(compressed, narinfo.compression),
             narinfo.nar_size,
             progress.nar_counter(),
-        );
+        ));
         ingest_nar(&self.store.blobs, &*self.store.directories, nar)
             .await
             .map_err(|e| classify(e, nar_url))

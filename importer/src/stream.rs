@@ -18,7 +18,7 @@ use async_compression::tokio::bufread::{
     BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder,
 };
 use lazystore_pathinfo::Compression;
-use tokio::io::{AsyncRead, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 
 use crate::cache::CacheError;
 
@@ -298,10 +298,48 @@ impl<R: AsyncRead + Unpin> AsyncRead for Bounded<R> {
     }
 }
 
+/// Bytes of decompressed NAR handed from the decompressing task to the
+/// ingesting one at a time, and how many such blocks may wait in between:
+/// 1 MiB per download.
+const PIPE_BLOCK: usize = 256 * 1024;
+const PIPE_DEPTH: usize = 4;
+
+/// Runs `reader` (download and decompression) in a task of its own and
+/// returns a reader of its output, so decompression and ingest (hashing,
+/// parsing, chunking) run on different cores. Errors pass through as they
+/// are; dropping the returned reader stops the task.
+pub fn pipelined<R>(mut reader: R) -> impl AsyncRead + Send + Unpin + 'static
+where
+    R: AsyncRead + Send + Unpin + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(PIPE_DEPTH);
+    tokio::spawn(async move {
+        loop {
+            let mut block = bytes::BytesMut::with_capacity(PIPE_BLOCK);
+            let item = match reader.read_buf(&mut block).await {
+                Ok(0) => return,
+                Ok(_) => Ok(block.freeze()),
+                Err(e) => Err(e),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    tokio_util::io::StreamReader::new(receiver_stream(rx))
+}
+
+/// The receiving end of the pipe as a `Stream`.
+fn receiver_stream<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + Unpin {
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
     /// An endless stream of zeros that counts what it hands out.
     struct Zeros(Arc<AtomicU64>);
@@ -364,6 +402,30 @@ mod tests {
             Some(StreamError::CompressedTooLong { nar_size: 10, .. })
         ));
         assert!(counter.load(Ordering::Relaxed) > compressed_limit(10));
+    }
+
+    #[tokio::test]
+    async fn pipelined_passes_bytes_and_errors() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let mut out = Vec::new();
+        pipelined(std::io::Cursor::new(data.clone()))
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, data);
+
+        let bounded = Bounded::new(
+            Zeros(Arc::new(AtomicU64::new(0))),
+            1 << 20,
+            Arc::new(AtomicU64::new(0)),
+        );
+        let mut out = Vec::new();
+        let err = pipelined(bounded).read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(out.len(), 1 << 20);
+        assert!(matches!(
+            StreamError::find(&err),
+            Some(StreamError::TooLong { .. })
+        ));
     }
 
     #[tokio::test]
