@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod import;
 mod nar_check;
+mod serve;
 
 /// Lazy /nix/store for Nix builders: store paths split into a
 /// content-addressed, chunked store and fetched only when read.
@@ -21,6 +22,7 @@ struct Cli {
 enum Command {
     Import(import::Args),
     NarCheck(nar_check::Args),
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Import(args) => import::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,
+            Command::Serve(args) => serve::run(args).await,
         }
     });
     match result {

@@ -1,13 +1,38 @@
 //! [`Store`]: the three services a store is made of — blobs, directories,
-//! path infos — opened together from one URL.
+//! path infos — opened together from one URL by [`Store::open`], the one
+//! place store URLs are parsed.
+//!
+//! A store is a plain struct of its three services, so a layer in front of
+//! one of them (a local chunk cache in front of a remote blob service) is
+//! built by replacing that field; `Store::open` hands out the bare backends.
 
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use lazystore_castore::blobs::MemoryBlobService;
-use lazystore_castore::directories::MemoryDirectoryService;
-use lazystore_castore::{Blobs, ChunkerParams, DirectoryService};
+use lazystore_castore::blobs::{GrpcBlobService, MemoryBlobService, RedbBlobService};
+use lazystore_castore::directories::{
+    GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
+};
+use lazystore_castore::grpc::{Connection, InvalidUrl};
+use lazystore_castore::{
+    Blobs, ChunkerParams, DirectoryService, Node, OpenError, RedbOptions, RedbStore, SyncMode,
+};
 
-use crate::pathinfos::{MemoryPathInfoService, PathInfoService};
+use crate::pathinfos::{
+    GrpcPathInfoService, MemoryPathInfoService, PathInfo, PathInfoError, PathInfoService,
+    RedbPathInfoService,
+};
+
+/// The environment variable naming the directory of the default store.
+pub const LAZYSTORE_DIR: &str = "LAZYSTORE_DIR";
+
+/// Where the default store lives when [`LAZYSTORE_DIR`] is not set,
+/// relative to `$HOME`.
+const DEFAULT_DIR_IN_HOME: &str = ".local/share/lazystore";
+
+/// The file name of the default store in its directory.
+const DEFAULT_FILE: &str = "store.redb";
 
 /// A whole store: chunked blobs, directories and path infos.
 #[derive(Clone)]
@@ -20,7 +45,7 @@ pub struct Store {
     pub path_infos: Arc<dyn PathInfoService>,
 }
 
-/// Why a store URL can't be opened.
+/// Why a store URL can't be opened. Every message names the URL.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenStoreError {
     /// The URL's scheme is not one [`Store::open`] knows.
@@ -29,6 +54,58 @@ pub enum OpenStoreError {
          grpc+http://host:port or grpc+unix:///path/to.sock"
     )]
     UnknownScheme(String),
+    /// A `redb://` URL whose path is not absolute, or that has a query.
+    #[error(
+        "invalid store URL {url:?}: {reason} (expected redb:///abs/path/store.redb, \
+         with three slashes)"
+    )]
+    RedbUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The redb file could not be opened or created.
+    #[error("cannot open store {url}")]
+    Redb {
+        /// The URL given.
+        url: String,
+        /// Why, naming the file (and the fix when there is one). Boxed: it
+        /// is large, and every `Store::open` result would carry its size.
+        #[source]
+        source: Box<OpenError>,
+    },
+    /// A `grpc+…` URL that is not a server address.
+    #[error(transparent)]
+    Grpc(#[from] InvalidUrl),
+    /// No default store location: neither `$LAZYSTORE_DIR` nor `$HOME` is
+    /// set.
+    #[error("no default store: set $LAZYSTORE_DIR or $HOME, or pass a store URL (--store)")]
+    NoDefaultDir,
+    /// `$LAZYSTORE_DIR` is not an absolute UTF-8 path.
+    #[error("${LAZYSTORE_DIR} is {0:?}; it must be an absolute path")]
+    BadDefaultDir(PathBuf),
+}
+
+/// The URL of the default store, `redb://$LAZYSTORE_DIR/store.redb`, where
+/// `$LAZYSTORE_DIR` defaults to `~/.local/share/lazystore`.
+pub fn default_store_url() -> Result<String, OpenStoreError> {
+    default_url(std::env::var_os(LAZYSTORE_DIR), std::env::var_os("HOME"))
+}
+
+fn default_url(dir: Option<OsString>, home: Option<OsString>) -> Result<String, OpenStoreError> {
+    let set = |v: Option<OsString>| v.filter(|v| !v.is_empty());
+    let dir = match (set(dir), set(home)) {
+        (Some(dir), _) => PathBuf::from(dir),
+        (None, Some(home)) => PathBuf::from(home).join(DEFAULT_DIR_IN_HOME),
+        (None, None) => return Err(OpenStoreError::NoDefaultDir),
+    };
+    match dir.to_str() {
+        Some(s) if dir.is_absolute() => {
+            Ok(format!("redb://{}/{DEFAULT_FILE}", s.trim_end_matches('/')))
+        }
+        _ => Err(OpenStoreError::BadDefaultDir(dir)),
+    }
 }
 
 impl Store {
@@ -41,13 +118,173 @@ impl Store {
         }
     }
 
+    /// The three services of one open redb file, chunking with the
+    /// parameters it records.
+    pub fn redb(store: RedbStore) -> Store {
+        Store {
+            blobs: Blobs::new(
+                Arc::new(RedbBlobService::new(store.clone())),
+                store.params(),
+            ),
+            directories: Arc::new(RedbDirectoryService::new(store.clone())),
+            path_infos: Arc::new(RedbPathInfoService::new(store)),
+        }
+    }
+
+    /// The three clients of one gRPC server, sharing `connection`. Blobs
+    /// written through it are chunked with the default parameters: the
+    /// server checks chunks, not how they were cut.
+    pub fn grpc(connection: Connection) -> Store {
+        Store {
+            blobs: Blobs::new(
+                Arc::new(GrpcBlobService::new(connection.clone())),
+                ChunkerParams::default(),
+            ),
+            directories: Arc::new(GrpcDirectoryService::new(connection.clone())),
+            path_infos: Arc::new(GrpcPathInfoService::new(connection)),
+        }
+    }
+
     /// Opens the store at `url`:
     ///
     /// - `memory://` — a fresh store in memory, gone when the process exits.
+    /// - `redb:///abs/path/store.redb` — one redb file holding all three
+    ///   services, created (with its directory) if missing, every commit
+    ///   fsynced ([`SyncMode::EveryCommit`]); only one process can have it
+    ///   open. For other options open a [`RedbStore`] and use
+    ///   [`Store::redb`].
+    /// - `grpc+http://host:port` — a `lazystore serve` over TCP.
+    /// - `grpc+unix:///path/to.sock` — a `lazystore serve` on a Unix socket.
+    ///
+    /// gRPC stores connect on first use (and retry while the server is
+    /// unreachable, up to a deadline), so opening one always succeeds for a
+    /// well-formed URL. The default store is at [`default_store_url`].
     pub async fn open(url: &str) -> Result<Store, OpenStoreError> {
-        match url {
-            "memory://" => Ok(Store::memory()),
-            _ => Err(OpenStoreError::UnknownScheme(url.to_owned())),
+        if url == "memory://" {
+            return Ok(Store::memory());
         }
+        if let Some(path) = url.strip_prefix("redb://") {
+            let bad = |reason| OpenStoreError::RedbUrl {
+                url: url.to_owned(),
+                reason,
+            };
+            if !path.starts_with('/') {
+                return Err(bad("the path must be absolute"));
+            }
+            if path.contains(['?', '#']) {
+                return Err(bad("a redb store URL has no query or fragment"));
+            }
+            let options = RedbOptions {
+                params: None,
+                sync: SyncMode::EveryCommit,
+            };
+            let path = PathBuf::from(path);
+            // Opening may repair the file after a crash: blocking work.
+            let opened = tokio::task::spawn_blocking(move || RedbStore::open_with(path, options))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            let store = opened.map_err(|source| OpenStoreError::Redb {
+                url: url.to_owned(),
+                source: Box::new(source),
+            })?;
+            return Ok(Store::redb(store));
+        }
+        if url.starts_with("grpc+http://") || url.starts_with("grpc+unix://") {
+            return Ok(Store::grpc(Connection::lazy(url)?));
+        }
+        Err(OpenStoreError::UnknownScheme(url.to_owned()))
+    }
+
+    /// Checks the store holds `info`'s root: the root directory (and so,
+    /// directories being stored leaves first, everything below it) or the
+    /// file's blob (and so its chunks), with the size the root node records.
+    /// What the gRPC server checks before it publishes a PathInfo.
+    pub async fn check_root(&self, info: &PathInfo) -> Result<(), PathInfoError> {
+        let (root, recorded, actual) = match &info.root {
+            Node::Symlink { .. } => return Ok(()),
+            Node::Directory { digest, size } => {
+                let stored = self.directories.get(digest).await;
+                let stored = stored.map_err(|e| PathInfoError::Backend(Box::new(e)))?;
+                (*digest, *size, stored.map(|d| d.size()))
+            }
+            Node::File { digest, size, .. } => {
+                let stored = self.blobs.stat(digest).await;
+                let stored = stored.map_err(|e| PathInfoError::Backend(Box::new(e)))?;
+                (*digest, *size, stored.map(|meta| meta.size))
+            }
+        };
+        match actual {
+            None => Err(PathInfoError::MissingRoot {
+                store_path: info.store_path.clone(),
+                root,
+            }),
+            Some(actual) if actual != recorded => Err(PathInfoError::RootSizeMismatch {
+                store_path: info.store_path.clone(),
+                root,
+                recorded,
+                actual,
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls() {
+        assert!(Store::open("memory://").await.is_ok());
+        assert!(Store::open("grpc+http://127.0.0.1:1").await.is_ok());
+        assert!(Store::open("grpc+unix:///run/lazystore.sock").await.is_ok());
+        for (bad, says) in [
+            ("memory:", "unsupported"),
+            ("/abs/store.redb", "unsupported"),
+            ("redb://relative/store.redb", "absolute"),
+            ("redb:///x/store.redb?sync=no", "no query"),
+            ("grpc+http://host:1/path", "no path"),
+            ("grpc+unix://relative.sock", "absolute"),
+        ] {
+            let e = Store::open(bad).await.err().expect(bad).to_string();
+            assert!(e.contains(bad) && e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn default_url() {
+        let os = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            super::default_url(os("/srv/lazy/"), os("/root")).unwrap(),
+            "redb:///srv/lazy/store.redb"
+        );
+        assert_eq!(
+            super::default_url(os(""), os("/home/u")).unwrap(),
+            "redb:///home/u/.local/share/lazystore/store.redb"
+        );
+        assert!(matches!(
+            super::default_url(os("rel"), os("/root")),
+            Err(OpenStoreError::BadDefaultDir(_))
+        ));
+        assert!(matches!(
+            super::default_url(None, None),
+            Err(OpenStoreError::NoDefaultDir)
+        ));
+    }
+
+    #[tokio::test]
+    async fn redb_names_the_url_when_the_file_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("redb://{}/sub/store.redb", dir.path().display());
+        let _first = Store::open(&url).await.unwrap();
+        let e = Store::open(&url).await.err().unwrap();
+        assert!(matches!(
+            e,
+            OpenStoreError::Redb {
+                ref source,
+                ..
+            } if matches!(**source, OpenError::AlreadyOpen { .. })
+        ));
+        assert!(e.to_string().contains(&url), "{e}");
     }
 }

@@ -114,12 +114,10 @@ impl Connection {
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the retry
-    /// deadline passes. Only for idempotent calls.
-    pub(crate) async fn call<T, F, Fut>(
-        &self,
-        call: &'static str,
-        mut attempt: F,
-    ) -> Result<T, CallError>
+    /// deadline passes. Only for idempotent calls. Each attempt should await
+    /// the server through [`RetryPolicy::timed`], so a server that stops
+    /// answering fails the attempt instead of hanging the call.
+    pub async fn call<T, F, Fut>(&self, call: &'static str, mut attempt: F) -> Result<T, CallError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, AttemptError>>,

@@ -25,12 +25,10 @@ pub(crate) mod wire;
 pub use blob_server::BlobServer;
 pub use connection::{Connection, InvalidUrl};
 pub use directory_server::DirectoryServer;
-pub use retry::RetryPolicy;
+pub use retry::{AttemptError, CallError, RetryPolicy};
 pub use serve::{Listener, ServeError, Services, serve};
 pub use status::GrpcError;
 pub use wire::BadMessage;
-
-pub(crate) use retry::{AttemptError, CallError};
 
 /// Largest message either side encodes or decodes, set explicitly on every
 /// server and client (tonic's default of 4 MiB would refuse large chunks).

@@ -54,7 +54,7 @@ impl RetryPolicy {
 
     /// Awaits one step of an attempt (an answer, or the next message of a
     /// stream), failing it with `DEADLINE_EXCEEDED` after `attempt_timeout`.
-    pub(crate) async fn timed<T>(
+    pub async fn timed<T>(
         &self,
         step: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
@@ -86,9 +86,11 @@ impl RetryPolicy {
     }
 }
 
-/// Why one attempt failed.
+/// Why one attempt of a call failed (see [`Connection::call`]).
+///
+/// [`Connection::call`]: super::Connection::call
 #[derive(Debug)]
-pub(crate) enum AttemptError {
+pub enum AttemptError {
     /// The call failed; retried if the status is transient.
     Status(Status),
     /// The server answered something the protocol does not allow; not
@@ -109,9 +111,10 @@ impl From<BadMessage> for AttemptError {
 }
 
 /// Why a call failed, after any retries; turned into the store's errors in
-/// [`super::status`].
+/// `status.rs`, or by a client of another service (such as PathInfo) into
+/// its own, from [`CallError::rejection`] and [`CallError::into_grpc_error`].
 #[derive(Debug)]
-pub(crate) struct CallError {
+pub struct CallError {
     /// The RPC, for messages.
     pub(crate) call: &'static str,
     /// What went wrong.
@@ -120,10 +123,35 @@ pub(crate) struct CallError {
 
 impl CallError {
     /// An answer found invalid after the call itself succeeded.
-    pub(crate) fn bad_reply(call: &'static str, b: BadMessage) -> Self {
+    pub fn bad_reply(call: &'static str, b: BadMessage) -> Self {
         CallError {
             call,
             failure: Failure::BadReply(b),
+        }
+    }
+
+    /// A failure that is not retried: a streamed answer broken off part
+    /// way, which the caller can't resume.
+    pub fn not_retried(call: &'static str, error: AttemptError) -> Self {
+        let failure = match error {
+            AttemptError::Status(s) => Failure::Rejected(s),
+            AttemptError::BadReply(b) => Failure::BadReply(b),
+        };
+        CallError { call, failure }
+    }
+
+    /// The RPC that failed.
+    pub fn call(&self) -> &'static str {
+        self.call
+    }
+
+    /// The status the server refused the call with, if it did (rather than
+    /// staying unreachable or answering nonsense): its code and metadata say
+    /// which of the service's errors it was.
+    pub fn rejection(&self) -> Option<&Status> {
+        match &self.failure {
+            Failure::Rejected(status) => Some(status),
+            Failure::GaveUp { .. } | Failure::BadReply(_) => None,
         }
     }
 }

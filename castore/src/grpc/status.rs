@@ -281,8 +281,9 @@ fn message(status: &Status) -> String {
 }
 
 impl CallError {
-    /// The failure as the client side sees it, for a call to `url`.
-    fn into_grpc_error(self, url: &str) -> GrpcError {
+    /// The failure as the client side sees it, for a call to `url`: what a
+    /// client reports when the error is none of its service's own.
+    pub fn into_grpc_error(self, url: &str) -> GrpcError {
         let url = url.to_string();
         let call = self.call;
         match self.failure {

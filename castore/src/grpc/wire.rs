@@ -21,7 +21,8 @@ pub struct BadMessage {
 }
 
 impl BadMessage {
-    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
+    /// `field` of a message is invalid because of `reason`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
         BadMessage {
             field,
             reason: reason.into(),

@@ -6,16 +6,20 @@
 //! only thing that makes a store path visible; so a reader that finds one can
 //! rely on its data being present.
 
+pub mod grpc;
 mod memory;
+mod redb;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use lazystore_castore::{Node, ValidateError};
+use lazystore_castore::{Digest, Node, ValidateError};
 
 use crate::proto;
 use crate::signature::{Signature, SignatureError, fingerprint};
 use crate::store_path::{StorePath, StorePathError};
 
+pub use self::grpc::{GrpcPathInfoService, PathInfoServer};
+pub use self::redb::RedbPathInfoService;
 pub use memory::MemoryPathInfoService;
 
 /// A store path in the store: its root node and its narinfo metadata.
@@ -145,6 +149,31 @@ pub enum PathInfoError {
     /// Stored or received data is not a valid PathInfo.
     #[error("invalid PathInfo")]
     Invalid(#[from] PathInfoDecodeError),
+    /// A put whose root node's data is not in the store. Refused so that a
+    /// published path never points at missing data.
+    #[error(
+        "refusing to publish {store_path}: its root {root} is not in the store; store its data first"
+    )]
+    MissingRoot {
+        /// The path being published.
+        store_path: StorePath,
+        /// The root directory or file blob.
+        root: Digest,
+    },
+    /// A put whose root node records another size than the stored data has.
+    #[error(
+        "refusing to publish {store_path}: its root {root} records size {recorded}, the stored one has {actual}"
+    )]
+    RootSizeMismatch {
+        /// The path being published.
+        store_path: StorePath,
+        /// The root directory or file blob.
+        root: Digest,
+        /// Size in the root node (bytes of a file, entries of a directory).
+        recorded: u64,
+        /// Size of the stored data.
+        actual: u64,
+    },
     /// The storage backend failed.
     #[error("PathInfo store backend failed")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -157,7 +186,10 @@ pub trait PathInfoService: Send + Sync {
     async fn get(&self, hash: &[u8; 20]) -> Result<Option<PathInfo>, PathInfoError>;
 
     /// Publishes a PathInfo, replacing any earlier one for the same path.
-    /// Callers must have stored everything its root node reaches first.
+    /// Callers must have stored everything its root node reaches first (a
+    /// backend that can see the castore, like the gRPC server, refuses the
+    /// put with [`PathInfoError::MissingRoot`] otherwise). Once it returns,
+    /// the PathInfo must be as durable as the backend is.
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError>;
 
     /// Every PathInfo, in no particular order.

@@ -1,0 +1,173 @@
+//! PathInfo backend over gRPC: a client of a lazystore server's PathInfo
+//! service.
+//!
+//! The server is not trusted: every PathInfo received is validated
+//! (`TryFrom`) and a `Get` answer must be the path asked for. Get and Put
+//! are retried on transient failures (see [`RetryPolicy`]); a Put is
+//! idempotent, publishing the same PathInfo twice publishes it once. A
+//! `List` is retried until its stream starts; a stream broken off part way
+//! ends with an error, since it can't be resumed without repeating paths.
+//!
+//! [`RetryPolicy`]: lazystore_castore::grpc::RetryPolicy
+
+use async_trait::async_trait;
+use futures::stream::{self, BoxStream, StreamExt};
+use lazystore_castore::grpc::{AttemptError, BadMessage, CallError, Connection, InvalidUrl};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use super::MAX_PATH_INFO_SIZE;
+use super::status::{chain, into_pathinfo_error};
+use crate::pathinfos::{PathInfo, PathInfoError, PathInfoService};
+use crate::proto;
+use crate::proto::path_info_service_client::PathInfoServiceClient;
+use crate::store_path::DIGEST_LEN;
+
+/// A [`PathInfoService`] on a gRPC server.
+#[derive(Clone, Debug)]
+pub struct GrpcPathInfoService {
+    connection: Connection,
+    client: PathInfoServiceClient<Channel>,
+}
+
+impl GrpcPathInfoService {
+    /// A client of the server at `url` (`grpc+http://HOST:PORT` or
+    /// `grpc+unix:///PATH`), connected on first use, with the default
+    /// retry policy. Must be called within a Tokio runtime.
+    pub fn connect_lazy(url: &str) -> Result<Self, InvalidUrl> {
+        Ok(Self::new(Connection::lazy(url)?))
+    }
+
+    /// A client over an existing connection (shared with the blob and
+    /// directory clients, or with another retry policy).
+    pub fn new(connection: Connection) -> Self {
+        let client = PathInfoServiceClient::new(connection.channel())
+            .max_decoding_message_size(MAX_PATH_INFO_SIZE)
+            .max_encoding_message_size(MAX_PATH_INFO_SIZE);
+        GrpcPathInfoService { connection, client }
+    }
+
+    /// The connection it uses.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    fn error(&self, e: CallError) -> PathInfoError {
+        into_pathinfo_error(e, self.connection.url())
+    }
+
+    /// One `Get` attempt: the PathInfo, checked, or `None` on `NOT_FOUND`.
+    async fn get_attempt(&self, hash: [u8; DIGEST_LEN]) -> Result<Option<PathInfo>, AttemptError> {
+        let request = proto::GetPathInfoRequest {
+            hash: bytes::Bytes::copy_from_slice(&hash),
+        };
+        let mut client = self.client.clone();
+        let policy = self.connection.retry_policy();
+        let wire = match policy.timed(client.get(request)).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) if status.code() == Code::NotFound => return Ok(None),
+            Err(status) => return Err(status.into()),
+        };
+        let info = checked(wire)?;
+        if info.store_path.digest() != &hash {
+            return Err(BadMessage::new(
+                "store_path",
+                format!(
+                    "asked for hash {}, got {}",
+                    crate::nixbase32::encode(&hash),
+                    info.store_path
+                ),
+            )
+            .into());
+        }
+        Ok(Some(info))
+    }
+}
+
+/// A PathInfo the server sent, validated.
+fn checked(wire: proto::PathInfo) -> Result<PathInfo, BadMessage> {
+    PathInfo::try_from(wire).map_err(|e| BadMessage::new("path_info", chain(&e)))
+}
+
+/// The rest of a `List` stream, each message awaited within the attempt
+/// timeout.
+struct Listing {
+    service: GrpcPathInfoService,
+    stream: Streaming<proto::PathInfo>,
+}
+
+impl Listing {
+    async fn next(mut self) -> Option<(Result<PathInfo, PathInfoError>, Option<Listing>)> {
+        let policy = *self.service.connection.retry_policy();
+        let failed = |service: &GrpcPathInfoService, e: AttemptError| {
+            service.error(CallError::not_retried("List", e))
+        };
+        match policy.timed(self.stream.message()).await {
+            Ok(None) => None,
+            Ok(Some(wire)) => match checked(wire) {
+                Ok(info) => Some((Ok(info), Some(self))),
+                Err(bad) => Some((Err(failed(&self.service, bad.into())), None)),
+            },
+            Err(status) => Some((Err(failed(&self.service, status.into())), None)),
+        }
+    }
+}
+
+#[async_trait]
+impl PathInfoService for GrpcPathInfoService {
+    async fn get(&self, hash: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, PathInfoError> {
+        self.connection
+            .call("Get", || self.get_attempt(*hash))
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// The server checks the root's data is stored before it publishes, and
+    /// refuses with [`PathInfoError::MissingRoot`] otherwise.
+    async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
+        let wire = proto::PathInfo::from(&info);
+        self.connection
+            .call("Put", || {
+                let mut client = self.client.clone();
+                let wire = wire.clone();
+                let policy = *self.connection.retry_policy();
+                async move {
+                    policy.timed(client.put(wire)).await?;
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {
+        let service = self.clone();
+        let start = async move {
+            let started = service
+                .connection
+                .call("List", || {
+                    let mut client = service.client.clone();
+                    let policy = *service.connection.retry_policy();
+                    async move {
+                        let answer = policy
+                            .timed(client.list(proto::ListPathInfoRequest {}))
+                            .await?;
+                        Ok(answer.into_inner())
+                    }
+                })
+                .await;
+            match started {
+                Ok(stream) => {
+                    let listing = Listing { service, stream };
+                    stream::unfold(
+                        Some(listing),
+                        |listing| async move { listing?.next().await },
+                    )
+                    .boxed()
+                }
+                Err(e) => stream::once(std::future::ready(Err(service.error(e)))).boxed(),
+            }
+        };
+        stream::once(start).flatten().boxed()
+    }
+}

@@ -1,0 +1,180 @@
+//! The one mapping between [`PathInfoError`] and `tonic::Status`, both ways.
+//!
+//! Server side, an error becomes a status with a fitting code, the error's
+//! full message, and (for a refused put) metadata naming the variant and its
+//! fields, with the same keys as the castore's errors (`lazystore-error`,
+//! `lazystore-digest`, …). Client side, that metadata turns the status back
+//! into the same variant, so a caller matches
+//! [`PathInfoError::MissingRoot`] whether its store is local or remote.
+//! Anything else becomes [`PathInfoError::Backend`] holding a
+//! [`GrpcError`] that names the server.
+//!
+//! [`GrpcError`]: lazystore_castore::grpc::GrpcError
+
+use std::error::Error;
+use std::fmt::Write as _;
+
+use lazystore_castore::Digest;
+use lazystore_castore::grpc::CallError;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Status};
+
+use crate::nixbase32;
+use crate::pathinfos::{PathInfoDecodeError, PathInfoError};
+use crate::store_path::{DIGEST_LEN, StorePath};
+
+// Metadata keys. The variant is named by KIND; the others carry its fields.
+const KIND: &str = "lazystore-error";
+const STORE_PATH: &str = "lazystore-store-path";
+const DIGEST: &str = "lazystore-digest";
+const RECORDED: &str = "lazystore-recorded";
+const ACTUAL: &str = "lazystore-actual";
+
+// Values of KIND.
+const MISSING_ROOT: &str = "pathinfo-missing-root";
+const ROOT_SIZE_MISMATCH: &str = "pathinfo-root-size-mismatch";
+
+/// An error and its sources, joined with ": ".
+pub(super) fn chain(err: &dyn Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let _ = write!(out, ": {e}");
+        source = e.source();
+    }
+    out
+}
+
+fn insert(status: &mut Status, key: &'static str, value: impl ToString) {
+    if let Ok(v) = MetadataValue::try_from(value.to_string()) {
+        status.metadata_mut().insert(key, v);
+    }
+}
+
+impl From<PathInfoError> for Status {
+    /// Codes: a put whose root data is missing or mis-sized
+    /// `FAILED_PRECONDITION` (store the data first); a stored PathInfo that
+    /// is invalid `DATA_LOSS`; a backend failure `INTERNAL`.
+    fn from(e: PathInfoError) -> Self {
+        let code = match &e {
+            PathInfoError::MissingRoot { .. } | PathInfoError::RootSizeMismatch { .. } => {
+                Code::FailedPrecondition
+            }
+            PathInfoError::Invalid(_) => Code::DataLoss,
+            PathInfoError::Backend(_) => Code::Internal,
+        };
+        let mut status = Status::new(code, chain(&e));
+        match &e {
+            PathInfoError::MissingRoot { store_path, root } => {
+                insert(&mut status, KIND, MISSING_ROOT);
+                insert(&mut status, STORE_PATH, store_path);
+                insert(&mut status, DIGEST, root);
+            }
+            PathInfoError::RootSizeMismatch {
+                store_path,
+                root,
+                recorded,
+                actual,
+            } => {
+                insert(&mut status, KIND, ROOT_SIZE_MISMATCH);
+                insert(&mut status, STORE_PATH, store_path);
+                insert(&mut status, DIGEST, root);
+                insert(&mut status, RECORDED, recorded);
+                insert(&mut status, ACTUAL, actual);
+            }
+            PathInfoError::Invalid(_) | PathInfoError::Backend(_) => {
+                tracing::warn!(error = %chain(&e), "PathInfo backend failed");
+            }
+        }
+        status
+    }
+}
+
+/// A PathInfo sent by a client that is not valid: `INVALID_ARGUMENT`.
+pub(super) fn invalid_request(e: PathInfoDecodeError) -> Status {
+    Status::invalid_argument(chain(&PathInfoError::Invalid(e)))
+}
+
+/// No PathInfo for `hash`: `NOT_FOUND`.
+pub(super) fn not_found(hash: &[u8; DIGEST_LEN]) -> Status {
+    Status::not_found(format!(
+        "no PathInfo for store path hash {}",
+        nixbase32::encode(hash)
+    ))
+}
+
+fn field<T: std::str::FromStr>(m: &MetadataMap, key: &'static str) -> Option<T> {
+    m.get(key)?.to_str().ok()?.parse().ok()
+}
+
+/// Back to a [`PathInfoError`], for a call to `url`: the variant the
+/// server reported, or `Backend` with a [`GrpcError`](lazystore_castore::grpc::GrpcError).
+pub(super) fn into_pathinfo_error(e: CallError, url: &str) -> PathInfoError {
+    if let Some(status) = e.rejection() {
+        let m = status.metadata();
+        let kind = m.get(KIND).and_then(|v| v.to_str().ok());
+        let rebuilt = (|| match kind? {
+            MISSING_ROOT => Some(PathInfoError::MissingRoot {
+                store_path: field::<StorePath>(m, STORE_PATH)?,
+                root: field::<Digest>(m, DIGEST)?,
+            }),
+            ROOT_SIZE_MISMATCH => Some(PathInfoError::RootSizeMismatch {
+                store_path: field::<StorePath>(m, STORE_PATH)?,
+                root: field::<Digest>(m, DIGEST)?,
+                recorded: field(m, RECORDED)?,
+                actual: field(m, ACTUAL)?,
+            }),
+            _ => None,
+        })();
+        if let Some(e) = rebuilt {
+            return e;
+        }
+    }
+    PathInfoError::Backend(Box::new(e.into_grpc_error(url)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazystore_castore::grpc::AttemptError;
+
+    fn back(e: PathInfoError) -> PathInfoError {
+        let status = Status::from(e);
+        let e = CallError::not_retried("Put", AttemptError::Status(status));
+        into_pathinfo_error(e, "grpc+http://test")
+    }
+
+    #[test]
+    fn errors_survive_the_wire() {
+        let store_path: StorePath = "00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60"
+            .parse()
+            .unwrap();
+        let root = Digest::of(b"root");
+        assert!(matches!(
+            back(PathInfoError::MissingRoot { store_path: store_path.clone(), root }),
+            PathInfoError::MissingRoot { store_path: s, root: r } if s == store_path && r == root
+        ));
+        assert!(matches!(
+            back(PathInfoError::RootSizeMismatch {
+                store_path: store_path.clone(),
+                root,
+                recorded: 3,
+                actual: 4
+            }),
+            PathInfoError::RootSizeMismatch {
+                recorded: 3,
+                actual: 4,
+                ..
+            }
+        ));
+        let e = back(PathInfoError::Backend("disk on fire".into()));
+        let PathInfoError::Backend(inner) = &e else {
+            panic!("{e}")
+        };
+        let msg = inner.to_string();
+        assert!(
+            msg.contains("grpc+http://test") && msg.contains("disk on fire"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,352 @@
+//! One suite, every PathInfo backend: each test runs against everything
+//! [`backends`] lists (memory, redb, and the gRPC client against a server on
+//! 127.0.0.1 over redb), each as a whole [`Store`] so a test can store a
+//! root's data before publishing it.
+
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use lazystore_castore::grpc::{Services, serve};
+use lazystore_castore::{Directory, Node, PathComponent, RedbStore, SymlinkTarget};
+use lazystore_pathinfo::pathinfos::{
+    PathInfo, PathInfoError, PathInfoServer, PathInfoService, RedbPathInfoService,
+};
+use lazystore_pathinfo::{Signature, Store, StorePath};
+
+/// Cuts the last byte off the stored record of a PathInfo, so it no longer
+/// decodes; false if it is not stored.
+type CorruptRecord = Box<dyn Fn(&[u8; 20]) -> bool + Send + Sync>;
+
+/// A backend under test.
+struct Backend {
+    name: &'static str,
+    store: Store,
+    /// Whether a put whose root's data is missing is refused (the server
+    /// checks; local backends leave that to their callers).
+    checks_root: bool,
+    /// `None` where the backend gives no way in to its stored bytes.
+    corrupt_record: Option<CorruptRecord>,
+    /// Whatever must outlive the test: a temporary directory, a server.
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// Every backend the suite runs against: one line each.
+async fn backends() -> Vec<Backend> {
+    vec![memory(), redb().await, grpc().await]
+}
+
+fn memory() -> Backend {
+    Backend {
+        name: "memory",
+        store: Store::memory(),
+        checks_root: false,
+        corrupt_record: None,
+        _keep: Box::new(()),
+    }
+}
+
+/// A redb store in a temporary directory, and a way in to its records.
+fn redb_store() -> (Store, CorruptRecord, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let redb = RedbStore::open(dir.path().join("store.redb")).unwrap();
+    let raw = RedbPathInfoService::new(redb.clone());
+    let corrupt: CorruptRecord = Box::new(move |hash| {
+        raw.corrupt_record(hash, |record| {
+            record.pop();
+        })
+        .unwrap()
+    });
+    (Store::redb(redb), corrupt, dir)
+}
+
+async fn redb() -> Backend {
+    let (store, corrupt, dir) = redb_store();
+    Backend {
+        name: "redb",
+        store,
+        checks_root: false,
+        corrupt_record: Some(corrupt),
+        _keep: Box::new(dir),
+    }
+}
+
+/// The gRPC clients, against a server on 127.0.0.1 over a redb store. The
+/// server stops with the backend.
+async fn grpc() -> Backend {
+    let (served, corrupt, dir) = redb_store();
+    let services = Services::new(served.blobs.service().clone(), served.directories.clone())
+        .add_service(PathInfoServer::new(served).into_service());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, services, async {
+        stopped.await.ok();
+    }));
+    Backend {
+        name: "grpc",
+        store: Store::open(&url).await.unwrap(),
+        checks_root: true,
+        corrupt_record: Some(corrupt),
+        _keep: Box::new((stop, dir)),
+    }
+}
+
+fn store_path(n: u8, name: &str) -> StorePath {
+    let mut digest = [0u8; 20];
+    digest[0] = n;
+    digest[19] = 0xa5;
+    StorePath::from_parts(digest, name).unwrap()
+}
+
+fn signature() -> Signature {
+    "cache.nixos.org-1:Wz9mDGZpAAKpW8BEyqH+QjuLGxh6LEfKP3hNxhGOK1kcaCIz4zQNHJRnTlVmeq+tqMtHBEd2OBLj4rVhvwJ1BQ=="
+        .parse()
+        .unwrap()
+}
+
+/// A PathInfo for `path` with `root` and every field set.
+fn info(path: StorePath, root: Node) -> PathInfo {
+    PathInfo {
+        references: vec![path.clone(), store_path(200, "glibc-2.40")],
+        store_path: path,
+        root,
+        nar_size: 4242,
+        nar_sha256: [9; 32],
+        signatures: vec![signature()],
+        deriver: Some(store_path(201, "hello-2.12.drv")),
+        ca: None,
+    }
+}
+
+/// Stores a file and returns its root node.
+async fn stored_file(store: &Store, contents: &[u8]) -> Node {
+    let digest = store.blobs.put(contents).await.unwrap();
+    Node::File {
+        digest,
+        size: contents.len() as u64,
+        executable: true,
+    }
+}
+
+/// Stores a directory with a file and a subdirectory, leaves first, and
+/// returns its root node.
+async fn stored_directory(store: &Store, contents: &[u8]) -> Node {
+    let file = stored_file(store, contents).await;
+    let mut sub = Directory::new();
+    sub.add(
+        PathComponent::try_from("link").unwrap(),
+        Node::Symlink {
+            target: SymlinkTarget::try_from(&b"../bin/hello"[..]).unwrap(),
+        },
+    )
+    .unwrap();
+    let mut root = Directory::new();
+    root.add(PathComponent::try_from("bin").unwrap(), file)
+        .unwrap();
+    root.add(
+        PathComponent::try_from("share").unwrap(),
+        Node::directory(&sub),
+    )
+    .unwrap();
+    let node = Node::directory(&root);
+    store.directories.put_all(vec![sub, root]).await.unwrap();
+    node
+}
+
+async fn list_sorted(svc: &dyn PathInfoService) -> Vec<PathInfo> {
+    let mut all: Vec<PathInfo> = svc.list().try_collect().await.unwrap();
+    all.sort_by(|a, b| a.store_path.cmp(&b.store_path));
+    all
+}
+
+#[tokio::test]
+async fn get_put_list() {
+    for b in backends().await {
+        let svc = &*b.store.path_infos;
+        let a = info(
+            store_path(1, "hello-2.12"),
+            stored_directory(&b.store, b"hello").await,
+        );
+        let c = info(
+            store_path(2, "bash-5.2"),
+            stored_file(&b.store, b"#!/bin/sh").await,
+        );
+        let target = SymlinkTarget::try_from(&b"/nix/store/x"[..]).unwrap();
+        let d = info(store_path(3, "link"), Node::Symlink { target });
+
+        assert_eq!(
+            svc.get(a.store_path.digest()).await.unwrap(),
+            None,
+            "{}",
+            b.name
+        );
+        assert!(list_sorted(svc).await.is_empty(), "{}", b.name);
+        for i in [&a, &c, &d] {
+            svc.put(i.clone()).await.unwrap();
+        }
+        for i in [&a, &c, &d] {
+            let got = svc.get(i.store_path.digest()).await.unwrap();
+            assert_eq!(got.as_ref(), Some(i), "{}", b.name);
+        }
+        assert_eq!(list_sorted(svc).await, vec![a, c, d], "{}", b.name);
+        let unknown = store_path(4, "unknown");
+        assert_eq!(svc.get(unknown.digest()).await.unwrap(), None, "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn put_replaces() {
+    for b in backends().await {
+        let svc = &*b.store.path_infos;
+        let path = store_path(7, "hello-2.12");
+        let first = info(path.clone(), stored_file(&b.store, b"one").await);
+        svc.put(first.clone()).await.unwrap();
+        // Same path, other metadata and root: the last put wins.
+        let mut second = info(path.clone(), stored_directory(&b.store, b"two").await);
+        second.signatures.clear();
+        second.deriver = None;
+        second.ca =
+            Some("fixed:r:sha256:1b9fbdyiw53nv3jnagiz5vk0qb2b1hz6gzl2fsl2ib2q6ybjmlz0".into());
+        svc.put(second.clone()).await.unwrap();
+        assert_eq!(
+            svc.get(path.digest()).await.unwrap(),
+            Some(second.clone()),
+            "{}",
+            b.name
+        );
+        assert_eq!(list_sorted(svc).await, vec![second.clone()], "{}", b.name);
+        // Publishing the same PathInfo again changes nothing.
+        svc.put(second.clone()).await.unwrap();
+        assert_eq!(list_sorted(svc).await, vec![second], "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn corrupt_records_are_errors_not_paths() {
+    for b in backends().await {
+        let Some(corrupt) = &b.corrupt_record else {
+            eprintln!("{}: no access to stored records, skipped", b.name);
+            continue;
+        };
+        let svc = &*b.store.path_infos;
+        let good = info(store_path(1, "good"), stored_file(&b.store, b"good").await);
+        let bad = info(store_path(2, "bad"), stored_file(&b.store, b"bad").await);
+        svc.put(good.clone()).await.unwrap();
+        svc.put(bad.clone()).await.unwrap();
+        assert!(corrupt(bad.store_path.digest()), "{}", b.name);
+
+        let e = svc.get(bad.store_path.digest()).await.unwrap_err();
+        assert!(
+            matches!(e, PathInfoError::Invalid(_) | PathInfoError::Backend(_)),
+            "{}: {e}",
+            b.name
+        );
+        // The damaged record is reported; the others are still listed.
+        let listed: Vec<_> = svc.list().collect::<Vec<_>>().await;
+        let ok: Vec<_> = listed.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert!(listed.iter().any(Result::is_err), "{}", b.name);
+        // Over gRPC the listing ends at the error, which the server sends
+        // in its backend's order; memory and redb go on past it.
+        if b.name != "grpc" {
+            assert_eq!(ok, vec![&good], "{}", b.name);
+        }
+        assert_eq!(
+            svc.get(good.store_path.digest()).await.unwrap(),
+            Some(good),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn put_with_missing_root_is_refused() {
+    for b in backends().await {
+        if !b.checks_root {
+            eprintln!(
+                "{}: does not check roots (its callers must), skipped",
+                b.name
+            );
+            continue;
+        }
+        let svc = &*b.store.path_infos;
+        // Made in another store: the data is not in this one.
+        let elsewhere = Store::memory();
+        let dir = stored_directory(&elsewhere, b"elsewhere").await;
+        let file = stored_file(&elsewhere, b"elsewhere").await;
+        for root in [dir, file] {
+            let i = info(store_path(1, "missing"), root.clone());
+            let e = svc.put(i.clone()).await.unwrap_err();
+            let PathInfoError::MissingRoot {
+                store_path,
+                root: r,
+            } = &e
+            else {
+                panic!("{}: {e}", b.name)
+            };
+            assert_eq!(store_path, &i.store_path, "{}", b.name);
+            assert!(e.to_string().contains("store its data first"), "{e}");
+            assert!(
+                matches!(root, Node::Directory { digest, .. } | Node::File { digest, .. } if digest == *r)
+            );
+            assert_eq!(
+                svc.get(i.store_path.digest()).await.unwrap(),
+                None,
+                "{}",
+                b.name
+            );
+        }
+
+        // Stored, but not with the size the root node records.
+        let Node::File { digest, .. } = stored_file(&b.store, b"12345").await else {
+            unreachable!()
+        };
+        let wrong = Node::File {
+            digest,
+            size: 6,
+            executable: false,
+        };
+        let e = svc
+            .put(info(store_path(2, "wrong-size"), wrong))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PathInfoError::RootSizeMismatch {
+                    recorded: 6,
+                    actual: 5,
+                    ..
+                }
+            ),
+            "{}: {e}",
+            b.name
+        );
+        assert!(list_sorted(svc).await.is_empty(), "{}", b.name);
+    }
+}
+
+/// Sixteen publishers at once, each storing its data and publishing: every
+/// put lands, and each path reads back as put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts() {
+    for b in backends().await {
+        let store = Arc::new(b.store.clone());
+        let mut tasks = Vec::new();
+        for n in 0..16u8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let root = stored_file(&store, &[n; 100]).await;
+                let i = info(store_path(n, "p"), root);
+                store.path_infos.put(i.clone()).await.unwrap();
+                i
+            }));
+        }
+        let mut put = Vec::new();
+        for t in tasks {
+            put.push(t.await.unwrap());
+        }
+        put.sort_by(|a, b| a.store_path.cmp(&b.store_path));
+        assert_eq!(list_sorted(&*b.store.path_infos).await, put, "{}", b.name);
+    }
+}
