@@ -19,7 +19,7 @@ pub use signature::{
     KeyError, PUBLIC_KEY_LEN, PublicKey, SECRET_KEY_LEN, SIGNATURE_LEN, Signature, SignatureError,
     SigningKey, VerifyError, fingerprint,
 };
-pub use store::{LAZYSTORE_DIR, OpenStoreError, Store, default_store_url};
+pub use store::{LAZYSTORE_DIR, OpenStoreError, Store, default_cache_url, default_store_url};
 pub use store_path::{
     DIGEST_LEN, ENCODED_DIGEST_LEN, MAX_NAME_LEN, STORE_DIR, StorePath, StorePathError,
 };

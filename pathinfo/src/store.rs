@@ -10,13 +10,16 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lazystore_castore::blobs::{GrpcBlobService, MemoryBlobService, RedbBlobService};
+use lazystore_castore::blobs::{
+    CachingBlobService, GrpcBlobService, MemoryBlobService, RedbBlobService,
+};
 use lazystore_castore::directories::{
-    GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
+    CachingDirectoryService, GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
 };
 use lazystore_castore::grpc::{Connection, InvalidUrl};
 use lazystore_castore::{
-    Blobs, ChunkerParams, DirectoryService, Node, OpenError, RedbOptions, RedbStore, SyncMode,
+    Blobs, CacheOptions, CacheStore, ChunkerParams, DirectoryService, Node, OpenError, RedbOptions,
+    RedbStore, SyncMode,
 };
 
 use crate::pathinfos::{
@@ -33,6 +36,9 @@ const DEFAULT_DIR_IN_HOME: &str = ".local/share/lazystore";
 
 /// The file name of the default store in its directory.
 const DEFAULT_FILE: &str = "store.redb";
+
+/// The file name of the default local cache in the same directory.
+const DEFAULT_CACHE_FILE: &str = "cache.redb";
 
 /// A whole store: chunked blobs, directories and path infos.
 #[derive(Clone)]
@@ -90,10 +96,28 @@ pub enum OpenStoreError {
 /// The URL of the default store, `redb://$LAZYSTORE_DIR/store.redb`, where
 /// `$LAZYSTORE_DIR` defaults to `~/.local/share/lazystore`.
 pub fn default_store_url() -> Result<String, OpenStoreError> {
-    default_url(std::env::var_os(LAZYSTORE_DIR), std::env::var_os("HOME"))
+    default_url(
+        std::env::var_os(LAZYSTORE_DIR),
+        std::env::var_os("HOME"),
+        DEFAULT_FILE,
+    )
 }
 
-fn default_url(dir: Option<OsString>, home: Option<OsString>) -> Result<String, OpenStoreError> {
+/// The URL of the default local cache (what a builder keeps in front of a
+/// remote store), `redb://$LAZYSTORE_DIR/cache.redb`.
+pub fn default_cache_url() -> Result<String, OpenStoreError> {
+    default_url(
+        std::env::var_os(LAZYSTORE_DIR),
+        std::env::var_os("HOME"),
+        DEFAULT_CACHE_FILE,
+    )
+}
+
+fn default_url(
+    dir: Option<OsString>,
+    home: Option<OsString>,
+    file: &str,
+) -> Result<String, OpenStoreError> {
     let set = |v: Option<OsString>| v.filter(|v| !v.is_empty());
     let dir = match (set(dir), set(home)) {
         (Some(dir), _) => PathBuf::from(dir),
@@ -101,11 +125,27 @@ fn default_url(dir: Option<OsString>, home: Option<OsString>) -> Result<String, 
         (None, None) => return Err(OpenStoreError::NoDefaultDir),
     };
     match dir.to_str() {
-        Some(s) if dir.is_absolute() => {
-            Ok(format!("redb://{}/{DEFAULT_FILE}", s.trim_end_matches('/')))
-        }
+        Some(s) if dir.is_absolute() => Ok(format!("redb://{}/{file}", s.trim_end_matches('/'))),
         _ => Err(OpenStoreError::BadDefaultDir(dir)),
     }
+}
+
+/// The path of a `redb:///abs/path` URL; `None` for another scheme.
+fn redb_path(url: &str) -> Result<Option<PathBuf>, OpenStoreError> {
+    let Some(path) = url.strip_prefix("redb://") else {
+        return Ok(None);
+    };
+    let bad = |reason| OpenStoreError::RedbUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    if !path.starts_with('/') {
+        return Err(bad("the path must be absolute"));
+    }
+    if path.contains(['?', '#']) {
+        return Err(bad("a redb store URL has no query or fragment"));
+    }
+    Ok(Some(PathBuf::from(path)))
 }
 
 impl Store {
@@ -163,22 +203,11 @@ impl Store {
         if url == "memory://" {
             return Ok(Store::memory());
         }
-        if let Some(path) = url.strip_prefix("redb://") {
-            let bad = |reason| OpenStoreError::RedbUrl {
-                url: url.to_owned(),
-                reason,
-            };
-            if !path.starts_with('/') {
-                return Err(bad("the path must be absolute"));
-            }
-            if path.contains(['?', '#']) {
-                return Err(bad("a redb store URL has no query or fragment"));
-            }
+        if let Some(path) = redb_path(url)? {
             let options = RedbOptions {
                 params: None,
                 sync: SyncMode::EveryCommit,
             };
-            let path = PathBuf::from(path);
             // Opening may repair the file after a crash: blocking work.
             let opened = tokio::task::spawn_blocking(move || RedbStore::open_with(path, options))
                 .await
@@ -193,6 +222,45 @@ impl Store {
             return Ok(Store::grpc(Connection::lazy(url)?));
         }
         Err(OpenStoreError::UnknownScheme(url.to_owned()))
+    }
+
+    /// Puts the local `cache` in front of this store's blobs and
+    /// directories: reads are served from it when it holds the data (each
+    /// chunk verified), fetched from this store and kept when it doesn't;
+    /// writes and path infos go to this store.
+    pub fn with_cache(self, cache: CacheStore) -> Store {
+        let params = self.blobs.params();
+        Store {
+            blobs: Blobs::new(
+                Arc::new(CachingBlobService::new(
+                    cache.clone(),
+                    self.blobs.service().clone(),
+                )),
+                params,
+            ),
+            directories: Arc::new(CachingDirectoryService::new(cache, self.directories)),
+            path_infos: self.path_infos,
+        }
+    }
+
+    /// Opens (or creates) the local cache at `url`, `redb:///abs/path`,
+    /// bounded to `max_bytes`, for [`Store::with_cache`].
+    pub async fn open_cache(url: &str, max_bytes: u64) -> Result<CacheStore, OpenStoreError> {
+        let Some(path) = redb_path(url)? else {
+            return Err(OpenStoreError::RedbUrl {
+                url: url.to_owned(),
+                reason: "a cache is a redb file",
+            });
+        };
+        let options = CacheOptions { max_bytes };
+        // Opening reads the cache's index and may evict: blocking work.
+        tokio::task::spawn_blocking(move || CacheStore::open(path, options))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            .map_err(|source| OpenStoreError::Redb {
+                url: url.to_owned(),
+                source: Box::new(source),
+            })
     }
 
     /// Checks the store holds `info`'s root: the root directory (and so,
@@ -255,21 +323,40 @@ mod tests {
     fn default_url() {
         let os = |s: &str| Some(OsString::from(s));
         assert_eq!(
-            super::default_url(os("/srv/lazy/"), os("/root")).unwrap(),
+            super::default_url(os("/srv/lazy/"), os("/root"), DEFAULT_FILE).unwrap(),
             "redb:///srv/lazy/store.redb"
         );
         assert_eq!(
-            super::default_url(os(""), os("/home/u")).unwrap(),
-            "redb:///home/u/.local/share/lazystore/store.redb"
+            super::default_url(os(""), os("/home/u"), DEFAULT_CACHE_FILE).unwrap(),
+            "redb:///home/u/.local/share/lazystore/cache.redb"
         );
         assert!(matches!(
-            super::default_url(os("rel"), os("/root")),
+            super::default_url(os("rel"), os("/root"), DEFAULT_FILE),
             Err(OpenStoreError::BadDefaultDir(_))
         ));
         assert!(matches!(
-            super::default_url(None, None),
+            super::default_url(None, None, DEFAULT_FILE),
             Err(OpenStoreError::NoDefaultDir)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_cache_in_front_serves_reads_it_has_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Store::memory();
+        let digest = remote.blobs.put(&[7u8; 100_000]).await.unwrap();
+        let url = format!("redb://{}/cache.redb", dir.path().display());
+        let cache = Store::open_cache(&url, 1 << 30).await.unwrap();
+        let cached = remote.clone().with_cache(cache.clone());
+        let meta = cached.blobs.stat(&digest).await.unwrap().unwrap();
+        let bytes = cached
+            .blobs
+            .read_range(&digest, &meta, 0, 100_000)
+            .await
+            .unwrap();
+        assert_eq!(&bytes[..], &[7u8; 100_000][..]);
+        assert!(meta.chunks.iter().all(|c| cache.contains_chunk(&c.digest)));
+        assert!(Store::open_cache("memory://", 1).await.is_err());
     }
 
     #[tokio::test]

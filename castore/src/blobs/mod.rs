@@ -250,6 +250,11 @@ impl Blobs {
         Blobs { service, params }
     }
 
+    /// The chunker parameters writes use.
+    pub fn params(&self) -> ChunkerParams {
+        self.params
+    }
+
     /// The backend.
     pub fn service(&self) -> &Arc<dyn BlobService> {
         &self.service
