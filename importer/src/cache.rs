@@ -80,6 +80,15 @@ pub enum CacheError {
         #[source]
         source: reqwest::Error,
     },
+    /// The server sent nothing for longer than the read timeout while a
+    /// response was awaited.
+    #[error("{url}: no data from the server for {after:?}")]
+    Stalled {
+        /// The file's URL.
+        url: String,
+        /// How long nothing came.
+        after: Duration,
+    },
     /// A file of a `file://` cache could not be read.
     #[error("{path}: cannot read")]
     File {
@@ -117,6 +126,7 @@ impl CacheError {
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
+            CacheError::Stalled { .. } => true,
             CacheError::Http { source, .. } => {
                 source.is_timeout()
                     || source.is_connect()
@@ -135,8 +145,14 @@ pub type Body = Pin<Box<dyn AsyncRead + Send>>;
 /// How to reach the cache's files.
 #[derive(Debug)]
 enum Location {
-    Http { client: reqwest::Client, base: Url },
-    File { root: PathBuf },
+    Http {
+        client: reqwest::Client,
+        base: Url,
+        read_timeout: Duration,
+    },
+    File {
+        root: PathBuf,
+    },
 }
 
 /// An opened binary cache whose `nix-cache-info` has been checked.
@@ -150,6 +166,10 @@ pub struct BinaryCache {
 }
 
 /// HTTP client settings shared by every cache of a run.
+///
+/// The read timeout counts only time spent waiting for the server: a
+/// download the importer is not reading (because the store is busy) does
+/// not time out, unlike reqwest's own `read_timeout`.
 #[derive(Clone, Debug)]
 pub struct HttpOptions {
     /// Time to establish a connection.
@@ -175,7 +195,6 @@ pub fn http_client(options: &HttpOptions) -> Result<reqwest::Client, reqwest::Er
     reqwest::Client::builder()
         .user_agent(concat!("lazystore/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(options.connect_timeout)
-        .read_timeout(options.read_timeout)
         .build()
 }
 
@@ -185,6 +204,7 @@ impl BinaryCache {
     pub async fn open(
         url: &str,
         client: &reqwest::Client,
+        http: &HttpOptions,
         retry: RetryPolicy,
     ) -> Result<BinaryCache, CacheError> {
         let trimmed = url.trim_end_matches('/');
@@ -200,6 +220,7 @@ impl BinaryCache {
                 Location::Http {
                     client: client.clone(),
                     base,
+                    read_timeout: http.read_timeout,
                 }
             }
             "file" => Location::File {
@@ -352,16 +373,23 @@ impl BinaryCache {
                     Err(source) => Err(CacheError::File { path, source }),
                 }
             }
-            Location::Http { client, base } => {
+            Location::Http {
+                client,
+                base,
+                read_timeout,
+            } => {
                 let url = base.join(relative).map_err(|_| CacheError::BadNarUrl {
                     nar_url: relative.to_owned(),
                     url: self.url.clone(),
                 })?;
                 let shown = url.to_string();
-                let response = client
-                    .get(url)
-                    .send()
+                let stalled = |url: &str| CacheError::Stalled {
+                    url: url.to_owned(),
+                    after: *read_timeout,
+                };
+                let response = tokio::time::timeout(*read_timeout, client.get(url).send())
                     .await
+                    .map_err(|_| stalled(&shown))?
                     .map_err(|source| CacheError::Http {
                         url: shown.clone(),
                         source,
@@ -378,13 +406,62 @@ impl BinaryCache {
                 if !status.is_success() {
                     return Err(CacheError::Status { url: shown, status });
                 }
+                let on_stall = stalled(&shown);
                 let stream = response.bytes_stream().map_err(move |source| {
                     transport_error(CacheError::Http {
                         url: shown.clone(),
                         source,
                     })
                 });
+                let stream = IdleTimeout {
+                    inner: stream,
+                    timeout: *read_timeout,
+                    sleep: None,
+                    on_stall: Some(on_stall),
+                };
                 Ok(Some(Box::pin(StreamReader::new(stream))))
+            }
+        }
+    }
+}
+
+/// Fails a body stream that stays pending for `timeout`. Only time spent
+/// waiting on the server counts; time between polls does not.
+struct IdleTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    on_stall: Option<CacheError>,
+}
+
+impl<S, T> futures::Stream for IdleTimeout<S>
+where
+    S: futures::Stream<Item = std::io::Result<T>> + Unpin,
+{
+    type Item = std::io::Result<T>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(item) => {
+                self.sleep = None;
+                Poll::Ready(item)
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                match self.on_stall.take() {
+                    Some(error) => Poll::Ready(Some(Err(transport_error(error)))),
+                    None => Poll::Ready(None),
+                }
             }
         }
     }

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::cache::{BinaryCache, HttpOptions, http_client};
-use crate::error::{PathError, PathErrorKind, SetupError};
+use crate::error::{PathError, PathErrorKind, SetupError, chain};
 use crate::progress::{Progress, ProgressMode, bytes};
 use crate::retry::RetryPolicy;
 use crate::stream::{
@@ -154,7 +154,7 @@ impl Importer {
         let client = http_client(&options.http).map_err(SetupError::HttpClient)?;
         let mut caches = Vec::with_capacity(options.caches.len());
         for url in &options.caches {
-            let cache = BinaryCache::open(url, &client, options.retry)
+            let cache = BinaryCache::open(url, &client, &options.http, options.retry)
                 .await
                 .map_err(|source| SetupError::Cache {
                     url: url.clone(),
@@ -622,8 +622,9 @@ impl Shared {
                 Err(kind) if kind.is_transient() && self.retry.may_retry(failed) => {
                     let wait = self.retry.backoff(failed);
                     progress.warn(&format!(
-                        "{}: {kind}; trying again in {wait:?}",
-                        narinfo.store_path.to_absolute()
+                        "{}: {}; trying again in {wait:?}",
+                        narinfo.store_path.to_absolute(),
+                        chain(&kind)
                     ));
                     tokio::time::sleep(wait).await;
                     failed += 1;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::error::PathError;
+use crate::error::{PathError, chain};
 
 /// How an import reports progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,13 +137,7 @@ impl Progress {
 
     /// A path failed: shown above the bars, or as a line, with its causes.
     pub(crate) fn error(&self, error: &PathError) {
-        let mut message = error.to_string();
-        let mut cause = std::error::Error::source(error);
-        while let Some(e) = cause {
-            message.push_str(": ");
-            message.push_str(&e.to_string());
-            cause = e.source();
-        }
+        let message = chain(error);
         match (&self.bars, self.mode) {
             (Some(bars), _) => {
                 bars.paths.inc(1);

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use lazystore_importer::{PathErrorKind, Summary};
 use lazystore_pathinfo::{Compression, NarInfoError, Store, VerifyError};
@@ -341,6 +343,25 @@ async fn truncated_http_body_is_retried() {
     assert_eq!(server.count(|p| p == nar), 2);
     assert_eq!(summary.nar_downloads, 4);
     check_imported(&store, fx.cache("zstd"), &fx.closure.paths()).await;
+}
+
+/// A server that stops sending mid-body: the read timeout fires (it counts
+/// only time spent waiting on the server) and the download starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http_body_is_retried() {
+    let fx = fixture();
+    let server = TestServer::start(fx.cache("none")).await;
+    let nar = format!("/{}", read_narinfo(fx.cache("none"), fx.closure.top()).url);
+    server.inject(&nar, vec![Fault::Stall(100, Duration::from_secs(3))]);
+    let store = Store::memory();
+    let mut opts = options(vec![server.url.clone()]);
+    opts.http.read_timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let summary = import(&store, opts, &[fx.closure.top()]).await;
+    assert!(summary.success(), "{summary}\n{:?}", summary.failed);
+    assert_eq!(server.count(|p| p == nar), 2);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    check_imported(&store, fx.cache("none"), &fx.closure.paths()).await;
 }
 
 /// A server that keeps failing: the retries run out and the error says so.

@@ -183,6 +183,8 @@ pub enum Fault {
     Status(u16),
     /// Announce the whole file but send only this many bytes, then close.
     Truncate(usize),
+    /// Send the headers and this many bytes, then nothing for this long.
+    Stall(usize, Duration),
 }
 
 /// An HTTP/1.1 server on 127.0.0.1 serving a directory, one request per
@@ -287,7 +289,15 @@ async fn serve(state: Arc<ServerState>, mut socket: tokio::net::TcpStream) {
             r.extend_from_slice(&body[..n.min(body.len())]);
             r
         }
-        (Some(Fault::Truncate(_)), None) => status_response(404),
+        (Some(Fault::Stall(n, pause)), Some(body)) => {
+            let mut r = ok_head(body.len());
+            r.extend_from_slice(&body[..n.min(body.len())]);
+            let _ = socket.write_all(&r).await;
+            tokio::time::sleep(pause).await;
+            r.clear();
+            r
+        }
+        (Some(Fault::Truncate(_) | Fault::Stall(..)), None) => status_response(404),
         (None, Some(body)) => {
             let mut r = ok_head(body.len());
             r.extend_from_slice(&body);
