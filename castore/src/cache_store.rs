@@ -74,7 +74,7 @@ use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
 use crate::digest::{DIGEST_LEN, Digest};
 use crate::nodes::Directory;
 use crate::proto::ChunkEncoding;
-use crate::redb_store::{DigestKey, OpenError};
+use crate::redb_store::{DigestKey, OpenError, create_database};
 
 /// Default bound of a cache: 10 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
@@ -876,21 +876,10 @@ impl CacheStore {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        let db = match Database::create(path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(OpenError::AlreadyOpen {
-                    path: path.to_owned(),
-                });
-            }
-            Err(e) => return Err(db_err(e.into())),
-        };
+        // redb's default page cache: with a smaller one, pages freed by
+        // eviction are reused later and the file settles at 1.6 times the
+        // bound instead of 1.3 (measured by `file_levels_off_near_the_bound`).
+        let db = create_database(path, None)?;
         // Creates the tables on first open, so lookups can open them.
         let index = (|| {
             let txn = db.begin_write()?;

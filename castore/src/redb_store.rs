@@ -250,21 +250,7 @@ impl RedbStore {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        let db = match Database::create(path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(OpenError::AlreadyOpen {
-                    path: path.to_owned(),
-                });
-            }
-            Err(e) => return Err(db_err(e.into())),
-        };
+        let db = create_database(path, Some(REDB_CACHE_BYTES))?;
 
         // Read the recorded parameters first, so an existing store is opened
         // without a write.
@@ -340,6 +326,41 @@ impl RedbStore {
 
 /// Records `params` and creates every table, in one transaction, so read
 /// transactions can open the tables from then on.
+/// Memory redb may use to cache pages of one file. Chunks are written once
+/// and read back rarely through the same process, so a large page cache
+/// buys little; redb's default (1 GiB) would dominate the resident size of
+/// an import.
+const REDB_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Opens or creates the redb file at `path` (and its directory), with a
+/// page cache of `cache_bytes` (redb's default when `None`); the errors
+/// name the file.
+pub(crate) fn create_database(
+    path: &Path,
+    cache_bytes: Option<usize>,
+) -> Result<Database, OpenError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    let mut builder = Database::builder();
+    if let Some(bytes) = cache_bytes {
+        builder.set_cache_size(bytes);
+    }
+    match builder.create(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(OpenError::AlreadyOpen {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(OpenError::Database {
+            path: path.to_owned(),
+            source: e.into(),
+        }),
+    }
+}
+
 fn create(db: &Database, params: ChunkerParams) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
