@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod import;
+mod mount;
 mod nar_check;
 mod serve;
 
@@ -21,6 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Import(import::Args),
+    Mount(mount::Args),
     NarCheck(nar_check::Args),
     Serve(serve::Args),
 }
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Import(args) => import::run(args).await,
+            Command::Mount(args) => mount::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,
             Command::Serve(args) => serve::run(args).await,
         }

@@ -1,0 +1,206 @@
+//! `lazystore mount`: presents a store as a read-only `/nix/store` through
+//! FUSE, in the foreground, until SIGINT or SIGTERM (or an outside
+//! unmount); then unmounts and prints what was presented and fetched.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lazystore_castore::grpc::Connection;
+use lazystore_castore::{Blobs, DEFAULT_CACHE_SIZE};
+use lazystore_fuse::{
+    CountingBlobService, FsOptions, LazyFs, MountConfig, RetryPolicy, Stats, StatsSnapshot,
+};
+use lazystore_pathinfo::{Store, default_cache_url, default_store_url};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How long an unmount may wait for files still open under the mount
+/// before the process exits anyway (which ends the connection).
+const UNMOUNT_GRACE: Duration = Duration::from_secs(10);
+
+/// Mount a store as a read-only /nix/store: every store path it knows is
+/// there at once, and file contents are fetched chunk by chunk when read,
+/// each chunk verified.
+///
+/// Runs in the foreground until SIGINT or SIGTERM, then unmounts; if the
+/// process dies, fusermount3 unmounts. Prints the mountpoint on standard
+/// output once the mount is ready. Counters are readable while mounted in
+/// MOUNTPOINT/.lazystore/stats and printed at exit. Needs /dev/fuse and
+/// fusermount3 (apt-get install fuse3).
+///
+/// The root lists nothing (reading it fails with EPERM: "Operation not
+/// permitted") unless --list-root is given; paths are found by name.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where to mount (e.g. /nix/store, or the lower layer of an overlay).
+    mountpoint: PathBuf,
+    /// The store: redb:///abs/path/store.redb, grpc+http://HOST:PORT,
+    /// grpc+unix:///PATH or memory:// [default:
+    /// redb://$LAZYSTORE_DIR/store.redb, $LAZYSTORE_DIR defaulting to
+    /// ~/.local/share/lazystore].
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Local chunk cache in front of the store (redb:///abs/path), or
+    /// `none`. Default for a grpc+ store: redb://$LAZYSTORE_DIR/cache.redb;
+    /// none for a local one.
+    #[arg(long, value_name = "URL")]
+    cache: Option<String>,
+    /// Most bytes the local cache keeps (suffixes K, M, G, T: powers of
+    /// 1024); the least recently used go first.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_CACHE_SIZE)]
+    cache_size: u64,
+    /// List every known store path at the root (costs a listing of all
+    /// path infos per directory read).
+    #[arg(long)]
+    list_root: bool,
+    /// Let every user use the mount, not just its owner and root (for a
+    /// non-root owner, needs user_allow_other in /etc/fuse.conf).
+    #[arg(long)]
+    allow_other: bool,
+    /// Threads reading requests from the kernel.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+    /// Seconds to keep retrying a failing store before a read fails with
+    /// EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    retry_deadline: u64,
+}
+
+/// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 10G, 512M, 1048576)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Handlers first, so a signal during startup is not fatal mid-mount.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+
+    let url = match args.store {
+        Some(url) => url,
+        None => default_store_url()?,
+    };
+    let remote = url.starts_with("grpc+");
+    let cache_url = match args.cache.as_deref() {
+        Some("none") => None,
+        Some(url) => Some(url.to_owned()),
+        None if remote => Some(default_cache_url()?),
+        None => None,
+    };
+    let deadline = Duration::from_secs(args.retry_deadline);
+    let stats = Arc::new(Stats::new());
+    let mut store = if remote {
+        // The client's own retries end at the same deadline, so a read
+        // fails with EIO once it passes, not a client deadline later.
+        let retry = lazystore_castore::grpc::RetryPolicy {
+            deadline,
+            ..Default::default()
+        };
+        Store::grpc(Connection::lazy(&url)?.with_retry(retry))
+    } else {
+        Store::open(&url).await?
+    };
+    if let Some(cache_url) = &cache_url {
+        // Count what the cache has to fetch from the store behind it.
+        let params = store.blobs.params();
+        let counted = CountingBlobService::new(store.blobs.service().clone(), stats.clone());
+        store.blobs = Blobs::new(Arc::new(counted), params);
+        let cache = Store::open_cache(cache_url, args.cache_size).await?;
+        store = store.with_cache(cache);
+    }
+    let options = FsOptions {
+        list_root: args.list_root,
+        retry: RetryPolicy {
+            deadline,
+            ..RetryPolicy::default()
+        },
+        ..FsOptions::default()
+    };
+    let fs = Arc::new(LazyFs::new(store, options, stats.clone()));
+    let config = MountConfig {
+        allow_other: args.allow_other,
+        threads: args.threads.into(),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let mountpoint = args.mountpoint.clone();
+    // Mounting runs fusermount3 and waits for the kernel: blocking work.
+    let mounted = tokio::task::spawn_blocking(move || {
+        lazystore_fuse::mount(fs, runtime, &mountpoint, &config)
+    })
+    .await
+    .context("the mount task failed")??;
+    let shown = mounted.mountpoint().display().to_string();
+    tracing::info!(store = %url, cache = ?cache_url, "mounted at {shown}");
+    println!("{shown}");
+
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    let why = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break "SIGTERM",
+            _ = poll.tick() => {
+                if mounted.is_finished() {
+                    break "unmounted from outside";
+                }
+            }
+        }
+    };
+    tracing::info!("{why}: unmounting {shown}");
+    let unmount = tokio::task::spawn_blocking(move || mounted.unmount());
+    match tokio::time::timeout(UNMOUNT_GRACE, unmount).await {
+        Ok(joined) => joined.context("the unmount task failed")??,
+        Err(_) => tracing::warn!(
+            "{shown}: files are still open under the mount after {UNMOUNT_GRACE:?}; exiting \
+             anyway (they will fail with ENOTCONN)"
+        ),
+    }
+    eprintln!(
+        "lazystore: unmounted {shown} ({why}); {}",
+        summary(&stats.snapshot())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The counters on one line, for the exit log.
+fn summary(s: &StatsSnapshot) -> String {
+    s.fields()
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("10g"), Ok(10 << 30));
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
