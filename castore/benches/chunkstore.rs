@@ -67,6 +67,9 @@ fn corpus(dirs: &[PathBuf], budget: u64) -> Vec<Vec<u8>> {
     files
 }
 
+/// Blobs written at once during ingest.
+const WRITERS: usize = 8;
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
@@ -103,10 +106,28 @@ fn main() {
 
     // Ingest: chunk + hash + compress + store, one blob per file.
     let start = Instant::now();
+    // Files are stored WRITERS at a time, as an importer's jobs and a NAR's
+    // files do.
+    let files = Arc::new(files);
     let digests: Vec<Digest> = rt.block_on(async {
-        let mut out = Vec::with_capacity(files.len());
-        for f in &files {
-            out.push(blobs.put(f).await.unwrap());
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..WRITERS {
+            let (files, blobs, next) = (files.clone(), blobs.clone(), next.clone());
+            tasks.spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(f) = files.get(i) else { return out };
+                    out.push((i, blobs.put(f).await.unwrap()));
+                }
+            });
+        }
+        let mut out = vec![Digest::EMPTY; files.len()];
+        while let Some(done) = tasks.join_next().await {
+            for (i, d) in done.unwrap() {
+                out[i] = d;
+            }
         }
         store.sync().unwrap();
         out
@@ -135,7 +156,7 @@ fn main() {
     // Machine limits on the same bytes: BLAKE3 over the corpus, zstd decode
     // of the stored chunks.
     let start = Instant::now();
-    for f in &files {
+    for f in files.iter() {
         std::hint::black_box(blake3::hash(f));
     }
     let blake3_time = start.elapsed();

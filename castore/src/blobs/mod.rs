@@ -486,22 +486,38 @@ impl BlobWriter {
     }
 }
 
+/// Work on fewer bytes than this is done in place rather than handed to a
+/// blocking thread: for a small file the hand-off costs more than the work.
+const INLINE_CPU_BYTES: usize = 64 * 1024;
+
+/// Runs CPU-heavy `work` (hashing, compression) over `chunks` on a blocking
+/// thread, so it never stalls the async workers, or in place when the
+/// chunks are small.
+async fn cpu<T: Send + 'static>(
+    chunks: Vec<Bytes>,
+    work: impl FnOnce(Vec<Bytes>) -> T + Send + 'static,
+) -> Result<T, BlobError> {
+    if chunks.iter().map(Bytes::len).sum::<usize>() < INLINE_CPU_BYTES {
+        return Ok(work(chunks));
+    }
+    tokio::task::spawn_blocking(move || work(chunks))
+        .await
+        .map_err(|e| BlobError::Backend(e.into()))
+}
+
 /// Hashes a batch of chunks, asks the backend which it lacks, compresses
 /// and stores those, and returns the batch's part of the chunk list.
 async fn store_batch(
     service: Arc<dyn BlobService>,
     batch: Vec<Bytes>,
 ) -> Result<Vec<ChunkMeta>, BlobError> {
-    // Hashing and compression run on blocking threads: they are the
-    // CPU-heavy part of ingest and must not stall the async workers.
-    let hashed = tokio::task::spawn_blocking(move || {
+    let hashed = cpu(batch, |batch| {
         batch
             .into_iter()
             .map(|c| (Digest::of(&c), c))
             .collect::<Vec<_>>()
     })
-    .await
-    .map_err(|e| BlobError::Backend(e.into()))?;
+    .await?;
     let metas: Vec<ChunkMeta> = hashed
         .iter()
         .map(|(digest, c)| ChunkMeta {
@@ -522,14 +538,13 @@ async fn store_batch(
         .map(|(_, c)| c)
         .collect();
     if !to_send.is_empty() {
-        let encoded = tokio::task::spawn_blocking(move || {
-            to_send
+        let encoded = cpu(to_send, |chunks| {
+            chunks
                 .into_iter()
                 .map(EncodedChunk::encode)
                 .collect::<Vec<_>>()
         })
-        .await
-        .map_err(|e| BlobError::Backend(e.into()))?;
+        .await?;
         service.put_chunks(encoded).await?;
     }
     Ok(metas)

@@ -71,12 +71,14 @@ const _: () = assert!(MAX_CHUNK_SIZE <= u32::MAX as u64);
 #[derive(Clone, Debug)]
 pub struct RedbBlobService {
     store: RedbStore,
+    writes: GroupCommit,
 }
 
 impl RedbBlobService {
     /// The blob backend of `store`.
     pub fn new(store: RedbStore) -> Self {
-        RedbBlobService { store }
+        let writes = GroupCommit::start();
+        RedbBlobService { store, writes }
     }
 
     /// The store it writes to.
@@ -264,15 +266,9 @@ impl BlobService for RedbBlobService {
         if chunks.is_empty() {
             return Ok(());
         }
-        let db = self.store.database().clone();
-        tokio::task::spawn_blocking(move || {
-            // The whole batch in one transaction: one commit per batch, not
-            // per chunk.
-            let mut txn = db.begin_write().map_err(backend)?;
-            // No fsync: see the module doc for why that is safe.
-            txn.set_durability(Durability::None).map_err(backend)?;
-            {
-                let mut tables = Tables::new(&txn).map_err(backend)?;
+        // No fsync: see the module doc for why that is safe.
+        self.writes
+            .submit(&self.store, false, move |tables| {
                 for c in &chunks {
                     // Idempotent, and a chunk already stored is not rewritten.
                     if tables
@@ -281,14 +277,12 @@ impl BlobService for RedbBlobService {
                         .map_err(backend)?
                         .is_none()
                     {
-                        insert_chunk(&mut tables, c)?;
+                        insert_chunk(tables, c)?;
                     }
                 }
-            }
-            txn.commit().map_err(backend)
-        })
-        .await
-        .map_err(|e| BlobError::Backend(e.into()))?
+                Ok(())
+            })
+            .await
     }
 
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
@@ -306,13 +300,8 @@ impl BlobService for RedbBlobService {
         if stored {
             return Ok(());
         }
-        let db = self.store.database().clone();
-        let durability = self.store.durability();
-        tokio::task::spawn_blocking(move || {
-            let mut txn = db.begin_write().map_err(backend)?;
-            txn.set_durability(durability).map_err(backend)?;
-            {
-                let mut tables = Tables::new(&txn).map_err(backend)?;
+        self.writes
+            .submit(&self.store, true, move |tables| {
                 // Checked in the transaction that writes the list, so no
                 // chunk can be missing once it is committed.
                 for entry in record[BLOB_CHUNKS_AT..].chunks_exact(BLOB_ENTRY_LEN) {
@@ -326,10 +315,137 @@ impl BlobService for RedbBlobService {
                     .blobs
                     .insert(blob.as_bytes(), &record[..])
                     .map_err(backend)?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// A write applied inside a shared transaction. It must not change the
+/// tables before it has decided to succeed, so that its refusal (a missing
+/// chunk) leaves the other writes of the group intact; a `Backend` error
+/// aborts the whole group.
+type WriteOp = Box<dyn FnOnce(&mut Tables<'_>) -> Result<(), BlobError> + Send>;
+
+struct PendingWrite {
+    /// The store to write to. Carried by each write rather than held by the
+    /// writer thread, so the file is closed as soon as the last service
+    /// handle and the last write are gone, and can be reopened at once.
+    store: RedbStore,
+    op: WriteOp,
+    /// Whether the write must be as durable as the store's sync mode says
+    /// (chunk lists), or may wait for a later durable commit (chunks).
+    durable: bool,
+    done: tokio::sync::oneshot::Sender<Result<(), BlobError>>,
+}
+
+/// Group commit: writes from every task are queued to one thread, which
+/// applies all that are waiting in one transaction and one commit. Many
+/// small files ingested at once otherwise cost two commits each, and
+/// redb's single writer would serialise them anyway.
+#[derive(Clone, Debug)]
+struct GroupCommit {
+    queue: std::sync::mpsc::Sender<PendingWrite>,
+}
+
+impl std::fmt::Debug for PendingWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingWrite")
+            .field("durable", &self.durable)
+            .finish()
+    }
+}
+
+/// Most writes one transaction takes, so one commit's latency stays bounded.
+const MAX_GROUP: usize = 256;
+
+impl GroupCommit {
+    /// Starts the writer thread; it ends when the last handle is dropped.
+    fn start() -> Self {
+        let (queue, rx) = std::sync::mpsc::channel::<PendingWrite>();
+        std::thread::Builder::new()
+            .name("redb-blob-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut group = vec![first];
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(next) => group.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    commit_group(group);
+                }
+            })
+            .expect("spawning the redb writer thread");
+        GroupCommit { queue }
+    }
+
+    /// Queues `op` and waits until its group has committed.
+    async fn submit(
+        &self,
+        store: &RedbStore,
+        durable: bool,
+        op: impl FnOnce(&mut Tables<'_>) -> Result<(), BlobError> + Send + 'static,
+    ) -> Result<(), BlobError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let pending = PendingWrite {
+            store: store.clone(),
+            op: Box::new(op),
+            durable,
+            done,
+        };
+        if self.queue.send(pending).is_err() {
+            return Err(BlobError::Backend(
+                "the redb writer thread has stopped".into(),
+            ));
+        }
+        result
+            .await
+            .unwrap_or_else(|_| Err(BlobError::Backend("the redb writer thread failed".into())))
+    }
+}
+
+/// Applies a group of writes in one transaction and tells each how it went.
+fn commit_group(mut group: Vec<PendingWrite>) {
+    let store = group[0].store.clone();
+    let durability = if group.iter().any(|w| w.durable) {
+        store.durability()
+    } else {
+        Durability::None
+    };
+    let (ops, dones): (Vec<WriteOp>, Vec<_>) = group.drain(..).map(|w| (w.op, w.done)).unzip();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    let committed = (|| -> Result<(), BlobError> {
+        let mut txn = store.database().begin_write().map_err(backend)?;
+        txn.set_durability(durability).map_err(backend)?;
+        {
+            let mut tables = Tables::new(&txn).map_err(backend)?;
+            for op in ops {
+                match op(&mut tables) {
+                    Err(e @ BlobError::Backend(_)) => return Err(e),
+                    outcome => outcomes.push(outcome),
+                }
             }
-            txn.commit().map_err(backend)
-        })
-        .await
-        .map_err(|e| BlobError::Backend(e.into()))?
+        }
+        txn.commit().map_err(backend)
+    })();
+    // Let go of the file before anyone hears back, so a caller that drops
+    // its handles next can reopen it.
+    drop(store);
+    match committed {
+        Ok(()) => {
+            for (done, outcome) in dones.into_iter().zip(outcomes) {
+                let _ = done.send(outcome);
+            }
+        }
+        Err(e) => {
+            // Nothing of the group is stored; every writer hears why.
+            let message = e.to_string();
+            tracing::error!(error = %message, "redb write group failed");
+            for done in dones {
+                let _ = done.send(Err(BlobError::Backend(message.clone().into())));
+            }
+        }
     }
 }
