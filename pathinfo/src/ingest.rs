@@ -1,11 +1,13 @@
 //! NAR → castore: splits a NAR stream into blobs and directories while
 //! computing its NarHash and NarSize.
 //!
-//! Everything is written bottom-up as the NAR streams past: a file's chunks
-//! and chunk list when its contents end, a directory when its last entry has
-//! been stored. The caller publishes a PathInfo only after checking the
-//! returned hash and size, so a failed or interrupted ingest leaves
-//! unreferenced data at worst, never a path pointing at missing data.
+//! Everything is written bottom-up: a file's chunks and chunk list while the
+//! NAR streams on (up to [`MAX_FILES_IN_FLIGHT`] files are being stored at
+//! once, so a NAR of many small files is not one round trip per file), and
+//! the directories, leaves first, once every file is stored. The caller
+//! publishes a PathInfo only after checking the returned hash and size, so a
+//! failed or interrupted ingest leaves unreferenced data at worst, never a
+//! path pointing at missing data.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -19,6 +21,10 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::nar::{Event, NarError, NarReader};
+
+/// Files whose last chunks and chunk list are being stored while the NAR
+/// is read on.
+pub const MAX_FILES_IN_FLIGHT: usize = 16;
 
 /// Bytes moved from the NAR into a blob writer per read: a chunk's worth.
 const CONTENT_BUFFER: usize = 256 * 1024;
@@ -74,6 +80,9 @@ where
     // Directories still open, innermost last, with the name each has in its
     // parent (None for the root).
     let mut open: Vec<(Option<PathComponent>, Directory)> = Vec::new();
+    // Closed directories, leaves first: stored once every file is.
+    let mut closed: Vec<Directory> = Vec::new();
+    let mut files_in_flight = tokio::task::JoinSet::new();
     let mut root = None;
     let mut buf = vec![0u8; CONTENT_BUFFER];
 
@@ -89,7 +98,7 @@ where
             Event::DirectoryEnd => {
                 let (name, dir) = open.pop().expect("the reader balances directories");
                 let node = Node::directory(&dir);
-                directories.put(dir).await?;
+                closed.push(dir);
                 (name, node)
             }
             Event::File {
@@ -110,7 +119,11 @@ where
                 if got != size {
                     return Err(IngestError::ShortFile { size, got });
                 }
-                let (digest, _) = writer.finish().await?;
+                let (digest, _, stored) = writer.finish_in_background();
+                files_in_flight.spawn(stored);
+                while files_in_flight.len() > MAX_FILES_IN_FLIGHT {
+                    join_file(&mut files_in_flight).await?;
+                }
                 let name = name.map(PathComponent::try_from).transpose()?;
                 (
                     name,
@@ -137,6 +150,10 @@ where
             _ => root = Some(node),
         }
     }
+    while !files_in_flight.is_empty() {
+        join_file(&mut files_in_flight).await?;
+    }
+    directories.put_all(closed).await?;
     let hashing = nar.into_inner();
     let (nar_size, nar_sha256) = hashing.finish();
     Ok(Ingested {
@@ -144,6 +161,17 @@ where
         nar_size,
         nar_sha256,
     })
+}
+
+/// Waits for one file being stored in the background.
+async fn join_file(
+    files: &mut tokio::task::JoinSet<Result<Result<(), BlobError>, tokio::task::JoinError>>,
+) -> Result<(), IngestError> {
+    match files.join_next().await {
+        Some(Ok(Ok(stored))) => Ok(stored?),
+        Some(Ok(Err(e)) | Err(e)) => Err(BlobError::Backend(e.into()).into()),
+        None => Ok(()),
+    }
 }
 
 /// Counts and SHA-256-hashes the bytes read through it.

@@ -474,6 +474,19 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Ends the blob at once: returns its digest and size, and a task that
+    /// stores the last chunks and the chunk list. The blob is stored only
+    /// when the task has succeeded; a caller must wait for it before
+    /// publishing anything that refers to the blob.
+    pub fn finish_in_background(
+        self,
+    ) -> (Digest, u64, tokio::task::JoinHandle<Result<(), BlobError>>) {
+        let digest = Digest::from(self.hasher.finalize());
+        let size = self.size;
+        let stored = tokio::spawn(async move { self.finish().await.map(|_| ()) });
+        (digest, size, stored)
+    }
+
     /// Ends the blob: stores the last chunks and the chunk list, and returns
     /// the blob's digest and size.
     pub async fn finish(mut self) -> Result<(Digest, u64), BlobError> {
