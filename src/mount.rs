@@ -167,17 +167,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     tracing::info!("{why}: unmounting {shown}");
     let unmount = tokio::task::spawn_blocking(move || mounted.unmount());
-    match tokio::time::timeout(UNMOUNT_GRACE, unmount).await {
+    let finished = tokio::time::timeout(UNMOUNT_GRACE, unmount).await;
+    let summary = summary(&stats.snapshot());
+    match finished {
         Ok(joined) => joined.context("the unmount task failed")??,
-        Err(_) => tracing::warn!(
-            "{shown}: files are still open under the mount after {UNMOUNT_GRACE:?}; exiting \
-             anyway (they will fail with ENOTCONN)"
-        ),
+        Err(_) => {
+            // The unmount is lazy: files still open under the mount keep
+            // the session alive. Exiting ends it (they fail with ENOTCONN);
+            // returning would wait for the session in the runtime's drop.
+            eprintln!(
+                "lazystore: unmounted {shown} ({why}), but files were still open under it after                  {UNMOUNT_GRACE:?}; exiting anyway; {summary}"
+            );
+            std::process::exit(0);
+        }
     }
-    eprintln!(
-        "lazystore: unmounted {shown} ({why}); {}",
-        summary(&stats.snapshot())
-    );
+    eprintln!("lazystore: unmounted {shown} ({why}); {summary}");
     Ok(ExitCode::SUCCESS)
 }
 

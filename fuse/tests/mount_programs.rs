@@ -20,7 +20,7 @@ fn find_python() -> (PathBuf, String) {
     let home = std::env::var("HOME").unwrap();
     for v in PYTHONS {
         let root = Path::new(&home).join(".pyenv/versions").join(v);
-        let minor: String = v.rsplitn(2, '.').nth(1).unwrap().to_owned();
+        let minor = v.rsplit_once('.').unwrap().0.to_owned();
         if root.join(format!("lib/libpython{minor}.so.1.0")).exists() {
             return (root, minor);
         }
