@@ -19,11 +19,8 @@ work=${BENCH_DIR:-/var/tmp/lazystore-bench}
 store_kind=${STORE:-redb}
 mkdir -p "$work"
 
-cargo build --quiet --bin lazystore
-lazystore=$PWD/target/debug/lazystore
-if [[ -x target/release/lazystore && target/release/lazystore -nt target/debug/lazystore ]]; then
-  lazystore=$PWD/target/release/lazystore
-fi
+cargo build --quiet --release --bin lazystore
+lazystore=$PWD/target/release/lazystore
 echo "binary: $lazystore"
 
 if [[ ! -s $work/path ]]; then
