@@ -140,6 +140,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = MountConfig {
         allow_other: args.allow_other,
         threads: args.threads.into(),
+        ..MountConfig::default()
     };
     let runtime = tokio::runtime::Handle::current();
     let mountpoint = args.mountpoint.clone();

@@ -23,6 +23,9 @@ pub enum FsError {
     /// A file operation on a directory.
     #[error("is a directory")]
     IsADirectory,
+    /// `read` on a symlink.
+    #[error("not a regular file")]
+    NotAFile,
     /// `readlink` on something that is not a symlink.
     #[error("not a symlink")]
     NotASymlink,
@@ -58,7 +61,7 @@ impl FsError {
             FsError::UnknownInode(_) => libc::ESTALE,
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::IsADirectory => libc::EISDIR,
-            FsError::NotASymlink => libc::EINVAL,
+            FsError::NotAFile | FsError::NotASymlink => libc::EINVAL,
             // EPERM, as `ls` shows it: "Operation not permitted". The
             // root can still be entered and looked up by name.
             FsError::RootNotListable => libc::EPERM,

@@ -681,7 +681,7 @@ impl LazyFs {
         else {
             return Err(match inode.kind {
                 Kind::Directory { .. } => FsError::IsADirectory,
-                _ => FsError::NotFound { permanent: true },
+                _ => FsError::NotAFile,
             });
         };
         let end = offset.saturating_add(size as u64).min(*file_size);
