@@ -538,16 +538,26 @@ async fn store_batch(
             size: c.len() as u64,
         })
         .collect();
-    let digests: Vec<Digest> = metas.iter().map(|c| c.digest).collect();
-    let missing: std::collections::HashSet<Digest> = service
-        .missing_chunks(&digests)
-        .await?
-        .into_iter()
-        .collect();
+    // Asking which chunks the backend lacks costs a round trip (a read
+    // transaction, an RPC); for a small batch that costs about what sending
+    // it does, and storing a chunk that is already there is a no-op.
+    let batch_bytes: usize = hashed.iter().map(|(_, c)| c.len()).sum();
+    let missing: Option<std::collections::HashSet<Digest>> = if batch_bytes < INLINE_CPU_BYTES {
+        None
+    } else {
+        let digests: Vec<Digest> = metas.iter().map(|c| c.digest).collect();
+        Some(
+            service
+                .missing_chunks(&digests)
+                .await?
+                .into_iter()
+                .collect(),
+        )
+    };
     let mut seen = std::collections::HashSet::new();
     let to_send: Vec<Bytes> = hashed
         .into_iter()
-        .filter(|(d, _)| missing.contains(d) && seen.insert(*d))
+        .filter(|(d, _)| missing.as_ref().is_none_or(|m| m.contains(d)) && seen.insert(*d))
         .map(|(_, c)| c)
         .collect();
     if !to_send.is_empty() {
