@@ -598,7 +598,11 @@ async fn file_levels_off_near_the_bound() {
         assert!(f.local.stats().bytes <= bound);
         sizes.push(std::fs::metadata(&path).unwrap().len());
     }
-    // Measured: 1.27 times the bound, from the first pass on.
-    assert!(sizes[1] <= bound + bound / 2, "{sizes:?}");
+    // Measured: 1.27 times the bound on an idle machine, up to 1.63 when
+    // the machine is busy: redb reuses a freed page only once no read
+    // transaction can still see it, and slower readers hold theirs longer.
+    // What must hold whatever the timing: the file stays within twice the
+    // bound and stops growing once the cache is full.
+    assert!(sizes[1] <= 2 * bound, "{sizes:?}");
     assert!(sizes[1] <= sizes[0] + bound / 16, "{sizes:?}");
 }
