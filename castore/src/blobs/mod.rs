@@ -420,7 +420,7 @@ impl BlobReader {
 ///
 /// Chunking happens as bytes arrive; each full batch is hashed, checked
 /// against the backend, compressed and stored by a task of its own, with up
-/// to [`MAX_BATCHES_IN_FLIGHT`] batches behind the one being filled, so the
+/// to two batches behind the one being filled, so the
 /// hashing and compression of one batch overlap with the chunking of the
 /// next and with the backend's round trips.
 pub struct BlobWriter {
