@@ -14,22 +14,9 @@ use std::time::{Duration, Instant};
 use lazystore_pathinfo::ingest::ingest_nar;
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{Store, StorePath};
-use lazystore_testkit::{add_tree, nix_cmd};
+use lazystore_testkit::{add_tree, nix_cmd, noise};
 
 const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn import(url: &str, paths: &[&str]) {
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -16,23 +16,9 @@ use lazystore_castore::{CacheOptions, CacheStore, Digest, Node};
 use lazystore_pathinfo::ingest::ingest_nar;
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{Store, StorePath, nixbase32};
-use lazystore_testkit::{add_tree, nix_cmd};
+use lazystore_testkit::{add_tree, nix_cmd, noise};
 
 const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
-
-/// Deterministic incompressible bytes (xorshift).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -17,6 +17,7 @@ use lazystore_pathinfo::nar::NarWriter;
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::render::nar_hash;
 use lazystore_pathinfo::{Store, StorePath};
+use lazystore_testkit::noise;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -130,18 +131,6 @@ fn serve_fails(listen: &str, store: &str) -> String {
     assert!(!out.status.success(), "serve {listen} {store} succeeded");
     assert!(out.stdout.is_empty(), "printed an address though it failed");
     String::from_utf8(out.stderr).unwrap()
-}
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
 }
 
 /// A NAR of a small tree: a directory with an executable of several

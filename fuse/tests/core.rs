@@ -8,12 +8,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use common::{Tree, noise, publish, put_tree, test_store};
+use common::{Tree, publish, put_tree, test_store};
 use lazystore_castore::Node;
 use lazystore_fuse::{
     DIGEST_XATTR, FileKind, FsError, FsOptions, Ino, LazyFs, RetryPolicy, Stats, StatsSnapshot,
 };
 use lazystore_pathinfo::Store;
+use lazystore_testkit::noise;
 
 fn fs(store: &Store, options: FsOptions) -> LazyFs {
     LazyFs::new(store.clone(), options, Arc::new(Stats::new()))

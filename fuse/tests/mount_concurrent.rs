@@ -6,9 +6,10 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use common::{TestMount, Tree, noise, publish, put_tree};
+use common::{TestMount, Tree, publish, put_tree};
 use lazystore_fuse::FsOptions;
 use lazystore_pathinfo::Store;
+use lazystore_testkit::noise;
 
 #[test]
 fn sixty_four_readers_on_random_ranges_read_the_right_bytes() {

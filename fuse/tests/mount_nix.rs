@@ -10,9 +10,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::process::Command;
 
-use common::{TestMount, diff_trees, import, nix_hash_path, noise};
+use common::{TestMount, diff_trees, import, nix_hash_path};
 use lazystore_fuse::FsOptions;
 use lazystore_pathinfo::{Store, nixbase32};
+use lazystore_testkit::noise;
 use lazystore_testkit::{add_tree, build_closure};
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -23,20 +23,6 @@ pub enum Tree {
     Dir(Vec<(&'static str, Tree)>),
 }
 
-/// Deterministic bytes that do not compress: a xorshift stream.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Stores `tree` and returns its root node.
 pub fn put_tree<'a>(store: &'a Store, tree: &'a Tree) -> futures::future::BoxFuture<'a, Node> {
     Box::pin(async move {
