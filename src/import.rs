@@ -3,14 +3,14 @@
 //! non-zero if any path failed.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use lazystore_castore::SyncMode;
 use lazystore_importer::{
     DEFAULT_CACHE, DEFAULT_TRUSTED_KEY, Importer, Options, ProgressMode, Wanted,
 };
-use lazystore_pathinfo::{OpenStoreError, PublicKey, Store};
+use lazystore_pathinfo::{PublicKey, Store, default_store_url};
 
 /// Import store paths and their closures from Nix binary caches.
 ///
@@ -53,40 +53,19 @@ pub struct Args {
     no_closure: bool,
 }
 
-/// `redb://` URL of the embedded store under `$LAZYSTORE_DIR`.
-fn default_store_url() -> anyhow::Result<String> {
-    let dir = match std::env::var_os("LAZYSTORE_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let home = std::env::var_os("HOME")
-                .context("neither LAZYSTORE_DIR nor HOME is set; pass --store URL")?;
-            PathBuf::from(home).join(".local/share/lazystore")
-        }
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the store directory {}", dir.display()))?;
-    Ok(format!("redb://{}", dir.join("store.redb").display()))
-}
-
+/// Opens the store to import into (the embedded default when none is
+/// given). A redb store defers its fsyncs to each published PathInfo, whose
+/// commit is durable and makes everything written before it durable: the
+/// importer is in the same process, so it never publishes on the strength
+/// of a write a crash could lose.
 async fn open_store(url: Option<String>) -> anyhow::Result<(Store, String)> {
-    if let Some(url) = url {
-        let store = Store::open(&url)
-            .await
-            .with_context(|| format!("cannot open store {url}"))?;
-        return Ok((store, url));
-    }
-    let url = default_store_url()?;
-    let opened = Store::open(&url).await;
-    // Builds whose Store::open does not know redb yet still import, but
-    // the user must know nothing is kept.
-    if let Err(OpenStoreError::UnknownScheme(_)) = &opened {
-        eprintln!(
-            "lazystore: warning: this build cannot open the embedded store {url}; \
-             importing into memory://, which is gone when the command ends"
-        );
-        return Ok((Store::memory(), "memory://".to_owned()));
-    }
-    let store = opened.with_context(|| format!("cannot open store {url}"))?;
+    let url = match url {
+        Some(url) => url,
+        None => default_store_url()?,
+    };
+    let store = Store::open_with(&url, SyncMode::Deferred)
+        .await
+        .with_context(|| format!("cannot open store {url}"))?;
     Ok((store, url))
 }
 

@@ -200,14 +200,17 @@ impl Store {
     /// unreachable, up to a deadline), so opening one always succeeds for a
     /// well-formed URL. The default store is at [`default_store_url`].
     pub async fn open(url: &str) -> Result<Store, OpenStoreError> {
+        Store::open_with(url, SyncMode::EveryCommit).await
+    }
+
+    /// [`Store::open`], with a redb store's chunk lists and directories
+    /// made durable as `sync` says (other schemes ignore it).
+    pub async fn open_with(url: &str, sync: SyncMode) -> Result<Store, OpenStoreError> {
         if url == "memory://" {
             return Ok(Store::memory());
         }
         if let Some(path) = redb_path(url)? {
-            let options = RedbOptions {
-                params: None,
-                sync: SyncMode::EveryCommit,
-            };
+            let options = RedbOptions { params: None, sync };
             // Opening may repair the file after a crash: blocking work.
             let opened = tokio::task::spawn_blocking(move || RedbStore::open_with(path, options))
                 .await
