@@ -64,13 +64,15 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
 use redb::{
     Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition,
     TableError, WriteTransaction,
 };
 
-use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
+use crate::blobs::{
+    BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE, chunk_record_len, read_chunk_record,
+    write_chunk_record,
+};
 use crate::digest::{DIGEST_LEN, Digest};
 use crate::nodes::Directory;
 use crate::proto::ChunkEncoding;
@@ -131,16 +133,8 @@ const DIRECTORIES: TableDefinition<DigestKey, &[u8]> = TableDefinition::new("cac
 const LRU: TableDefinition<&[u8; LRU_KEY_LEN], &[u8; LRU_VALUE_LEN]> =
     TableDefinition::new("cache-lru-v1");
 
-// Chunk record (`cache-chunks-v1`), as in the store's `chunks-v1`:
-//
-// | offset | size | field                                     |
-// |--------|------|-------------------------------------------|
-// | 0      | 1    | encoding: 0 raw, 1 zstd (`ChunkEncoding`) |
-// | 1      | 8    | decoded size, u64 little endian           |
-// | 9      | n    | the encoded bytes                         |
-const CHUNK_ENCODING_AT: usize = 0;
-const CHUNK_SIZE_AT: usize = 1;
-const CHUNK_DATA_AT: usize = 9;
+// Chunk record (`cache-chunks-v1`): the store's `chunks-v1` layout, written
+// and read by the same functions (`blobs/redb.rs`).
 
 // Chunk list record (`cache-blobs-v1`). Unlike a chunk or a directory, a
 // chunk list can't be checked against its digest without reading every
@@ -320,7 +314,7 @@ impl Record {
     /// Length of the stored value.
     fn len(&self) -> usize {
         match self {
-            Record::Chunk(c) => CHUNK_DATA_AT + c.data.len(),
+            Record::Chunk(c) => chunk_record_len(c),
             Record::Blob(_, meta) => BLOB_CHUNKS_AT + BLOB_ENTRY_LEN * meta.chunks.len(),
             Record::Directory(_, encoding) => encoding.len(),
         }
@@ -336,13 +330,7 @@ impl Record {
                 // Written straight into the page: chunk data is the bulk of
                 // every write, and this saves copying it once more.
                 let mut slot = t.chunks.insert_reserve(c.digest.as_bytes(), self.len())?;
-                let record = slot.as_mut();
-                record[CHUNK_ENCODING_AT] = match c.encoding {
-                    ChunkEncoding::Raw => 0,
-                    ChunkEncoding::Zstd => 1,
-                };
-                record[CHUNK_SIZE_AT..CHUNK_DATA_AT].copy_from_slice(&c.size.to_le_bytes());
-                record[CHUNK_DATA_AT..].copy_from_slice(&c.data);
+                write_chunk_record(c, slot.as_mut());
             }
             Record::Blob(blob, meta) => {
                 t.blobs
@@ -409,31 +397,8 @@ fn decode_blob(blob: Digest, record: &[u8]) -> Result<BlobMeta, Damaged> {
 
 /// Parses a chunk record into the chunk as stored.
 fn parse_chunk(digest: Digest, record: &[u8]) -> Result<EncodedChunk, Damaged> {
-    let key = Key::chunk(digest);
-    if record.len() < CHUNK_DATA_AT {
-        return Err(Damaged::new(key, BadRecord("record is truncated")));
-    }
-    let encoding = match record[CHUNK_ENCODING_AT] {
-        0 => ChunkEncoding::Raw,
-        1 => ChunkEncoding::Zstd,
-        _ => {
-            return Err(Damaged::new(
-                key,
-                BadRecord("record has an unknown encoding"),
-            ));
-        }
-    };
-    let size = u64::from_le_bytes(
-        record[CHUNK_SIZE_AT..CHUNK_DATA_AT]
-            .try_into()
-            .expect("8 bytes"),
-    );
-    Ok(EncodedChunk {
-        digest,
-        encoding,
-        size,
-        data: Bytes::copy_from_slice(&record[CHUNK_DATA_AT..]),
-    })
+    read_chunk_record(digest, record)
+        .map_err(|reason| Damaged::new(Key::chunk(digest), BadRecord(reason)))
 }
 
 /// Parses and verifies a chunk record; the result is the chunk's bytes,

@@ -134,35 +134,52 @@ fn backend(e: impl Into<redb::Error>) -> BlobError {
 }
 
 fn insert_chunk(tables: &mut Tables<'_>, chunk: &EncodedChunk) -> Result<(), BlobError> {
-    let encoding = match chunk.encoding {
-        ChunkEncoding::Raw => 0u8,
-        ChunkEncoding::Zstd => 1,
-    };
     // Written straight into the page: chunk data is the bulk of every
     // write, and this saves copying it once more.
     let mut slot = tables
         .chunks
-        .insert_reserve(chunk.digest.as_bytes(), CHUNK_DATA_AT + chunk.data.len())
+        .insert_reserve(chunk.digest.as_bytes(), chunk_record_len(chunk))
         .map_err(backend)?;
-    let record = slot.as_mut();
-    record[CHUNK_ENCODING_AT] = encoding;
-    record[CHUNK_SIZE_AT..CHUNK_DATA_AT].copy_from_slice(&chunk.size.to_le_bytes());
-    record[CHUNK_DATA_AT..].copy_from_slice(&chunk.data);
+    write_chunk_record(chunk, slot.as_mut());
     Ok(())
 }
 
 fn decode_chunk(digest: Digest, record: &[u8]) -> Result<EncodedChunk, BlobError> {
-    let corrupt = |reason| BlobError::Corrupt {
+    read_chunk_record(digest, record).map_err(|reason| BlobError::Corrupt {
         chunk: digest,
         reason,
+    })
+}
+
+/// Length of `chunk`'s record (the layout above; the local cache stores
+/// chunks the same way).
+pub(crate) fn chunk_record_len(chunk: &EncodedChunk) -> usize {
+    CHUNK_DATA_AT + chunk.data.len()
+}
+
+/// Writes `chunk`'s record into `record`, [`chunk_record_len`] bytes.
+pub(crate) fn write_chunk_record(chunk: &EncodedChunk, record: &mut [u8]) {
+    record[CHUNK_ENCODING_AT] = match chunk.encoding {
+        ChunkEncoding::Raw => 0,
+        ChunkEncoding::Zstd => 1,
     };
+    record[CHUNK_SIZE_AT..CHUNK_DATA_AT].copy_from_slice(&chunk.size.to_le_bytes());
+    record[CHUNK_DATA_AT..].copy_from_slice(&chunk.data);
+}
+
+/// Parses a chunk record into the chunk as stored; the error says what is
+/// damaged.
+pub(crate) fn read_chunk_record(
+    digest: Digest,
+    record: &[u8],
+) -> Result<EncodedChunk, &'static str> {
     if record.len() < CHUNK_DATA_AT {
-        return Err(corrupt("stored record is truncated"));
+        return Err("stored record is truncated");
     }
     let encoding = match record[CHUNK_ENCODING_AT] {
         0 => ChunkEncoding::Raw,
         1 => ChunkEncoding::Zstd,
-        _ => return Err(corrupt("stored record has an unknown encoding")),
+        _ => return Err("stored record has an unknown encoding"),
     };
     let size = u64::from_le_bytes(
         record[CHUNK_SIZE_AT..CHUNK_DATA_AT]
