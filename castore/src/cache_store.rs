@@ -829,6 +829,27 @@ impl fmt::Debug for CacheStore {
 }
 
 impl CacheStore {
+    /// Logs a failure of the cache file: reads go on from the remote, so it
+    /// is a warning, not an error. `what` names the cache ("blob", …).
+    pub(crate) fn warn_failed(&self, what: &str, e: &dyn std::error::Error) {
+        tracing::warn!(
+            path = %self.path().display(),
+            error = %e,
+            "{what} cache failed; serving from the remote"
+        );
+    }
+
+    /// Logs a damaged record that is dropped and fetched again.
+    pub(crate) fn warn_damaged(&self, what: &str, e: &dyn std::error::Error) {
+        let cause = e.source().map(|s| s.to_string()).unwrap_or_default();
+        tracing::warn!(
+            path = %self.path().display(),
+            error = %e,
+            cause,
+            "{what} cache: dropping a damaged record and fetching it again"
+        );
+    }
+
     /// Opens the cache file at `path`, creating it (and its directory) if
     /// needed. If it holds more than `options.max_bytes` (the bound was
     /// lowered), the least recently used records are evicted now.

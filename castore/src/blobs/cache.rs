@@ -76,24 +76,10 @@ impl CachingBlobService {
         let result = tokio::task::spawn_blocking(move || local.write(&inserts, &drops)).await;
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn_local(&self.local, &e),
-            Err(e) => warn_local(&self.local, &e),
+            Ok(Err(e)) => self.local.warn_failed("blob", &e),
+            Err(e) => self.local.warn_failed("blob", &e),
         }
     }
-}
-
-fn warn_local(local: &CacheStore, e: &dyn std::error::Error) {
-    tracing::warn!(path = %local.path().display(), error = %e, "blob cache failed; serving from the remote");
-}
-
-fn warn_damaged(local: &CacheStore, e: &dyn std::error::Error) {
-    let cause = e.source().map(|s| s.to_string()).unwrap_or_default();
-    tracing::warn!(
-        path = %local.path().display(),
-        error = %e,
-        cause,
-        "blob cache: dropping a damaged record and fetching it again"
-    );
 }
 
 /// What the cache had for one chunk asked for.
@@ -121,11 +107,11 @@ impl BlobService for CachingBlobService {
             Ok(Ok(Local::Hit(meta))) => return Ok(Some(meta)),
             Ok(Ok(Local::Miss)) => {}
             Ok(Ok(Local::Damaged(e))) => {
-                warn_damaged(&self.local, &e);
+                self.local.warn_damaged("blob", &e);
                 drops.push(e.key());
             }
-            Ok(Err(e)) => warn_local(&self.local, &e),
-            Err(e) => warn_local(&self.local, &e),
+            Ok(Err(e)) => self.local.warn_failed("blob", &e),
+            Err(e) => self.local.warn_failed("blob", &e),
         }
         let meta = self.remote.stat(blob).await?;
         let inserts = match &meta {
@@ -171,17 +157,17 @@ impl BlobService for CachingBlobService {
         let (found, damaged) = match looked_up {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                warn_local(&self.local, &e);
+                self.local.warn_failed("blob", &e);
                 (chunks.iter().map(|_| Found::Miss).collect(), Vec::new())
             }
             Err(e) => {
-                warn_local(&self.local, &e);
+                self.local.warn_failed("blob", &e);
                 (chunks.iter().map(|_| Found::Miss).collect(), Vec::new())
             }
         };
         let mut drops = Vec::with_capacity(damaged.len());
         for e in damaged {
-            warn_damaged(&self.local, &e);
+            self.local.warn_damaged("blob", &e);
             drops.push(e.key());
         }
 

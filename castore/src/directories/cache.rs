@@ -79,7 +79,7 @@ impl CachingDirectoryService {
                     Local::Hit(dir) => dir,
                     Local::Miss => return Ok(Walk::Incomplete(Vec::new())),
                     Local::Damaged(e) => {
-                        warn_damaged(&local, &e);
+                        local.warn_damaged("directory", &e);
                         return Ok(Walk::Incomplete(vec![e.key()]));
                     }
                 };
@@ -97,11 +97,11 @@ impl CachingDirectoryService {
         match walked {
             Ok(Ok(w)) => Some(w),
             Ok(Err(e)) => {
-                warn_local(&self.local, &e);
+                self.local.warn_failed("directory", &e);
                 None
             }
             Err(e) => {
-                warn_local(&self.local, &e);
+                self.local.warn_failed("directory", &e);
                 None
             }
         }
@@ -127,24 +127,10 @@ impl CachingDirectoryService {
         .await;
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn_local(&self.local, &e),
-            Err(e) => warn_local(&self.local, &e),
+            Ok(Err(e)) => self.local.warn_failed("directory", &e),
+            Err(e) => self.local.warn_failed("directory", &e),
         }
     }
-}
-
-fn warn_local(local: &CacheStore, e: &dyn std::error::Error) {
-    tracing::warn!(path = %local.path().display(), error = %e, "directory cache failed; serving from the remote");
-}
-
-fn warn_damaged(local: &CacheStore, e: &dyn std::error::Error) {
-    let cause = e.source().map(|s| s.to_string()).unwrap_or_default();
-    tracing::warn!(
-        path = %local.path().display(),
-        error = %e,
-        cause,
-        "directory cache: dropping a damaged record and fetching it again"
-    );
 }
 
 #[async_trait]
@@ -221,15 +207,15 @@ impl CachingDirectoryService {
             Ok(Ok(Local::Hit(dir))) => Cached::Hit(dir),
             Ok(Ok(Local::Miss)) => Cached::Miss,
             Ok(Ok(Local::Damaged(e))) => {
-                warn_damaged(&self.local, &e);
+                self.local.warn_damaged("directory", &e);
                 Cached::Damaged(e.key())
             }
             Ok(Err(e)) => {
-                warn_local(&self.local, &e);
+                self.local.warn_failed("directory", &e);
                 Cached::Miss
             }
             Err(e) => {
-                warn_local(&self.local, &e);
+                self.local.warn_failed("directory", &e);
                 Cached::Miss
             }
         }
