@@ -1,6 +1,7 @@
 //! The Nix layer.
 
 pub mod ingest;
+pub mod listing;
 pub mod nar;
 pub mod pathinfos;
 pub mod render;
