@@ -86,16 +86,16 @@ pub struct Importer {
 }
 
 /// What every task of a run needs.
-struct Shared {
-    store: Store,
+pub(crate) struct Shared {
+    pub(crate) store: Store,
     caches: Vec<BinaryCache>,
     trusted_keys: Vec<PublicKey>,
     check_signatures: bool,
     retry: RetryPolicy,
     /// Compressed bytes and narinfo bytes received.
-    downloaded: Arc<AtomicU64>,
+    pub(crate) downloaded: Arc<AtomicU64>,
     /// NAR downloads started.
-    nar_downloads: AtomicU64,
+    pub(crate) nar_downloads: AtomicU64,
     /// Root node of every NAR seen this run, by (NarHash, NarSize): a path
     /// whose NAR is already stored is published without a download.
     // A std Mutex: each use is one map operation, never held across await.
@@ -103,7 +103,7 @@ struct Shared {
 }
 
 /// How a task ended for one path.
-enum Outcome {
+pub(crate) enum Outcome {
     /// The store has it already.
     Present(PathInfo),
     /// Verified and ready to publish.
@@ -148,9 +148,6 @@ impl Importer {
     /// Opens every cache (reading each `nix-cache-info` once) and prepares a
     /// run into `store`.
     pub async fn new(store: Store, options: Options) -> Result<Importer, SetupError> {
-        if options.caches.is_empty() {
-            return Err(SetupError::NoCaches);
-        }
         let client = http_client(&options.http).map_err(SetupError::HttpClient)?;
         let mut caches = Vec::with_capacity(options.caches.len());
         for url in &options.caches {
@@ -163,16 +160,7 @@ impl Importer {
             caches.push(cache);
         }
         Ok(Importer {
-            shared: Arc::new(Shared {
-                store,
-                caches,
-                trusted_keys: options.trusted_keys,
-                check_signatures: options.check_signatures,
-                retry: options.retry,
-                downloaded: Arc::new(AtomicU64::new(0)),
-                nar_downloads: AtomicU64::new(0),
-                nar_index: Mutex::new(HashMap::new()),
-            }),
+            shared: Arc::new(Shared::new(store, caches, &options)?),
             jobs: options.jobs.max(1),
             closure: options.closure,
             progress: options.progress,
@@ -457,7 +445,7 @@ impl Plan {
 }
 
 /// How one try at one cache ended, short of success.
-enum Miss {
+pub(crate) enum Miss {
     /// The cache has no narinfo for the path.
     NotThere,
     /// It has one, and something about it or its NAR is wrong.
@@ -465,6 +453,27 @@ enum Miss {
 }
 
 impl Shared {
+    /// The state of runs with `caches` (opened) into `store`.
+    pub(crate) fn new(
+        store: Store,
+        caches: Vec<BinaryCache>,
+        options: &Options,
+    ) -> Result<Shared, SetupError> {
+        if options.caches.is_empty() {
+            return Err(SetupError::NoCaches);
+        }
+        Ok(Shared {
+            store,
+            caches,
+            trusted_keys: options.trusted_keys.clone(),
+            check_signatures: options.check_signatures,
+            retry: options.retry,
+            downloaded: Arc::new(AtomicU64::new(0)),
+            nar_downloads: AtomicU64::new(0),
+            nar_index: Mutex::new(HashMap::new()),
+        })
+    }
+
     /// Takes one path as far as a verified PathInfo.
     async fn import_one(
         &self,
@@ -516,6 +525,20 @@ impl Shared {
         references: &mpsc::UnboundedSender<Vec<StorePath>>,
         progress: &Progress,
     ) -> Result<Outcome, Miss> {
+        let narinfo = self.narinfo_from(cache, wanted).await?;
+        // The references are trustworthy now (they are signed); the
+        // coordinator can queue them while the NAR downloads.
+        let _ = references.send(narinfo.references.clone());
+        self.nar_from(cache, narinfo, progress).await
+    }
+
+    /// Fetches a path's narinfo from one cache and checks it: the path
+    /// asked for, signed by a trusted key (unless checks are off).
+    pub(crate) async fn narinfo_from(
+        &self,
+        cache: &BinaryCache,
+        wanted: &Wanted,
+    ) -> Result<NarInfo, Miss> {
         let narinfo_file = format!("{}.narinfo", wanted.hash_str());
         let url = cache.file_url(&narinfo_file);
         let text = cache
@@ -557,10 +580,17 @@ impl Shared {
                 })
             })?;
         }
-        // The references are trustworthy now (they are signed); the
-        // coordinator can queue them while the NAR downloads.
-        let _ = references.send(narinfo.references.clone());
+        Ok(narinfo)
+    }
 
+    /// Fetches, checks and ingests the NAR of a checked narinfo (unless an
+    /// identical NAR was stored this run); publishes nothing.
+    pub(crate) async fn nar_from(
+        &self,
+        cache: &BinaryCache,
+        narinfo: NarInfo,
+        progress: &Progress,
+    ) -> Result<Outcome, Miss> {
         let known = self
             .nar_index
             .lock()

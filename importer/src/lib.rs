@@ -21,6 +21,7 @@ mod progress;
 mod retry;
 mod stream;
 mod summary;
+mod upstream;
 mod wanted;
 
 pub use cache::{BinaryCache, CacheError, HttpOptions};
@@ -30,4 +31,5 @@ pub use progress::ProgressMode;
 pub use retry::RetryPolicy;
 pub use stream::StreamError;
 pub use summary::Summary;
+pub use upstream::{Found, Upstream};
 pub use wanted::Wanted;

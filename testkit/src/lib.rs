@@ -16,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tempfile::TempDir;
 
+pub mod http;
+
 /// `NIX_CONFIG` for every command: the new CLI, builds without a sandbox or
 /// build users (we run as root without a daemon), and no substituters, since
 /// these machines cannot reach cache.nixos.org.

@@ -1,0 +1,225 @@
+//! Lazy substitution: one path at a time, on demand, from upstream binary
+//! caches — what a mount uses for paths its store lacks.
+//!
+//! [`Upstream::narinfo`] finds a path's narinfo and checks it exactly as an
+//! import does (the path asked for, a trusted signature);
+//! [`Upstream::listing`] fetches the cache's `.ls` listing of its NAR, from
+//! which a tree can be shown without the NAR; [`Upstream::fetch`]
+//! downloads the NAR, checks NarHash and NarSize while ingesting it into
+//! the store, and returns the PathInfo — without publishing it, since the
+//! path's references may be missing from the store.
+//!
+//! Caches are opened (their `nix-cache-info` read) on first use, and again
+//! after a failed open, so a mount starts while an upstream is down and
+//! uses it once it is back.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use lazystore_pathinfo::listing::{Listing, MAX_LISTING_SIZE};
+use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::{Compression, NarInfo, Store};
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::OnceCell;
+
+use crate::cache::{BinaryCache, http_client};
+use crate::error::{PathError, PathErrorKind, SetupError};
+use crate::import::{Miss, Options, Outcome, Shared};
+use crate::progress::{Progress, ProgressMode};
+use crate::stream::decompress;
+use crate::wanted::Wanted;
+
+/// Upstream caches a mount substitutes single paths from.
+pub struct Upstream {
+    shared: Shared,
+    caches: Vec<(String, OnceCell<BinaryCache>)>,
+    client: reqwest::Client,
+    options: Options,
+    progress: Arc<Progress>,
+}
+
+/// A path's checked narinfo and the cache it came from.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// The narinfo, its signature and store path checked.
+    pub narinfo: NarInfo,
+    /// Index of the cache in [`Options::caches`].
+    cache: usize,
+}
+
+impl Upstream {
+    /// Upstream caches `options.caches` (tried in order), storing fetched
+    /// NARs in `store`. Only `caches`, `trusted_keys`, `check_signatures`,
+    /// `retry` and `http` of `options` are used. Opens nothing yet.
+    pub fn new(store: Store, options: Options) -> Result<Upstream, SetupError> {
+        let client = http_client(&options.http).map_err(SetupError::HttpClient)?;
+        let shared = Shared::new(store, Vec::new(), &options)?;
+        if !options.check_signatures {
+            tracing::warn!(
+                "signature checks are off: upstream paths are shown whoever signed them, or nobody"
+            );
+        }
+        Ok(Upstream {
+            shared,
+            caches: options
+                .caches
+                .iter()
+                .map(|url| (url.clone(), OnceCell::new()))
+                .collect(),
+            client,
+            options,
+            progress: Progress::new(ProgressMode::Quiet),
+        })
+    }
+
+    /// The cache URLs, in order.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.caches.iter().map(|(url, _)| url.as_str())
+    }
+
+    /// Compressed NAR, listing and narinfo bytes received so far.
+    pub fn downloaded_bytes(&self) -> u64 {
+        self.shared.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// NAR downloads started so far (retries count again).
+    pub fn nar_downloads(&self) -> u64 {
+        self.shared.nar_downloads.load(Ordering::Relaxed)
+    }
+
+    async fn cache(&self, i: usize) -> Result<&BinaryCache, PathErrorKind> {
+        let (url, cell) = &self.caches[i];
+        cell.get_or_try_init(|| {
+            BinaryCache::open(url, &self.client, &self.options.http, self.options.retry)
+        })
+        .await
+        .map_err(|source| PathErrorKind::NarInfoFetch {
+            cache: url.clone(),
+            source,
+        })
+    }
+
+    /// The checked narinfo of `wanted` from the first cache that has one:
+    /// `None` if no cache has it, an error if a cache failed (unreachable,
+    /// a bad signature, another store path…) and no later one had it.
+    pub async fn narinfo(&self, wanted: &Wanted) -> Result<Option<Found>, PathError> {
+        let mut first_failure = None;
+        for i in 0..self.caches.len() {
+            let result = match self.cache(i).await {
+                Ok(cache) => self.shared.narinfo_from(cache, wanted).await,
+                Err(kind) => Err(Miss::Failed(kind)),
+            };
+            match result {
+                Ok(narinfo) => return Ok(Some(Found { narinfo, cache: i })),
+                Err(Miss::NotThere) => {}
+                Err(Miss::Failed(kind)) => {
+                    if first_failure.is_some() {
+                        tracing::warn!("{wanted}: {}", crate::error::chain(&kind));
+                    } else {
+                        first_failure = Some(kind);
+                    }
+                }
+            }
+        }
+        match first_failure {
+            None => Ok(None),
+            Some(kind) => Err(PathError {
+                path: wanted.to_string(),
+                kind,
+            }),
+        }
+    }
+
+    /// The `.ls` listing of `found`'s NAR from its cache, decompressed if
+    /// the cache compressed it: `None` if the cache has none or it is not a
+    /// listing this reads (the path is then shown once its NAR is fetched).
+    pub async fn listing(&self, found: &Found) -> Option<Listing> {
+        let path = found.narinfo.store_path.to_absolute();
+        let file = format!("{}.ls", nixbase32_hash(&found.narinfo));
+        let cache = self.cache(found.cache).await.ok()?;
+        let raw = match cache.read_small(&file, MAX_LISTING_SIZE).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(
+                    "{path}: cannot fetch its listing {}: {e}",
+                    cache.file_url(&file)
+                );
+                return None;
+            }
+        };
+        self.shared
+            .downloaded
+            .fetch_add(raw.len() as u64, Ordering::Relaxed);
+        let json = match decompress_listing(raw).await {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::warn!("{path}: cannot decompress {}: {e}", cache.file_url(&file));
+                return None;
+            }
+        };
+        match Listing::parse(&json) {
+            Ok(listing) => Some(listing),
+            Err(e) => {
+                tracing::warn!(
+                    "{path}: ignoring the listing {}: {e}",
+                    cache.file_url(&file)
+                );
+                None
+            }
+        }
+    }
+
+    /// Downloads `found`'s NAR, checks its NarSize and NarHash while
+    /// ingesting it into the store, and returns its PathInfo, unpublished.
+    /// Transient failures are retried; nothing is kept of a NAR that fails.
+    pub async fn fetch(&self, found: &Found) -> Result<PathInfo, PathError> {
+        let error = |kind| PathError {
+            path: found.narinfo.store_path.to_absolute(),
+            kind,
+        };
+        let cache = self.cache(found.cache).await.map_err(error)?;
+        match self
+            .shared
+            .nar_from(cache, found.narinfo.clone(), &self.progress)
+            .await
+        {
+            Ok(Outcome::Ready { info, .. } | Outcome::Present(info)) => Ok(info),
+            Err(Miss::Failed(kind)) => Err(error(kind)),
+            Err(Miss::NotThere) => Err(error(PathErrorKind::NotFound {
+                caches: vec![cache.url().to_owned()],
+            })),
+        }
+    }
+}
+
+fn nixbase32_hash(narinfo: &NarInfo) -> String {
+    lazystore_pathinfo::nixbase32::encode(narinfo.store_path.digest())
+}
+
+/// Decompresses a listing by its magic bytes: caches written with
+/// `ls-compression` store it compressed without saying so.
+async fn decompress_listing(raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let compression = if raw.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Compression::Xz
+    } else if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else if raw.starts_with(b"BZh") {
+        Compression::Bzip2
+    } else if raw.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else {
+        return Ok(raw);
+    };
+    let mut out = Vec::new();
+    decompress(std::io::Cursor::new(raw), compression)
+        .take(MAX_LISTING_SIZE as u64 + 1)
+        .read_to_end(&mut out)
+        .await?;
+    if out.len() > MAX_LISTING_SIZE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_LISTING_SIZE} bytes decompressed"
+        )));
+    }
+    Ok(out)
+}
