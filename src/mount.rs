@@ -13,7 +13,8 @@ use lazystore_castore::{Blobs, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
     CountingBlobService, FsOptions, LazyFs, MountConfig, RetryPolicy, Stats, StatsSnapshot,
 };
-use lazystore_pathinfo::{Store, default_cache_url, default_store_url};
+use lazystore_importer::{DEFAULT_TRUSTED_KEY, Upstream};
+use lazystore_pathinfo::{PublicKey, Store, default_cache_url, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How long an unmount may wait for files still open under the mount
@@ -32,6 +33,12 @@ const UNMOUNT_GRACE: Duration = Duration::from_secs(10);
 ///
 /// The root lists nothing (reading it fails with EPERM: "Operation not
 /// permitted") unless --list-root is given; paths are found by name.
+///
+/// With --upstream, a path the store lacks is looked up in the upstream
+/// binary caches (its narinfo checked as `lazystore import` checks it). If
+/// the cache has a `.ls` listing of it, the path appears at once and its
+/// NAR is downloaded, verified and stored on the first read of a file in
+/// it; otherwise at the lookup. Such paths are not published in the store.
 #[derive(clap::Args)]
 pub struct Args {
     /// Where to mount (e.g. /nix/store, or the lower layer of an overlay).
@@ -66,6 +73,19 @@ pub struct Args {
     /// EIO.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     retry_deadline: u64,
+    /// Binary cache (https://, http:// or file:///) to substitute paths
+    /// the store lacks from, on first lookup; repeat for several, tried in
+    /// order.
+    #[arg(long = "upstream", value_name = "URL")]
+    upstreams: Vec<String>,
+    /// Key whose signatures on upstream narinfos are trusted (Nix's
+    /// trusted-public-keys); repeat for several. Default: cache.nixos.org's.
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY", default_value = DEFAULT_TRUSTED_KEY)]
+    trusted_keys: Vec<PublicKey>,
+    /// Show upstream paths without checking their signatures (says so when
+    /// mounting).
+    #[arg(long)]
+    no_check_sigs: bool,
 }
 
 /// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
@@ -136,7 +156,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         ..FsOptions::default()
     };
-    let fs = Arc::new(LazyFs::new(store, options, stats.clone()));
+    let fs = if args.upstreams.is_empty() {
+        LazyFs::new(store, options, stats.clone())
+    } else {
+        let upstream = Upstream::new(
+            store.clone(),
+            lazystore_importer::Options {
+                caches: args.upstreams.clone(),
+                trusted_keys: args.trusted_keys,
+                check_signatures: !args.no_check_sigs,
+                ..Default::default()
+            },
+        )?;
+        LazyFs::with_upstream(store, options, stats.clone(), Arc::new(upstream))
+    };
+    let fs = Arc::new(fs);
     let config = MountConfig {
         allow_other: args.allow_other,
         threads: args.threads.into(),
@@ -151,7 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     .await
     .context("the mount task failed")??;
     let shown = mounted.mountpoint().display().to_string();
-    tracing::info!(store = %url, cache = ?cache_url, "mounted at {shown}");
+    tracing::info!(store = %url, cache = ?cache_url, upstreams = ?args.upstreams, "mounted at {shown}");
     println!("{shown}");
 
     let mut poll = tokio::time::interval(Duration::from_millis(250));

@@ -25,6 +25,7 @@ use crate::error::{FsError, chain};
 use crate::inode::{ChunkIndex, Ino, Inode, InodeTable, Kind, ReadState};
 use crate::retry::RetryPolicy;
 use crate::stats::{Stats, StatsSnapshot};
+use crate::upstream::{LookupError, Upstreams};
 
 /// How long the kernel may cache entries and attributes of store content:
 /// it never changes, so as long as the kernel likes.
@@ -151,6 +152,8 @@ pub struct LazyFs {
     // releasedir, no await.
     root_listings: Mutex<HashMap<u64, Listing>>,
     next_handle: AtomicU64,
+    /// Where paths the store lacks come from, if anywhere.
+    upstream: Option<Upstreams>,
 }
 
 impl LazyFs {
@@ -172,6 +175,21 @@ impl LazyFs {
             directories: Mutex::new(DirectoryCache::default()),
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            upstream: None,
+        }
+    }
+
+    /// A filesystem presenting `store` and, on lookup, the paths `upstream`
+    /// has that the store lacks (see the `upstream` module for how).
+    pub fn with_upstream(
+        store: Store,
+        options: FsOptions,
+        stats: Arc<Stats>,
+        upstream: Arc<lazystore_importer::Upstream>,
+    ) -> Self {
+        LazyFs {
+            upstream: Some(Upstreams::new(upstream)),
+            ..LazyFs::new(store, options, stats)
         }
     }
 
@@ -250,7 +268,64 @@ impl LazyFs {
             Some(info) if info.store_path.name() == path.name() => {
                 self.child(Ino::ROOT, "", name, info.root).await
             }
-            _ => Err(FsError::NotFound { permanent: false }),
+            Some(_) => Err(FsError::NotFound { permanent: false }),
+            None => {
+                let Some(upstream) = &self.upstream else {
+                    return Err(FsError::NotFound { permanent: false });
+                };
+                match upstream.lookup(&path).await {
+                    Ok(found) => self.child(Ino::ROOT, "", name, found.shown.clone()).await,
+                    Err(LookupError::Missing) => Err(FsError::NotFound { permanent: false }),
+                    Err(LookupError::Failed(e)) => {
+                        tracing::error!(
+                            "{}: not shown: {}; returning ENOENT (the next lookup tries again)",
+                            path.to_absolute(),
+                            chain(&e)
+                        );
+                        Err(FsError::NotFound { permanent: false })
+                    }
+                }
+            }
+        }
+    }
+
+    /// The real digest of a file shown as `digest`: itself, or for a
+    /// placeholder of an upstream listing, the file at its place in the
+    /// path's real tree once the NAR is fetched (here, if nobody has).
+    async fn real_file(&self, inode: &Inode, digest: &Digest) -> Result<Digest, FsError> {
+        let Some((path, within)) = self.upstream.as_ref().and_then(|u| u.file(digest)) else {
+            return Ok(*digest);
+        };
+        let upstream = self
+            .upstream
+            .as_ref()
+            .expect("placeholders come from upstream");
+        let mut node = upstream.fetched(&path).await.map_err(|e| {
+            self.io_error(&inode.path, "substituting its store path from upstream", &e)
+        })?;
+        let mut at = path.found.narinfo.store_path.to_string();
+        for name in &within {
+            let Node::Directory { digest, .. } = node else {
+                break;
+            };
+            let dir = self.directory(&digest, &Arc::from(at.as_str())).await?;
+            at.push('/');
+            at.push_str(&String::from_utf8_lossy(name.as_bytes()));
+            node = dir.get(name.as_bytes()).cloned().ok_or_else(|| {
+                self.io_error(
+                    &inode.path,
+                    "finding it in the fetched NAR",
+                    &Inconsistent("the NAR differs from the cache's listing"),
+                )
+            })?;
+        }
+        match node {
+            Node::File { digest, .. } => Ok(digest),
+            _ => Err(self.io_error(
+                &inode.path,
+                "finding it in the fetched NAR",
+                &Inconsistent("the NAR differs from the cache's listing"),
+            )),
         }
     }
 
@@ -305,6 +380,9 @@ impl LazyFs {
 
     /// The directory `digest`, from memory or fetched and verified.
     async fn directory(&self, digest: &Digest, path: &Arc<str>) -> Result<Arc<Directory>, FsError> {
+        if let Some(d) = self.upstream.as_ref().and_then(|u| u.directory(digest)) {
+            return Ok(d);
+        }
         if let Some(d) = self
             .directories
             .lock()
@@ -728,6 +806,7 @@ impl LazyFs {
         digest: &Digest,
         size: u64,
     ) -> Result<Arc<ChunkIndex>, FsError> {
+        let digest = &self.real_file(inode, digest).await?;
         let what = || format!("{}: fetching its chunk list", inode.path);
         let meta = self
             .options
@@ -834,7 +913,13 @@ impl LazyFs {
 
     fn digest_of(&self, inode: &Inode) -> Option<Digest> {
         match &inode.kind {
-            Kind::Directory { digest, .. } | Kind::File { digest, .. } => Some(*digest),
+            Kind::Directory { digest, .. } | Kind::File { digest, .. } => {
+                let placeholder = self
+                    .upstream
+                    .as_ref()
+                    .is_some_and(|u| u.is_placeholder(digest));
+                (!placeholder).then_some(*digest)
+            }
             _ => None,
         }
     }
@@ -846,6 +931,14 @@ impl LazyFs {
             self.inodes.len(),
             self.chunks.memory_bytes()
         ));
+        if let Some(u) = &self.upstream {
+            text.push_str(&format!(
+                "upstream_narinfos_fetched {}\nupstream_nar_downloads {}\nupstream_bytes_downloaded {}\n",
+                u.narinfos_fetched.load(Ordering::Relaxed),
+                u.upstream().nar_downloads(),
+                u.upstream().downloaded_bytes(),
+            ));
+        }
         text
     }
 }

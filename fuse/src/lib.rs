@@ -17,6 +17,7 @@ mod inode;
 mod mount;
 mod retry;
 mod stats;
+mod upstream;
 
 pub use error::FsError;
 pub use fs::{
@@ -27,3 +28,4 @@ pub use inode::Ino;
 pub use mount::{MountConfig, MountError, Mounted, mount};
 pub use retry::RetryPolicy;
 pub use stats::{CountingBlobService, Stats, StatsSnapshot};
+pub use upstream::NEGATIVE_TTL;

@@ -1,0 +1,296 @@
+//! Lazy substitution in the filesystem core, from a real-Nix binary cache
+//! served over HTTP on 127.0.0.1: a path with a `.ls` listing is shown
+//! without its NAR and the NAR is downloaded once on the first read,
+//! however many read at once; without a listing the lookup fetches it; bad
+//! upstream input (untrusted signature, wrong NarHash, another StorePath,
+//! 404, server down) shows or reads nothing, publishes nothing, and the
+//! next access tries again.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use lazystore_fuse::{FileKind, FsError, FsOptions, Ino, LazyFs, Stats};
+use lazystore_importer::{Options, RetryPolicy, Upstream};
+use lazystore_pathinfo::{NarInfo, PublicKey, SigningKey, Store, StorePath};
+use lazystore_testkit::http::TestServer;
+use lazystore_testkit::{Closure, build_closure, copy_tree, gen_key, make_cache};
+use tempfile::TempDir;
+
+struct Fixture {
+    closure: Closure,
+    secret_key: std::path::PathBuf,
+    public_key: PublicKey,
+    /// xz cache of the closure, with listings.
+    cache: TempDir,
+    _keys: TempDir,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let closure = build_closure();
+        let keys = tempfile::tempdir().unwrap();
+        let (secret_key, public_key) = gen_key(keys.path(), "lazystore-upstream-1");
+        let cache = make_cache(&[closure.top()], "xz", Some(&secret_key));
+        Fixture {
+            closure,
+            secret_key,
+            public_key: public_key.parse().unwrap(),
+            cache,
+            _keys: keys,
+        }
+    })
+}
+
+fn store_path(absolute: &str) -> StorePath {
+    StorePath::from_absolute_path(absolute).unwrap()
+}
+
+fn basename(absolute: &str) -> Vec<u8> {
+    store_path(absolute).to_string().into_bytes()
+}
+
+fn options(url: &str, key: PublicKey) -> Options {
+    Options {
+        caches: vec![url.to_owned()],
+        trusted_keys: vec![key],
+        retry: RetryPolicy {
+            attempts: 2,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+        },
+        ..Options::default()
+    }
+}
+
+/// A filesystem over an empty memory store with `url` as its upstream.
+async fn lazy_fs(url: &str, key: PublicKey) -> (LazyFs, Store) {
+    let store = Store::open("memory://").await.unwrap();
+    let upstream = Upstream::new(store.clone(), options(url, key)).unwrap();
+    let fs = LazyFs::with_upstream(
+        store.clone(),
+        FsOptions::default(),
+        Arc::new(Stats::new()),
+        Arc::new(upstream),
+    );
+    (fs, store)
+}
+
+async fn lookup_path(fs: &LazyFs, parent: Ino, path: &str) -> Result<Ino, FsError> {
+    let mut ino = parent;
+    for name in path.split('/') {
+        ino = fs.lookup(ino, name.as_bytes()).await?.ino;
+    }
+    Ok(ino)
+}
+
+async fn published(store: &Store, path: &str) -> bool {
+    store
+        .path_infos
+        .get(store_path(path).digest())
+        .await
+        .unwrap()
+        .is_some()
+}
+
+fn narinfo_file(cache: &Path, path: &str) -> std::path::PathBuf {
+    cache.join(format!("{}.narinfo", store_path(path).hash_str()))
+}
+
+fn edit_narinfo(cache: &Path, path: &str, edit: impl FnOnce(&mut NarInfo)) {
+    let file = narinfo_file(cache, path);
+    let mut info = NarInfo::parse(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    edit(&mut info);
+    info.signatures.clear();
+    info.sign(&SigningKey::load(&fixture().secret_key).unwrap());
+    std::fs::write(file, info.render()).unwrap();
+}
+
+#[tokio::test]
+async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
+    let f = fixture();
+    let server = TestServer::start(f.cache.path()).await;
+    let (fs, store) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let c = &f.closure.c;
+
+    // The whole tree, from the listing: attributes, entries, a symlink.
+    let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    assert_eq!(root.kind, FileKind::Directory);
+    let hi = fs.lookup(root.ino, b"bin").await.unwrap();
+    let hi = fs.lookup(hi.ino, b"hi").await.unwrap();
+    assert_eq!((hi.kind, hi.perm), (FileKind::File, 0o555));
+    assert_eq!(
+        hi.size,
+        std::fs::metadata(format!("{c}/bin/hi")).unwrap().len()
+    );
+    let link = fs.lookup(root.ino, b"b").await.unwrap();
+    assert_eq!(fs.readlink(link.ino).unwrap(), f.closure.b.as_bytes());
+    let mut names = Vec::new();
+    fs.readdir(root.ino, 0, 0, |e| {
+        names.push(String::from_utf8_lossy(&e.name).into_owned());
+        false
+    })
+    .await
+    .unwrap();
+    assert_eq!(names, [".", "..", "b", "bin", "refs"]);
+    assert_eq!(
+        server.nar_requests(),
+        0,
+        "listing the path downloaded its NAR"
+    );
+    assert_eq!(server.count(|p| p.ends_with(".ls")), 1);
+    // A placeholder is no digest to show.
+    assert!(
+        fs.getxattr(hi.ino, lazystore_fuse::DIGEST_XATTR.as_bytes())
+            .is_err()
+    );
+
+    // 16 readers of two files at once: one download.
+    let refs = lookup_path(&fs, root.ino, "refs").await.unwrap();
+    let reads = (0..16).map(|i| {
+        let (ino, file) = if i % 2 == 0 {
+            (refs, "refs")
+        } else {
+            (hi.ino, "bin/hi")
+        };
+        let fs = &fs;
+        async move { (fs.read(ino, 0, 4096).await.unwrap(), file) }
+    });
+    for (got, file) in futures::future::join_all(reads).await {
+        assert_eq!(got, std::fs::read(format!("{c}/{file}")).unwrap(), "{file}");
+    }
+    assert_eq!(server.nar_requests(), 1, "16 readers, one NAR download");
+    let stats = fs.read(Ino::STATS_FILE, 0, 1 << 16).await.unwrap();
+    let stats = String::from_utf8_lossy(&stats);
+    assert!(stats.contains("upstream_nar_downloads 1\n"), "{stats}");
+    // Not published: its references are not in the store.
+    assert!(!published(&store, c).await);
+
+    // A single-file path, looked up and read the same way.
+    let a = fs.lookup(Ino::ROOT, &basename(&f.closure.a)).await.unwrap();
+    assert_eq!(a.kind, FileKind::File);
+    assert_eq!(
+        fs.read(a.ino, 0, 4096).await.unwrap(),
+        std::fs::read(&f.closure.a).unwrap()
+    );
+    assert_eq!(server.nar_requests(), 2);
+}
+
+#[tokio::test]
+async fn without_a_listing_the_lookup_fetches_the_nar() {
+    let f = fixture();
+    let cache = copy_tree(f.cache.path());
+    for entry in std::fs::read_dir(cache.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "ls") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let server = TestServer::start(cache.path()).await;
+    let (fs, _store) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let c = &f.closure.c;
+    let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    assert_eq!(server.nar_requests(), 1);
+    let refs = lookup_path(&fs, root.ino, "refs").await.unwrap();
+    assert_eq!(
+        fs.read(refs, 0, 4096).await.unwrap(),
+        std::fs::read(format!("{c}/refs")).unwrap()
+    );
+    // Now a real digest.
+    assert!(
+        fs.getxattr(refs, lazystore_fuse::DIGEST_XATTR.as_bytes())
+            .is_ok()
+    );
+    assert_eq!(server.nar_requests(), 1);
+}
+
+fn enoent(r: Result<lazystore_fuse::Attr, FsError>) {
+    match r {
+        Err(e) => assert_eq!(e.errno(), libc::ENOENT, "{e}"),
+        Ok(a) => panic!("shown: {a:?}"),
+    }
+}
+
+#[tokio::test]
+async fn untrusted_signatures_and_other_store_paths_show_nothing_until_fixed() {
+    let f = fixture();
+    let keys = tempfile::tempdir().unwrap();
+    let (_, other_key) = gen_key(keys.path(), "someone-else-1");
+    let server = TestServer::start(f.cache.path()).await;
+    let (fs, store) = lazy_fs(&server.url, other_key.parse().unwrap()).await;
+    let c = &f.closure.c;
+    enoent(fs.lookup(Ino::ROOT, &basename(c)).await);
+    enoent(fs.lookup(Ino::ROOT, &basename(c)).await);
+    // Failures are not remembered: each lookup asked again.
+    assert_eq!(server.narinfo_requests(), 2);
+    assert!(!published(&store, c).await);
+
+    // b's narinfo file names a.
+    let cache = copy_tree(f.cache.path());
+    std::fs::copy(
+        narinfo_file(cache.path(), &f.closure.a),
+        narinfo_file(cache.path(), &f.closure.b),
+    )
+    .unwrap();
+    let server = TestServer::start(cache.path()).await;
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    enoent(fs.lookup(Ino::ROOT, &basename(&f.closure.b)).await);
+    assert_eq!(server.nar_requests(), 0);
+}
+
+#[tokio::test]
+async fn a_wrong_nar_hash_fails_reads_with_eio_and_publishes_nothing() {
+    let f = fixture();
+    let cache = copy_tree(f.cache.path());
+    let c = &f.closure.c;
+    edit_narinfo(cache.path(), c, |info| info.nar_hash[0] ^= 1);
+    let server = TestServer::start(cache.path()).await;
+    let (fs, store) = lazy_fs(&server.url, f.public_key.clone()).await;
+    // Signed and listed: shown.
+    let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    let refs = lookup_path(&fs, root.ino, "refs").await.unwrap();
+    let e = fs.read(refs, 0, 4096).await.unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(e.to_string().contains("NarHash"), "{e}");
+    assert_eq!(server.nar_requests(), 1);
+    // The next read tries again (and fails again).
+    assert_eq!(fs.read(refs, 0, 4096).await.unwrap_err().errno(), libc::EIO);
+    assert_eq!(server.nar_requests(), 2);
+    assert!(!published(&store, c).await);
+}
+
+#[tokio::test]
+async fn missing_paths_are_remembered_and_a_down_server_is_retried() {
+    let f = fixture();
+    let server = TestServer::start(f.cache.path()).await;
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let absent = "/nix/store/00000000000000000000000000000000-absent";
+    enoent(fs.lookup(Ino::ROOT, &basename(absent)).await);
+    enoent(fs.lookup(Ino::ROOT, &basename(absent)).await);
+    assert_eq!(
+        server.narinfo_requests(),
+        1,
+        "a 404 is believed for a while"
+    );
+
+    // Nobody listens on this port any more.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (fs, store) = lazy_fs(&format!("http://127.0.0.1:{port}"), f.public_key.clone()).await;
+    let c = &f.closure.c;
+    enoent(fs.lookup(Ino::ROOT, &basename(c)).await);
+    assert!(!published(&store, c).await);
+    // Up again on the same port: the next lookup works.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await;
+    if let Ok(listener) = listener {
+        let server = TestServer::serve(listener, f.cache.path());
+        let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+        assert_eq!(root.kind, FileKind::Directory);
+        assert_eq!(server.narinfo_requests(), 1);
+    } else {
+        panic!("port {port} was taken meanwhile");
+    }
+}
