@@ -5,15 +5,28 @@
 //! bit for bit. Directories are fetched (and verified) one at a time as the
 //! walk reaches them; file contents stream chunk by chunk, each verified, and
 //! each file's bytes are checked against its digest at its end.
+//!
+//! [`nar_layout`] lays a NAR out without reading any file: from the
+//! directories alone it records where each file's contents sit in the NAR
+//! and keeps every other byte (tokens, names, targets, padding), so that
+//! [`render_range`] can serve any byte range by seeking — to the right file
+//! and the right chunk of it — instead of rendering from the start.
+//! [`nar_listing`] is the same walk written as a [`Listing`] (`.ls`).
 
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use lazystore_castore::blobs::BlobError;
-use lazystore_castore::{Blobs, Digest, Directory, DirectoryError, DirectoryService, Node};
+use bytes::Bytes;
+use lazystore_castore::blobs::{BlobError, BlobMeta};
+use lazystore_castore::{
+    Blobs, Digest, Directory, DirectoryError, DirectoryService, Node, PathComponent,
+};
 use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::listing::{Listing, ListingEntry};
 use crate::nar::{NarWriteError, NarWriter};
 
 /// Why a tree could not be rendered.
@@ -44,6 +57,19 @@ pub enum RenderError {
     /// Writing the NAR failed.
     #[error(transparent)]
     Write(#[from] NarWriteError),
+    /// Writing a range of the NAR failed.
+    #[error("writing the NAR")]
+    Io(#[source] std::io::Error),
+    /// A range that is not inside the NAR.
+    #[error("range {start}..{end} is not inside the NAR of {size} bytes")]
+    OutOfRange {
+        /// First byte asked for.
+        start: u64,
+        /// One past the last byte asked for.
+        end: u64,
+        /// NarSize.
+        size: u64,
+    },
 }
 
 /// Renders the tree at `root` as a NAR into `writer` and returns the writer.
@@ -157,4 +183,410 @@ impl AsyncWrite for HashingWriter {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+}
+
+/// Where everything is in the NAR of a tree: every byte that is not file
+/// contents (kept, in order, as `structure`) and where each file's contents
+/// go between them. Built by [`nar_layout`] from the directories alone;
+/// [`render_range`] reads any range of the NAR from it and the blobs.
+///
+/// Its memory is the NAR's structure (about 200 bytes per entry, a few
+/// hundred KiB for a large package) plus one record per non-empty file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NarLayout {
+    /// NarSize.
+    size: u64,
+    /// The NAR with every file's contents cut out.
+    structure: Vec<u8>,
+    /// Non-empty files, in NAR order.
+    files: Vec<FileSpan>,
+}
+
+/// One file's contents in a [`NarLayout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileSpan {
+    /// Where its contents start in the NAR.
+    nar_offset: u64,
+    /// Length of its contents.
+    size: u64,
+    /// Where the NAR resumes in `structure` after the contents.
+    resume: usize,
+    /// Its blob.
+    digest: Digest,
+}
+
+impl FileSpan {
+    fn nar_end(&self) -> u64 {
+        self.nar_offset + self.size
+    }
+}
+
+impl NarLayout {
+    /// Length of the NAR (NarSize).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes of memory it holds, for caches that bound them.
+    pub fn heap_size(&self) -> usize {
+        self.structure.capacity() + self.files.capacity() * std::mem::size_of::<FileSpan>()
+    }
+}
+
+/// The NAR tokens, written as [`NarWriter`] writes them; the layout tests
+/// hold [`render_range`] of a whole layout to the same bytes as
+/// [`render_nar`].
+mod token {
+    pub const MAGIC: &[u8] = b"nix-archive-1";
+    pub const OPEN: &[u8] = b"(";
+    pub const CLOSE: &[u8] = b")";
+    pub const TYPE: &[u8] = b"type";
+    pub const REGULAR: &[u8] = b"regular";
+    pub const SYMLINK: &[u8] = b"symlink";
+    pub const DIRECTORY: &[u8] = b"directory";
+    pub const EXECUTABLE: &[u8] = b"executable";
+    pub const CONTENTS: &[u8] = b"contents";
+    pub const TARGET: &[u8] = b"target";
+    pub const ENTRY: &[u8] = b"entry";
+    pub const NAME: &[u8] = b"name";
+    pub const NODE: &[u8] = b"node";
+}
+
+fn padding(len: u64) -> u64 {
+    (8 - len % 8) % 8
+}
+
+/// A directory being listed: its name in its parent (none at the root) and
+/// its entries so far.
+type OpenListing = (Option<PathComponent>, BTreeMap<PathComponent, ListingEntry>);
+
+/// Walks a tree in NAR order, counting NAR offsets, and records the
+/// structure bytes, the file spans and the listing entries its users want.
+struct Walk {
+    /// NAR bytes so far.
+    offset: u64,
+    /// The structure so far, and the file spans, when a layout is wanted.
+    layout: Option<(Vec<u8>, Vec<FileSpan>)>,
+    /// Open directories' entries with their names, when a listing is
+    /// wanted; the finished root lands in `root`.
+    listing: Option<Vec<OpenListing>>,
+    root: Option<ListingEntry>,
+}
+
+impl Walk {
+    fn raw(&mut self, bytes: &[u8]) {
+        self.offset += bytes.len() as u64;
+        if let Some((structure, _)) = &mut self.layout {
+            structure.extend_from_slice(bytes);
+        }
+    }
+
+    fn zeros(&mut self, n: u64) {
+        self.raw(&[0; 8][..n as usize]);
+    }
+
+    fn str(&mut self, s: &[u8]) {
+        self.raw(&(s.len() as u64).to_le_bytes());
+        self.raw(s);
+        self.zeros(padding(s.len() as u64));
+    }
+
+    /// What precedes a node's type: the magic at the root, the entry
+    /// header in a directory.
+    fn open_node(&mut self, name: Option<&PathComponent>) {
+        match name {
+            None => self.str(token::MAGIC),
+            Some(name) => {
+                for t in [token::ENTRY, token::OPEN, token::NAME] {
+                    self.str(t);
+                }
+                self.str(name.as_bytes());
+                self.str(token::NODE);
+            }
+        }
+        self.str(token::OPEN);
+        self.str(token::TYPE);
+    }
+
+    /// After a node's `)`: the entry's `)` if inside a directory.
+    fn close_node(&mut self, in_directory: bool) {
+        if in_directory {
+            self.str(token::CLOSE);
+        }
+    }
+
+    /// Adds a finished entry to the listing being built.
+    fn listed(&mut self, name: Option<&PathComponent>, entry: ListingEntry) {
+        let Some(open) = &mut self.listing else {
+            return;
+        };
+        match (open.last_mut(), name) {
+            (Some((_, entries)), Some(name)) => {
+                entries.insert(name.clone(), entry);
+            }
+            _ => self.root = Some(entry),
+        }
+    }
+
+    async fn node(
+        &mut self,
+        directories: &dyn DirectoryService,
+        stack: &mut Vec<(Directory, usize)>,
+        name: Option<&PathComponent>,
+        node: &Node,
+    ) -> Result<(), RenderError> {
+        let in_directory = name.is_some();
+        self.open_node(name);
+        match node {
+            Node::Directory { digest, .. } => {
+                let dir = directories
+                    .get(digest)
+                    .await?
+                    .ok_or(RenderError::MissingDirectory(*digest))?;
+                self.str(token::DIRECTORY);
+                if let Some(open) = &mut self.listing {
+                    open.push((name.cloned(), BTreeMap::new()));
+                }
+                stack.push((dir, 0));
+            }
+            Node::File {
+                digest,
+                size,
+                executable,
+            } => {
+                self.str(token::REGULAR);
+                if *executable {
+                    self.str(token::EXECUTABLE);
+                    self.str(b"");
+                }
+                self.str(token::CONTENTS);
+                self.raw(&size.to_le_bytes());
+                let nar_offset = self.offset;
+                self.offset += size;
+                if let Some((structure, files)) = &mut self.layout
+                    && *size > 0
+                {
+                    files.push(FileSpan {
+                        nar_offset,
+                        size: *size,
+                        resume: structure.len(),
+                        digest: *digest,
+                    });
+                }
+                self.zeros(padding(*size));
+                self.str(token::CLOSE);
+                self.close_node(in_directory);
+                self.listed(
+                    name,
+                    ListingEntry::Regular {
+                        size: *size,
+                        executable: *executable,
+                        nar_offset: Some(nar_offset),
+                    },
+                );
+            }
+            Node::Symlink { target } => {
+                self.str(token::SYMLINK);
+                self.str(token::TARGET);
+                self.str(target.as_bytes());
+                self.str(token::CLOSE);
+                self.close_node(in_directory);
+                self.listed(
+                    name,
+                    ListingEntry::Symlink {
+                        target: target.clone(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks the tree at `root`, fetching (and verifying) each directory
+    /// once, in NAR order.
+    async fn run(
+        mut self,
+        directories: &dyn DirectoryService,
+        root: &Node,
+    ) -> Result<Walk, RenderError> {
+        let mut stack: Vec<(Directory, usize)> = Vec::new();
+        self.node(directories, &mut stack, None, root).await?;
+        while let Some((dir, next)) = stack.last_mut() {
+            let Some((name, node)) = dir.entries().nth(*next) else {
+                stack.pop();
+                self.str(token::CLOSE);
+                self.close_node(!stack.is_empty());
+                if let Some(open) = &mut self.listing {
+                    let (name, entries) = open.pop().expect("opened with the directory");
+                    self.listed(name.as_ref(), ListingEntry::Directory { entries });
+                }
+                continue;
+            };
+            *next += 1;
+            let (name, node) = (name.clone(), node.clone());
+            self.node(directories, &mut stack, Some(&name), &node)
+                .await?;
+        }
+        Ok(self)
+    }
+}
+
+/// Lays out the NAR of the tree at `root` from its directories alone (no
+/// file is read): see [`NarLayout`].
+pub async fn nar_layout(
+    directories: &dyn DirectoryService,
+    root: &Node,
+) -> Result<NarLayout, RenderError> {
+    let walk = Walk {
+        offset: 0,
+        layout: Some((Vec::new(), Vec::new())),
+        listing: None,
+        root: None,
+    }
+    .run(directories, root)
+    .await?;
+    let (mut structure, mut files) = walk.layout.expect("asked for");
+    structure.shrink_to_fit();
+    files.shrink_to_fit();
+    Ok(NarLayout {
+        size: walk.offset,
+        structure,
+        files,
+    })
+}
+
+/// The `.ls` listing of the tree at `root`, with every file's `narOffset`,
+/// as Nix writes it for the same NAR.
+pub async fn nar_listing(
+    directories: &dyn DirectoryService,
+    root: &Node,
+) -> Result<Listing, RenderError> {
+    let walk = Walk {
+        offset: 0,
+        layout: None,
+        listing: Some(Vec::new()),
+        root: None,
+    }
+    .run(directories, root)
+    .await?;
+    Ok(Listing {
+        root: walk.root.expect("the walk lists the root"),
+    })
+}
+
+/// Chunks read at once when a range starts: few, so the first byte comes
+/// soon; doubled per read up to [`RANGE_BATCH_MAX`] as the range goes on.
+const RANGE_BATCH_FIRST: usize = 2;
+const RANGE_BATCH_MAX: usize = 32;
+
+/// Writes bytes `range` of the NAR laid out by `layout` into `writer`,
+/// seeking: the structure between files comes from the layout, and only
+/// the chunks of the files the range overlaps are read, each verified.
+/// Returns the writer, flushed.
+pub async fn render_range<W>(
+    blobs: &Blobs,
+    layout: &NarLayout,
+    range: Range<u64>,
+    mut writer: W,
+) -> Result<W, RenderError>
+where
+    W: AsyncWrite + Unpin + Send,
+{
+    if range.start > range.end || range.end > layout.size {
+        return Err(RenderError::OutOfRange {
+            start: range.start,
+            end: range.end,
+            size: layout.size,
+        });
+    }
+    let files = &layout.files;
+    let mut pos = range.start;
+    while pos < range.end {
+        // The last file starting at or before `pos`: `pos` is in its
+        // contents or in the structure after it.
+        let k = files.partition_point(|f| f.nar_offset <= pos);
+        match k.checked_sub(1).map(|i| &files[i]) {
+            Some(file) if pos < file.nar_end() => {
+                let to = range.end.min(file.nar_end());
+                write_file_range(
+                    blobs,
+                    file,
+                    pos - file.nar_offset,
+                    to - file.nar_offset,
+                    &mut writer,
+                )
+                .await?;
+                pos = to;
+            }
+            previous => {
+                let (resume, resumes_at) = previous.map_or((0, 0), |f| (f.resume, f.nar_end()));
+                let next = files.get(k).map_or(layout.size, |f| f.nar_offset);
+                let to = range.end.min(next);
+                let from = resume + (pos - resumes_at) as usize;
+                let bytes = &layout.structure[from..from + (to - pos) as usize];
+                writer.write_all(bytes).await.map_err(RenderError::Io)?;
+                pos = to;
+            }
+        }
+    }
+    writer.flush().await.map_err(RenderError::Io)?;
+    Ok(writer)
+}
+
+/// Writes bytes `from..to` of one file's contents: only the chunks that
+/// overlap, fetched a few at a time, each verified.
+async fn write_file_range<W>(
+    blobs: &Blobs,
+    file: &FileSpan,
+    from: u64,
+    to: u64,
+    writer: &mut W,
+) -> Result<(), RenderError>
+where
+    W: AsyncWrite + Unpin + Send,
+{
+    let meta: BlobMeta = blobs
+        .stat(&file.digest)
+        .await?
+        .ok_or(RenderError::MissingBlob(file.digest))?;
+    if meta.size != file.size {
+        return Err(RenderError::BlobSize {
+            digest: file.digest,
+            recorded: file.size,
+            actual: meta.size,
+        });
+    }
+    // The first chunk overlapping `from`, and where it starts.
+    let mut index = 0;
+    let mut chunk_start = 0u64;
+    while chunk_start + meta.chunks[index].size <= from {
+        chunk_start += meta.chunks[index].size;
+        index += 1;
+    }
+    let mut batch = RANGE_BATCH_FIRST;
+    while chunk_start < to {
+        let mut digests = Vec::with_capacity(batch);
+        let mut batch_end = chunk_start;
+        for c in meta.chunks[index..].iter().take(batch) {
+            if batch_end >= to {
+                break;
+            }
+            digests.push(c.digest);
+            batch_end += c.size;
+        }
+        let chunks: Vec<Bytes> = blobs.read_chunks_verified(&digests).await?;
+        for chunk in chunks {
+            let end = chunk_start + chunk.len() as u64;
+            let lo = from.saturating_sub(chunk_start) as usize;
+            let hi = (to.min(end) - chunk_start) as usize;
+            writer
+                .write_all(&chunk[lo..hi])
+                .await
+                .map_err(RenderError::Io)?;
+            chunk_start = end;
+            index += 1;
+        }
+        batch = (batch * 2).min(RANGE_BATCH_MAX);
+    }
+    Ok(())
 }
