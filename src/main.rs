@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod import;
 mod mount;
 mod nar_check;
+mod nix_db;
 mod serve;
 
 /// Lazy /nix/store for Nix builders: store paths split into a
@@ -24,6 +25,7 @@ enum Command {
     Import(import::Args),
     Mount(mount::Args),
     NarCheck(nar_check::Args),
+    NixDb(nix_db::Args),
     Serve(serve::Args),
 }
 
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
             Command::Import(args) => import::run(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,
+            Command::NixDb(args) => nix_db::run(args).await,
             Command::Serve(args) => serve::run(args).await,
         }
     });
