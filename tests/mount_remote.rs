@@ -6,10 +6,9 @@
 //! EIO (never wrong bytes) and a log line naming the file; a corrupted
 //! chunk in the local cache is fetched again.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lazystore_castore::{CacheOptions, CacheStore, Digest, Node};
@@ -18,7 +17,9 @@ use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{Store, StorePath, nixbase32};
 use lazystore_testkit::{add_tree, nix_cmd, noise};
 
-const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
+mod common;
+
+use common::{Mount, serve, stats};
 
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -63,110 +64,6 @@ fn import(url: &str, path: &str) -> (String, Node) {
             .unwrap();
         (hash, ingested.root)
     })
-}
-
-/// A child process killed when dropped.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().unwrap()
-    }
-
-    fn signal(&mut self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child().id() as i32, signal) };
-    }
-
-    /// SIGTERM, then its stderr once it exits.
-    fn stop(mut self) -> String {
-        self.signal(libc::SIGTERM);
-        let out = self.0.take().unwrap().wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts `lazystore ARGS…` and returns it with the first line it prints.
-fn start(args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(LAZYSTORE)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    if line.is_empty() {
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "lazystore {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (Proc(Some(child)), line.trim().to_owned())
-}
-
-fn serve(store: &str, listen: &str) -> (Proc, String) {
-    start(&["serve", "--listen", listen, "--store", store])
-}
-
-/// The mount's counters, by name.
-fn stats(mountpoint: &Path) -> std::collections::HashMap<String, u64> {
-    std::fs::read_to_string(mountpoint.join(".lazystore/stats"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
-        .collect()
-}
-
-struct Mount {
-    proc: Option<Proc>,
-    path: PathBuf,
-}
-
-impl Mount {
-    fn start(mountpoint: &Path, store: &str, cache: &str, extra: &[&str]) -> Mount {
-        let mut args = vec![
-            "mount",
-            mountpoint.to_str().unwrap(),
-            "--store",
-            store,
-            "--cache",
-            cache,
-        ];
-        args.extend(extra);
-        let (proc, path) = start(&args);
-        Mount {
-            proc: Some(proc),
-            path: PathBuf::from(path),
-        }
-    }
-
-    fn stop(mut self) -> String {
-        self.proc.take().unwrap().stop()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        drop(self.proc.take());
-        let _ = Command::new("fusermount3")
-            .args(["-u", "-z"])
-            .arg(&self.path)
-            .status();
-    }
 }
 
 fn chunk_count(store_url: &str, digest: Digest) -> (usize, Vec<Digest>) {

@@ -1,0 +1,115 @@
+//! What the CLI tests share: the `lazystore` binary run as a child process
+//! (killed when dropped), servers and mounts started from it, and a mount's
+//! counters.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
+
+/// A child process killed when dropped.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+
+    pub fn signal(&mut self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child().id() as i32, signal) };
+    }
+
+    /// SIGTERM, then its stderr once it exits.
+    pub fn stop(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let out = self.0.take().unwrap().wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `lazystore ARGS…` and returns it with the first line it prints.
+pub fn start(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(LAZYSTORE)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.is_empty() {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "lazystore {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (Proc(Some(child)), line.trim().to_owned())
+}
+
+pub fn serve(store: &str, listen: &str) -> (Proc, String) {
+    start(&["serve", "--listen", listen, "--store", store])
+}
+
+/// The mount's counters, by name.
+pub fn stats(mountpoint: &Path) -> std::collections::HashMap<String, u64> {
+    std::fs::read_to_string(mountpoint.join(".lazystore/stats"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+pub struct Mount {
+    proc: Option<Proc>,
+    pub path: PathBuf,
+}
+
+impl Mount {
+    pub fn start(mountpoint: &Path, store: &str, cache: &str, extra: &[&str]) -> Mount {
+        let mut args = vec![
+            "mount",
+            mountpoint.to_str().unwrap(),
+            "--store",
+            store,
+            "--cache",
+            cache,
+        ];
+        args.extend(extra);
+        let (proc, path) = start(&args);
+        Mount {
+            proc: Some(proc),
+            path: PathBuf::from(path),
+        }
+    }
+
+    pub fn stop(mut self) -> String {
+        self.proc.take().unwrap().stop()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&self.path)
+            .status();
+    }
+}

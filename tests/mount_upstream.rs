@@ -1,0 +1,111 @@
+//! `lazystore mount --upstream` for real: a path never imported, in a
+//! real-Nix binary cache with `.ls` listings served over HTTP, appears on
+//! lookup; `ls -lR` over it downloads no NAR; 16 processes reading a file
+//! at once cause one NAR download; `nix hash path` through the mount gives
+//! Nix's NarHash.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Mount, stats};
+use lazystore_testkit::http::TestServer;
+use lazystore_testkit::{build_closure, gen_key, make_cache, nix_cmd};
+
+fn basename(path: &str) -> &str {
+    path.strip_prefix("/nix/store/").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_paths_appear_on_lookup_and_download_once_on_read() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "lazystore-mount-upstream-1");
+    let cache = make_cache(&[closure.top()], "zstd", Some(&secret));
+    let server = TestServer::start(cache.path()).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let mountpoint = work.path().join("store");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let store = format!("redb://{}/store.redb", work.path().display());
+    let url = server.url.clone();
+    let mount = tokio::task::spawn_blocking(move || {
+        Mount::start(
+            &mountpoint,
+            &store,
+            "none",
+            &["--upstream", &url, "--trusted-public-key", &public],
+        )
+    })
+    .await
+    .unwrap();
+    let c = mount.path.join(basename(&closure.c));
+
+    let listing = blocking(move || {
+        let out = Command::new("ls").arg("-lR").arg(&c).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await;
+    assert!(
+        listing.contains(" hi\n") && listing.contains(" refs\n"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("b -> {}", closure.b)),
+        "{listing}"
+    );
+    assert_eq!(server.nar_requests(), 0, "ls -lR downloaded a NAR");
+
+    let refs = mount.path.join(basename(&closure.c)).join("refs");
+    let want = std::fs::read(format!("{}/refs", closure.c)).unwrap();
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let refs = refs.clone();
+            std::thread::spawn(move || std::fs::read(refs).unwrap())
+        })
+        .collect();
+    for reader in readers {
+        let got = blocking(move || reader.join().unwrap()).await;
+        assert_eq!(got, want);
+    }
+    assert_eq!(server.nar_requests(), 1, "16 readers, one NAR download");
+    let counters = stats(&mount.path);
+    assert_eq!(counters["upstream_nar_downloads"], 1, "{counters:?}");
+
+    // The whole path, hashed through the mount, is what Nix has.
+    let c = mount.path.join(basename(&closure.c));
+    let hash = blocking(move || nix_hash_path(&c)).await;
+    let expected = nix_cmd(["nix-store", "--query", "--hash", &closure.c]);
+    assert_eq!(hash, expected.trim());
+    assert_eq!(server.nar_requests(), 1);
+
+    // A path no upstream has is not there.
+    let absent = mount.path.join("00000000000000000000000000000000-absent");
+    assert!(!absent.exists());
+    let log = blocking(move || mount.stop()).await;
+    assert!(log.contains("unmounted"), "{log}");
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn nix_hash_path(path: &Path) -> String {
+    let out = lazystore_testkit::nix_command("nix")
+        .args(["hash", "path", "--type", "sha256", "--base32"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
+}
