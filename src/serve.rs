@@ -1,30 +1,79 @@
 //! `lazystore serve`: one store over gRPC — blobs, directories and path
-//! infos, with gRPC health — until SIGINT or SIGTERM, then a graceful stop.
+//! infos, with gRPC health — and/or as a Nix binary cache over HTTP, until
+//! SIGINT or SIGTERM, then a graceful stop.
 
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use lazystore_castore::grpc::{Listener, Services, serve};
+use lazystore_httpcache::{
+    DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression, UploadAuth,
+};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
-use lazystore_pathinfo::{Store, default_store_url};
+use lazystore_pathinfo::{SigningKey, Store, default_store_url};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
 
-/// Serve a store over gRPC to importers, builders and other lazystores.
+/// Serve a store over gRPC to importers, builders and other lazystores,
+/// and/or as a Nix binary cache over HTTP.
 ///
-/// Prints the URL clients use (`grpc+http://HOST:PORT` with the port
-/// actually bound, or `grpc+unix:///PATH`) on standard output once
-/// listening. On SIGINT or SIGTERM it stops accepting connections, lets the
-/// calls in flight finish and exits 0; a second signal exits at once. Logs
-/// go to standard error, filtered by `RUST_LOG` (e.g. `RUST_LOG=info`).
+/// Prints the URLs clients use on standard output once listening, one a
+/// line: the gRPC one first (`grpc+http://HOST:PORT` with the port
+/// actually bound, or `grpc+unix:///PATH`), then the HTTP one
+/// (`http://HOST:PORT`). On SIGINT or SIGTERM it stops accepting
+/// connections, lets the calls in flight finish and exits 0; a second
+/// signal exits at once. Logs go to standard error, filtered by `RUST_LOG`
+/// (e.g. `RUST_LOG=info`; the HTTP access log is `lazystore::http=info`).
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("listeners").required(true).multiple(true))]
 pub struct Args {
-    /// Where to listen: HOST:PORT for TCP (port 0 picks a free one), or
-    /// unix:/PATH for a Unix socket.
-    #[arg(long, value_name = "ADDR")]
-    listen: String,
+    /// Where to serve gRPC: HOST:PORT for TCP (port 0 picks a free one),
+    /// or unix:/PATH for a Unix socket.
+    #[arg(long, value_name = "ADDR", group = "listeners")]
+    listen: Option<String>,
+    /// Where to serve the store as a Nix binary cache over HTTP: HOST:PORT
+    /// (port 0 picks a free one). Nix uses it as a substituter
+    /// (http://HOST:PORT) and with nix copy --from / --to.
+    #[arg(long, value_name = "ADDR", group = "listeners")]
+    http_listen: Option<String>,
+    /// Sign every narinfo served over HTTP with this key (Nix's secret key
+    /// file, from nix-store --generate-binary-cache-key), beside the
+    /// signatures kept from upstream.
+    #[arg(long, value_name = "FILE", requires = "http_listen")]
+    signing_key: Option<PathBuf>,
+    /// Priority in nix-cache-info (lower is preferred by Nix).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PRIORITY, requires = "http_listen")]
+    priority: u32,
+    /// WantMassQuery in nix-cache-info.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, requires = "http_listen")]
+    want_mass_query: bool,
+    /// The NARs narinfos point at: none (Range requests work), zstd or
+    /// zstd:LEVEL (compressed as they stream). Both forms are served
+    /// whatever this says.
+    #[arg(
+        long,
+        value_name = "HOW",
+        default_value = "none",
+        requires = "http_listen"
+    )]
+    nar_compression: NarCompression,
+    /// HTTP requests handled at once; more wait. A request holds its slot
+    /// until its body is sent.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REQUESTS, requires = "http_listen")]
+    http_max_requests: usize,
+    /// Accept uploads over HTTP (nix copy --to http://…), from clients
+    /// presenting the token in --upload-token-file.
+    #[arg(long, requires_all = ["http_listen", "upload_token_file"])]
+    allow_upload: bool,
+    /// File holding the upload token. Clients send it as a bearer token,
+    /// or as the password of Basic auth (in Nix: a netrc file, netrc-file =
+    /// …, with `machine HOST password TOKEN`).
+    #[arg(long, value_name = "FILE", requires = "allow_upload")]
+    upload_token_file: Option<PathBuf>,
     /// The store to serve: redb:///abs/path/store.redb, memory://,
     /// grpc+http://HOST:PORT or grpc+unix:///PATH [default:
     /// redb://$LAZYSTORE_DIR/store.redb, $LAZYSTORE_DIR defaulting to
@@ -39,35 +88,150 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
 
-    let url = match args.store {
+    let url = match args.store.clone() {
         Some(url) => url,
         None => default_store_url()?,
     };
     // A redb store is opened with every commit fsynced (what `Store::open`
     // does): clients publish PathInfos on the strength of what this server
     // told them is stored, so that must survive a crash of the server.
+    let http_options = match &args.http_listen {
+        Some(_) => Some(http_options(&args)?),
+        None => None,
+    };
     let store = Store::open(&url).await?;
-    let (listener, client_url) = bind(&args.listen).await?;
+    let grpc = match &args.listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let http = match &args.http_listen {
+        Some(addr) => Some(bind_http(addr).await?),
+        None => None,
+    };
     if url == "memory://" {
         tracing::warn!("serving a memory:// store: everything stored is lost when it stops");
     }
 
-    let services = Services::new(store.blobs.service().clone(), store.directories.clone())
-        .add_service(PathInfoServer::new(store.clone()).into_service());
+    let urls = grpc
+        .iter()
+        .map(|(_, u)| u)
+        .chain(http.iter().map(|(_, u)| u));
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{client_url}")
-        .and_then(|()| stdout.flush())
+    for client_url in urls {
+        writeln!(stdout, "{client_url}").context("cannot write the address to standard output")?;
+    }
+    stdout
+        .flush()
         .context("cannot write the address to standard output")?;
     drop(stdout);
-    tracing::info!(store = %url, listen = %client_url, "serving");
 
-    serve(listener, services, shutdown(interrupt, terminate))
-        .await
-        .with_context(|| format!("serving {url} on {client_url}"))?;
+    // One signal stops both servers.
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown(interrupt, terminate).await;
+        let _ = stop.send(true);
+    });
+    let stopping = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        }
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some((listener, client_url)) = grpc {
+        let services = Services::new(store.blobs.service().clone(), store.directories.clone())
+            .add_service(PathInfoServer::new(store.clone()).into_service());
+        tracing::info!(store = %url, listen = %client_url, "serving gRPC");
+        let (url, stop) = (url.clone(), stopping());
+        tasks.spawn(async move {
+            serve(listener, services, stop)
+                .await
+                .with_context(|| format!("serving {url} on {client_url}"))
+        });
+    }
+    if let (Some((listener, client_url)), Some(options)) = (http, http_options) {
+        let cache = HttpCache::new(store.clone(), options);
+        tracing::info!(store = %url, listen = %client_url, "serving a Nix binary cache");
+        let (url, stop) = (url.clone(), stopping());
+        tasks.spawn(async move {
+            lazystore_httpcache::serve(listener, cache, stop)
+                .await
+                .with_context(|| format!("serving {url} as a binary cache on {client_url}"))
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.context("a server task panicked")??;
+    }
     // The last clone of the store: closing it flushes the redb file.
     drop(store);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The HTTP cache's options from the command line, reading the key and
+/// token files.
+fn http_options(args: &Args) -> anyhow::Result<lazystore_httpcache::Options> {
+    let signing_key = match &args.signing_key {
+        Some(path) => Some(Arc::new(SigningKey::load(path).with_context(|| {
+            format!(
+                "cannot use --signing-key {}; make one with: nix-store \
+                 --generate-binary-cache-key NAME SECRET-FILE PUBLIC-FILE",
+                path.display()
+            )
+        })?)),
+        None => None,
+    };
+    let upload = match (&args.allow_upload, &args.upload_token_file) {
+        (true, Some(path)) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --upload-token-file {}", path.display()))?
+                .trim()
+                .to_owned();
+            if token.is_empty() {
+                bail!(
+                    "--upload-token-file {} is empty; put a token (e.g. from: openssl rand -hex 32) in it",
+                    path.display()
+                );
+            }
+            Some(UploadAuth { token })
+        }
+        _ => None,
+    };
+    Ok(lazystore_httpcache::Options {
+        want_mass_query: args.want_mass_query,
+        priority: args.priority,
+        compression: args.nar_compression,
+        signing_key,
+        upload,
+        max_requests: args.http_max_requests.max(1),
+    })
+}
+
+/// Binds `--http-listen`, returning the listener and the cache's URL.
+async fn bind_http(addr: &str) -> anyhow::Result<(TcpListener, String)> {
+    if addr.starts_with("unix:") {
+        bail!("cannot serve HTTP on {addr:?}: --http-listen takes HOST:PORT (e.g. 127.0.0.1:8080)");
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| listen_error(addr, e, "expected HOST:PORT (e.g. 127.0.0.1:8080)"))?;
+    let local = listener
+        .local_addr()
+        .with_context(|| format!("cannot read the address bound for {addr:?}"))?;
+    Ok((listener, format!("http://{local}")))
+}
+
+fn listen_error(addr: &str, e: std::io::Error, otherwise: &str) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "the address is in use (another lazystore serve?): pick another port, or 0 for any"
+        }
+        std::io::ErrorKind::PermissionDenied => "ports below 1024 need root",
+        std::io::ErrorKind::AddrNotAvailable => "no interface has that address",
+        _ => otherwise,
+    };
+    anyhow::Error::new(e).context(format!("cannot listen on {addr:?}; {hint}"))
 }
 
 /// Binds `--listen`, returning the listener and the URL clients use.
@@ -84,15 +248,11 @@ async fn bind(addr: &str) -> anyhow::Result<(Listener, String)> {
         return Ok((listener.into(), url));
     }
     let listener = TcpListener::bind(addr).await.map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::AddrInUse => {
-                "the address is in use (another lazystore serve?): pick another port, or 0 for any"
-            }
-            std::io::ErrorKind::PermissionDenied => "ports below 1024 need root",
-            std::io::ErrorKind::AddrNotAvailable => "no interface has that address",
-            _ => "expected HOST:PORT (e.g. 127.0.0.1:7400) or unix:/PATH",
-        };
-        anyhow::Error::new(e).context(format!("cannot listen on {addr:?}; {hint}"))
+        listen_error(
+            addr,
+            e,
+            "expected HOST:PORT (e.g. 127.0.0.1:7400) or unix:/PATH",
+        )
     })?;
     let local = listener
         .local_addr()

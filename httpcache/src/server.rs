@@ -1,0 +1,254 @@
+//! [`HttpCache`]: the routes, the request limit and the access log, over
+//! one [`Store`]; [`serve`] runs it on a listener until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::render::nar_listing;
+use lazystore_pathinfo::{SigningKey, Store, StorePath};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::body::{LogLine, Tracked};
+use crate::error::HttpError;
+use crate::layouts::Layouts;
+use crate::narinfo::{NarCompression, cache_info, narinfo};
+use crate::upload::Staging;
+
+/// `Priority` in `nix-cache-info` unless configured: the same as
+/// cache.nixos.org, so neither is preferred by default.
+pub const DEFAULT_PRIORITY: u32 = 40;
+
+/// Requests handled at once unless configured; more wait for a slot.
+pub const DEFAULT_MAX_REQUESTS: usize = 64;
+
+/// Who may upload.
+#[derive(Clone)]
+pub struct UploadAuth {
+    /// The token: `Authorization: Bearer TOKEN`, or Basic auth with any
+    /// user name and the token as password (what Nix sends from a netrc
+    /// file).
+    pub token: String,
+}
+
+impl std::fmt::Debug for UploadAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UploadAuth(<token>)")
+    }
+}
+
+/// How the cache presents itself.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `WantMassQuery` in `nix-cache-info`.
+    pub want_mass_query: bool,
+    /// `Priority` in `nix-cache-info` (lower is preferred).
+    pub priority: u32,
+    /// The form of NAR narinfos point at.
+    pub compression: NarCompression,
+    /// Signs every narinfo served, beside the signatures kept.
+    pub signing_key: Option<Arc<SigningKey>>,
+    /// Uploads (`PUT`) are accepted with this token; `None` refuses them.
+    pub upload: Option<UploadAuth>,
+    /// Requests handled at once; a request holds its slot until its body
+    /// is sent.
+    pub max_requests: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            want_mass_query: true,
+            priority: DEFAULT_PRIORITY,
+            compression: NarCompression::None,
+            signing_key: None,
+            upload: None,
+            max_requests: DEFAULT_MAX_REQUESTS,
+        }
+    }
+}
+
+/// A store served as a binary cache. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpCache {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub store: Store,
+    pub options: Options,
+    pub layouts: Layouts,
+    pub staging: Staging,
+    limit: Arc<Semaphore>,
+}
+
+impl HttpCache {
+    /// Serves `store` as `options` say.
+    pub fn new(store: Store, options: Options) -> HttpCache {
+        let limit = Arc::new(Semaphore::new(options.max_requests.max(1)));
+        HttpCache {
+            inner: Arc::new(Inner {
+                store,
+                options,
+                layouts: Layouts::default(),
+                staging: Staging::default(),
+                limit,
+            }),
+        }
+    }
+
+    /// The routes, with the request limit and the access log.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/nix-cache-info", get(get_cache_info))
+            .route("/{file}", get(get_top).put(crate::upload::put_top))
+            .route(
+                "/nar/{file}",
+                get(crate::nar::get_nar).put(crate::upload::put_nar),
+            )
+            .fallback(not_found)
+            .layer(middleware::from_fn_with_state(self.clone(), track))
+            .with_state(self.clone())
+    }
+
+    /// The PathInfo of the path whose hash is `hash_str`, or 404.
+    pub(crate) async fn path_info(&self, hash_str: &str, url: &str) -> Result<PathInfo, HttpError> {
+        let hash = StorePath::parse_hash(hash_str).map_err(|e| {
+            HttpError::NotFound(format!(
+                "{url}: {hash_str:?} is not a store path hash ({e})"
+            ))
+        })?;
+        self.path_info_by_hash(&hash, url).await
+    }
+
+    pub(crate) async fn path_info_by_hash(
+        &self,
+        hash: &[u8; 20],
+        url: &str,
+    ) -> Result<PathInfo, HttpError> {
+        self.inner
+            .store
+            .path_infos
+            .get(hash)
+            .await
+            .map_err(|e| HttpError::internal(format!("looking up {url}"), e))?
+            .ok_or_else(|| HttpError::NotFound(format!("{url}: no such path in this cache")))
+    }
+}
+
+/// Runs `cache` on `listener` until `shutdown` completes, then stops
+/// accepting and lets the requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    cache: HttpCache,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, cache.router())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Holds a request slot for the whole request, body included, and logs
+/// the request when its body ends.
+async fn track(State(cache): State<HttpCache>, request: Request, next: Next) -> Response {
+    let permit = cache
+        .inner
+        .limit
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let range = request
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status();
+    let (parts, body) = response.into_parts();
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = Tracked::new(
+        body,
+        permit,
+        LogLine {
+            method,
+            path,
+            range,
+            status,
+            length,
+            start,
+        },
+    );
+    Response::from_parts(parts, Body::new(body))
+}
+
+async fn not_found(request: Request) -> HttpError {
+    HttpError::NotFound(format!(
+        "{}: no such file in this cache",
+        request.uri().path()
+    ))
+}
+
+async fn get_cache_info(State(cache): State<HttpCache>) -> Response {
+    let options = &cache.inner.options;
+    text_response(
+        "text/x-nix-cache-info",
+        cache_info(options.want_mass_query, options.priority),
+    )
+}
+
+fn text_response(content_type: &'static str, body: impl Into<Body>) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    (headers, body.into()).into_response()
+}
+
+/// `GET /<hash>.narinfo` and `GET /<hash>.ls`.
+async fn get_top(
+    State(cache): State<HttpCache>,
+    method: Method,
+    Path(file): Path<String>,
+) -> Result<Response, HttpError> {
+    let url = format!("/{file}");
+    if let Some(hash) = file.strip_suffix(".narinfo") {
+        let info = cache.path_info(hash, &url).await?;
+        let options = &cache.inner.options;
+        let text = narinfo(&info, options.compression, options.signing_key.as_deref()).render();
+        return Ok(text_response("text/x-nix-narinfo", text));
+    }
+    if let Some(hash) = file.strip_suffix(".ls") {
+        let info = cache.path_info(hash, &url).await?;
+        if method == Method::HEAD {
+            return Ok(text_response("application/json", Body::empty()));
+        }
+        let listing = nar_listing(&*cache.inner.store.directories, &info.root)
+            .await
+            .map_err(|e| HttpError::internal(format!("listing {}", info.store_path), e))?;
+        if !listing.is_utf8() {
+            return Err(HttpError::NotFound(format!(
+                "{url}: {} has names that are not UTF-8, which a JSON listing cannot hold",
+                info.store_path
+            )));
+        }
+        return Ok(text_response("application/json", listing.to_json()));
+    }
+    Err(HttpError::NotFound(format!(
+        "{url}: no such file in this cache"
+    )))
+}

@@ -1,0 +1,354 @@
+//! Uploads, as `nix copy --to http://…` sends them: each NAR first
+//! (`PUT /nar/<filehash>.nar[.xz|.zst|…]`), then its narinfo
+//! (`PUT /<hash>.narinfo`).
+//!
+//! A NAR is decompressed and ingested into the castore while it arrives,
+//! and its root node, NarHash and NarSize are *staged* under its URL. When
+//! the narinfo arrives, the staged NAR it names (by URL, or else by
+//! NarHash) must have the narinfo's NarHash and NarSize, and every
+//! reference must already be a path here; only then is the PathInfo
+//! published. Until then the ingested data is unreferenced: a narinfo that
+//! never comes publishes nothing, and staged entries are forgotten after
+//! [`STAGED_FOR`] or beyond [`MAX_STAGED`].
+//!
+//! Every upload needs the token; without uploads configured, every `PUT`
+//! is 403.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_compression::tokio::bufread::{
+    BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder,
+};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::TryStreamExt as _;
+use lazystore_castore::Node;
+use lazystore_pathinfo::ingest::{IngestError, ingest_nar};
+use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::{MAX_NARINFO_SIZE, NarInfo, StorePath, nixbase32};
+use tokio::io::{AsyncRead, BufReader};
+use tokio_util::io::StreamReader;
+
+use crate::error::{HttpError, chain};
+use crate::server::HttpCache;
+
+/// How long an ingested NAR waits for its narinfo.
+pub const STAGED_FOR: Duration = Duration::from_secs(3600);
+
+/// NARs waiting for their narinfo, at most; the oldest is forgotten first.
+pub const MAX_STAGED: usize = 4096;
+
+/// Memory an xz decoder may use: Nix writes `xz -6` (9 MiB); `-9` needs
+/// 65 MiB. A stream asking for more is refused.
+const XZ_MEMORY_LIMIT: u64 = 128 << 20;
+
+/// Read size between the request body and the decoder.
+const UPLOAD_BUFFER: usize = 256 * 1024;
+
+/// An ingested NAR waiting for its narinfo.
+#[derive(Clone, Debug)]
+struct Staged {
+    root: Node,
+    nar_size: u64,
+    nar_sha256: [u8; 32],
+    at: Instant,
+}
+
+/// Ingested NARs by upload URL (`nar/…`).
+#[derive(Default)]
+pub struct Staging {
+    /// A mutex, not an async lock: held only to insert or take, never
+    /// across an await.
+    entries: Mutex<HashMap<String, Staged>>,
+}
+
+impl Staging {
+    fn insert(&self, url: String, staged: Staged) {
+        let mut entries = self.entries.lock().expect("no panics while held");
+        entries.retain(|_, s| s.at.elapsed() < STAGED_FOR);
+        while entries.len() >= MAX_STAGED {
+            let oldest = entries
+                .iter()
+                .min_by_key(|(_, s)| s.at)
+                .map(|(url, _)| url.clone())
+                .expect("not empty");
+            entries.remove(&oldest);
+        }
+        entries.insert(url, staged);
+    }
+
+    /// The NAR staged under `url`, or else one with `nar_sha256`.
+    fn take(&self, url: &str, nar_sha256: &[u8; 32]) -> Option<Staged> {
+        let mut entries = self.entries.lock().expect("no panics while held");
+        if let Some(staged) = entries.remove(url) {
+            return Some(staged);
+        }
+        let url = entries
+            .iter()
+            .find(|(_, s)| s.nar_sha256 == *nar_sha256)
+            .map(|(url, _)| url.clone())?;
+        entries.remove(&url)
+    }
+}
+
+/// Checks the request's credentials against the upload token.
+fn authorize(cache: &HttpCache, headers: &HeaderMap) -> Result<(), HttpError> {
+    let Some(auth) = &cache.inner.options.upload else {
+        return Err(HttpError::Forbidden(
+            "uploads are disabled on this cache (start lazystore serve with --allow-upload \
+             --upload-token-file FILE)"
+                .to_owned(),
+        ));
+    };
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(HttpError::Unauthorized);
+    };
+    let wrong = || HttpError::Forbidden("wrong upload token".to_owned());
+    let value = value.to_str().map_err(|_| wrong())?.trim();
+    let presented: Vec<u8> = if let Some(token) = strip_scheme(value, "Bearer") {
+        token.as_bytes().to_vec()
+    } else if let Some(encoded) = strip_scheme(value, "Basic") {
+        let decoded = BASE64.decode(encoded).map_err(|_| wrong())?;
+        // user:password; the user name is not checked.
+        let colon = decoded.iter().position(|&b| b == b':').ok_or_else(wrong)?;
+        decoded[colon + 1..].to_vec()
+    } else {
+        return Err(wrong());
+    };
+    if constant_time_eq(&presented, auth.token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(wrong())
+    }
+}
+
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (given, rest) = value.split_once(' ')?;
+    given.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// says nothing about how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The request body as a reader.
+fn body_reader(body: Body) -> impl AsyncRead + Send + Unpin + 'static {
+    StreamReader::new(body.into_data_stream().map_err(io::Error::other))
+}
+
+/// The decompressed NAR of an upload to `nar/<file>`, by the file's
+/// extension, as Nix names them.
+fn decompressed(file: &str, body: Body) -> Result<Pin<Box<dyn AsyncRead + Send>>, HttpError> {
+    let input = BufReader::with_capacity(UPLOAD_BUFFER, body_reader(body));
+    let Some((_, extension)) = file.split_once(".nar") else {
+        return Err(HttpError::BadRequest(format!(
+            "/nar/{file}: expected a NAR file name (…​.nar, .nar.xz, .nar.zst, .nar.bz2, .nar.br)"
+        )));
+    };
+    Ok(match extension {
+        "" => Box::pin(input),
+        ".xz" => Box::pin(XzDecoder::with_mem_limit(input, XZ_MEMORY_LIMIT)),
+        ".zst" => Box::pin(ZstdDecoder::new(input)),
+        ".bz2" => Box::pin(BzDecoder::new(input)),
+        ".br" => Box::pin(BrotliDecoder::new(input)),
+        ".gz" => Box::pin(GzipDecoder::new(input)),
+        other => {
+            return Err(HttpError::Unsupported(format!(
+                "/nar/{file}: cannot decompress {other:?} uploads; upload with \
+                 ?compression=none, xz, zstd, bzip2 or br"
+            )));
+        }
+    })
+}
+
+/// `PUT /nar/<file>`: ingest the NAR and stage it for its narinfo.
+pub async fn put_nar(
+    State(cache): State<HttpCache>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    authorize(&cache, &headers)?;
+    let url = format!("nar/{file}");
+    let nar = decompressed(&file, body)?;
+    let store = &cache.inner.store;
+    let ingested = ingest_nar(&store.blobs, &*store.directories, nar)
+        .await
+        .map_err(|e| match e {
+            IngestError::Blob(_) | IngestError::Directory(_) => {
+                HttpError::internal(format!("storing the upload /{url}"), e)
+            }
+            other => HttpError::BadRequest(format!("/{url}: not a valid NAR: {}", chain(&other))),
+        })?;
+    tracing::info!(
+        target: "lazystore::http",
+        url = %url,
+        nar_size = ingested.nar_size,
+        nar_hash = %nixbase32::encode(&ingested.nar_sha256),
+        "NAR ingested, waiting for its narinfo"
+    );
+    cache.inner.staging.insert(
+        url,
+        Staged {
+            root: ingested.root,
+            nar_size: ingested.nar_size,
+            nar_sha256: ingested.nar_sha256,
+            at: Instant::now(),
+        },
+    );
+    Ok(StatusCode::OK.into_response())
+}
+
+/// `PUT /<hash>.narinfo` publishes the staged NAR it names;
+/// `PUT /<hash>.ls` is accepted and dropped (listings are made from the
+/// tree).
+pub async fn put_top(
+    State(cache): State<HttpCache>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    authorize(&cache, &headers)?;
+    let url = format!("/{file}");
+    if file.ends_with(".ls") {
+        return Ok(StatusCode::OK.into_response());
+    }
+    let Some(hash) = file.strip_suffix(".narinfo") else {
+        return Err(HttpError::NotFound(format!(
+            "{url}: only NARs (/nar/…) and narinfos can be uploaded"
+        )));
+    };
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
+        && encoding.as_bytes() != b"identity"
+    {
+        return Err(HttpError::Unsupported(format!(
+            "{url}: compressed narinfos are not accepted; upload without narinfo-compression"
+        )));
+    }
+    let hash = StorePath::parse_hash(hash)
+        .map_err(|e| HttpError::BadRequest(format!("{url}: not a store path hash ({e})")))?;
+    let text = read_bounded(body, MAX_NARINFO_SIZE, &url).await?;
+    let text = String::from_utf8(text)
+        .map_err(|_| HttpError::BadRequest(format!("{url}: the narinfo is not UTF-8")))?;
+    let narinfo = NarInfo::parse(&text)
+        .map_err(|e| HttpError::BadRequest(format!("{url}: invalid narinfo: {}", chain(&e))))?;
+    if narinfo.store_path.digest() != &hash {
+        return Err(HttpError::BadRequest(format!(
+            "{url}: the narinfo is for {}, whose hash is not the file's name",
+            narinfo.store_path
+        )));
+    }
+    let staged = cache
+        .inner
+        .staging
+        .take(&narinfo.url, &narinfo.nar_hash)
+        .ok_or_else(|| {
+            HttpError::Conflict(format!(
+                "{url}: no NAR was uploaded for {} (expected PUT /{} first)",
+                narinfo.store_path, narinfo.url
+            ))
+        })?;
+    if staged.nar_sha256 != narinfo.nar_hash || staged.nar_size != narinfo.nar_size {
+        return Err(HttpError::Conflict(format!(
+            "{url}: the uploaded NAR /{} has NarHash sha256:{} and NarSize {}, the narinfo \
+             says sha256:{} and {}; nothing was published",
+            narinfo.url,
+            nixbase32::encode(&staged.nar_sha256),
+            staged.nar_size,
+            nixbase32::encode(&narinfo.nar_hash),
+            narinfo.nar_size
+        )));
+    }
+    for reference in &narinfo.references {
+        if *reference == narinfo.store_path {
+            continue;
+        }
+        let present = cache
+            .inner
+            .store
+            .path_infos
+            .get(reference.digest())
+            .await
+            .map_err(|e| HttpError::internal(format!("looking up {reference}"), e))?
+            .is_some();
+        if !present {
+            return Err(HttpError::Conflict(format!(
+                "{url}: {} refers to {reference}, which is not in this cache; upload it first",
+                narinfo.store_path
+            )));
+        }
+    }
+    let info = PathInfo {
+        store_path: narinfo.store_path.clone(),
+        root: staged.root,
+        references: {
+            let mut references = narinfo.references.clone();
+            references.sort();
+            references
+        },
+        nar_size: narinfo.nar_size,
+        nar_sha256: narinfo.nar_hash,
+        signatures: narinfo.signatures.clone(),
+        deriver: narinfo.deriver.clone(),
+        ca: narinfo.ca.clone(),
+    };
+    cache
+        .inner
+        .store
+        .path_infos
+        .put(info)
+        .await
+        .map_err(|e| HttpError::internal(format!("publishing {}", narinfo.store_path), e))?;
+    tracing::info!(target: "lazystore::http", path = %narinfo.store_path, "published an uploaded path");
+    Ok(StatusCode::OK.into_response())
+}
+
+/// The whole body, refused past `limit` bytes.
+async fn read_bounded(body: Body, limit: usize, url: &str) -> Result<Vec<u8>, HttpError> {
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(|e| HttpError::BadRequest(format!("{url}: reading the upload: {e}")))?
+    {
+        if out.len() + chunk.len() > limit {
+            return Err(HttpError::TooLarge(format!(
+                "{url}: larger than {limit} bytes"
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn schemes() {
+        assert_eq!(strip_scheme("Bearer abc", "Bearer"), Some("abc"));
+        assert_eq!(strip_scheme("bearer  abc ", "Bearer"), Some("abc"));
+        assert_eq!(strip_scheme("Basic abc", "Bearer"), None);
+        assert_eq!(strip_scheme("Bearer", "Bearer"), None);
+    }
+}
