@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Builder benchmark: an unmodified nix-build over a closure of >= 1 GB of NAR
+# (a Rust toolchain and a Python install made into store paths with real Nix,
+# and a path referring to both), whose builder reads one small file of it.
+#
+#   lazy:  lazystore serve (the closure imported beforehand) ->
+#          scripts/lazystore-builder setup with an empty local cache -> nix-build
+#   eager: nix copy --from http://... of the same closure from a binary cache
+#          written by real Nix (zstd) and served by python3 -m http.server,
+#          into a scratch overlay of /nix/store -> the same nix-build
+#
+# Each is run in its own network namespace (servers and clients inside it),
+# once on plain loopback and once with loopback throttled to 100 Mbit/s
+# (tc tbf), and in its own mount namespace so the machine's store and Nix
+# database are untouched. "bytes" is every byte that crossed the namespace's
+# loopback (from /proc/net/dev: both directions, headers included); "wall" is
+# from the start of setup (lazy) or nix copy (eager) to the end of the build.
+#
+# Usage: bench/builder.sh            (as root; release build; prints a table)
+#   BENCH_DIR   where the cache and the store go (default
+#               /var/tmp/lazystore-builder-bench); kept between runs.
+#   RUST_TREE, PYTHON_TREE   the trees made into store paths.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
+work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
+rust_tree=${RUST_TREE:-$HOME/.rustup/toolchains/stable-x86_64-unknown-linux-gnu}
+python_tree=${PYTHON_TREE:-$HOME/.pyenv/versions/3.12.1}
+lazystore=$repo/target/release/lazystore
+builder=$repo/scripts/lazystore-builder
+THROTTLE=(tbf rate 100mbit burst 256kb latency 50ms)
+
+die() {
+  echo "bench/builder.sh: $*" >&2
+  exit 1
+}
+
+# Every loopback byte of this network namespace so far (received; on
+# loopback every byte sent is received once).
+lo_bytes() { awk '$1 == "lo:" { print $2 }' /proc/net/dev; }
+now() { date +%s.%N; }
+
+# A /nix/store and Nix database that take writes into a scratch upper layer,
+# over the real ones, in this mount namespace (the eager run's store).
+scratch_nix() {
+  local d=$1
+  for t in store db; do
+    local target=/nix/store
+    [[ $t == db ]] && target=/nix/var/nix/db
+    mkdir -p "$d/$t-aside" "$d/$t-upper" "$d/$t-work"
+    mount --bind "$target" "$d/$t-aside"
+    chown --reference="$target" "$d/$t-upper"
+    chmod --reference="$target" "$d/$t-upper"
+    mount -t overlay bench-scratch \
+      -o "lowerdir=$d/$t-aside,upperdir=$d/$t-upper,workdir=$d/$t-work" "$target"
+  done
+}
+
+# Starts the servers of one case in this network namespace; sets http_port
+# and grpc_url.
+start_servers() {
+  local case=$1
+  rm -f "$work/$case.port"
+  python3 - "$work/cache" "$work/$case.port" <<'EOF' &
+import functools, http.server, sys
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=sys.argv[1])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+open(sys.argv[2], "w").write(str(server.server_address[1]))
+server.serve_forever()
+EOF
+  pids+=($!)
+  "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb" \
+    >"$work/$case.serve" 2>"$work/$case.serve.log" &
+  pids+=($!)
+  until [[ -s $work/$case.port && -s $work/$case.serve ]]; do
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || die "a server of case $case died (see $work/$case.serve.log)"; done
+    sleep 0.1
+  done
+  http_port=$(cat "$work/$case.port")
+  grpc_url=$(head -n 1 "$work/$case.serve")
+}
+
+# One case, inside its own network and mount namespaces: prints
+# "case lazy_bytes lazy_secs eager_bytes eager_secs fetched".
+run_case() {
+  local case=$1 throttle=$2
+  local top reader public
+  top=$(cat "$work/top")
+  reader=$work/reader.nix
+  public=$(cat "$work/bench.pub")
+  pids=()
+  state=$work/state-$case
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; "$builder" teardown --state-dir "$state" >/dev/null 2>&1 || true' EXIT
+  ip link set lo up
+  if [[ $throttle == yes ]]; then tc qdisc add dev lo root "${THROTTLE[@]}"; fi
+  start_servers "$case"
+
+  # Lazy: an empty local cache.
+  rm -f "$work/state-$case/cache.redb"
+  local b0 t0 b1 t1
+  b0=$(lo_bytes) t0=$(now)
+  LAZYSTORE=$lazystore "$builder" setup --state-dir "$work/state-$case" --store "$grpc_url" "$top" \
+    >>"$work/$case.log" 2>&1 || die "lazystore-builder setup failed (see $work/$case.log)"
+  local out
+  out=$(nix-build --no-out-link "$reader" 2>>"$work/$case.log") || die "the lazy build failed (see $work/$case.log)"
+  t1=$(now) b1=$(lo_bytes)
+  [[ $(cat "$out") == "$(cat "$work/expected")" ]] || die "lazy build of case $case gave the wrong output"
+  local fetched
+  fetched=$(awk '$1 == "remote_wire_bytes" { print $2 }' "$work/state-$case/lazy/.lazystore/stats")
+  "$builder" teardown --state-dir "$work/state-$case" >/dev/null
+  local lazy_bytes=$((b1 - b0)) lazy_secs
+  lazy_secs=$(awk "BEGIN { print $t1 - $t0 }")
+
+  # Eager: the whole closure first, then the same build.
+  local scratch=$work/scratch-$case
+  rm -rf "$scratch"
+  mkdir -p "$scratch"
+  scratch_nix "$scratch"
+  b0=$(lo_bytes) t0=$(now)
+  nix copy --from "http://127.0.0.1:$http_port" --option trusted-public-keys "$public" "$top" \
+    2>>"$work/$case.log" || die "nix copy --from http://127.0.0.1:$http_port failed (see $work/$case.log)"
+  out=$(nix-build --no-out-link "$reader" 2>>"$work/$case.log") || die "the eager build failed (see $work/$case.log)"
+  t1=$(now) b1=$(lo_bytes)
+  [[ $(cat "$out") == "$(cat "$work/expected")" ]] || die "eager build of case $case gave the wrong output"
+  umount /nix/var/nix/db /nix/store "$scratch/db-aside" "$scratch/store-aside"
+  rm -rf --one-file-system "$scratch"
+  local eager_bytes=$((b1 - b0)) eager_secs
+  eager_secs=$(awk "BEGIN { print $t1 - $t0 }")
+  echo "$case $lazy_bytes $lazy_secs $eager_bytes $eager_secs $fetched"
+}
+
+# The closure, the binary cache and the imported lazystore store: made once.
+prepare() {
+  mkdir -p "$work"
+  if [[ -s $work/top && -s $work/deriver && -d $work/cache && -s $work/server/store.redb ]]; then
+    return
+  fi
+  echo "preparing (once): store paths, binary cache, lazystore import into $work" >&2
+  rm -rf "$work/cache" "$work/server"
+  [[ -d $rust_tree ]] || die "no Rust toolchain at $rust_tree (set RUST_TREE)"
+  [[ -d $python_tree ]] || die "no Python install at $python_tree (set PYTHON_TREE)"
+  local rust python
+  rust=$(nix store add-path --name lazystore-bench-rust "$rust_tree")
+  python=$(nix store add-path --name lazystore-bench-python "$python_tree")
+  local small=lib/python3.12/site-packages/README.txt
+  [[ -f $python/$small ]] || die "$python_tree has no $small (set PYTHON_TREE to a Python 3.12 install)"
+  cat "$python/$small" >"$work/expected"
+  cat >"$work/top.nix" <<EOF
+derivation {
+  name = "lazystore-bench-inputs";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo \${builtins.storePath "$rust"} \${builtins.storePath "$python"} > \$out" ];
+}
+EOF
+  local top
+  top=$(nix-build --no-out-link "$work/top.nix")
+  cat >"$work/reader.nix" <<EOF
+derivation {
+  name = "lazystore-bench-reader";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  # The whole closure is an input; the builder reads one small file of it.
+  inputs = builtins.storePath "$top";
+  args = [ "-c" "/bin/cat $python/$small > \$out" ];
+}
+EOF
+  [[ -s $work/bench.sec ]] || nix-store --generate-binary-cache-key lazystore-bench-1 "$work/bench.sec" "$work/bench.pub"
+  nix store sign -r -k "$work/bench.sec" "$top"
+  nix copy --to "file://$work/cache?compression=zstd" "$top"
+  nix-store --query --requisites "$top" >"$work/closure"
+  # The .drv refers to the trees (input sources): it goes too, or they stay alive.
+  nix-store --query --deriver "$top" >"$work/deriver"
+  local nar=0 p
+  for p in $(cat "$work/closure"); do nar=$((nar + $(nix-store --query --size "$p"))); done
+  echo "$nar" >"$work/nar-bytes"
+  "$lazystore" import --from "file://$work/cache" --trusted-public-key "$(cat "$work/bench.pub")" \
+    --store "redb://$work/server/store.redb" "$top" >/dev/null
+  echo "$top" >"$work/top"
+}
+
+main() {
+  (($(id -u) == 0)) || die "run as root (mount namespaces, overlays, FUSE, network namespaces)"
+  local need=()
+  command -v ip >/dev/null && command -v tc >/dev/null || need+=(iproute2)
+  command -v nix-store >/dev/null || need+=(nix-bin)
+  command -v fusermount3 >/dev/null || need+=(fuse3)
+  command -v python3 >/dev/null || need+=(python3)
+  if ((${#need[@]})); then
+    echo "bench/builder.sh: installing ${need[*]}" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; } ||
+      die "cannot install ${need[*]}: install them (apt-get install ${need[*]}) and run again"
+  fi
+  cargo build --quiet --release --bin lazystore
+  prepare
+  # The closure must not be on this machine: the lazy run would read the
+  # local copy (the store is a lower layer) and the eager one would copy
+  # nothing. It lives in the cache and the lazystore store only.
+  local p
+  for p in $(cat "$work/closure"); do
+    if [[ -e $p ]]; then
+      # shellcheck disable=SC2046
+      nix-store --delete $(cat "$work/deriver" "$work/closure") >/dev/null 2>"$work/delete.log" ||
+        die "cannot delete the benchmark closure from this machine's store: $(tail -n 1 "$work/delete.log")"
+      break
+    fi
+  done
+  local nar
+  nar=$(cat "$work/nar-bytes")
+  echo "closure: $(wc -l <"$work/closure") paths, $nar bytes of NAR ($(du -sb "$work/cache/nar" | cut -f1) bytes of zstd NAR files)"
+  local results=()
+  for case in loopback throttled; do
+    local throttle=no
+    [[ $case == throttled ]] && throttle=yes
+    local r
+    r=$(unshare --mount --net --propagation private "$0" __case "$case" "$throttle") ||
+      die "the $case case failed (see $work/$case.log)"
+    results+=("$r")
+  done
+  printf '\n%-10s %13s %13s %9s %13s %9s %10s %10s\n' link 'lazy bytes' '(chunks)' 'lazy s' \
+    'eager bytes' 'eager s' 'bytes l/e' 'wall l/e'
+  local r c lb ls eb es fetched
+  for r in "${results[@]}"; do
+    read -r c lb ls eb es fetched <<<"$r"
+    printf '%-10s %13s %13s %9.2f %13s %9.2f %9.3f%% %9.1f%%\n' "$c" "$lb" "$fetched" "$ls" "$eb" "$es" \
+      "$(awk "BEGIN { print 100 * $lb / $eb }")" "$(awk "BEGIN { print 100 * $ls / $es }")"
+  done
+  echo "throttled: loopback with tc qdisc ${THROTTLE[*]}; (chunks): the mount's remote_wire_bytes"
+  echo
+  echo "targets: lazy bytes <= 2% of eager; lazy wall <= 10% of eager on the throttled link"
+}
+
+if [[ ${1:-} == __case ]]; then
+  run_case "$2" "$3"
+else
+  main
+fi

@@ -1,0 +1,231 @@
+//! An unmodified `nix-build` over lazily fetched inputs, end to end through
+//! the central service: a closure built with real Nix is imported into
+//! `lazystore serve`, deleted from this machine's store, and brought back
+//! by `scripts/lazystore-builder setup` (the mount through gRPC with an
+//! empty local cache as a lower layer of an overlay at /nix/store, validity
+//! registered with `lazystore nix-db | nix-store --load-db`) inside a
+//! private mount namespace; a derivation whose builder reads one small file
+//! of the closure builds with the right output while the mount fetches a
+//! sliver of the closure's bytes; another user reads the lazy paths through
+//! the overlay; `teardown` leaves no mount, no process and no registered
+//! path behind.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{LAZYSTORE, serve};
+use lazystore_testkit::{NIX_CONFIG, gen_key, make_cache, nix_cmd, nix_output, noise};
+
+const BUILDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lazystore-builder");
+
+/// Bytes of the file in the closure that nothing reads.
+const BIG: usize = 24 << 20;
+
+/// The inputs: `data` holds a big file nobody reads and a small one the
+/// build reads; `lib` refers to `data`; `top` refers to both. Returns
+/// (top, data, the small file's content).
+fn build_inputs(dir: &Path) -> (String, String, String) {
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let big = dir.join("big.bin");
+    std::fs::write(&big, noise(BIG, 6)).unwrap();
+    let small = format!("the one file the build reads ({nonce})");
+    let expression = format!(
+        r#"
+let
+  mk = name: script: derivation {{
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  }};
+  data = mk "lazystore-builder-data" ''
+    /bin/mkdir -p $out/share
+    /bin/cp {big} $out/share/big.bin
+    echo '{small}' > $out/share/small.txt
+  '';
+  lib = mk "lazystore-builder-lib" "/bin/mkdir -p $out; echo ${{data}} > $out/data-path";
+in mk "lazystore-builder-top" "/bin/mkdir -p $out; echo ${{lib}} ${{data}} > $out/refs"
+"#,
+        big = big.display()
+    );
+    let file = dir.join("inputs.nix");
+    std::fs::write(&file, expression).unwrap();
+    let top = nix_cmd([
+        OsStr::new("nix-build"),
+        OsStr::new("--no-out-link"),
+        file.as_os_str(),
+    ])
+    .trim()
+    .to_owned();
+    let requisites = nix_cmd(["nix-store", "--query", "--requisites", &top]);
+    let data = requisites
+        .lines()
+        .find(|p| p.ends_with("-lazystore-builder-data"))
+        .unwrap()
+        .to_owned();
+    (top, data, format!("{small}\n"))
+}
+
+/// Counters as the mount's stats file has them (read inside the namespace).
+fn stats(text: &str) -> std::collections::HashMap<String, u64> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn nix_build_over_a_lazy_closure_in_a_private_mount_namespace() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (top, data, small) = build_inputs(dir);
+    let closure: Vec<String> = nix_cmd(["nix-store", "--query", "--requisites", &top])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(closure.len(), 3, "{closure:?}");
+    let nar_bytes: u64 = closure
+        .iter()
+        .map(|p| {
+            nix_cmd(["nix-store", "--query", "--size", p])
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+
+    // Into the central service, through a signed binary cache.
+    let (secret, public) = gen_key(dir, "builder-test-1");
+    let cache = make_cache(&[&top], "zstd", Some(&secret));
+    let (_server, url) = serve(
+        &format!("redb://{}/server.redb", dir.display()),
+        "127.0.0.1:0",
+    );
+    let import = Command::new(LAZYSTORE)
+        .args(["import", "--from"])
+        .arg(format!("file://{}", cache.path().display()))
+        .args(["--trusted-public-key", &public, "--store", &url, &top])
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+
+    // Gone from this machine: only the lazy mount can bring them back.
+    let mut delete = vec!["nix-store", "--delete"];
+    delete.extend(closure.iter().map(String::as_str));
+    nix_cmd(delete);
+    for path in &closure {
+        assert!(!Path::new(path).exists(), "{path} is still in the store");
+    }
+
+    let build = dir.join("build.nix");
+    std::fs::write(
+        &build,
+        format!(
+            r#"derivation {{
+  name = "lazystore-builder-reader";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  # The whole closure of top is an input; the builder reads one file of it.
+  closure = builtins.storePath "{top}";
+  args = [ "-c" "/bin/cat ${{builtins.storePath "{data}"}}/share/small.txt > $out" ];
+}}"#
+        ),
+    )
+    .unwrap();
+    let state = dir.join("state");
+    // Everything that touches /nix/store happens in a private mount
+    // namespace, and teardown runs whatever fails.
+    let script = r#"
+set -euo pipefail
+state=$1 url=$2 top=$3 data=$4 build=$5 out=$6
+trap '"$BUILDER" teardown --state-dir "$state" >"$out/teardown.log" 2>&1' EXIT
+"$BUILDER" setup --state-dir "$state" --store "$url" "$top"
+nix-build --no-out-link "$build" >"$out/result-path"
+cat "$(cat "$out/result-path")" >"$out/result"
+# Another user (as a build user would be) reads a lazy path through the overlay.
+setpriv --reuid=65534 --regid=65534 --clear-groups cat "$data/share/small.txt" >"$out/other-user"
+cat "$state/lazy/.lazystore/stats" >"$out/stats"
+trap - EXIT
+"$BUILDER" teardown --state-dir "$state" >"$out/teardown.log" 2>&1
+# After teardown, in the same namespace: the paths are neither there nor valid.
+if [ -e "$top" ]; then echo present; else echo absent; fi >"$out/after"
+if nix-store --check-validity "$top" 2>/dev/null; then echo valid; else echo invalid; fi >>"$out/after"
+"#;
+    let run = Command::new("timeout")
+        .args(["300", "unshare", "--mount", "--propagation", "private"])
+        .args(["bash", "-c", script, "builder-test"])
+        .arg(&state)
+        .args([&url, &top, &data])
+        .arg(&build)
+        .arg(dir)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("LAZYSTORE", LAZYSTORE)
+        .env("BUILDER", BUILDER)
+        .output()
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "the namespace script failed ({}):\nstdout:\n{}\nstderr:\n{}\nteardown:\n{}\nmount log:\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+        read("teardown.log"),
+        read("state/mount.log"),
+    );
+
+    assert_eq!(read("result"), small, "the build's output");
+    assert_eq!(read("other-user"), small, "read by another user");
+    let stats = stats(&read("stats"));
+    let fetched = stats["chunk_bytes_fetched"];
+    eprintln!("fetched {fetched} of {nar_bytes} bytes of NAR; counters: {stats:?}");
+    assert!(fetched > 0, "nothing was fetched: {stats:?}");
+    // The build read a few dozen bytes of a closure of over 24 MiB (and
+    // Nix read the .drv of none of it).
+    assert!(
+        fetched * 1000 < nar_bytes,
+        "fetched {fetched} of {nar_bytes} bytes of NAR: {stats:?}"
+    );
+    assert!(stats["remote_wire_bytes"] * 1000 < nar_bytes, "{stats:?}");
+
+    // Torn down: nothing mounted, the mount stopped, the host untouched.
+    assert_eq!(read("after"), "absent\ninvalid\n");
+    assert!(read("teardown.log").contains("torn down"));
+    assert!(!state.join("session").exists());
+    assert!(!state.join("store-upper").exists());
+    assert!(state.join("cache.redb").exists(), "the chunk cache is kept");
+    for path in &closure {
+        assert!(
+            !Path::new(path).exists(),
+            "{path} appeared in the host store"
+        );
+        let valid = nix_output(["nix-store", "--check-validity", path.as_str()]);
+        assert!(
+            !valid.status.success(),
+            "{path} is valid in the host's database"
+        );
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*state.to_string_lossy()), "{mounts}");
+    // The only lazystore processes left are this test's server.
+    let ps = Command::new("pgrep")
+        .args(["-f", &format!("mount {}", state.join("lazy").display())])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "the mount is still running");
+}
