@@ -8,16 +8,21 @@
 //! of the closure builds with the right output while the mount fetches a
 //! sliver of the closure's bytes; another user reads the lazy paths through
 //! the overlay; `teardown` leaves no mount, no process and no registered
-//! path behind.
+//! path behind. The same build with the service empty and only an
+//! `--upstream` binary cache downloads the NAR of the one path read from,
+//! not those of the closure's other paths.
 
 mod common;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{LAZYSTORE, serve};
+use lazystore_testkit::http::TestServer;
 use lazystore_testkit::{NIX_CONFIG, gen_key, make_cache, nix_cmd, nix_output, noise};
 
 const BUILDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lazystore-builder");
@@ -25,10 +30,26 @@ const BUILDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lazystore-bu
 /// Bytes of the file in the closure that nothing reads.
 const BIG: usize = 24 << 20;
 
-/// The inputs: `data` holds a big file nobody reads and a small one the
-/// build reads; `lib` refers to `data`; `top` refers to both. Returns
-/// (top, data, the small file's content).
-fn build_inputs(dir: &Path) -> (String, String, String) {
+/// One test at a time: each builds and deletes paths in this machine's
+/// store, which the other's overlay has as a lower layer (and overlayfs
+/// does not promise what is seen when a lower layer changes under it).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The closure the builds read from, built with real Nix in this machine's
+/// store: `data` holds the small file the build reads; `lib` refers to
+/// `data` and holds a big file nobody reads; `top` refers to both.
+struct Inputs {
+    top: String,
+    data: String,
+    /// The small file's content: what the build's output must be.
+    small: String,
+    /// Every path of `top`'s closure.
+    closure: Vec<String>,
+    /// Their NARs' total size.
+    nar_bytes: u64,
+}
+
+fn build_inputs(dir: &Path) -> Inputs {
     let nonce = format!(
         "{}-{}",
         std::process::id(),
@@ -49,12 +70,12 @@ let
     builder = "/bin/sh";
     args = [ "-c" script ];
   }};
-  data = mk "lazystore-builder-data" ''
+  data = mk "lazystore-builder-data" "/bin/mkdir -p $out/share; echo '{small}' > $out/share/small.txt";
+  lib = mk "lazystore-builder-lib" ''
     /bin/mkdir -p $out/share
     /bin/cp {big} $out/share/big.bin
-    echo '{small}' > $out/share/small.txt
+    echo ${{data}} > $out/data-path
   '';
-  lib = mk "lazystore-builder-lib" "/bin/mkdir -p $out; echo ${{data}} > $out/data-path";
 in mk "lazystore-builder-top" "/bin/mkdir -p $out; echo ${{lib}} ${{data}} > $out/refs"
 "#,
         big = big.display()
@@ -68,34 +89,17 @@ in mk "lazystore-builder-top" "/bin/mkdir -p $out; echo ${{lib}} ${{data}} > $ou
     ])
     .trim()
     .to_owned();
-    let requisites = nix_cmd(["nix-store", "--query", "--requisites", &top]);
-    let data = requisites
-        .lines()
-        .find(|p| p.ends_with("-lazystore-builder-data"))
-        .unwrap()
-        .to_owned();
-    (top, data, format!("{small}\n"))
-}
-
-/// Counters as the mount's stats file has them (read inside the namespace).
-fn stats(text: &str) -> std::collections::HashMap<String, u64> {
-    text.lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
-        .collect()
-}
-
-#[test]
-fn nix_build_over_a_lazy_closure_in_a_private_mount_namespace() {
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path();
-    let (top, data, small) = build_inputs(dir);
     let closure: Vec<String> = nix_cmd(["nix-store", "--query", "--requisites", &top])
         .lines()
         .map(str::to_owned)
         .collect();
     assert_eq!(closure.len(), 3, "{closure:?}");
-    let nar_bytes: u64 = closure
+    let data = closure
+        .iter()
+        .find(|p| p.ends_with("-lazystore-builder-data"))
+        .unwrap()
+        .clone();
+    let nar_bytes = closure
         .iter()
         .map(|p| {
             nix_cmd(["nix-store", "--query", "--size", p])
@@ -104,57 +108,78 @@ fn nix_build_over_a_lazy_closure_in_a_private_mount_namespace() {
                 .unwrap()
         })
         .sum();
+    Inputs {
+        top,
+        data,
+        small: format!("{small}\n"),
+        closure,
+        nar_bytes,
+    }
+}
 
-    // Into the central service, through a signed binary cache.
-    let (secret, public) = gen_key(dir, "builder-test-1");
-    let cache = make_cache(&[&top], "zstd", Some(&secret));
-    let (_server, url) = serve(
-        &format!("redb://{}/server.redb", dir.display()),
-        "127.0.0.1:0",
-    );
-    let import = Command::new(LAZYSTORE)
-        .args(["import", "--from"])
-        .arg(format!("file://{}", cache.path().display()))
-        .args(["--trusted-public-key", &public, "--store", &url, &top])
-        .output()
-        .unwrap();
-    assert!(
-        import.status.success(),
-        "{}",
-        String::from_utf8_lossy(&import.stderr)
-    );
-
-    // Gone from this machine: only the lazy mount can bring them back.
-    let mut delete = vec!["nix-store", "--delete"];
-    delete.extend(closure.iter().map(String::as_str));
-    nix_cmd(delete);
-    for path in &closure {
-        assert!(!Path::new(path).exists(), "{path} is still in the store");
+impl Inputs {
+    /// Deletes the closure from this machine's store, so that only the
+    /// lazy mount can bring it back (the store is a lower layer of the
+    /// overlay: a path left in it would be read locally).
+    fn forget(&self) {
+        let mut delete = vec!["nix-store", "--delete"];
+        delete.extend(self.closure.iter().map(String::as_str));
+        nix_cmd(delete);
+        for path in &self.closure {
+            assert!(!Path::new(path).exists(), "{path} is still in the store");
+        }
     }
 
-    let build = dir.join("build.nix");
-    std::fs::write(
-        &build,
-        format!(
-            r#"derivation {{
+    /// A derivation whose inputs are `top`'s closure and whose builder
+    /// reads the small file of `data`.
+    fn reader(&self, dir: &Path) -> PathBuf {
+        let build = dir.join("build.nix");
+        std::fs::write(
+            &build,
+            format!(
+                r#"derivation {{
   name = "lazystore-builder-reader";
   system = builtins.currentSystem;
   builder = "/bin/sh";
-  # The whole closure of top is an input; the builder reads one file of it.
   closure = builtins.storePath "{top}";
   args = [ "-c" "/bin/cat ${{builtins.storePath "{data}"}}/share/small.txt > $out" ];
-}}"#
-        ),
-    )
-    .unwrap();
+}}"#,
+                top = self.top,
+                data = self.data
+            ),
+        )
+        .unwrap();
+        build
+    }
+}
+
+/// Counters as the mount's stats file has them (read inside the namespace).
+fn stats(text: &str) -> HashMap<String, u64> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+/// In a private mount namespace: `lazystore-builder setup --store URL
+/// SETUP_ARGS… TOP`, `nix-build` of the reader, a read by another user,
+/// the mount's counters, teardown, then checks that teardown left nothing
+/// behind, in the namespace and on the host. Returns the counters.
+fn build_in_namespace(
+    dir: &Path,
+    url: &str,
+    setup_args: &[&str],
+    inputs: &Inputs,
+) -> HashMap<String, u64> {
+    let build = inputs.reader(dir);
     let state = dir.join("state");
-    // Everything that touches /nix/store happens in a private mount
-    // namespace, and teardown runs whatever fails.
+    // Teardown runs whatever fails.
     let script = r#"
 set -euo pipefail
 state=$1 url=$2 top=$3 data=$4 build=$5 out=$6
+shift 6
 trap '"$BUILDER" teardown --state-dir "$state" >"$out/teardown.log" 2>&1' EXIT
-"$BUILDER" setup --state-dir "$state" --store "$url" "$top"
+"$BUILDER" setup --state-dir "$state" --store "$url" "$@" "$top"
 nix-build --no-out-link "$build" >"$out/result-path"
 cat "$(cat "$out/result-path")" >"$out/result"
 # Another user (as a build user would be) reads a lazy path through the overlay.
@@ -170,9 +195,10 @@ if nix-store --check-validity "$top" 2>/dev/null; then echo valid; else echo inv
         .args(["300", "unshare", "--mount", "--propagation", "private"])
         .args(["bash", "-c", script, "builder-test"])
         .arg(&state)
-        .args([&url, &top, &data])
+        .args([url, &inputs.top, &inputs.data])
         .arg(&build)
         .arg(dir)
+        .args(setup_args)
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("LAZYSTORE", LAZYSTORE)
         .env("BUILDER", BUILDER)
@@ -188,20 +214,8 @@ if nix-store --check-validity "$top" 2>/dev/null; then echo valid; else echo inv
         read("teardown.log"),
         read("state/mount.log"),
     );
-
-    assert_eq!(read("result"), small, "the build's output");
-    assert_eq!(read("other-user"), small, "read by another user");
-    let stats = stats(&read("stats"));
-    let fetched = stats["chunk_bytes_fetched"];
-    eprintln!("fetched {fetched} of {nar_bytes} bytes of NAR; counters: {stats:?}");
-    assert!(fetched > 0, "nothing was fetched: {stats:?}");
-    // The build read a few dozen bytes of a closure of over 24 MiB (and
-    // Nix read the .drv of none of it).
-    assert!(
-        fetched * 1000 < nar_bytes,
-        "fetched {fetched} of {nar_bytes} bytes of NAR: {stats:?}"
-    );
-    assert!(stats["remote_wire_bytes"] * 1000 < nar_bytes, "{stats:?}");
+    assert_eq!(read("result"), inputs.small, "the build's output");
+    assert_eq!(read("other-user"), inputs.small, "read by another user");
 
     // Torn down: nothing mounted, the mount stopped, the host untouched.
     assert_eq!(read("after"), "absent\ninvalid\n");
@@ -209,7 +223,7 @@ if nix-store --check-validity "$top" 2>/dev/null; then echo valid; else echo inv
     assert!(!state.join("session").exists());
     assert!(!state.join("store-upper").exists());
     assert!(state.join("cache.redb").exists(), "the chunk cache is kept");
-    for path in &closure {
+    for path in &inputs.closure {
         assert!(
             !Path::new(path).exists(),
             "{path} appeared in the host store"
@@ -222,10 +236,104 @@ if nix-store --check-validity "$top" 2>/dev/null; then echo valid; else echo inv
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&*state.to_string_lossy()), "{mounts}");
-    // The only lazystore processes left are this test's server.
     let ps = Command::new("pgrep")
         .args(["-f", &format!("mount {}", state.join("lazy").display())])
         .output()
         .unwrap();
     assert!(ps.stdout.is_empty(), "the mount is still running");
+    stats(&read("stats"))
+}
+
+#[test]
+fn nix_build_over_a_lazy_closure_in_a_private_mount_namespace() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let inputs = build_inputs(dir);
+
+    // Into the central service, through a signed binary cache.
+    let (secret, public) = gen_key(dir, "builder-test-1");
+    let cache = make_cache(&[&inputs.top], "zstd", Some(&secret));
+    let (_server, url) = serve(
+        &format!("redb://{}/server.redb", dir.display()),
+        "127.0.0.1:0",
+    );
+    let import = Command::new(LAZYSTORE)
+        .args(["import", "--from"])
+        .arg(format!("file://{}", cache.path().display()))
+        .args([
+            "--trusted-public-key",
+            &public,
+            "--store",
+            &url,
+            &inputs.top,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    inputs.forget();
+
+    let stats = build_in_namespace(dir, &url, &[], &inputs);
+    let fetched = stats["chunk_bytes_fetched"];
+    let nar_bytes = inputs.nar_bytes;
+    eprintln!("fetched {fetched} of {nar_bytes} bytes of NAR; counters: {stats:?}");
+    assert!(fetched > 0, "nothing was fetched: {stats:?}");
+    // The build read a few dozen bytes of a closure of over 24 MiB.
+    assert!(
+        fetched * 1000 < nar_bytes,
+        "fetched {fetched} of {nar_bytes} bytes of NAR: {stats:?}"
+    );
+    assert!(stats["remote_wire_bytes"] * 1000 < nar_bytes, "{stats:?}");
+}
+
+#[test]
+fn nix_build_with_only_an_upstream_cache() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let inputs = build_inputs(dir);
+    let (secret, public) = gen_key(dir, "builder-upstream-test-1");
+    // zstd with .ls listings: paths are shown without their NARs.
+    let cache = make_cache(&[&inputs.top], "zstd", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    // The service is empty: every path comes from the upstream cache.
+    let (_server, url) = serve(
+        &format!("redb://{}/server.redb", dir.display()),
+        "127.0.0.1:0",
+    );
+    inputs.forget();
+
+    let stats = build_in_namespace(
+        dir,
+        &url,
+        &["--upstream", &upstream.url, "--trusted-public-key", &public],
+        &inputs,
+    );
+    let data_nar = std::fs::read_to_string(cache.path().join(format!(
+        "{}.narinfo",
+        &inputs.data["/nix/store/".len()..][..32]
+    )))
+    .unwrap()
+    .lines()
+    .find_map(|l| l.strip_prefix("URL: ").map(|u| format!("/{u}")))
+    .unwrap();
+    let downloaded = stats["upstream_bytes_downloaded"];
+    eprintln!(
+        "upstream only: {} NAR download(s), {downloaded} bytes downloaded, closure {} bytes of NAR; counters: {stats:?}",
+        stats["upstream_nar_downloads"], inputs.nar_bytes
+    );
+    // Only the NAR of the path read from: not lib's, not top's.
+    assert_eq!(upstream.nar_requests(), 1, "{stats:?}");
+    assert_eq!(
+        upstream.count(|p| p == data_nar),
+        1,
+        "{data_nar} was not the one"
+    );
+    assert_eq!(stats["upstream_nar_downloads"], 1, "{stats:?}");
+    assert!(downloaded * 1000 < inputs.nar_bytes, "{stats:?}");
 }
