@@ -44,6 +44,9 @@ pub(crate) struct UpstreamPath {
     fetched: OnceCell<Node>,
 }
 
+/// A path's lookup, shared by everyone looking it up.
+type PathCell = Arc<OnceCell<Arc<UpstreamPath>>>;
+
 /// What a placeholder digest stands for.
 pub(crate) enum Placeholder {
     /// A directory of a listing.
@@ -61,7 +64,7 @@ pub(crate) struct Upstreams {
     key: [u8; 32],
     /// One cell per path asked for: concurrent lookups wait on one fetch.
     // A std Mutex: one map operation per lookup, no await.
-    paths: Mutex<HashMap<[u8; DIGEST_LEN], Arc<OnceCell<Arc<UpstreamPath>>>>>,
+    paths: Mutex<HashMap<[u8; DIGEST_LEN], PathCell>>,
     /// When each path was last found in no cache.
     missing: Mutex<HashMap<[u8; DIGEST_LEN], Instant>>,
     placeholders: Mutex<HashMap<Digest, Placeholder>>,
