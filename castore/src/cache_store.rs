@@ -79,7 +79,7 @@ use crate::proto::ChunkEncoding;
 use crate::redb_store::{DigestKey, OpenError, create_database};
 
 /// Memory redb may use to cache pages of the cache file.
-const CACHE_PAGE_CACHE_BYTES: usize = 128 * 1024 * 1024;
+const CACHE_PAGE_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Default bound of a cache: 10 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
@@ -92,7 +92,7 @@ const TOUCHES_PER_FLUSH: usize = 1024;
 /// Most bytes written by commits without an fsync before one is made
 /// durable, letting redb reuse the pages the commits since the last one
 /// freed (a sixteenth of the bound, for smaller caches).
-const DURABLE_EVERY_BYTES: u64 = 64 << 20;
+const DURABLE_EVERY_BYTES: u64 = 16 << 20;
 
 /// Cost of a small record beyond its own bytes: its key, and its entry in
 /// `cache-lru-v1` (key and value).
