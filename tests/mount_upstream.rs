@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Mount, stats};
+use lazystore_pathinfo::{NarInfo, SigningKey};
 use lazystore_testkit::http::TestServer;
 use lazystore_testkit::{build_closure, gen_key, make_cache, nix_cmd};
 
@@ -85,11 +86,30 @@ async fn upstream_paths_appear_on_lookup_and_download_once_on_read() {
     assert_eq!(hash, expected.trim());
     assert_eq!(server.nar_requests(), 1);
 
+    // A path whose NAR does not match its signed NarHash: shown (from its
+    // listing), but reads fail with EIO and the log says which and why.
+    let a_narinfo = cache
+        .path()
+        .join(format!("{}.narinfo", &basename(&closure.a)[..32]));
+    let mut info = NarInfo::parse(&std::fs::read_to_string(&a_narinfo).unwrap()).unwrap();
+    info.nar_hash[0] ^= 1;
+    info.signatures.clear();
+    info.sign(&SigningKey::load(&secret).unwrap());
+    std::fs::write(&a_narinfo, info.render()).unwrap();
+    let a = mount.path.join(basename(&closure.a));
+    let err = blocking(move || std::fs::read(a).unwrap_err()).await;
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
     // A path no upstream has is not there.
     let absent = mount.path.join("00000000000000000000000000000000-absent");
     assert!(!absent.exists());
     let log = blocking(move || mount.stop()).await;
     assert!(log.contains("unmounted"), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains(&closure.a) && l.contains("EIO"))
+        .unwrap_or_else(|| panic!("no log line names {}:\n{log}", closure.a));
+    assert!(line.contains("NarHash"), "{line}");
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
