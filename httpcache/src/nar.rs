@@ -1,6 +1,6 @@
-//! `GET /nar/…`: a NAR rendered from the chunk store as it streams, whole
-//! (uncompressed or zstd) or, uncompressed, one byte range by seeking in
-//! its layout.
+//! `GET /nar/…`: a NAR rendered from the chunk store as it streams:
+//! uncompressed, whole or one byte range, from its layout (seeking, reading
+//! ahead); zstd-compressed, rendered in order and compressed on the way.
 
 use async_compression::Level;
 use async_compression::tokio::write::ZstdEncoder;
@@ -8,11 +8,12 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use lazystore_pathinfo::render::{render_nar, render_range};
+use futures::TryStreamExt as _;
+use lazystore_pathinfo::render::{render_nar, stream_range};
 use tokio::io::AsyncWriteExt;
 
 use crate::body::streamed;
-use crate::error::HttpError;
+use crate::error::{HttpError, chain};
 use crate::narinfo::{NarCompression, parse_nar_name};
 use crate::range::{self, Ranged};
 use crate::server::HttpCache;
@@ -74,34 +75,28 @@ pub async fn get_nar(
         Ranged::Unsatisfiable => return Err(HttpError::RangeNotSatisfiable { size }),
         Ranged::Part(part) => Some(part),
     };
-    let Some(part) = part else {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-        if head {
-            return Ok((headers, Body::empty()).into_response());
+    let status = match &part {
+        None => StatusCode::OK,
+        Some(part) => {
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {}-{}/{size}", part.start, part.end - 1))
+                    .expect("ASCII"),
+            );
+            StatusCode::PARTIAL_CONTENT
         }
-        // The whole NAR: rendered in order, every file checked against its
-        // digest as it ends.
-        let body = streamed(what, move |writer| async move {
-            render_nar(&store.blobs, &*store.directories, &info.root, writer).await?;
-            Ok(())
-        });
-        return Ok((headers, body).into_response());
     };
-
-    headers.insert(
-        header::CONTENT_RANGE,
-        HeaderValue::from_str(&format!("bytes {}-{}/{size}", part.start, part.end - 1))
-            .expect("ASCII"),
-    );
+    let part = part.unwrap_or(0..size);
     headers.insert(
         header::CONTENT_LENGTH,
         HeaderValue::from(part.end - part.start),
     );
     if head {
-        return Ok((StatusCode::PARTIAL_CONTENT, headers, Body::empty()).into_response());
+        return Ok((status, headers, Body::empty()).into_response());
     }
     // The layout is walked (or found) before the status is sent, so a
-    // missing directory is a 500, not a broken 206.
+    // missing directory is a 500, not a broken response. Whole NARs are
+    // served from it too: read ahead on every core, without copies.
     let layout = cache
         .inner
         .layouts
@@ -119,9 +114,12 @@ pub async fn get_nar(
             ),
         ));
     }
-    let body = streamed(what, move |writer| async move {
-        render_range(&store.blobs, &layout, part, writer).await?;
-        Ok(())
-    });
-    Ok((StatusCode::PARTIAL_CONTENT, headers, body).into_response())
+    let pieces = stream_range(store.blobs.clone(), layout, part)
+        .map_err(|e| HttpError::internal(what.clone(), e))?
+        .map_err(move |e| {
+            let text = format!("{what}: {}", chain(&e));
+            tracing::error!(target: "lazystore::http", "{text}");
+            std::io::Error::other(text)
+        });
+    Ok((status, headers, Body::from_stream(pieces)).into_response())
 }

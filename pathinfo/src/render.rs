@@ -16,9 +16,11 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::{Stream, StreamExt as _};
 use lazystore_castore::blobs::{BlobError, BlobMeta};
 use lazystore_castore::{
     Blobs, Digest, Directory, DirectoryError, DirectoryService, Node, PathComponent,
@@ -197,7 +199,7 @@ pub struct NarLayout {
     /// NarSize.
     size: u64,
     /// The NAR with every file's contents cut out.
-    structure: Vec<u8>,
+    structure: Bytes,
     /// Non-empty files, in NAR order.
     files: Vec<FileSpan>,
 }
@@ -229,7 +231,7 @@ impl NarLayout {
 
     /// Bytes of memory it holds, for caches that bound them.
     pub fn heap_size(&self) -> usize {
-        self.structure.capacity() + self.files.capacity() * std::mem::size_of::<FileSpan>()
+        self.structure.len() + self.files.capacity() * std::mem::size_of::<FileSpan>()
     }
 }
 
@@ -445,12 +447,11 @@ pub async fn nar_layout(
     }
     .run(directories, root)
     .await?;
-    let (mut structure, mut files) = walk.layout.expect("asked for");
-    structure.shrink_to_fit();
+    let (structure, mut files) = walk.layout.expect("asked for");
     files.shrink_to_fit();
     Ok(NarLayout {
         size: walk.offset,
-        structure,
+        structure: Bytes::from(structure),
         files,
     })
 }
@@ -477,21 +478,33 @@ pub async fn nar_listing(
 /// Chunks read at once when a range starts: few, so the first byte comes
 /// soon; doubled per read up to [`RANGE_BATCH_MAX`] as the range goes on.
 const RANGE_BATCH_FIRST: usize = 2;
-const RANGE_BATCH_MAX: usize = 32;
+const RANGE_BATCH_MAX: usize = 16;
 
-/// Writes bytes `range` of the NAR laid out by `layout` into `writer`,
-/// seeking: the structure between files comes from the layout, and only
-/// the chunks of the files the range overlaps are read, each verified.
-/// Returns the writer, flushed.
-pub async fn render_range<W>(
-    blobs: &Blobs,
-    layout: &NarLayout,
+/// Chunk batches read ahead of the one being sent, each read and verified
+/// by a task of its own, so that reading, decompressing and hashing use
+/// every core while the bytes before them are sent. At most
+/// `RANGE_READ_AHEAD × RANGE_BATCH_MAX` chunks (16 MiB at the default
+/// average chunk size) are held per range.
+const RANGE_READ_AHEAD: usize = 4;
+
+/// Pieces of NAR queued between the task reading them and the consumer.
+const RANGE_QUEUE: usize = 8;
+
+/// Bytes `range` of the NAR laid out by `layout`, as a stream of pieces in
+/// order, read by seeking: the structure between files comes from the
+/// layout (without a copy), and only the chunks of the files the range
+/// overlaps are read, each verified, several batches at once. A task of
+/// its own produces the pieces; dropping the stream stops it.
+///
+/// Each chunk is checked against its digest. A whole file is not also
+/// checked against its blob digest, as [`render_nar`] does: that would hash
+/// every byte twice and forbid starting mid-file; a wrong chunk list is
+/// caught by the NarHash a client checks.
+pub fn stream_range(
+    blobs: Blobs,
+    layout: Arc<NarLayout>,
     range: Range<u64>,
-    mut writer: W,
-) -> Result<W, RenderError>
-where
-    W: AsyncWrite + Unpin + Send,
-{
+) -> Result<impl Stream<Item = Result<Bytes, RenderError>> + Send + 'static, RenderError> {
     if range.start > range.end || range.end > layout.size {
         return Err(RenderError::OutOfRange {
             start: range.start,
@@ -499,94 +512,175 @@ where
             size: layout.size,
         });
     }
+    let (sender, receiver) = tokio::sync::mpsc::channel(RANGE_QUEUE);
+    tokio::spawn(async move {
+        if let Err(e) = produce_range(&blobs, &layout, range, &sender).await {
+            let _ = sender.send(Err(e)).await;
+        }
+    });
+    Ok(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|piece| (piece, receiver)) },
+    ))
+}
+
+/// One piece of a range being produced: bytes ready now, or a batch of
+/// chunks being read, to be cut to `from..to` of their concatenation.
+enum Piece {
+    Ready(Bytes),
+    Chunks {
+        reading: tokio::task::JoinHandle<Result<Vec<Bytes>, BlobError>>,
+        from: u64,
+        to: u64,
+    },
+}
+
+/// Plans the pieces of `range`, starting the chunk reads up to
+/// [`RANGE_READ_AHEAD`] batches ahead, and sends them in order. Returns
+/// early, without error, once the consumer is gone.
+async fn produce_range(
+    blobs: &Blobs,
+    layout: &NarLayout,
+    range: Range<u64>,
+    sender: &tokio::sync::mpsc::Sender<Result<Bytes, RenderError>>,
+) -> Result<(), RenderError> {
     let files = &layout.files;
+    let mut pending: std::collections::VecDeque<Piece> = std::collections::VecDeque::new();
     let mut pos = range.start;
-    while pos < range.end {
-        // The last file starting at or before `pos`: `pos` is in its
-        // contents or in the structure after it.
-        let k = files.partition_point(|f| f.nar_offset <= pos);
-        match k.checked_sub(1).map(|i| &files[i]) {
-            Some(file) if pos < file.nar_end() => {
-                let to = range.end.min(file.nar_end());
-                write_file_range(
-                    blobs,
-                    file,
-                    pos - file.nar_offset,
-                    to - file.nar_offset,
-                    &mut writer,
-                )
-                .await?;
-                pos = to;
+    let mut batch = RANGE_BATCH_FIRST;
+    // The file being planned: its chunk list, the next chunk and where it
+    // starts in the file.
+    let mut current: Option<(usize, BlobMeta, usize, u64)> = None;
+    loop {
+        // Plan until enough is read ahead or the range is planned.
+        while pos < range.end
+            && pending
+                .iter()
+                .filter(|p| matches!(p, Piece::Chunks { .. }))
+                .count()
+                < RANGE_READ_AHEAD
+        {
+            // The last file starting at or before `pos`: `pos` is in its
+            // contents or in the structure after it.
+            let k = files.partition_point(|f| f.nar_offset <= pos);
+            match k.checked_sub(1) {
+                Some(i) if pos < files[i].nar_end() => {
+                    let file = &files[i];
+                    if current.as_ref().is_none_or(|(at, ..)| *at != i) {
+                        let meta = blobs
+                            .stat(&file.digest)
+                            .await?
+                            .ok_or(RenderError::MissingBlob(file.digest))?;
+                        if meta.size != file.size {
+                            return Err(RenderError::BlobSize {
+                                digest: file.digest,
+                                recorded: file.size,
+                                actual: meta.size,
+                            });
+                        }
+                        // The first chunk overlapping `pos`.
+                        let within = pos - file.nar_offset;
+                        let (mut index, mut chunk_start) = (0, 0u64);
+                        while chunk_start + meta.chunks[index].size <= within {
+                            chunk_start += meta.chunks[index].size;
+                            index += 1;
+                        }
+                        current = Some((i, meta, index, chunk_start));
+                    }
+                    let (_, meta, index, chunk_start) = current.as_mut().expect("just set");
+                    let from = pos - file.nar_offset;
+                    let to = (range.end - file.nar_offset).min(file.size);
+                    let mut digests = Vec::with_capacity(batch);
+                    let first_start = *chunk_start;
+                    while digests.len() < batch && *chunk_start < to {
+                        let chunk = meta.chunks[*index];
+                        digests.push(chunk.digest);
+                        *chunk_start += chunk.size;
+                        *index += 1;
+                    }
+                    let batch_end = *chunk_start;
+                    let reader = blobs.clone();
+                    pending.push_back(Piece::Chunks {
+                        reading: tokio::spawn(async move {
+                            reader.read_chunks_verified(&digests).await
+                        }),
+                        from: from - first_start,
+                        to: to.min(batch_end) - first_start,
+                    });
+                    pos = file.nar_offset + to.min(batch_end);
+                    batch = (batch * 2).min(RANGE_BATCH_MAX);
+                }
+                previous => {
+                    let (resume, resumes_at) =
+                        previous.map_or((0, 0), |i| (files[i].resume, files[i].nar_end()));
+                    let next = files.get(k).map_or(layout.size, |f| f.nar_offset);
+                    let to = range.end.min(next);
+                    let from = resume + (pos - resumes_at) as usize;
+                    pending.push_back(Piece::Ready(
+                        layout.structure.slice(from..from + (to - pos) as usize),
+                    ));
+                    pos = to;
+                }
             }
-            previous => {
-                let (resume, resumes_at) = previous.map_or((0, 0), |f| (f.resume, f.nar_end()));
-                let next = files.get(k).map_or(layout.size, |f| f.nar_offset);
-                let to = range.end.min(next);
-                let from = resume + (pos - resumes_at) as usize;
-                let bytes = &layout.structure[from..from + (to - pos) as usize];
-                writer.write_all(bytes).await.map_err(RenderError::Io)?;
-                pos = to;
+        }
+        let Some(piece) = pending.pop_front() else {
+            return Ok(());
+        };
+        let pieces = match piece {
+            Piece::Ready(bytes) => vec![bytes],
+            Piece::Chunks { reading, from, to } => {
+                let chunks = reading
+                    .await
+                    .map_err(|e| RenderError::Blob(BlobError::Backend(e.into())))??;
+                cut(chunks, from, to)
+            }
+        };
+        for bytes in pieces {
+            if !bytes.is_empty() && sender.send(Ok(bytes)).await.is_err() {
+                // The consumer is gone; the reads still pending stop with
+                // their tasks' results unused.
+                for piece in pending {
+                    if let Piece::Chunks { reading, .. } = piece {
+                        reading.abort();
+                    }
+                }
+                return Ok(());
             }
         }
     }
-    writer.flush().await.map_err(RenderError::Io)?;
-    Ok(writer)
 }
 
-/// Writes bytes `from..to` of one file's contents: only the chunks that
-/// overlap, fetched a few at a time, each verified.
-async fn write_file_range<W>(
+/// Bytes `from..to` of the concatenation of `chunks`, as slices of them.
+fn cut(chunks: Vec<Bytes>, from: u64, to: u64) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut start = 0u64;
+    for chunk in chunks {
+        let end = start + chunk.len() as u64;
+        if end > from && start < to {
+            let lo = from.saturating_sub(start) as usize;
+            let hi = (to.min(end) - start) as usize;
+            out.push(chunk.slice(lo..hi));
+        }
+        start = end;
+    }
+    out
+}
+
+/// Writes bytes `range` of the NAR laid out by `layout` into `writer`, as
+/// [`stream_range`] reads them. Returns the writer, flushed.
+pub async fn render_range<W>(
     blobs: &Blobs,
-    file: &FileSpan,
-    from: u64,
-    to: u64,
-    writer: &mut W,
-) -> Result<(), RenderError>
+    layout: &Arc<NarLayout>,
+    range: Range<u64>,
+    mut writer: W,
+) -> Result<W, RenderError>
 where
     W: AsyncWrite + Unpin + Send,
 {
-    let meta: BlobMeta = blobs
-        .stat(&file.digest)
-        .await?
-        .ok_or(RenderError::MissingBlob(file.digest))?;
-    if meta.size != file.size {
-        return Err(RenderError::BlobSize {
-            digest: file.digest,
-            recorded: file.size,
-            actual: meta.size,
-        });
+    let mut pieces = std::pin::pin!(stream_range(blobs.clone(), layout.clone(), range)?);
+    while let Some(piece) = pieces.next().await {
+        writer.write_all(&piece?).await.map_err(RenderError::Io)?;
     }
-    // The first chunk overlapping `from`, and where it starts.
-    let mut index = 0;
-    let mut chunk_start = 0u64;
-    while chunk_start + meta.chunks[index].size <= from {
-        chunk_start += meta.chunks[index].size;
-        index += 1;
-    }
-    let mut batch = RANGE_BATCH_FIRST;
-    while chunk_start < to {
-        let mut digests = Vec::with_capacity(batch);
-        let mut batch_end = chunk_start;
-        for c in meta.chunks[index..].iter().take(batch) {
-            if batch_end >= to {
-                break;
-            }
-            digests.push(c.digest);
-            batch_end += c.size;
-        }
-        let chunks: Vec<Bytes> = blobs.read_chunks_verified(&digests).await?;
-        for chunk in chunks {
-            let end = chunk_start + chunk.len() as u64;
-            let lo = from.saturating_sub(chunk_start) as usize;
-            let hi = (to.min(end) - chunk_start) as usize;
-            writer
-                .write_all(&chunk[lo..hi])
-                .await
-                .map_err(RenderError::Io)?;
-            chunk_start = end;
-            index += 1;
-        }
-        batch = (batch * 2).min(RANGE_BATCH_MAX);
-    }
-    Ok(())
+    writer.flush().await.map_err(RenderError::Io)?;
+    Ok(writer)
 }

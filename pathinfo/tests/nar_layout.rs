@@ -71,7 +71,7 @@ async fn every_range_of_a_small_nar() {
     small_tree(&tree);
     let nar = dump(&add_tree(&tree));
     let store = ingest(&nar).await;
-    let layout = nar_layout(&store.directories, &store.root).await.unwrap();
+    let layout = Arc::new(nar_layout(&store.directories, &store.root).await.unwrap());
     assert_eq!(layout.size(), nar.len() as u64);
     let n = nar.len();
     for start in 0..=n {
@@ -104,7 +104,7 @@ async fn random_ranges_of_a_large_nar() {
     std::fs::write(tree.join("big"), noise(3_000_001, 99)).unwrap();
     let nar = dump(&add_tree(&tree));
     let store = ingest(&nar).await;
-    let layout = nar_layout(&store.directories, &store.root).await.unwrap();
+    let layout = Arc::new(nar_layout(&store.directories, &store.root).await.unwrap());
     let whole = render_range(&store.blobs, &layout, 0..nar.len() as u64, Vec::new())
         .await
         .unwrap();
@@ -146,7 +146,7 @@ async fn single_file_and_symlink_nars() {
     for path in [&file, &empty, &link] {
         let nar = dump(&add_tree(path));
         let store = ingest(&nar).await;
-        let layout = nar_layout(&store.directories, &store.root).await.unwrap();
+        let layout = Arc::new(nar_layout(&store.directories, &store.root).await.unwrap());
         let n = nar.len();
         for (start, end) in [(0, n), (1, n - 1), (100, 200.min(n)), (n, n)] {
             let got = render_range(&store.blobs, &layout, start as u64..end as u64, Vec::new())
