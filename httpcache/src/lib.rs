@@ -13,8 +13,8 @@
 //! With uploads enabled and a token, `nix copy --to http://…` works too:
 //! each NAR is ingested as it arrives and staged under its URL until its
 //! narinfo comes; the PathInfo is published only once the narinfo's NarHash
-//! and NarSize match what was ingested (see [`upload`](crate) in the design
-//! document).
+//! and NarSize match what was ingested (`docs/design.md`, "HTTP binary
+//! cache", has the trade-offs).
 //!
 //! ```text
 //! GET  /nix-cache-info                      StoreDir, WantMassQuery, Priority
