@@ -1,0 +1,268 @@
+//! The HTTP cache in process, over loopback, with a plain client: a NAR
+//! whose data is missing breaks the response instead of ending it short and
+//! complete-looking; a request holds its slot until its body is sent, so
+//! the limit bounds downloads, not just handlers; uploads that lie about
+//! their NAR publish nothing.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use lazystore_castore::{Digest, Node};
+use lazystore_httpcache::{HttpCache, Options, UploadAuth, serve};
+use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::{Store, StorePath};
+use lazystore_testkit::noise;
+use tokio::net::TcpListener;
+
+struct Running {
+    addr: String,
+    runtime: tokio::runtime::Runtime,
+    store: Store,
+}
+
+fn start(options: Options) -> Running {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Store::memory();
+    let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let cache = HttpCache::new(store.clone(), options);
+    runtime.spawn(serve(listener, cache, std::future::pending()));
+    Running {
+        addr,
+        runtime,
+        store,
+    }
+}
+
+fn path(name: &str) -> StorePath {
+    StorePath::from_basename(&format!("0c0j9j3kzqm9k6xqw0qjzs2n8cs9lfwk-{name}")).unwrap()
+}
+
+/// Publishes `root` as a path with a NAR of `nar_size` bytes.
+fn publish(running: &Running, name: &str, root: Node, nar_size: u64) -> StorePath {
+    let store_path = path(name);
+    running
+        .runtime
+        .block_on(running.store.path_infos.put(PathInfo {
+            store_path: store_path.clone(),
+            root,
+            references: Vec::new(),
+            nar_size,
+            nar_sha256: [7; 32],
+            signatures: Vec::new(),
+            deriver: None,
+            ca: None,
+        }))
+        .unwrap();
+    store_path
+}
+
+fn nar_url(running: &Running, store_path: &StorePath) -> String {
+    let (status, body) = get(
+        &running.addr,
+        &format!("/{}.narinfo", store_path.hash_str()),
+    );
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    format!("/{url}")
+}
+
+fn send(addr: &str, request: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+}
+
+/// Status and body of a GET; the body is whatever came before the server
+/// closed the connection.
+fn get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    let mut stream = send(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    );
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let status = String::from_utf8_lossy(&raw[9..12]).parse().unwrap();
+    (status, raw[end..].to_vec())
+}
+
+#[test]
+fn missing_data_breaks_the_response() {
+    let running = start(Options::default());
+    // A file whose blob is not stored: the NAR of 1,000 bytes of contents
+    // is 1,112 bytes, and none of it can be rendered past the header.
+    let root = Node::File {
+        digest: Digest::from(blake3::hash(b"not stored")),
+        size: 1000,
+        executable: false,
+    };
+    let store_path = publish(&running, "missing", root, 1112);
+    let url = nar_url(&running, &store_path);
+    let (status, body) = get(&running.addr, &url);
+    assert_eq!(status, 200);
+    assert!(body.len() < 1112, "a broken NAR was sent whole");
+    let mut stream = send(
+        &running.addr,
+        &format!(
+            "GET {url} HTTP/1.1\r\nHost: x\r\nRange: bytes=500-999\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 206"), "{text}");
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(raw.len() - end < 500, "a broken range was sent whole");
+}
+
+#[test]
+fn a_request_holds_its_slot_until_its_body_is_sent() {
+    let running = start(Options {
+        max_requests: 1,
+        ..Options::default()
+    });
+    let data = noise(48 << 20, 9);
+    let digest = running
+        .runtime
+        .block_on(running.store.blobs.put(&data))
+        .unwrap();
+    let root = Node::File {
+        digest,
+        size: data.len() as u64,
+        executable: false,
+    };
+    let store_path = publish(&running, "big", root, data.len() as u64 + 112);
+    let url = nar_url(&running, &store_path);
+
+    // A download nobody reads: it keeps the only slot while its body waits.
+    let mut stalled = send(
+        &running.addr,
+        &format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    );
+    let mut first = [0u8; 1];
+    stalled.read_exact(&mut first).unwrap();
+    let mut waiting = send(
+        &running.addr,
+        "GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let err = waiting.read_to_end(&mut reply).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    assert!(reply.is_empty(), "answered while the slot was taken");
+
+    // The stalled client goes away: its slot is free, the waiting request
+    // is answered.
+    drop(stalled);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    waiting.read_to_end(&mut reply).unwrap();
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+#[test]
+fn uploads_that_do_not_match_publish_nothing() {
+    let running = start(Options {
+        upload: Some(UploadAuth {
+            token: "t0ken".to_owned(),
+        }),
+        ..Options::default()
+    });
+    let put = |path: &str, auth: &str, body: &[u8]| -> u16 {
+        let mut stream = send(
+            &running.addr,
+            &format!(
+                "PUT {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            ),
+        );
+        stream.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw[9..12]).parse().unwrap()
+    };
+    // A NAR of one file, "hi".
+    let mut nar = Vec::new();
+    for token in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        b"hi",
+        b")",
+    ] {
+        nar.extend_from_slice(&(token.len() as u64).to_le_bytes());
+        nar.extend_from_slice(token);
+        nar.resize(nar.len().next_multiple_of(8), 0);
+    }
+    let bearer = "Authorization: Bearer t0ken\r\n";
+    assert_eq!(put("/nar/abc.nar", "", &nar), 401);
+    assert_eq!(
+        put("/nar/abc.nar", "Authorization: Bearer nope\r\n", &nar),
+        403
+    );
+    // user:t0ken
+    assert_eq!(
+        put(
+            "/nar/abc.nar",
+            "Authorization: Basic dXNlcjp0MGtlbg==\r\n",
+            &nar
+        ),
+        200
+    );
+    assert_eq!(put("/nar/abc.nar.lz4", bearer, &nar), 415);
+    assert_eq!(put("/nar/bad.nar", bearer, b"not a nar"), 400);
+
+    let store_path = path("hi");
+    let narinfo = |nar_size: usize| {
+        format!(
+            "StorePath: {}\nURL: nar/abc.nar\nCompression: none\nNarHash: sha256:1b3pxvmbvcyr0prbqgb3d4bw3r3zbrc2ngjxnhkp88qpfvbrcqzh\nNarSize: {nar_size}\nReferences: \n",
+            store_path.to_absolute()
+        )
+    };
+    let narinfo_url = format!("/{}.narinfo", store_path.hash_str());
+    // The staged NAR does not have that NarHash: refused, and the staged
+    // NAR is spent.
+    assert_eq!(
+        put(&narinfo_url, bearer, narinfo(nar.len()).as_bytes()),
+        409
+    );
+    assert_eq!(
+        put(&narinfo_url, bearer, narinfo(nar.len()).as_bytes()),
+        409
+    );
+    assert_eq!(get(&running.addr, &narinfo_url).0, 404);
+    // A narinfo for another path than its file name.
+    assert_eq!(
+        put(
+            "/00000000000000000000000000000000.narinfo",
+            bearer,
+            narinfo(nar.len()).as_bytes()
+        ),
+        400
+    );
+}
