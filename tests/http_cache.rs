@@ -173,6 +173,65 @@ fn nix_copies_from_the_cache_with_our_key_only() {
     server.stop();
 }
 
+/// gRPC and HTTP from one process: a closure imported through the gRPC
+/// URL is at once a binary cache Nix substitutes from; one SIGTERM stops
+/// both.
+#[test]
+fn grpc_and_http_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let closure = build_closure();
+    let (upstream_sk, upstream_pk) = gen_key(dir.path(), "upstream");
+    let cache = make_cache(&closure.paths(), "zstd", Some(&upstream_sk));
+    let (ours_sk, ours_pk) = gen_key(dir.path(), "ours");
+    let store = format!("redb://{}/store.redb", dir.path().display());
+    let mut child = Command::new(common::LAZYSTORE)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--store",
+            &store,
+            "--signing-key",
+            ours_sk.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let grpc = lines.next().unwrap().unwrap();
+    let http = lines.next().unwrap().unwrap();
+    assert!(grpc.starts_with("grpc+http://127.0.0.1:"), "{grpc}");
+    assert!(http.starts_with("http://127.0.0.1:"), "{http}");
+
+    let from = format!("file://{}", cache.path().display());
+    let out = Command::new(common::LAZYSTORE)
+        .args([
+            "import",
+            "--from",
+            &from,
+            "--trusted-public-key",
+            &upstream_pk,
+        ])
+        .args(["--store", &grpc, closure.top()])
+        .output()
+        .unwrap();
+    assert_ok(&out, "lazystore import through gRPC");
+    let (_fresh, fresh_url) = fresh_store();
+    let out = nix_copy_from(&http, &fresh_url, &ours_pk, closure.top());
+    assert_ok(&out, "nix copy --from");
+    assert_verified(&fresh_url, &closure);
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "lazystore serve exited with {status}");
+}
+
 #[test]
 fn nix_store_ls_and_cat_and_listings() {
     let imported = imported();
