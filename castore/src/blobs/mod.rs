@@ -247,6 +247,16 @@ pub trait BlobService: Send + Sync {
     /// [`BlobError::ChunkNotFound`]) a list naming a chunk that is not stored,
     /// so no blob ever points at missing data.
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError>;
+
+    /// Whether every chunk [`read_chunks`](BlobService::read_chunks)
+    /// returns was decoded and checked against its BLAKE3 by this backend,
+    /// so [`Blobs`] need not hash it again. A backend must return `true`
+    /// only if it can never return a chunk it has not checked itself; the
+    /// default, `false`, is right for every store that returns chunks as
+    /// stored.
+    fn verifies_chunks(&self) -> bool {
+        false
+    }
 }
 
 /// Verified access to a [`BlobService`]: chunked, compressed writes and
@@ -352,9 +362,12 @@ impl Blobs {
         Ok(out.into())
     }
 
-    /// Fetches chunks and returns their verified bytes, in order.
+    /// Fetches chunks and returns their verified bytes, in order: decoded
+    /// and hashed here, unless the backend did both itself (see
+    /// [`BlobService::verifies_chunks`]).
     pub async fn read_chunks_verified(&self, chunks: &[Digest]) -> Result<Vec<Bytes>, BlobError> {
         let encoded = self.service.read_chunks(chunks).await?;
+        let checked = self.service.verifies_chunks();
         if encoded.len() != chunks.len() {
             return Err(BlobError::Backend(
                 "backend returned the wrong number of chunks".into(),
@@ -370,7 +383,12 @@ impl Blobs {
                         reason: "backend sent another chunk",
                     });
                 }
-                e.decode()
+                match e.encoding {
+                    ChunkEncoding::Raw if checked && e.data.len() as u64 == e.size => {
+                        Ok(e.data.clone())
+                    }
+                    _ => e.decode(),
+                }
             })
             .collect()
     }
