@@ -9,6 +9,9 @@
 #          written by real Nix (zstd) and served by python3 -m http.server,
 #          into a scratch overlay of /nix/store -> the same nix-build
 #
+#   upstream: lazystore serve empty, the binary cache given as --upstream:
+#          the mount downloads the NARs of the paths read from
+#
 # Each is run in its own network namespace (servers and clients inside it),
 # once on plain loopback and once with loopback throttled to 100 Mbit/s
 # (tc tbf), and in its own mount namespace so the machine's store and Nix
@@ -58,12 +61,29 @@ scratch_nix() {
   done
 }
 
-# Starts the servers of one case in this network namespace; sets http_port
-# and grpc_url.
-start_servers() {
-  local case=$1
-  rm -f "$work/$case.port"
-  python3 - "$work/cache" "$work/$case.port" <<'EOF' &
+# Starts `lazystore serve` of the redb store $2 in this network namespace;
+# prints its URL.
+start_serve() {
+  local name=$1 store=$2
+  rm -f "$work/$name.serve"
+  "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$store" \
+    >"$work/$name.serve" 2>"$work/$name.serve.log" &
+  local pid=$!
+  echo "$pid" >>"$work/pids"
+  until [[ -s $work/$name.serve ]]; do
+    kill -0 "$pid" 2>/dev/null || die "lazystore serve $store died (see $work/$name.serve.log)"
+    sleep 0.1
+  done
+  head -n 1 "$work/$name.serve"
+}
+
+# Starts the binary cache's HTTP server in this network namespace; prints
+# its port.
+start_http() {
+  local name=$1
+  rm -f "$work/$name.port"
+  # Its output goes nowhere: this runs inside $(…), which waits for it.
+  python3 - "$work/cache" "$work/$name.port" >/dev/null 2>&1 <<'EOF' &
 import functools, http.server, sys
 class Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
@@ -73,51 +93,72 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 open(sys.argv[2], "w").write(str(server.server_address[1]))
 server.serve_forever()
 EOF
-  pids+=($!)
-  "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb" \
-    >"$work/$case.serve" 2>"$work/$case.serve.log" &
-  pids+=($!)
-  until [[ -s $work/$case.port && -s $work/$case.serve ]]; do
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || die "a server of case $case died (see $work/$case.serve.log)"; done
+  local pid=$!
+  echo "$pid" >>"$work/pids"
+  until [[ -s $work/$name.port ]]; do
+    kill -0 "$pid" 2>/dev/null || die "the HTTP server of the binary cache died"
     sleep 0.1
   done
-  http_port=$(cat "$work/$case.port")
-  grpc_url=$(head -n 1 "$work/$case.serve")
+  cat "$work/$name.port"
 }
 
-# One case, inside its own network and mount namespaces: prints
-# "case lazy_bytes lazy_secs eager_bytes eager_secs fetched".
+# One lazy run: setup with an empty local cache (setup arguments "$@"),
+# the build, teardown. Prints "bytes seconds counters-file".
+lazy_run() {
+  local name=$1
+  shift
+  local state=$work/state-$name
+  rm -f "$state/cache.redb"
+  local b0 t0 b1 t1 out
+  b0=$(lo_bytes) t0=$(now)
+  LAZYSTORE=$lazystore "$builder" setup --state-dir "$state" "$@" "$top" \
+    >>"$work/$name.log" 2>&1 || die "lazystore-builder setup failed (see $work/$name.log)"
+  out=$(nix-build --no-out-link "$reader" 2>>"$work/$name.log") || die "the build of $name failed (see $work/$name.log)"
+  t1=$(now) b1=$(lo_bytes)
+  [[ $(cat "$out") == "$(cat "$work/expected")" ]] || die "the build of $name gave the wrong output"
+  cp "$state/lazy/.lazystore/stats" "$work/$name.stats"
+  "$builder" teardown --state-dir "$state" >>"$work/$name.log" 2>&1
+  echo "$((b1 - b0)) $(awk "BEGIN { print $t1 - $t0 }") $work/$name.stats"
+}
+
+counter() { awk -v k="$1" '$1 == k { print $2 }' "$2"; }
+
+# One case, inside its own network and mount namespaces: prints one line
+# per run: "case run bytes seconds detail".
 run_case() {
   local case=$1 throttle=$2
-  local top reader public
   top=$(cat "$work/top")
   reader=$work/reader.nix
+  local public
   public=$(cat "$work/bench.pub")
-  pids=()
-  state=$work/state-$case
-  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; "$builder" teardown --state-dir "$state" >/dev/null 2>&1 || true' EXIT
+  # Servers started by this case, stopped by pid when it ends.
+  : >"$work/pids"
+  bench_case=$case
+  trap 'while read -r p; do kill "$p" 2>/dev/null || true; done <"$work/pids"
+        for r in imported upstream; do "$builder" teardown --state-dir "$work/state-$bench_case-$r" >/dev/null 2>&1 || true; done' EXIT
   ip link set lo up
   if [[ $throttle == yes ]]; then tc qdisc add dev lo root "${THROTTLE[@]}"; fi
-  start_servers "$case"
+  local http_port grpc_url empty_url
+  http_port=$(start_http "$case")
+  grpc_url=$(start_serve "$case" "$work/server/store.redb")
+  rm -rf "$work/empty-$case"
+  mkdir -p "$work/empty-$case"
+  empty_url=$(start_serve "$case-empty" "$work/empty-$case/store.redb")
 
-  # Lazy: an empty local cache.
-  rm -f "$work/state-$case/cache.redb"
-  local b0 t0 b1 t1
-  b0=$(lo_bytes) t0=$(now)
-  LAZYSTORE=$lazystore "$builder" setup --state-dir "$work/state-$case" --store "$grpc_url" "$top" \
-    >>"$work/$case.log" 2>&1 || die "lazystore-builder setup failed (see $work/$case.log)"
-  local out
-  out=$(nix-build --no-out-link "$reader" 2>>"$work/$case.log") || die "the lazy build failed (see $work/$case.log)"
-  t1=$(now) b1=$(lo_bytes)
-  [[ $(cat "$out") == "$(cat "$work/expected")" ]] || die "lazy build of case $case gave the wrong output"
-  local fetched
-  fetched=$(awk '$1 == "remote_wire_bytes" { print $2 }' "$work/state-$case/lazy/.lazystore/stats")
-  "$builder" teardown --state-dir "$work/state-$case" >/dev/null
-  local lazy_bytes=$((b1 - b0)) lazy_secs
-  lazy_secs=$(awk "BEGIN { print $t1 - $t0 }")
+  local bytes secs stats
+  # Lazy, the closure imported into the service beforehand.
+  read -r bytes secs stats < <(lazy_run "$case-imported" --store "$grpc_url")
+  [[ -n $stats ]] || die "the lazy run of $case failed (see $work/$case-imported.log)"
+  echo "$case lazy $bytes $secs $(counter remote_wire_bytes "$stats")_bytes_of_chunks"
+
+  # Lazy, the service empty: paths from the binary cache as --upstream.
+  read -r bytes secs stats < <(lazy_run "$case-upstream" --store "$empty_url" \
+    --upstream "http://127.0.0.1:$http_port" --trusted-public-key "$public")
+  [[ -n $stats ]] || die "the upstream run of $case failed (see $work/$case-upstream.log)"
+  echo "$case upstream $bytes $secs $(counter upstream_nar_downloads "$stats")_NAR(s),_$(counter upstream_bytes_downloaded "$stats")_bytes_from_upstream"
 
   # Eager: the whole closure first, then the same build.
-  local scratch=$work/scratch-$case
+  local scratch=$work/scratch-$case b0 t0 b1 t1 out
   rm -rf "$scratch"
   mkdir -p "$scratch"
   scratch_nix "$scratch"
@@ -129,15 +170,13 @@ run_case() {
   [[ $(cat "$out") == "$(cat "$work/expected")" ]] || die "eager build of case $case gave the wrong output"
   umount /nix/var/nix/db /nix/store "$scratch/db-aside" "$scratch/store-aside"
   rm -rf --one-file-system "$scratch"
-  local eager_bytes=$((b1 - b0)) eager_secs
-  eager_secs=$(awk "BEGIN { print $t1 - $t0 }")
-  echo "$case $lazy_bytes $lazy_secs $eager_bytes $eager_secs $fetched"
+  echo "$case eager $((b1 - b0)) $(awk "BEGIN { print $t1 - $t0 }") nix_copy_then_build"
 }
 
 # The closure, the binary cache and the imported lazystore store: made once.
 prepare() {
   mkdir -p "$work"
-  if [[ -s $work/top && -s $work/deriver && -d $work/cache && -s $work/server/store.redb ]]; then
+  if [[ -s $work/top && -s $work/deriver && -s $work/server/store.redb ]] && compgen -G "$work/cache/*.ls" >/dev/null; then
     return
   fi
   echo "preparing (once): store paths, binary cache, lazystore import into $work" >&2
@@ -172,7 +211,7 @@ derivation {
 EOF
   [[ -s $work/bench.sec ]] || nix-store --generate-binary-cache-key lazystore-bench-1 "$work/bench.sec" "$work/bench.pub"
   nix store sign -r -k "$work/bench.sec" "$top"
-  nix copy --to "file://$work/cache?compression=zstd" "$top"
+  nix copy --to "file://$work/cache?compression=zstd&write-nar-listing=true" "$top"
   nix-store --query --requisites "$top" >"$work/closure"
   # The .drv refers to the trees (input sources): it goes too, or they stay alive.
   nix-store --query --deriver "$top" >"$work/deriver"
@@ -213,25 +252,31 @@ main() {
   local nar
   nar=$(cat "$work/nar-bytes")
   echo "closure: $(wc -l <"$work/closure") paths, $nar bytes of NAR ($(du -sb "$work/cache/nar" | cut -f1) bytes of zstd NAR files)"
-  local results=()
+  local results=() case
   for case in loopback throttled; do
     local throttle=no
     [[ $case == throttled ]] && throttle=yes
     local r
     r=$(unshare --mount --net --propagation private "$0" __case "$case" "$throttle") ||
-      die "the $case case failed (see $work/$case.log)"
+      die "the $case case failed (see $work/$case*.log)"
     results+=("$r")
   done
-  printf '\n%-10s %13s %13s %9s %13s %9s %10s %10s\n' link 'lazy bytes' '(chunks)' 'lazy s' \
-    'eager bytes' 'eager s' 'bytes l/e' 'wall l/e'
-  local r c lb ls eb es fetched
-  for r in "${results[@]}"; do
-    read -r c lb ls eb es fetched <<<"$r"
-    printf '%-10s %13s %13s %9.2f %13s %9.2f %9.3f%% %9.1f%%\n' "$c" "$lb" "$fetched" "$ls" "$eb" "$es" \
-      "$(awk "BEGIN { print 100 * $lb / $eb }")" "$(awk "BEGIN { print 100 * $ls / $es }")"
+  printf '\n%-10s %-9s %13s %9s %12s %10s  %s\n' link run 'link bytes' seconds 'bytes/eager' 'wall/eager' detail
+  local block c run bytes secs detail eager_bytes eager_secs
+  for block in "${results[@]}"; do
+    read -r _ _ eager_bytes eager_secs _ < <(grep ' eager ' <<<"$block")
+    while read -r c run bytes secs detail; do
+      printf '%-10s %-9s %13s %9.2f %11.3f%% %9.1f%%  %s\n' "$c" "$run" "$bytes" "$secs" \
+        "$(awk "BEGIN { print 100 * $bytes / $eager_bytes }")" \
+        "$(awk "BEGIN { print 100 * $secs / $eager_secs }")" "${detail//_/ }"
+    done <<<"$block"
   done
-  echo "throttled: loopback with tc qdisc ${THROTTLE[*]}; (chunks): the mount's remote_wire_bytes"
   echo
+  echo "lazy: the closure imported into lazystore serve beforehand; upstream: lazystore serve"
+  echo "empty, the binary cache given as --upstream; eager: nix copy --from the binary cache."
+  echo "upstream's link bytes include the mount storing the downloaded path into the service"
+  echo "(gRPC, same loopback); the builder received the NAR(s) in the detail column."
+  echo "throttled: loopback with tc qdisc ${THROTTLE[*]}."
   echo "targets: lazy bytes <= 2% of eager; lazy wall <= 10% of eager on the throttled link"
 }
 
