@@ -153,6 +153,15 @@ impl Inputs {
     }
 }
 
+/// The command line of every process, arguments NUL-separated.
+fn running() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).into_owned())
+        .collect()
+}
+
 /// Counters as the mount's stats file has them (read inside the namespace).
 fn stats(text: &str) -> HashMap<String, u64> {
     text.lines()
@@ -236,11 +245,11 @@ if nix-store --check-validity "$top" 2>/dev/null; then echo valid; else echo inv
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&*state.to_string_lossy()), "{mounts}");
-    let ps = Command::new("pgrep")
-        .args(["-f", &format!("mount {}", state.join("lazy").display())])
-        .output()
-        .unwrap();
-    assert!(ps.stdout.is_empty(), "the mount is still running");
+    let lazy = format!("mount\0{}\0", state.join("lazy").display());
+    assert!(
+        !running().iter().any(|cmdline| cmdline.contains(&lazy)),
+        "the mount is still running"
+    );
     stats(&read("stats"))
 }
 
