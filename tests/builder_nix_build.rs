@@ -1,10 +1,11 @@
 //! An unmodified `nix-build` over lazily fetched inputs, end to end through
 //! the central service: a closure built with real Nix is imported into
 //! `lazystore serve`, deleted from this machine's store, and brought back
-//! by `scripts/lazystore-builder setup` (the mount through gRPC with an
-//! empty local cache as a lower layer of an overlay at /nix/store, validity
-//! registered with `lazystore nix-db | nix-store --load-db`) inside a
-//! private mount namespace; a derivation whose builder reads one small file
+//! by `scripts/lazystore-builder setup` and `register` (the mount through
+//! gRPC with an empty local cache as a lower layer of an overlay at
+//! /nix/store, validity registered with `lazystore nix-db | nix-store
+//! --load-db`) inside a private mount namespace, after a setup asked for a
+//! path the service lacks has failed naming it and undone itself; a derivation whose builder reads one small file
 //! of the closure builds with the right output while the mount fetches a
 //! sliver of the closure's bytes; another user reads the lazy paths through
 //! the overlay; `teardown` leaves no mount, no process and no registered
@@ -187,8 +188,21 @@ fn build_in_namespace(
 set -euo pipefail
 state=$1 url=$2 top=$3 data=$4 build=$5 out=$6
 shift 6
+# A setup that cannot register what it is asked for fails, naming the
+# path, and undoes itself.
+missing=/nix/store/00000000000000000000000000000000-in-no-store
+if "$BUILDER" setup --state-dir "$state" --store "$url" "$@" "$missing" 2>"$out/failed-setup.log"; then
+  echo "setup registered $missing" >&2
+  exit 1
+fi
+if [ -e "$state/session" ] || grep -q "$state" /proc/self/mountinfo; then
+  echo "the failed setup left a session or mounts behind" >&2
+  exit 1
+fi
 trap '"$BUILDER" teardown --state-dir "$state" >"$out/teardown.log" 2>&1' EXIT
-"$BUILDER" setup --state-dir "$state" --store "$url" "$@" "$top"
+# Setup registers data's closure, register adds top's.
+"$BUILDER" setup --state-dir "$state" --store "$url" "$@" "$data" >"$out/setup.log"
+"$BUILDER" register --state-dir "$state" "$top" >>"$out/setup.log"
 nix-build --no-out-link "$build" >"$out/result-path"
 cat "$(cat "$out/result-path")" >"$out/result"
 # Another user (as a build user would be) reads a lazy path through the overlay.
@@ -222,6 +236,17 @@ if nix-store --check-validity "$top" 2>/dev/null; then echo valid; else echo inv
         String::from_utf8_lossy(&run.stderr),
         read("teardown.log"),
         read("state/mount.log"),
+    );
+    let failed = read("failed-setup.log");
+    assert!(
+        failed.contains("in-no-store") && failed.contains("lazystore import"),
+        "{failed}"
+    );
+    assert!(failed.contains("undoing it"), "{failed}");
+    let setup = read("setup.log");
+    assert!(
+        setup.contains("; 1 path(s) registered") && setup.contains("; 3 path(s) registered"),
+        "{setup}"
     );
     assert_eq!(read("result"), inputs.small, "the build's output");
     assert_eq!(read("other-user"), inputs.small, "read by another user");
