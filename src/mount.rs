@@ -63,7 +63,10 @@ pub struct Args {
     #[arg(long)]
     list_root: bool,
     /// Let every user use the mount, not just its owner and root (for a
-    /// non-root owner, needs user_allow_other in /etc/fuse.conf).
+    /// non-root owner, needs user_allow_other in /etc/fuse.conf). Without
+    /// it the mount process refuses other users' requests, but pages the
+    /// kernel has cached may still reach them: auto-unmount needs the
+    /// kernel's allow_other. Store contents are world-readable anyway.
     #[arg(long)]
     allow_other: bool,
     /// Threads reading requests from the kernel.
