@@ -348,11 +348,13 @@ impl BinaryCache {
             url: self.url.clone(),
         };
         // The URL is not covered by the signature, so it is held to a
-        // relative path inside the cache: no absolute URLs, no `..`.
+        // relative path inside the cache: no absolute URLs, no `..`, no
+        // `\` (a URL parser reads it as `/`, so `\\host\x` names another
+        // host) and no `%` (`%2e%2e` is `..` once decoded).
         let relative = Path::new(nar_url);
         if nar_url.contains("://")
-            || nar_url.contains('?')
-            || nar_url.contains('#')
+            || nar_url.contains(['?', '#', '\\', '%'])
+            || nar_url.split('/').any(|s| s == "." || s == "..")
             || !relative
                 .components()
                 .all(|c| matches!(c, Component::Normal(_)))
@@ -378,10 +380,16 @@ impl BinaryCache {
                 base,
                 read_timeout,
             } => {
-                let url = base.join(relative).map_err(|_| CacheError::BadNarUrl {
+                let bad = || CacheError::BadNarUrl {
                     nar_url: relative.to_owned(),
                     url: self.url.clone(),
-                })?;
+                };
+                let url = base.join(relative).map_err(|_| bad())?;
+                // Whatever the checks above missed, the file must be under
+                // the cache's own URL.
+                if !url.as_str().starts_with(base.as_str()) {
+                    return Err(bad());
+                }
                 let shown = url.to_string();
                 let stalled = |url: &str| CacheError::Stalled {
                     url: url.to_owned(),

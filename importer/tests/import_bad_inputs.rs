@@ -424,3 +424,38 @@ fn anyhow_like_chain(error: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// A narinfo's `URL` is not signed, so one that leaves the cache — to
+/// another host (`\\host\…`, read as `//host/…`), above the cache's path
+/// (`..` written with `\` or `%2e`) — is refused before anything is
+/// fetched, with an error naming it, and nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nar_url_leaving_the_cache() {
+    let fx = fixture();
+    for bad in [
+        r"\\evil.example\nar.xz",
+        r"nar\..\..\secret",
+        "nar/%2e%2e/%2e%2e/secret",
+        "nar/%2E%2E/secret",
+        "nar/../../secret",
+        "nar/./../secret",
+    ] {
+        let dir = fx.cache_copy("none");
+        edit_narinfo(dir.path(), &fx.closure.a, true, |info| {
+            info.url = bad.to_owned()
+        });
+        let server = TestServer::start(dir.path()).await;
+        let summary = import_expecting_failure(server.url.clone()).await;
+        let kind = failure(&summary, &fx.closure.a);
+        let message = anyhow_like_chain(kind);
+        assert!(
+            message.contains(bad) && message.contains("is not a file inside"),
+            "{bad}: {message}"
+        );
+        assert_eq!(
+            server.count(|p| p.contains("secret") || p.contains("evil")),
+            0,
+            "{bad}: the URL is not fetched"
+        );
+    }
+}
