@@ -214,7 +214,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             // the session alive. Exiting ends it (they fail with ENOTCONN);
             // returning would wait for the session in the runtime's drop.
             eprintln!(
-                "lazystore: unmounted {shown} ({why}), but files were still open under it after                  {UNMOUNT_GRACE:?}; exiting anyway; {summary}"
+                "lazystore: unmounted {shown} ({why}), but files were still open under it after {UNMOUNT_GRACE:?}; exiting anyway; {summary}"
             );
             std::process::exit(0);
         }
