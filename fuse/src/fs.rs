@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
@@ -25,7 +25,7 @@ use crate::error::{FsError, chain};
 use crate::inode::{ChunkIndex, Ino, Inode, InodeTable, Kind, ReadState};
 use crate::retry::RetryPolicy;
 use crate::stats::{Stats, StatsSnapshot};
-use crate::upstream::{LookupError, Upstreams};
+use crate::upstream::{LISTING_TTL, LookupError, Standing, Upstreams};
 
 /// How long the kernel may cache entries and attributes of store content:
 /// it never changes, so as long as the kernel likes.
@@ -188,7 +188,7 @@ impl LazyFs {
         upstream: Arc<lazystore_importer::Upstream>,
     ) -> Self {
         LazyFs {
-            upstream: Some(Upstreams::new(upstream)),
+            upstream: Some(Upstreams::new(upstream, store.directories.clone())),
             ..LazyFs::new(store, options, stats)
         }
     }
@@ -229,6 +229,7 @@ impl LazyFs {
             Ino::STATS_FILE => Err(FsError::NotADirectory),
             _ => {
                 let p = self.inode(parent)?;
+                self.standing(&p)?;
                 let Kind::Directory { dir, .. } = &p.kind else {
                     return Err(FsError::NotADirectory);
                 };
@@ -251,7 +252,7 @@ impl LazyFs {
             return Err(FsError::NotFound { permanent: true });
         };
         if let Some(inode) = self.inodes.lookup_existing(Ino::ROOT, name) {
-            return Ok(self.attr(&inode));
+            return self.attr(&inode);
         }
         let basename: Arc<str> = path.to_string().into();
         let what = || format!("{basename}: fetching its path info");
@@ -291,41 +292,46 @@ impl LazyFs {
 
     /// The real digest of a file shown as `digest`: itself, or for a
     /// placeholder of an upstream listing, the file at its place in the
-    /// path's real tree once the NAR is fetched (here, if nobody has).
-    async fn real_file(&self, inode: &Inode, digest: &Digest) -> Result<Digest, FsError> {
-        let Some((path, within)) = self.upstream.as_ref().and_then(|u| u.file(digest)) else {
+    /// path's verified tree, once the NAR is fetched (here, if nobody has).
+    ///
+    /// `started` is when the read asking began: a download that failed after
+    /// it began (while it waited) fails it too, without a download of its own.
+    async fn real_file(
+        &self,
+        inode: &Inode,
+        digest: &Digest,
+        started: Instant,
+    ) -> Result<Digest, FsError> {
+        let Some(upstream) = &self.upstream else {
             return Ok(*digest);
         };
-        let upstream = self
-            .upstream
-            .as_ref()
-            .expect("placeholders come from upstream");
-        let mut node = upstream.fetched(&path).await.map_err(|e| {
+        let Some(path) = upstream.file(digest) else {
+            return Ok(*digest);
+        };
+        upstream.fetched(&path, started).await.map_err(|e| {
             self.io_error(&inode.path, "substituting its store path from upstream", &e)
         })?;
-        let mut at = path.found.narinfo.store_path.to_string();
-        for name in &within {
-            let Node::Directory { digest, .. } = node else {
-                break;
-            };
-            let dir = self.directory(&digest, &Arc::from(at.as_str())).await?;
-            at.push('/');
-            at.push_str(&String::from_utf8_lossy(name.as_bytes()));
-            node = dir.get(name.as_bytes()).cloned().ok_or_else(|| {
-                self.io_error(
-                    &inode.path,
-                    "finding it in the fetched NAR",
-                    &Inconsistent("the NAR differs from the cache's listing"),
-                )
-            })?;
-        }
-        match node {
-            Node::File { digest, .. } => Ok(digest),
-            _ => Err(self.io_error(
+        upstream.resolved(digest).ok_or_else(|| {
+            self.io_error(
                 &inode.path,
                 "finding it in the fetched NAR",
-                &Inconsistent("the NAR differs from the cache's listing"),
-            )),
+                &Inconsistent("a verified listing left a file unresolved"),
+            )
+        })
+    }
+
+    /// Fails with EIO if `inode` is in an upstream path whose NAR turned
+    /// out to differ from its listing; tells whether it is shown from a
+    /// listing not yet checked.
+    fn standing(&self, inode: &Inode) -> Result<bool, FsError> {
+        let Some(upstream) = &self.upstream else {
+            return Ok(false);
+        };
+        let basename = inode.path.split('/').next().unwrap_or_default();
+        match upstream.standing(basename) {
+            Standing::Verified => Ok(false),
+            Standing::Listed => Ok(true),
+            Standing::Poisoned(e) => Err(self.io_error(&inode.path, "showing it", &e)),
         }
     }
 
@@ -339,7 +345,7 @@ impl LazyFs {
         node: Node,
     ) -> Result<Attr, FsError> {
         if let Some(inode) = self.inodes.lookup_existing(parent, name) {
-            return Ok(self.attr(&inode));
+            return self.attr(&inode);
         }
         let name_str = String::from_utf8_lossy(name);
         let path: Arc<str> = if parent_path.is_empty() {
@@ -375,7 +381,7 @@ impl LazyFs {
             self.stats.add(&self.stats.files_presented, 1);
             self.stats.add(&self.stats.bytes_presented, *size);
         }
-        Ok(self.attr(&inode))
+        self.attr(&inode)
     }
 
     /// The directory `digest`, from memory or fetched and verified.
@@ -451,7 +457,7 @@ impl LazyFs {
     pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
         match ino {
             Ino::ROOT | Ino::CONTROL_DIR | Ino::STATS_FILE => Ok(self.fixed_attr(ino)),
-            _ => Ok(self.attr(&*self.inode(ino)?)),
+            _ => self.attr(&*self.inode(ino)?),
         }
     }
 
@@ -492,7 +498,10 @@ impl LazyFs {
         }
     }
 
-    fn attr(&self, inode: &Inode) -> Attr {
+    /// The attributes of `inode`: kept by the kernel as long as it likes,
+    /// except those shown from a listing not yet checked against its NAR.
+    fn attr(&self, inode: &Inode) -> Result<Attr, FsError> {
+        let listed = self.standing(inode)?;
         let base = Attr {
             ino: inode.ino,
             kind: FileKind::File,
@@ -501,9 +510,9 @@ impl LazyFs {
             perm: 0o444,
             nlink: 1,
             mtime: canonical_mtime(),
-            ttl: CONTENT_TTL,
+            ttl: if listed { LISTING_TTL } else { CONTENT_TTL },
         };
-        match &inode.kind {
+        Ok(match &inode.kind {
             Kind::Directory { dir, .. } => Attr {
                 kind: FileKind::Directory,
                 size: dir.len() as u64,
@@ -525,12 +534,14 @@ impl LazyFs {
                 perm: 0o777,
                 ..base
             },
-        }
+        })
     }
 
     /// The target of symlink `ino`.
     pub fn readlink(&self, ino: Ino) -> Result<Bytes, FsError> {
-        match &self.inode(ino)?.kind {
+        let inode = self.inode(ino)?;
+        self.standing(&inode)?;
+        match &inode.kind {
             Kind::Symlink { target } => Ok(target.to_bytes()),
             _ => Err(FsError::NotASymlink),
         }
@@ -726,14 +737,18 @@ impl LazyFs {
             // The stats file is listed, but has no node; readdirplus on the
             // control directory is answered from its fixed attributes.
             Ino::CONTROL_DIR => Ok(Arc::new(Vec::new())),
-            _ => match &self.inode(ino)?.kind {
-                Kind::Directory { dir, .. } => Ok(Arc::new(
+            _ => {
+                let inode = self.inode(ino)?;
+                let Kind::Directory { dir, .. } = &inode.kind else {
+                    return Err(FsError::NotADirectory);
+                };
+                self.standing(&inode)?;
+                Ok(Arc::new(
                     dir.entries()
                         .map(|(n, node)| (n.to_bytes(), node.clone()))
                         .collect(),
-                )),
-                _ => Err(FsError::NotADirectory),
-            },
+                ))
+            }
         }
     }
 
@@ -741,6 +756,7 @@ impl LazyFs {
     /// overlapping the range are fetched (each verified), and a sequential
     /// reader has the following chunks fetched ahead.
     pub async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let started = Instant::now();
         self.stats.add(&self.stats.reads, 1);
         if ino == Ino::STATS_FILE {
             let text = Bytes::from(self.stats_text());
@@ -767,7 +783,7 @@ impl LazyFs {
             return Ok(Bytes::new());
         }
         let index = index
-            .get_or_try_init(|| self.chunk_index(&inode, digest, *file_size))
+            .get_or_try_init(|| self.chunk_index(&inode, digest, *file_size, started))
             .await?;
         let range = index.overlapping(offset, end);
         self.read_ahead(&inode, index, read_state, offset, end, *range.end());
@@ -805,8 +821,9 @@ impl LazyFs {
         inode: &Inode,
         digest: &Digest,
         size: u64,
+        started: Instant,
     ) -> Result<Arc<ChunkIndex>, FsError> {
-        let digest = &self.real_file(inode, digest).await?;
+        let digest = &self.real_file(inode, digest, started).await?;
         let what = || format!("{}: fetching its chunk list", inode.path);
         let meta = self
             .options

@@ -28,4 +28,4 @@ pub use inode::Ino;
 pub use mount::{MountConfig, MountError, Mounted, mount};
 pub use retry::RetryPolicy;
 pub use stats::{CountingBlobService, Stats, StatsSnapshot};
-pub use upstream::NEGATIVE_TTL;
+pub use upstream::{LISTING_TTL, NEGATIVE_TTL};

@@ -294,3 +294,104 @@ async fn missing_paths_are_remembered_and_a_down_server_is_retried() {
         panic!("port {port} was taken meanwhile");
     }
 }
+
+fn listing_file(cache: &Path, path: &str) -> std::path::PathBuf {
+    cache.join(format!("{}.ls", store_path(path).hash_str()))
+}
+
+/// Rewrites the listing of `path` in `cache` with `edit` on its text.
+fn edit_listing(cache: &Path, path: &str, edit: impl FnOnce(String) -> String) {
+    let file = listing_file(cache, path);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit changed nothing");
+    std::fs::write(file, edited).unwrap();
+}
+
+#[tokio::test]
+async fn a_listing_that_lies_is_caught_by_its_size_or_by_the_nar() {
+    let f = fixture();
+    let c = &f.closure.c;
+
+    // Dropping the executable bit changes the NAR the listing implies: it
+    // is not used, and the lookup fetches the NAR to show the truth.
+    let cache = copy_tree(f.cache.path());
+    edit_listing(cache.path(), c, |t| t.replace(r#","executable":true"#, ""));
+    // The single-file path a, listed as a directory holding a file.
+    let a_size = std::fs::metadata(&f.closure.a).unwrap().len();
+    std::fs::write(
+        listing_file(cache.path(), &f.closure.a),
+        format!(
+            r#"{{"version":1,"root":{{"type":"directory","entries":{{"x":{{"type":"regular","size":{a_size}}}}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start(cache.path()).await;
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    assert_eq!(
+        server.nar_requests(),
+        1,
+        "a listing that does not add up was used"
+    );
+    let hi = lookup_path(&fs, root.ino, "bin/hi").await.unwrap();
+    assert_eq!(fs.getattr(hi).unwrap().perm, 0o555);
+    let a = fs.lookup(Ino::ROOT, &basename(&f.closure.a)).await.unwrap();
+    assert_eq!(a.kind, FileKind::File);
+    assert_eq!(
+        fs.read(a.ino, 0, 4096).await.unwrap(),
+        std::fs::read(&f.closure.a).unwrap()
+    );
+
+    // A symlink target of the same length adds up; the NAR shows the lie
+    // when it arrives, and from then on the path fails with EIO.
+    let cache = copy_tree(f.cache.path());
+    let b = &f.closure.b;
+    let forged = format!("{}x", &b[..b.len() - 1]);
+    edit_listing(cache.path(), c, |t| t.replace(b.as_str(), &forged));
+    let server = TestServer::start(cache.path()).await;
+    let (fs, store) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    let link = fs.lookup(root.ino, b"b").await.unwrap();
+    // Before the NAR: what the cache claims, kept by the kernel briefly.
+    assert_eq!(fs.readlink(link.ino).unwrap(), forged.as_bytes());
+    assert!(link.ttl <= lazystore_fuse::LISTING_TTL);
+    let refs = lookup_path(&fs, root.ino, "refs").await.unwrap();
+    let e = fs.read(refs, 0, 4096).await.unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(e.to_string().contains("listing differs"), "{e}");
+    assert_eq!(fs.readlink(link.ino).unwrap_err().errno(), libc::EIO);
+    assert_eq!(fs.getattr(root.ino).unwrap_err().errno(), libc::EIO);
+    // Poisoned for good: no second download.
+    assert_eq!(fs.read(refs, 0, 4096).await.unwrap_err().errno(), libc::EIO);
+    assert_eq!(server.nar_requests(), 1);
+    assert!(!published(&store, c).await);
+}
+
+#[tokio::test]
+async fn readers_waiting_on_a_failed_download_share_its_failure() {
+    let f = fixture();
+    let cache = copy_tree(f.cache.path());
+    let c = &f.closure.c;
+    edit_narinfo(cache.path(), c, |info| info.nar_hash[0] ^= 1);
+    let server = TestServer::start(cache.path()).await;
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    let refs = lookup_path(&fs, root.ino, "refs").await.unwrap();
+    let reads = (0..8).map(|_| fs.read(refs, 0, 4096));
+    for r in futures::future::join_all(reads).await {
+        assert_eq!(r.unwrap_err().errno(), libc::EIO);
+    }
+    assert_eq!(server.nar_requests(), 1, "8 waiting readers, one download");
+}
+
+#[tokio::test]
+async fn a_path_is_shown_under_its_own_name_only() {
+    let f = fixture();
+    let server = TestServer::start(f.cache.path()).await;
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let c = &f.closure.c;
+    fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    let other = format!("{}-evil", &store_path(c).hash_str());
+    enoent(fs.lookup(Ino::ROOT, other.as_bytes()).await);
+}

@@ -158,7 +158,11 @@ impl Upstream {
                 return None;
             }
         };
-        match Listing::parse(&json) {
+        // A large listing is CPU work: off the runtime's threads.
+        let parsed = tokio::task::spawn_blocking(move || Listing::parse(&json))
+            .await
+            .expect("parsing a listing does not panic");
+        match parsed {
             Ok(listing) => Some(listing),
             Err(e) => {
                 tracing::warn!(
