@@ -796,6 +796,19 @@ impl LazyFs {
             .get(&digests, &inode.path)
             .await
             .map_err(|e| self.io_error(&inode.path, "reading", &*e))?;
+        // A chunk verified against its digest can still contradict the
+        // chunk list's sizes, if the store's list is wrong.
+        let sizes_match = chunks
+            .iter()
+            .zip(&index.meta.chunks[range.clone()])
+            .all(|(c, entry)| c.len() as u64 == entry.size);
+        if !sizes_match {
+            return Err(self.io_error(
+                &inode.path,
+                "reading",
+                &Inconsistent("a chunk's length differs from its chunk list entry"),
+            ));
+        }
         let first_start = index.starts[*range.start()];
         let out = if chunks.len() == 1 {
             let from = (offset - first_start) as usize;
