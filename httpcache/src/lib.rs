@@ -26,11 +26,14 @@
 //! PUT  /<hash>.narinfo                      upload: verify and publish
 //! ```
 //!
-//! HEAD works wherever GET does. Requests in flight are bounded (a request
-//! holds its slot until its body is sent); each is logged when it ends
-//! (target `lazystore::http`, level info).
+//! HEAD works wherever GET does, with the same status. Requests in flight
+//! are bounded (a request holds its slot until its body is sent, or its
+//! client has read nothing for [`SEND_TIMEOUT`], when the connection is
+//! closed); each is logged when it ends (target `lazystore::http`, level
+//! info).
 
 mod body;
+mod conn;
 mod error;
 mod layouts;
 mod nar;
@@ -40,4 +43,7 @@ mod server;
 mod upload;
 
 pub use narinfo::NarCompression;
-pub use server::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Options, UploadAuth, serve};
+pub use server::{
+    DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Options, SEND_TIMEOUT, UploadAuth, serve,
+    serve_with_send_timeout,
+};

@@ -43,6 +43,29 @@ pub async fn get_nar(
         HeaderValue::from_static("application/x-nix-nar"),
     );
     let head = method == Method::HEAD;
+    // The layout is walked (or found) before any status is sent, for HEAD
+    // too, so that a tree that does not make a NAR of NarSize bytes, or a
+    // missing directory, is a 500 to HEAD and GET alike, not a broken
+    // response. Whole NARs are served from it too: read ahead on every
+    // core, without copies.
+    let layout = cache
+        .inner
+        .layouts
+        .get(info.nar_sha256, &*store.directories, &info.root)
+        .await
+        .map_err(|e| {
+            HttpError::internal(format!("laying out the NAR of {}", info.store_path), e)
+        })?;
+    if layout.size() != info.nar_size {
+        return Err(HttpError::internal(
+            format!("laying out the NAR of {}", info.store_path),
+            format!(
+                "its tree makes a NAR of {} bytes, its PathInfo says {}",
+                layout.size(),
+                info.nar_size
+            ),
+        ));
+    }
 
     if name.zstd {
         let level = match cache.inner.options.compression {
@@ -93,26 +116,6 @@ pub async fn get_nar(
     );
     if head {
         return Ok((status, headers, Body::empty()).into_response());
-    }
-    // The layout is walked (or found) before the status is sent, so a
-    // missing directory is a 500, not a broken response. Whole NARs are
-    // served from it too: read ahead on every core, without copies.
-    let layout = cache
-        .inner
-        .layouts
-        .get(info.nar_sha256, &*store.directories, &info.root)
-        .await
-        .map_err(|e| {
-            HttpError::internal(format!("laying out the NAR of {}", info.store_path), e)
-        })?;
-    if layout.size() != size {
-        return Err(HttpError::internal(
-            format!("laying out the NAR of {}", info.store_path),
-            format!(
-                "its tree makes a NAR of {} bytes, its PathInfo says {size}",
-                layout.size()
-            ),
-        ));
     }
     let pieces = stream_range(store.blobs.clone(), layout, part)
         .map_err(|e| HttpError::internal(what.clone(), e))?

@@ -3,24 +3,24 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::render::nar_listing;
 use lazystore_pathinfo::{SigningKey, Store, StorePath};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body::{LogLine, Tracked};
+use crate::conn::IdleListener;
 use crate::error::HttpError;
-use crate::layouts::Layouts;
+use crate::layouts::{Layouts, Listing, MAX_LISTING_BYTES};
 use crate::narinfo::{NarCompression, cache_info, narinfo};
 use crate::upload::Staging;
 
@@ -60,7 +60,7 @@ pub struct Options {
     /// Uploads (`PUT`) are accepted with this token; `None` refuses them.
     pub upload: Option<UploadAuth>,
     /// Requests handled at once; a request holds its slot until its body
-    /// is sent.
+    /// is sent, or its client has read nothing for [`SEND_TIMEOUT`].
     pub max_requests: usize,
 }
 
@@ -145,13 +145,33 @@ impl HttpCache {
     }
 }
 
+/// How long a connection may take no response bytes (its client is not
+/// reading) before it is closed and its request slot freed.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Runs `cache` on `listener` until `shutdown` completes, then stops
-/// accepting and lets the requests in flight finish.
+/// accepting and lets the requests in flight finish. A connection whose
+/// client reads nothing for [`SEND_TIMEOUT`] is closed.
 pub async fn serve(
     listener: TcpListener,
     cache: HttpCache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with_send_timeout(listener, cache, shutdown, SEND_TIMEOUT).await
+}
+
+/// [`serve`], closing a connection whose client reads nothing for
+/// `send_timeout`.
+pub async fn serve_with_send_timeout(
+    listener: TcpListener,
+    cache: HttpCache,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    send_timeout: Duration,
+) -> std::io::Result<()> {
+    let listener = IdleListener {
+        inner: listener,
+        send_timeout,
+    };
     axum::serve(listener, cache.router())
         .with_graceful_shutdown(shutdown)
         .await
@@ -222,7 +242,6 @@ fn text_response(content_type: &'static str, body: impl Into<Body>) -> Response 
 /// `GET /<hash>.narinfo` and `GET /<hash>.ls`.
 async fn get_top(
     State(cache): State<HttpCache>,
-    method: Method,
     Path(file): Path<String>,
 ) -> Result<Response, HttpError> {
     let url = format!("/{file}");
@@ -233,20 +252,26 @@ async fn get_top(
         return Ok(text_response("text/x-nix-narinfo", text));
     }
     if let Some(hash) = file.strip_suffix(".ls") {
+        // HEAD answers as GET would: the listing is made (or found) for
+        // both, so a listing GET refuses is refused to HEAD too.
         let info = cache.path_info(hash, &url).await?;
-        if method == Method::HEAD {
-            return Ok(text_response("application/json", Body::empty()));
-        }
-        let listing = nar_listing(&*cache.inner.store.directories, &info.root)
+        let listing = cache
+            .inner
+            .layouts
+            .listing(info.nar_sha256, &*cache.inner.store.directories, &info.root)
             .await
             .map_err(|e| HttpError::internal(format!("listing {}", info.store_path), e))?;
-        if !listing.is_utf8() {
-            return Err(HttpError::NotFound(format!(
+        return match listing {
+            Listing::Json(json) => Ok(text_response("application/json", json)),
+            Listing::NotUtf8 => Err(HttpError::NotFound(format!(
                 "{url}: {} has names that are not UTF-8, which a JSON listing cannot hold",
                 info.store_path
-            )));
-        }
-        return Ok(text_response("application/json", listing.to_json()));
+            ))),
+            Listing::TooLarge => Err(HttpError::NotFound(format!(
+                "{url}: the listing of {} would be longer than {MAX_LISTING_BYTES} bytes",
+                info.store_path
+            ))),
+        };
     }
     Err(HttpError::NotFound(format!(
         "{url}: no such file in this cache"

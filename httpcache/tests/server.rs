@@ -2,14 +2,16 @@
 //! whose data is missing breaks the response instead of ending it short and
 //! complete-looking; a request holds its slot until its body is sent, so
 //! the limit bounds downloads, not just handlers; uploads that lie about
-//! their NAR publish nothing.
+//! their NAR publish nothing; a client that stops reading is cut off and
+//! frees its slot; equal NarHashes of different trees are served apart;
+//! HEAD answers as GET does.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
 use lazystore_castore::{Digest, Node};
-use lazystore_httpcache::{HttpCache, Options, UploadAuth, serve};
+use lazystore_httpcache::{HttpCache, Options, UploadAuth, serve_with_send_timeout};
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{Store, StorePath};
 use lazystore_testkit::noise;
@@ -22,6 +24,10 @@ struct Running {
 }
 
 fn start(options: Options) -> Running {
+    start_with(options, lazystore_httpcache::SEND_TIMEOUT)
+}
+
+fn start_with(options: Options, send_timeout: Duration) -> Running {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -31,7 +37,12 @@ fn start(options: Options) -> Running {
     let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let cache = HttpCache::new(store.clone(), options);
-    runtime.spawn(serve(listener, cache, std::future::pending()));
+    runtime.spawn(serve_with_send_timeout(
+        listener,
+        cache,
+        std::future::pending(),
+        send_timeout,
+    ));
     Running {
         addr,
         runtime,
@@ -39,8 +50,15 @@ fn start(options: Options) -> Running {
     }
 }
 
+/// A store path named `name`, whose hash is made from the name, so that
+/// paths of different names are different paths.
 fn path(name: &str) -> StorePath {
-    StorePath::from_basename(&format!("0c0j9j3kzqm9k6xqw0qjzs2n8cs9lfwk-{name}")).unwrap()
+    const NIXBASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let hash: String = blake3::hash(name.as_bytes()).as_bytes()[..32]
+        .iter()
+        .map(|b| NIXBASE32[usize::from(b % 32)] as char)
+        .collect();
+    StorePath::from_basename(&format!("{hash}-{name}")).unwrap()
 }
 
 /// Publishes `root` as a path with a NAR of `nar_size` bytes.
@@ -265,4 +283,148 @@ fn uploads_that_do_not_match_publish_nothing() {
         ),
         400
     );
+}
+
+/// Status and headers of a HEAD.
+fn head(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = send(
+        addr,
+        &format!("HEAD {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    );
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    (text[9..12].parse().unwrap(), text)
+}
+
+/// A file of `data`, stored.
+fn stored_file(running: &Running, data: &[u8]) -> Node {
+    let digest = running
+        .runtime
+        .block_on(running.store.blobs.put(data))
+        .unwrap();
+    Node::File {
+        digest,
+        size: data.len() as u64,
+        executable: false,
+    }
+}
+
+/// A client that asks for a NAR and never reads is cut off after the send
+/// timeout, and its slot goes to the next request.
+#[test]
+fn a_client_that_stops_reading_loses_its_slot() {
+    let running = start_with(
+        Options {
+            max_requests: 1,
+            ..Options::default()
+        },
+        Duration::from_secs(1),
+    );
+    let data = noise(48 << 20, 9);
+    let root = stored_file(&running, &data);
+    let store_path = publish(&running, "big", root, data.len() as u64 + 112);
+    let url = nar_url(&running, &store_path);
+
+    let mut stalled = send(
+        &running.addr,
+        &format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    );
+    let mut first = [0u8; 1];
+    stalled.read_exact(&mut first).unwrap();
+    let started = std::time::Instant::now();
+    let mut waiting = send(
+        &running.addr,
+        "GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let mut reply = Vec::new();
+    waiting.read_to_end(&mut reply).unwrap();
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(20),
+        "answered after {waited:?}"
+    );
+    // The stalled connection was closed: reading it ends, short.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    assert!((rest.len() as u64) < data.len() as u64, "sent whole");
+    drop(stalled);
+}
+
+/// Two PathInfos with the same NarHash and NarSize but different trees (a
+/// gRPC client can write both): each path's NAR, ranges and listing come
+/// from its own tree.
+#[test]
+fn equal_nar_hashes_of_different_trees_are_served_apart() {
+    let running = start(Options::default());
+    let one = noise(4096, 1);
+    let two = noise(4096, 2);
+    let first = publish(&running, "one", stored_file(&running, &one), 4096 + 112);
+    let second = publish(&running, "two", stored_file(&running, &two), 4096 + 112);
+    for (store_path, data) in [(&first, &one), (&second, &two), (&first, &one)] {
+        let url = nar_url(&running, store_path);
+        let (status, body) = get(&running.addr, &url);
+        assert_eq!(status, 200);
+        assert_eq!(body.len(), 4096 + 112);
+        assert!(
+            body[96..96 + 4096] == data[..],
+            "{store_path}: another tree's NAR"
+        );
+    }
+}
+
+/// HEAD answers with GET's status: a listing GET refuses (names that are
+/// not UTF-8) is 404 to HEAD too, and a tree whose NAR is not NarSize
+/// long is a 500 to HEAD and GET, uncompressed and zstd alike.
+#[test]
+fn head_answers_as_get_does() {
+    let running = start(Options::default());
+    let mut dir = lazystore_castore::Directory::new();
+    dir.add(
+        (&b"caf\xe9"[..]).try_into().unwrap(),
+        stored_file(&running, b"x"),
+    )
+    .unwrap();
+    let root = Node::directory(&dir);
+    running
+        .runtime
+        .block_on(running.store.directories.put(dir))
+        .unwrap();
+    let latin1 = publish(&running, "latin1", root, 0);
+    let ls = format!("/{}.ls", latin1.hash_str());
+    assert_eq!(get(&running.addr, &ls).0, 404);
+    assert_eq!(head(&running.addr, &ls).0, 404);
+
+    let data = noise(4096, 3);
+    let wrong = publish(&running, "wrong", stored_file(&running, &data), 4096 + 113);
+    let url = nar_url(&running, &wrong);
+    let zst = format!("{url}.zst");
+    for url in [&url, &zst] {
+        assert_eq!(get(&running.addr, url).0, 500, "GET {url}");
+        let (status, text) = head(&running.addr, url);
+        assert_eq!(status, 500, "HEAD {url}: {text}");
+    }
+
+    // A good path: HEAD and GET agree on 200 and the length.
+    let good = publish(&running, "good", stored_file(&running, &data), 4096 + 112);
+    let url = nar_url(&running, &good);
+    let (status, text) = head(&running.addr, &url);
+    assert_eq!(status, 200);
+    assert!(
+        text.to_ascii_lowercase().contains("content-length: 4208"),
+        "{text}"
+    );
+    let ls = format!("/{}.ls", good.hash_str());
+    assert_eq!(head(&running.addr, &ls).0, 200);
+    let (status, body) = get(&running.addr, &ls);
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"narOffset\":96"));
 }
