@@ -44,6 +44,9 @@ use tokio::sync::OnceCell;
 /// How long "no upstream has this path" is believed.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
+/// Paths remembered as missing before the expired ones are dropped.
+const MAX_MISSING: usize = 4096;
+
 /// How long the kernel may keep attributes shown from a listing not yet
 /// checked against its NAR.
 pub const LISTING_TTL: Duration = Duration::from_secs(1);
@@ -163,7 +166,21 @@ impl Upstreams {
             .entry(digest)
             .or_default()
             .clone();
-        let found = cell.get_or_try_init(|| self.find(path)).await?;
+        let found = match cell.get_or_try_init(|| self.find(path)).await {
+            Ok(found) => found,
+            Err(e) => {
+                // Keep no cell for a path not found: one per name ever
+                // looked up would grow without bound.
+                let mut paths = self.paths.lock().expect("poisoned");
+                if paths
+                    .get(&digest)
+                    .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())
+                {
+                    paths.remove(&digest);
+                }
+                return Err(e);
+            }
+        };
         // The cell is keyed by hash; the name must match too.
         if found.found.narinfo.store_path != *path {
             return Err(LookupError::Missing);
@@ -193,10 +210,11 @@ impl Upstreams {
         let found = match self.upstream.narinfo(&wanted).await {
             Ok(Some(found)) => found,
             Ok(None) => {
-                self.missing
-                    .lock()
-                    .expect("poisoned")
-                    .insert(*path.digest(), Instant::now());
+                let mut missing = self.missing.lock().expect("poisoned");
+                if missing.len() >= MAX_MISSING {
+                    missing.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
+                }
+                missing.insert(*path.digest(), Instant::now());
                 return Err(LookupError::Missing);
             }
             Err(e) => return Err(LookupError::Failed(FetchError::Upstream(Arc::new(e)))),
