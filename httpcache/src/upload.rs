@@ -7,8 +7,10 @@
 //! the narinfo arrives, the staged NAR it names (by URL, or else by
 //! NarHash) must have the narinfo's NarHash and NarSize, and every
 //! reference must already be a path here; only then is the PathInfo
-//! published. Until then the ingested data is unreferenced: a narinfo that
-//! never comes publishes nothing, and staged entries are forgotten after
+//! published, and the NAR unstaged. A narinfo refused leaves the NAR
+//! staged, so it can be sent again once (say) its references are uploaded.
+//! Until then the ingested data is unreferenced: a narinfo that never
+//! comes publishes nothing, and staged entries are forgotten after
 //! [`STAGED_FOR`] or beyond [`MAX_STAGED`].
 //!
 //! Every upload needs the token; without uploads configured, every `PUT`
@@ -85,17 +87,29 @@ impl Staging {
         entries.insert(url, staged);
     }
 
-    /// The NAR staged under `url`, or else one with `nar_sha256`.
-    fn take(&self, url: &str, nar_sha256: &[u8; 32]) -> Option<Staged> {
+    /// The NAR staged under `url`, or else one with `nar_sha256`, with the
+    /// URL it is staged under; one staged longer than [`STAGED_FOR`] ago
+    /// is forgotten, not found. It stays staged: a narinfo refused (say for
+    /// a reference not uploaded yet) can be sent again.
+    fn find(&self, url: &str, nar_sha256: &[u8; 32]) -> Option<(String, Staged)> {
         let mut entries = self.entries.lock().expect("no panics while held");
-        if let Some(staged) = entries.remove(url) {
-            return Some(staged);
+        entries.retain(|_, s| s.at.elapsed() < STAGED_FOR);
+        if let Some(staged) = entries.get(url) {
+            return Some((url.to_owned(), staged.clone()));
         }
-        let url = entries
+        entries
             .iter()
             .find(|(_, s)| s.nar_sha256 == *nar_sha256)
-            .map(|(url, _)| url.clone())?;
-        entries.remove(&url)
+            .map(|(url, s)| (url.clone(), s.clone()))
+    }
+
+    /// Forgets the NAR staged under `url`, once it is published, if it is
+    /// still the one published (not replaced by a later upload).
+    fn remove(&self, url: &str, published: &Staged) {
+        let mut entries = self.entries.lock().expect("no panics while held");
+        if entries.get(url).is_some_and(|s| s.at == published.at) {
+            entries.remove(url);
+        }
     }
 }
 
@@ -248,10 +262,10 @@ pub async fn put_top(
             narinfo.store_path
         )));
     }
-    let staged = cache
+    let (staged_url, staged) = cache
         .inner
         .staging
-        .take(&narinfo.url, &narinfo.nar_hash)
+        .find(&narinfo.url, &narinfo.nar_hash)
         .ok_or_else(|| {
             HttpError::Conflict(format!(
                 "{url}: no NAR was uploaded for {} (expected PUT /{} first)",
@@ -290,7 +304,7 @@ pub async fn put_top(
     }
     let info = PathInfo {
         store_path: narinfo.store_path.clone(),
-        root: staged.root,
+        root: staged.root.clone(),
         references: {
             let mut references = narinfo.references.clone();
             references.sort();
@@ -309,6 +323,7 @@ pub async fn put_top(
         .put(info)
         .await
         .map_err(|e| HttpError::internal(format!("publishing {}", narinfo.store_path), e))?;
+    cache.inner.staging.remove(&staged_url, &staged);
     tracing::info!(target: "lazystore::http", path = %narinfo.store_path, "published an uploaded path");
     Ok(StatusCode::OK.into_response())
 }
@@ -342,6 +357,36 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn staged_nars_expire_and_stay_until_published() {
+        let staging = Staging::default();
+        let staged = |at: Instant, n: u8| Staged {
+            root: Node::File {
+                digest: lazystore_castore::Digest::from(blake3::hash(&[n])),
+                size: 0,
+                executable: false,
+            },
+            nar_size: 1,
+            nar_sha256: [n; 32],
+            at,
+        };
+        let Some(long_ago) = Instant::now().checked_sub(STAGED_FOR + Duration::from_secs(1)) else {
+            return; // an uptime shorter than STAGED_FOR: nothing to test
+        };
+        staging.insert("nar/old.nar".to_owned(), staged(long_ago, 1));
+        assert!(staging.find("nar/old.nar", &[1; 32]).is_none());
+        assert!(staging.find("nar/other.nar", &[1; 32]).is_none());
+
+        let new = staged(Instant::now(), 2);
+        staging.insert("nar/new.nar".to_owned(), new.clone());
+        for _ in 0..2 {
+            let (url, _) = staging.find("nar/x.nar", &[2; 32]).unwrap();
+            assert_eq!(url, "nar/new.nar");
+        }
+        staging.remove("nar/new.nar", &new);
+        assert!(staging.find("nar/new.nar", &[2; 32]).is_none());
     }
 
     #[test]

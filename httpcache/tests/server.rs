@@ -263,8 +263,7 @@ fn uploads_that_do_not_match_publish_nothing() {
         )
     };
     let narinfo_url = format!("/{}.narinfo", store_path.hash_str());
-    // The staged NAR does not have that NarHash: refused, and the staged
-    // NAR is spent.
+    // The staged NAR does not have that NarHash: refused, each time.
     assert_eq!(
         put(&narinfo_url, bearer, narinfo(nar.len()).as_bytes()),
         409
@@ -427,4 +426,74 @@ fn head_answers_as_get_does() {
     let (status, body) = get(&running.addr, &ls);
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("\"narOffset\":96"));
+}
+
+/// A narinfo refused because a reference is not here yet leaves its NAR
+/// staged: once the reference is uploaded, the same narinfo publishes.
+#[test]
+fn a_narinfo_refused_for_a_missing_reference_can_be_sent_again() {
+    use sha2::Digest as _;
+    let running = start(Options {
+        upload: Some(UploadAuth {
+            token: "t0ken".to_owned(),
+        }),
+        ..Options::default()
+    });
+    let put = |path: &str, body: &[u8]| -> (u16, String) {
+        let mut stream = send(
+            &running.addr,
+            &format!(
+                "PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            ),
+        );
+        stream.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        (text[9..12].parse().unwrap(), text)
+    };
+    let mut nar = Vec::new();
+    for token in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        b"hi",
+        b")",
+    ] {
+        nar.extend_from_slice(&(token.len() as u64).to_le_bytes());
+        nar.extend_from_slice(token);
+        nar.resize(nar.len().next_multiple_of(8), 0);
+    }
+    let nar_hash: [u8; 32] = sha2::Sha256::digest(&nar).into();
+    assert_eq!(put("/nar/hi.nar", &nar).0, 200);
+
+    let store_path = path("hi");
+    let dependency = path("dependency");
+    let narinfo = format!(
+        "StorePath: {}\nURL: nar/hi.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: {}\nReferences: {}\n",
+        store_path.to_absolute(),
+        lazystore_pathinfo::nixbase32::encode(&nar_hash),
+        nar.len(),
+        dependency,
+    );
+    let narinfo_url = format!("/{}.narinfo", store_path.hash_str());
+    let (status, text) = put(&narinfo_url, narinfo.as_bytes());
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("upload it first"), "{text}");
+    assert_eq!(get(&running.addr, &narinfo_url).0, 404);
+
+    // The reference arrives; the same narinfo now publishes.
+    publish(&running, "dependency", stored_file(&running, b"x"), 120);
+    let (status, text) = put(&narinfo_url, narinfo.as_bytes());
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(get(&running.addr, &narinfo_url).0, 200);
+    let (status, body) = get(&running.addr, &nar_url(&running, &store_path));
+    assert_eq!(status, 200);
+    assert!(body == nar);
+    // Published, the NAR is no longer staged.
+    let (status, text) = put(&narinfo_url, narinfo.as_bytes());
+    assert_eq!(status, 409, "{text}");
 }
