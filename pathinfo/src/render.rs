@@ -62,6 +62,10 @@ pub enum RenderError {
     /// Writing a range of the NAR failed.
     #[error("writing the NAR")]
     Io(#[source] std::io::Error),
+    /// The tree's file sizes add up past what a NAR can hold: a directory
+    /// (as a gRPC client may write one) claims impossible sizes.
+    #[error("the tree's NAR would be longer than {MAX_NAR_SIZE} bytes")]
+    TooLarge,
     /// A range that is not inside the NAR.
     #[error("range {start}..{end} is not inside the NAR of {size} bytes")]
     OutOfRange {
@@ -73,6 +77,10 @@ pub enum RenderError {
         size: u64,
     },
 }
+
+/// The longest NAR laid out or listed: far beyond any real one, and low
+/// enough that no offset in it can overflow a `u64`.
+pub const MAX_NAR_SIZE: u64 = u64::MAX / 2;
 
 /// Renders the tree at `root` as a NAR into `writer` and returns the writer.
 pub async fn render_nar<W>(
@@ -267,6 +275,9 @@ type OpenListing = (Option<PathComponent>, BTreeMap<PathComponent, ListingEntry>
 struct Walk {
     /// NAR bytes so far.
     offset: u64,
+    /// Whether `offset` went past [`MAX_NAR_SIZE`]: the walk stops with
+    /// [`RenderError::TooLarge`] at the next node.
+    too_large: bool,
     /// The structure so far, and the file spans, when a layout is wanted.
     layout: Option<(Vec<u8>, Vec<FileSpan>)>,
     /// Open directories' entries with their names, when a listing is
@@ -277,9 +288,17 @@ struct Walk {
 
 impl Walk {
     fn raw(&mut self, bytes: &[u8]) {
-        self.offset += bytes.len() as u64;
+        self.advance(bytes.len() as u64);
         if let Some((structure, _)) = &mut self.layout {
             structure.extend_from_slice(bytes);
+        }
+    }
+
+    /// Counts `n` bytes of NAR, never past [`MAX_NAR_SIZE`].
+    fn advance(&mut self, n: u64) {
+        match self.offset.checked_add(n) {
+            Some(offset) if offset <= MAX_NAR_SIZE => self.offset = offset,
+            _ => self.too_large = true,
         }
     }
 
@@ -337,6 +356,9 @@ impl Walk {
         name: Option<&PathComponent>,
         node: &Node,
     ) -> Result<(), RenderError> {
+        if self.too_large {
+            return Err(RenderError::TooLarge);
+        }
         let in_directory = name.is_some();
         self.open_node(name);
         match node {
@@ -364,7 +386,10 @@ impl Walk {
                 self.str(token::CONTENTS);
                 self.raw(&size.to_le_bytes());
                 let nar_offset = self.offset;
-                self.offset += size;
+                self.advance(*size);
+                if self.too_large {
+                    return Err(RenderError::TooLarge);
+                }
                 if let Some((structure, files)) = &mut self.layout
                     && *size > 0
                 {
@@ -429,6 +454,9 @@ impl Walk {
             self.node(directories, &mut stack, Some(&name), &node)
                 .await?;
         }
+        if self.too_large {
+            return Err(RenderError::TooLarge);
+        }
         Ok(self)
     }
 }
@@ -441,6 +469,7 @@ pub async fn nar_layout(
 ) -> Result<NarLayout, RenderError> {
     let walk = Walk {
         offset: 0,
+        too_large: false,
         layout: Some((Vec::new(), Vec::new())),
         listing: None,
         root: None,
@@ -464,6 +493,7 @@ pub async fn nar_listing(
 ) -> Result<Listing, RenderError> {
     let walk = Walk {
         offset: 0,
+        too_large: false,
         layout: None,
         listing: Some(Vec::new()),
         root: None,
@@ -482,10 +512,19 @@ const RANGE_BATCH_MAX: usize = 16;
 
 /// Chunk batches read ahead of the one being sent, each read and verified
 /// by a task of its own, so that reading, decompressing and hashing use
-/// every core while the bytes before them are sent. At most
-/// `RANGE_READ_AHEAD × RANGE_BATCH_MAX` chunks (16 MiB at the default
-/// average chunk size) are held per range.
+/// every core while the bytes before them are sent.
 const RANGE_READ_AHEAD: usize = 4;
+
+/// Bytes of chunks read ahead per range, at most: a batch is cut short to
+/// stay within it, and none is started past it. A single chunk larger than
+/// what is left is still read (alone), so at most this plus one chunk is
+/// held per range, whatever the chunk size.
+pub const RANGE_READ_AHEAD_BYTES: u64 = 4 << 20;
+
+/// The most bytes any range has held read ahead, for the tests of the
+/// bound.
+#[cfg(test)]
+static MAX_AHEAD_SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Pieces of NAR queued between the task reading them and the consumer.
 const RANGE_QUEUE: usize = 8;
@@ -532,6 +571,8 @@ enum Piece {
         reading: tokio::task::JoinHandle<Result<Vec<Bytes>, BlobError>>,
         from: u64,
         to: u64,
+        /// Bytes of the chunks.
+        bytes: u64,
     },
 }
 
@@ -551,9 +592,12 @@ async fn produce_range(
     // The file being planned: its chunk list, the next chunk and where it
     // starts in the file.
     let mut current: Option<(usize, BlobMeta, usize, u64)> = None;
+    // Bytes of the chunks being read or read, not yet sent.
+    let mut ahead: u64 = 0;
     loop {
         // Plan until enough is read ahead or the range is planned.
         while pos < range.end
+            && ahead < RANGE_READ_AHEAD_BYTES
             && pending
                 .iter()
                 .filter(|p| matches!(p, Piece::Chunks { .. }))
@@ -594,11 +638,21 @@ async fn produce_range(
                     let first_start = *chunk_start;
                     while digests.len() < batch && *chunk_start < to {
                         let chunk = meta.chunks[*index];
+                        let bytes = *chunk_start - first_start;
+                        if !digests.is_empty()
+                            && ahead + bytes + chunk.size > RANGE_READ_AHEAD_BYTES
+                        {
+                            break;
+                        }
                         digests.push(chunk.digest);
                         *chunk_start += chunk.size;
                         *index += 1;
                     }
                     let batch_end = *chunk_start;
+                    let bytes = batch_end - first_start;
+                    ahead += bytes;
+                    #[cfg(test)]
+                    MAX_AHEAD_SEEN.fetch_max(ahead, std::sync::atomic::Ordering::Relaxed);
                     let reader = blobs.clone();
                     pending.push_back(Piece::Chunks {
                         reading: tokio::spawn(async move {
@@ -606,6 +660,7 @@ async fn produce_range(
                         }),
                         from: from - first_start,
                         to: to.min(batch_end) - first_start,
+                        bytes,
                     });
                     pos = file.nar_offset + to.min(batch_end);
                     batch = (batch * 2).min(RANGE_BATCH_MAX);
@@ -626,13 +681,18 @@ async fn produce_range(
         let Some(piece) = pending.pop_front() else {
             return Ok(());
         };
-        let pieces = match piece {
-            Piece::Ready(bytes) => vec![bytes],
-            Piece::Chunks { reading, from, to } => {
+        let (pieces, held) = match piece {
+            Piece::Ready(bytes) => (vec![bytes], 0),
+            Piece::Chunks {
+                reading,
+                from,
+                to,
+                bytes,
+            } => {
                 let chunks = reading
                     .await
                     .map_err(|e| RenderError::Blob(BlobError::Backend(e.into())))??;
-                cut(chunks, from, to)
+                (cut(chunks, from, to), bytes)
             }
         };
         for bytes in pieces {
@@ -647,6 +707,7 @@ async fn produce_range(
                 return Ok(());
             }
         }
+        ahead -= held;
     }
 }
 
@@ -683,4 +744,55 @@ where
     }
     writer.flush().await.map_err(RenderError::Io)?;
     Ok(writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazystore_castore::ChunkerParams;
+    use lazystore_castore::blobs::MemoryBlobService;
+    use lazystore_castore::directories::MemoryDirectoryService;
+
+    /// With large chunks and a consumer that stops reading, a range holds
+    /// no more than [`RANGE_READ_AHEAD_BYTES`] and one chunk read ahead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_ahead_is_bounded_in_bytes() {
+        let params = ChunkerParams {
+            min: 256 << 10,
+            avg: 1 << 20,
+            max: 4 << 20,
+        }
+        .validate()
+        .unwrap();
+        let blobs = Blobs::new(Arc::new(MemoryBlobService::new()), params);
+        let data = lazystore_testkit::noise(64 << 20, 5);
+        let digest = blobs.put(&data).await.unwrap();
+        let root = Node::File {
+            digest,
+            size: data.len() as u64,
+            executable: false,
+        };
+        let layout = Arc::new(
+            nar_layout(&MemoryDirectoryService::new(), &root)
+                .await
+                .unwrap(),
+        );
+        let size = layout.size();
+        let mut pieces = std::pin::pin!(stream_range(blobs, layout, 0..size).unwrap());
+        // One piece, then nothing: the producer fills what it may.
+        pieces.next().await.unwrap().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let seen = MAX_AHEAD_SEEN.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(seen > 0);
+        assert!(
+            seen <= RANGE_READ_AHEAD_BYTES + u64::from(params.max),
+            "{seen} bytes read ahead"
+        );
+        // The rest still comes whole.
+        let mut total = 0u64;
+        while let Some(piece) = pieces.next().await {
+            total += piece.unwrap().len() as u64;
+        }
+        assert!(total > 0 && total < size);
+    }
 }

@@ -186,3 +186,34 @@ async fn listing_is_what_nix_writes() {
         assert_eq!(listing, Listing::parse(&ls).unwrap());
     }
 }
+
+/// A directory may claim any file sizes (a gRPC client writes them): sizes
+/// that add up past a `u64` make the layout and the listing fail, not
+/// wrap around or panic.
+#[tokio::test]
+async fn file_sizes_that_overflow_are_an_error() {
+    use lazystore_castore::{Directory, DirectoryService, PathComponent};
+    let file = |size: u64| Node::File {
+        digest: lazystore_castore::Digest::of(b"never read"),
+        size,
+        executable: false,
+    };
+    let directories = MemoryDirectoryService::new();
+    let mut dir = Directory::new();
+    for name in ["a", "b"] {
+        dir.add(PathComponent::try_from(name).unwrap(), file(u64::MAX / 2))
+            .unwrap();
+    }
+    let root = Node::directory(&dir);
+    directories.put(dir).await.unwrap();
+    for root in [root, file(u64::MAX - 8)] {
+        let layout = nar_layout(&directories, &root).await;
+        assert!(
+            matches!(layout, Err(RenderError::TooLarge)),
+            "{:?}",
+            layout.map(|l| l.size())
+        );
+        let listing = nar_listing(&directories, &root).await;
+        assert!(matches!(listing, Err(RenderError::TooLarge)), "{listing:?}");
+    }
+}
