@@ -36,6 +36,7 @@ use lazystore_castore::Node;
 use lazystore_pathinfo::ingest::{IngestError, ingest_nar};
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{MAX_NARINFO_SIZE, NarInfo, StorePath, nixbase32};
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, BufReader};
 use tokio_util::io::StreamReader;
 
@@ -149,10 +150,16 @@ fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
     given.eq_ignore_ascii_case(scheme).then(|| rest.trim())
 }
 
-/// Compares without stopping at the first difference, so the time taken
-/// says nothing about how much of a guessed token was right.
+/// Compares the SHA-256 digests of both, all 32 bytes of them, without
+/// stopping at the first difference: the time taken says nothing about how
+/// much of a guessed token was right, nor how long the token is.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    std::hint::black_box(
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y)),
+    ) == 0
 }
 
 /// The request body as a reader.
@@ -357,6 +364,8 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
+        assert!(!constant_time_eq(b"secret", b""));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]
