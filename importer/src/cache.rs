@@ -386,8 +386,9 @@ impl BinaryCache {
                 };
                 let url = base.join(relative).map_err(|_| bad())?;
                 // Whatever the checks above missed, the file must be under
-                // the cache's own URL.
-                if !url.as_str().starts_with(base.as_str()) {
+                // the cache's own URL: same scheme, host and port, and a
+                // path below the cache's.
+                if url.origin() != base.origin() || !url.path().starts_with(base.path()) {
                     return Err(bad());
                 }
                 let shown = url.to_string();
