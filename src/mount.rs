@@ -159,6 +159,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         ..FsOptions::default()
     };
+    let mut upstream_counters = None;
     let fs = if args.upstreams.is_empty() {
         LazyFs::new(store, options, stats.clone())
     } else {
@@ -171,7 +172,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             },
         )?;
-        LazyFs::with_upstream(store, options, stats.clone(), Arc::new(upstream))
+        let upstream = Arc::new(upstream);
+        upstream_counters = Some(upstream.clone());
+        LazyFs::with_upstream(store, options, stats.clone(), upstream)
     };
     let fs = Arc::new(fs);
     let config = MountConfig {
@@ -206,7 +209,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     tracing::info!("{why}: unmounting {shown}");
     let unmount = tokio::task::spawn_blocking(move || mounted.unmount());
     let finished = tokio::time::timeout(UNMOUNT_GRACE, unmount).await;
-    let summary = summary(&stats.snapshot());
+    let mut summary = summary(&stats.snapshot());
+    if let Some(u) = &upstream_counters {
+        summary.push_str(&format!(
+            " upstream_nar_downloads={} upstream_bytes_downloaded={}",
+            u.nar_downloads(),
+            u.downloaded_bytes()
+        ));
+    }
     match finished {
         Ok(joined) => joined.context("the unmount task failed")??,
         Err(_) => {

@@ -105,6 +105,14 @@ async fn upstream_paths_appear_on_lookup_and_download_once_on_read() {
     assert!(!absent.exists());
     let log = blocking(move || mount.stop()).await;
     assert!(log.contains("unmounted"), "{log}");
+    // c's download, and a's that failed its NarHash (the kernel may try
+    // a failed read twice, and each try downloads again).
+    let downloads: u64 = log
+        .split_once("upstream_nar_downloads=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no upstream counters in the exit log:\n{log}"));
+    assert!((2..=3).contains(&downloads), "{log}");
     let line = log
         .lines()
         .find(|l| l.contains(&closure.a) && l.contains("EIO"))
