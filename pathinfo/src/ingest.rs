@@ -23,8 +23,10 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::nar::{Event, NarError, NarReader};
 
 /// Files whose last chunks and chunk list are being stored while the NAR
-/// is read on.
-pub const MAX_FILES_IN_FLIGHT: usize = 16;
+/// is read on. Their bytes count against the blob writers' shared
+/// in-flight budget, so this bounds tasks, not memory; more of them make
+/// larger group commits when a NAR holds many small files.
+pub const MAX_FILES_IN_FLIGHT: usize = 64;
 
 /// Bytes moved from the NAR into a blob writer per read: a chunk's worth.
 const CONTENT_BUFFER: usize = 256 * 1024;
@@ -119,7 +121,7 @@ where
                 if got != size {
                     return Err(IngestError::ShortFile { size, got });
                 }
-                let (digest, _, stored) = writer.finish_in_background();
+                let (digest, _, stored) = writer.finish_in_background().await?;
                 files_in_flight.spawn(stored);
                 while files_in_flight.len() > MAX_FILES_IN_FLIGHT {
                     join_file(&mut files_in_flight).await?;

@@ -222,6 +222,15 @@ impl BlobService for CachingBlobService {
         self.remote.put_blob(blob, meta).await
     }
 
+    async fn put_chunks_and_blob(
+        &self,
+        chunks: Vec<EncodedChunk>,
+        blob: Digest,
+        meta: BlobMeta,
+    ) -> Result<(), BlobError> {
+        self.remote.put_chunks_and_blob(chunks, blob, meta).await
+    }
+
     /// Every chunk returned was decoded and checked: a cached one when read
     /// from the cache, a fetched one in [`CachingBlobService::fetch`]. One
     /// BLAKE3 pass instead of two: a cold read of 1 GiB from the local

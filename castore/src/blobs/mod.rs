@@ -34,8 +34,17 @@ pub const MAX_CHUNK_SIZE: u64 = 16 * 1024 * 1024;
 /// per-chunk ratio barely improves above it.
 const ZSTD_LEVEL: i32 = 3;
 
-/// Chunks gathered before asking the backend which it lacks.
-const WRITE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Chunks gathered before asking the backend which it lacks, and handed
+/// to one task to hash, compress and store. Small enough that a large file
+/// keeps both cores compressing (4 MiB batches, two at a time, left one
+/// core idle for a third of an import), large enough that the backend
+/// round trips per batch do not show.
+const WRITE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// Bytes of chunks (before compression) that the writers of one [`Blobs`]
+/// may have on their way to the backend at once, whatever the number of
+/// writers or files: what bounds an ingest's memory.
+const IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 
 /// Chunks asked for in one backend read.
 const READ_BATCH_CHUNKS: usize = 64;
@@ -243,6 +252,24 @@ pub trait BlobService: Send + Sync {
     /// once. Callers must pass chunks whose digest matches their bytes.
     async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError>;
 
+    /// Stores `chunks`, then records `blob`'s chunk list, as
+    /// [`put_chunks`] and [`put_blob`] would one after the other (and with
+    /// the same checks): a backend may do both in one write.
+    ///
+    /// [`put_chunks`]: BlobService::put_chunks
+    /// [`put_blob`]: BlobService::put_blob
+    async fn put_chunks_and_blob(
+        &self,
+        chunks: Vec<EncodedChunk>,
+        blob: Digest,
+        meta: BlobMeta,
+    ) -> Result<(), BlobError> {
+        if !chunks.is_empty() {
+            self.put_chunks(chunks).await?;
+        }
+        self.put_blob(blob, meta).await
+    }
+
     /// Records `blob`'s chunk list. Must refuse (with
     /// [`BlobError::ChunkNotFound`]) a list naming a chunk that is not stored,
     /// so no blob ever points at missing data.
@@ -265,12 +292,18 @@ pub trait BlobService: Send + Sync {
 pub struct Blobs {
     service: Arc<dyn BlobService>,
     params: ChunkerParams,
+    /// Permits for [`IN_FLIGHT_BYTES`], shared by every writer.
+    budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Blobs {
     /// Wraps a backend; writes are chunked with `params`.
     pub fn new(service: Arc<dyn BlobService>, params: ChunkerParams) -> Self {
-        Blobs { service, params }
+        Blobs {
+            service,
+            params,
+            budget: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES)),
+        }
     }
 
     /// The chunker parameters writes use.
@@ -292,6 +325,7 @@ impl Blobs {
     pub fn writer(&self) -> BlobWriter {
         BlobWriter {
             service: self.service.clone(),
+            budget: self.budget.clone(),
             chunker: Chunker::new(self.params),
             hasher: blake3::Hasher::new(),
             size: 0,
@@ -451,11 +485,15 @@ impl BlobReader {
 ///
 /// Chunking happens as bytes arrive; each full batch is hashed, checked
 /// against the backend, compressed and stored by a task of its own, with up
-/// to two batches behind the one being filled, so the
+/// to [`MAX_BATCHES_IN_FLIGHT`] batches behind the one being filled, so the
 /// hashing and compression of one batch overlap with the chunking of the
-/// next and with the backend's round trips.
+/// next and with the backend's round trips. Every batch on its way holds
+/// its bytes of the [`IN_FLIGHT_BYTES`] budget shared by all writers of the
+/// same [`Blobs`], so memory stays bounded however many files are stored
+/// at once.
 pub struct BlobWriter {
     service: Arc<dyn BlobService>,
+    budget: Arc<tokio::sync::Semaphore>,
     chunker: Chunker,
     hasher: blake3::Hasher,
     size: u64,
@@ -468,7 +506,21 @@ pub struct BlobWriter {
 
 /// Batches a writer has being stored at once (besides the one it fills):
 /// enough to keep two cores compressing while the next batch is chunked.
-const MAX_BATCHES_IN_FLIGHT: usize = 2;
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
+/// Takes `bytes` of the in-flight budget (all of it at most), waiting until
+/// stored batches give enough back.
+async fn reserve(
+    budget: &Arc<tokio::sync::Semaphore>,
+    bytes: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, BlobError> {
+    let n = bytes.clamp(1, IN_FLIGHT_BYTES) as u32;
+    budget
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .map_err(|e| BlobError::Backend(e.into()))
+}
 
 impl BlobWriter {
     /// Appends bytes to the blob.
@@ -492,11 +544,21 @@ impl BlobWriter {
     /// batches until at most `keep` are still in flight.
     async fn flush(&mut self, keep: usize) -> Result<(), BlobError> {
         let pending = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
+        let bytes = std::mem::take(&mut self.pending_bytes);
         if !pending.is_empty() {
-            self.in_flight
-                .push_back(tokio::spawn(store_batch(self.service.clone(), pending)));
+            let permit = reserve(&self.budget, bytes).await?;
+            let service = self.service.clone();
+            self.in_flight.push_back(tokio::spawn(async move {
+                let stored = store_batch(service, pending).await;
+                drop(permit);
+                stored
+            }));
         }
+        self.wait(keep).await
+    }
+
+    /// Waits for the oldest batches until at most `keep` are in flight.
+    async fn wait(&mut self, keep: usize) -> Result<(), BlobError> {
         while self.in_flight.len() > keep {
             let batch = self.in_flight.pop_front().expect("checked non-empty");
             let metas = batch.await.map_err(|e| BlobError::Backend(e.into()))??;
@@ -505,28 +567,58 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Ends the blob at once: returns its digest and size, and a task that
-    /// stores the last chunks and the chunk list. The blob is stored only
-    /// when the task has succeeded; a caller must wait for it before
-    /// publishing anything that refers to the blob.
-    pub fn finish_in_background(
-        self,
-    ) -> (Digest, u64, tokio::task::JoinHandle<Result<(), BlobError>>) {
+    /// Ends the blob as soon as its last bytes have a place in the in-flight
+    /// budget: returns its digest and size, and a task that stores the last
+    /// chunks and the chunk list. The blob is stored only when the task has
+    /// succeeded; a caller must wait for it before publishing anything that
+    /// refers to the blob.
+    pub async fn finish_in_background(
+        mut self,
+    ) -> Result<(Digest, u64, tokio::task::JoinHandle<Result<(), BlobError>>), BlobError> {
         let digest = Digest::from(self.hasher.finalize());
         let size = self.size;
-        let stored = tokio::spawn(async move { self.finish().await.map(|_| ()) });
-        (digest, size, stored)
+        let last = self.take_last();
+        let permit = reserve(&self.budget, last.iter().map(Bytes::len).sum()).await?;
+        let stored = tokio::spawn(async move { self.store_last(last, digest, permit).await });
+        Ok((digest, size, stored))
     }
 
     /// Ends the blob: stores the last chunks and the chunk list, and returns
     /// the blob's digest and size.
     pub async fn finish(mut self) -> Result<(Digest, u64), BlobError> {
-        self.chunker.finish(&mut self.pending);
-        self.flush(0).await?;
         let digest = Digest::from(self.hasher.finalize());
+        let size = self.size;
+        let last = self.take_last();
+        let permit = reserve(&self.budget, last.iter().map(Bytes::len).sum()).await?;
+        self.store_last(last, digest, permit).await?;
+        Ok((digest, size))
+    }
+
+    /// The chunks not sent yet, the chunker's remainder included.
+    fn take_last(&mut self) -> Vec<Bytes> {
+        self.chunker.finish(&mut self.pending);
+        self.pending_bytes = 0;
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Waits for the batches in flight, then stores the last one and the
+    /// chunk list together, so a small file costs one backend write, not
+    /// two.
+    async fn store_last(
+        mut self,
+        last: Vec<Bytes>,
+        digest: Digest,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), BlobError> {
+        self.wait(0).await?;
+        let (metas, encoded) = prepare_batch(&self.service, last).await?;
+        self.chunks.extend(metas);
         let meta = BlobMeta::new(digest, self.size, std::mem::take(&mut self.chunks))?;
-        self.service.put_blob(digest, meta).await?;
-        Ok((digest, self.size))
+        self.service
+            .put_chunks_and_blob(encoded, digest, meta)
+            .await?;
+        drop(permit);
+        Ok(())
     }
 }
 
@@ -555,6 +647,20 @@ async fn store_batch(
     service: Arc<dyn BlobService>,
     batch: Vec<Bytes>,
 ) -> Result<Vec<ChunkMeta>, BlobError> {
+    let (metas, encoded) = prepare_batch(&service, batch).await?;
+    if !encoded.is_empty() {
+        service.put_chunks(encoded).await?;
+    }
+    Ok(metas)
+}
+
+/// Hashes a batch of chunks, asks the backend which it lacks and
+/// compresses those: the batch's part of the chunk list, and the chunks to
+/// store.
+async fn prepare_batch(
+    service: &Arc<dyn BlobService>,
+    batch: Vec<Bytes>,
+) -> Result<(Vec<ChunkMeta>, Vec<EncodedChunk>), BlobError> {
     let hashed = cpu(batch, |batch| {
         batch
             .into_iter()
@@ -591,17 +697,18 @@ async fn store_batch(
         .filter(|(d, _)| missing.as_ref().is_none_or(|m| m.contains(d)) && seen.insert(*d))
         .map(|(_, c)| c)
         .collect();
-    if !to_send.is_empty() {
-        let encoded = cpu(to_send, |chunks| {
+    let encoded = if to_send.is_empty() {
+        Vec::new()
+    } else {
+        cpu(to_send, |chunks| {
             chunks
                 .into_iter()
                 .map(EncodedChunk::encode)
                 .collect::<Vec<_>>()
         })
-        .await?;
-        service.put_chunks(encoded).await?;
-    }
-    Ok(metas)
+        .await?
+    };
+    Ok((metas, encoded))
 }
 
 #[cfg(test)]

@@ -302,6 +302,63 @@ impl BlobService for RedbBlobService {
             .await
     }
 
+    async fn put_chunks_and_blob(
+        &self,
+        chunks: Vec<EncodedChunk>,
+        blob: Digest,
+        meta: BlobMeta,
+    ) -> Result<(), BlobError> {
+        let record = encode_blob(blob, &BlobMeta::new(blob, meta.size, meta.chunks)?)?;
+        // One write for both, and no read before it: the blob stored
+        // already is found inside the write. A small file is then one
+        // write of its group commit instead of a read and two writes.
+        self.writes
+            .submit(&self.store, true, move |tables| {
+                if tables
+                    .blobs
+                    .get(blob.as_bytes())
+                    .map_err(backend)?
+                    .is_some_and(|v| v.value() == &record[..])
+                {
+                    return Ok(());
+                }
+                // Every chunk of the list is either stored or about to be,
+                // checked before anything is written.
+                let mut absent = Vec::new();
+                for c in &chunks {
+                    if tables
+                        .chunks
+                        .get(c.digest.as_bytes())
+                        .map_err(backend)?
+                        .is_none()
+                    {
+                        absent.push(c);
+                    }
+                }
+                for entry in record[BLOB_CHUNKS_AT..].chunks_exact(BLOB_ENTRY_LEN) {
+                    let digest: &[u8; DIGEST_LEN] =
+                        entry[..DIGEST_LEN].try_into().expect("32 bytes");
+                    if !chunks.iter().any(|c| c.digest.as_bytes() == digest)
+                        && tables.chunks.get(digest).map_err(backend)?.is_none()
+                    {
+                        return Err(BlobError::ChunkNotFound(Digest::from_bytes(*digest)));
+                    }
+                }
+                let mut written = std::collections::HashSet::new();
+                for c in absent {
+                    if written.insert(c.digest) {
+                        insert_chunk(tables, c)?;
+                    }
+                }
+                tables
+                    .blobs
+                    .insert(blob.as_bytes(), &record[..])
+                    .map_err(backend)?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
         let record = encode_blob(blob, &BlobMeta::new(blob, meta.size, meta.chunks)?)?;
         // A blob stored already (the same file again, in this or another
