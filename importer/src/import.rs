@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lazystore_castore::Node;
-use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_nar};
+use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_hashed_nar};
 use lazystore_pathinfo::nar::{NarError, NarErrorKind};
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{DIGEST_LEN, MAX_NARINFO_SIZE, NarInfo, PublicKey, Store, StorePath};
@@ -689,7 +689,7 @@ impl Shared {
             narinfo.nar_size,
             progress.nar_counter(),
         ));
-        ingest_nar(&self.store.blobs, &*self.store.directories, nar)
+        ingest_hashed_nar(&self.store.blobs, &*self.store.directories, nar)
             .await
             .map_err(|e| classify(e, nar_url))
     }

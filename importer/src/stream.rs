@@ -18,6 +18,7 @@ use async_compression::tokio::bufread::{
     BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder,
 };
 use lazystore_pathinfo::Compression;
+use lazystore_pathinfo::ingest::{HashedNar, NarDigest};
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 
 use crate::cache::CacheError;
@@ -298,22 +299,25 @@ impl<R: AsyncRead + Unpin> AsyncRead for Bounded<R> {
     }
 }
 
-/// Bytes of decompressed NAR handed from the decompressing task to the
-/// ingesting one at a time, and how many such blocks may wait in between:
-/// 1 MiB per download.
+/// Bytes of decompressed NAR handed from the decompressing thread to the
+/// hashing task and from it to the ingesting one at a time, and how many
+/// such blocks may wait at each hand-off: 2 MiB per download.
 const PIPE_BLOCK: usize = 256 * 1024;
 const PIPE_DEPTH: usize = 4;
 
-/// Runs `reader` (download and decompression) in a task of its own and
-/// returns a reader of its output, so decompression and ingest (hashing,
-/// parsing, chunking) run on different cores. Errors pass through as they
-/// are; dropping the returned reader stops the task.
-pub fn pipelined<R>(mut reader: R) -> impl AsyncRead + Send + Unpin + 'static
+/// Runs `reader` (download and decompression) on a thread of its own and
+/// SHA-256-hashes its output in a task of its own, and returns a reader of
+/// the output that knows its NarSize and NarHash at the end
+/// ([`HashedNar`]). Decompression, hashing and ingest (parsing, chunking)
+/// then run on different cores, and the decoder (xz: the limit of an
+/// import) never waits behind other tasks on a runtime worker. Errors pass
+/// through as they are; dropping the returned reader stops both.
+pub fn pipelined<R>(mut reader: R) -> Pipelined
 where
     R: AsyncRead + Send + Unpin + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(PIPE_DEPTH);
-    tokio::spawn(async move {
+    let (tx, mut decoded) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(PIPE_DEPTH);
+    let decode = async move {
         loop {
             let mut block = bytes::BytesMut::with_capacity(PIPE_BLOCK);
             let item = match reader.read_buf(&mut block).await {
@@ -326,14 +330,79 @@ where
                 return;
             }
         }
-    });
-    tokio_util::io::StreamReader::new(receiver_stream(rx))
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name("nar-decoder".into())
+        .spawn(move || runtime.block_on(decode));
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(PIPE_DEPTH);
+    let digest = Arc::new(std::sync::Mutex::new(None));
+    let result = digest.clone();
+    if let Err(e) = spawned {
+        // No thread to decode on: the reader fails at once.
+        let _ = tx.try_send(Err(e));
+    } else {
+        tokio::spawn(async move {
+            let mut hasher = NarDigest::new();
+            while let Some(item) = decoded.recv().await {
+                if let Ok(block) = &item {
+                    hasher.update(block);
+                }
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+            // Set before `tx` is dropped, so the reader sees the end of the
+            // stream only after the digest is in place.
+            *result.lock().expect("lock poisoned") = Some(hasher.finish());
+        });
+    }
+    Pipelined {
+        inner: tokio_util::io::StreamReader::new(receiver_stream(rx)),
+        digest,
+    }
 }
 
-/// The receiving end of the pipe as a `Stream`.
+/// The reading end of [`pipelined`].
+pub struct Pipelined {
+    inner: tokio_util::io::StreamReader<
+        Pin<Box<dyn futures::Stream<Item = io::Result<bytes::Bytes>> + Send>>,
+        bytes::Bytes,
+    >,
+    /// NarSize and NarHash, set by the hashing task once the stream ended.
+    digest: Arc<std::sync::Mutex<Option<SizeAndHash>>>,
+}
+
+/// A NAR's size and SHA-256.
+type SizeAndHash = (u64, [u8; 32]);
+
+impl AsyncRead for Pipelined {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl HashedNar for Pipelined {
+    fn finish(self) -> (u64, [u8; 32]) {
+        // Only absent if the stream did not end as it should; a size no NAR
+        // has then fails the NarSize check.
+        self.digest
+            .lock()
+            .expect("lock poisoned")
+            .take()
+            .unwrap_or((u64::MAX, [0; 32]))
+    }
+}
+
+/// The receiving end of a pipe as a `Stream`.
 fn receiver_stream<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send + Unpin {
+) -> Pin<Box<dyn futures::Stream<Item = T> + Send>> {
     Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 

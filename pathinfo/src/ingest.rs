@@ -78,7 +78,51 @@ pub async fn ingest_nar<R>(
 where
     R: AsyncRead + Unpin + Send,
 {
-    let mut nar = NarReader::new(HashingReader::new(reader));
+    ingest_hashed_nar(blobs, directories, HashingReader::new(reader)).await
+}
+
+/// A NAR stream that counts and hashes the bytes it yields itself, so the
+/// SHA-256 can be computed off the ingesting task (on the thread that
+/// decompresses, say).
+pub trait HashedNar: AsyncRead + Unpin + Send {
+    /// The number of bytes yielded and their SHA-256. Called only after
+    /// the stream has ended (a read returned no bytes); it must cover
+    /// exactly the bytes yielded.
+    fn finish(self) -> (u64, [u8; 32]);
+}
+
+/// Counts and SHA-256-hashes NAR bytes, for a [`HashedNar`] to use.
+#[derive(Clone, Default)]
+pub struct NarDigest {
+    hasher: Sha256,
+    count: u64,
+}
+
+impl NarDigest {
+    /// Nothing hashed yet.
+    pub fn new() -> Self {
+        NarDigest::default()
+    }
+
+    /// Adds the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.count += bytes.len() as u64;
+    }
+
+    /// The number of bytes and their SHA-256.
+    pub fn finish(self) -> (u64, [u8; 32]) {
+        (self.count, self.hasher.finalize().into())
+    }
+}
+
+/// [`ingest_nar`] for a stream that hashes itself.
+pub async fn ingest_hashed_nar<R: HashedNar>(
+    blobs: &Blobs,
+    directories: &dyn DirectoryService,
+    reader: R,
+) -> Result<Ingested, IngestError> {
+    let mut nar = NarReader::new(reader);
     // Directories still open, innermost last, with the name each has in its
     // parent (None for the root).
     let mut open: Vec<(Option<PathComponent>, Directory)> = Vec::new();
@@ -177,14 +221,15 @@ async fn join_file(
 }
 
 /// Counts and SHA-256-hashes the bytes read through it.
-pub(crate) struct HashingReader<R> {
+pub struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     count: u64,
 }
 
 impl<R> HashingReader<R> {
-    pub(crate) fn new(inner: R) -> Self {
+    /// Hashes what is read from `inner`.
+    pub fn new(inner: R) -> Self {
         HashingReader {
             inner,
             hasher: Sha256::new(),
@@ -193,8 +238,14 @@ impl<R> HashingReader<R> {
     }
 
     /// Bytes read so far and their SHA-256.
-    pub(crate) fn finish(self) -> (u64, [u8; 32]) {
+    pub fn finish(self) -> (u64, [u8; 32]) {
         (self.count, self.hasher.finalize().into())
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> HashedNar for HashingReader<R> {
+    fn finish(self) -> (u64, [u8; 32]) {
+        HashingReader::finish(self)
     }
 }
 
