@@ -26,7 +26,7 @@ use crate::nar::{Event, NarError, NarReader};
 /// is read on. Their bytes count against the blob writers' shared
 /// in-flight budget, so this bounds tasks, not memory; more of them make
 /// larger group commits when a NAR holds many small files.
-pub const MAX_FILES_IN_FLIGHT: usize = 64;
+pub const MAX_FILES_IN_FLIGHT: usize = 256;
 
 /// Bytes moved from the NAR into a blob writer per read: a chunk's worth.
 const CONTENT_BUFFER: usize = 256 * 1024;
