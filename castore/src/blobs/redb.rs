@@ -523,3 +523,64 @@ fn commit_group(mut group: Vec<PendingWrite>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: &'static [u8]) -> EncodedChunk {
+        EncodedChunk::encode(Bytes::from_static(data))
+    }
+
+    fn meta_of(chunks: &[&EncodedChunk]) -> BlobMeta {
+        let size = chunks.iter().map(|c| c.size).sum();
+        let list = chunks
+            .iter()
+            .map(|c| ChunkMeta {
+                digest: c.digest,
+                size: c.size,
+            })
+            .collect();
+        BlobMeta::new(Digest::of(b"blob"), size, list).unwrap()
+    }
+
+    #[tokio::test]
+    async fn chunks_and_blob_in_one_write_refuse_a_missing_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = RedbBlobService::new(RedbStore::open(dir.path().join("s.redb")).unwrap());
+        let (a, b, c) = (chunk(b"first"), chunk(b"second"), chunk(b"third"));
+        service.put_chunks(vec![a.clone()]).await.unwrap();
+
+        // b is sent along, a is stored already, c is neither: nothing is
+        // written, not even b.
+        let blob = Digest::of(b"blob");
+        let err = service
+            .put_chunks_and_blob(vec![b.clone()], blob, meta_of(&[&a, &b, &c]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BlobError::ChunkNotFound(d) if d == c.digest),
+            "{err}"
+        );
+        assert!(service.stat(&blob).await.unwrap().is_none());
+        assert_eq!(
+            service.missing_chunks(&[a.digest, b.digest]).await.unwrap(),
+            vec![b.digest]
+        );
+
+        // With every chunk stored or sent, both land; again is a no-op.
+        let meta = meta_of(&[&a, &b, &c]);
+        for _ in 0..2 {
+            service
+                .put_chunks_and_blob(vec![b.clone(), c.clone(), c.clone()], blob, meta.clone())
+                .await
+                .unwrap();
+        }
+        assert_eq!(service.stat(&blob).await.unwrap(), Some(meta));
+        let read = service
+            .read_chunks(&[a.digest, b.digest, c.digest])
+            .await
+            .unwrap();
+        assert_eq!(read, vec![a, b, c]);
+    }
+}
