@@ -508,8 +508,10 @@ pub struct BlobWriter {
 }
 
 /// Batches a writer has being stored at once (besides the one it fills):
-/// enough to keep two cores compressing while the next batch is chunked.
-const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// enough to keep two cores compressing while the next batch is chunked
+/// and one batch waits on the backend. Memory is bounded by
+/// [`IN_FLIGHT_BYTES`], not by this.
+const MAX_BATCHES_IN_FLIGHT: usize = 8;
 
 /// Takes `bytes` of the in-flight budget (all of it at most), waiting until
 /// stored batches give enough back.
