@@ -275,18 +275,28 @@ fn connection_broke(status: &Status) -> bool {
         source = e.source();
     }
     // hyper and h2 errors are not dependencies of this crate; recognise
-    // them by their messages.
-    let message = status.message().to_ascii_lowercase();
-    [
+    // them by their messages, the status's own and its sources'. A server
+    // shutting down gracefully sends GOAWAY, which h2 reports as
+    // "connection error received: not a result of an error".
+    let mut messages = vec![status.message().to_ascii_lowercase()];
+    let mut source = status.source();
+    while let Some(e) = source {
+        messages.push(e.to_string().to_ascii_lowercase());
+        source = e.source();
+    }
+    const BROKEN: [&str; 8] = [
         "connection reset",
         "connection closed",
         "broken pipe",
         "error reading a body from connection",
         "connection error",
         "stream closed because of a broken pipe",
-    ]
-    .iter()
-    .any(|m| message.contains(m))
+        "not a result of an error",
+        "go away",
+    ];
+    messages
+        .iter()
+        .any(|message| BROKEN.iter().any(|m| message.contains(m)))
 }
 
 #[cfg(test)]
@@ -301,6 +311,11 @@ mod tests {
         assert!(is_transient(&Status::unknown(
             "error reading a body from connection"
         )));
+        assert!(is_transient(&Status::internal(
+            "h2 protocol error: connection error received: not a result of an error"
+        )));
+        let goaway = std::io::Error::other("connection error received: not a result of an error");
+        assert!(is_transient(&Status::from_error(Box::new(goaway))));
         assert!(!is_transient(&Status::unknown("something else")));
         assert!(!is_transient(&Status::not_found("blob")));
         assert!(!is_transient(&Status::invalid_argument("digest")));
