@@ -15,9 +15,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Proc, start};
-use lazystore_pathinfo::ingest::ingest_nar;
-use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{Store, StorePath};
 use lazystore_testkit::{
     Closure, build_closure, fresh_store, gen_key, make_cache, nix_cmd, nix_output, noise,
 };
@@ -419,36 +416,7 @@ fn large_path(dir: &Path) -> String {
 /// Ingests `paths` (from the local Nix store) into the store at `url` and
 /// publishes them, in this process.
 fn ingest(url: &str, paths: &[&str]) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = Store::open(url).await.unwrap();
-        for path in paths {
-            let mut child = tokio::process::Command::new("nix-store")
-                .args(["--dump", path])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let nar = tokio::io::BufReader::with_capacity(1 << 20, child.stdout.take().unwrap());
-            let ingested = ingest_nar(&store.blobs, &*store.directories, nar)
-                .await
-                .unwrap();
-            assert!(child.wait().await.unwrap().success());
-            store
-                .path_infos
-                .put(PathInfo {
-                    store_path: StorePath::from_absolute_path(path).unwrap(),
-                    root: ingested.root,
-                    references: Vec::new(),
-                    nar_size: ingested.nar_size,
-                    nar_sha256: ingested.nar_sha256,
-                    signatures: Vec::new(),
-                    deriver: None,
-                    ca: None,
-                })
-                .await
-                .unwrap();
-        }
-    });
+    common::ingest(url, paths);
 }
 
 /// The NAR URL the narinfo of `path` names.

@@ -11,44 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lazystore_pathinfo::ingest::ingest_nar;
-use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{Store, StorePath};
 use lazystore_testkit::{add_tree, nix_cmd, noise};
+
+mod common;
 
 const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
 
 fn import(url: &str, paths: &[&str]) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = Store::open(url).await.unwrap();
-        for path in paths {
-            let mut child = tokio::process::Command::new("nix-store")
-                .args(["--dump", path])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let nar = tokio::io::BufReader::with_capacity(1 << 20, child.stdout.take().unwrap());
-            let i = ingest_nar(&store.blobs, &*store.directories, nar)
-                .await
-                .unwrap();
-            assert!(child.wait().await.unwrap().success());
-            store
-                .path_infos
-                .put(PathInfo {
-                    store_path: StorePath::from_absolute_path(path).unwrap(),
-                    root: i.root,
-                    references: vec![],
-                    nar_size: i.nar_size,
-                    nar_sha256: i.nar_sha256,
-                    signatures: vec![],
-                    deriver: None,
-                    ca: None,
-                })
-                .await
-                .unwrap();
-        }
-    });
+    common::ingest(url, paths);
 }
 
 struct Proc(Child, String);

@@ -8,13 +8,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lazystore_castore::{CacheOptions, CacheStore, Digest, Node};
-use lazystore_pathinfo::ingest::ingest_nar;
-use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{Store, StorePath, nixbase32};
+use lazystore_pathinfo::{Store, nixbase32};
 use lazystore_testkit::{add_tree, nix_cmd, noise};
 
 mod common;
@@ -28,42 +26,16 @@ fn write(path: &Path, bytes: &[u8]) {
 }
 
 /// Ingests `path` from the local Nix store into the redb store at `url`
-/// and publishes it; returns its NarHash (nixbase32) and root node.
+/// and publishes it; returns its NarHash (nixbase32), checked against
+/// Nix's, and root node.
 fn import(url: &str, path: &str) -> (String, Node) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = Store::open(url).await.unwrap();
-        let mut child = tokio::process::Command::new("nix-store")
-            .args(["--dump", path])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let nar = tokio::io::BufReader::with_capacity(1 << 20, child.stdout.take().unwrap());
-        let ingested = ingest_nar(&store.blobs, &*store.directories, nar)
-            .await
-            .unwrap();
-        assert!(child.wait().await.unwrap().success());
-        let hash = nixbase32::encode(&ingested.nar_sha256);
-        assert_eq!(
-            nix_cmd(["nix-store", "--query", "--hash", path]).trim(),
-            format!("sha256:{hash}")
-        );
-        store
-            .path_infos
-            .put(PathInfo {
-                store_path: StorePath::from_absolute_path(path).unwrap(),
-                root: ingested.root.clone(),
-                references: vec![],
-                nar_size: ingested.nar_size,
-                nar_sha256: ingested.nar_sha256,
-                signatures: vec![],
-                deriver: None,
-                ca: None,
-            })
-            .await
-            .unwrap();
-        (hash, ingested.root)
-    })
+    let ingested = common::ingest(url, &[path]).remove(0);
+    let hash = nixbase32::encode(&ingested.nar_sha256);
+    assert_eq!(
+        nix_cmd(["nix-store", "--query", "--hash", path]).trim(),
+        format!("sha256:{hash}")
+    );
+    (hash, ingested.root)
 }
 
 fn chunk_count(store_url: &str, digest: Digest) -> (usize, Vec<Digest>) {

@@ -1,6 +1,6 @@
 //! What the CLI tests share: the `lazystore` binary run as a child process
-//! (killed when dropped), servers and mounts started from it, and a mount's
-//! counters.
+//! (killed when dropped), servers and mounts started from it, a mount's
+//! counters, and paths of the local Nix store put into a store directly.
 
 #![allow(dead_code)]
 
@@ -112,4 +112,49 @@ impl Drop for Mount {
             .arg(&self.path)
             .status();
     }
+}
+
+/// Ingests `paths` from the local Nix store (`nix-store --dump`) into the
+/// store at `url` and publishes each with no references or signatures, in
+/// this process; returns what each ingest produced.
+pub fn ingest(url: &str, paths: &[&str]) -> Vec<lazystore_pathinfo::ingest::Ingested> {
+    use lazystore_pathinfo::ingest::ingest_nar;
+    use lazystore_pathinfo::pathinfos::PathInfo;
+    use lazystore_pathinfo::{Store, StorePath};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::open(url).await.unwrap();
+        let mut out = Vec::new();
+        for path in paths {
+            let mut child = tokio::process::Command::new("nix-store")
+                .args(["--dump", path])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let nar = tokio::io::BufReader::with_capacity(1 << 20, child.stdout.take().unwrap());
+            let ingested = ingest_nar(&store.blobs, &*store.directories, nar)
+                .await
+                .unwrap();
+            assert!(
+                child.wait().await.unwrap().success(),
+                "nix-store --dump {path}"
+            );
+            store
+                .path_infos
+                .put(PathInfo {
+                    store_path: StorePath::from_absolute_path(path).unwrap(),
+                    root: ingested.root.clone(),
+                    references: Vec::new(),
+                    nar_size: ingested.nar_size,
+                    nar_sha256: ingested.nar_sha256,
+                    signatures: Vec::new(),
+                    deriver: None,
+                    ca: None,
+                })
+                .await
+                .unwrap();
+            out.push(ingested);
+        }
+        out
+    })
 }
