@@ -34,11 +34,11 @@ enum Command {
 /// freed on another; by default each thread may get its own arena, and the
 /// mmap threshold rises after the first large free, so freed buffers stay
 /// resident in many arenas. Two arenas and a fixed 512 KiB threshold (every
-/// chunk comes from the heap, larger buffers are mapped and unmapped) keep a
-/// mount reading 1 GiB through a remote store while filling its local cache
-/// under 200 MiB (265 MiB by default); a 128 KiB threshold used as little
-/// memory but made a cold read from the local cache spend a third more CPU
-/// faulting in and zeroing fresh pages. Both are glibc's documented
+/// chunk comes from the heap, larger buffers are mapped and unmapped) took a
+/// mount reading 1 GiB through a remote store while filling a local cache
+/// (with a 64 MiB redb page cache) from 265 to 198 MiB; a 128 KiB threshold
+/// used as little memory but made a cold read from the local cache spend a
+/// third more CPU faulting in and zeroing fresh pages. Both are glibc's documented
 /// tunables, set before any thread starts.
 fn bound_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

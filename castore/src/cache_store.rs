@@ -79,7 +79,7 @@ use crate::proto::ChunkEncoding;
 use crate::redb_store::{DigestKey, OpenError, create_database};
 
 /// Memory redb may use to cache pages of the cache file.
-const CACHE_PAGE_CACHE_BYTES: usize = 64 * 1024 * 1024;
+const CACHE_PAGE_CACHE_BYTES: usize = 128 * 1024 * 1024;
 
 /// Default bound of a cache: 10 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
