@@ -220,7 +220,7 @@ impl Upstreams {
             Err(e) => return Err(LookupError::Failed(FetchError::Upstream(Arc::new(e)))),
         };
         if let Some(listing) = self.upstream.listing(&found).await {
-            let implied = listing_nar_size(&listing);
+            let implied = listing.nar_size();
             if implied == found.narinfo.nar_size {
                 return Ok(self.show_listing(found, listing).await);
             }
@@ -503,47 +503,6 @@ fn placeholder(key: &[u8; 32], kind: u8, within: &[u8]) -> Digest {
     h.update(&[kind]);
     h.update(within);
     Digest::from(h.finalize())
-}
-
-/// The size of the NAR a listing describes: a listing that does not add up
-/// to the signed NarSize is not the NAR's. (Checked against listings real
-/// Nix writes by `fuse/tests/upstream.rs`: a wrong sum would ignore them.)
-fn listing_nar_size(listing: &Listing) -> u64 {
-    /// A NAR string: its length, its bytes, padding to 8.
-    fn s(len: u64) -> u64 {
-        8u64.saturating_add(len.div_ceil(8).saturating_mul(8))
-    }
-    fn node(e: &ListingEntry) -> u64 {
-        let body = match e {
-            ListingEntry::Regular {
-                size, executable, ..
-            } => {
-                let x = if *executable {
-                    s(10).saturating_add(s(0))
-                } else {
-                    0
-                };
-                s(7).saturating_add(x)
-                    .saturating_add(s(8))
-                    .saturating_add(s(*size))
-            }
-            ListingEntry::Symlink { target } => s(7)
-                .saturating_add(s(6))
-                .saturating_add(s(target.as_bytes().len() as u64)),
-            ListingEntry::Directory { entries } => {
-                entries.iter().fold(s(9), |total, (name, child)| {
-                    total
-                        .saturating_add(s(5) + s(1) + s(4))
-                        .saturating_add(s(name.as_bytes().len() as u64))
-                        .saturating_add(s(4))
-                        .saturating_add(node(child))
-                        .saturating_add(s(1))
-                })
-            }
-        };
-        (s(1) + s(4)).saturating_add(body).saturating_add(s(1))
-    }
-    s(13).saturating_add(node(&listing.root))
 }
 
 /// A key no one else knows, so no content hashes to a placeholder.

@@ -24,7 +24,7 @@ use std::fmt;
 use lazystore_castore::{PathComponent, SymlinkTarget};
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 
-use crate::nar::MAX_DIRECTORY_DEPTH;
+use crate::nar::{MAX_DIRECTORY_DEPTH, token};
 
 /// Largest listing [`Listing::parse`] accepts. Nix's listing of a store path
 /// with a million files is about 100 MiB; none we fetch comes near this.
@@ -81,6 +81,53 @@ pub enum ListingError {
 }
 
 impl Listing {
+    /// Length of the NAR this listing describes, from the NAR grammar: a
+    /// listing that does not add up to a narinfo's NarSize is not its NAR's.
+    /// Saturates instead of overflowing.
+    pub fn nar_size(&self) -> u64 {
+        /// `str()` of `len` bytes: the length, the bytes, padding to 8.
+        fn s(len: usize) -> u64 {
+            8u64.saturating_add((len as u64).div_ceil(8).saturating_mul(8))
+        }
+        fn t(token: &[u8]) -> u64 {
+            s(token.len())
+        }
+        fn node(e: &ListingEntry) -> u64 {
+            let body = match e {
+                ListingEntry::Regular {
+                    size, executable, ..
+                } => {
+                    let x = if *executable {
+                        t(token::EXECUTABLE) + s(0)
+                    } else {
+                        0
+                    };
+                    let contents = 8u64.saturating_add(size.div_ceil(8).saturating_mul(8));
+                    (t(token::REGULAR) + x + t(token::CONTENTS)).saturating_add(contents)
+                }
+                ListingEntry::Symlink { target } => {
+                    t(token::SYMLINK) + t(token::TARGET) + s(target.as_bytes().len())
+                }
+                ListingEntry::Directory { entries } => {
+                    entries
+                        .iter()
+                        .fold(t(token::DIRECTORY), |total, (name, child)| {
+                            total
+                                .saturating_add(t(token::ENTRY) + t(token::OPEN) + t(token::NAME))
+                                .saturating_add(s(name.as_bytes().len()))
+                                .saturating_add(t(token::NODE))
+                                .saturating_add(node(child))
+                                .saturating_add(t(token::CLOSE))
+                        })
+                }
+            };
+            (t(token::OPEN) + t(token::TYPE))
+                .saturating_add(body)
+                .saturating_add(t(token::CLOSE))
+        }
+        t(token::MAGIC).saturating_add(node(&self.root))
+    }
+
     /// Parses a `.ls` file.
     pub fn parse(bytes: &[u8]) -> Result<Listing, ListingError> {
         if bytes.len() > MAX_LISTING_SIZE {

@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::listing::{Listing, ListingEntry};
-use crate::nar::{NarWriteError, NarWriter};
+use crate::nar::{NarWriteError, NarWriter, token};
 
 /// Why a tree could not be rendered.
 #[derive(Debug, thiserror::Error)]
@@ -241,25 +241,6 @@ impl NarLayout {
     pub fn heap_size(&self) -> usize {
         self.structure.len() + self.files.capacity() * std::mem::size_of::<FileSpan>()
     }
-}
-
-/// The NAR tokens, written as [`NarWriter`] writes them; the layout tests
-/// hold [`render_range`] of a whole layout to the same bytes as
-/// [`render_nar`].
-mod token {
-    pub const MAGIC: &[u8] = b"nix-archive-1";
-    pub const OPEN: &[u8] = b"(";
-    pub const CLOSE: &[u8] = b")";
-    pub const TYPE: &[u8] = b"type";
-    pub const REGULAR: &[u8] = b"regular";
-    pub const SYMLINK: &[u8] = b"symlink";
-    pub const DIRECTORY: &[u8] = b"directory";
-    pub const EXECUTABLE: &[u8] = b"executable";
-    pub const CONTENTS: &[u8] = b"contents";
-    pub const TARGET: &[u8] = b"target";
-    pub const ENTRY: &[u8] = b"entry";
-    pub const NAME: &[u8] = b"name";
-    pub const NODE: &[u8] = b"node";
 }
 
 fn padding(len: u64) -> u64 {

@@ -184,6 +184,9 @@ async fn listing_is_what_nix_writes() {
             info.store_path
         );
         assert_eq!(listing, Listing::parse(&ls).unwrap());
+        // The NAR a listing describes is as long as Nix's.
+        assert_eq!(listing.nar_size(), info.nar_size, "{}", info.store_path);
+        assert_eq!(listing.nar_size(), nar.len() as u64);
     }
 }
 

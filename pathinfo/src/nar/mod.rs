@@ -64,7 +64,7 @@ pub const MAX_DIRECTORY_DEPTH: usize = 63;
 const IO_BUFFER_SIZE: usize = 64 * 1024;
 
 /// The tokens of the grammar, as they appear inside `str()`.
-mod token {
+pub(crate) mod token {
     pub const MAGIC: &[u8] = b"nix-archive-1";
     pub const OPEN: &[u8] = b"(";
     pub const CLOSE: &[u8] = b")";
