@@ -10,6 +10,30 @@ use std::time::{Duration, Instant};
 
 const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
 
+/// The tests of this file mount, kill mounts and copy the mount table into
+/// new namespaces; run side by side, a killed mount was once still mounted
+/// 10 s later (2 runs in ~9). One at a time, each sees only its own mounts.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the fusermount3 helpers are doing, for a failure message.
+fn fusermount_processes() -> String {
+    let out = Command::new("ps")
+        .args(["-eo", "pid,ppid,stat,wchan:32,args"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("ps: {e}"));
+    out.lines()
+        .filter(|l| l.contains("fusermount") || l.contains("lazystore"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let path = path.to_str().unwrap();
@@ -97,6 +121,7 @@ fn stats(mountpoint: &Path) -> String {
 
 #[test]
 fn sigterm_and_sigint_unmount_cleanly_and_print_the_counters() {
+    let _serial = one_at_a_time();
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let dir = tempfile::tempdir().unwrap();
         let mount = MountProcess::start(dir.path(), &["--store", "memory://"]);
@@ -135,6 +160,7 @@ fn sigterm_and_sigint_unmount_cleanly_and_print_the_counters() {
 
 #[test]
 fn a_killed_mount_is_unmounted_by_fusermount3() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let mount = MountProcess::start(dir.path(), &["--store", "memory://", "--list-root"]);
     let mountpoint = mount.mountpoint.clone();
@@ -145,7 +171,8 @@ fn a_killed_mount_is_unmounted_by_fusermount3() {
     while is_mounted(&mountpoint) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "still mounted 10 s after the process died"
+            "still mounted 10 s after the process died; helpers:\n{}",
+            fusermount_processes()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -170,6 +197,7 @@ fn mount_error(mountpoint: &Path, env: &[(&str, &str)]) -> String {
 
 #[test]
 fn mount_errors_say_what_to_fix() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing");
     let e = mount_error(&missing, &[]);
