@@ -69,10 +69,9 @@ use redb::{
     TableError, WriteTransaction,
 };
 
-use crate::blobs::{
-    BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE, chunk_record_len, read_chunk_record,
-    write_chunk_record,
-};
+use bytes::Bytes;
+
+use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
 use crate::digest::{DIGEST_LEN, Digest};
 use crate::nodes::Directory;
 use crate::proto::ChunkEncoding;
@@ -133,8 +132,55 @@ const DIRECTORIES: TableDefinition<DigestKey, &[u8]> = TableDefinition::new("cac
 const LRU: TableDefinition<&[u8; LRU_KEY_LEN], &[u8; LRU_VALUE_LEN]> =
     TableDefinition::new("cache-lru-v1");
 
-// Chunk record (`cache-chunks-v1`): the store's `chunks-v1` layout, written
-// and read by the same functions (`blobs/redb.rs`).
+// Chunk record (`cache-chunks-v1`), the chunk inline:
+//
+// | offset | size | field                                        |
+// |--------|------|----------------------------------------------|
+// | 0      | 1    | encoding: 0 raw, 1 zstd (`ChunkEncoding`)    |
+// | 1      | 8    | decoded size, u64 little endian              |
+// | 9      | n    | the encoded bytes                            |
+const CHUNK_ENCODING_AT: usize = 0;
+const CHUNK_SIZE_AT: usize = 1;
+const CHUNK_DATA_AT: usize = 9;
+
+/// Length of `chunk`'s record.
+fn chunk_record_len(chunk: &EncodedChunk) -> usize {
+    CHUNK_DATA_AT + chunk.data.len()
+}
+
+/// Writes `chunk`'s record into `record`, [`chunk_record_len`] bytes.
+fn write_chunk_record(chunk: &EncodedChunk, record: &mut [u8]) {
+    record[CHUNK_ENCODING_AT] = match chunk.encoding {
+        ChunkEncoding::Raw => 0,
+        ChunkEncoding::Zstd => 1,
+    };
+    record[CHUNK_SIZE_AT..CHUNK_DATA_AT].copy_from_slice(&chunk.size.to_le_bytes());
+    record[CHUNK_DATA_AT..].copy_from_slice(&chunk.data);
+}
+
+/// Parses a chunk record into the chunk as stored; the error says what is
+/// damaged.
+fn read_chunk_record(digest: Digest, record: &[u8]) -> Result<EncodedChunk, &'static str> {
+    if record.len() < CHUNK_DATA_AT {
+        return Err("stored record is truncated");
+    }
+    let encoding = match record[CHUNK_ENCODING_AT] {
+        0 => ChunkEncoding::Raw,
+        1 => ChunkEncoding::Zstd,
+        _ => return Err("stored record has an unknown encoding"),
+    };
+    let size = u64::from_le_bytes(
+        record[CHUNK_SIZE_AT..CHUNK_DATA_AT]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    Ok(EncodedChunk {
+        digest,
+        encoding,
+        size,
+        data: Bytes::copy_from_slice(&record[CHUNK_DATA_AT..]),
+    })
+}
 
 // Chunk list record (`cache-blobs-v1`). Unlike a chunk or a directory, a
 // chunk list can't be checked against its digest without reading every

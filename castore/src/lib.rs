@@ -13,6 +13,7 @@ mod digest;
 pub mod directories;
 pub mod grpc;
 pub mod nodes;
+mod packs;
 mod redb_store;
 
 /// Wire types generated from `proto/castore.proto`.

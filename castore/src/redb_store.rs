@@ -1,5 +1,6 @@
-//! The embedded store: one redb file holding chunks, blob chunk lists and
-//! directories, with the chunker parameters it was made with.
+//! The embedded store: one redb file holding the chunk index, blob chunk
+//! lists and directories, with the chunker parameters it was made with, and
+//! the chunk bytes in pack files beside it (`packs.rs`).
 //!
 //! [`RedbStore`] owns the shared `Arc<Database>`; the blob and directory
 //! backends (and the path-info backend in `lazystore-pathinfo`, which adds its
@@ -8,8 +9,10 @@
 //! also makes durable everything committed before it.
 //!
 //! That history is also what makes deferred fsyncs safe: a crash loses a
-//! suffix of commits, never one from the middle. Chunks are always written
-//! without an fsync (a chunk list is checked against the chunks in its own
+//! suffix of commits, never one from the middle. Every durable commit goes
+//! through [`RedbStore::commit`], which fsyncs the pack files first, so a
+//! durable index never names chunk bytes that are not on disk. Chunks are
+//! always written without an fsync (a chunk list is checked against the chunks in its own
 //! transaction, so losing chunks can't leave a list pointing at nothing);
 //! [`SyncMode`] says whether chunk lists and directories are fsynced before
 //! they are acknowledged.
@@ -24,18 +27,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{
-    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, Table, TableError, WriteTransaction,
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, Table, TableError, TableHandle,
+    WriteTransaction,
 };
 
 use crate::chunker::{ChunkerParams, InvalidChunkerParams};
 use crate::digest::DIGEST_LEN;
+use crate::packs::Packs;
 
 /// Key of every content-addressed table: a raw BLAKE3 digest.
 pub(crate) type DigestKey = &'static [u8; DIGEST_LEN];
 
-/// Chunk digest → encoded chunk record (layout in `blobs/redb.rs`).
+/// Chunk digest → where its encoded bytes are in the packs (layout in
+/// `blobs/redb.rs`).
 pub(crate) const CHUNKS: redb::TableDefinition<DigestKey, &[u8]> =
-    redb::TableDefinition::new("chunks-v1");
+    redb::TableDefinition::new("chunks-v2");
+
+/// The chunk table of stores that kept chunk bytes inline in redb.
+const INLINE_CHUNKS_V1: &str = "chunks-v1";
 
 /// Blob digest → chunk list record (layout in `blobs/redb.rs`).
 pub(crate) const BLOBS: redb::TableDefinition<DigestKey, &[u8]> =
@@ -154,6 +163,27 @@ pub enum OpenError {
         /// What the caller asked for.
         requested: ChunkerParams,
     },
+    /// The store keeps chunk bytes inline (`chunks-v1`), as lazystore did
+    /// before pack files. Its contents came from binary caches: import them
+    /// again into a new store.
+    #[error(
+        "redb store {path:?} has the old inline chunk layout; move it away and import the paths again into a new store"
+    )]
+    OldLayout {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// The pack directory beside the store file cannot be used.
+    #[error("cannot open the pack files of redb store {path:?} in {dir:?}")]
+    Packs {
+        /// The store file.
+        path: PathBuf,
+        /// The pack directory.
+        dir: PathBuf,
+        /// The filesystem error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The store's settings are unreadable.
     #[error("redb store {path:?} has a malformed {key:?} setting: {reason}")]
     BadMeta {
@@ -211,6 +241,9 @@ pub struct RedbOptions {
 /// [`Blobs`]: crate::Blobs
 #[derive(Clone, Debug)]
 pub struct RedbStore {
+    // Before `db`: the last clone syncs the packs (dropping them) before it
+    // closes the database, whose close may make the index durable.
+    packs: Arc<Packs>,
     db: Arc<Database>,
     path: Arc<Path>,
     params: ChunkerParams,
@@ -256,6 +289,12 @@ impl RedbStore {
         // without a write.
         let stored = {
             let txn = db.begin_read().map_err(|e| db_err(e.into()))?;
+            let mut tables = txn.list_tables().map_err(|e| db_err(e.into()))?;
+            if tables.any(|t| t.name() == INLINE_CHUNKS_V1) {
+                return Err(OpenError::OldLayout {
+                    path: path.to_owned(),
+                });
+            }
             match txn.open_table(META) {
                 Ok(meta) => read_params(path, &meta)?,
                 Err(TableError::TableDoesNotExist(_)) => None,
@@ -277,7 +316,14 @@ impl RedbStore {
                 params
             }
         };
+        let dir = packs_dir(path);
+        let packs = Packs::open(&dir).map_err(|source| OpenError::Packs {
+            path: path.to_owned(),
+            dir,
+            source,
+        })?;
         Ok(RedbStore {
+            packs: Arc::new(packs),
             db: Arc::new(db),
             path: path.into(),
             params,
@@ -289,8 +335,31 @@ impl RedbStore {
     /// Blocks: call it from `spawn_blocking`.
     pub fn sync(&self) -> Result<(), redb::Error> {
         let txn = self.db.begin_write()?;
+        self.commit(txn, redb::Durability::Immediate)
+    }
+
+    /// Commits `txn` with `durability`. Every commit to the store's file
+    /// goes through here: a durable one fsyncs the pack files first, inside
+    /// the transaction (so no append can slip in between), and only then
+    /// makes the index durable.
+    pub fn commit(
+        &self,
+        mut txn: redb::WriteTransaction,
+        durability: redb::Durability,
+    ) -> Result<(), redb::Error> {
+        txn.set_durability(durability)?;
+        if matches!(durability, redb::Durability::None) {
+            self.packs.flush()?;
+        } else {
+            self.packs.sync()?;
+        }
         txn.commit()?;
         Ok(())
+    }
+
+    /// The pack files of the chunk bytes.
+    pub(crate) fn packs(&self) -> &Packs {
+        &self.packs
     }
 
     /// When chunk lists and directories reach the disk.
@@ -313,7 +382,8 @@ impl RedbStore {
     }
 
     /// The database, for backends of other crates that keep their tables in
-    /// the same file.
+    /// the same file. Commit writes with [`RedbStore::commit`], never
+    /// `WriteTransaction::commit`: a durable commit must sync the packs.
     pub fn database(&self) -> &Arc<Database> {
         &self.db
     }
@@ -324,12 +394,15 @@ impl RedbStore {
     }
 }
 
-/// Records `params` and creates every table, in one transaction, so read
-/// transactions can open the tables from then on.
-/// Memory redb may use to cache pages of one file. Chunks are written once
-/// and read back rarely through the same process, so a large page cache
-/// buys little; redb's default (1 GiB) would dominate the resident size of
-/// an import.
+/// The pack directory of the store file `path`: `store.redb` → `store.packs`.
+fn packs_dir(path: &Path) -> PathBuf {
+    path.with_extension("packs")
+}
+
+/// Memory redb may use to cache pages of one file: the chunk index, chunk
+/// lists and directories, whose pages are read again and again while
+/// importing (is this chunk stored?). redb's default (1 GiB) would dominate
+/// the resident size of an import.
 const REDB_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Opens or creates the redb file at `path` (and its directory), with a
@@ -361,6 +434,8 @@ pub(crate) fn create_database(
     }
 }
 
+/// Records `params` and creates every table, in one transaction, so read
+/// transactions can open the tables from then on.
 fn create(db: &Database, params: ChunkerParams) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {

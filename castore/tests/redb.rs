@@ -165,6 +165,32 @@ fn bad_opens_say_which_file() {
     let err = RedbStore::open(&junk).unwrap_err();
     assert!(matches!(err, OpenError::Database { .. }), "{err}");
     assert!(err.to_string().contains(&junk.display().to_string()));
+
+    // A store of the inline layout (chunk bytes in `chunks-v1`) is named,
+    // with what to do, rather than read as if it were empty.
+    let old = dir.path().join("old.redb");
+    {
+        let db = redb::Database::create(&old).unwrap();
+        let txn = db.begin_write().unwrap();
+        let chunks: redb::TableDefinition<&[u8; 32], &[u8]> =
+            redb::TableDefinition::new("chunks-v1");
+        txn.open_table(chunks).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = RedbStore::open(&old).unwrap_err();
+    assert!(matches!(err, OpenError::OldLayout { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&old.display().to_string()) && msg.contains("import"),
+        "{msg}"
+    );
+
+    // A pack directory that can't be one.
+    let blocked = dir.path().join("blocked.redb");
+    std::fs::write(dir.path().join("blocked.packs"), b"a file").unwrap();
+    let err = RedbStore::open(&blocked).unwrap_err();
+    assert!(matches!(err, OpenError::Packs { .. }), "{err}");
+    assert!(err.to_string().contains("blocked.packs"), "{err}");
 }
 
 /// Regular files under `roots`, in path order, up to `limit` bytes in all.
@@ -348,10 +374,14 @@ async fn bench_ingest() {
                 store.sync().unwrap();
                 let synced = bytes as f64 / 1e6 / t.elapsed().as_secs_f64();
                 let again = ingest(&blobs, &files, writers).await;
-                let file = std::fs::metadata(store.path()).unwrap().len();
+                let file = std::fs::metadata(store.path()).unwrap().len()
+                    + std::fs::read_dir(store.path().with_extension("packs"))
+                        .unwrap()
+                        .map(|e| e.unwrap().metadata().unwrap().len())
+                        .sum::<u64>();
                 println!(
                     "    redb {sync:?}: {first:.0} MB/s, {synced:.0} with a final sync; \
-                     again (all deduplicated) {again:.0} MB/s; file {} MB",
+                     again (all deduplicated) {again:.0} MB/s; file and packs {} MB",
                     file / 1_000_000
                 );
             }

@@ -23,7 +23,6 @@ use crate::proto::ChunkEncoding;
 pub use self::cache::CachingBlobService;
 pub use self::grpc::GrpcBlobService;
 pub use self::redb::RedbBlobService;
-pub(crate) use self::redb::{chunk_record_len, read_chunk_record, write_chunk_record};
 pub use memory::{MemoryBlobService, MemoryStats};
 
 /// Largest chunk any store accepts (fastcdc's largest maximum), so a claimed

@@ -1,36 +1,18 @@
-//! Blob backend in the embedded redb store: chunks stored inline in
-//! `chunks-v1`, chunk lists in `blobs-v1`.
+//! Blob backend in the embedded redb store: chunk bytes in the store's pack
+//! files (`packs.rs`), indexed in `chunks-v2`; chunk lists in `blobs-v1`.
 //!
-//! Inline chunk data is fast enough to ingest, but not compact. Measured on
-//! the 2-core development machine, release build, with other builds running
-//! (`bench_ingest` in `tests/redb.rs`):
-//!
-//! - redb alone, storing chunks already cut, hashed and compressed: 1.5 GB/s
-//!   of file bytes for 412 MB of /usr/lib (2.2 GB/s for random bytes) with
-//!   [`SyncMode::Deferred`]; 440 MB/s with [`SyncMode::EveryCommit`], and
-//!   54 MB/s for 5784 small files of /usr/share, where the fsync per blob
-//!   dominates (Deferred: 290 MB/s).
-//! - End to end through [`Blobs::put`] (chunk, hash, zstd, store), two
-//!   writers: /usr/lib 285 MB/s with Deferred (205 MB/s counting the final
-//!   sync; the memory backend did 213 MB/s in the same run), 113 MB/s with
-//!   EveryCommit; small files 119 MB/s (memory 230 MB/s), where two write
-//!   transactions per file are the cost.
-//! - Space: redb gives each large value a power-of-two run of pages, so a
-//!   compacted file is 1.45× the stored chunk bytes, and copy-on-write
-//!   leaves it about 2× before compaction. Pack files would fix this, not
-//!   speed.
+//! Figures (import throughput, file size against the bytes stored) are in
+//! `docs/design.md`, "Chunk store".
 //!
 //! Durability: chunk writes commit without an fsync; chunk lists as the
 //! store's [`SyncMode`] says. Both live in one file with one commit history,
-//! so a durable commit also makes every chunk before it durable; after a
-//! crash a chunk written since the last durable commit may be gone, but
+//! so a durable commit also makes every chunk before it durable (and
+//! [`RedbStore::commit`] fsyncs the packs before any durable commit); after
+//! a crash a chunk written since the last durable commit may be gone, but
 //! `put_blob` checks its chunks in its own transaction, so no stored blob
 //! lacks one.
 //!
 //! [`SyncMode`]: crate::SyncMode
-//! [`SyncMode::Deferred`]: crate::SyncMode::Deferred
-//! [`SyncMode::EveryCommit`]: crate::SyncMode::EveryCommit
-//! [`Blobs::put`]: crate::Blobs::put
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,19 +20,26 @@ use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
 
 use super::{BlobError, BlobMeta, BlobService, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
 use crate::digest::{DIGEST_LEN, Digest};
+use crate::packs::Location;
 use crate::proto::ChunkEncoding;
 use crate::redb_store::{ReadTables, RedbStore, Tables};
 
-// Chunk record (`chunks-v1`, keyed by the chunk digest):
+// Chunk index record (`chunks-v2`, keyed by the chunk digest), 25 bytes,
+// little endian:
 //
 // | offset | size | field                                        |
 // |--------|------|----------------------------------------------|
 // | 0      | 1    | encoding: 0 raw, 1 zstd (`ChunkEncoding`)    |
-// | 1      | 8    | decoded size, u64 little endian              |
-// | 9      | n    | the encoded bytes                            |
+// | 1      | 8    | decoded size                                 |
+// | 9      | 4    | pack number                                  |
+// | 13     | 8    | offset of the encoded bytes in the pack      |
+// | 21     | 4    | length of the encoded bytes                  |
 const CHUNK_ENCODING_AT: usize = 0;
 const CHUNK_SIZE_AT: usize = 1;
-const CHUNK_DATA_AT: usize = 9;
+const CHUNK_PACK_AT: usize = 9;
+const CHUNK_OFFSET_AT: usize = 13;
+const CHUNK_LEN_AT: usize = 21;
+const CHUNK_RECORD_LEN: usize = 25;
 
 // Blob record (`blobs-v1`, keyed by the blob digest): a fixed-width chunk
 // list, so the number of chunks follows from the record length.
@@ -116,15 +105,17 @@ impl RedbBlobService {
                 .chunks
                 .get(digest.as_bytes())
                 .map_err(backend)?
-                .map(|v| decode_chunk(*digest, v.value()))
+                .map(|v| read_chunk(&self.store, *digest, v.value()))
                 .transpose()?
             else {
                 return Ok(false);
             };
             f(&mut chunk);
-            insert_chunk(&mut tables, &chunk)?;
+            insert_chunk(&self.store, &mut tables, &chunk)?;
         }
-        txn.commit().map_err(backend)?;
+        self.store
+            .commit(txn, Durability::Immediate)
+            .map_err(backend)?;
         Ok(true)
     }
 }
@@ -133,64 +124,59 @@ fn backend(e: impl Into<redb::Error>) -> BlobError {
     BlobError::Backend(Box::new(e.into()))
 }
 
-fn insert_chunk(tables: &mut Tables<'_>, chunk: &EncodedChunk) -> Result<(), BlobError> {
-    // Written straight into the page: chunk data is the bulk of every
-    // write, and this saves copying it once more.
-    let mut slot = tables
-        .chunks
-        .insert_reserve(chunk.digest.as_bytes(), chunk_record_len(chunk))
-        .map_err(backend)?;
-    write_chunk_record(chunk, slot.as_mut());
-    Ok(())
-}
-
-fn decode_chunk(digest: Digest, record: &[u8]) -> Result<EncodedChunk, BlobError> {
-    read_chunk_record(digest, record).map_err(|reason| BlobError::Corrupt {
-        chunk: digest,
-        reason,
-    })
-}
-
-/// Length of `chunk`'s record (the layout above; the local cache stores
-/// chunks the same way).
-pub(crate) fn chunk_record_len(chunk: &EncodedChunk) -> usize {
-    CHUNK_DATA_AT + chunk.data.len()
-}
-
-/// Writes `chunk`'s record into `record`, [`chunk_record_len`] bytes.
-pub(crate) fn write_chunk_record(chunk: &EncodedChunk, record: &mut [u8]) {
+/// Appends `chunk`'s bytes to the packs and indexes them; visible once the
+/// transaction commits through [`RedbStore::commit`].
+fn insert_chunk(
+    store: &RedbStore,
+    tables: &mut Tables<'_>,
+    chunk: &EncodedChunk,
+) -> Result<(), BlobError> {
+    let at = store.packs().append(&chunk.data).map_err(backend)?;
+    let mut record = [0u8; CHUNK_RECORD_LEN];
     record[CHUNK_ENCODING_AT] = match chunk.encoding {
         ChunkEncoding::Raw => 0,
         ChunkEncoding::Zstd => 1,
     };
-    record[CHUNK_SIZE_AT..CHUNK_DATA_AT].copy_from_slice(&chunk.size.to_le_bytes());
-    record[CHUNK_DATA_AT..].copy_from_slice(&chunk.data);
+    record[CHUNK_SIZE_AT..CHUNK_PACK_AT].copy_from_slice(&chunk.size.to_le_bytes());
+    record[CHUNK_PACK_AT..CHUNK_OFFSET_AT].copy_from_slice(&at.pack.to_le_bytes());
+    record[CHUNK_OFFSET_AT..CHUNK_LEN_AT].copy_from_slice(&at.offset.to_le_bytes());
+    record[CHUNK_LEN_AT..].copy_from_slice(&at.len.to_le_bytes());
+    tables
+        .chunks
+        .insert(chunk.digest.as_bytes(), &record[..])
+        .map_err(backend)?;
+    Ok(())
 }
 
-/// Parses a chunk record into the chunk as stored; the error says what is
-/// damaged.
-pub(crate) fn read_chunk_record(
-    digest: Digest,
-    record: &[u8],
-) -> Result<EncodedChunk, &'static str> {
-    if record.len() < CHUNK_DATA_AT {
-        return Err("stored record is truncated");
-    }
+/// The chunk an index record names, read from its pack. A record that is
+/// not one is [`BlobError::Corrupt`]; the bytes are checked by whoever
+/// decodes them ([`Blobs`](crate::Blobs) checks every chunk's BLAKE3).
+fn read_chunk(store: &RedbStore, digest: Digest, record: &[u8]) -> Result<EncodedChunk, BlobError> {
+    let corrupt = |reason| BlobError::Corrupt {
+        chunk: digest,
+        reason,
+    };
+    let record: &[u8; CHUNK_RECORD_LEN] = record
+        .try_into()
+        .map_err(|_| corrupt("index record is not 25 bytes"))?;
     let encoding = match record[CHUNK_ENCODING_AT] {
         0 => ChunkEncoding::Raw,
         1 => ChunkEncoding::Zstd,
-        _ => return Err("stored record has an unknown encoding"),
+        _ => return Err(corrupt("index record has an unknown encoding")),
     };
-    let size = u64::from_le_bytes(
-        record[CHUNK_SIZE_AT..CHUNK_DATA_AT]
-            .try_into()
-            .expect("8 bytes"),
-    );
+    let field = |from: usize, to: usize| &record[from..to];
+    let size = u64::from_le_bytes(field(CHUNK_SIZE_AT, CHUNK_PACK_AT).try_into().expect("8"));
+    let at = Location {
+        pack: u32::from_le_bytes(field(CHUNK_PACK_AT, CHUNK_OFFSET_AT).try_into().expect("4")),
+        offset: u64::from_le_bytes(field(CHUNK_OFFSET_AT, CHUNK_LEN_AT).try_into().expect("8")),
+        len: u32::from_le_bytes(field(CHUNK_LEN_AT, CHUNK_RECORD_LEN).try_into().expect("4")),
+    };
+    let data = store.packs().read(at).map_err(backend)?;
     Ok(EncodedChunk {
         digest,
         encoding,
         size,
-        data: Bytes::copy_from_slice(&record[CHUNK_DATA_AT..]),
+        data: Bytes::from(data),
     })
 }
 
@@ -249,6 +235,7 @@ impl BlobService for RedbBlobService {
 
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
         let chunks = chunks.to_vec();
+        let store = self.store.clone();
         self.read(move |t| {
             chunks
                 .iter()
@@ -258,7 +245,7 @@ impl BlobService for RedbBlobService {
                         .get(d.as_bytes())
                         .map_err(backend)?
                         .ok_or(BlobError::ChunkNotFound(*d))?;
-                    decode_chunk(*d, v.value())
+                    read_chunk(&store, *d, v.value())
                 })
                 .collect()
         })
@@ -285,7 +272,7 @@ impl BlobService for RedbBlobService {
         }
         // No fsync: see the module doc for why that is safe.
         self.writes
-            .submit(&self.store, false, move |tables| {
+            .submit(&self.store, false, move |store, tables| {
                 for c in &chunks {
                     // Idempotent, and a chunk already stored is not rewritten.
                     if tables
@@ -294,7 +281,7 @@ impl BlobService for RedbBlobService {
                         .map_err(backend)?
                         .is_none()
                     {
-                        insert_chunk(tables, c)?;
+                        insert_chunk(store, tables, c)?;
                     }
                 }
                 Ok(())
@@ -313,7 +300,7 @@ impl BlobService for RedbBlobService {
         // already is found inside the write. A small file is then one
         // write of its group commit instead of a read and two writes.
         self.writes
-            .submit(&self.store, true, move |tables| {
+            .submit(&self.store, true, move |store, tables| {
                 if tables
                     .blobs
                     .get(blob.as_bytes())
@@ -347,7 +334,7 @@ impl BlobService for RedbBlobService {
                 let mut written = std::collections::HashSet::new();
                 for c in absent {
                     if written.insert(c.digest) {
-                        insert_chunk(tables, c)?;
+                        insert_chunk(store, tables, c)?;
                     }
                 }
                 tables
@@ -375,7 +362,7 @@ impl BlobService for RedbBlobService {
             return Ok(());
         }
         self.writes
-            .submit(&self.store, true, move |tables| {
+            .submit(&self.store, true, move |_, tables| {
                 // Checked in the transaction that writes the list, so no
                 // chunk can be missing once it is committed.
                 for entry in record[BLOB_CHUNKS_AT..].chunks_exact(BLOB_ENTRY_LEN) {
@@ -399,7 +386,7 @@ impl BlobService for RedbBlobService {
 /// tables before it has decided to succeed, so that its refusal (a missing
 /// chunk) leaves the other writes of the group intact; a `Backend` error
 /// aborts the whole group.
-type WriteOp = Box<dyn FnOnce(&mut Tables<'_>) -> Result<(), BlobError> + Send>;
+type WriteOp = Box<dyn FnOnce(&RedbStore, &mut Tables<'_>) -> Result<(), BlobError> + Send>;
 
 struct PendingWrite {
     /// The store to write to. Carried by each write rather than held by the
@@ -460,7 +447,7 @@ impl GroupCommit {
         &self,
         store: &RedbStore,
         durable: bool,
-        op: impl FnOnce(&mut Tables<'_>) -> Result<(), BlobError> + Send + 'static,
+        op: impl FnOnce(&RedbStore, &mut Tables<'_>) -> Result<(), BlobError> + Send + 'static,
     ) -> Result<(), BlobError> {
         let (done, result) = tokio::sync::oneshot::channel();
         let pending = PendingWrite {
@@ -491,18 +478,17 @@ fn commit_group(mut group: Vec<PendingWrite>) {
     let (ops, dones): (Vec<WriteOp>, Vec<_>) = group.drain(..).map(|w| (w.op, w.done)).unzip();
     let mut outcomes = Vec::with_capacity(ops.len());
     let committed = (|| -> Result<(), BlobError> {
-        let mut txn = store.database().begin_write().map_err(backend)?;
-        txn.set_durability(durability).map_err(backend)?;
+        let txn = store.database().begin_write().map_err(backend)?;
         {
             let mut tables = Tables::new(&txn).map_err(backend)?;
             for op in ops {
-                match op(&mut tables) {
+                match op(&store, &mut tables) {
                     Err(e @ BlobError::Backend(_)) => return Err(e),
                     outcome => outcomes.push(outcome),
                 }
             }
         }
-        txn.commit().map_err(backend)
+        store.commit(txn, durability).map_err(backend)
     })();
     // Let go of the file before anyone hears back, so a caller that drops
     // its handles next can reopen it.

@@ -93,7 +93,9 @@ impl RedbDirectoryService {
                 .insert(digest.as_bytes(), &record[..])
                 .map_err(backend)?;
         }
-        txn.commit().map_err(backend)?;
+        self.store
+            .commit(txn, redb::Durability::Immediate)
+            .map_err(backend)?;
         Ok(true)
     }
 }
@@ -160,8 +162,7 @@ fn put_dirs(store: &RedbStore, dirs: Vec<Directory>) -> Result<Vec<Digest>, Dire
             return Ok(encoded.into_iter().map(|(d, _)| d).collect());
         }
     }
-    let mut txn = store.database().begin_write().map_err(backend)?;
-    txn.set_durability(store.durability()).map_err(backend)?;
+    let txn = store.database().begin_write().map_err(backend)?;
     {
         let mut tables = Tables::new(&txn).map_err(backend)?;
         for (dir, (digest, record)) in dirs.iter().zip(&encoded) {
@@ -179,7 +180,7 @@ fn put_dirs(store: &RedbStore, dirs: Vec<Directory>) -> Result<Vec<Digest>, Dire
                 .map_err(backend)?;
         }
     }
-    txn.commit().map_err(backend)?;
+    store.commit(txn, store.durability()).map_err(backend)?;
     Ok(encoded.into_iter().map(|(d, _)| d).collect())
 }
 

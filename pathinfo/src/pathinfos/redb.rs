@@ -98,7 +98,9 @@ impl RedbPathInfoService {
             f(&mut record);
             table.insert(hash, &record[..]).map_err(backend)?;
         }
-        txn.commit().map_err(backend)?;
+        self.store
+            .commit(txn, redb::Durability::Immediate)
+            .map_err(backend)?;
         Ok(true)
     }
 }
@@ -188,7 +190,9 @@ impl PathInfoService for RedbPathInfoService {
                     .insert(info.store_path.digest(), &record[..])
                     .map_err(backend)?;
             }
-            txn.commit().map_err(backend)
+            store
+                .commit(txn, redb::Durability::Immediate)
+                .map_err(backend)
         })
         .await
         .map_err(join_error)?

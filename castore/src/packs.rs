@@ -1,0 +1,297 @@
+//! Pack files: the chunk bytes of a [`RedbStore`], appended to files beside
+//! its redb file, which keeps only where each chunk is.
+//!
+//! Why not inline in redb: the importer's writer thread spent most of its
+//! time in redb's B-tree, re-reading leaf pages full of chunk data to find
+//! where the next key goes, and redb gives each large value a power-of-two
+//! run of pages (a compacted file was 1.45× the chunk bytes, 2× before
+//! compaction). An index of 25-byte entries stays in redb's page cache, and
+//! appending to a file is a copy into the kernel's. Figures in
+//! `docs/design.md` ("Chunk store").
+//!
+//! Layout: the directory `<store file stem>.packs/` beside the store file
+//! holds `00000001.pack`, `00000002.pack`, …; each starts with
+//! [`PACK_MAGIC`] and is a run of encoded chunks back to back, found only
+//! through the index. A pack is written until it passes [`PACK_TARGET_BYTES`],
+//! then the next one is started. Packs are only appended to: a chunk
+//! rewritten (the corruption test hook) is appended again and the index
+//! moved.
+//!
+//! Crash safety rests on one ordering: chunk bytes are in the file before
+//! the transaction that indexes them commits, and are fsynced before any
+//! commit that makes an index durable ([`Packs::sync`], called by
+//! [`RedbStore::commit`] inside the write transaction, which excludes every
+//! other writer and so every append). A crash can therefore leave bytes no
+//! index names (appended, their transaction lost) but never an index naming
+//! bytes that are not on disk. Unnamed bytes are wasted space, as much as
+//! the writes a crash loses; appending resumes at the end of the file.
+//!
+//! One process opens a store at a time (redb's lock on the store file), so
+//! one [`Packs`] appends.
+//!
+//! [`RedbStore`]: crate::RedbStore
+//! [`RedbStore::commit`]: crate::RedbStore::commit
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// First bytes of every pack file.
+pub(crate) const PACK_MAGIC: &[u8; 8] = b"LZPACK01";
+
+/// A pack is closed and the next one started once it is this long. Large
+/// enough that a 1 TB store is some 2000 files, small enough that a pack
+/// is quick to copy or check on its own.
+const PACK_TARGET_BYTES: u64 = 512 << 20;
+
+/// Appends are gathered into writes of this size.
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+
+/// Where a chunk's bytes are: pack number, offset in it, length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub pack: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The pack files of one store.
+#[derive(Debug)]
+pub(crate) struct Packs {
+    dir: PathBuf,
+    writer: Mutex<Writer>,
+    /// Read handles, opened on first use.
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+}
+
+#[derive(Debug)]
+struct Writer {
+    /// The pack being appended to: number, buffered handle, length
+    /// including what is still buffered. `None` until the first append.
+    current: Option<(u32, BufWriter<File>, u64)>,
+    /// The highest pack number in the directory.
+    last: u32,
+    /// Packs written since their last fsync.
+    unsynced: Vec<(u32, File)>,
+}
+
+impl Packs {
+    /// Opens (creating it if need be) the pack directory `dir`.
+    pub fn open(dir: &Path) -> io::Result<Packs> {
+        std::fs::create_dir_all(dir)?;
+        let mut last = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            if let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".pack"))
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                last = last.max(n);
+            }
+        }
+        Ok(Packs {
+            dir: dir.to_owned(),
+            writer: Mutex::new(Writer {
+                current: None,
+                last,
+                unsynced: Vec::new(),
+            }),
+            readers: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn path_of(&self, pack: u32) -> PathBuf {
+        self.dir.join(format!("{pack:08}.pack"))
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        // A panic while appending leaves at worst unnamed bytes.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `data`; where it went. Visible to [`Packs::read`] after the
+    /// next [`Packs::flush`].
+    pub fn append(&self, data: &[u8]) -> io::Result<Location> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "chunk over 4 GiB"))?;
+        let mut w = self.writer();
+        if w.current
+            .as_ref()
+            .is_none_or(|(_, _, end)| *end >= PACK_TARGET_BYTES)
+        {
+            self.start_pack(&mut w)?;
+        }
+        let (pack, file, end) = w.current.as_mut().expect("a pack is open");
+        let offset = *end;
+        file.write_all(data)?;
+        *end += data.len() as u64;
+        Ok(Location {
+            pack: *pack,
+            offset,
+            len,
+        })
+    }
+
+    /// Continues the last pack if it has room, or starts the next.
+    fn start_pack(&self, w: &mut Writer) -> io::Result<()> {
+        if let Some((pack, file, _)) = w.current.take() {
+            let file = file.into_inner().map_err(|e| e.into_error())?;
+            remember_unsynced(w, pack, file);
+        }
+        if w.last > 0 {
+            let path = self.path_of(w.last);
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let end = file.metadata()?.len();
+            if end >= PACK_MAGIC.len() as u64 && end < PACK_TARGET_BYTES {
+                w.current = Some((w.last, append_at_end(file, end)?, end));
+                return Ok(());
+            }
+        }
+        let pack = w
+            .last
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("pack numbers exhausted"))?;
+        let path = self.path_of(pack);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        file.write_all(PACK_MAGIC)?;
+        // The new name must survive a crash as surely as the bytes in it.
+        File::open(&self.dir)?.sync_all()?;
+        w.last = pack;
+        let end = PACK_MAGIC.len() as u64;
+        w.current = Some((pack, append_at_end(file, end)?, end));
+        Ok(())
+    }
+
+    /// Hands the buffered appends to the kernel, so reads see them. Call
+    /// before committing the transaction that indexes them.
+    pub fn flush(&self) -> io::Result<()> {
+        let mut w = self.writer();
+        let Some((pack, file, _)) = w.current.as_mut() else {
+            return Ok(());
+        };
+        let pack = *pack;
+        file.flush()?;
+        if !w.unsynced.iter().any(|(p, _)| *p == pack) {
+            let (_, file, _) = w.current.as_ref().expect("checked above");
+            let handle = file.get_ref().try_clone()?;
+            w.unsynced.push((pack, handle));
+        }
+        Ok(())
+    }
+
+    /// Flushes, then fsyncs every pack written since its last fsync. Call
+    /// inside a write transaction, before committing it durably.
+    pub fn sync(&self) -> io::Result<()> {
+        self.flush()?;
+        let unsynced = std::mem::take(&mut self.writer().unsynced);
+        for (_, file) in &unsynced {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// The `len` bytes at `at`. Errors name the pack file.
+    pub fn read(&self, at: Location) -> io::Result<Vec<u8>> {
+        let file = self.reader(at.pack)?;
+        let mut buf = vec![0; at.len as usize];
+        file.read_exact_at(&mut buf, at.offset).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "reading {} bytes at {} of {}: {e}",
+                    at.len,
+                    at.offset,
+                    self.path_of(at.pack).display()
+                ),
+            )
+        })?;
+        Ok(buf)
+    }
+
+    fn reader(&self, pack: u32) -> io::Result<Arc<File>> {
+        if let Some(f) = self
+            .readers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pack)
+        {
+            return Ok(f.clone());
+        }
+        let path = self.path_of(pack);
+        let file = File::open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+        let file = Arc::new(file);
+        self.readers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pack, file.clone());
+        Ok(file)
+    }
+}
+
+fn remember_unsynced(w: &mut Writer, pack: u32, file: File) {
+    if !w.unsynced.iter().any(|(p, _)| *p == pack) {
+        w.unsynced.push((pack, file));
+    }
+}
+
+fn append_at_end(mut file: File, end: u64) -> io::Result<BufWriter<File>> {
+    use std::io::Seek;
+    file.seek(io::SeekFrom::Start(end))?;
+    Ok(BufWriter::with_capacity(WRITE_BUFFER_BYTES, file))
+}
+
+impl Drop for Packs {
+    /// Whatever was appended reaches the disk before the store's last
+    /// commit can be made durable by closing it.
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::error!(dir = %self.dir.display(), error = %e, "syncing pack files on close failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_read_back_and_continue_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs_dir = dir.path().join("s.packs");
+        let a;
+        {
+            let packs = Packs::open(&packs_dir).unwrap();
+            a = packs.append(b"hello").unwrap();
+            packs.flush().unwrap();
+            assert_eq!(packs.read(a).unwrap(), b"hello");
+            packs.sync().unwrap();
+        }
+        let packs = Packs::open(&packs_dir).unwrap();
+        let b = packs.append(b"world").unwrap();
+        packs.flush().unwrap();
+        assert_eq!((b.pack, b.offset), (a.pack, a.offset + 5));
+        assert_eq!(packs.read(a).unwrap(), b"hello");
+        assert_eq!(packs.read(b).unwrap(), b"world");
+        let raw = std::fs::read(packs_dir.join("00000001.pack")).unwrap();
+        assert_eq!(&raw[..8], PACK_MAGIC);
+
+        // A read past the end names the file.
+        let err = packs
+            .read(Location {
+                pack: 1,
+                offset: 1 << 20,
+                len: 4,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("00000001.pack"), "{err}");
+    }
+}
