@@ -45,8 +45,10 @@ echo "NAR: $nar_size bytes"
 port_file=$work/port
 python3 - "$work" "$port_file" <<'EOF' &
 import functools, http.server, sys
-handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
-handler.log_message = lambda *a: None
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=sys.argv[1])
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 open(sys.argv[2], "w").write(str(server.server_address[1]))
 server.serve_forever()
@@ -74,7 +76,8 @@ for c in zstd xz; do
   if [[ $store_kind == redb ]]; then store="redb://$work/store-$c/store.redb"; else store=memory://; fi
   read -r secs rss < <(measure "$lazystore" import --from "http://127.0.0.1:$port/$c" \
     --trusted-public-key "$public" --store "$store" "$path")
-  printf '%-6s %-28s %9s %9s %10s\n' "$c" "lazystore import ($store_kind)" "$secs" "$(rate "$nar_size" "$secs")" $((rss / 1024))
+  stored=$(du -sm --apparent-size "$work/store-$c" | cut -f1)
+  printf '%-6s %-28s %9s %9s %10s   (store on disk: %s MB)\n' "$c" "lazystore import ($store_kind)" "$secs" "$(rate "$nar_size" "$secs")" $((rss / 1024)) "$stored"
 
   read -r secs rss < <(measure nix copy --from "http://127.0.0.1:$port/$c" \
     --option trusted-public-keys "$public" --to "local?root=$work/nixroot-$c" "$path")
