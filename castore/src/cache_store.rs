@@ -1,6 +1,7 @@
-//! The local cache file: chunks, chunk lists and directories copied from a
-//! remote store into one redb file, bounded in size, the least recently
-//! used evicted first.
+//! The local cache: chunks, chunk lists and directories copied from a
+//! remote store into one redb file and the pack files beside it (chunk
+//! bytes, `packs.rs`), bounded in size, the least recently used evicted
+//! first.
 //!
 //! [`CacheStore`] owns the file and its accounting; the caching backends
 //! ([`CachingBlobService`], [`CachingDirectoryService`]) decide what goes in.
@@ -17,22 +18,24 @@
 //!
 //! Accounting. Each cached record has an entry in `cache-lru-v1`: what it
 //! costs and when it was last used (a logical clock, one tick per use). The
-//! cost is the space it takes in the file, so that the bound holds for the
-//! file: redb gives a record of more than half a page a leaf of its own, a
-//! power-of-two run of 4 KiB pages (a raw 64 KiB chunk takes 128 KiB), and
-//! packs smaller ones together; each also has its key and entry. The entry is
-//! written in the same transaction as the record and removed with it, so
-//! after a crash the two still agree: redb loses a suffix of commits, never
-//! part of one. On open the entries are read into an in-memory index,
-//! ordered by last use; from then on the index answers "how full" and "who
-//! goes next" without touching the file. The price is memory: some 125
-//! bytes per cached record, so about 40 MB for a full 10 GiB cache of
-//! 64 KiB chunks that compress to 40% (charged 32 KiB each: 330,000 of
-//! them), and an open that reads 16 MB of entries. A table ordered by last
-//! use would need no memory but cost two more writes per use (batched,
-//! still a rewrite of the index pages); an approximate order (clock,
-//! sampling) would save about half the memory for an order nobody can
-//! predict. Neither pays at this size.
+//! cost is the space it takes on disk, so that the bound holds for the
+//! disk: a chunk's bytes take whole 4 KiB blocks of a pack (it starts on
+//! one, and eviction punches its blocks out of the file), plus its small
+//! index record; a chunk list or directory lives in redb, which packs small
+//! records together and gives a record of more than half a page a
+//! power-of-two run of 4 KiB pages; each also has its key and entry. The
+//! entry is written in the same transaction as the record and removed with
+//! it, so after a crash the two still agree: redb loses a suffix of
+//! commits, never part of one. On open the entries are read into an
+//! in-memory index, ordered by last use; from then on the index answers
+//! "how full" and "who goes next" without touching the file. The price is
+//! memory: some 125 bytes per cached record, so about 40 MB for a full
+//! 10 GiB cache of 64 KiB chunks that compress to 40% (330,000 of them),
+//! and an open that reads 16 MB of entries. A table ordered by last use
+//! would need no memory but cost two more writes per use (batched, still a
+//! rewrite of the index pages); an approximate order (clock, sampling)
+//! would save about half the memory for an order nobody can predict.
+//! Neither pays at this size.
 //!
 //! Reads must not cost a write each, so a hit only moves its entry in the
 //! index and marks it dirty. Dirty entries are written with the next
@@ -42,18 +45,21 @@
 //! order is a little stale, the accounting still exact.
 //!
 //! Durability: a cache can lose its newest writes, so commits skip the
-//! fsync. redb reuses the pages a commit frees only after a durable commit,
-//! so a commit is made durable once a sixteenth of the bound (at most
-//! [`DURABLE_EVERY_BYTES`]) has been written since the last one, and
-//! closing the store makes everything durable.
+//! fsync, and the packs are never fsynced: a chunk whose bytes a crash lost
+//! fails its check when read and is fetched again. redb reuses the pages a
+//! commit frees only after a durable commit, so a commit is made durable
+//! once a sixteenth of the bound (at most [`DURABLE_EVERY_BYTES`]) has been
+//! written since the last one, and closing the store makes everything
+//! durable. Evicted chunks' blocks are punched out after the commit that
+//! forgets them; a reader holding an older snapshot then reads zeros (or
+//! finds the pack deleted), fails the check, and refetches.
 //!
-//! The file is larger than the bound by those freed pages, by what the
-//! last write-back adds before it evicts, and by redb's own structures.
-//! Measured with a 64 MiB bound and 256 MiB of random bytes read through
-//! three times (as in `file_levels_off_near_the_bound`, `tests/cache.rs`):
-//! the file levels off at 1.27 times the bound in the first pass and stays
-//! there. With records charged only their bytes and an fsync every 64 MiB
-//! it reached 3.5 times the bound; charged their pages, 2.5 times.
+//! Measured with a 64 MiB bound and 160 MiB of random bytes read through
+//! twice (`file_levels_off_near_the_bound`, `tests/cache.rs`): the disk
+//! use (redb file and pack blocks) levels off at 1.01 times the bound.
+//! With the chunk bytes inline in redb it levelled off at 1.27 times the
+//! bound on an idle machine and 1.63 on a busy one, where freed pages wait
+//! for the readers that can still see them.
 //!
 //! [`CachingBlobService`]: crate::blobs::CachingBlobService
 //! [`CachingDirectoryService`]: crate::directories::CachingDirectoryService
@@ -74,11 +80,14 @@ use bytes::Bytes;
 use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
 use crate::digest::{DIGEST_LEN, Digest};
 use crate::nodes::Directory;
+use crate::packs::{INDEX_RECORD_LEN, IndexRecord, Location, Packs};
 use crate::proto::ChunkEncoding;
 use crate::redb_store::{DigestKey, OpenError, create_database};
 
-/// Memory redb may use to cache pages of the cache file.
-const CACHE_PAGE_CACHE_BYTES: usize = 128 * 1024 * 1024;
+/// Memory redb may use to cache pages of the cache file, which holds the
+/// chunk index, chunk lists and directories (chunk bytes are in the packs,
+/// read through the kernel's page cache).
+const CACHE_PAGE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Default bound of a cache: 10 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
@@ -119,8 +128,15 @@ fn cost_of(len: u64) -> u64 {
     pages.next_power_of_two() * PAGE + (LRU_KEY_LEN + LRU_VALUE_LEN) as u64
 }
 
-/// Chunk digest → chunk record (layout below).
-const CHUNKS: TableDefinition<DigestKey, &[u8]> = TableDefinition::new("cache-chunks-v1");
+/// Chunk digest → where its bytes are in the packs (layout below).
+const CHUNKS: TableDefinition<DigestKey, &[u8]> = TableDefinition::new("cache-chunks-v2");
+
+/// The chunk table of caches that kept chunk bytes inline; emptied of its
+/// chunks on open.
+const INLINE_CHUNKS_V1: TableDefinition<DigestKey, &[u8]> = TableDefinition::new("cache-chunks-v1");
+
+/// Pack blocks: chunks start on them, and eviction frees whole ones.
+const PACK_BLOCK: u64 = 4096;
 
 /// Blob digest → chunk list record (layout below).
 const BLOBS: TableDefinition<DigestKey, &[u8]> = TableDefinition::new("cache-blobs-v1");
@@ -132,55 +148,8 @@ const DIRECTORIES: TableDefinition<DigestKey, &[u8]> = TableDefinition::new("cac
 const LRU: TableDefinition<&[u8; LRU_KEY_LEN], &[u8; LRU_VALUE_LEN]> =
     TableDefinition::new("cache-lru-v1");
 
-// Chunk record (`cache-chunks-v1`), the chunk inline:
-//
-// | offset | size | field                                        |
-// |--------|------|----------------------------------------------|
-// | 0      | 1    | encoding: 0 raw, 1 zstd (`ChunkEncoding`)    |
-// | 1      | 8    | decoded size, u64 little endian              |
-// | 9      | n    | the encoded bytes                            |
-const CHUNK_ENCODING_AT: usize = 0;
-const CHUNK_SIZE_AT: usize = 1;
-const CHUNK_DATA_AT: usize = 9;
-
-/// Length of `chunk`'s record.
-fn chunk_record_len(chunk: &EncodedChunk) -> usize {
-    CHUNK_DATA_AT + chunk.data.len()
-}
-
-/// Writes `chunk`'s record into `record`, [`chunk_record_len`] bytes.
-fn write_chunk_record(chunk: &EncodedChunk, record: &mut [u8]) {
-    record[CHUNK_ENCODING_AT] = match chunk.encoding {
-        ChunkEncoding::Raw => 0,
-        ChunkEncoding::Zstd => 1,
-    };
-    record[CHUNK_SIZE_AT..CHUNK_DATA_AT].copy_from_slice(&chunk.size.to_le_bytes());
-    record[CHUNK_DATA_AT..].copy_from_slice(&chunk.data);
-}
-
-/// Parses a chunk record into the chunk as stored; the error says what is
-/// damaged.
-fn read_chunk_record(digest: Digest, record: &[u8]) -> Result<EncodedChunk, &'static str> {
-    if record.len() < CHUNK_DATA_AT {
-        return Err("stored record is truncated");
-    }
-    let encoding = match record[CHUNK_ENCODING_AT] {
-        0 => ChunkEncoding::Raw,
-        1 => ChunkEncoding::Zstd,
-        _ => return Err("stored record has an unknown encoding"),
-    };
-    let size = u64::from_le_bytes(
-        record[CHUNK_SIZE_AT..CHUNK_DATA_AT]
-            .try_into()
-            .expect("8 bytes"),
-    );
-    Ok(EncodedChunk {
-        digest,
-        encoding,
-        size,
-        data: Bytes::copy_from_slice(&record[CHUNK_DATA_AT..]),
-    })
-}
+// Chunk record (`cache-chunks-v2`): an `IndexRecord` (`packs.rs`), where
+// the chunk's bytes are in the cache's packs.
 
 // Chunk list record (`cache-blobs-v1`). Unlike a chunk or a directory, a
 // chunk list can't be checked against its digest without reading every
@@ -360,23 +329,46 @@ impl Record {
     /// Length of the stored value.
     fn len(&self) -> usize {
         match self {
-            Record::Chunk(c) => chunk_record_len(c),
+            Record::Chunk(c) => c.data.len(),
             Record::Blob(_, meta) => BLOB_CHUNKS_AT + BLOB_ENTRY_LEN * meta.chunks.len(),
             Record::Directory(_, encoding) => encoding.len(),
         }
     }
 
     fn cost(&self) -> u64 {
-        cost_of(self.len() as u64)
+        match self {
+            // Its blocks in a pack, and its index record (a small one).
+            Record::Chunk(c) => {
+                (c.data.len() as u64).next_multiple_of(PACK_BLOCK)
+                    + cost_of(INDEX_RECORD_LEN as u64)
+            }
+            _ => cost_of(self.len() as u64),
+        }
     }
 
-    fn insert(&self, t: &mut Tables<'_>) -> Result<(), redb::Error> {
+    /// Writes the record; a chunk's bytes go to `packs`, and the bytes of a
+    /// chunk it replaces are added to `freed`.
+    fn insert(
+        &self,
+        t: &mut Tables<'_>,
+        packs: &Packs,
+        freed: &mut Vec<Location>,
+    ) -> Result<(), redb::Error> {
         match self {
             Record::Chunk(c) => {
-                // Written straight into the page: chunk data is the bulk of
-                // every write, and this saves copying it once more.
-                let mut slot = t.chunks.insert_reserve(c.digest.as_bytes(), self.len())?;
-                write_chunk_record(c, slot.as_mut());
+                let at = packs.append(&c.data)?;
+                let record = IndexRecord {
+                    encoding: c.encoding,
+                    size: c.size,
+                    at,
+                };
+                if let Some(old) = t
+                    .chunks
+                    .insert(c.digest.as_bytes(), &record.to_bytes()[..])?
+                    && let Ok(old) = IndexRecord::from_bytes(old.value())
+                {
+                    freed.push(old.at);
+                }
             }
             Record::Blob(blob, meta) => {
                 t.blobs
@@ -441,16 +433,25 @@ fn decode_blob(blob: Digest, record: &[u8]) -> Result<BlobMeta, Damaged> {
     BlobMeta::new(blob, size, chunks).map_err(|e| Damaged::new(key, e))
 }
 
-/// Parses a chunk record into the chunk as stored.
-fn parse_chunk(digest: Digest, record: &[u8]) -> Result<EncodedChunk, Damaged> {
-    read_chunk_record(digest, record)
-        .map_err(|reason| Damaged::new(Key::chunk(digest), BadRecord(reason)))
+/// Reads the chunk an index record names, as stored. Any failure (a bad
+/// record, a pack gone or short) is damage: drop it and fetch it again.
+fn parse_chunk(packs: &Packs, digest: Digest, record: &[u8]) -> Result<EncodedChunk, Damaged> {
+    let key = Key::chunk(digest);
+    let record =
+        IndexRecord::from_bytes(record).map_err(|reason| Damaged::new(key, BadRecord(reason)))?;
+    let data = packs.read(record.at).map_err(|e| Damaged::new(key, e))?;
+    Ok(EncodedChunk {
+        digest,
+        encoding: record.encoding,
+        size: record.size,
+        data: Bytes::from(data),
+    })
 }
 
-/// Parses and verifies a chunk record; the result is the chunk's bytes,
-/// as a raw [`EncodedChunk`].
-fn decode_chunk(digest: Digest, record: &[u8]) -> Result<EncodedChunk, Damaged> {
-    let stored = parse_chunk(digest, record)?;
+/// Reads and verifies a chunk; the result is the chunk's bytes, as a raw
+/// [`EncodedChunk`].
+fn decode_chunk(packs: &Packs, digest: Digest, record: &[u8]) -> Result<EncodedChunk, Damaged> {
+    let stored = parse_chunk(packs, digest, record)?;
     let raw = stored
         .decode()
         .map_err(|e| Damaged::new(Key::chunk(digest), e))?;
@@ -494,13 +495,24 @@ impl<'txn> Tables<'txn> {
         })
     }
 
-    /// Removes a record and its entry.
-    fn remove(&mut self, key: Key) -> Result<(), redb::Error> {
+    /// Removes a record and its entry; a chunk's bytes in the packs are
+    /// added to `freed`, to punch out once the removal has committed.
+    fn remove(&mut self, key: Key, freed: &mut Vec<Location>) -> Result<(), redb::Error> {
         let digest = key.digest.as_bytes();
         match key.kind {
-            Kind::Chunk => self.chunks.remove(digest)?,
-            Kind::Blob => self.blobs.remove(digest)?,
-            Kind::Directory => self.directories.remove(digest)?,
+            Kind::Chunk => {
+                if let Some(old) = self.chunks.remove(digest)?
+                    && let Ok(old) = IndexRecord::from_bytes(old.value())
+                {
+                    freed.push(old.at);
+                }
+            }
+            Kind::Blob => {
+                self.blobs.remove(digest)?;
+            }
+            Kind::Directory => {
+                self.directories.remove(digest)?;
+            }
         };
         self.lru.remove(&key.to_bytes())?;
         Ok(())
@@ -510,6 +522,7 @@ impl<'txn> Tables<'txn> {
 /// One snapshot of the cache file, for lookups. Every record it returns has
 /// been verified.
 pub(crate) struct LocalRead {
+    packs: Arc<Packs>,
     chunks: ReadOnlyTable<DigestKey, &'static [u8]>,
     blobs: ReadOnlyTable<DigestKey, &'static [u8]>,
     directories: ReadOnlyTable<DigestKey, &'static [u8]>,
@@ -521,7 +534,7 @@ impl LocalRead {
     pub fn chunk(&self, digest: &Digest) -> Result<Local<EncodedChunk>, redb::Error> {
         Ok(match self.chunks.get(digest.as_bytes())? {
             None => Local::Miss,
-            Some(v) => match decode_chunk(*digest, v.value()) {
+            Some(v) => match decode_chunk(&self.packs, *digest, v.value()) {
                 Ok(c) => Local::Hit(c),
                 Err(e) => Local::Damaged(e),
             },
@@ -554,11 +567,11 @@ impl LocalRead {
 /// How to open a [`CacheStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheOptions {
-    /// The bound, in bytes of the file taken by cached records (the pages
-    /// of each, or its share of a page, and its entry). The file itself
-    /// levels off somewhat above it, at 1.27 times the bound when measured
-    /// with 64 MiB: freed pages wait for reuse, and redb has its own
-    /// structures.
+    /// The bound, in bytes of disk taken by cached records (a chunk's pack
+    /// blocks, a record's pages or share of a page, and its entry). The
+    /// disk use levels off a little above it (1.01 times the bound when
+    /// measured with 64 MiB): freed redb pages wait for reuse, and redb has
+    /// its own structures.
     pub max_bytes: u64,
 }
 
@@ -667,6 +680,8 @@ impl Index {
 
 struct Inner {
     db: Database,
+    /// The chunk bytes, in 4 KiB blocks.
+    packs: Arc<Packs>,
     path: PathBuf,
     max_bytes: u64,
     // A std Mutex: every critical section is a few map operations with no
@@ -690,20 +705,23 @@ impl Inner {
     /// `durable` is false).
     fn write(&self, inserts: &[Record], drops: &[Key], durable: bool) -> Result<(), redb::Error> {
         let mut txn = self.db.begin_write()?;
-        let planned = self.fill(&txn, inserts, drops).and_then(|written| {
-            let Some(written) = written.or(durable.then_some(0)) else {
-                return Ok(None);
-            };
-            let every = DURABLE_EVERY_BYTES.min(self.max_bytes / 16);
-            let durable = durable || self.index().undurable + written >= every;
-            let level = if durable {
-                Durability::Immediate
-            } else {
-                Durability::None
-            };
-            txn.set_durability(level)?;
-            Ok(Some((written, durable)))
-        });
+        let mut freed = Vec::new();
+        let planned = self
+            .fill(&txn, inserts, drops, &mut freed)
+            .and_then(|written| {
+                let Some(written) = written.or(durable.then_some(0)) else {
+                    return Ok(None);
+                };
+                let every = DURABLE_EVERY_BYTES.min(self.max_bytes / 16);
+                let durable = durable || self.index().undurable + written >= every;
+                let level = if durable {
+                    Durability::Immediate
+                } else {
+                    Durability::None
+                };
+                txn.set_durability(level)?;
+                Ok(Some((written, durable)))
+            });
         let (written, durable) = match planned {
             // Nothing changed, in the file or the index: the transaction is
             // dropped, which aborts it.
@@ -715,9 +733,24 @@ impl Inner {
                 return Err(e);
             }
         };
+        // Readers of the committed index must find its bytes in the files.
+        if let Err(e) = self.packs.flush() {
+            drop(txn);
+            self.reload();
+            return Err(e.into());
+        }
         if let Err(e) = txn.commit() {
             self.reload();
             return Err(e.into());
+        }
+        // Only now that nothing names them: a reader still holding an older
+        // snapshot finds zeros or no file, fails the check, and refetches.
+        if let Err(e) = self.packs.punch(&freed) {
+            tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "cache: cannot free the space of evicted chunks"
+            );
         }
         let mut index = self.index();
         index.undurable = if durable {
@@ -735,6 +768,7 @@ impl Inner {
         txn: &WriteTransaction,
         inserts: &[Record],
         drops: &[Key],
+        freed: &mut Vec<Location>,
     ) -> Result<Option<u64>, redb::Error> {
         let mut t = Tables::new(txn)?;
         // A record larger than the whole cache would only push everything
@@ -744,11 +778,11 @@ impl Inner {
             .filter(|r| r.cost() <= self.max_bytes)
             .collect();
         for &key in drops {
-            t.remove(key)?;
+            t.remove(key, freed)?;
         }
         let mut written = 0;
         for r in &inserts {
-            r.insert(&mut t)?;
+            r.insert(&mut t, &self.packs, freed)?;
             written += r.len() as u64;
         }
         let (victims, entries) = {
@@ -772,7 +806,7 @@ impl Inner {
             return Ok(None);
         }
         for key in victims {
-            t.remove(key)?;
+            t.remove(key, freed)?;
         }
         for (key, e) in entries {
             t.lru
@@ -802,6 +836,26 @@ impl Inner {
             ),
         }
     }
+}
+
+/// Empties a cache of the inline layout of its chunks (the table and their
+/// entries); its chunk lists and directories stay.
+fn drop_inline_chunks(
+    txn: &WriteTransaction,
+    lru: &mut Table<'_, &'static [u8; LRU_KEY_LEN], &'static [u8; LRU_VALUE_LEN]>,
+) -> Result<(), redb::Error> {
+    if !txn.delete_table(INLINE_CHUNKS_V1)? {
+        return Ok(());
+    }
+    let chunks: Vec<[u8; LRU_KEY_LEN]> = lru
+        .iter()?
+        .filter_map(|item| item.ok().map(|(k, _)| *k.value()))
+        .filter(|k| Key::from_bytes(k).is_some_and(|k| k.kind == Kind::Chunk))
+        .collect();
+    for k in chunks {
+        lru.remove(&k)?;
+    }
+    Ok(())
 }
 
 /// Reads every entry into an index, removing any of an unknown kind.
@@ -914,11 +968,18 @@ impl CacheStore {
         // A bounded page cache: redb's default (1 GiB) made a mount reading
         // 1 GiB through the cache 1.2 GiB resident.
         let db = create_database(path, Some(CACHE_PAGE_CACHE_BYTES))?;
+        let dir = path.with_extension("packs");
+        let packs = Packs::open(&dir, PACK_BLOCK).map_err(|source| OpenError::Packs {
+            path: path.to_owned(),
+            dir,
+            source,
+        })?;
         // Creates the tables on first open, so lookups can open them.
         let index = (|| {
             let txn = db.begin_write()?;
             let index = {
                 let mut t = Tables::new(&txn)?;
+                drop_inline_chunks(&txn, &mut t.lru)?;
                 load_index(&mut t.lru)?
             };
             txn.commit()?;
@@ -928,6 +989,7 @@ impl CacheStore {
         let store = CacheStore {
             inner: Arc::new(Inner {
                 db,
+                packs: Arc::new(packs),
                 path: path.to_owned(),
                 max_bytes: options.max_bytes,
                 index: Mutex::new(index),
@@ -965,6 +1027,12 @@ impl CacheStore {
         stats
     }
 
+    /// Bytes the cache takes on disk: the redb file, and the blocks its
+    /// packs have allocated.
+    pub fn disk_bytes(&self) -> std::io::Result<u64> {
+        Ok(std::fs::metadata(&self.inner.path)?.len() + self.inner.packs.allocated_bytes()?)
+    }
+
     /// Whether the chunk is cached.
     pub fn contains_chunk(&self, digest: &Digest) -> bool {
         self.inner
@@ -988,7 +1056,7 @@ impl CacheStore {
         let Some(v) = chunks.get(digest.as_bytes())? else {
             return Ok(None);
         };
-        Ok(parse_chunk(*digest, v.value()).ok())
+        Ok(parse_chunk(&self.inner.packs, *digest, v.value()).ok())
     }
 
     /// Replaces a cached chunk, for corruption tests: `f` gets the chunk as
@@ -1055,6 +1123,7 @@ impl CacheStore {
     pub(crate) fn read(&self) -> Result<LocalRead, redb::Error> {
         let txn = self.inner.db.begin_read()?;
         Ok(LocalRead {
+            packs: self.inner.packs.clone(),
             chunks: txn.open_table(CHUNKS)?,
             blobs: txn.open_table(BLOBS)?,
             directories: txn.open_table(DIRECTORIES)?,

@@ -29,6 +29,13 @@
 //! One process opens a store at a time (redb's lock on the store file), so
 //! one [`Packs`] appends.
 //!
+//! The local cache keeps its chunk bytes in packs too, aligned to 4 KiB
+//! blocks so that evicting a chunk punches its blocks out of the file
+//! (`fallocate(PUNCH_HOLE)`) and the space is free at once; a pack left
+//! with nothing but its header is deleted. The cache trusts nothing it
+//! reads back (every chunk is checked against its digest), so it never
+//! fsyncs its packs.
+//!
 //! [`RedbStore`]: crate::RedbStore
 //! [`RedbStore::commit`]: crate::RedbStore::commit
 
@@ -38,6 +45,8 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::proto::ChunkEncoding;
 
 /// First bytes of every pack file.
 pub(crate) const PACK_MAGIC: &[u8; 8] = b"LZPACK01";
@@ -58,10 +67,76 @@ pub(crate) struct Location {
     pub len: u32,
 }
 
+/// A chunk's index record, the same in a store (`chunks-v2`) and in the
+/// local cache (`cache-chunks-v2`), 25 bytes, little endian:
+///
+/// | offset | size | field                                        |
+/// |--------|------|----------------------------------------------|
+/// | 0      | 1    | encoding: 0 raw, 1 zstd (`ChunkEncoding`)    |
+/// | 1      | 8    | decoded size                                 |
+/// | 9      | 4    | pack number                                  |
+/// | 13     | 8    | offset of the encoded bytes in the pack      |
+/// | 21     | 4    | length of the encoded bytes                  |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IndexRecord {
+    pub encoding: ChunkEncoding,
+    pub size: u64,
+    pub at: Location,
+}
+
+const RECORD_ENCODING_AT: usize = 0;
+const RECORD_SIZE_AT: usize = 1;
+const RECORD_PACK_AT: usize = 9;
+const RECORD_OFFSET_AT: usize = 13;
+const RECORD_LEN_AT: usize = 21;
+/// Length of an [`IndexRecord`].
+pub(crate) const INDEX_RECORD_LEN: usize = 25;
+
+impl IndexRecord {
+    pub fn to_bytes(self) -> [u8; INDEX_RECORD_LEN] {
+        let mut record = [0u8; INDEX_RECORD_LEN];
+        record[RECORD_ENCODING_AT] = match self.encoding {
+            ChunkEncoding::Raw => 0,
+            ChunkEncoding::Zstd => 1,
+        };
+        record[RECORD_SIZE_AT..RECORD_PACK_AT].copy_from_slice(&self.size.to_le_bytes());
+        record[RECORD_PACK_AT..RECORD_OFFSET_AT].copy_from_slice(&self.at.pack.to_le_bytes());
+        record[RECORD_OFFSET_AT..RECORD_LEN_AT].copy_from_slice(&self.at.offset.to_le_bytes());
+        record[RECORD_LEN_AT..].copy_from_slice(&self.at.len.to_le_bytes());
+        record
+    }
+
+    /// Parses a record; the error says what is wrong with it.
+    pub fn from_bytes(record: &[u8]) -> Result<Self, &'static str> {
+        let record: &[u8; INDEX_RECORD_LEN] = record
+            .try_into()
+            .map_err(|_| "index record is not 25 bytes")?;
+        let encoding = match record[RECORD_ENCODING_AT] {
+            0 => ChunkEncoding::Raw,
+            1 => ChunkEncoding::Zstd,
+            _ => return Err("index record has an unknown encoding"),
+        };
+        let field = |from: usize, to: usize| &record[from..to];
+        let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        Ok(IndexRecord {
+            encoding,
+            size: u64_of(field(RECORD_SIZE_AT, RECORD_PACK_AT)),
+            at: Location {
+                pack: u32_of(field(RECORD_PACK_AT, RECORD_OFFSET_AT)),
+                offset: u64_of(field(RECORD_OFFSET_AT, RECORD_LEN_AT)),
+                len: u32_of(field(RECORD_LEN_AT, INDEX_RECORD_LEN)),
+            },
+        })
+    }
+}
+
 /// The pack files of one store.
 #[derive(Debug)]
 pub(crate) struct Packs {
     dir: PathBuf,
+    /// Every chunk starts at a multiple of this (1: none).
+    align: u64,
     writer: Mutex<Writer>,
     /// Read handles, opened on first use.
     readers: RwLock<HashMap<u32, Arc<File>>>,
@@ -79,8 +154,9 @@ struct Writer {
 }
 
 impl Packs {
-    /// Opens (creating it if need be) the pack directory `dir`.
-    pub fn open(dir: &Path) -> io::Result<Packs> {
+    /// Opens (creating it if need be) the pack directory `dir`; chunks
+    /// start at multiples of `align` bytes.
+    pub fn open(dir: &Path, align: u64) -> io::Result<Packs> {
         std::fs::create_dir_all(dir)?;
         let mut last = 0;
         for entry in std::fs::read_dir(dir)? {
@@ -95,6 +171,7 @@ impl Packs {
         }
         Ok(Packs {
             dir: dir.to_owned(),
+            align: align.max(1),
             writer: Mutex::new(Writer {
                 current: None,
                 last,
@@ -126,6 +203,11 @@ impl Packs {
             self.start_pack(&mut w)?;
         }
         let (pack, file, end) = w.current.as_mut().expect("a pack is open");
+        let pad = end.next_multiple_of(self.align) - *end;
+        if pad > 0 {
+            file.write_all(&vec![0; pad as usize])?;
+            *end += pad;
+        }
         let offset = *end;
         file.write_all(data)?;
         *end += data.len() as u64;
@@ -216,6 +298,64 @@ impl Packs {
         Ok(buf)
     }
 
+    /// Frees the blocks of the chunks at `locations` (whole blocks of
+    /// `align` bytes: call only on aligned packs) and deletes packs left
+    /// with nothing but their header, other than the one being written.
+    /// Reads of them fail from then on.
+    pub fn punch(&self, locations: &[Location]) -> io::Result<()> {
+        let mut by_pack: HashMap<u32, Vec<Location>> = HashMap::new();
+        for at in locations {
+            by_pack.entry(at.pack).or_default().push(*at);
+        }
+        let current = self.writer().current.as_ref().map(|(p, _, _)| *p);
+        for (pack, locations) in by_pack {
+            let path = self.path_of(pack);
+            let file = match OpenOptions::new().write(true).open(&path) {
+                Ok(f) => f,
+                // Deleted already: nothing left to free.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("opening {}: {e}", path.display()),
+                    ));
+                }
+            };
+            for at in locations {
+                let len = u64::from(at.len).next_multiple_of(self.align);
+                punch_hole(&file, at.offset, len).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "freeing {len} bytes at {} of {}: {e}",
+                            at.offset,
+                            path.display()
+                        ),
+                    )
+                })?;
+            }
+            // Only the header's block left: nothing in it is named any more.
+            let allocated = std::os::unix::fs::MetadataExt::blocks(&file.metadata()?) * 512;
+            if Some(pack) != current && allocated <= self.align.max(4096) {
+                std::fs::remove_file(&path)?;
+                self.readers
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&pack);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the packs take on disk (allocated blocks).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        let mut total = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            total += std::os::unix::fs::MetadataExt::blocks(&entry?.metadata()?) * 512;
+        }
+        Ok(total)
+    }
+
     fn reader(&self, pack: u32) -> io::Result<Arc<File>> {
         if let Some(f) = self
             .readers
@@ -234,6 +374,31 @@ impl Packs {
             .unwrap_or_else(|p| p.into_inner())
             .insert(pack, file.clone());
         Ok(file)
+    }
+}
+
+/// Deallocates `len` bytes at `offset`, keeping the file's size.
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range out of bounds",
+        ));
+    };
+    // SAFETY: fallocate(2) on an open descriptor; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -269,13 +434,13 @@ mod tests {
         let packs_dir = dir.path().join("s.packs");
         let a;
         {
-            let packs = Packs::open(&packs_dir).unwrap();
+            let packs = Packs::open(&packs_dir, 1).unwrap();
             a = packs.append(b"hello").unwrap();
             packs.flush().unwrap();
             assert_eq!(packs.read(a).unwrap(), b"hello");
             packs.sync().unwrap();
         }
-        let packs = Packs::open(&packs_dir).unwrap();
+        let packs = Packs::open(&packs_dir, 1).unwrap();
         let b = packs.append(b"world").unwrap();
         packs.flush().unwrap();
         assert_eq!((b.pack, b.offset), (a.pack, a.offset + 5));
@@ -293,5 +458,46 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("00000001.pack"), "{err}");
+    }
+
+    #[test]
+    fn index_records_round_trip_and_bad_ones_are_named() {
+        let r = IndexRecord {
+            encoding: ChunkEncoding::Zstd,
+            size: 65536,
+            at: Location {
+                pack: 7,
+                offset: 1 << 33,
+                len: 12345,
+            },
+        };
+        assert_eq!(IndexRecord::from_bytes(&r.to_bytes()), Ok(r));
+        assert!(IndexRecord::from_bytes(&r.to_bytes()[..24]).is_err());
+        let mut bad = r.to_bytes();
+        bad[0] = 9;
+        assert!(IndexRecord::from_bytes(&bad).is_err());
+    }
+
+    #[test]
+    fn punched_chunks_free_their_blocks_and_empty_packs_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(&dir.path().join("c.packs"), 4096).unwrap();
+        let data = vec![0x5a; 10_000];
+        let a = packs.append(&data).unwrap();
+        let b = packs.append(&data).unwrap();
+        assert_eq!((a.offset % 4096, b.offset % 4096), (0, 0));
+        packs.flush().unwrap();
+        let full = packs.allocated_bytes().unwrap();
+        packs.punch(&[a]).unwrap();
+        assert_eq!(packs.read(b).unwrap(), data);
+        assert!(packs.allocated_bytes().unwrap() <= full - 8192);
+        // The pack being written stays even when empty.
+        packs.punch(&[b]).unwrap();
+        assert!(dir.path().join("c.packs/00000001.pack").exists());
+        // Once another pack is being written, an empty one is deleted.
+        packs.writer().current = None;
+        packs.punch(&[b]).unwrap();
+        assert!(!dir.path().join("c.packs/00000001.pack").exists());
+        assert!(packs.read(b).is_err());
     }
 }

@@ -317,7 +317,7 @@ impl RedbStore {
             }
         };
         let dir = packs_dir(path);
-        let packs = Packs::open(&dir).map_err(|source| OpenError::Packs {
+        let packs = Packs::open(&dir, 1).map_err(|source| OpenError::Packs {
             path: path.to_owned(),
             dir,
             source,

@@ -575,9 +575,10 @@ fn measure_verification() {
     );
 }
 
-/// The bound holds for the file, not only for the accounting: records are
-/// charged for the pages they occupy, and freed pages are made reusable
-/// often enough that the file levels off close to the bound.
+/// The bound holds for the disk, not only for the accounting: records are
+/// charged for the blocks and pages they occupy, evicted chunks' blocks are
+/// freed, and freed pages are made reusable often enough that the disk use
+/// levels off close to the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_levels_off_near_the_bound() {
     let _alone = ALONE.write().await;
@@ -588,7 +589,6 @@ async fn file_levels_off_near_the_bound() {
         digests.push(f.remote_blobs().put(&random(8 << 20)).await.unwrap());
     }
     let blobs = f.blobs();
-    let path = f.dir.path().join("cache.redb");
     let mut sizes = Vec::new();
     for _ in 0..2 {
         for d in &digests {
@@ -596,13 +596,13 @@ async fn file_levels_off_near_the_bound() {
             blobs.read_range(d, &meta, 0, meta.size).await.unwrap();
         }
         assert!(f.local.stats().bytes <= bound);
-        sizes.push(std::fs::metadata(&path).unwrap().len());
+        sizes.push(f.local.disk_bytes().unwrap());
     }
-    // Measured: 1.27 times the bound on an idle machine, up to 1.63 when
-    // the machine is busy: redb reuses a freed page only once no read
-    // transaction can still see it, and slower readers hold theirs longer.
-    // What must hold whatever the timing: the file stays within twice the
+    println!("on disk after each pass: {sizes:?} (bound {bound})");
+    // Measured: 1.01 times the bound (chunk bytes in packs, punched out
+    // when evicted; inline in redb it was 1.27–1.63). What must hold
+    // whatever the timing: the disk use stays within a quarter above the
     // bound and stops growing once the cache is full.
-    assert!(sizes[1] <= 2 * bound, "{sizes:?}");
+    assert!(sizes[1] <= bound + bound / 4, "{sizes:?}");
     assert!(sizes[1] <= sizes[0] + bound / 16, "{sizes:?}");
 }

@@ -20,26 +20,11 @@ use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
 
 use super::{BlobError, BlobMeta, BlobService, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
 use crate::digest::{DIGEST_LEN, Digest};
-use crate::packs::Location;
-use crate::proto::ChunkEncoding;
+use crate::packs::IndexRecord;
 use crate::redb_store::{ReadTables, RedbStore, Tables};
 
-// Chunk index record (`chunks-v2`, keyed by the chunk digest), 25 bytes,
-// little endian:
-//
-// | offset | size | field                                        |
-// |--------|------|----------------------------------------------|
-// | 0      | 1    | encoding: 0 raw, 1 zstd (`ChunkEncoding`)    |
-// | 1      | 8    | decoded size                                 |
-// | 9      | 4    | pack number                                  |
-// | 13     | 8    | offset of the encoded bytes in the pack      |
-// | 21     | 4    | length of the encoded bytes                  |
-const CHUNK_ENCODING_AT: usize = 0;
-const CHUNK_SIZE_AT: usize = 1;
-const CHUNK_PACK_AT: usize = 9;
-const CHUNK_OFFSET_AT: usize = 13;
-const CHUNK_LEN_AT: usize = 21;
-const CHUNK_RECORD_LEN: usize = 25;
+// Chunk index record (`chunks-v2`, keyed by the chunk digest): an
+// `IndexRecord` (`packs.rs`), where the encoded bytes are in the packs.
 
 // Blob record (`blobs-v1`, keyed by the blob digest): a fixed-width chunk
 // list, so the number of chunks follows from the record length.
@@ -132,18 +117,14 @@ fn insert_chunk(
     chunk: &EncodedChunk,
 ) -> Result<(), BlobError> {
     let at = store.packs().append(&chunk.data).map_err(backend)?;
-    let mut record = [0u8; CHUNK_RECORD_LEN];
-    record[CHUNK_ENCODING_AT] = match chunk.encoding {
-        ChunkEncoding::Raw => 0,
-        ChunkEncoding::Zstd => 1,
+    let record = IndexRecord {
+        encoding: chunk.encoding,
+        size: chunk.size,
+        at,
     };
-    record[CHUNK_SIZE_AT..CHUNK_PACK_AT].copy_from_slice(&chunk.size.to_le_bytes());
-    record[CHUNK_PACK_AT..CHUNK_OFFSET_AT].copy_from_slice(&at.pack.to_le_bytes());
-    record[CHUNK_OFFSET_AT..CHUNK_LEN_AT].copy_from_slice(&at.offset.to_le_bytes());
-    record[CHUNK_LEN_AT..].copy_from_slice(&at.len.to_le_bytes());
     tables
         .chunks
-        .insert(chunk.digest.as_bytes(), &record[..])
+        .insert(chunk.digest.as_bytes(), &record.to_bytes()[..])
         .map_err(backend)?;
     Ok(())
 }
@@ -152,30 +133,15 @@ fn insert_chunk(
 /// not one is [`BlobError::Corrupt`]; the bytes are checked by whoever
 /// decodes them ([`Blobs`](crate::Blobs) checks every chunk's BLAKE3).
 fn read_chunk(store: &RedbStore, digest: Digest, record: &[u8]) -> Result<EncodedChunk, BlobError> {
-    let corrupt = |reason| BlobError::Corrupt {
+    let record = IndexRecord::from_bytes(record).map_err(|reason| BlobError::Corrupt {
         chunk: digest,
         reason,
-    };
-    let record: &[u8; CHUNK_RECORD_LEN] = record
-        .try_into()
-        .map_err(|_| corrupt("index record is not 25 bytes"))?;
-    let encoding = match record[CHUNK_ENCODING_AT] {
-        0 => ChunkEncoding::Raw,
-        1 => ChunkEncoding::Zstd,
-        _ => return Err(corrupt("index record has an unknown encoding")),
-    };
-    let field = |from: usize, to: usize| &record[from..to];
-    let size = u64::from_le_bytes(field(CHUNK_SIZE_AT, CHUNK_PACK_AT).try_into().expect("8"));
-    let at = Location {
-        pack: u32::from_le_bytes(field(CHUNK_PACK_AT, CHUNK_OFFSET_AT).try_into().expect("4")),
-        offset: u64::from_le_bytes(field(CHUNK_OFFSET_AT, CHUNK_LEN_AT).try_into().expect("8")),
-        len: u32::from_le_bytes(field(CHUNK_LEN_AT, CHUNK_RECORD_LEN).try_into().expect("4")),
-    };
-    let data = store.packs().read(at).map_err(backend)?;
+    })?;
+    let data = store.packs().read(record.at).map_err(backend)?;
     Ok(EncodedChunk {
         digest,
-        encoding,
-        size,
+        encoding: record.encoding,
+        size: record.size,
         data: Bytes::from(data),
     })
 }
