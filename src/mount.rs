@@ -58,6 +58,15 @@ pub struct Args {
     /// 1024); the least recently used go first.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_CACHE_SIZE)]
     cache_size: u64,
+    /// Read every file through the chunk checks, never by FUSE passthrough.
+    /// By default, a file of 256 KiB or more whose chunks are all in the
+    /// local cache is written out whole into it (checked against its BLAKE3
+    /// as it is written, and counted against --cache-size), and later opens
+    /// of it are passthrough opens: the kernel reads the plain file, at the
+    /// speed of a local file, without checking it again. Needs Linux 6.9+
+    /// and root; without them reads go through the chunks anyway.
+    #[arg(long)]
+    no_passthrough: bool,
     /// List every known store path at the root (costs a listing of all
     /// path infos per directory read).
     #[arg(long)]
@@ -143,12 +152,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         Store::open(&url).await?
     };
+    let mut passthrough_cache = None;
     if let Some(cache_url) = &cache_url {
         // Count what the cache has to fetch from the store behind it.
         let params = store.blobs.params();
         let counted = CountingBlobService::new(store.blobs.service().clone(), stats.clone());
         store.blobs = Blobs::new(Arc::new(counted), params);
         let cache = Store::open_cache(cache_url, args.cache_size).await?;
+        if !args.no_passthrough {
+            passthrough_cache = Some(cache.clone());
+        }
         store = store.with_cache(cache);
     }
     let options = FsOptions {
@@ -175,6 +188,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let upstream = Arc::new(upstream);
         upstream_counters = Some(upstream.clone());
         LazyFs::with_upstream(store, options, stats.clone(), upstream)
+    };
+    let fs = match passthrough_cache {
+        Some(cache) => fs.with_passthrough(cache),
+        None => fs,
     };
     let fs = Arc::new(fs);
     let config = MountConfig {

@@ -172,7 +172,7 @@ const _: () = assert!(MAX_CHUNK_SIZE <= u32::MAX as u64);
 //
 // | offset | size | field                                    |
 // |--------|------|------------------------------------------|
-// | 0      | 1    | kind: 0 chunk, 1 chunk list, 2 directory |
+// | 0      | 1    | kind: 0 chunk, 1 chunk list, 2 directory, 3 file |
 // | 1      | 32   | digest                                   |
 //
 // Entry value:
@@ -192,6 +192,9 @@ pub(crate) enum Kind {
     Chunk,
     Blob,
     Directory,
+    /// A whole file's contents as a plain file in the files directory
+    /// ([`CacheStore::file_path`]), for FUSE passthrough.
+    File,
 }
 
 impl Kind {
@@ -200,6 +203,7 @@ impl Kind {
             Kind::Chunk => 0,
             Kind::Blob => 1,
             Kind::Directory => 2,
+            Kind::File => 3,
         }
     }
 
@@ -208,6 +212,7 @@ impl Kind {
             0 => Some(Kind::Chunk),
             1 => Some(Kind::Blob),
             2 => Some(Kind::Directory),
+            3 => Some(Kind::File),
             _ => None,
         }
     }
@@ -219,6 +224,7 @@ impl fmt::Display for Kind {
             Kind::Chunk => "chunk",
             Kind::Blob => "chunk list",
             Kind::Directory => "directory",
+            Kind::File => "file",
         })
     }
 }
@@ -248,6 +254,13 @@ impl Key {
     pub fn directory(digest: Digest) -> Self {
         Key {
             kind: Kind::Directory,
+            digest,
+        }
+    }
+
+    pub fn file(digest: Digest) -> Self {
+        Key {
+            kind: Kind::File,
             digest,
         }
     }
@@ -315,6 +328,10 @@ pub(crate) enum Record {
     Blob(Digest, BlobMeta),
     /// A directory's canonical encoding, under the BLAKE3 of it.
     Directory(Digest, Vec<u8>),
+    /// A file of this size, already in place at its
+    /// [`CacheStore::file_path`] and checked against its digest: only its
+    /// entry is written.
+    File(Digest, u64),
 }
 
 impl Record {
@@ -323,6 +340,7 @@ impl Record {
             Record::Chunk(c) => Key::chunk(c.digest),
             Record::Blob(d, _) => Key::blob(*d),
             Record::Directory(d, _) => Key::directory(*d),
+            Record::File(d, _) => Key::file(*d),
         }
     }
 
@@ -332,6 +350,7 @@ impl Record {
             Record::Chunk(c) => c.data.len(),
             Record::Blob(_, meta) => BLOB_CHUNKS_AT + BLOB_ENTRY_LEN * meta.chunks.len(),
             Record::Directory(_, encoding) => encoding.len(),
+            Record::File(..) => 0,
         }
     }
 
@@ -342,6 +361,7 @@ impl Record {
                 (c.data.len() as u64).next_multiple_of(PACK_BLOCK)
                     + cost_of(INDEX_RECORD_LEN as u64)
             }
+            Record::File(_, size) => size.next_multiple_of(PACK_BLOCK) + ENTRY_OVERHEAD,
             _ => cost_of(self.len() as u64),
         }
     }
@@ -352,7 +372,7 @@ impl Record {
         &self,
         t: &mut Tables<'_>,
         packs: &Packs,
-        freed: &mut Vec<Location>,
+        freed: &mut Freed,
     ) -> Result<(), redb::Error> {
         match self {
             Record::Chunk(c) => {
@@ -367,9 +387,11 @@ impl Record {
                     .insert(c.digest.as_bytes(), &record.to_bytes()[..])?
                     && let Ok(old) = IndexRecord::from_bytes(old.value())
                 {
-                    freed.push(old.at);
+                    freed.chunks.push(old.at);
                 }
             }
+            // Its entry is all it has in the file.
+            Record::File(..) => {}
             Record::Blob(blob, meta) => {
                 t.blobs
                     .insert(blob.as_bytes(), &encode_blob(*blob, meta)[..])?;
@@ -495,18 +517,19 @@ impl<'txn> Tables<'txn> {
         })
     }
 
-    /// Removes a record and its entry; a chunk's bytes in the packs are
-    /// added to `freed`, to punch out once the removal has committed.
-    fn remove(&mut self, key: Key, freed: &mut Vec<Location>) -> Result<(), redb::Error> {
+    /// Removes a record and its entry; a chunk's bytes in the packs, or a
+    /// file, are added to `freed`, to free once the removal has committed.
+    fn remove(&mut self, key: Key, freed: &mut Freed) -> Result<(), redb::Error> {
         let digest = key.digest.as_bytes();
         match key.kind {
             Kind::Chunk => {
                 if let Some(old) = self.chunks.remove(digest)?
                     && let Ok(old) = IndexRecord::from_bytes(old.value())
                 {
-                    freed.push(old.at);
+                    freed.chunks.push(old.at);
                 }
             }
+            Kind::File => freed.files.push(key.digest),
             Kind::Blob => {
                 self.blobs.remove(digest)?;
             }
@@ -593,6 +616,8 @@ pub struct CacheStats {
     pub blobs: u64,
     /// Cached directories.
     pub directories: u64,
+    /// Whole files kept for passthrough.
+    pub files: u64,
     /// Their cost, counted against the bound.
     pub bytes: u64,
     /// The bound.
@@ -678,8 +703,24 @@ impl Index {
     }
 }
 
+/// What a write frees once it has committed.
+#[derive(Default)]
+struct Freed {
+    /// Chunk bytes in the packs.
+    chunks: Vec<Location>,
+    /// Files in the files directory.
+    files: Vec<Digest>,
+}
+
+/// Where the file of blob `digest` goes in `dir`.
+fn file_path(dir: &Path, digest: &Digest) -> PathBuf {
+    dir.join(digest.to_string())
+}
+
 struct Inner {
     db: Database,
+    /// Whole files, for FUSE passthrough, named by their blob digest.
+    files_dir: PathBuf,
     /// The chunk bytes, in 4 KiB blocks.
     packs: Arc<Packs>,
     path: PathBuf,
@@ -705,7 +746,7 @@ impl Inner {
     /// `durable` is false).
     fn write(&self, inserts: &[Record], drops: &[Key], durable: bool) -> Result<(), redb::Error> {
         let mut txn = self.db.begin_write()?;
-        let mut freed = Vec::new();
+        let mut freed = Freed::default();
         let planned = self
             .fill(&txn, inserts, drops, &mut freed)
             .and_then(|written| {
@@ -745,12 +786,20 @@ impl Inner {
         }
         // Only now that nothing names them: a reader still holding an older
         // snapshot finds zeros or no file, fails the check, and refetches.
-        if let Err(e) = self.packs.punch(&freed) {
+        if let Err(e) = self.packs.punch(&freed.chunks) {
             tracing::warn!(
                 path = %self.path.display(),
                 error = %e,
                 "cache: cannot free the space of evicted chunks"
             );
+        }
+        for digest in freed.files {
+            let path = file_path(&self.files_dir, &digest);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cache: cannot remove an evicted file");
+            }
         }
         let mut index = self.index();
         index.undurable = if durable {
@@ -768,7 +817,7 @@ impl Inner {
         txn: &WriteTransaction,
         inserts: &[Record],
         drops: &[Key],
-        freed: &mut Vec<Location>,
+        freed: &mut Freed,
     ) -> Result<Option<u64>, redb::Error> {
         let mut t = Tables::new(txn)?;
         // A record larger than the whole cache would only push everything
@@ -836,6 +885,25 @@ impl Inner {
             ),
         }
     }
+}
+
+/// Creates the files directory, and removes what in it has no entry: a
+/// file written but not yet recorded when the process stopped, or a
+/// temporary one.
+fn remove_unlisted_files(dir: &Path, index: &Index) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let listed = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Digest>().ok())
+            .is_some_and(|d| index.entries.contains_key(&Key::file(d)));
+        if !listed {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Empties a cache of the inline layout of its chunks (the table and their
@@ -986,9 +1054,16 @@ impl CacheStore {
             Ok(index)
         })()
         .map_err(db_err)?;
+        let files_dir = path.with_extension("files");
+        remove_unlisted_files(&files_dir, &index).map_err(|source| OpenError::Packs {
+            path: path.to_owned(),
+            dir: files_dir.clone(),
+            source,
+        })?;
         let store = CacheStore {
             inner: Arc::new(Inner {
                 db,
+                files_dir,
                 packs: Arc::new(packs),
                 path: path.to_owned(),
                 max_bytes: options.max_bytes,
@@ -1022,6 +1097,7 @@ impl CacheStore {
                 Kind::Chunk => stats.chunks += 1,
                 Kind::Blob => stats.blobs += 1,
                 Kind::Directory => stats.directories += 1,
+                Kind::File => stats.files += 1,
             }
         }
         stats
@@ -1031,6 +1107,44 @@ impl CacheStore {
     /// packs have allocated.
     pub fn disk_bytes(&self) -> std::io::Result<u64> {
         Ok(std::fs::metadata(&self.inner.path)?.len() + self.inner.packs.allocated_bytes()?)
+    }
+
+    /// Where the whole file of blob `digest` is kept, if
+    /// [`CacheStore::has_file`] says it is. Write it elsewhere in the same
+    /// directory ([`CacheStore::files_dir`]) and rename it here, then
+    /// [`CacheStore::add_file`] it.
+    pub fn file_path(&self, digest: &Digest) -> PathBuf {
+        file_path(&self.inner.files_dir, digest)
+    }
+
+    /// The directory of whole files; anything in it without an entry is
+    /// removed when the cache is next opened.
+    pub fn files_dir(&self) -> &Path {
+        &self.inner.files_dir
+    }
+
+    /// Whether the whole file of blob `digest` is kept.
+    pub fn has_file(&self, digest: &Digest) -> bool {
+        self.inner.index().entries.contains_key(&Key::file(*digest))
+    }
+
+    /// Records the file at [`CacheStore::file_path`] (`size` bytes, checked
+    /// against `digest` by the caller) against the bound, evicting what no
+    /// longer fits. Blocks: call it from `spawn_blocking`.
+    pub fn add_file(&self, digest: &Digest, size: u64) -> Result<(), redb::Error> {
+        self.inner.write(&[Record::File(*digest, size)], &[], false)
+    }
+
+    /// Counts a use of the whole file of `digest`, for eviction order. May
+    /// write a batch of uses: call it from `spawn_blocking`.
+    pub fn touch_file(&self, digest: &Digest) {
+        self.touch([Key::file(*digest)]);
+    }
+
+    /// Forgets the whole file of `digest` (it is gone or unusable) and
+    /// removes it. Blocks: call it from `spawn_blocking`.
+    pub fn drop_file(&self, digest: &Digest) -> Result<(), redb::Error> {
+        self.inner.write(&[], &[Key::file(*digest)], false)
     }
 
     /// Whether the chunk is cached.

@@ -606,3 +606,39 @@ async fn file_levels_off_near_the_bound() {
     assert!(sizes[1] <= bound + bound / 4, "{sizes:?}");
     assert!(sizes[1] <= sizes[0] + bound / 16, "{sizes:?}");
 }
+
+/// Whole files (for FUSE passthrough) count against the bound like any
+/// record: evicting one removes it, and a file the cache has no entry for
+/// (a crash before it was recorded) is removed when the cache is opened.
+#[test]
+fn whole_files_are_evicted_and_strays_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.redb");
+    let open = || CacheStore::open(&path, CacheOptions { max_bytes: 1 << 20 }).unwrap();
+    let cache = open();
+    let keep = |cache: &CacheStore, data: &[u8]| {
+        let digest = Digest::of(data);
+        std::fs::write(cache.file_path(&digest), data).unwrap();
+        cache.add_file(&digest, data.len() as u64).unwrap();
+        digest
+    };
+    let a = keep(&cache, &random(600 << 10));
+    assert!(cache.has_file(&a));
+    assert_eq!(cache.stats().files, 1);
+    let b = keep(&cache, &random(600 << 10));
+    assert!(!cache.has_file(&a) && cache.has_file(&b));
+    assert!(
+        !cache.file_path(&a).exists(),
+        "an evicted file stays on disk"
+    );
+    assert!(cache.file_path(&b).exists());
+
+    let stray = cache.files_dir().join(".tmp-unfinished");
+    std::fs::write(&stray, b"half").unwrap();
+    drop(cache);
+    let cache = open();
+    assert!(!stray.exists());
+    assert!(cache.has_file(&b) && cache.file_path(&b).exists());
+    cache.drop_file(&b).unwrap();
+    assert!(!cache.has_file(&b) && !cache.file_path(&b).exists());
+}

@@ -27,6 +27,7 @@ use fuser::{
 use crate::error::FsError;
 use crate::fs::{Attr, CONTENT_TTL, FileKind, LazyFs};
 use crate::inode::Ino;
+use crate::passthrough::{MIN_SIZE as PASSTHROUGH_MIN_SIZE, OpenAs};
 
 /// Kernel requests queued in the background (readahead) at most.
 const MAX_BACKGROUND: u16 = 64;
@@ -127,6 +128,19 @@ impl Filesystem for Adapter {
         // Only what the kernel offers can be asked for.
         let _ = config.add_capabilities(wanted & offered);
         self.no_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        if let Some(passthrough) = self.fs.passthrough() {
+            if offered.contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                // Backing files on a plain filesystem (depth 0); this mount
+                // at depth 1, so an overlay can still stack on it.
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                // Passthrough is chosen at open: opens must be sent.
+                self.no_open = false;
+            } else {
+                passthrough.disable("the kernel does not offer FUSE passthrough");
+            }
+        }
         self.no_opendir =
             offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT) && !self.fs.options().list_root;
         // The largest readahead the kernel accepts; an Err carries it.
@@ -185,9 +199,51 @@ impl Filesystem for Adapter {
             return reply.error(Errno::ENOSYS);
         }
         if Ino(ino.0) == Ino::STATS_FILE {
-            reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
-        } else {
-            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        }
+        if let Some(passthrough) = self.fs.passthrough()
+            && let Some((digest, _)) = self.fs.file_blob(Ino(ino.0))
+        {
+            match passthrough.open(ino.0, &digest, |file| reply.open_backing(file)) {
+                OpenAs::Backing(id) => {
+                    self.fs
+                        .counters()
+                        .add(&self.fs.counters().passthrough_opens, 1);
+                    let cache = passthrough.cache().clone();
+                    self.runtime
+                        .spawn_blocking(move || cache.touch_file(&digest));
+                    return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
+                }
+                OpenAs::Cached => {}
+            }
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+        if let Some(passthrough) = self.fs.passthrough()
+            && passthrough.release(ino.0)
+            && passthrough.usable()
+            && let Some((digest, size)) = self.fs.file_blob(Ino(ino.0))
+            && size >= PASSTHROUGH_MIN_SIZE
+        {
+            let (fs, passthrough) = (self.fs.clone(), passthrough.clone());
+            self.spawn(async move {
+                let blobs = fs.blobs().clone();
+                if passthrough.write_out(blobs, digest, size).await {
+                    fs.counters().add(&fs.counters().files_written, 1);
+                }
+            });
         }
     }
 

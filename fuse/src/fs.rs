@@ -23,6 +23,7 @@ use lazystore_pathinfo::{Store, StorePath};
 use crate::chunks::ChunkFetcher;
 use crate::error::{FsError, chain};
 use crate::inode::{ChunkIndex, Ino, Inode, InodeTable, Kind, ReadState};
+use crate::passthrough::Passthrough;
 use crate::retry::RetryPolicy;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::upstream::{LISTING_TTL, LookupError, Standing, Upstreams};
@@ -154,6 +155,8 @@ pub struct LazyFs {
     next_handle: AtomicU64,
     /// Where paths the store lacks come from, if anywhere.
     upstream: Option<Upstreams>,
+    /// Passthrough from whole files in the local cache, if enabled.
+    passthrough: Option<Arc<Passthrough>>,
 }
 
 impl LazyFs {
@@ -176,6 +179,7 @@ impl LazyFs {
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             upstream: None,
+            passthrough: None,
         }
     }
 
@@ -191,6 +195,41 @@ impl LazyFs {
             upstream: Some(Upstreams::new(upstream, store.directories.clone())),
             ..LazyFs::new(store, options, stats)
         }
+    }
+
+    /// Reads files the local `cache` holds whole by FUSE passthrough, and
+    /// writes out whole files whose chunks it has (see the `passthrough`
+    /// module). Effective only if the kernel offers passthrough.
+    pub fn with_passthrough(self, cache: lazystore_castore::CacheStore) -> Self {
+        LazyFs {
+            passthrough: Some(Arc::new(Passthrough::new(cache))),
+            ..self
+        }
+    }
+
+    /// The passthrough state, if enabled.
+    pub(crate) fn passthrough(&self) -> Option<&Arc<Passthrough>> {
+        self.passthrough.as_ref()
+    }
+
+    /// The blob digest and size of regular file `ino`, if its contents are
+    /// known (not an upstream placeholder).
+    pub(crate) fn file_blob(&self, ino: Ino) -> Option<(Digest, u64)> {
+        let inode = self.inodes.get(ino)?;
+        let Kind::File { size, .. } = &inode.kind else {
+            return None;
+        };
+        Some((self.digest_of(&inode)?, *size))
+    }
+
+    /// The blob store.
+    pub(crate) fn blobs(&self) -> &lazystore_castore::Blobs {
+        &self.store.blobs
+    }
+
+    /// The counters.
+    pub(crate) fn counters(&self) -> &Stats {
+        &self.stats
     }
 
     /// The options it runs with.

@@ -15,6 +15,7 @@ mod error;
 mod fs;
 mod inode;
 mod mount;
+mod passthrough;
 mod retry;
 mod stats;
 mod upstream;

@@ -39,6 +39,10 @@ pub struct Stats {
     pub readahead_chunks: AtomicU64,
     /// Chunks a read found in the mount's memory cache.
     pub memory_cache_hits: AtomicU64,
+    /// Opens served by passthrough from a whole file in the local cache.
+    pub passthrough_opens: AtomicU64,
+    /// Whole files written into the local cache for passthrough.
+    pub files_written: AtomicU64,
     /// Chunks read from the remote store, under any local cache.
     pub remote_chunks: AtomicU64,
     /// Their decoded bytes.
@@ -67,6 +71,8 @@ impl Default for Stats {
             chunk_bytes_fetched: AtomicU64::new(0),
             readahead_chunks: AtomicU64::new(0),
             memory_cache_hits: AtomicU64::new(0),
+            passthrough_opens: AtomicU64::new(0),
+            files_written: AtomicU64::new(0),
             remote_chunks: AtomicU64::new(0),
             remote_bytes: AtomicU64::new(0),
             remote_wire_bytes: AtomicU64::new(0),
@@ -104,6 +110,8 @@ impl Stats {
             chunk_bytes_fetched: get(&self.chunk_bytes_fetched),
             readahead_chunks: get(&self.readahead_chunks),
             memory_cache_hits: get(&self.memory_cache_hits),
+            passthrough_opens: get(&self.passthrough_opens),
+            files_written: get(&self.files_written),
             remote_chunks: get(&self.remote_chunks),
             remote_bytes: get(&self.remote_bytes),
             remote_wire_bytes: get(&self.remote_wire_bytes),
@@ -132,6 +140,8 @@ pub struct StatsSnapshot {
     pub chunk_bytes_fetched: u64,
     pub readahead_chunks: u64,
     pub memory_cache_hits: u64,
+    pub passthrough_opens: u64,
+    pub files_written: u64,
     pub remote_chunks: u64,
     pub remote_bytes: u64,
     pub remote_wire_bytes: u64,
@@ -141,7 +151,7 @@ pub struct StatsSnapshot {
 
 impl StatsSnapshot {
     /// The counters by name, in display order.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
+    pub fn fields(&self) -> [(&'static str, u64); 20] {
         [
             ("uptime_secs", self.uptime_secs),
             ("lookups", self.lookups),
@@ -156,6 +166,8 @@ impl StatsSnapshot {
             ("chunk_bytes_fetched", self.chunk_bytes_fetched),
             ("readahead_chunks", self.readahead_chunks),
             ("memory_cache_hits", self.memory_cache_hits),
+            ("passthrough_opens", self.passthrough_opens),
+            ("files_written", self.files_written),
             ("remote_chunks", self.remote_chunks),
             ("remote_bytes", self.remote_bytes),
             ("remote_wire_bytes", self.remote_wire_bytes),
@@ -189,6 +201,8 @@ impl StatsSnapshot {
                 "chunk_bytes_fetched" => &mut s.chunk_bytes_fetched,
                 "readahead_chunks" => &mut s.readahead_chunks,
                 "memory_cache_hits" => &mut s.memory_cache_hits,
+                "passthrough_opens" => &mut s.passthrough_opens,
+                "files_written" => &mut s.files_written,
                 "remote_chunks" => &mut s.remote_chunks,
                 "remote_bytes" => &mut s.remote_bytes,
                 "remote_wire_bytes" => &mut s.remote_wire_bytes,
