@@ -60,6 +60,15 @@ fn time(f: impl FnOnce()) -> Duration {
     t.elapsed()
 }
 
+/// The mount's counter `name`.
+fn stat_counter(mountpoint: &Path, name: &str) -> u64 {
+    std::fs::read_to_string(mountpoint.join(".lazystore/stats"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
 fn read_file(p: &Path) -> u64 {
     let mut f = std::fs::File::open(p).unwrap();
     let mut buf = vec![0u8; 1 << 20];
@@ -205,62 +214,88 @@ fn mount_against_native() {
     let remote_read = time(|| {
         read_file(&m.join(base(&big)).join("data.bin"));
     });
+    // Once the reader is done, the mount writes the file out whole for
+    // passthrough (counted in the RSS too).
+    let started = Instant::now();
+    while stat_counter(&m, "files_written") < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not written out"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let write_out = started.elapsed();
     drop(mount);
     let peak = sampler.join().unwrap();
 
-    // 2. A new mount on the now full cache: cold for the kernel, local
-    //    for the data; then warm.
-    let mount = start(&[
-        "mount",
-        mnt.to_str().unwrap(),
-        "--store",
-        &server.1,
-        "--cache",
-        &cache,
-    ]);
-    let m = PathBuf::from(&mount.1);
-    let big_m = m.join(base(&big)).join("data.bin");
+    // 2. New mounts on the now full cache: cold for the kernel, local for
+    //    the data; then warm. First every read through the chunks
+    //    (--no-passthrough), then by passthrough from the written-out file.
     let big_n = PathBuf::from(&big).join("data.bin");
-    // Cold: the file (native) and the local cache's file (mount) dropped
-    // from the page cache; the mount is new, so the kernel has none of its
-    // pages either.
-    evict(&big_n);
-    let native_cold = time(|| {
-        read_file(&big_n);
-    });
-    let native_warm = time(|| {
-        read_file(&big_n);
-    });
-    // The cache's redb file and its packs, which hold the chunk bytes.
-    evict(&work.path().join("cache.redb"));
-    for pack in std::fs::read_dir(work.path().join("cache.packs")).unwrap() {
-        evict(&pack.unwrap().path());
+    let evict_cache = || {
+        evict(&work.path().join("cache.redb"));
+        for dir in ["cache.packs", "cache.files"] {
+            for file in std::fs::read_dir(work.path().join(dir)).unwrap() {
+                evict(&file.unwrap().path());
+            }
+        }
+    };
+    for passthrough in [false, true] {
+        let mut args = vec![
+            "mount",
+            mnt.to_str().unwrap(),
+            "--store",
+            &server.1,
+            "--cache",
+            &cache,
+        ];
+        if !passthrough {
+            args.push("--no-passthrough");
+        }
+        let mount = start(&args);
+        let m = PathBuf::from(&mount.1);
+        let big_m = m.join(base(&big)).join("data.bin");
+        // Cold: the file (native) and the local cache's files (mount)
+        // dropped from the page cache; the mount is new, so the kernel has
+        // none of its pages either.
+        evict(&big_n);
+        let native_cold = time(|| {
+            read_file(&big_n);
+        });
+        let native_warm = time(|| {
+            read_file(&big_n);
+        });
+        evict_cache();
+        let cold_local = time(|| {
+            read_file(&big_m);
+        });
+        let fuse_warm = time(|| {
+            read_file(&big_m);
+        });
+        let how = if passthrough {
+            "by passthrough (the default)"
+        } else {
+            "through the chunks (--no-passthrough)"
+        };
+        rows.push((
+            format!("sequential read, 1 GiB, warm, {how}"),
+            format!("{native_warm:.2?}"),
+            format!("{fuse_warm:.2?}"),
+            ratio(native_warm, fuse_warm),
+        ));
+        rows.push((
+            format!(
+                "sequential read, 1 GiB, cold (native: from disk; mount: from the local cache on disk), {how}"
+            ),
+            format!("{native_cold:.2?}"),
+            format!("{cold_local:.2?}"),
+            ratio(native_cold, cold_local),
+        ));
+        if passthrough {
+            assert!(stat_counter(&m, "passthrough_opens") >= 2);
+        }
+        drop(mount);
     }
-    let cold_local = time(|| {
-        read_file(&big_m);
-    });
-    let fuse_warm = time(|| {
-        read_file(&big_m);
-    });
-    rows.push((
-        "sequential read, 1 GiB, warm".into(),
-        format!("{native_warm:.2?}"),
-        format!("{fuse_warm:.2?}"),
-        ratio(native_warm, fuse_warm),
-    ));
-    rows.push((
-        "sequential read, 1 GiB, cold (native: from disk; mount: from the local cache on disk)"
-            .into(),
-        format!("{native_cold:.2?}"),
-        format!("{cold_local:.2?}"),
-        ratio(native_cold, cold_local),
-    ));
-    rows.push((
-        "the same cold mount read against a warm native read".into(),
-        format!("{native_warm:.2?}"),
-        format!("{cold_local:.2?}"),
-        ratio(native_warm, cold_local),
-    ));
     rows.push((
         "sequential read, 1 GiB, first read through the remote (loopback)".into(),
         "".into(),
@@ -268,51 +303,83 @@ fn mount_against_native() {
         "".into(),
     ));
 
-    let py_m = m.join(base(&py));
     let py_n = PathBuf::from(&py);
-    hash(&py_m);
-    walk(&py_n);
-    let walk_n = time(|| walk(&py_n));
-    let walk_m = time(|| walk(&py_m));
-    rows.push((
-        "find -type f + stat, Python tree, warm".into(),
-        format!("{walk_n:.2?}"),
-        format!("{walk_m:.2?}"),
-        ratio(walk_n, walk_m),
-    ));
-    hash(&py_n);
-    let hash_n = time(|| {
-        hash(&py_n);
-    });
-    let hash_m = time(|| {
+    for passthrough in [true, false] {
+        let mut args = vec![
+            "mount",
+            mnt.to_str().unwrap(),
+            "--store",
+            &server.1,
+            "--cache",
+            &cache,
+        ];
+        if !passthrough {
+            args.push("--no-passthrough");
+        }
+        let mount = start(&args);
+        let m = PathBuf::from(&mount.1);
+        let how = if passthrough {
+            "default"
+        } else {
+            "--no-passthrough"
+        };
+        let py_m = m.join(base(&py));
+        // Warm: read once, and let the files of 256 KiB or more be written
+        // out for passthrough before timing.
         hash(&py_m);
-    });
-    rows.push((
-        "nix hash path, Python tree, warm".into(),
-        format!("{hash_n:.2?}"),
-        format!("{hash_m:.2?}"),
-        ratio(hash_n, hash_m),
-    ));
-    hash(&PathBuf::from(&big));
-    let bh_n = time(|| {
+        let mut written = stat_counter(&m, "files_written");
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = stat_counter(&m, "files_written");
+            if now == written {
+                break;
+            }
+            written = now;
+        }
+        walk(&py_n);
+        let walk_n = time(|| walk(&py_n));
+        let walk_m = time(|| walk(&py_m));
+        rows.push((
+            format!("find -type f + stat, Python tree, warm, {how}"),
+            format!("{walk_n:.2?}"),
+            format!("{walk_m:.2?}"),
+            ratio(walk_n, walk_m),
+        ));
+        hash(&py_n);
+        let hash_n = time(|| {
+            hash(&py_n);
+        });
+        let hash_m = time(|| {
+            hash(&py_m);
+        });
+        rows.push((
+            format!("nix hash path, Python tree, warm, {how}"),
+            format!("{hash_n:.2?}"),
+            format!("{hash_m:.2?}"),
+            ratio(hash_n, hash_m),
+        ));
         hash(&PathBuf::from(&big));
-    });
-    let bh_m = time(|| {
         hash(&m.join(base(&big)));
-    });
-    rows.push((
-        "nix hash path, 1 GiB path, warm".into(),
-        format!("{bh_n:.2?}"),
-        format!("{bh_m:.2?}"),
-        ratio(bh_n, bh_m),
-    ));
+        let bh_n = time(|| {
+            hash(&PathBuf::from(&big));
+        });
+        let bh_m = time(|| {
+            hash(&m.join(base(&big)));
+        });
+        rows.push((
+            format!("nix hash path, 1 GiB path, warm, {how}"),
+            format!("{bh_n:.2?}"),
+            format!("{bh_m:.2?}"),
+            ratio(bh_n, bh_m),
+        ));
+        drop(mount);
+    }
     let files = Command::new("find")
         .arg(&py_n)
         .args(["-type", "f"])
         .output()
         .unwrap();
     let files = files.stdout.iter().filter(|&&b| b == b'\n').count();
-    drop(mount);
     drop(server);
 
     println!("\n| workload | native | lazystore mount | native/mount |");
@@ -326,9 +393,13 @@ fn mount_against_native() {
     );
     println!(
         "mount RSS peak while reading the 1 GiB path through the remote: {} MiB with no local \
-         cache, {} MiB filling the local cache",
+         cache, {} MiB filling the local cache and writing the file out",
         peak_no_cache / 1024,
         peak / 1024
+    );
+    println!(
+        "writing the 1 GiB file out for passthrough after its first read: {:.2} s",
+        write_out.as_secs_f64()
     );
     println!("Python tree: {files} files");
     let _ = std::fs::remove_dir_all(work.path().join("mnt"));
