@@ -129,7 +129,13 @@ impl Filesystem for Adapter {
         let _ = config.add_capabilities(wanted & offered);
         self.no_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
         if let Some(passthrough) = self.fs.passthrough() {
-            if offered.contains(InitFlags::FUSE_PASSTHROUGH)
+            // SAFETY: geteuid(2) has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            if !root {
+                // Backing files need CAP_SYS_ADMIN; without it, answering
+                // every open would cost a round trip for nothing.
+                passthrough.disable("backing files need root (CAP_SYS_ADMIN)");
+            } else if offered.contains(InitFlags::FUSE_PASSTHROUGH)
                 && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 // Backing files on a plain filesystem (depth 0); this mount
                 // at depth 1, so an overlay can still stack on it.
