@@ -240,7 +240,9 @@ fn mount_against_native() {
             }
         }
     };
-    for passthrough in [false, true] {
+    // A mount through the server with the local cache, with or without
+    // passthrough, and where it is mounted.
+    let mount_cached = |passthrough: bool| {
         let mut args = vec![
             "mount",
             mnt.to_str().unwrap(),
@@ -254,6 +256,10 @@ fn mount_against_native() {
         }
         let mount = start(&args);
         let m = PathBuf::from(&mount.1);
+        (mount, m)
+    };
+    for passthrough in [false, true] {
+        let (mount, m) = mount_cached(passthrough);
         let big_m = m.join(base(&big)).join("data.bin");
         // Cold: the file (native) and the local cache's files (mount)
         // dropped from the page cache; the mount is new, so the kernel has
@@ -305,19 +311,7 @@ fn mount_against_native() {
 
     let py_n = PathBuf::from(&py);
     for passthrough in [true, false] {
-        let mut args = vec![
-            "mount",
-            mnt.to_str().unwrap(),
-            "--store",
-            &server.1,
-            "--cache",
-            &cache,
-        ];
-        if !passthrough {
-            args.push("--no-passthrough");
-        }
-        let mount = start(&args);
-        let m = PathBuf::from(&mount.1);
+        let (mount, m) = mount_cached(passthrough);
         let how = if passthrough {
             "default"
         } else {
