@@ -67,6 +67,12 @@ fn whole_cached_files_are_read_by_passthrough() {
         assert!(out.status.success(), "{out:?}");
         assert_eq!(out.stdout, b"ran\n");
     };
+    assert_eq!(
+        stats(&mount.path)["passthrough"],
+        1,
+        "the kernel did not offer FUSE passthrough (Linux 6.9+ built with \
+         CONFIG_FUSE_PASSTHROUGH, and root, are needed)"
+    );
     // First reads fetch the chunks into the cache; once they are done,
     // the files are written out, in the background.
     assert_eq!(std::fs::read(root.join("data.bin")).unwrap(), data);

@@ -1000,6 +1000,10 @@ impl LazyFs {
             self.inodes.len(),
             self.chunks.memory_bytes()
         ));
+        if let Some(p) = &self.passthrough {
+            // 1 while the kernel takes backing files, 0 once it refused.
+            text.push_str(&format!("passthrough {}\n", u8::from(p.usable())));
+        }
         if let Some(u) = &self.upstream {
             text.push_str(&format!(
                 "upstream_narinfos_fetched {}\nupstream_nar_downloads {}\nupstream_bytes_downloaded {}\n",
