@@ -1,0 +1,104 @@
+//! `lazystore import` killed (SIGKILL) part way, at several points: the
+//! store still opens, whatever it published renders to Nix's NarHash, and
+//! importing again completes the path — the pack files carry on after
+//! whatever the killed process appended.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lazystore_pathinfo::render::nar_hash;
+use lazystore_pathinfo::{Store, StorePath, nixbase32};
+use lazystore_testkit::{add_tree, make_cache, nix_cmd, noise};
+
+const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
+
+/// Whether `path` is published in the store at `url`; if it is, its NAR
+/// hashes to `want` (nixbase32).
+fn published_and_right(url: &str, path: &str, want: &str) -> bool {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::open(url)
+            .await
+            .unwrap_or_else(|e| panic!("the store does not open after the kill: {e}"));
+        let sp = StorePath::from_absolute_path(path).unwrap();
+        let Some(info) = store.path_infos.get(sp.digest()).await.unwrap() else {
+            return false;
+        };
+        let (_, hash) = nar_hash(&store.blobs, &*store.directories, &info.root)
+            .await
+            .unwrap_or_else(|e| panic!("{path} is published but does not render: {e}"));
+        assert_eq!(nixbase32::encode(&hash), want, "{path}: rendered NarHash");
+        true
+    })
+}
+
+#[test]
+fn an_import_killed_part_way_leaves_a_store_that_imports_again() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("crash");
+    std::fs::create_dir_all(tree.join("small")).unwrap();
+    for i in 0..4 {
+        std::fs::write(tree.join(format!("big{i}.bin")), noise(40 << 20, i)).unwrap();
+    }
+    for i in 0..400 {
+        std::fs::write(
+            tree.join(format!("small/{i:03}")),
+            format!("file {i}\n").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    let path = add_tree(&tree);
+    std::fs::remove_dir_all(&tree).unwrap();
+    let want = nix_cmd(["nix-store", "--query", "--hash", &path])
+        .trim()
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_owned();
+    let cache = make_cache(&[&path], "none", None);
+    let from = format!("file://{}", cache.path().display());
+    let store = format!("redb://{}/store.redb", work.path().display());
+    let import = || {
+        let mut cmd = Command::new(LAZYSTORE);
+        cmd.args([
+            "import",
+            "--no-check-sigs",
+            "--from",
+            &from,
+            "--store",
+            &store,
+            &path,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        cmd
+    };
+
+    let mut killed_running = 0;
+    for after_ms in [150, 400, 900] {
+        let mut child = import().spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(after_ms));
+        if child.try_wait().unwrap().is_none() {
+            killed_running += 1;
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+        // Opens, and anything published is whole.
+        published_and_right(&store, &path, &want);
+    }
+    assert!(killed_running > 0, "every import ended before its kill");
+
+    let out = import().output().unwrap();
+    assert!(
+        out.status.success(),
+        "import after the kills failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        published_and_right(&store, &path, &want),
+        "{path} not published"
+    );
+    let packs = std::fs::read_dir(work.path().join("store.packs"))
+        .unwrap()
+        .count();
+    assert!(packs >= 1, "no pack files");
+}
