@@ -77,7 +77,7 @@ use redb::{
 
 use bytes::Bytes;
 
-use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
+use crate::blobs::{BlobMeta, CHUNK_ENTRY_LEN, EncodedChunk, decode_chunk_list, encode_chunk_list};
 use crate::digest::{DIGEST_LEN, Digest};
 use crate::nodes::Directory;
 use crate::packs::{INDEX_RECORD_LEN, IndexRecord, Location, Packs};
@@ -162,11 +162,12 @@ const LRU: TableDefinition<&[u8; LRU_KEY_LEN], &[u8; LRU_VALUE_LEN]> =
 // | 32           | 8    | blob size, u64 little endian                 |
 // | 40 + 36·i    | 32   | digest of chunk i                            |
 // | 40 + 36·i+32 | 4    | size of chunk i, u32 little endian           |
+//
+// Bytes 32.. are the store's `blobs-v1` record, written and read by the
+// same functions (`encode_chunk_list`, `decode_chunk_list`).
 const BLOB_CHECKSUM_AT: usize = 0;
 const BLOB_SIZE_AT: usize = 32;
 const BLOB_CHUNKS_AT: usize = 40;
-const BLOB_ENTRY_LEN: usize = DIGEST_LEN + 4;
-const _: () = assert!(MAX_CHUNK_SIZE <= u32::MAX as u64);
 
 // Entry key (`cache-lru-v1`):
 //
@@ -348,7 +349,7 @@ impl Record {
     fn len(&self) -> usize {
         match self {
             Record::Chunk(c) => c.data.len(),
-            Record::Blob(_, meta) => BLOB_CHUNKS_AT + BLOB_ENTRY_LEN * meta.chunks.len(),
+            Record::Blob(_, meta) => BLOB_CHUNKS_AT + CHUNK_ENTRY_LEN * meta.chunks.len(),
             Record::Directory(_, encoding) => encoding.len(),
             Record::File(..) => 0,
         }
@@ -405,13 +406,9 @@ impl Record {
 }
 
 fn encode_blob(blob: Digest, meta: &BlobMeta) -> Vec<u8> {
-    let mut record = vec![0u8; BLOB_CHUNKS_AT];
-    record[BLOB_SIZE_AT..BLOB_CHUNKS_AT].copy_from_slice(&meta.size.to_le_bytes());
-    for c in &meta.chunks {
-        // A `BlobMeta` holds chunks of at most MAX_CHUNK_SIZE, which fits.
-        record.extend_from_slice(c.digest.as_bytes());
-        record.extend_from_slice(&(c.size as u32).to_le_bytes());
-    }
+    let mut record = vec![0u8; BLOB_SIZE_AT];
+    // A `BlobMeta` cached was checked (`BlobMeta::new`): its chunk sizes fit.
+    encode_chunk_list(meta, &mut record).expect("a checked chunk list encodes");
     let checksum = blob_checksum(blob, &record[BLOB_SIZE_AT..]);
     record[BLOB_CHECKSUM_AT..BLOB_SIZE_AT].copy_from_slice(checksum.as_bytes());
     record
@@ -431,27 +428,13 @@ struct BadRecord(&'static str);
 
 fn decode_blob(blob: Digest, record: &[u8]) -> Result<BlobMeta, Damaged> {
     let key = Key::blob(blob);
-    let entries = record
-        .get(BLOB_CHUNKS_AT..)
-        .filter(|e| e.len() % BLOB_ENTRY_LEN == 0)
-        .ok_or_else(|| Damaged::new(key, BadRecord("record has a partial entry")))?;
-    if blob_checksum(blob, &record[BLOB_SIZE_AT..]).as_bytes()[..]
-        != record[BLOB_CHECKSUM_AT..BLOB_SIZE_AT]
-    {
+    let (checksum, rest) = record
+        .split_at_checked(BLOB_SIZE_AT)
+        .ok_or_else(|| Damaged::new(key, BadRecord("record is truncated")))?;
+    if blob_checksum(blob, rest).as_bytes()[..] != checksum[..] {
         return Err(Damaged::new(key, BadRecord("checksum mismatch")));
     }
-    let size = u64::from_le_bytes(
-        record[BLOB_SIZE_AT..BLOB_CHUNKS_AT]
-            .try_into()
-            .expect("8 bytes"),
-    );
-    let chunks = entries
-        .chunks_exact(BLOB_ENTRY_LEN)
-        .map(|e| ChunkMeta {
-            digest: Digest::try_from(&e[..DIGEST_LEN]).expect("32 bytes"),
-            size: u32::from_le_bytes(e[DIGEST_LEN..].try_into().expect("4 bytes")).into(),
-        })
-        .collect();
+    let (size, chunks) = decode_chunk_list(rest).map_err(|r| Damaged::new(key, BadRecord(r)))?;
     BlobMeta::new(blob, size, chunks).map_err(|e| Damaged::new(key, e))
 }
 

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::chunker::{Chunker, ChunkerParams};
-use crate::digest::Digest;
+use crate::digest::{DIGEST_LEN, Digest};
 use crate::proto::ChunkEncoding;
 
 pub use self::cache::CachingBlobService;
@@ -94,6 +94,44 @@ impl BlobMeta {
         }
         Ok(BlobMeta { size, chunks })
     }
+}
+
+/// Length of one chunk's entry in a stored chunk list: its digest and its
+/// size as a u32 (chunks are at most [`MAX_CHUNK_SIZE`], 16 MiB).
+pub(crate) const CHUNK_ENTRY_LEN: usize = DIGEST_LEN + 4;
+const _: () = assert!(MAX_CHUNK_SIZE <= u32::MAX as u64);
+
+/// Appends `meta` as the store (`blobs-v1`) and the local cache
+/// (`cache-blobs-v1`, after its checksum) keep a chunk list: the blob size,
+/// u64 little endian, then each chunk's digest and size, u32 little endian.
+pub(crate) fn encode_chunk_list(meta: &BlobMeta, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    out.reserve(8 + CHUNK_ENTRY_LEN * meta.chunks.len());
+    out.extend_from_slice(&meta.size.to_le_bytes());
+    for c in &meta.chunks {
+        let size = u32::try_from(c.size).map_err(|_| "chunk size out of range")?;
+        out.extend_from_slice(c.digest.as_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Parses what [`encode_chunk_list`] wrote into the blob size and its
+/// chunks; the error says what is wrong. The caller checks they add up
+/// ([`BlobMeta::new`]).
+pub(crate) fn decode_chunk_list(bytes: &[u8]) -> Result<(u64, Vec<ChunkMeta>), &'static str> {
+    let (size, entries) = bytes.split_at_checked(8).ok_or("record is truncated")?;
+    if entries.len() % CHUNK_ENTRY_LEN != 0 {
+        return Err("record has a partial entry");
+    }
+    let size = u64::from_le_bytes(size.try_into().expect("8 bytes"));
+    let chunks = entries
+        .chunks_exact(CHUNK_ENTRY_LEN)
+        .map(|e| ChunkMeta {
+            digest: Digest::try_from(&e[..DIGEST_LEN]).expect("32 bytes"),
+            size: u32::from_le_bytes(e[DIGEST_LEN..].try_into().expect("4 bytes")).into(),
+        })
+        .collect();
+    Ok((size, chunks))
 }
 
 /// A chunk as stored and sent: its digest and its possibly compressed bytes.

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
 
-use super::{BlobError, BlobMeta, BlobService, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
-use crate::digest::{DIGEST_LEN, Digest};
+use super::{BlobError, BlobMeta, BlobService, EncodedChunk, decode_chunk_list, encode_chunk_list};
+use crate::digest::Digest;
 use crate::packs::IndexRecord;
 use crate::redb_store::{ReadTables, RedbStore, Tables};
 
@@ -35,11 +35,8 @@ use crate::redb_store::{ReadTables, RedbStore, Tables};
 // | 8 + 36·i    | 32   | digest of chunk i                      |
 // | 8 + 36·i+32 | 4    | size of chunk i, u32 little endian     |
 //
-// A u32 holds any chunk size: chunks are at most `MAX_CHUNK_SIZE` (16 MiB).
-const BLOB_SIZE_AT: usize = 0;
-const BLOB_CHUNKS_AT: usize = 8;
-const BLOB_ENTRY_LEN: usize = DIGEST_LEN + 4;
-const _: () = assert!(MAX_CHUNK_SIZE <= u32::MAX as u64);
+// Written and read by `encode_chunk_list` and `decode_chunk_list`
+// (`blobs/mod.rs`), which the local cache uses too.
 
 /// Chunks and chunk lists in a [`RedbStore`].
 #[derive(Clone, Debug)]
@@ -147,39 +144,15 @@ fn read_chunk(store: &RedbStore, digest: Digest, record: &[u8]) -> Result<Encode
 }
 
 fn encode_blob(blob: Digest, meta: &BlobMeta) -> Result<Vec<u8>, BlobError> {
-    let mut record = Vec::with_capacity(BLOB_CHUNKS_AT + BLOB_ENTRY_LEN * meta.chunks.len());
-    record.extend_from_slice(&meta.size.to_le_bytes());
-    for c in &meta.chunks {
-        let size = u32::try_from(c.size).map_err(|_| BlobError::BadChunkList {
-            blob,
-            reason: "chunk size out of range",
-        })?;
-        record.extend_from_slice(c.digest.as_bytes());
-        record.extend_from_slice(&size.to_le_bytes());
-    }
+    let mut record = Vec::new();
+    encode_chunk_list(meta, &mut record)
+        .map_err(|reason| BlobError::BadChunkList { blob, reason })?;
     Ok(record)
 }
 
 fn decode_blob(blob: Digest, record: &[u8]) -> Result<BlobMeta, BlobError> {
-    let entries = record
-        .get(BLOB_CHUNKS_AT..)
-        .filter(|e| e.len() % BLOB_ENTRY_LEN == 0)
-        .ok_or(BlobError::BadChunkList {
-            blob,
-            reason: "stored record has a partial entry",
-        })?;
-    let size = u64::from_le_bytes(
-        record[BLOB_SIZE_AT..BLOB_CHUNKS_AT]
-            .try_into()
-            .expect("8 bytes"),
-    );
-    let chunks = entries
-        .chunks_exact(BLOB_ENTRY_LEN)
-        .map(|e| ChunkMeta {
-            digest: Digest::try_from(&e[..DIGEST_LEN]).expect("32 bytes"),
-            size: u32::from_le_bytes(e[DIGEST_LEN..].try_into().expect("4 bytes")).into(),
-        })
-        .collect();
+    let (size, chunks) =
+        decode_chunk_list(record).map_err(|reason| BlobError::BadChunkList { blob, reason })?;
     // Checks the sizes add up, so a damaged record is an error, not a
     // chunk list that reads the wrong bytes.
     BlobMeta::new(blob, size, chunks)
@@ -261,7 +234,9 @@ impl BlobService for RedbBlobService {
         blob: Digest,
         meta: BlobMeta,
     ) -> Result<(), BlobError> {
-        let record = encode_blob(blob, &BlobMeta::new(blob, meta.size, meta.chunks)?)?;
+        let meta = BlobMeta::new(blob, meta.size, meta.chunks)?;
+        let record = encode_blob(blob, &meta)?;
+        let listed: Vec<Digest> = meta.chunks.iter().map(|c| c.digest).collect();
         // One write for both, and no read before it: the blob stored
         // already is found inside the write. A small file is then one
         // write of its group commit instead of a read and two writes.
@@ -288,13 +263,15 @@ impl BlobService for RedbBlobService {
                         absent.push(c);
                     }
                 }
-                for entry in record[BLOB_CHUNKS_AT..].chunks_exact(BLOB_ENTRY_LEN) {
-                    let digest: &[u8; DIGEST_LEN] =
-                        entry[..DIGEST_LEN].try_into().expect("32 bytes");
-                    if !chunks.iter().any(|c| c.digest.as_bytes() == digest)
-                        && tables.chunks.get(digest).map_err(backend)?.is_none()
+                for listed in &listed {
+                    if !chunks.iter().any(|c| c.digest == *listed)
+                        && tables
+                            .chunks
+                            .get(listed.as_bytes())
+                            .map_err(backend)?
+                            .is_none()
                     {
-                        return Err(BlobError::ChunkNotFound(Digest::from_bytes(*digest)));
+                        return Err(BlobError::ChunkNotFound(*listed));
                     }
                 }
                 let mut written = std::collections::HashSet::new();
@@ -313,7 +290,9 @@ impl BlobService for RedbBlobService {
     }
 
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
-        let record = encode_blob(blob, &BlobMeta::new(blob, meta.size, meta.chunks)?)?;
+        let meta = BlobMeta::new(blob, meta.size, meta.chunks)?;
+        let record = encode_blob(blob, &meta)?;
+        let listed: Vec<Digest> = meta.chunks.iter().map(|c| c.digest).collect();
         // A blob stored already (the same file again, in this or another
         // store path) costs a read, not a commit. It was committed as
         // durably as this one would be: the sync mode is the store's.
@@ -331,11 +310,14 @@ impl BlobService for RedbBlobService {
             .submit(&self.store, true, move |_, tables| {
                 // Checked in the transaction that writes the list, so no
                 // chunk can be missing once it is committed.
-                for entry in record[BLOB_CHUNKS_AT..].chunks_exact(BLOB_ENTRY_LEN) {
-                    let digest: &[u8; DIGEST_LEN] =
-                        entry[..DIGEST_LEN].try_into().expect("32 bytes");
-                    if tables.chunks.get(digest).map_err(backend)?.is_none() {
-                        return Err(BlobError::ChunkNotFound(Digest::from_bytes(*digest)));
+                for listed in &listed {
+                    if tables
+                        .chunks
+                        .get(listed.as_bytes())
+                        .map_err(backend)?
+                        .is_none()
+                    {
+                        return Err(BlobError::ChunkNotFound(*listed));
                     }
                 }
                 tables
@@ -479,6 +461,7 @@ fn commit_group(mut group: Vec<PendingWrite>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blobs::ChunkMeta;
 
     fn chunk(data: &'static [u8]) -> EncodedChunk {
         EncodedChunk::encode(Bytes::from_static(data))
