@@ -208,9 +208,9 @@ impl Filesystem for Adapter {
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
         if let Some(passthrough) = self.fs.passthrough()
-            && let Some((digest, _)) = self.fs.file_blob(Ino(ino.0))
+            && let Some((digest, size)) = self.fs.file_blob(Ino(ino.0))
         {
-            match passthrough.open(ino.0, &digest, |file| reply.open_backing(file)) {
+            match passthrough.open(ino.0, &digest, size, |file| reply.open_backing(file)) {
                 OpenAs::Backing(id) => {
                     self.fs
                         .counters()

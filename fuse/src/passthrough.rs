@@ -97,14 +97,15 @@ impl Passthrough {
         }
     }
 
-    /// Chooses how an open of inode `ino` (file `digest`) reads: the mode
-    /// of its handles still open, else a backing file if the cache has the
-    /// whole file (`open_backing` registers it with the kernel), else
-    /// cached.
+    /// Chooses how an open of inode `ino` (file `digest`, `size` bytes)
+    /// reads: the mode of its handles still open, else a backing file if
+    /// the cache has the whole file (`open_backing` registers it with the
+    /// kernel), else cached.
     pub(crate) fn open(
         &self,
         ino: u64,
         digest: &Digest,
+        size: u64,
         open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> OpenAs {
         let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
@@ -115,7 +116,11 @@ impl Passthrough {
                 Mode::Backing(id) => OpenAs::Backing(id.clone()),
             };
         }
-        let mode = match self.backing(digest, open_backing) {
+        // Smaller files are never written out: no need to ask the cache.
+        let backing = (size >= MIN_SIZE)
+            .then(|| self.backing(digest, open_backing))
+            .flatten();
+        let mode = match backing {
             Some(id) => Mode::Backing(Arc::new(id)),
             None => Mode::Cached,
         };
