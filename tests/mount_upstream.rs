@@ -137,3 +137,53 @@ fn nix_hash_path(path: &Path) -> String {
     );
     format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
 }
+
+/// A path of thousands of small files, substituted by a mount whose store
+/// is a `lazystore serve` over gRPC: its NAR is stored through hundreds of
+/// small concurrent Puts. With HTTP/2's adaptive windows, h2 closed the
+/// connection ("too_many_data_frames") and the read failed with EIO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_files_substitute_through_a_grpc_store() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("many-small");
+    for d in 0..40 {
+        let dir = tree.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            let text = format!("file {d}/{f}\n").repeat(1 + (d * 100 + f) % 17);
+            std::fs::write(dir.join(format!("f{f:03}")), text).unwrap();
+        }
+    }
+    let path = lazystore_testkit::add_tree(&tree);
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "lazystore-many-small-1");
+    let cache = make_cache(&[&path], "zstd", Some(&secret));
+    let upstream = TestServer::start(cache.path()).await;
+
+    let store = format!("redb://{}/store.redb", work.path().display());
+    let (_server, grpc) = blocking(move || common::serve(&store, "127.0.0.1:0")).await;
+    let mountpoint = work.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let cache_url = format!("redb://{}/cache.redb", work.path().display());
+    let url = upstream.url.clone();
+    let mount = blocking(move || {
+        Mount::start(
+            &mountpoint,
+            &grpc,
+            &cache_url,
+            &["--upstream", &url, "--trusted-public-key", &public],
+        )
+    })
+    .await;
+    let file = mount.path.join(basename(&path)).join("d39/f099");
+    let got = blocking(move || std::fs::read(file)).await;
+    let want = std::fs::read(tree.join("d39/f099")).unwrap();
+    assert_eq!(got.expect("reading through the mount"), want);
+    let counters = stats(&mount.path);
+    assert_eq!(
+        (counters["upstream_nar_downloads"], counters["io_errors"]),
+        (1, 0),
+        "{counters:?}"
+    );
+    blocking(move || mount.stop()).await;
+}

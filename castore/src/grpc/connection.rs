@@ -75,10 +75,17 @@ impl Connection {
             }
             Endpoint::from(uri).connect_timeout(CONNECT_TIMEOUT)
         };
+        // Fixed, large windows, as the server's (`grpc::serve`): h2 closes
+        // a connection whose buffered small DATA frames pass half its
+        // connection window. With an adaptive window (64 KiB at first) the
+        // replies to a few hundred concurrent small Puts, waiting for busy
+        // tasks to read them, were enough.
         let channel = endpoint
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .http2_adaptive_window(true)
+            .http2_adaptive_window(false)
+            .initial_connection_window_size(super::serve::CONNECTION_WINDOW)
+            .initial_stream_window_size(super::serve::STREAM_WINDOW)
             .connect_lazy();
         Ok(Connection {
             channel,

@@ -109,6 +109,14 @@ impl Services {
     }
 }
 
+/// HTTP/2 connection flow-control window of the server (see [`serve`])
+/// and of clients.
+pub(crate) const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// HTTP/2 stream flow-control window of the server and of clients: a few
+/// 1 MiB messages in flight per call.
+pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
+
 /// Serves `services` on `listener` until `shutdown` completes; then stops
 /// accepting connections, reports every service `NOT_SERVING`, lets the
 /// calls in flight finish (a `ReadChunks` stream runs to its end) and
@@ -144,8 +152,18 @@ pub async fn serve(
             health.clear_service_status(name).await;
         }
     };
+    // Fixed, large flow-control windows rather than adaptive ones. h2 caps
+    // the framing overhead of small DATA frames a connection may have
+    // buffered at half its connection window, and closes the connection
+    // (ENHANCE_YOUR_CALM, "too_many_data_frames") past it. An adaptive
+    // window starts at 64 KiB, a 32 KiB cap: a mount ingesting a path of
+    // thousands of small files, each a Put of a few hundred bytes, while
+    // the store fsyncs, lost its connection mid-NAR. 16 MiB makes the cap
+    // 8 MiB, some 30,000 small frames waiting at once.
     let router = tonic::transport::Server::builder()
-        .http2_adaptive_window(Some(true))
+        .http2_adaptive_window(Some(false))
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(STREAM_WINDOW)
         .add_routes(routes.routes());
     let result = match listener.into() {
         Listener::Tcp(l) => {
