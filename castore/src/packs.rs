@@ -225,11 +225,18 @@ impl Packs {
         }
         if w.last > 0 {
             let path = self.path_of(w.last);
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let end = file.metadata()?.len();
-            if end >= PACK_MAGIC.len() as u64 && end < PACK_TARGET_BYTES {
-                w.current = Some((w.last, append_at_end(file, end)?, end));
-                return Ok(());
+            match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(file) => {
+                    let end = file.metadata()?.len();
+                    if end >= PACK_MAGIC.len() as u64 && end < PACK_TARGET_BYTES {
+                        w.current = Some((w.last, append_at_end(file, end)?, end));
+                        return Ok(());
+                    }
+                }
+                // Emptied by eviction and deleted (a cache's packs): the
+                // next number starts a new one.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         let pack = w
@@ -526,10 +533,15 @@ mod tests {
         // The pack being written stays even when empty.
         packs.punch(&[b]).unwrap();
         assert!(dir.path().join("c.packs/00000001.pack").exists());
-        // Once another pack is being written, an empty one is deleted.
+        // Once it is not being written (as after reopening), an empty pack
+        // is deleted, and the next append starts a new one.
         packs.writer().current = None;
         packs.punch(&[b]).unwrap();
         assert!(!dir.path().join("c.packs/00000001.pack").exists());
         assert!(packs.read(b).is_err());
+        let c = packs.append(&data).unwrap();
+        packs.flush().unwrap();
+        assert_eq!(c.pack, 2);
+        assert_eq!(packs.read(c).unwrap(), data);
     }
 }
