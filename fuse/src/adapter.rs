@@ -7,10 +7,11 @@
 //! Kernel caching is set up here: entries and attributes of store content
 //! are cached for [`CONTENT_TTL`]; opens are skipped altogether where the
 //! kernel allows it (an open answered ENOSYS tells it to stop sending
-//! them, and it then keeps the page cache across opens), and so are
-//! directory opens unless the root is listable; readdirplus, symlink
-//! caching, parallel directory operations and the largest reads the kernel
-//! allows are asked for at init.
+//! them, and it then keeps the page cache across opens) unless passthrough
+//! is on, which chooses a backing file at open (`passthrough.rs`), and
+//! directory opens are skipped unless the root is listable; readdirplus,
+//! symlink caching, parallel directory operations and the largest reads
+//! the kernel allows are asked for at init.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
