@@ -1020,7 +1020,8 @@ impl CacheStore {
         // 1 GiB through the cache 1.2 GiB resident.
         let db = create_database(path, Some(CACHE_PAGE_CACHE_BYTES))?;
         let dir = path.with_extension("packs");
-        let packs = Packs::open(&dir, PACK_BLOCK).map_err(|source| OpenError::Packs {
+        // Never fsynced: a chunk whose bytes a crash lost fails its check.
+        let packs = Packs::open(&dir, PACK_BLOCK, false).map_err(|source| OpenError::Packs {
             path: path.to_owned(),
             dir,
             source,

@@ -136,6 +136,10 @@ pub(crate) struct Packs {
     dir: PathBuf,
     /// Every chunk starts at a multiple of this (1: none).
     align: u64,
+    /// Whether [`Packs::sync`] fsyncs. A cache's packs are never fsynced,
+    /// so keeping a handle of each pack written for it would only hold
+    /// descriptors (and deleted packs) open for the life of the mount.
+    fsync: bool,
     writer: Mutex<Writer>,
     /// Read handles, opened on first use.
     readers: RwLock<HashMap<u32, Arc<File>>>,
@@ -154,8 +158,9 @@ struct Writer {
 
 impl Packs {
     /// Opens (creating it if need be) the pack directory `dir`; chunks
-    /// start at multiples of `align` bytes.
-    pub fn open(dir: &Path, align: u64) -> io::Result<Packs> {
+    /// start at multiples of `align` bytes, and [`Packs::sync`] fsyncs only
+    /// if `fsync`.
+    pub fn open(dir: &Path, align: u64, fsync: bool) -> io::Result<Packs> {
         std::fs::create_dir_all(dir)?;
         let mut last = 0;
         for entry in std::fs::read_dir(dir)? {
@@ -171,6 +176,7 @@ impl Packs {
         Ok(Packs {
             dir: dir.to_owned(),
             align: align.max(1),
+            fsync,
             writer: Mutex::new(Writer {
                 current: None,
                 last,
@@ -221,7 +227,9 @@ impl Packs {
     fn start_pack(&self, w: &mut Writer) -> io::Result<()> {
         if let Some((pack, file, _)) = w.current.take() {
             let file = file.into_inner().map_err(|e| e.into_error())?;
-            remember_unsynced(w, pack, file);
+            if self.fsync && !w.unsynced.iter().any(|(p, _)| *p == pack) {
+                w.unsynced.push((pack, file));
+            }
         }
         if w.last > 0 {
             let path = self.path_of(w.last);
@@ -267,7 +275,7 @@ impl Packs {
         };
         let pack = *pack;
         file.flush()?;
-        if !w.unsynced.iter().any(|(p, _)| *p == pack) {
+        if self.fsync && !w.unsynced.iter().any(|(p, _)| *p == pack) {
             let (_, file, _) = w.current.as_ref().expect("checked above");
             let handle = file.get_ref().try_clone()?;
             w.unsynced.push((pack, handle));
@@ -275,8 +283,9 @@ impl Packs {
         Ok(())
     }
 
-    /// Flushes, then fsyncs every pack written since its last fsync. Call
-    /// inside a write transaction, before committing it durably.
+    /// Flushes, then fsyncs every pack written since its last fsync (if
+    /// opened to fsync). Call inside a write transaction, before committing
+    /// it durably.
     pub fn sync(&self) -> io::Result<()> {
         self.flush()?;
         let unsynced = std::mem::take(&mut self.writer().unsynced);
@@ -441,12 +450,6 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-fn remember_unsynced(w: &mut Writer, pack: u32, file: File) {
-    if !w.unsynced.iter().any(|(p, _)| *p == pack) {
-        w.unsynced.push((pack, file));
-    }
-}
-
 fn append_at_end(mut file: File, end: u64) -> io::Result<BufWriter<File>> {
     use std::io::Seek;
     file.seek(io::SeekFrom::Start(end))?;
@@ -473,13 +476,13 @@ mod tests {
         let packs_dir = dir.path().join("s.packs");
         let a;
         {
-            let packs = Packs::open(&packs_dir, 1).unwrap();
+            let packs = Packs::open(&packs_dir, 1, true).unwrap();
             a = packs.append(b"hello").unwrap();
             packs.flush().unwrap();
             assert_eq!(packs.read(a).unwrap(), b"hello");
             packs.sync().unwrap();
         }
-        let packs = Packs::open(&packs_dir, 1).unwrap();
+        let packs = Packs::open(&packs_dir, 1, true).unwrap();
         let b = packs.append(b"world").unwrap();
         packs.flush().unwrap();
         assert_eq!((b.pack, b.offset), (a.pack, a.offset + 5));
@@ -520,7 +523,7 @@ mod tests {
     #[test]
     fn punched_chunks_free_their_blocks_and_empty_packs_go() {
         let dir = tempfile::tempdir().unwrap();
-        let packs = Packs::open(&dir.path().join("c.packs"), 4096).unwrap();
+        let packs = Packs::open(&dir.path().join("c.packs"), 4096, false).unwrap();
         let data = vec![0x5a; 10_000];
         let a = packs.append(&data).unwrap();
         let b = packs.append(&data).unwrap();

@@ -173,12 +173,13 @@ pub enum OpenError {
         /// The store file.
         path: PathBuf,
     },
-    /// The pack directory beside the store file cannot be used.
-    #[error("cannot open the pack files of redb store {path:?} in {dir:?}")]
+    /// A directory beside the store file (its packs; a cache's packs or
+    /// whole files) cannot be used.
+    #[error("cannot use the directory {dir:?} beside redb store {path:?}")]
     Packs {
         /// The store file.
         path: PathBuf,
-        /// The pack directory.
+        /// The directory.
         dir: PathBuf,
         /// The filesystem error.
         #[source]
@@ -317,7 +318,8 @@ impl RedbStore {
             }
         };
         let dir = packs_dir(path);
-        let packs = Packs::open(&dir, 1).map_err(|source| OpenError::Packs {
+        // Unaligned, and fsynced before every durable commit.
+        let packs = Packs::open(&dir, 1, true).map_err(|source| OpenError::Packs {
             path: path.to_owned(),
             dir,
             source,
