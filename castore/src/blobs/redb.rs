@@ -106,6 +106,15 @@ fn backend(e: impl Into<redb::Error>) -> BlobError {
     BlobError::Backend(Box::new(e.into()))
 }
 
+/// Whether `digest` is indexed in `tables`.
+fn has_chunk(tables: &Tables<'_>, digest: &Digest) -> Result<bool, BlobError> {
+    Ok(tables
+        .chunks
+        .get(digest.as_bytes())
+        .map_err(backend)?
+        .is_some())
+}
+
 /// Appends `chunk`'s bytes to the packs and indexes them; visible once the
 /// transaction commits through [`RedbStore::commit`].
 fn insert_chunk(
@@ -214,12 +223,7 @@ impl BlobService for RedbBlobService {
             .submit(&self.store, false, move |store, tables| {
                 for c in &chunks {
                     // Idempotent, and a chunk already stored is not rewritten.
-                    if tables
-                        .chunks
-                        .get(c.digest.as_bytes())
-                        .map_err(backend)?
-                        .is_none()
-                    {
+                    if !has_chunk(tables, &c.digest)? {
                         insert_chunk(store, tables, c)?;
                     }
                 }
@@ -254,23 +258,12 @@ impl BlobService for RedbBlobService {
                 // checked before anything is written.
                 let mut absent = Vec::new();
                 for c in &chunks {
-                    if tables
-                        .chunks
-                        .get(c.digest.as_bytes())
-                        .map_err(backend)?
-                        .is_none()
-                    {
+                    if !has_chunk(tables, &c.digest)? {
                         absent.push(c);
                     }
                 }
                 for listed in &listed {
-                    if !chunks.iter().any(|c| c.digest == *listed)
-                        && tables
-                            .chunks
-                            .get(listed.as_bytes())
-                            .map_err(backend)?
-                            .is_none()
-                    {
+                    if !chunks.iter().any(|c| c.digest == *listed) && !has_chunk(tables, listed)? {
                         return Err(BlobError::ChunkNotFound(*listed));
                     }
                 }
@@ -311,12 +304,7 @@ impl BlobService for RedbBlobService {
                 // Checked in the transaction that writes the list, so no
                 // chunk can be missing once it is committed.
                 for listed in &listed {
-                    if tables
-                        .chunks
-                        .get(listed.as_bytes())
-                        .map_err(backend)?
-                        .is_none()
-                    {
+                    if !has_chunk(tables, listed)? {
                         return Err(BlobError::ChunkNotFound(*listed));
                     }
                 }
