@@ -193,17 +193,27 @@ fn mount_against_native() {
     drop(mount);
     let peak_no_cache = sampler.join().unwrap();
 
+    // A mount through the server with the local cache, with or without
+    // passthrough, and where it is mounted.
+    let mount_cached = |passthrough: bool| {
+        let mut args = vec![
+            "mount",
+            mnt.to_str().unwrap(),
+            "--store",
+            &server.1,
+            "--cache",
+            &cache,
+        ];
+        if !passthrough {
+            args.push("--no-passthrough");
+        }
+        let mount = start(&args);
+        let m = PathBuf::from(&mount.1);
+        (mount, m)
+    };
     // 1. Through the remote, empty cache: first byte, then a cold read
     //    filling the cache, with the mount's RSS sampled.
-    let mount = start(&[
-        "mount",
-        mnt.to_str().unwrap(),
-        "--store",
-        &server.1,
-        "--cache",
-        &cache,
-    ]);
-    let m = PathBuf::from(&mount.1);
+    let (mount, m) = mount_cached(true);
     let first_byte = time(|| {
         let mut f = std::fs::File::open(m.join(base(&py)).join("bin/python3.11")).unwrap();
         let mut b = [0u8; 1];
@@ -239,24 +249,6 @@ fn mount_against_native() {
                 evict(&file.unwrap().path());
             }
         }
-    };
-    // A mount through the server with the local cache, with or without
-    // passthrough, and where it is mounted.
-    let mount_cached = |passthrough: bool| {
-        let mut args = vec![
-            "mount",
-            mnt.to_str().unwrap(),
-            "--store",
-            &server.1,
-            "--cache",
-            &cache,
-        ];
-        if !passthrough {
-            args.push("--no-passthrough");
-        }
-        let mount = start(&args);
-        let m = PathBuf::from(&mount.1);
-        (mount, m)
     };
     for passthrough in [false, true] {
         let (mount, m) = mount_cached(passthrough);
