@@ -46,14 +46,15 @@ async fn backends() -> Vec<Backend> {
 
 async fn memory() -> Backend {
     let blobs = Arc::new(MemoryBlobService::new());
-    let b = blobs.clone();
+    let directories = Arc::new(MemoryDirectoryService::new());
+    let (b, d) = (blobs.clone(), directories.clone());
     Backend {
         name: "memory",
         blobs,
-        directories: Arc::new(MemoryDirectoryService::new()),
+        directories,
         params: ChunkerParams::default(),
-        corrupt_chunk: Some(Box::new(move |d| b.corrupt_chunk(d, flip_chunk))),
-        corrupt_directory: None,
+        corrupt_chunk: Some(Box::new(move |c| b.corrupt_chunk(c, flip_chunk))),
+        corrupt_directory: Some(Box::new(move |c| d.corrupt_directory(c, |e| flip(e)))),
         _keep: Box::new(()),
     }
 }
@@ -81,14 +82,20 @@ async fn redb(name: &'static str, sync: SyncMode) -> Backend {
     }
 }
 
-/// The gRPC clients, against a server on 127.0.0.1 over memory backends:
-/// the whole suite through the wire. The server stops with the backend.
+/// The gRPC clients, against a server on 127.0.0.1 over a redb store: the
+/// whole suite through the wire. The corruption hooks damage the server's
+/// copy. The server stops with the backend.
 async fn grpc() -> Backend {
     use lazystore_castore::blobs::GrpcBlobService;
     use lazystore_castore::directories::GrpcDirectoryService;
     use lazystore_castore::grpc::{Services, serve};
-    let blobs = Arc::new(MemoryBlobService::new());
-    let services = Services::new(blobs.clone(), Arc::new(MemoryDirectoryService::new()));
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("server.redb")).unwrap();
+    let (blobs, directories) = (
+        RedbBlobService::new(store.clone()),
+        RedbDirectoryService::new(store.clone()),
+    );
+    let services = Services::new(Arc::new(blobs.clone()), Arc::new(directories.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("grpc+http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -99,10 +106,14 @@ async fn grpc() -> Backend {
         name: "grpc",
         blobs: Arc::new(GrpcBlobService::connect_lazy(&url).unwrap()),
         directories: Arc::new(GrpcDirectoryService::connect_lazy(&url).unwrap()),
-        params: ChunkerParams::default(),
-        corrupt_chunk: Some(Box::new(move |d| blobs.corrupt_chunk(d, flip_chunk))),
-        corrupt_directory: None,
-        _keep: Box::new(stop),
+        params: store.params(),
+        corrupt_chunk: Some(Box::new(move |c| {
+            blobs.corrupt_chunk(c, flip_chunk).unwrap()
+        })),
+        corrupt_directory: Some(Box::new(move |c| {
+            directories.corrupt_directory(c, |e| flip(e)).unwrap()
+        })),
+        _keep: Box::new((dir, stop)),
     }
 }
 
@@ -118,9 +129,10 @@ async fn cache() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path().join("remote.redb")).unwrap();
     let remote_blobs = RedbBlobService::new(store.clone());
+    let remote_dirs = RedbDirectoryService::new(store.clone());
     let services = Services::new(
         Arc::new(remote_blobs.clone()),
-        Arc::new(RedbDirectoryService::new(store.clone())),
+        Arc::new(remote_dirs.clone()),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("grpc+http://{}", listener.local_addr().unwrap());
@@ -129,6 +141,7 @@ async fn cache() -> Backend {
         stopped.await.ok();
     }));
     let local = CacheStore::open(dir.path().join("cache.redb"), CacheOptions::default()).unwrap();
+    let local_dirs = local.clone();
     let blobs = CachingBlobService::new(
         local.clone(),
         Arc::new(GrpcBlobService::connect_lazy(&url).unwrap()),
@@ -147,10 +160,11 @@ async fn cache() -> Backend {
             let cached = local.corrupt_chunk(d, flip_chunk).unwrap();
             remote || cached
         })),
-        // Over gRPC a damaged directory comes back as a server failure, not
-        // `DirectoryError::Invalid`; `tests/cache.rs` covers damage to the
-        // cached copy.
-        corrupt_directory: None,
+        corrupt_directory: Some(Box::new(move |c| {
+            let remote = remote_dirs.corrupt_directory(c, |e| flip(e)).unwrap();
+            let cached = local_dirs.corrupt_directory(c, |e| flip(e)).unwrap();
+            remote || cached
+        })),
         _keep: Box::new((dir, stop)),
     }
 }
@@ -645,9 +659,19 @@ async fn corrupt_directory_fails_get() {
             .unwrap();
         assert!(corrupt(&leaf.digest()));
         let err = b.directories.get(&leaf.digest()).await.unwrap_err();
+        // A server that finds its own copy damaged says so (DATA_LOSS), and
+        // the client passes that on as a backend failure naming the digest.
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(e) = source {
+            text += &format!(": {e}");
+            source = e.source();
+        }
+        let named = text.contains(&leaf.digest().to_string());
         assert!(
-            matches!(err, DirectoryError::Invalid(_)),
-            "{}: {err}",
+            matches!(err, DirectoryError::Invalid(_))
+                || (matches!(err, DirectoryError::Backend(_)) && named),
+            "{}: {text}",
             b.name
         );
         assert!(b.directories.get_recursive(&root_digest).await.is_err());

@@ -1,13 +1,14 @@
 //! 32 readers and 4 writers at once through one gRPC server, on data that
 //! overlaps (writers racing to upload the same new chunks, readers reading
-//! blobs as they are published): no errors, and every byte read is checked.
+//! blobs as they are published): no errors, every byte read is checked, and
+//! the server's redb store, reopened afterwards, holds every blob whole.
 
 use std::sync::{Arc, Mutex};
 
-use lazystore_castore::blobs::{GrpcBlobService, MemoryBlobService};
-use lazystore_castore::directories::MemoryDirectoryService;
+use lazystore_castore::blobs::{GrpcBlobService, RedbBlobService};
+use lazystore_castore::directories::RedbDirectoryService;
 use lazystore_castore::grpc::{Services, serve};
-use lazystore_castore::{Blobs, ChunkerParams, Digest};
+use lazystore_castore::{Blobs, ChunkerParams, Digest, RedbStore};
 use rand::RngExt;
 use tokio::sync::oneshot;
 
@@ -24,12 +25,15 @@ type Published = Arc<Mutex<Vec<(Digest, Arc<Vec<u8>>)>>>;
 async fn many_readers_and_writers_at_once() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.redb");
+    let store = RedbStore::open(&path).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(serve(
         listener,
         Services::new(
-            Arc::new(MemoryBlobService::new()),
-            Arc::new(MemoryDirectoryService::new()),
+            Arc::new(RedbBlobService::new(store.clone())),
+            Arc::new(RedbDirectoryService::new(store.clone())),
         ),
         async {
             stopped.await.ok();
@@ -119,4 +123,23 @@ async fn many_readers_and_writers_at_once() {
     assert_eq!(published.lock().unwrap().len(), 4 + 16);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+
+    // Consistent afterwards: the store, reopened, has every published blob
+    // with a chunk list whose every chunk is there and verifies.
+    drop(store);
+    let store = RedbStore::open(&path).unwrap();
+    let local = Blobs::new(
+        Arc::new(RedbBlobService::new(store.clone())),
+        store.params(),
+    );
+    for (digest, bytes) in published.lock().unwrap().clone() {
+        let meta = local.stat(&digest).await.unwrap().expect("published");
+        assert_eq!(meta.size, bytes.len() as u64);
+        let mut reader = local.reader(digest, meta);
+        let mut got = Vec::new();
+        while let Some(c) = reader.next_chunk().await.unwrap() {
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(got, *bytes, "{digest}");
+    }
 }

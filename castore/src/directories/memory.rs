@@ -22,6 +22,20 @@ impl MemoryDirectoryService {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Replaces the stored encoding of a directory, for corruption tests.
+    /// False if it is not stored.
+    #[doc(hidden)]
+    pub fn corrupt_directory(&self, digest: &Digest, f: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let mut dirs = self.dirs.write().expect("lock poisoned");
+        let Some((bytes, _)) = dirs.get_mut(digest) else {
+            return false;
+        };
+        let mut damaged = bytes.to_vec();
+        f(&mut damaged);
+        *bytes = damaged.into();
+        true
+    }
 }
 
 #[async_trait]
