@@ -162,7 +162,7 @@ async fn cache() -> Backend {
         })),
         corrupt_directory: Some(Box::new(move |c| {
             let remote = remote_dirs.corrupt_directory(c, |e| flip(e)).unwrap();
-            let cached = local_dirs.corrupt_directory(c, |e| flip(e)).unwrap();
+            let cached = local_dirs.corrupt_directory(c, flip).unwrap();
             remote || cached
         })),
         _keep: Box::new((dir, stop)),

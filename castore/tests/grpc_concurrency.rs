@@ -132,7 +132,8 @@ async fn many_readers_and_writers_at_once() {
         Arc::new(RedbBlobService::new(store.clone())),
         store.params(),
     );
-    for (digest, bytes) in published.lock().unwrap().clone() {
+    let published = published.lock().unwrap().clone();
+    for (digest, bytes) in published {
         let meta = local.stat(&digest).await.unwrap().expect("published");
         assert_eq!(meta.size, bytes.len() as u64);
         let mut reader = local.reader(digest, meta);

@@ -388,3 +388,61 @@ async fn bench_ingest() {
         }
     }
 }
+
+/// Writers cut blobs with the parameters the store records, whatever they
+/// were built with: directly, through a gRPC server in front of the store,
+/// and through a local cache in front of that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_cut_with_the_stores_params_even_over_grpc() {
+    use lazystore_castore::blobs::{CachingBlobService, GrpcBlobService};
+    use lazystore_castore::grpc::{Services, serve};
+    use lazystore_castore::{CacheOptions, CacheStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let small = ChunkerParams {
+        min: 2048,
+        avg: 8192,
+        max: 32768,
+    };
+    let store = RedbStore::open_with(dir.path().join("store.redb"), with_params(small)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        Services::new(
+            Arc::new(RedbBlobService::new(store.clone())),
+            Arc::new(RedbDirectoryService::new(store.clone())),
+        ),
+        async {
+            stopped.await.ok();
+        },
+    ));
+    let grpc = Arc::new(GrpcBlobService::connect_lazy(&url).unwrap());
+    let cache = CacheStore::open(dir.path().join("cache.redb"), CacheOptions::default()).unwrap();
+    let writers = [
+        (
+            "direct",
+            Arc::new(RedbBlobService::new(store.clone())) as Arc<dyn BlobService>,
+        ),
+        ("grpc", grpc.clone()),
+        ("cache", Arc::new(CachingBlobService::new(cache, grpc))),
+    ];
+    for (name, service) in writers {
+        // Built with the defaults, as a client that knows nothing would be.
+        let blobs = Blobs::new(service, ChunkerParams::default());
+        assert_eq!(blobs.write_params().await.unwrap(), small, "{name}");
+        let data = random(1 << 20);
+        let digest = blobs.put(&data).await.unwrap();
+        let meta = blobs.stat(&digest).await.unwrap().unwrap();
+        let mut expected = Vec::new();
+        let mut chunker = Chunker::new(small);
+        chunker.push(&data, &mut expected);
+        chunker.finish(&mut expected);
+        let sizes: Vec<u64> = meta.chunks.iter().map(|c| c.size).collect();
+        let wanted: Vec<u64> = expected.iter().map(|c| c.len() as u64).collect();
+        assert_eq!(sizes, wanted, "{name}: cut with other parameters");
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use lazystore_castore::blobs::{BlobMeta, BlobService, EncodedChunk};
-use lazystore_castore::{BlobError, Digest};
+use lazystore_castore::{BlobError, ChunkerParams, Digest};
 
 /// The mount's counters. Every field only grows.
 #[derive(Debug)]
@@ -242,6 +242,10 @@ impl CountingBlobService {
 
 #[async_trait]
 impl BlobService for CountingBlobService {
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        self.inner.chunker_params().await
+    }
+
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         self.inner.stat(blob).await
     }

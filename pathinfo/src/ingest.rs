@@ -152,7 +152,7 @@ pub async fn ingest_hashed_nar<R: HashedNar>(
                 executable,
                 size,
             } => {
-                let mut writer = blobs.writer();
+                let mut writer = blobs.writer().await?;
                 let mut got = 0u64;
                 loop {
                     let n = nar.read_content(&mut buf).await?;

@@ -172,8 +172,8 @@ impl Store {
     }
 
     /// The three clients of one gRPC server, sharing `connection`. Blobs
-    /// written through it are chunked with the default parameters: the
-    /// server checks chunks, not how they were cut.
+    /// written through it are cut with the parameters the server's store
+    /// records, asked on the first write (the defaults if it records none).
     pub fn grpc(connection: Connection) -> Store {
         Store {
             blobs: Blobs::new(

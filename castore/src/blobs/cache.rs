@@ -31,6 +31,7 @@ use async_trait::async_trait;
 
 use super::{BlobError, BlobMeta, BlobService, EncodedChunk};
 use crate::cache_store::{CacheStore, Key, Local, Record};
+use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::proto::ChunkEncoding;
 
@@ -90,6 +91,11 @@ enum Found {
 
 #[async_trait]
 impl BlobService for CachingBlobService {
+    /// The remote's: writes go through to it.
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        self.remote.chunker_params().await
+    }
+
     /// From the cache if there, else from the remote and then cached.
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         let (local, digest) = (self.local.clone(), *blob);

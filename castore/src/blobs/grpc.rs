@@ -12,6 +12,7 @@ use futures::stream;
 use tonic::transport::Channel;
 
 use super::{BlobError, BlobMeta, BlobService, EncodedChunk};
+use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::grpc::{
     AttemptError, BadMessage, Connection, InvalidUrl, MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS,
@@ -130,6 +131,28 @@ impl GrpcBlobService {
 
 #[async_trait]
 impl BlobService for GrpcBlobService {
+    /// The server's, asked with `ChunkerParams`.
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        let answer = self
+            .connection
+            .call("ChunkerParams", || {
+                let mut client = self.client.clone();
+                let policy = *self.connection.retry_policy();
+                async move {
+                    let answer = policy
+                        .timed(client.chunker_params(proto::ChunkerParamsRequest {}))
+                        .await?;
+                    Ok::<_, AttemptError>(answer.into_inner().params)
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        answer
+            .map(wire::chunker_params_from_wire)
+            .transpose()
+            .map_err(|b| self.error(CallError::bad_reply("ChunkerParams", b)))
+    }
+
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         let request = proto::StatBlobRequest {
             digest: (*blob).into(),

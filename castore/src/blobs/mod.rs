@@ -274,6 +274,13 @@ pub enum BlobError {
 /// A chunk store backend.
 #[async_trait]
 pub trait BlobService: Send + Sync {
+    /// The chunker parameters the store records, which every writer must
+    /// cut its blobs with, or `None` when the store records none and
+    /// writers choose. A store that wraps another must pass its answer on.
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        Ok(None)
+    }
+
     /// The chunk list of `blob`. Must return exactly what [`put_blob`] stored,
     /// or `None` for an unknown blob.
     ///
@@ -332,23 +339,39 @@ pub trait BlobService: Send + Sync {
 pub struct Blobs {
     service: Arc<dyn BlobService>,
     params: ChunkerParams,
+    /// The parameters writes use, asked of the backend once.
+    chosen: Arc<tokio::sync::OnceCell<ChunkerParams>>,
     /// Permits for [`IN_FLIGHT_BYTES`], shared by every writer.
     budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Blobs {
-    /// Wraps a backend; writes are chunked with `params`.
+    /// Wraps a backend. Writes are chunked with the parameters the backend
+    /// records ([`BlobService::chunker_params`]), or with `params` when it
+    /// records none.
     pub fn new(service: Arc<dyn BlobService>, params: ChunkerParams) -> Self {
         Blobs {
             service,
             params,
+            chosen: Arc::new(tokio::sync::OnceCell::new()),
             budget: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES)),
         }
     }
 
-    /// The chunker parameters writes use.
+    /// The chunker parameters writes use when the backend records none.
     pub fn params(&self) -> ChunkerParams {
         self.params
+    }
+
+    /// The chunker parameters writes use: the backend's, asked once (a
+    /// round trip for a remote store), else [`Blobs::params`].
+    pub async fn write_params(&self) -> Result<ChunkerParams, BlobError> {
+        self.chosen
+            .get_or_try_init(|| async {
+                Ok(self.service.chunker_params().await?.unwrap_or(self.params))
+            })
+            .await
+            .copied()
     }
 
     /// The backend.
@@ -361,24 +384,24 @@ impl Blobs {
         self.service.stat(blob).await
     }
 
-    /// A writer for a new blob.
-    pub fn writer(&self) -> BlobWriter {
-        BlobWriter {
+    /// A writer for a new blob, cutting chunks with [`Blobs::write_params`].
+    pub async fn writer(&self) -> Result<BlobWriter, BlobError> {
+        Ok(BlobWriter {
             service: self.service.clone(),
             budget: self.budget.clone(),
-            chunker: Chunker::new(self.params),
+            chunker: Chunker::new(self.write_params().await?),
             hasher: blake3::Hasher::new(),
             size: 0,
             chunks: Vec::new(),
             pending: Vec::new(),
             pending_bytes: 0,
             in_flight: std::collections::VecDeque::new(),
-        }
+        })
     }
 
     /// Stores `data` as a blob and returns its digest.
     pub async fn put(&self, data: &[u8]) -> Result<Digest, BlobError> {
-        let mut w = self.writer();
+        let mut w = self.writer().await?;
         w.write(data).await?;
         Ok(w.finish().await?.0)
     }

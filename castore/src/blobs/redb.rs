@@ -19,6 +19,7 @@ use bytes::Bytes;
 use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
 
 use super::{BlobError, BlobMeta, BlobService, EncodedChunk, decode_chunk_list, encode_chunk_list};
+use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::packs::IndexRecord;
 use crate::redb_store::{ReadTables, RedbStore, Tables};
@@ -169,6 +170,10 @@ fn decode_blob(blob: Digest, record: &[u8]) -> Result<BlobMeta, BlobError> {
 
 #[async_trait]
 impl BlobService for RedbBlobService {
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        Ok(Some(self.store.params()))
+    }
+
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         let blob = *blob;
         self.read(move |t| {

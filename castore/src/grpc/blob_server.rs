@@ -116,6 +116,16 @@ impl Upload {
 
 #[tonic::async_trait]
 impl blob_service_server::BlobService for BlobServer {
+    async fn chunker_params(
+        &self,
+        _request: Request<proto::ChunkerParamsRequest>,
+    ) -> Result<Response<proto::ChunkerParamsResponse>, Status> {
+        let params = self.blobs.chunker_params().await?;
+        Ok(Response::new(proto::ChunkerParamsResponse {
+            params: params.map(wire::chunker_params_to_wire),
+        }))
+    }
+
     async fn stat(
         &self,
         request: Request<proto::StatBlobRequest>,

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 
 use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
+use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::proto;
 
@@ -48,6 +49,28 @@ pub(crate) fn digests(
         ));
     }
     list.iter().map(|d| digest(field, d)).collect()
+}
+
+/// Chunker parameters from the wire, checked as a store checks its own.
+pub(crate) fn chunker_params_from_wire(
+    p: proto::ChunkerParams,
+) -> Result<ChunkerParams, BadMessage> {
+    ChunkerParams {
+        min: p.min_size,
+        avg: p.avg_size,
+        max: p.max_size,
+    }
+    .validate()
+    .map_err(|e| BadMessage::new("params", e.to_string()))
+}
+
+/// Chunker parameters as sent.
+pub(crate) fn chunker_params_to_wire(p: ChunkerParams) -> proto::ChunkerParams {
+    proto::ChunkerParams {
+        min_size: p.min,
+        avg_size: p.avg,
+        max_size: p.max,
+    }
 }
 
 /// Digests as wire bytes.
