@@ -353,6 +353,41 @@ impl BlobService for CountingPuts {
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
         self.inner.put_blob(blob, meta).await
     }
+    fn uploads_travel(&self) -> bool {
+        self.inner.uploads_travel()
+    }
+}
+
+/// Over the network, even a file smaller than one chunk is sent only if the
+/// server lacks it: the writer asks first.
+#[tokio::test]
+async fn uploads_send_only_missing_chunks_however_small() {
+    for b in backends().await {
+        let remote = matches!(b.name, "grpc" | "cache");
+        assert_eq!(b.blobs.uploads_travel(), remote, "{}", b.name);
+        if !remote {
+            continue;
+        }
+        let counting = Arc::new(CountingPuts {
+            inner: b.blobs.clone(),
+            chunks_put: AtomicUsize::new(0),
+        });
+        let blobs = Blobs::new(counting.clone(), b.params);
+        for len in [1, 1000, 40_000] {
+            let data = random(len);
+            let before = counting.chunks_put.load(Ordering::Relaxed);
+            let digest = blobs.put(&data).await.unwrap();
+            let n = blobs.stat(&digest).await.unwrap().unwrap().chunks.len();
+            assert_eq!(counting.chunks_put.load(Ordering::Relaxed), before + n);
+            blobs.put(&data).await.unwrap();
+            assert_eq!(
+                counting.chunks_put.load(Ordering::Relaxed),
+                before + n,
+                "{}: {len} bytes sent twice",
+                b.name
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -246,6 +246,10 @@ impl BlobService for CountingBlobService {
         self.inner.chunker_params().await
     }
 
+    fn uploads_travel(&self) -> bool {
+        self.inner.uploads_travel()
+    }
+
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         self.inner.stat(blob).await
     }

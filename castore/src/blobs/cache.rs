@@ -244,6 +244,11 @@ impl BlobService for CachingBlobService {
     fn verifies_chunks(&self) -> bool {
         true
     }
+
+    /// The remote's: writes go through to it.
+    fn uploads_travel(&self) -> bool {
+        self.remote.uploads_travel()
+    }
 }
 
 impl CachingBlobService {

@@ -248,4 +248,8 @@ impl BlobService for GrpcBlobService {
         };
         self.put("Put", vec![item]).await
     }
+
+    fn uploads_travel(&self) -> bool {
+        true
+    }
 }

@@ -331,6 +331,15 @@ pub trait BlobService: Send + Sync {
     fn verifies_chunks(&self) -> bool {
         false
     }
+
+    /// Whether chunks put here cross a network, so that asking
+    /// [`missing_chunks`](BlobService::missing_chunks) first saves sending
+    /// them. Writers always ask such a backend; a local one they ask only
+    /// for batches large enough to be worth a lookup. A store that wraps
+    /// another must pass its answer on.
+    fn uploads_travel(&self) -> bool {
+        false
+    }
 }
 
 /// Verified access to a [`BlobService`]: chunked, compressed writes and
@@ -740,11 +749,13 @@ async fn prepare_batch(
             size: c.len() as u64,
         })
         .collect();
-    // Asking which chunks the backend lacks costs a round trip (a read
-    // transaction, an RPC); for a small batch that costs about what sending
-    // it does, and storing a chunk that is already there is a no-op.
+    // Uploads over a network ask which chunks the backend lacks and send
+    // only those. A local backend is asked only about large batches: for a
+    // small one the lookup (a read transaction) costs about what storing it
+    // does, and storing a chunk that is already there is a no-op.
     let batch_bytes: usize = hashed.iter().map(|(_, c)| c.len()).sum();
-    let missing: Option<std::collections::HashSet<Digest>> = if batch_bytes < INLINE_CPU_BYTES {
+    let ask = service.uploads_travel() || batch_bytes >= INLINE_CPU_BYTES;
+    let missing: Option<std::collections::HashSet<Digest>> = if !ask {
         None
     } else {
         let digests: Vec<Digest> = metas.iter().map(|c| c.digest).collect();
