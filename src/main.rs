@@ -55,12 +55,16 @@ fn bound_allocator() {
     }
 }
 
+/// Logs without `RUST_LOG`: warnings and errors, and the HTTP cache's
+/// access log (one line per request, when it serves).
+const DEFAULT_LOG: &str = "warn,lazystore::http=info";
+
 fn main() -> ExitCode {
     bound_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal: logs redirected to a file or a

@@ -297,7 +297,23 @@ fn not_found_cache_info_and_refused_uploads() {
         "{}",
         String::from_utf8_lossy(&put.body)
     );
-    server.stop();
+    // The access log is on by default: a line per request, with its status.
+    let log = server.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains("path=/nix-cache-info"))
+        .unwrap_or_else(|| panic!("no access log line for /nix-cache-info in:\n{log}"));
+    assert!(
+        line.contains("client=127.0.0.1:")
+            && line.contains("method=GET")
+            && line.contains("status=200")
+            && line.contains("bytes=50"),
+        "{line}"
+    );
+    assert!(
+        log.contains("method=HEAD path=/log/x range=\"-\" status=404"),
+        "{log}"
+    );
 }
 
 #[test]

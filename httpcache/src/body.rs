@@ -87,6 +87,8 @@ where
 /// What the access log line says about a request, kept until its body
 /// ends.
 pub struct LogLine {
+    /// The client's address, when the server knows it.
+    pub client: Option<std::net::SocketAddr>,
     pub method: Method,
     pub path: String,
     pub range: Option<String>,
@@ -132,6 +134,7 @@ impl Tracked {
         };
         tracing::info!(
             target: "lazystore::http",
+            client = %line.client.map_or("-".to_owned(), |a| a.to_string()),
             method = %line.method,
             path = %line.path,
             range = line.range.as_deref().unwrap_or("-"),

@@ -42,6 +42,18 @@ impl axum::serve::Listener for IdleListener {
     }
 }
 
+/// The address a request's connection came from, for the access log.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, IdleListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, IdleListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
 /// A connection whose writes fail with `TimedOut` once none has made
 /// progress for `timeout`.
 pub struct IdleWrite<T> {

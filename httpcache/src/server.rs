@@ -172,7 +172,10 @@ pub async fn serve_with_send_timeout(
         inner: listener,
         send_timeout,
     };
-    axum::serve(listener, cache.router())
+    let service = cache
+        .router()
+        .into_make_service_with_connect_info::<crate::conn::ClientAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -189,6 +192,10 @@ async fn track(State(cache): State<HttpCache>, request: Request, next: Next) -> 
         .expect("the semaphore is never closed");
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::conn::ClientAddr>>()
+        .map(|c| c.0.0);
     let range = request
         .headers()
         .get(header::RANGE)
@@ -207,6 +214,7 @@ async fn track(State(cache): State<HttpCache>, request: Request, next: Next) -> 
         body,
         permit,
         LogLine {
+            client,
             method,
             path,
             range,

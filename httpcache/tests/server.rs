@@ -10,10 +10,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use lazystore_castore::{Digest, Node};
+use lazystore_castore::blobs::{BlobMeta, EncodedChunk, MemoryBlobService};
+use lazystore_castore::{BlobError, BlobService, Blobs, ChunkerParams, Digest, Node};
 use lazystore_httpcache::{HttpCache, Options, UploadAuth, serve_with_send_timeout};
 use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{Store, StorePath};
+use lazystore_pathinfo::{NarInfo, SigningKey, Store, StorePath};
 use lazystore_testkit::noise;
 use tokio::net::TcpListener;
 
@@ -28,12 +29,15 @@ fn start(options: Options) -> Running {
 }
 
 fn start_with(options: Options, send_timeout: Duration) -> Running {
+    start_on(Store::memory(), options, send_timeout)
+}
+
+fn start_on(store: Store, options: Options, send_timeout: Duration) -> Running {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let store = Store::memory();
     let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let cache = HttpCache::new(store.clone(), options);
@@ -496,4 +500,146 @@ fn a_narinfo_refused_for_a_missing_reference_can_be_sent_again() {
     // Published, the NAR is no longer staged.
     let (status, text) = put(&narinfo_url, narinfo.as_bytes());
     assert_eq!(status, 409, "{text}");
+}
+
+/// A narinfo answers HEAD as GET, keeps the signatures the path came with
+/// and adds ours: Nix can check both.
+#[test]
+fn narinfos_keep_upstream_signatures_and_add_ours() {
+    let ours = std::sync::Arc::new(SigningKey::generate("ours-1").unwrap());
+    let upstream = SigningKey::generate("upstream-1").unwrap();
+    let running = start(Options {
+        signing_key: Some(ours.clone()),
+        ..Options::default()
+    });
+    let data = noise(1000, 1);
+    let root = stored_file(&running, &data);
+    let store_path = path("signed");
+    let (nar_sha256, nar_size) = ([9; 32], 1000 + 112);
+    let signature = upstream.sign(lazystore_pathinfo::fingerprint(
+        &store_path,
+        &nar_sha256,
+        nar_size,
+        [],
+    ));
+    running
+        .runtime
+        .block_on(running.store.path_infos.put(PathInfo {
+            store_path: store_path.clone(),
+            root,
+            references: Vec::new(),
+            nar_size,
+            nar_sha256,
+            signatures: vec![signature],
+            deriver: None,
+            ca: None,
+        }))
+        .unwrap();
+    let url = format!("/{}.narinfo", store_path.hash_str());
+    let (status, body) = get(&running.addr, &url);
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let (head_status, head_text) = head(&running.addr, &url);
+    assert_eq!(head_status, 200);
+    assert!(
+        head_text
+            .to_ascii_lowercase()
+            .contains(&format!("content-length: {}", text.len())),
+        "{head_text}"
+    );
+    let narinfo = NarInfo::parse(&text).unwrap();
+    assert_eq!(narinfo.signatures.len(), 2, "{text}");
+    for key in [&upstream, &*ours] {
+        let signed_by = narinfo.verify(&[key.public_key()]).unwrap();
+        assert_eq!(signed_by.key_name(), key.name(), "{text}");
+    }
+}
+
+/// Counts the bytes of the chunks read through it.
+struct CountingReads {
+    inner: std::sync::Arc<dyn BlobService>,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl BlobService for CountingReads {
+    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
+        self.inner.stat(blob).await
+    }
+    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
+        let got = self.inner.read_chunks(chunks).await?;
+        let n: u64 = got.iter().map(|c| c.size).sum();
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(got)
+    }
+    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        self.inner.missing_chunks(chunks).await
+    }
+    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
+        self.inner.put_chunks(chunks).await
+    }
+    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
+        self.inner.put_blob(blob, meta).await
+    }
+}
+
+/// A range is served by seeking: one near the end of a 32 MiB NAR reads
+/// the chunks it overlaps, as one near the start does, not the NAR before it.
+#[test]
+fn a_range_reads_only_the_chunks_it_overlaps() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let counting = Arc::new(CountingReads {
+        inner: Arc::new(MemoryBlobService::new()),
+        bytes: 0.into(),
+    });
+    let mut store = Store::memory();
+    store.blobs = Blobs::new(counting.clone(), ChunkerParams::default());
+    let running = start_on(store, Options::default(), lazystore_httpcache::SEND_TIMEOUT);
+    let mut dir = lazystore_castore::Directory::new();
+    for i in 0..32u64 {
+        let file = stored_file(&running, &noise(1 << 20, i));
+        dir.add(format!("f{i:02}").as_str().try_into().unwrap(), file)
+            .unwrap();
+    }
+    let root = Node::directory(&dir);
+    running
+        .runtime
+        .block_on(running.store.directories.put(dir))
+        .unwrap();
+    let total = running
+        .runtime
+        .block_on(lazystore_pathinfo::render::nar_layout(
+            &*running.store.directories,
+            &root,
+        ))
+        .unwrap()
+        .size();
+    let store_path = publish(&running, "ranges", root, total);
+    let url = nar_url(&running, &store_path);
+    let max_chunk = u64::from(ChunkerParams::default().max);
+    for start in [1 << 20, total - (2 << 20)] {
+        let before = counting.bytes.load(Ordering::Relaxed);
+        let mut stream = send(
+            &running.addr,
+            &format!(
+                "GET {url} HTTP/1.1\r\nHost: x\r\nRange: bytes={start}-{}\r\nConnection: close\r\n\r\n",
+                start + (64 << 10) - 1
+            ),
+        );
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        assert_eq!(
+            &raw[9..12],
+            b"206",
+            "{}",
+            String::from_utf8_lossy(&raw[..200])
+        );
+        let read = counting.bytes.load(Ordering::Relaxed) - before;
+        assert!(
+            read > 0 && read <= (64 << 10) + 2 * max_chunk,
+            "a 64 KiB range at {start} of {total} read {read} bytes of chunks"
+        );
+    }
 }

@@ -4,18 +4,44 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 pub const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
 
 /// A child process killed when dropped.
-pub struct Proc(Option<Child>);
+/// Its standard error is read as it is written (so a chatty process never
+/// blocks on a full pipe) and kept.
+pub struct Proc(
+    Option<Child>,
+    Arc<Mutex<Vec<u8>>>,
+    Option<std::thread::JoinHandle<()>>,
+);
 
 impl Proc {
+    fn new(mut child: Child) -> Proc {
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let reader = child.stderr.take().map(|mut pipe| {
+            let stderr = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    stderr.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        });
+        Proc(Some(child), stderr, reader)
+    }
+
     pub fn child(&mut self) -> &mut Child {
         self.0.as_mut().unwrap()
+    }
+
+    /// What it has written to standard error so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.1.lock().unwrap()).into_owned()
     }
 
     pub fn signal(&mut self, signal: i32) {
@@ -26,8 +52,11 @@ impl Proc {
     /// SIGTERM, then its stderr once it exits.
     pub fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
-        let out = self.0.take().unwrap().wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        self.0.take().unwrap().wait().unwrap();
+        if let Some(reader) = self.2.take() {
+            reader.join().unwrap();
+        }
+        self.stderr()
     }
 }
 
@@ -52,14 +81,13 @@ pub fn start(args: &[&str]) -> (Proc, String) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    let mut proc = Proc::new(child);
     if line.is_empty() {
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "lazystore {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        proc.child().wait().unwrap();
+        proc.2.take().unwrap().join().unwrap();
+        panic!("lazystore {args:?} failed: {}", proc.stderr());
     }
-    (Proc(Some(child)), line.trim().to_owned())
+    (proc, line.trim().to_owned())
 }
 
 pub fn serve(store: &str, listen: &str) -> (Proc, String) {
