@@ -55,9 +55,10 @@ fn bound_allocator() {
     }
 }
 
-/// Logs without `RUST_LOG`: warnings and errors, and the HTTP cache's
-/// access log (one line per request, when it serves).
-const DEFAULT_LOG: &str = "warn,lazystore::http=info";
+/// Logs without `RUST_LOG`: warnings and errors, the HTTP cache's access
+/// log (one line per request, when it serves), and a mount's upstream
+/// lookups that found nothing (one line per path, per negative TTL).
+const DEFAULT_LOG: &str = "warn,lazystore::http=info,lazystore_fuse::upstream=info";
 
 fn main() -> ExitCode {
     bound_allocator();

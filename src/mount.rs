@@ -38,7 +38,11 @@ const UNMOUNT_GRACE: Duration = Duration::from_secs(10);
 /// binary caches (its narinfo checked as `lazystore import` checks it). If
 /// the cache has a `.ls` listing of it, the path appears at once and its
 /// NAR is downloaded, verified and stored on the first read of a file in
-/// it; otherwise at the lookup. Such paths are not published in the store.
+/// it. Without a listing, the lookup reads the start of the NAR (a Range
+/// request) to learn what the path is: a file is fetched on its first
+/// read, a directory on the first readdir or lookup inside it. Such paths
+/// are not published in the store. Paths no upstream has, and upstream
+/// failures, are logged with the path and the reason.
 #[derive(clap::Args)]
 pub struct Args {
     /// Where to mount (e.g. /nix/store, or the lower layer of an overlay).
@@ -98,6 +102,10 @@ pub struct Args {
     /// mounting).
     #[arg(long)]
     no_check_sigs: bool,
+    /// Seconds a path no upstream cache has is believed missing before a
+    /// lookup asks the caches again (failures are never remembered).
+    #[arg(long, value_name = "SECS", default_value_t = lazystore_fuse::NEGATIVE_TTL.as_secs())]
+    upstream_negative_ttl: u64,
 }
 
 /// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
@@ -170,6 +178,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             deadline,
             ..RetryPolicy::default()
         },
+        negative_ttl: std::time::Duration::from_secs(args.upstream_negative_ttl),
         ..FsOptions::default()
     };
     let mut upstream_counters = None;

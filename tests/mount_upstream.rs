@@ -2,7 +2,8 @@
 //! real-Nix binary cache with `.ls` listings served over HTTP, appears on
 //! lookup; `ls -lR` over it downloads no NAR; 16 processes reading a file
 //! at once cause one NAR download; `nix hash path` through the mount gives
-//! Nix's NarHash.
+//! Nix's NarHash; bad upstream input of every kind is logged with the path
+//! and the reason, publishes nothing, and is asked again.
 
 mod common;
 
@@ -186,4 +187,148 @@ async fn many_small_files_substitute_through_a_grpc_store() {
         "{counters:?}"
     );
     blocking(move || mount.stop()).await;
+}
+
+/// Bad upstream input, one case after another through a real mount (a
+/// server down, an untrusted signature, a narinfo for another path, a
+/// narinfo 404, a NAR 404): each lookup fails with ENOENT, the log names
+/// the path and the reason, the next lookup once the cache is mended
+/// works (after the negative TTL for a 404), and nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_upstream_input_is_logged_and_retried() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "lazystore-bad-upstream-1");
+    let (other_secret, _) = gen_key(keys.path(), "someone-else-1");
+    let cache = make_cache(&[closure.top()], "zstd", Some(&secret));
+    let narinfo = |path: &str| {
+        cache
+            .path()
+            .join(format!("{}.narinfo", &basename(path)[..32]))
+    };
+    let original = |path: &str| std::fs::read_to_string(narinfo(path)).unwrap();
+    let (a_info, b_info, c_info) = (
+        original(&closure.a),
+        original(&closure.b),
+        original(&closure.c),
+    );
+    // Nobody listens on this port yet.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+
+    let work = tempfile::tempdir().unwrap();
+    let mountpoint = work.path().join("store");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let store = format!("redb://{}/store.redb", work.path().display());
+    let url = format!("http://127.0.0.1:{port}");
+    let store_url = store.clone();
+    let mount = blocking(move || {
+        Mount::start(
+            &mountpoint,
+            &store_url,
+            "none",
+            &[
+                "--upstream",
+                &url,
+                "--trusted-public-key",
+                &public,
+                "--upstream-negative-ttl",
+                "1",
+            ],
+        )
+    })
+    .await;
+    let root = mount.path.clone();
+    let exists = |path: &str| {
+        let p = root.join(basename(path));
+        async move {
+            blocking(move || match std::fs::symlink_metadata(&p) {
+                Ok(_) => true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+                Err(e) => panic!("{}: {e}", p.display()),
+            })
+            .await
+        }
+    };
+
+    // The server is down.
+    assert!(!exists(&closure.c).await);
+    let server = TestServer::serve(
+        tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap(),
+        cache.path(),
+    );
+
+    // b signed by a key nobody trusts, then a narinfo for a in b's place.
+    let mut info = NarInfo::parse(&b_info).unwrap();
+    info.signatures.clear();
+    info.sign(&SigningKey::load(&other_secret).unwrap());
+    std::fs::write(narinfo(&closure.b), info.render()).unwrap();
+    assert!(!exists(&closure.b).await);
+    std::fs::write(narinfo(&closure.b), &a_info).unwrap();
+    assert!(!exists(&closure.b).await);
+    std::fs::write(narinfo(&closure.b), &b_info).unwrap();
+    assert!(exists(&closure.b).await, "a mended narinfo is found");
+
+    // a's narinfo missing: believed for the negative TTL, then asked again.
+    std::fs::remove_file(narinfo(&closure.a)).unwrap();
+    assert!(!exists(&closure.a).await);
+    std::fs::write(narinfo(&closure.a), &a_info).unwrap();
+    let asked = |hash: String| server.count(move |p| p.contains(&hash) && p.ends_with(".narinfo"));
+    let a_hash = basename(&closure.a)[..32].to_owned();
+    assert!(!exists(&closure.a).await, "a 404 is believed for a while");
+    assert_eq!(asked(a_hash.clone()), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert!(
+        exists(&closure.a).await,
+        "asked again after the negative TTL"
+    );
+    assert_eq!(asked(a_hash), 2);
+
+    // c's NAR missing (and no listing: the lookup reads the NAR's start).
+    let nar_file = cache.path().join(&NarInfo::parse(&c_info).unwrap().url);
+    let hidden = work.path().join("c.nar");
+    std::fs::rename(&nar_file, &hidden).unwrap();
+    let listing = cache
+        .path()
+        .join(format!("{}.ls", &basename(&closure.c)[..32]));
+    std::fs::remove_file(&listing).unwrap();
+    assert!(!exists(&closure.c).await);
+    std::fs::rename(&hidden, &nar_file).unwrap();
+    let refs = root.join(basename(&closure.c)).join("refs");
+    let got = blocking(move || std::fs::read(refs).unwrap()).await;
+    assert_eq!(got, std::fs::read(format!("{}/refs", closure.c)).unwrap());
+
+    let log = blocking(move || mount.stop()).await;
+    let line_for = |path: &str, reason: &str| {
+        assert!(
+            log.lines().any(|l| l.contains(path) && l.contains(reason)),
+            "no log line names {path} and says {reason:?}:\n{log}"
+        );
+    };
+    line_for(
+        &closure.c,
+        &format!("cannot read its narinfo from http://127.0.0.1:{port}"),
+    );
+    line_for(&closure.b, "no valid signature by a trusted key");
+    line_for(
+        &closure.b,
+        &format!("is for {}, not for the path asked for", closure.a),
+    );
+    line_for(&closure.a, "in no upstream cache");
+    line_for(&closure.c, "is missing from");
+    // Nothing published, whatever was shown.
+    let store = lazystore_pathinfo::Store::open(&store).await.unwrap();
+    for path in [&closure.a, &closure.b, &closure.c] {
+        let digest = *lazystore_pathinfo::StorePath::from_absolute_path(path)
+            .unwrap()
+            .digest();
+        assert!(
+            store.path_infos.get(&digest).await.unwrap().is_none(),
+            "{path}"
+        );
+    }
 }

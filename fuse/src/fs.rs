@@ -74,11 +74,15 @@ pub struct FsOptions {
     pub readahead_bytes: u64,
     /// Most bytes being fetched ahead at once, over all readers.
     pub readahead_total_bytes: u64,
+    /// How long "no upstream cache has this path" is believed before a
+    /// lookup asks again.
+    pub negative_ttl: Duration,
 }
 
 impl Default for FsOptions {
     /// Root not listable, default retries, 64 MiB of chunks in memory,
-    /// 8 MiB readahead per reader and 32 MiB overall.
+    /// 8 MiB readahead per reader and 32 MiB overall, upstream misses
+    /// believed for [`NEGATIVE_TTL`](crate::NEGATIVE_TTL).
     fn default() -> Self {
         FsOptions {
             list_root: false,
@@ -86,6 +90,7 @@ impl Default for FsOptions {
             memory_cache_bytes: 64 << 20,
             readahead_bytes: 8 << 20,
             readahead_total_bytes: 32 << 20,
+            negative_ttl: crate::upstream::NEGATIVE_TTL,
         }
     }
 }
@@ -191,8 +196,13 @@ impl LazyFs {
         stats: Arc<Stats>,
         upstream: Arc<lazystore_importer::Upstream>,
     ) -> Self {
+        let negative_ttl = options.negative_ttl;
         LazyFs {
-            upstream: Some(Upstreams::new(upstream, store.directories.clone())),
+            upstream: Some(Upstreams::new(
+                upstream,
+                store.directories.clone(),
+                negative_ttl,
+            )),
             ..LazyFs::new(store, options, stats)
         }
     }
@@ -269,9 +279,7 @@ impl LazyFs {
             _ => {
                 let p = self.inode(parent)?;
                 self.standing(&p)?;
-                let Kind::Directory { dir, .. } = &p.kind else {
-                    return Err(FsError::NotADirectory);
-                };
+                let dir = self.entries_of(&p).await?;
                 let node = dir
                     .get(name)
                     .ok_or(FsError::NotFound { permanent: true })?
@@ -393,10 +401,14 @@ impl LazyFs {
             format!("{parent_path}/{name_str}").into()
         };
         let kind = match node {
-            Node::Directory { digest, .. } => Kind::Directory {
-                digest,
-                dir: self.directory(&digest, &path).await?,
-            },
+            Node::Directory { digest, .. } => {
+                let dir = tokio::sync::OnceCell::new();
+                let unfetched = self.upstream.as_ref().and_then(|u| u.unfetched(&digest));
+                if unfetched.is_none() {
+                    let _ = dir.set(self.directory(&digest, &path).await?);
+                }
+                Kind::Directory { digest, dir }
+            }
             Node::File {
                 digest,
                 size,
@@ -423,10 +435,44 @@ impl LazyFs {
         self.attr(&inode)
     }
 
-    /// The directory `digest`, from memory or fetched and verified.
+    /// The entries of directory `inode`: fetched when the inode was made,
+    /// or now for the root of an upstream path shown before its NAR (which
+    /// is fetched here, if nobody has).
+    async fn entries_of(&self, inode: &Inode) -> Result<Arc<Directory>, FsError> {
+        let Kind::Directory { digest, dir } = &inode.kind else {
+            return Err(FsError::NotADirectory);
+        };
+        dir.get_or_try_init(|| self.directory(digest, &inode.path))
+            .await
+            .cloned()
+    }
+
+    /// The directory `digest`, from memory or fetched and verified; for the
+    /// placeholder root of an upstream path, its NAR fetched first.
     async fn directory(&self, digest: &Digest, path: &Arc<str>) -> Result<Arc<Directory>, FsError> {
-        if let Some(d) = self.upstream.as_ref().and_then(|u| u.directory(digest)) {
-            return Ok(d);
+        let mut digest = digest;
+        let real;
+        if let Some(upstream) = &self.upstream {
+            if let Some(d) = upstream.directory(digest) {
+                return Ok(d);
+            }
+            if let Some(unfetched) = upstream.unfetched(digest) {
+                let root = upstream
+                    .fetched(&unfetched, Instant::now())
+                    .await
+                    .map_err(|e| {
+                        self.io_error(path, "substituting its store path from upstream", &e)
+                    })?;
+                let Node::Directory { digest: d, .. } = root else {
+                    return Err(self.io_error(
+                        path,
+                        "substituting its store path from upstream",
+                        &Inconsistent("its NAR is not a directory"),
+                    ));
+                };
+                real = d;
+                digest = &real;
+            }
         }
         if let Some(d) = self
             .directories
@@ -552,12 +598,22 @@ impl LazyFs {
             ttl: if listed { LISTING_TTL } else { CONTENT_TTL },
         };
         Ok(match &inode.kind {
-            Kind::Directory { dir, .. } => Attr {
-                kind: FileKind::Directory,
-                size: dir.len() as u64,
-                perm: 0o555,
-                nlink: 2 + dir.subdirectories().count() as u32,
-                ..base
+            Kind::Directory { dir, .. } => match dir.get() {
+                Some(dir) => Attr {
+                    kind: FileKind::Directory,
+                    size: dir.len() as u64,
+                    perm: 0o555,
+                    nlink: 2 + dir.subdirectories().count() as u32,
+                    ..base
+                },
+                // Not fetched yet: the kernel asks again after a listing's
+                // TTL (the path stands as listed until its NAR is here).
+                None => Attr {
+                    kind: FileKind::Directory,
+                    perm: 0o555,
+                    nlink: 2,
+                    ..base
+                },
             },
             Kind::File {
                 size, executable, ..
@@ -778,10 +834,11 @@ impl LazyFs {
             Ino::CONTROL_DIR => Ok(Arc::new(Vec::new())),
             _ => {
                 let inode = self.inode(ino)?;
-                let Kind::Directory { dir, .. } = &inode.kind else {
+                if !matches!(inode.kind, Kind::Directory { .. }) {
                     return Err(FsError::NotADirectory);
-                };
+                }
                 self.standing(&inode)?;
+                let dir = self.entries_of(&inode).await?;
                 Ok(Arc::new(
                     dir.entries()
                         .map(|(n, node)| (n.to_bytes(), node.clone()))
@@ -1006,8 +1063,10 @@ impl LazyFs {
         }
         if let Some(u) = &self.upstream {
             text.push_str(&format!(
-                "upstream_narinfos_fetched {}\nupstream_nar_downloads {}\nupstream_bytes_downloaded {}\n",
+                "upstream_narinfos_fetched {}\nupstream_nar_peeks {}\nupstream_nar_downloads {}\n\
+                 upstream_bytes_downloaded {}\n",
                 u.narinfos_fetched.load(Ordering::Relaxed),
+                u.upstream().nar_peeks(),
                 u.upstream().nar_downloads(),
                 u.upstream().downloaded_bytes(),
             ));

@@ -81,8 +81,12 @@ pub(crate) struct ReadState {
 
 /// What an inode is.
 pub(crate) enum Kind {
-    /// A directory of a store path, fetched when its inode was made.
-    Directory { digest: Digest, dir: Arc<Directory> },
+    /// A directory of a store path, fetched when its inode was made, or
+    /// (the root of an upstream path shown before its NAR) on first use.
+    Directory {
+        digest: Digest,
+        dir: tokio::sync::OnceCell<Arc<Directory>>,
+    },
     /// A regular file; its chunk list is fetched on the first read.
     File {
         digest: Digest,

@@ -12,9 +12,12 @@
 //! sizes, executable bits and symlink targets. Only then is any file's
 //! content served, through the real digest of the file at its place. A
 //! path whose NAR differs from its listing is poisoned: every later access
-//! fails with EIO. Without a usable listing, the NAR is fetched at the
-//! lookup: nothing else says whether the path is a file, a directory or a
-//! symlink.
+//! fails with EIO. Without a usable listing, the lookup reads the start of
+//! the NAR (a `Range` request for its first 256 KiB) to learn what the root
+//! is: a file is shown with its size and mode and fetched on its first
+//! read, like a listed one; a directory is shown with its entries unknown,
+//! and the first readdir or lookup inside it fetches the NAR; a symlink,
+//! whose NAR is only its header, is fetched at once.
 //!
 //! The listing is not signed, so until the NAR is verified what is shown
 //! (sizes, modes, symlink targets) is only what the cache claims: the
@@ -25,7 +28,8 @@
 //! digest xattr is absent on them).
 //!
 //! Positive narinfo answers are kept for the life of the mount (a narinfo
-//! never changes); "no cache has it" is kept for [`NEGATIVE_TTL`];
+//! never changes); "no cache has it" is kept for [`NEGATIVE_TTL`] (or
+//! what the mount was given);
 //! failures are not kept, so the next access tries again. Fetched paths are
 //! not published in the store's path-info service: their references may
 //! be missing from it, and a published path promises its closure.
@@ -36,12 +40,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lazystore_castore::{Digest, Directory, DirectoryError, DirectoryService, Node};
-use lazystore_importer::{Found, PathError, Upstream, Wanted};
+use lazystore_importer::{Found, PathError, Peeked, Upstream, Wanted};
 use lazystore_pathinfo::listing::{Listing, ListingEntry};
 use lazystore_pathinfo::{DIGEST_LEN, StorePath};
 use tokio::sync::OnceCell;
 
-/// How long "no upstream has this path" is believed.
+/// How long "no upstream has this path" is believed, by default.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
 /// Paths remembered as missing before the expired ones are dropped.
@@ -54,11 +58,11 @@ pub const LISTING_TTL: Duration = Duration::from_secs(1);
 /// A path found upstream.
 pub(crate) struct UpstreamPath {
     pub(crate) found: Found,
-    /// The root shown: from the listing (with placeholders), or the real
-    /// one when there was no listing.
+    /// The root shown: from the listing or the NAR's start (with
+    /// placeholders), or the real one once fetched.
     pub(crate) shown: Node,
-    /// Whether `shown` came from a listing.
-    listed: bool,
+    /// Where `shown` came from.
+    shown_from: ShownFrom,
     /// The real root, once the NAR is ingested (and, for a listed path,
     /// the shown tree checked against it).
     fetched: OnceCell<Node>,
@@ -73,12 +77,28 @@ pub(crate) struct UpstreamPath {
     poisoned: Mutex<Option<FetchError>>,
 }
 
+/// Where a path's shown root came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ShownFrom {
+    /// The fetched NAR: nothing to check.
+    Nar,
+    /// A listing (or, for a single file, the NAR's start): checked against
+    /// the NAR when it is fetched.
+    Listing,
+    /// The NAR's start said the root is a directory; its entries come
+    /// with the NAR.
+    Peek,
+}
+
 /// What a placeholder digest stands for.
 enum Placeholder {
     /// A directory of a listing.
     Directory(Arc<Directory>),
     /// A file of a listing, in this path.
     File(Arc<UpstreamPath>),
+    /// The root directory of this path, its entries not known before its
+    /// NAR is fetched.
+    Unfetched(Arc<UpstreamPath>),
 }
 
 /// A path's lookup, shared by everyone looking it up.
@@ -109,6 +129,8 @@ pub(crate) struct Upstreams {
     paths: Mutex<HashMap<[u8; DIGEST_LEN], PathCell>>,
     /// When each path was last found in no cache.
     missing: Mutex<HashMap<[u8; DIGEST_LEN], Instant>>,
+    /// How long such an answer is believed.
+    negative_ttl: Duration,
     placeholders: Mutex<HashMap<Digest, Placeholder>>,
     /// Placeholder file → the real file, once its path is verified.
     resolved: Mutex<HashMap<Digest, Digest>>,
@@ -128,20 +150,25 @@ pub(crate) enum Standing {
     /// Real content: from the store, a path fetched without a listing, or
     /// a listed one whose NAR matched.
     Verified,
-    /// Shown from a listing, its NAR not yet checked.
+    /// Shown from a listing or the NAR's start, its NAR not yet checked.
     Listed,
     /// Its NAR differs from its listing.
     Poisoned(FetchError),
 }
 
 impl Upstreams {
-    pub(crate) fn new(upstream: Arc<Upstream>, directories: Arc<dyn DirectoryService>) -> Self {
+    pub(crate) fn new(
+        upstream: Arc<Upstream>,
+        directories: Arc<dyn DirectoryService>,
+        negative_ttl: Duration,
+    ) -> Self {
         Upstreams {
             upstream,
             directories,
             key: rand_key(),
             paths: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
+            negative_ttl,
             placeholders: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
             narinfos_fetched: AtomicU64::new(0),
@@ -191,7 +218,7 @@ impl Upstreams {
     fn recently_missing(&self, digest: &[u8; DIGEST_LEN]) -> bool {
         let mut missing = self.missing.lock().expect("poisoned");
         match missing.get(digest) {
-            Some(at) if at.elapsed() < NEGATIVE_TTL => true,
+            Some(at) if at.elapsed() < self.negative_ttl => true,
             Some(_) => {
                 missing.remove(digest);
                 false
@@ -212,9 +239,15 @@ impl Upstreams {
             Ok(None) => {
                 let mut missing = self.missing.lock().expect("poisoned");
                 if missing.len() >= MAX_MISSING {
-                    missing.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
+                    missing.retain(|_, at| at.elapsed() < self.negative_ttl);
                 }
                 missing.insert(*path.digest(), Instant::now());
+                tracing::info!(
+                    "{}: in no upstream cache (narinfo not found); returning ENOENT, \
+                     believed for {:?}",
+                    path.to_absolute(),
+                    self.negative_ttl
+                );
                 return Err(LookupError::Missing);
             }
             Err(e) => return Err(LookupError::Failed(FetchError::Upstream(Arc::new(e)))),
@@ -226,10 +259,24 @@ impl Upstreams {
             }
             tracing::warn!(
                 "{}: ignoring its listing, which implies a NAR of {implied} bytes, not the \
-                 signed NarSize {}; fetching the NAR now",
+                 signed NarSize {}",
                 path.to_absolute(),
                 found.narinfo.nar_size
             );
+        }
+        let failed = |e| LookupError::Failed(FetchError::Upstream(Arc::new(e)));
+        match self.upstream.peek(&found).await.map_err(failed)? {
+            Peeked::File { size, executable } => {
+                let root = ListingEntry::Regular {
+                    size,
+                    executable,
+                    nar_offset: None,
+                };
+                return Ok(self.show_listing(found, Listing { root }).await);
+            }
+            Peeked::Directory => return Ok(self.show_unfetched(found)),
+            // A symlink's NAR is its header: fetched now.
+            Peeked::Symlink => {}
         }
         let real = self
             .upstream
@@ -239,9 +286,32 @@ impl Upstreams {
         Ok(Arc::new(UpstreamPath::new(
             found,
             real.root.clone(),
-            false,
+            ShownFrom::Nar,
             Some(real.root),
         )))
+    }
+
+    /// The path `found`, a directory, shown with a placeholder root whose
+    /// entries are known once its NAR is fetched.
+    fn show_unfetched(&self, found: Found) -> Arc<UpstreamPath> {
+        let base = found.narinfo.store_path.to_string();
+        let digest = placeholder(&self.key, b'r', base.as_bytes());
+        let shown = Node::Directory { digest, size: 0 };
+        let path = Arc::new(UpstreamPath::new(found, shown, ShownFrom::Peek, None));
+        self.placeholders
+            .lock()
+            .expect("poisoned")
+            .insert(digest, Placeholder::Unfetched(path.clone()));
+        path
+    }
+
+    /// For the placeholder root of a directory path shown before its NAR:
+    /// the path.
+    pub(crate) fn unfetched(&self, digest: &Digest) -> Option<Arc<UpstreamPath>> {
+        match self.placeholders.lock().expect("poisoned").get(digest) {
+            Some(Placeholder::Unfetched(path)) => Some(path.clone()),
+            _ => None,
+        }
     }
 
     /// The path `found`, shown as `listing` says, its placeholders
@@ -259,7 +329,7 @@ impl Upstreams {
         .await
         .expect("building a listing's tree does not panic");
         let (shown, tree) = built;
-        let path = Arc::new(UpstreamPath::new(found, shown, true, None));
+        let path = Arc::new(UpstreamPath::new(found, shown, ShownFrom::Listing, None));
         let mut placeholders = self.placeholders.lock().expect("poisoned");
         for digest in tree.files {
             placeholders.insert(digest, Placeholder::File(path.clone()));
@@ -341,7 +411,15 @@ impl Upstreams {
         }
         let result = match self.upstream.fetch(&path.found).await {
             Err(e) => Err(FetchError::Upstream(Arc::new(e))),
-            Ok(info) if !path.listed => Ok(info.root),
+            Ok(info) if path.shown_from == ShownFrom::Nar => Ok(info.root),
+            Ok(info) if path.shown_from == ShownFrom::Peek => match info.root {
+                Node::Directory { .. } => Ok(info.root),
+                _ => {
+                    let e = FetchError::Listing(Arc::from("/"));
+                    *path.poisoned.lock().expect("poisoned") = Some(e.clone());
+                    Err(e)
+                }
+            },
             Ok(info) => match self.verify(&path.shown, &info.root).await {
                 Ok(resolved) => {
                     self.resolved.lock().expect("poisoned").extend(resolved);
@@ -424,11 +502,11 @@ impl Upstreams {
 }
 
 impl UpstreamPath {
-    fn new(found: Found, shown: Node, listed: bool, fetched: Option<Node>) -> Self {
+    fn new(found: Found, shown: Node, shown_from: ShownFrom, fetched: Option<Node>) -> Self {
         UpstreamPath {
             found,
             shown,
-            listed,
+            shown_from,
             fetched: OnceCell::new_with(fetched),
             fetch_lock: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
@@ -440,7 +518,7 @@ impl UpstreamPath {
         if let Some(e) = self.poisoned.lock().expect("poisoned").clone() {
             return Standing::Poisoned(e);
         }
-        if self.listed && !self.fetched.initialized() {
+        if self.shown_from != ShownFrom::Nar && !self.fetched.initialized() {
             Standing::Listed
         } else {
             Standing::Verified
@@ -497,7 +575,7 @@ impl Tree {
 }
 
 /// A placeholder digest for the file (`kind` b'f') or directory (b'd') at
-/// `within`.
+/// `within`, or for a path's unfetched root directory (b'r').
 fn placeholder(key: &[u8; 32], kind: u8, within: &[u8]) -> Digest {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(&[kind]);

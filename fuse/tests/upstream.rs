@@ -1,7 +1,8 @@
 //! Lazy substitution in the filesystem core, from a real-Nix binary cache
 //! served over HTTP on 127.0.0.1: a path with a `.ls` listing is shown
 //! without its NAR and the NAR is downloaded once on the first read,
-//! however many read at once; without a listing the lookup fetches it; bad
+//! however many read at once; without a listing the lookup reads the start
+//! of the NAR and the first use inside fetches it; bad
 //! upstream input (untrusted signature, wrong NarHash, another StorePath,
 //! 404, server down) shows or reads nothing, publishes nothing, and the
 //! next access tries again.
@@ -177,8 +178,12 @@ async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
     assert_eq!(server.nar_requests(), 2);
 }
 
-#[tokio::test]
-async fn without_a_listing_the_lookup_fetches_the_nar() {
+/// Without listings, a lookup reads only the start of the NAR: a directory
+/// is shown and its NAR fetched at the first lookup inside it (once, for
+/// eight at once), a file is shown with its size and fetched at its first
+/// read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_listing_the_nar_is_fetched_on_first_use_inside() {
     let f = fixture();
     let cache = copy_tree(f.cache.path());
     for entry in std::fs::read_dir(cache.path()).unwrap() {
@@ -189,20 +194,71 @@ async fn without_a_listing_the_lookup_fetches_the_nar() {
     }
     let server = TestServer::start(cache.path()).await;
     let (fs, _store) = lazy_fs(&server.url, f.public_key.clone()).await;
+
     let c = &f.closure.c;
     let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
-    assert_eq!(server.nar_requests(), 1);
-    let refs = lookup_path(&fs, root.ino, "refs").await.unwrap();
+    assert_eq!(root.kind, FileKind::Directory);
+    assert_eq!(server.nar_requests(), 1, "the lookup peeks");
     assert_eq!(
-        fs.read(refs, 0, 4096).await.unwrap(),
+        (
+            counter(&fs, "upstream_nar_peeks").await,
+            counter(&fs, "upstream_nar_downloads").await
+        ),
+        (1, 0)
+    );
+    // Nothing real to show as a digest yet.
+    assert!(
+        fs.getxattr(root.ino, lazystore_fuse::DIGEST_XATTR.as_bytes())
+            .is_err()
+    );
+    let fs = Arc::new(fs);
+    let lookups: Vec<_> = (0..8)
+        .map(|_| {
+            let fs = fs.clone();
+            tokio::spawn(async move { lookup_path(&fs, root.ino, "refs").await.unwrap() })
+        })
+        .collect();
+    let mut refs = Vec::new();
+    for l in lookups {
+        refs.push(l.await.unwrap());
+    }
+    assert_eq!(
+        server.nar_requests(),
+        2,
+        "eight lookups inside, one download"
+    );
+    assert_eq!(counter(&fs, "upstream_nar_downloads").await, 1);
+    assert_eq!(
+        fs.read(refs[0], 0, 4096).await.unwrap(),
         std::fs::read(format!("{c}/refs")).unwrap()
     );
-    // Now a real digest.
     assert!(
-        fs.getxattr(refs, lazystore_fuse::DIGEST_XATTR.as_bytes())
+        fs.getxattr(refs[0], lazystore_fuse::DIGEST_XATTR.as_bytes())
             .is_ok()
     );
-    assert_eq!(server.nar_requests(), 1);
+    assert_eq!(server.nar_requests(), 2);
+
+    // A single-file path: shown with its size, fetched on read.
+    let a = &f.closure.a;
+    let file = fs.lookup(Ino::ROOT, &basename(a)).await.unwrap();
+    let want = std::fs::read(a).unwrap();
+    assert_eq!((file.kind, file.size), (FileKind::File, want.len() as u64));
+    assert_eq!(server.nar_requests(), 3);
+    assert_eq!(counter(&fs, "upstream_nar_downloads").await, 1);
+    assert_eq!(fs.read(file.ino, 0, 4096).await.unwrap(), want);
+    assert_eq!(server.nar_requests(), 4);
+    assert_eq!(counter(&fs, "upstream_nar_downloads").await, 2);
+}
+
+/// A counter of the mount's stats file.
+async fn counter(fs: &LazyFs, name: &str) -> u64 {
+    let stats = fs.read(Ino::STATS_FILE, 0, 1 << 16).await.unwrap();
+    String::from_utf8_lossy(&stats)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {name} in the stats"))
+        .parse()
+        .unwrap()
 }
 
 fn enoent(r: Result<lazystore_fuse::Attr, FsError>) {

@@ -343,6 +343,25 @@ impl BinaryCache {
     /// stream that fails half-way must be started again by the caller).
     /// `None` if the cache does not have it.
     pub async fn open_nar(&self, nar_url: &str) -> Result<Option<Body>, CacheError> {
+        self.open_nar_from_start(nar_url, None).await
+    }
+
+    /// [`open_nar`](Self::open_nar), asking an HTTP server for the first
+    /// `prefix` bytes only (a `Range` request). A server that ignores the
+    /// range sends the whole file; the reader stops when it has enough.
+    pub async fn open_nar_prefix(
+        &self,
+        nar_url: &str,
+        prefix: u64,
+    ) -> Result<Option<Body>, CacheError> {
+        self.open_nar_from_start(nar_url, Some(prefix)).await
+    }
+
+    async fn open_nar_from_start(
+        &self,
+        nar_url: &str,
+        prefix: Option<u64>,
+    ) -> Result<Option<Body>, CacheError> {
         let bad = || CacheError::BadNarUrl {
             nar_url: nar_url.to_owned(),
             url: self.url.clone(),
@@ -361,11 +380,21 @@ impl BinaryCache {
         {
             return Err(bad());
         }
-        self.open_file(nar_url).await
+        self.open_range(nar_url, prefix).await
     }
 
     /// Starts reading the file at `relative`, once.
     async fn open_file(&self, relative: &str) -> Result<Option<Body>, CacheError> {
+        self.open_range(relative, None).await
+    }
+
+    /// Starts reading the file at `relative` (over HTTP, its first `prefix`
+    /// bytes if given), once.
+    async fn open_range(
+        &self,
+        relative: &str,
+        prefix: Option<u64>,
+    ) -> Result<Option<Body>, CacheError> {
         match &self.location {
             Location::File { root } => {
                 let path = root.join(relative);
@@ -396,7 +425,11 @@ impl BinaryCache {
                     url: url.to_owned(),
                     after: *read_timeout,
                 };
-                let response = tokio::time::timeout(*read_timeout, client.get(url).send())
+                let mut request = client.get(url);
+                if let Some(n) = prefix.filter(|&n| n > 0) {
+                    request = request.header(reqwest::header::RANGE, format!("bytes=0-{}", n - 1));
+                }
+                let response = tokio::time::timeout(*read_timeout, request.send())
                     .await
                     .map_err(|_| stalled(&shown))?
                     .map_err(|source| CacheError::Http {

@@ -705,7 +705,7 @@ impl Shared {
 
 /// Says which stage an ingest failure came from: the transport, the
 /// decoder, the size bound, the NAR itself or the store.
-fn classify(error: IngestError, url: &str) -> PathErrorKind {
+pub(crate) fn classify(error: IngestError, url: &str) -> PathErrorKind {
     let url = url.to_owned();
     let (offset, io) = match error {
         IngestError::Nar(NarError {

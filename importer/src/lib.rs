@@ -31,5 +31,5 @@ pub use progress::ProgressMode;
 pub use retry::RetryPolicy;
 pub use stream::StreamError;
 pub use summary::Summary;
-pub use upstream::{Found, Upstream};
+pub use upstream::{Found, Peeked, Upstream};
 pub use wanted::Wanted;

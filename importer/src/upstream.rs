@@ -14,9 +14,11 @@
 //! uses it once it is back.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use lazystore_pathinfo::ingest::IngestError;
 use lazystore_pathinfo::listing::{Listing, MAX_LISTING_SIZE};
+use lazystore_pathinfo::nar::{Event, NarError, NarErrorKind, NarReader};
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{Compression, NarInfo, Store};
 use tokio::io::AsyncReadExt as _;
@@ -24,9 +26,9 @@ use tokio::sync::OnceCell;
 
 use crate::cache::{BinaryCache, http_client};
 use crate::error::{PathError, PathErrorKind, SetupError};
-use crate::import::{Miss, Options, Outcome, Shared};
+use crate::import::{Miss, Options, Outcome, Shared, classify};
 use crate::progress::{Progress, ProgressMode};
-use crate::stream::decompress;
+use crate::stream::{Counted, decompress, supported};
 use crate::wanted::Wanted;
 
 /// Upstream caches a mount substitutes single paths from.
@@ -36,7 +38,30 @@ pub struct Upstream {
     client: reqwest::Client,
     options: Options,
     progress: Arc<Progress>,
+    peeks: AtomicU64,
 }
+
+/// What a path's root is, read from the start of its NAR
+/// ([`Upstream::peek`]). Not verified: only the whole NAR can be checked
+/// against the NarHash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peeked {
+    /// A regular file.
+    File {
+        /// Length of its contents.
+        size: u64,
+        /// Whether it has the executable bit.
+        executable: bool,
+    },
+    /// A directory.
+    Directory,
+    /// A symlink.
+    Symlink,
+}
+
+/// Compressed bytes a peek asks for: enough for the first block of every
+/// compression but bzip2's (which then reads on).
+const PEEK_BYTES: u64 = 256 << 10;
 
 /// A path's checked narinfo and the cache it came from.
 #[derive(Clone, Debug)]
@@ -69,6 +94,7 @@ impl Upstream {
             client,
             options,
             progress: Progress::new(ProgressMode::Quiet),
+            peeks: AtomicU64::new(0),
         })
     }
 
@@ -85,6 +111,11 @@ impl Upstream {
     /// NAR downloads started so far (retries count again).
     pub fn nar_downloads(&self) -> u64 {
         self.shared.nar_downloads.load(Ordering::Relaxed)
+    }
+
+    /// NAR peeks started so far (see [`Upstream::peek`]).
+    pub fn nar_peeks(&self) -> u64 {
+        self.peeks.load(Ordering::Relaxed)
     }
 
     async fn cache(&self, i: usize) -> Result<&BinaryCache, PathErrorKind> {
@@ -171,6 +202,66 @@ impl Upstream {
                 );
                 None
             }
+        }
+    }
+
+    /// What `found`'s root is (a file with its size, a directory, a
+    /// symlink), read from the start of its NAR: the first 256 KiB asked
+    /// for with a `Range` request, the whole NAR read only as far as the
+    /// root's header if the decoder needs more. No retries; nothing is
+    /// stored.
+    pub async fn peek(&self, found: &Found) -> Result<Peeked, PathError> {
+        let path = found.narinfo.store_path.to_absolute();
+        let error = |kind| PathError {
+            path: path.clone(),
+            kind,
+        };
+        let cache = self.cache(found.cache).await.map_err(error)?;
+        let narinfo = &found.narinfo;
+        let nar_url = cache.file_url(&narinfo.url);
+        if !supported(narinfo.compression) {
+            return Err(error(PathErrorKind::UnsupportedCompression {
+                url: nar_url,
+                compression: narinfo.compression,
+            }));
+        }
+        let mut prefix = Some(PEEK_BYTES);
+        loop {
+            self.peeks.fetch_add(1, Ordering::Relaxed);
+            let body = match prefix {
+                Some(n) => cache.open_nar_prefix(&narinfo.url, n).await,
+                None => cache.open_nar(&narinfo.url).await,
+            }
+            .map_err(|source| {
+                error(PathErrorKind::Download {
+                    url: nar_url.clone(),
+                    source,
+                })
+            })?
+            .ok_or_else(|| {
+                error(PathErrorKind::NarMissing {
+                    url: nar_url.clone(),
+                    cache: cache.url().to_owned(),
+                })
+            })?;
+            let counted = Counted::new(body, self.shared.downloaded.clone(), narinfo.nar_size);
+            let mut nar = NarReader::new(decompress(counted, narinfo.compression));
+            let invalid = |e| error(classify(IngestError::Nar(e), &nar_url));
+            return match nar.next().await {
+                Ok(Some(Event::File {
+                    size, executable, ..
+                })) => Ok(Peeked::File { size, executable }),
+                Ok(Some(Event::DirectoryStart { .. })) => Ok(Peeked::Directory),
+                Ok(Some(Event::Symlink { .. })) => Ok(Peeked::Symlink),
+                // The reader's first event is always the root's.
+                Ok(Some(Event::DirectoryEnd) | None) => Err(invalid(NarError {
+                    offset: 0,
+                    kind: NarErrorKind::Io(std::io::Error::other("no root node")),
+                })),
+                // The prefix may end inside the decoder's first block.
+                Err(_) if prefix.take().is_some() => continue,
+                Err(e) => Err(invalid(e)),
+            };
         }
     }
 
