@@ -278,6 +278,26 @@ main() {
   echo "(gRPC, same loopback); the builder received the NAR(s) in the detail column."
   echo "throttled: loopback with tc qdisc ${THROTTLE[*]}."
   echo "targets: lazy bytes <= 2% of eager; lazy wall <= 10% of eager on the throttled link"
+  # The verdict, from the throttled case's rows.
+  local throttled lazy_bytes lazy_secs verdict=0
+  throttled=${results[1]}
+  read -r _ _ lazy_bytes lazy_secs _ < <(grep ' lazy ' <<<"$throttled")
+  read -r _ _ eager_bytes eager_secs _ < <(grep ' eager ' <<<"$throttled")
+  check() { # what value target
+    if awk "BEGIN { exit !($2 <= $3) }"; then
+      echo "met:    $1 $2% (target <= $3%)"
+    else
+      echo "MISSED: $1 $2% (target <= $3%)"
+      verdict=1
+    fi
+  }
+  check "lazy bytes / eager, throttled:" "$(awk "BEGIN { printf \"%.3f\", 100 * $lazy_bytes / $eager_bytes }")" 2
+  check "lazy wall / eager, throttled: " "$(awk "BEGIN { printf \"%.1f\", 100 * $lazy_secs / $eager_secs }")" 10
+  if ((nar < 1000000000)); then
+    echo "MISSED: the closure is $nar bytes of NAR, not the 1 GB the benchmark asks for"
+    verdict=1
+  fi
+  return "$verdict"
 }
 
 if [[ ${1:-} == __case ]]; then
