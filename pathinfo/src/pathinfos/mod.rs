@@ -182,7 +182,10 @@ pub enum PathInfoError {
 /// A PathInfo store backend.
 #[async_trait]
 pub trait PathInfoService: Send + Sync {
-    /// The PathInfo of the store path whose hash is `hash`, or `None`.
+    /// The PathInfo of the store path whose hash is `hash`, or `None`. Must
+    /// return exactly what the last [`put`](PathInfoService::put) for that
+    /// path stored, or an error if the stored record does not decode: never
+    /// a PathInfo that was not put.
     async fn get(&self, hash: &[u8; 20]) -> Result<Option<PathInfo>, PathInfoError>;
 
     /// Publishes a PathInfo, replacing any earlier one for the same path.
@@ -192,7 +195,8 @@ pub trait PathInfoService: Send + Sync {
     /// the PathInfo must be as durable as the backend is.
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError>;
 
-    /// Every PathInfo, in no particular order.
+    /// Every PathInfo, in no particular order. Must yield each published
+    /// path once, as [`get`](PathInfoService::get) would return it.
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>>;
 }
 
