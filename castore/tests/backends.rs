@@ -1,6 +1,8 @@
 //! One suite, every backend: each test runs against everything [`backends`]
 //! lists, so a new backend gets the whole suite by adding one line there.
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,20 +90,14 @@ async fn redb(name: &'static str, sync: SyncMode) -> Backend {
 async fn grpc() -> Backend {
     use lazystore_castore::blobs::GrpcBlobService;
     use lazystore_castore::directories::GrpcDirectoryService;
-    use lazystore_castore::grpc::{Services, serve};
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path().join("server.redb")).unwrap();
     let (blobs, directories) = (
         RedbBlobService::new(store.clone()),
         RedbDirectoryService::new(store.clone()),
     );
-    let services = Services::new(Arc::new(blobs.clone()), Arc::new(directories.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, services, async {
-        stopped.await.ok();
-    }));
+    let server = common::serve_redb(&store).await;
+    let url = server.url.clone();
     Backend {
         name: "grpc",
         blobs: Arc::new(GrpcBlobService::connect_lazy(&url).unwrap()),
@@ -113,7 +109,7 @@ async fn grpc() -> Backend {
         corrupt_directory: Some(Box::new(move |c| {
             directories.corrupt_directory(c, |e| flip(e)).unwrap()
         })),
-        _keep: Box::new((dir, stop)),
+        _keep: Box::new((dir, server)),
     }
 }
 
@@ -124,22 +120,13 @@ async fn grpc() -> Backend {
 async fn cache() -> Backend {
     use lazystore_castore::blobs::{CachingBlobService, GrpcBlobService};
     use lazystore_castore::directories::{CachingDirectoryService, GrpcDirectoryService};
-    use lazystore_castore::grpc::{Services, serve};
     use lazystore_castore::{CacheOptions, CacheStore};
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path().join("remote.redb")).unwrap();
     let remote_blobs = RedbBlobService::new(store.clone());
     let remote_dirs = RedbDirectoryService::new(store.clone());
-    let services = Services::new(
-        Arc::new(remote_blobs.clone()),
-        Arc::new(remote_dirs.clone()),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, services, async {
-        stopped.await.ok();
-    }));
+    let server = common::serve_redb(&store).await;
+    let url = server.url.clone();
     let local = CacheStore::open(dir.path().join("cache.redb"), CacheOptions::default()).unwrap();
     let local_dirs = local.clone();
     let blobs = CachingBlobService::new(
@@ -165,7 +152,7 @@ async fn cache() -> Backend {
             let cached = local_dirs.corrupt_directory(c, flip).unwrap();
             remote || cached
         })),
-        _keep: Box::new((dir, stop)),
+        _keep: Box::new((dir, server)),
     }
 }
 

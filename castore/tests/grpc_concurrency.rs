@@ -5,12 +5,11 @@
 
 use std::sync::{Arc, Mutex};
 
+mod common;
+
 use lazystore_castore::blobs::{GrpcBlobService, RedbBlobService};
-use lazystore_castore::directories::RedbDirectoryService;
-use lazystore_castore::grpc::{Services, serve};
 use lazystore_castore::{Blobs, ChunkerParams, Digest, RedbStore};
 use rand::RngExt;
-use tokio::sync::oneshot;
 
 fn random(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
@@ -23,22 +22,11 @@ type Published = Arc<Mutex<Vec<(Digest, Arc<Vec<u8>>)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_readers_and_writers_at_once() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("server.redb");
     let store = RedbStore::open(&path).unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        listener,
-        Services::new(
-            Arc::new(RedbBlobService::new(store.clone())),
-            Arc::new(RedbDirectoryService::new(store.clone())),
-        ),
-        async {
-            stopped.await.ok();
-        },
-    ));
+    let server = common::serve_redb(&store).await;
+    let url = server.url.clone();
     let client = |url: &str| {
         Blobs::new(
             Arc::new(GrpcBlobService::connect_lazy(url).unwrap()),
@@ -121,8 +109,7 @@ async fn many_readers_and_writers_at_once() {
         t.await.unwrap();
     }
     assert_eq!(published.lock().unwrap().len(), 4 + 16);
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 
     // Consistent afterwards: the store, reopened, has every published blob
     // with a chunk list whose every chunk is there and verifies.

@@ -1,6 +1,8 @@
 //! What only the redb store does: it lives in a file, which outlasts the
 //! process and records the chunker parameters it was made with.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -395,7 +397,6 @@ async fn bench_ingest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_cut_with_the_stores_params_even_over_grpc() {
     use lazystore_castore::blobs::{CachingBlobService, GrpcBlobService};
-    use lazystore_castore::grpc::{Services, serve};
     use lazystore_castore::{CacheOptions, CacheStore};
 
     let dir = tempfile::tempdir().unwrap();
@@ -405,20 +406,8 @@ async fn writers_cut_with_the_stores_params_even_over_grpc() {
         max: 32768,
     };
     let store = RedbStore::open_with(dir.path().join("store.redb"), with_params(small)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        listener,
-        Services::new(
-            Arc::new(RedbBlobService::new(store.clone())),
-            Arc::new(RedbDirectoryService::new(store.clone())),
-        ),
-        async {
-            stopped.await.ok();
-        },
-    ));
-    let grpc = Arc::new(GrpcBlobService::connect_lazy(&url).unwrap());
+    let server = common::serve_redb(&store).await;
+    let grpc = Arc::new(GrpcBlobService::connect_lazy(&server.url).unwrap());
     let cache = CacheStore::open(dir.path().join("cache.redb"), CacheOptions::default()).unwrap();
     let writers = [
         (
@@ -443,6 +432,5 @@ async fn writers_cut_with_the_stores_params_even_over_grpc() {
         let wanted: Vec<u64> = expected.iter().map(|c| c.len() as u64).collect();
         assert_eq!(sizes, wanted, "{name}: cut with other parameters");
     }
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }

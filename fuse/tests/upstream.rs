@@ -176,6 +176,20 @@ async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
         std::fs::read(&f.closure.a).unwrap()
     );
     assert_eq!(server.nar_requests(), 2);
+
+    // Forgotten by the kernel and looked up again: the narinfo is not asked
+    // for again (a narinfo never changes), nor is the NAR.
+    let narinfos = server.narinfo_requests();
+    fs.forget(a.ino, 1);
+    let again = fs.lookup(Ino::ROOT, &basename(&f.closure.a)).await.unwrap();
+    assert_eq!(
+        fs.read(again.ino, 0, 4096).await.unwrap(),
+        std::fs::read(&f.closure.a).unwrap()
+    );
+    assert_eq!(
+        (server.narinfo_requests(), server.nar_requests()),
+        (narinfos, 2)
+    );
 }
 
 /// Without listings, a lookup reads only the start of the NAR: a directory

@@ -14,7 +14,7 @@ use lazystore_castore::blobs::{BlobMeta, EncodedChunk, MemoryBlobService};
 use lazystore_castore::{BlobError, BlobService, Blobs, ChunkerParams, Digest, Node};
 use lazystore_httpcache::{HttpCache, Options, UploadAuth, serve_with_send_timeout};
 use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{NarInfo, SigningKey, Store, StorePath};
+use lazystore_pathinfo::{NarInfo, Signature, SigningKey, Store, StorePath};
 use lazystore_testkit::noise;
 use tokio::net::TcpListener;
 
@@ -65,8 +65,22 @@ fn path(name: &str) -> StorePath {
     StorePath::from_basename(&format!("{hash}-{name}")).unwrap()
 }
 
+/// The NarHash every published path claims.
+const NAR_SHA256: [u8; 32] = [7; 32];
+
 /// Publishes `root` as a path with a NAR of `nar_size` bytes.
 fn publish(running: &Running, name: &str, root: Node, nar_size: u64) -> StorePath {
+    publish_signed(running, name, root, nar_size, Vec::new())
+}
+
+/// [`publish`], with signatures.
+fn publish_signed(
+    running: &Running,
+    name: &str,
+    root: Node,
+    nar_size: u64,
+    signatures: Vec<Signature>,
+) -> StorePath {
     let store_path = path(name);
     running
         .runtime
@@ -75,8 +89,8 @@ fn publish(running: &Running, name: &str, root: Node, nar_size: u64) -> StorePat
             root,
             references: Vec::new(),
             nar_size,
-            nar_sha256: [7; 32],
-            signatures: Vec::new(),
+            nar_sha256: NAR_SHA256,
+            signatures,
             deriver: None,
             ca: None,
         }))
@@ -514,27 +528,14 @@ fn narinfos_keep_upstream_signatures_and_add_ours() {
     });
     let data = noise(1000, 1);
     let root = stored_file(&running, &data);
-    let store_path = path("signed");
-    let (nar_sha256, nar_size) = ([9; 32], 1000 + 112);
+    let nar_size = 1000 + 112;
     let signature = upstream.sign(lazystore_pathinfo::fingerprint(
-        &store_path,
-        &nar_sha256,
+        &path("signed"),
+        &NAR_SHA256,
         nar_size,
         [],
     ));
-    running
-        .runtime
-        .block_on(running.store.path_infos.put(PathInfo {
-            store_path: store_path.clone(),
-            root,
-            references: Vec::new(),
-            nar_size,
-            nar_sha256,
-            signatures: vec![signature],
-            deriver: None,
-            ca: None,
-        }))
-        .unwrap();
+    let store_path = publish_signed(&running, "signed", root, nar_size, vec![signature]);
     let url = format!("/{}.narinfo", store_path.hash_str());
     let (status, body) = get(&running.addr, &url);
     assert_eq!(status, 200);
