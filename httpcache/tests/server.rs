@@ -327,6 +327,15 @@ fn stored_file(running: &Running, data: &[u8]) -> Node {
     }
 }
 
+fn stored_dir(running: &Running, dir: lazystore_castore::Directory) -> Node {
+    let node = Node::directory(&dir);
+    running
+        .runtime
+        .block_on(running.store.directories.put(dir))
+        .unwrap();
+    node
+}
+
 /// A client that asks for a NAR and never reads is cut off after the send
 /// timeout, and its slot goes to the next request.
 #[test]
@@ -410,11 +419,7 @@ fn head_answers_as_get_does() {
         stored_file(&running, b"x"),
     )
     .unwrap();
-    let root = Node::directory(&dir);
-    running
-        .runtime
-        .block_on(running.store.directories.put(dir))
-        .unwrap();
+    let root = stored_dir(&running, dir);
     let latin1 = publish(&running, "latin1", root, 0);
     let ls = format!("/{}.ls", latin1.hash_str());
     assert_eq!(get(&running.addr, &ls).0, 404);
@@ -604,11 +609,7 @@ fn a_range_reads_only_the_chunks_it_overlaps() {
         dir.add(format!("f{i:02}").as_str().try_into().unwrap(), file)
             .unwrap();
     }
-    let root = Node::directory(&dir);
-    running
-        .runtime
-        .block_on(running.store.directories.put(dir))
-        .unwrap();
+    let root = stored_dir(&running, dir);
     let total = running
         .runtime
         .block_on(lazystore_pathinfo::render::nar_layout(
