@@ -27,8 +27,8 @@ use tokio::sync::watch;
 /// (`http://HOST:PORT`). On SIGINT or SIGTERM it stops accepting
 /// connections, lets the calls in flight finish and exits 0; a second
 /// signal exits at once. Logs go to standard error, filtered by `RUST_LOG`
-/// (default `warn,lazystore::http=info`: warnings, and the HTTP access log
-/// of one line per request; `RUST_LOG=warn` turns the access log off).
+/// (by default warnings and the HTTP access log, `lazystore::http=info`, of
+/// one line per request; `RUST_LOG=warn` turns the access log off).
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("listeners").required(true).multiple(true))]
 pub struct Args {

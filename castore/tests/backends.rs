@@ -324,6 +324,9 @@ struct CountingPuts {
 
 #[async_trait]
 impl BlobService for CountingPuts {
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        self.inner.chunker_params().await
+    }
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         self.inner.stat(blob).await
     }

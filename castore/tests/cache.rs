@@ -71,6 +71,12 @@ impl CountingBlobs {
 
 #[async_trait]
 impl BlobService for CountingBlobs {
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        self.inner.chunker_params().await
+    }
+    fn uploads_travel(&self) -> bool {
+        self.inner.uploads_travel()
+    }
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         self.stats.fetch_add(1, Ordering::SeqCst);
         self.inner.stat(blob).await

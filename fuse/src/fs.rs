@@ -265,6 +265,7 @@ impl LazyFs {
     /// Looks `name` up in `parent` and holds one lookup of the result
     /// (released by [`forget`](Self::forget)).
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr, FsError> {
+        let started = Instant::now();
         self.stats.add(&self.stats.lookups, 1);
         match parent {
             Ino::ROOT if name == CONTROL_DIR_NAME.as_bytes() => {
@@ -279,7 +280,7 @@ impl LazyFs {
             _ => {
                 let p = self.inode(parent)?;
                 self.standing(&p)?;
-                let dir = self.entries_of(&p).await?;
+                let dir = self.entries_of(&p, started).await?;
                 let node = dir
                     .get(name)
                     .ok_or(FsError::NotFound { permanent: true })?
@@ -322,7 +323,7 @@ impl LazyFs {
                     return Err(FsError::NotFound { permanent: false });
                 };
                 match upstream.lookup(&path).await {
-                    Ok(found) => self.child(Ino::ROOT, "", name, found.shown.clone()).await,
+                    Ok(found) => self.child(Ino::ROOT, "", name, found.root()).await,
                     Err(LookupError::Missing) => Err(FsError::NotFound { permanent: false }),
                     Err(LookupError::Failed(e)) => {
                         tracing::error!(
@@ -437,42 +438,42 @@ impl LazyFs {
 
     /// The entries of directory `inode`: fetched when the inode was made,
     /// or now for the root of an upstream path shown before its NAR (which
-    /// is fetched here, if nobody has).
-    async fn entries_of(&self, inode: &Inode) -> Result<Arc<Directory>, FsError> {
+    /// is fetched here, if nobody has). `started` is when the request
+    /// asking began: a download that failed after it began fails it too.
+    async fn entries_of(&self, inode: &Inode, started: Instant) -> Result<Arc<Directory>, FsError> {
         let Kind::Directory { digest, dir } = &inode.kind else {
             return Err(FsError::NotADirectory);
         };
-        dir.get_or_try_init(|| self.directory(digest, &inode.path))
-            .await
-            .cloned()
+        dir.get_or_try_init(|| async {
+            let unfetched = self
+                .upstream
+                .as_ref()
+                .and_then(|u| Some((u, u.unfetched(digest)?)));
+            let Some((upstream, path)) = unfetched else {
+                return self.directory(digest, &inode.path).await;
+            };
+            let substituting = "substituting its store path from upstream";
+            let root = upstream
+                .fetched(&path, started)
+                .await
+                .map_err(|e| self.io_error(&inode.path, substituting, &e))?;
+            let Node::Directory { digest: real, .. } = root else {
+                return Err(self.io_error(
+                    &inode.path,
+                    substituting,
+                    &Inconsistent("its NAR is not a directory"),
+                ));
+            };
+            self.directory(&real, &inode.path).await
+        })
+        .await
+        .cloned()
     }
 
-    /// The directory `digest`, from memory or fetched and verified; for the
-    /// placeholder root of an upstream path, its NAR fetched first.
+    /// The directory `digest`, from memory or fetched and verified.
     async fn directory(&self, digest: &Digest, path: &Arc<str>) -> Result<Arc<Directory>, FsError> {
-        let mut digest = digest;
-        let real;
-        if let Some(upstream) = &self.upstream {
-            if let Some(d) = upstream.directory(digest) {
-                return Ok(d);
-            }
-            if let Some(unfetched) = upstream.unfetched(digest) {
-                let root = upstream
-                    .fetched(&unfetched, Instant::now())
-                    .await
-                    .map_err(|e| {
-                        self.io_error(path, "substituting its store path from upstream", &e)
-                    })?;
-                let Node::Directory { digest: d, .. } = root else {
-                    return Err(self.io_error(
-                        path,
-                        "substituting its store path from upstream",
-                        &Inconsistent("its NAR is not a directory"),
-                    ));
-                };
-                real = d;
-                digest = &real;
-            }
+        if let Some(d) = self.upstream.as_ref().and_then(|u| u.directory(digest)) {
+            return Ok(d);
         }
         if let Some(d) = self
             .directories
@@ -816,6 +817,7 @@ impl LazyFs {
 
     /// The children of directory `ino`, in name order.
     async fn children(&self, ino: Ino, fh: u64) -> Result<Listing, FsError> {
+        let started = Instant::now();
         match ino {
             Ino::ROOT => {
                 let open = self
@@ -838,7 +840,7 @@ impl LazyFs {
                     return Err(FsError::NotADirectory);
                 }
                 self.standing(&inode)?;
-                let dir = self.entries_of(&inode).await?;
+                let dir = self.entries_of(&inode, started).await?;
                 Ok(Arc::new(
                     dir.entries()
                         .map(|(n, node)| (n.to_bytes(), node.clone()))

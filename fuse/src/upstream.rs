@@ -113,6 +113,9 @@ pub(crate) enum FetchError {
     /// The verified NAR is not what the listing showed.
     #[error("the cache's listing differs from the verified NAR at {0}")]
     Listing(Arc<str>),
+    /// The verified NAR is not the directory its start showed.
+    #[error("the verified NAR is not the directory the start of its download showed")]
+    NotADirectory,
     /// The ingested tree could not be read back.
     #[error("reading the ingested tree back")]
     Store(#[source] Arc<DirectoryError>),
@@ -267,12 +270,23 @@ impl Upstreams {
         let failed = |e| LookupError::Failed(FetchError::Upstream(Arc::new(e)));
         match self.upstream.peek(&found).await.map_err(failed)? {
             Peeked::File { size, executable } => {
-                let root = ListingEntry::Regular {
-                    size,
-                    executable,
-                    nar_offset: None,
+                let listing = Listing {
+                    root: ListingEntry::Regular {
+                        size,
+                        executable,
+                        nar_offset: None,
+                    },
                 };
-                return Ok(self.show_listing(found, Listing { root }).await);
+                // Held to the signed NarSize, as a listing is.
+                if listing.nar_size() == found.narinfo.nar_size {
+                    return Ok(self.show_listing(found, listing).await);
+                }
+                tracing::warn!(
+                    "{}: the start of its NAR claims a file of {size} bytes, which does not \
+                     fit the signed NarSize {}; fetching the NAR now",
+                    path.to_absolute(),
+                    found.narinfo.nar_size
+                );
             }
             Peeked::Directory => return Ok(self.show_unfetched(found)),
             // A symlink's NAR is its header: fetched now.
@@ -415,7 +429,7 @@ impl Upstreams {
             Ok(info) if path.shown_from == ShownFrom::Peek => match info.root {
                 Node::Directory { .. } => Ok(info.root),
                 _ => {
-                    let e = FetchError::Listing(Arc::from("/"));
+                    let e = FetchError::NotADirectory;
                     *path.poisoned.lock().expect("poisoned") = Some(e.clone());
                     Err(e)
                 }
@@ -502,6 +516,16 @@ impl Upstreams {
 }
 
 impl UpstreamPath {
+    /// The root to give a new inode of this path: the real one once a
+    /// path shown from its NAR's start is fetched (its placeholder root has
+    /// no entries), else the one shown.
+    pub(crate) fn root(&self) -> Node {
+        match (self.shown_from, self.fetched.get()) {
+            (ShownFrom::Peek, Some(real)) => real.clone(),
+            _ => self.shown.clone(),
+        }
+    }
+
     fn new(found: Found, shown: Node, shown_from: ShownFrom, fetched: Option<Node>) -> Self {
         UpstreamPath {
             found,

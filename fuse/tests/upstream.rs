@@ -251,6 +251,16 @@ async fn without_a_listing_the_nar_is_fetched_on_first_use_inside() {
             .is_ok()
     );
     assert_eq!(server.nar_requests(), 2);
+    // Forgotten and looked up again once fetched: the real directory, with
+    // its entries counted and its digest shown.
+    fs.forget(root.ino, 1);
+    let again = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    assert_eq!(again.size, 3, "refs, bin and b");
+    assert!(
+        fs.getxattr(again.ino, lazystore_fuse::DIGEST_XATTR.as_bytes())
+            .is_ok()
+    );
+    assert_eq!(server.nar_requests(), 2);
 
     // A single-file path: shown with its size, fetched on read.
     let a = &f.closure.a;
@@ -453,6 +463,32 @@ async fn readers_waiting_on_a_failed_download_share_its_failure() {
         assert_eq!(r.unwrap_err().errno(), libc::EIO);
     }
     assert_eq!(server.nar_requests(), 1, "8 waiting readers, one download");
+}
+
+/// The same for lookups inside a directory shown from its NAR's start: the
+/// eight that wait on one failed download share its failure, and a later
+/// lookup tries again.
+#[tokio::test]
+async fn lookups_inside_an_unlisted_path_share_a_failed_download() {
+    let f = fixture();
+    let cache = copy_tree(f.cache.path());
+    let c = &f.closure.c;
+    edit_narinfo(cache.path(), c, |info| info.nar_hash[0] ^= 1);
+    std::fs::remove_file(listing_file(cache.path(), c)).unwrap();
+    let server = TestServer::start(cache.path()).await;
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
+    assert_eq!(server.nar_requests(), 1, "the peek");
+    let lookups = (0..8).map(|_| fs.lookup(root.ino, b"refs"));
+    for r in futures::future::join_all(lookups).await {
+        assert_eq!(r.unwrap_err().errno(), libc::EIO);
+    }
+    assert_eq!(server.nar_requests(), 2, "8 waiting lookups, one download");
+    assert_eq!(
+        fs.lookup(root.ino, b"refs").await.unwrap_err().errno(),
+        libc::EIO
+    );
+    assert_eq!(server.nar_requests(), 3, "a later lookup tries again");
 }
 
 #[tokio::test]

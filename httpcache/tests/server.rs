@@ -569,6 +569,12 @@ struct CountingReads {
 
 #[async_trait::async_trait]
 impl BlobService for CountingReads {
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        self.inner.chunker_params().await
+    }
+    fn uploads_travel(&self) -> bool {
+        self.inner.uploads_travel()
+    }
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         self.inner.stat(blob).await
     }

@@ -591,13 +591,7 @@ impl Shared {
         narinfo: NarInfo,
         progress: &Progress,
     ) -> Result<Outcome, Miss> {
-        let known = self
-            .nar_index
-            .lock()
-            .expect("lock poisoned")
-            .get(&(narinfo.nar_hash, narinfo.nar_size))
-            .cloned();
-        if let Some(root) = known {
+        if let Some(root) = self.known_root(&narinfo) {
             return Ok(Outcome::Ready {
                 info: path_info(narinfo, root),
                 downloaded: false,
@@ -692,6 +686,21 @@ impl Shared {
         ingest_hashed_nar(&self.store.blobs, &*self.store.directories, nar)
             .await
             .map_err(|e| classify(e, nar_url))
+    }
+
+    /// The root of a NAR stored this run with `narinfo`'s NarHash and
+    /// NarSize, if any.
+    pub(crate) fn known_root(&self, narinfo: &NarInfo) -> Option<Node> {
+        self.nar_index
+            .lock()
+            .expect("lock poisoned")
+            .get(&(narinfo.nar_hash, narinfo.nar_size))
+            .cloned()
+    }
+
+    /// The retry policy of transient download failures.
+    pub(crate) fn retry(&self) -> RetryPolicy {
+        self.retry
     }
 
     /// Indexes a stored NAR so an identical one is not downloaded again.

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use lazystore_castore::Node;
 use lazystore_pathinfo::ingest::IngestError;
 use lazystore_pathinfo::listing::{Listing, MAX_LISTING_SIZE};
 use lazystore_pathinfo::nar::{Event, NarError, NarErrorKind, NarReader};
@@ -207,17 +208,26 @@ impl Upstream {
 
     /// What `found`'s root is (a file with its size, a directory, a
     /// symlink), read from the start of its NAR: the first 256 KiB asked
-    /// for with a `Range` request, the whole NAR read only as far as the
-    /// root's header if the decoder needs more. No retries; nothing is
-    /// stored.
+    /// for with a `Range` request, and the whole NAR (read only as far as
+    /// the root's header) if the decoder needs more. Transient failures are
+    /// retried as downloads are; a NAR already stored this run is not
+    /// asked for at all. Nothing is stored.
     pub async fn peek(&self, found: &Found) -> Result<Peeked, PathError> {
-        let path = found.narinfo.store_path.to_absolute();
+        let narinfo = &found.narinfo;
+        if let Some(root) = self.shared.known_root(narinfo) {
+            return Ok(match root {
+                Node::File {
+                    size, executable, ..
+                } => Peeked::File { size, executable },
+                Node::Directory { .. } => Peeked::Directory,
+                Node::Symlink { .. } => Peeked::Symlink,
+            });
+        }
         let error = |kind| PathError {
-            path: path.clone(),
+            path: narinfo.store_path.to_absolute(),
             kind,
         };
         let cache = self.cache(found.cache).await.map_err(error)?;
-        let narinfo = &found.narinfo;
         let nar_url = cache.file_url(&narinfo.url);
         if !supported(narinfo.compression) {
             return Err(error(PathErrorKind::UnsupportedCompression {
@@ -225,43 +235,69 @@ impl Upstream {
                 compression: narinfo.compression,
             }));
         }
+        let retry = self.shared.retry();
         let mut prefix = Some(PEEK_BYTES);
+        let mut failed = 0;
         loop {
-            self.peeks.fetch_add(1, Ordering::Relaxed);
-            let body = match prefix {
-                Some(n) => cache.open_nar_prefix(&narinfo.url, n).await,
-                None => cache.open_nar(&narinfo.url).await,
+            let kind = match self.peek_once(cache, narinfo, &nar_url, prefix).await {
+                Ok(peeked) => return Ok(peeked),
+                Err(kind) => kind,
+            };
+            match kind {
+                // The prefix ended inside the decoder's first block.
+                PathErrorKind::Decompress { .. } if prefix.take().is_some() => {}
+                kind if kind.is_transient() && retry.may_retry(failed) => {
+                    let wait = retry.backoff(failed);
+                    tracing::warn!(
+                        "{}: {}; trying again in {wait:?}",
+                        narinfo.store_path.to_absolute(),
+                        crate::error::chain(&kind)
+                    );
+                    tokio::time::sleep(wait).await;
+                    failed += 1;
+                }
+                kind => return Err(error(kind)),
             }
-            .map_err(|source| {
-                error(PathErrorKind::Download {
-                    url: nar_url.clone(),
-                    source,
-                })
-            })?
-            .ok_or_else(|| {
-                error(PathErrorKind::NarMissing {
-                    url: nar_url.clone(),
-                    cache: cache.url().to_owned(),
-                })
-            })?;
-            let counted = Counted::new(body, self.shared.downloaded.clone(), narinfo.nar_size);
-            let mut nar = NarReader::new(decompress(counted, narinfo.compression));
-            let invalid = |e| error(classify(IngestError::Nar(e), &nar_url));
-            return match nar.next().await {
-                Ok(Some(Event::File {
-                    size, executable, ..
-                })) => Ok(Peeked::File { size, executable }),
-                Ok(Some(Event::DirectoryStart { .. })) => Ok(Peeked::Directory),
-                Ok(Some(Event::Symlink { .. })) => Ok(Peeked::Symlink),
-                // The reader's first event is always the root's.
-                Ok(Some(Event::DirectoryEnd) | None) => Err(invalid(NarError {
+        }
+    }
+
+    async fn peek_once(
+        &self,
+        cache: &BinaryCache,
+        narinfo: &NarInfo,
+        nar_url: &str,
+        prefix: Option<u64>,
+    ) -> Result<Peeked, PathErrorKind> {
+        self.peeks.fetch_add(1, Ordering::Relaxed);
+        let body = match prefix {
+            Some(n) => cache.open_nar_prefix(&narinfo.url, n).await,
+            None => cache.open_nar(&narinfo.url).await,
+        }
+        .map_err(|source| PathErrorKind::Download {
+            url: nar_url.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| PathErrorKind::NarMissing {
+            url: nar_url.to_owned(),
+            cache: cache.url().to_owned(),
+        })?;
+        let counted = Counted::new(body, self.shared.downloaded.clone(), narinfo.nar_size);
+        let mut nar = NarReader::new(decompress(counted, narinfo.compression));
+        match nar.next().await {
+            Ok(Some(Event::File {
+                size, executable, ..
+            })) => Ok(Peeked::File { size, executable }),
+            Ok(Some(Event::DirectoryStart { .. })) => Ok(Peeked::Directory),
+            Ok(Some(Event::Symlink { .. })) => Ok(Peeked::Symlink),
+            // The reader's first event is always the root's.
+            Ok(Some(Event::DirectoryEnd) | None) => Err(classify(
+                IngestError::Nar(NarError {
                     offset: 0,
                     kind: NarErrorKind::Io(std::io::Error::other("no root node")),
-                })),
-                // The prefix may end inside the decoder's first block.
-                Err(_) if prefix.take().is_some() => continue,
-                Err(e) => Err(invalid(e)),
-            };
+                }),
+                nar_url,
+            )),
+            Err(e) => Err(classify(IngestError::Nar(e), nar_url)),
         }
     }
 

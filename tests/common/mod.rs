@@ -77,11 +77,12 @@ pub fn start(args: &[&str]) -> (Proc, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Standard error is drained from the start, so a child that logs much
+    // before its first line is not blocked on a full pipe.
     let mut proc = Proc::new(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
     if line.is_empty() {
         proc.child().wait().unwrap();
         proc.2.take().unwrap().join().unwrap();

@@ -131,7 +131,8 @@ impl GrpcBlobService {
 
 #[async_trait]
 impl BlobService for GrpcBlobService {
-    /// The server's, asked with `ChunkerParams`.
+    /// The server's, asked with `ChunkerParams`. A server too old to know
+    /// the call records none as far as its clients can tell: `None`.
     async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
         let answer = self
             .connection
@@ -145,8 +146,12 @@ impl BlobService for GrpcBlobService {
                     Ok::<_, AttemptError>(answer.into_inner().params)
                 }
             })
-            .await
-            .map_err(|e| self.error(e))?;
+            .await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) if e.code() == Some(tonic::Code::Unimplemented) => return Ok(None),
+            Err(e) => return Err(self.error(e)),
+        };
         answer
             .map(wire::chunker_params_from_wire)
             .transpose()

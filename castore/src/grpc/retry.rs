@@ -122,6 +122,14 @@ pub struct CallError {
 }
 
 impl CallError {
+    /// The status code the server refused the call with, if it did.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match &self.failure {
+            Failure::Rejected(status) => Some(status.code()),
+            _ => None,
+        }
+    }
+
     /// An answer found invalid after the call itself succeeded.
     pub fn bad_reply(call: &'static str, b: BadMessage) -> Self {
         CallError {

@@ -97,6 +97,12 @@ pub struct Injected;
 
 #[async_trait]
 impl BlobService for TestBlobs {
+    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
+        self.inner.chunker_params().await
+    }
+    fn uploads_travel(&self) -> bool {
+        self.inner.uploads_travel()
+    }
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
         self.inner.stat(blob).await
     }
