@@ -28,7 +28,8 @@ use crate::error::{PathError, PathErrorKind, SetupError, chain};
 use crate::progress::{Progress, ProgressMode, bytes};
 use crate::retry::RetryPolicy;
 use crate::stream::{
-    Bounded, Counted, StreamError, decompress, pipelined, supported, take_stream_error,
+    Bounded, Counted, Decompressed, StreamError, decompress, pipelined, supported,
+    take_stream_error,
 };
 use crate::summary::Summary;
 use crate::wanted::Wanted;
@@ -666,26 +667,40 @@ impl Shared {
         progress: &Progress,
     ) -> Result<Ingested, PathErrorKind> {
         self.nar_downloads.fetch_add(1, Ordering::Relaxed);
-        let body = cache
-            .open_nar(&narinfo.url)
-            .await
-            .map_err(|source| PathErrorKind::Download {
-                url: nar_url.to_owned(),
-                source,
-            })?
-            .ok_or_else(|| PathErrorKind::NarMissing {
-                url: nar_url.to_owned(),
-                cache: cache.url().to_owned(),
-            })?;
-        let compressed = Counted::new(body, self.downloaded.clone(), narinfo.nar_size);
         let nar = pipelined(Bounded::new(
-            decompress(compressed, narinfo.compression),
+            self.open_nar(cache, narinfo, nar_url, None).await?,
             narinfo.nar_size,
             progress.nar_counter(),
         ));
         ingest_hashed_nar(&self.store.blobs, &*self.store.directories, nar)
             .await
             .map_err(|e| classify(e, nar_url))
+    }
+
+    /// `narinfo`'s NAR (at `nar_url`), decompressed as it arrives, its
+    /// compressed bytes counted and bounded; over HTTP only its first
+    /// `prefix` bytes, if given.
+    pub(crate) async fn open_nar(
+        &self,
+        cache: &BinaryCache,
+        narinfo: &NarInfo,
+        nar_url: &str,
+        prefix: Option<u64>,
+    ) -> Result<Decompressed, PathErrorKind> {
+        let body = match prefix {
+            Some(n) => cache.open_nar_prefix(&narinfo.url, n).await,
+            None => cache.open_nar(&narinfo.url).await,
+        }
+        .map_err(|source| PathErrorKind::Download {
+            url: nar_url.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| PathErrorKind::NarMissing {
+            url: nar_url.to_owned(),
+            cache: cache.url().to_owned(),
+        })?;
+        let compressed = Counted::new(body, self.downloaded.clone(), narinfo.nar_size);
+        Ok(decompress(compressed, narinfo.compression))
     }
 
     /// The root of a NAR stored this run with `narinfo`'s NarHash and

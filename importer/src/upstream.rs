@@ -29,7 +29,7 @@ use crate::cache::{BinaryCache, http_client};
 use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::import::{Miss, Options, Outcome, Shared, classify};
 use crate::progress::{Progress, ProgressMode};
-use crate::stream::{Counted, decompress, supported};
+use crate::stream::{decompress, supported};
 use crate::wanted::Wanted;
 
 /// Upstream caches a mount substitutes single paths from.
@@ -269,20 +269,11 @@ impl Upstream {
         prefix: Option<u64>,
     ) -> Result<Peeked, PathErrorKind> {
         self.peeks.fetch_add(1, Ordering::Relaxed);
-        let body = match prefix {
-            Some(n) => cache.open_nar_prefix(&narinfo.url, n).await,
-            None => cache.open_nar(&narinfo.url).await,
-        }
-        .map_err(|source| PathErrorKind::Download {
-            url: nar_url.to_owned(),
-            source,
-        })?
-        .ok_or_else(|| PathErrorKind::NarMissing {
-            url: nar_url.to_owned(),
-            cache: cache.url().to_owned(),
-        })?;
-        let counted = Counted::new(body, self.shared.downloaded.clone(), narinfo.nar_size);
-        let mut nar = NarReader::new(decompress(counted, narinfo.compression));
+        let nar = self
+            .shared
+            .open_nar(cache, narinfo, nar_url, prefix)
+            .await?;
+        let mut nar = NarReader::new(nar);
         match nar.next().await {
             Ok(Some(Event::File {
                 size, executable, ..
