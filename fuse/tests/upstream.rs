@@ -162,9 +162,7 @@ async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
         assert_eq!(got, std::fs::read(format!("{c}/{file}")).unwrap(), "{file}");
     }
     assert_eq!(server.nar_requests(), 1, "16 readers, one NAR download");
-    let stats = fs.read(Ino::STATS_FILE, 0, 1 << 16).await.unwrap();
-    let stats = String::from_utf8_lossy(&stats);
-    assert!(stats.contains("upstream_nar_downloads 1\n"), "{stats}");
+    assert_eq!(counter(&fs, "upstream_nar_downloads").await, 1);
     // Not published: its references are not in the store.
     assert!(!published(&store, c).await);
 
