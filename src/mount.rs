@@ -40,8 +40,9 @@ const UNMOUNT_GRACE: Duration = Duration::from_secs(10);
 /// NAR is downloaded, verified and stored on the first read of a file in
 /// it. Without a listing, the lookup reads the start of the NAR (a Range
 /// request) to learn what the path is: a file is fetched on its first
-/// read, a directory on the first readdir or lookup inside it. Such paths
-/// are not published in the store. Paths no upstream has, and upstream
+/// read, a directory on the first readdir or lookup inside it. A fetched
+/// path is published in the store once every path it refers to is, so
+/// later mounts find it there. Paths no upstream has, and upstream
 /// failures, are logged with the path and the reason.
 #[derive(clap::Args)]
 pub struct Args {

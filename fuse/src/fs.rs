@@ -201,6 +201,7 @@ impl LazyFs {
             upstream: Some(Upstreams::new(
                 upstream,
                 store.directories.clone(),
+                store.path_infos.clone(),
                 negative_ttl,
             )),
             ..LazyFs::new(store, options, stats)

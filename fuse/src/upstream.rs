@@ -30,9 +30,11 @@
 //! Positive narinfo answers are kept for the life of the mount (a narinfo
 //! never changes); "no cache has it" is kept for [`NEGATIVE_TTL`] (or
 //! what the mount was given);
-//! failures are not kept, so the next access tries again. Fetched paths are
-//! not published in the store's path-info service: their references may
-//! be missing from it, and a published path promises its closure.
+//! failures are not kept, so the next access tries again. A fetched path is
+//! published in the store's path-info service (as an import would: its
+//! signature and NarHash are checked) when every path it refers to is
+//! published there already, since a published path promises its closure;
+//! later mounts of the store then find it there, without upstream.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +44,7 @@ use std::time::{Duration, Instant};
 use lazystore_castore::{Digest, Directory, DirectoryError, DirectoryService, Node};
 use lazystore_importer::{Found, PathError, Peeked, Upstream, Wanted};
 use lazystore_pathinfo::listing::{Listing, ListingEntry};
+use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoService};
 use lazystore_pathinfo::{DIGEST_LEN, StorePath};
 use tokio::sync::OnceCell;
 
@@ -126,6 +129,8 @@ pub(crate) struct Upstreams {
     upstream: Arc<Upstream>,
     /// Where fetched trees are read back from, to check them.
     directories: Arc<dyn DirectoryService>,
+    /// Where fetched paths are published once their closure is.
+    path_infos: Arc<dyn PathInfoService>,
     key: [u8; 32],
     /// One cell per path asked for: concurrent lookups wait on one fetch.
     // std Mutexes: one map operation per call, no await.
@@ -163,11 +168,13 @@ impl Upstreams {
     pub(crate) fn new(
         upstream: Arc<Upstream>,
         directories: Arc<dyn DirectoryService>,
+        path_infos: Arc<dyn PathInfoService>,
         negative_ttl: Duration,
     ) -> Self {
         Upstreams {
             upstream,
             directories,
+            path_infos,
             key: rand_key(),
             paths: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
@@ -297,6 +304,7 @@ impl Upstreams {
             .fetch(&found)
             .await
             .map_err(|e| LookupError::Failed(FetchError::Upstream(Arc::new(e))))?;
+        self.publish_if_closed(&real).await;
         Ok(Arc::new(UpstreamPath::new(
             found,
             real.root.clone(),
@@ -425,9 +433,9 @@ impl Upstreams {
         }
         let result = match self.upstream.fetch(&path.found).await {
             Err(e) => Err(FetchError::Upstream(Arc::new(e))),
-            Ok(info) if path.shown_from == ShownFrom::Nar => Ok(info.root),
+            Ok(info) if path.shown_from == ShownFrom::Nar => Ok(info),
             Ok(info) if path.shown_from == ShownFrom::Peek => match info.root {
-                Node::Directory { .. } => Ok(info.root),
+                Node::Directory { .. } => Ok(info),
                 _ => {
                     let e = FetchError::NotADirectory;
                     *path.poisoned.lock().expect("poisoned") = Some(e.clone());
@@ -437,7 +445,7 @@ impl Upstreams {
             Ok(info) => match self.verify(&path.shown, &info.root).await {
                 Ok(resolved) => {
                     self.resolved.lock().expect("poisoned").extend(resolved);
-                    Ok(info.root)
+                    Ok(info)
                 }
                 Err(e @ FetchError::Listing(_)) => {
                     *path.poisoned.lock().expect("poisoned") = Some(e.clone());
@@ -447,13 +455,45 @@ impl Upstreams {
             },
         };
         match result {
-            Ok(root) => {
+            Ok(info) => {
+                let root = info.root.clone();
                 let _ = path.fetched.set(root.clone());
+                self.publish_if_closed(&info).await;
                 Ok(root)
             }
             Err(e) => {
                 *path.last_failure.lock().expect("poisoned") = Some((Instant::now(), e.clone()));
                 Err(e)
+            }
+        }
+    }
+
+    /// Publishes the fetched (checked and stored) path `info` if every path
+    /// it refers to is published, so the store's promise that a published
+    /// path has its closure holds. Best effort: a failure is logged, and
+    /// the path is then fetched again by the next mount that wants it.
+    async fn publish_if_closed(&self, info: &PathInfo) {
+        let path = info.store_path.to_absolute();
+        for reference in &info.references {
+            if *reference == info.store_path {
+                continue;
+            }
+            match self.path_infos.get(reference.digest()).await {
+                Ok(Some(r)) if r.store_path == *reference => {}
+                Ok(_) => {
+                    tracing::debug!("{path}: not published: {} is not", reference.to_absolute());
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("{path}: not published: looking up {reference}: {e}");
+                    return;
+                }
+            }
+        }
+        match self.path_infos.put(info.clone()).await {
+            Ok(()) => tracing::info!("{path}: substituted from upstream and published"),
+            Err(e) => {
+                tracing::warn!("{path}: substituted from upstream, but publishing failed: {e}")
             }
         }
     }

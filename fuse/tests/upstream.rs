@@ -188,6 +188,31 @@ async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
         (server.narinfo_requests(), server.nar_requests()),
         (narinfos, 2)
     );
+
+    // a refers to nothing, so once fetched it was published: another mount
+    // of the same store finds it there, without asking upstream. c, whose
+    // references were not published when it was fetched, was not.
+    assert!(published(&store, &f.closure.a).await);
+    assert!(!published(&store, c).await);
+    let upstream = Upstream::new(store.clone(), options(&server.url, f.public_key.clone()));
+    let other = LazyFs::with_upstream(
+        store.clone(),
+        FsOptions::default(),
+        Arc::new(Stats::new()),
+        Arc::new(upstream.unwrap()),
+    );
+    let a = other
+        .lookup(Ino::ROOT, &basename(&f.closure.a))
+        .await
+        .unwrap();
+    assert_eq!(
+        other.read(a.ino, 0, 4096).await.unwrap(),
+        std::fs::read(&f.closure.a).unwrap()
+    );
+    assert_eq!(
+        (server.narinfo_requests(), server.nar_requests()),
+        (narinfos, 2)
+    );
 }
 
 /// Without listings, a lookup reads only the start of the NAR: a directory

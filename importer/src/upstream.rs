@@ -7,7 +7,7 @@
 //! which a tree can be shown without the NAR; [`Upstream::fetch`]
 //! downloads the NAR, checks NarHash and NarSize while ingesting it into
 //! the store, and returns the PathInfo — without publishing it, since the
-//! path's references may be missing from the store.
+//! path's references may be missing from the store (the caller decides).
 //!
 //! Caches are opened (their `nix-cache-info` read) on first use, and again
 //! after a failed open, so a mount starts while an upstream is down and
