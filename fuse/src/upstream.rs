@@ -34,7 +34,8 @@
 //! published in the store's path-info service (as an import would: its
 //! signature and NarHash are checked) when every path it refers to is
 //! published there already, since a published path promises its closure;
-//! later mounts of the store then find it there, without upstream.
+//! later mounts of the store then find it there, without upstream. With
+//! signature checks off nothing is published.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -473,6 +474,11 @@ impl Upstreams {
     /// path has its closure holds. Best effort: a failure is logged, and
     /// the path is then fetched again by the next mount that wants it.
     async fn publish_if_closed(&self, info: &PathInfo) {
+        // Unchecked signatures vouch for nothing: such paths stay the
+        // mount's own, not the store's.
+        if !self.upstream.checks_signatures() {
+            return;
+        }
         let path = info.store_path.to_absolute();
         for reference in &info.references {
             if *reference == info.store_path {

@@ -524,3 +524,32 @@ async fn a_path_is_shown_under_its_own_name_only() {
     let other = format!("{}-evil", &store_path(c).hash_str());
     enoent(fs.lookup(Ino::ROOT, other.as_bytes()).await);
 }
+
+/// With signature checks off, a path is shown and read but never published:
+/// an unchecked narinfo vouches for nothing.
+#[tokio::test]
+async fn unchecked_paths_are_not_published() {
+    let f = fixture();
+    let server = TestServer::start(f.cache.path()).await;
+    let store = Store::open("memory://").await.unwrap();
+    let upstream = Upstream::new(
+        store.clone(),
+        Options {
+            check_signatures: false,
+            ..options(&server.url, f.public_key.clone())
+        },
+    )
+    .unwrap();
+    let fs = LazyFs::with_upstream(
+        store.clone(),
+        FsOptions::default(),
+        Arc::new(Stats::new()),
+        Arc::new(upstream),
+    );
+    let a = fs.lookup(Ino::ROOT, &basename(&f.closure.a)).await.unwrap();
+    assert_eq!(
+        fs.read(a.ino, 0, 4096).await.unwrap(),
+        std::fs::read(&f.closure.a).unwrap()
+    );
+    assert!(!published(&store, &f.closure.a).await);
+}

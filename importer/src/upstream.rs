@@ -114,6 +114,11 @@ impl Upstream {
         self.shared.nar_downloads.load(Ordering::Relaxed)
     }
 
+    /// Whether narinfos must carry a trusted signature.
+    pub fn checks_signatures(&self) -> bool {
+        self.options.check_signatures
+    }
+
     /// NAR peeks started so far (see [`Upstream::peek`]).
     pub fn nar_peeks(&self) -> u64 {
         self.peeks.load(Ordering::Relaxed)
