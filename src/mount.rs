@@ -239,7 +239,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut summary = summary(&stats.snapshot());
     if let Some(u) = &upstream_counters {
         summary.push_str(&format!(
-            " upstream_nar_downloads={} upstream_bytes_downloaded={}",
+            " upstream_nar_peeks={} upstream_nar_downloads={} upstream_bytes_downloaded={}",
+            u.nar_peeks(),
             u.nar_downloads(),
             u.downloaded_bytes()
         ));
