@@ -68,14 +68,29 @@ fn options(url: &str, key: PublicKey) -> Options {
 /// A filesystem over an empty memory store with `url` as its upstream.
 async fn lazy_fs(url: &str, key: PublicKey) -> (LazyFs, Store) {
     let store = Store::open("memory://").await.unwrap();
-    let upstream = Upstream::new(store.clone(), options(url, key)).unwrap();
-    let fs = LazyFs::with_upstream(
+    (fs_over(&store, options(url, key)), store)
+}
+
+/// A filesystem over `store`, substituting as `options` say.
+fn fs_over(store: &Store, options: Options) -> LazyFs {
+    let upstream = Upstream::new(store.clone(), options).unwrap();
+    LazyFs::with_upstream(
         store.clone(),
         FsOptions::default(),
         Arc::new(Stats::new()),
         Arc::new(upstream),
+    )
+}
+
+/// Looks up the single-file store path `path` and checks that reading it
+/// gives the file's contents.
+async fn assert_reads_file(fs: &LazyFs, path: &str) {
+    let file = fs.lookup(Ino::ROOT, &basename(path)).await.unwrap();
+    assert_eq!(
+        fs.read(file.ino, 0, 4096).await.unwrap(),
+        std::fs::read(path).unwrap(),
+        "{path}"
     );
-    (fs, store)
 }
 
 async fn lookup_path(fs: &LazyFs, parent: Ino, path: &str) -> Result<Ino, FsError> {
@@ -179,11 +194,7 @@ async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
     // for again (a narinfo never changes), nor is the NAR.
     let narinfos = server.narinfo_requests();
     fs.forget(a.ino, 1);
-    let again = fs.lookup(Ino::ROOT, &basename(&f.closure.a)).await.unwrap();
-    assert_eq!(
-        fs.read(again.ino, 0, 4096).await.unwrap(),
-        std::fs::read(&f.closure.a).unwrap()
-    );
+    assert_reads_file(&fs, &f.closure.a).await;
     assert_eq!(
         (server.narinfo_requests(), server.nar_requests()),
         (narinfos, 2)
@@ -194,21 +205,8 @@ async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
     // references were not published when it was fetched, was not.
     assert!(published(&store, &f.closure.a).await);
     assert!(!published(&store, c).await);
-    let upstream = Upstream::new(store.clone(), options(&server.url, f.public_key.clone()));
-    let other = LazyFs::with_upstream(
-        store.clone(),
-        FsOptions::default(),
-        Arc::new(Stats::new()),
-        Arc::new(upstream.unwrap()),
-    );
-    let a = other
-        .lookup(Ino::ROOT, &basename(&f.closure.a))
-        .await
-        .unwrap();
-    assert_eq!(
-        other.read(a.ino, 0, 4096).await.unwrap(),
-        std::fs::read(&f.closure.a).unwrap()
-    );
+    let other = fs_over(&store, options(&server.url, f.public_key.clone()));
+    assert_reads_file(&other, &f.closure.a).await;
     assert_eq!(
         (server.narinfo_requests(), server.nar_requests()),
         (narinfos, 2)
@@ -532,24 +530,11 @@ async fn unchecked_paths_are_not_published() {
     let f = fixture();
     let server = TestServer::start(f.cache.path()).await;
     let store = Store::open("memory://").await.unwrap();
-    let upstream = Upstream::new(
-        store.clone(),
-        Options {
-            check_signatures: false,
-            ..options(&server.url, f.public_key.clone())
-        },
-    )
-    .unwrap();
-    let fs = LazyFs::with_upstream(
-        store.clone(),
-        FsOptions::default(),
-        Arc::new(Stats::new()),
-        Arc::new(upstream),
-    );
-    let a = fs.lookup(Ino::ROOT, &basename(&f.closure.a)).await.unwrap();
-    assert_eq!(
-        fs.read(a.ino, 0, 4096).await.unwrap(),
-        std::fs::read(&f.closure.a).unwrap()
-    );
+    let unchecked = Options {
+        check_signatures: false,
+        ..options(&server.url, f.public_key.clone())
+    };
+    let fs = fs_over(&store, unchecked);
+    assert_reads_file(&fs, &f.closure.a).await;
     assert!(!published(&store, &f.closure.a).await);
 }
