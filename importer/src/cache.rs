@@ -341,23 +341,11 @@ impl BinaryCache {
 
     /// Opens the NAR file a narinfo's `URL` names, once (no retries: a
     /// stream that fails half-way must be started again by the caller).
-    /// `None` if the cache does not have it.
-    pub async fn open_nar(&self, nar_url: &str) -> Result<Option<Body>, CacheError> {
-        self.open_nar_from_start(nar_url, None).await
-    }
-
-    /// [`open_nar`](Self::open_nar), asking an HTTP server for the first
-    /// `prefix` bytes only (a `Range` request). A server that ignores the
-    /// range sends the whole file; the reader stops when it has enough.
-    pub async fn open_nar_prefix(
-        &self,
-        nar_url: &str,
-        prefix: u64,
-    ) -> Result<Option<Body>, CacheError> {
-        self.open_nar_from_start(nar_url, Some(prefix)).await
-    }
-
-    async fn open_nar_from_start(
+    /// `None` if the cache does not have it. With `prefix`, an HTTP server
+    /// is asked for the first `prefix` bytes only (a `Range` request); one
+    /// that ignores the range sends the whole file, and the reader stops
+    /// when it has enough.
+    pub async fn open_nar(
         &self,
         nar_url: &str,
         prefix: Option<u64>,

@@ -687,18 +687,17 @@ impl Shared {
         nar_url: &str,
         prefix: Option<u64>,
     ) -> Result<Decompressed, PathErrorKind> {
-        let body = match prefix {
-            Some(n) => cache.open_nar_prefix(&narinfo.url, n).await,
-            None => cache.open_nar(&narinfo.url).await,
-        }
-        .map_err(|source| PathErrorKind::Download {
-            url: nar_url.to_owned(),
-            source,
-        })?
-        .ok_or_else(|| PathErrorKind::NarMissing {
-            url: nar_url.to_owned(),
-            cache: cache.url().to_owned(),
-        })?;
+        let body = cache
+            .open_nar(&narinfo.url, prefix)
+            .await
+            .map_err(|source| PathErrorKind::Download {
+                url: nar_url.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| PathErrorKind::NarMissing {
+                url: nar_url.to_owned(),
+                cache: cache.url().to_owned(),
+            })?;
         let compressed = Counted::new(body, self.downloaded.clone(), narinfo.nar_size);
         Ok(decompress(compressed, narinfo.compression))
     }
