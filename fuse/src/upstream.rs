@@ -28,9 +28,9 @@
 //! digest xattr is absent on them).
 //!
 //! Positive narinfo answers are kept for the life of the mount (a narinfo
-//! never changes); "no cache has it" is kept for [`NEGATIVE_TTL`] (or
-//! what the mount was given);
-//! failures are not kept, so the next access tries again. A fetched path is
+//! never changes); "no cache has it" is kept for [`NEGATIVE_TTL`] (or what
+//! the mount was given); failures are not kept, so the next access tries
+//! again. A fetched path is
 //! published in the store's path-info service (as an import would: its
 //! signature and NarHash are checked) when every path it refers to is
 //! published there already, since a published path promises its closure;
@@ -243,6 +243,7 @@ impl Upstreams {
         if self.recently_missing(path.digest()) {
             return Err(LookupError::Missing);
         }
+        let failed = |e| LookupError::Failed(FetchError::Upstream(Arc::new(e)));
         let wanted = Wanted::from(path.clone());
         self.narinfos_fetched.fetch_add(1, Ordering::Relaxed);
         let found = match self.upstream.narinfo(&wanted).await {
@@ -261,7 +262,7 @@ impl Upstreams {
                 );
                 return Err(LookupError::Missing);
             }
-            Err(e) => return Err(LookupError::Failed(FetchError::Upstream(Arc::new(e)))),
+            Err(e) => return Err(failed(e)),
         };
         if let Some(listing) = self.upstream.listing(&found).await {
             let implied = listing.nar_size();
@@ -275,7 +276,6 @@ impl Upstreams {
                 found.narinfo.nar_size
             );
         }
-        let failed = |e| LookupError::Failed(FetchError::Upstream(Arc::new(e)));
         match self.upstream.peek(&found).await.map_err(failed)? {
             Peeked::File { size, executable } => {
                 let listing = Listing {
@@ -300,11 +300,7 @@ impl Upstreams {
             // A symlink's NAR is its header: fetched now.
             Peeked::Symlink => {}
         }
-        let real = self
-            .upstream
-            .fetch(&found)
-            .await
-            .map_err(|e| LookupError::Failed(FetchError::Upstream(Arc::new(e))))?;
+        let real = self.upstream.fetch(&found).await.map_err(failed)?;
         self.publish_if_closed(&real).await;
         Ok(Arc::new(UpstreamPath::new(
             found,
@@ -434,25 +430,14 @@ impl Upstreams {
         }
         let result = match self.upstream.fetch(&path.found).await {
             Err(e) => Err(FetchError::Upstream(Arc::new(e))),
-            Ok(info) if path.shown_from == ShownFrom::Nar => Ok(info),
-            Ok(info) if path.shown_from == ShownFrom::Peek => match info.root {
-                Node::Directory { .. } => Ok(info),
-                _ => {
-                    let e = FetchError::NotADirectory;
-                    *path.poisoned.lock().expect("poisoned") = Some(e.clone());
-                    Err(e)
-                }
-            },
-            Ok(info) => match self.verify(&path.shown, &info.root).await {
-                Ok(resolved) => {
+            Ok(info) => match path.shown_from {
+                ShownFrom::Nar => Ok(info),
+                ShownFrom::Peek if matches!(info.root, Node::Directory { .. }) => Ok(info),
+                ShownFrom::Peek => Err(FetchError::NotADirectory),
+                ShownFrom::Listing => self.verify(&path.shown, &info.root).await.map(|resolved| {
                     self.resolved.lock().expect("poisoned").extend(resolved);
-                    Ok(info)
-                }
-                Err(e @ FetchError::Listing(_)) => {
-                    *path.poisoned.lock().expect("poisoned") = Some(e.clone());
-                    Err(e)
-                }
-                Err(e) => Err(e),
+                    info
+                }),
             },
         };
         match result {
@@ -463,6 +448,11 @@ impl Upstreams {
                 Ok(root)
             }
             Err(e) => {
+                // A NAR that is not what was shown poisons the path; other
+                // failures are tried again.
+                if matches!(e, FetchError::Listing(_) | FetchError::NotADirectory) {
+                    *path.poisoned.lock().expect("poisoned") = Some(e.clone());
+                }
                 *path.last_failure.lock().expect("poisoned") = Some((Instant::now(), e.clone()));
                 Err(e)
             }
