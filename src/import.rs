@@ -5,12 +5,12 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use lazystore_castore::SyncMode;
 use lazystore_importer::{
     DEFAULT_CACHE, DEFAULT_TRUSTED_KEY, Importer, Options, ProgressMode, Wanted,
 };
-use lazystore_pathinfo::{PublicKey, Store, default_store_url};
+use lazystore_pathinfo::{PublicKey, Store, StoreOptions, default_store_url};
 
 /// Import store paths and their closures from Nix binary caches.
 ///
@@ -63,9 +63,12 @@ async fn open_store(url: Option<String>) -> anyhow::Result<(Store, String)> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let store = Store::open_with(&url, SyncMode::Deferred)
-        .await
-        .with_context(|| format!("cannot open store {url}"))?;
+    // Every error names the URL already.
+    let options = StoreOptions {
+        sync: SyncMode::Deferred,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&url, options).await?;
     Ok((store, url))
 }
 

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lazystore_castore::grpc::Connection;
-use lazystore_castore::{Blobs, DEFAULT_CACHE_SIZE};
+use lazystore_castore::{BlobService, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
     CountingBlobService, FsOptions, LazyFs, MountConfig, RetryPolicy, Stats, StatsSnapshot,
 };
-use lazystore_importer::{DEFAULT_TRUSTED_KEY, Upstream};
-use lazystore_pathinfo::{PublicKey, Store, default_cache_url, default_store_url};
+use lazystore_importer::{DEFAULT_TRUSTED_KEY, NEGATIVE_TTL, UpstreamSubstituter};
+use lazystore_pathinfo::substitute::{StoreSubstituter, Substituter, Substituters};
+use lazystore_pathinfo::{LocalCache, PublicKey, Store, StoreOptions, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How long an unmount may wait for files still open under the mount
@@ -105,7 +105,7 @@ pub struct Args {
     no_check_sigs: bool,
     /// Seconds a path no upstream cache has is believed missing before a
     /// lookup asks the caches again (failures are never remembered).
-    #[arg(long, value_name = "SECS", default_value_t = lazystore_fuse::NEGATIVE_TTL.as_secs())]
+    #[arg(long, value_name = "SECS", default_value_t = NEGATIVE_TTL.as_secs())]
     upstream_negative_ttl: u64,
 }
 
@@ -141,52 +141,51 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let remote = url.starts_with("grpc+");
-    let cache_url = match args.cache.as_deref() {
-        Some("none") => None,
-        Some(url) => Some(url.to_owned()),
-        None if remote => Some(default_cache_url()?),
-        None => None,
+    let local_cache = match args.cache {
+        Some(url) if url == "none" => LocalCache::None,
+        Some(url) => LocalCache::At(url),
+        None => LocalCache::DefaultIfRemote,
     };
     let deadline = Duration::from_secs(args.retry_deadline);
     let stats = Arc::new(Stats::new());
-    let mut store = if remote {
-        // The client's own retries end at the same deadline, so a read
-        // fails with EIO once it passes, not a client deadline later.
-        let retry = lazystore_castore::grpc::RetryPolicy {
-            deadline,
-            ..Default::default()
-        };
-        Store::grpc(Connection::lazy(&url)?.with_retry(retry))
-    } else {
-        Store::open(&url).await?
-    };
-    let mut passthrough_cache = None;
-    if let Some(cache_url) = &cache_url {
-        // Count what the cache has to fetch from the store behind it.
-        let params = store.blobs.params();
-        let counted = CountingBlobService::new(store.blobs.service().clone(), stats.clone());
-        store.blobs = Blobs::new(Arc::new(counted), params);
-        let cache = Store::open_cache(cache_url, args.cache_size).await?;
-        if !args.no_passthrough {
-            passthrough_cache = Some(cache.clone());
-        }
-        store = store.with_cache(cache);
-    }
+    let counting = stats.clone();
+    let store = Store::open(
+        &url,
+        StoreOptions {
+            // The client's own retries end at the same deadline, so a read
+            // fails with EIO once it passes, not a client deadline later.
+            retry: lazystore_castore::grpc::RetryPolicy {
+                deadline,
+                ..Default::default()
+            },
+            local_cache,
+            local_cache_bytes: args.cache_size,
+            // Count what the local cache has to fetch from the store.
+            cache_fetches: Some(Arc::new(move |inner: Arc<dyn BlobService>| {
+                Arc::new(CountingBlobService::new(inner, counting.clone())) as Arc<dyn BlobService>
+            })),
+            ..StoreOptions::default()
+        },
+    )
+    .await?;
+    let cache_url = store
+        .local_cache
+        .as_ref()
+        .map(|c| c.path().display().to_string());
     let options = FsOptions {
         list_root: args.list_root,
         retry: RetryPolicy {
             deadline,
             ..RetryPolicy::default()
         },
-        negative_ttl: std::time::Duration::from_secs(args.upstream_negative_ttl),
         ..FsOptions::default()
     };
-    let mut upstream_counters = None;
-    let fs = if args.upstreams.is_empty() {
-        LazyFs::new(store, options, stats.clone())
-    } else {
-        let upstream = Upstream::new(
+    let mut paths = Substituters::new().then(Arc::new(StoreSubstituter::new(
+        store.path_infos.clone(),
+        url.clone(),
+    )));
+    if !args.upstreams.is_empty() {
+        let upstream = UpstreamSubstituter::new(
             store.clone(),
             lazystore_importer::Options {
                 caches: args.upstreams.clone(),
@@ -194,11 +193,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 check_signatures: !args.no_check_sigs,
                 ..Default::default()
             },
+            Duration::from_secs(args.upstream_negative_ttl),
         )?;
-        let upstream = Arc::new(upstream);
-        upstream_counters = Some(upstream.clone());
-        LazyFs::with_upstream(store, options, stats.clone(), upstream)
-    };
+        paths = paths.then(Arc::new(upstream));
+    }
+    let paths = Arc::new(paths);
+    let passthrough_cache = store.local_cache.clone().filter(|_| !args.no_passthrough);
+    let fs = LazyFs::new(store, options, stats.clone()).with_substituter(paths.clone());
     let fs = match passthrough_cache {
         Some(cache) => fs.with_passthrough(cache),
         None => fs,
@@ -236,15 +237,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     tracing::info!("{why}: unmounting {shown}");
     let unmount = tokio::task::spawn_blocking(move || mounted.unmount());
     let finished = tokio::time::timeout(UNMOUNT_GRACE, unmount).await;
-    let mut summary = summary(&stats.snapshot());
-    if let Some(u) = &upstream_counters {
-        summary.push_str(&format!(
-            " upstream_nar_peeks={} upstream_nar_downloads={} upstream_bytes_downloaded={}",
-            u.nar_peeks(),
-            u.nar_downloads(),
-            u.downloaded_bytes()
-        ));
-    }
+    let summary = summary(&stats.snapshot(), &paths.counters());
     match finished {
         Ok(joined) => joined.context("the unmount task failed")??,
         Err(_) => {
@@ -262,9 +255,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// The counters on one line, for the exit log.
-fn summary(s: &StatsSnapshot) -> String {
+fn summary(s: &StatsSnapshot, substituters: &[(&'static str, u64)]) -> String {
     s.fields()
         .iter()
+        .chain(substituters)
         .map(|(name, value)| format!("{name}={value}"))
         .collect::<Vec<_>>()
         .join(" ")

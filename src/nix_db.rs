@@ -11,9 +11,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use lazystore_importer::{DEFAULT_TRUSTED_KEY, Upstream, Wanted};
-use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoService};
-use lazystore_pathinfo::{NarInfo, PublicKey, Store, StorePath, default_store_url};
+use lazystore_importer::{DEFAULT_TRUSTED_KEY, NEGATIVE_TTL, UpstreamSubstituter, Wanted};
+use lazystore_pathinfo::substitute::{StoreSubstituter, Substituter, Substituters, Validity};
+use lazystore_pathinfo::{PublicKey, Store, StoreOptions, StorePath, default_store_url};
 use tokio::task::JoinSet;
 
 /// Lookups in flight at once while walking a closure.
@@ -67,66 +67,28 @@ pub struct Args {
     no_check_sigs: bool,
 }
 
-/// One path's validity record: what `nix-store --load-db` reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Record {
-    path: StorePath,
-    nar_sha256: [u8; 32],
-    nar_size: u64,
-    deriver: Option<StorePath>,
-    /// Sorted as Nix sorts them (by basename), so records read the same
-    /// as `nix-store --dump-db`.
-    references: Vec<StorePath>,
-}
+/// One path's validity record: what `nix-store --load-db` reads. Its
+/// references are sorted as Nix sorts them (by basename), so records read
+/// the same as `nix-store --dump-db`.
+type Record = Validity;
 
-impl From<PathInfo> for Record {
-    fn from(info: PathInfo) -> Self {
-        let mut references = info.references;
-        references.sort();
-        Record {
-            path: info.store_path,
-            nar_sha256: info.nar_sha256,
-            nar_size: info.nar_size,
-            deriver: info.deriver,
-            references,
+/// Appends `record` as Nix 2.8's `makeValidityRegistration(…, true, true)`
+/// writes it: NarHash as bare base16, no `sha256:` prefix.
+fn write_record(record: &Record, out: &mut String) {
+    let _ = writeln!(out, "{}", record.store_path.to_absolute());
+    let _ = writeln!(out, "{}", hex_lower(&record.nar_sha256));
+    let _ = writeln!(out, "{}", record.nar_size);
+    match &record.deriver {
+        Some(deriver) => {
+            let _ = writeln!(out, "{}", deriver.to_absolute());
         }
+        None => out.push('\n'),
+    }
+    let _ = writeln!(out, "{}", record.references.len());
+    for reference in &record.references {
+        let _ = writeln!(out, "{}", reference.to_absolute());
     }
 }
-
-impl From<NarInfo> for Record {
-    fn from(narinfo: NarInfo) -> Self {
-        let mut references = narinfo.references;
-        references.sort();
-        Record {
-            path: narinfo.store_path,
-            nar_sha256: narinfo.nar_hash,
-            nar_size: narinfo.nar_size,
-            deriver: narinfo.deriver,
-            references,
-        }
-    }
-}
-
-impl Record {
-    /// Appends the record as Nix 2.8's `makeValidityRegistration(…, true,
-    /// true)` writes it: NarHash as bare base16, no `sha256:` prefix.
-    fn write(&self, out: &mut String) {
-        let _ = writeln!(out, "{}", self.path.to_absolute());
-        let _ = writeln!(out, "{}", hex_lower(&self.nar_sha256));
-        let _ = writeln!(out, "{}", self.nar_size);
-        match &self.deriver {
-            Some(deriver) => {
-                let _ = writeln!(out, "{}", deriver.to_absolute());
-            }
-            None => out.push('\n'),
-        }
-        let _ = writeln!(out, "{}", self.references.len());
-        for reference in &self.references {
-            let _ = writeln!(out, "{}", reference.to_absolute());
-        }
-    }
-}
-
 fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().fold(String::with_capacity(64), |mut s, b| {
         let _ = write!(s, "{b:02x}");
@@ -137,55 +99,32 @@ fn hex_lower(bytes: &[u8]) -> String {
 /// Where records come from, and how to say where they were looked for.
 struct Sources {
     store_url: String,
-    path_infos: Arc<dyn PathInfoService>,
-    upstream: Option<Upstream>,
+    /// The store, then the upstream caches if any.
+    paths: Substituters,
 }
 
 impl Sources {
     /// The record of `wanted`, or an error naming where it was looked for
     /// and what to do.
     async fn record(&self, wanted: &Wanted) -> anyhow::Result<Record> {
-        let found = self
-            .path_infos
-            .get(wanted.digest())
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot read the PathInfo of {wanted} from {}",
-                    self.store_url
-                )
+        let found =
+            self.paths.validity(wanted).await.with_context(|| {
+                format!("cannot describe {wanted} from {}", self.paths.describe())
             })?;
-        match found {
-            Some(info) if wanted.matches(&info.store_path) => return Ok(info.into()),
-            Some(info) => bail!(
-                "{wanted} is not in {}: the store has {} under that hash; check the name",
-                self.store_url,
-                info.store_path.to_absolute()
-            ),
-            None => {}
-        }
-        let Some(upstream) = &self.upstream else {
+        let Some(record) = found else {
+            let hint = if self.paths.layers().len() > 1 {
+                "or add an --upstream cache that has it"
+            } else {
+                "or describe it from a binary cache that has it (--upstream URL)"
+            };
             bail!(
-                "{wanted} is not in {url}; import it first (lazystore import --store {url} \
-                 --from CACHE {wanted}) or describe it from a binary cache that has it \
-                 (--upstream URL)",
+                "{wanted} is in none of {} (or is named otherwise there); import it \
+                 (lazystore import --store {url} --from CACHE {wanted}) {hint}",
+                self.paths.describe(),
                 url = self.store_url
             );
         };
-        match upstream.narinfo(wanted).await {
-            Ok(Some(found)) => Ok(found.narinfo.into()),
-            Ok(None) => bail!(
-                "{wanted} is neither in {url} nor in the upstream caches ({upstreams}); \
-                 import it (lazystore import --store {url} --from CACHE {wanted}) or add an \
-                 --upstream cache that has it",
-                url = self.store_url,
-                upstreams = upstream.urls().collect::<Vec<_>>().join(", ")
-            ),
-            Err(e) => Err(anyhow::Error::new(e).context(format!(
-                "{wanted} is not in {} and its upstream narinfo was refused",
-                self.store_url
-            ))),
-        }
+        Ok(record)
     }
 }
 
@@ -222,7 +161,7 @@ async fn collect(
                 }
             }
         }
-        records.insert(record.path.clone(), record);
+        records.insert(record.store_path.clone(), record);
     }
     Ok(records)
 }
@@ -263,15 +202,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let store = Store::open(&store_url).await.with_context(|| {
-        format!(
-            "cannot open store {store_url} (a redb store is held by one process at a time: \
+    let store = Store::open(&store_url, StoreOptions::default())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open store {store_url} (a redb store is held by one process at a time: \
              while it is mounted or served, ask that server with --store grpc+http://…)"
-        )
-    })?;
-    let upstream = if args.upstreams.is_empty() {
-        None
-    } else {
+            )
+        })?;
+    let mut paths = Substituters::new().then(Arc::new(StoreSubstituter::new(
+        store.path_infos.clone(),
+        store_url.clone(),
+    )));
+    if !args.upstreams.is_empty() {
         let options = lazystore_importer::Options {
             caches: args.upstreams,
             trusted_keys: args.trusted_keys,
@@ -279,17 +222,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             ..Default::default()
         };
         // Only narinfos are read: the store is never written.
-        Some(Upstream::new(store.clone(), options).context("cannot set up the upstream caches")?)
-    };
-    let sources = Arc::new(Sources {
-        store_url,
-        path_infos: store.path_infos.clone(),
-        upstream,
-    });
+        let upstream = UpstreamSubstituter::new(store.clone(), options, NEGATIVE_TTL)
+            .context("cannot set up the upstream caches")?;
+        paths = paths.then(Arc::new(upstream));
+    }
+    let sources = Arc::new(Sources { store_url, paths });
     let records = collect(sources, &args.paths, !args.no_closure).await?;
     let mut out = String::new();
     for record in dependencies_first(&records) {
-        record.write(&mut out);
+        write_record(record, &mut out);
     }
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -312,7 +253,7 @@ mod tests {
         let a = path("4kwjrglaqmx137vy2alkjazg3qaakddl-lazystore-test-a");
         let b = path("bvp61ha8c97b8f21x8rzi34psp99lf64-lazystore-test-b");
         let record = Record {
-            path: path("195r44c11x4qgfffyhdna7j4098vfipm-lazystore-test-c"),
+            store_path: path("195r44c11x4qgfffyhdna7j4098vfipm-lazystore-test-c"),
             nar_sha256: [0xab; 32],
             nar_size: 1064,
             deriver: Some(path(
@@ -321,7 +262,7 @@ mod tests {
             references: vec![a.clone(), b.clone()],
         };
         let mut out = String::new();
-        record.write(&mut out);
+        write_record(&record, &mut out);
         assert_eq!(
             out,
             format!(
@@ -333,12 +274,12 @@ mod tests {
             )
         );
         let mut out = String::new();
-        Record {
+        let bare = Record {
             deriver: None,
             references: vec![],
             ..record
-        }
-        .write(&mut out);
+        };
+        write_record(&bare, &mut out);
         assert!(out.ends_with("\n1064\n\n0\n"), "{out:?}");
     }
 
@@ -348,7 +289,7 @@ mod tests {
         let b = path("0vp61ha8c97b8f21x8rzi34psp99lf64-b");
         let c = path("095r44c11x4qgfffyhdna7j4098vfipm-c");
         let record = |p: &StorePath, refs: &[&StorePath]| Record {
-            path: p.clone(),
+            store_path: p.clone(),
             nar_sha256: [0; 32],
             nar_size: 1,
             deriver: None,
@@ -360,11 +301,11 @@ mod tests {
             record(&c, &[&a, &b]),
         ]
         .into_iter()
-        .map(|r| (r.path.clone(), r))
+        .map(|r| (r.store_path.clone(), r))
         .collect();
         let order: Vec<_> = dependencies_first(&records)
             .iter()
-            .map(|r| r.path.name().to_owned())
+            .map(|r| r.store_path.name().to_owned())
             .collect();
         assert_eq!(order, ["a", "b", "c"]);
     }

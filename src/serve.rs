@@ -13,7 +13,7 @@ use lazystore_httpcache::{
     DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression, UploadAuth,
 };
 use lazystore_pathinfo::pathinfos::PathInfoServer;
-use lazystore_pathinfo::{SigningKey, Store, default_store_url};
+use lazystore_pathinfo::{SigningKey, Store, StoreOptions, default_store_url};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -100,7 +100,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(_) => Some(http_options(&args)?),
         None => None,
     };
-    let store = Store::open(&url).await?;
+    let store = Store::open(&url, StoreOptions::default()).await?;
     let grpc = match &args.listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
@@ -109,9 +109,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(addr) => Some(bind_http(addr).await?),
         None => None,
     };
-    if url == "memory://" {
-        tracing::warn!("serving a memory:// store: everything stored is lost when it stops");
-    }
 
     let urls = grpc
         .iter()

@@ -17,7 +17,7 @@ const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
 fn published_and_right(url: &str, path: &str, want: &str) -> bool {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let store = Store::open(url)
+        let store = Store::open(url, lazystore_pathinfo::StoreOptions::default())
             .await
             .unwrap_or_else(|e| panic!("the store does not open after the kill: {e}"));
         let sp = StorePath::from_absolute_path(path).unwrap();

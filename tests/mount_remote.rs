@@ -41,7 +41,9 @@ fn import(url: &str, path: &str) -> (String, Node) {
 fn chunk_count(store_url: &str, digest: Digest) -> (usize, Vec<Digest>) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let store = Store::open(store_url).await.unwrap();
+        let store = Store::open(store_url, lazystore_pathinfo::StoreOptions::default())
+            .await
+            .unwrap();
         let meta = store.blobs.stat(&digest).await.unwrap().unwrap();
         (
             meta.chunks.len(),

@@ -321,7 +321,10 @@ async fn bad_upstream_input_is_logged_and_retried() {
     line_for(&closure.a, "in no upstream cache");
     line_for(&closure.c, "is missing from");
     // Nothing published, whatever was shown.
-    let store = lazystore_pathinfo::Store::open(&store).await.unwrap();
+    let store =
+        lazystore_pathinfo::Store::open(&store, lazystore_pathinfo::StoreOptions::default())
+            .await
+            .unwrap();
     for path in [&closure.a, &closure.b, &closure.c] {
         let digest = *lazystore_pathinfo::StorePath::from_absolute_path(path)
             .unwrap()

@@ -187,7 +187,9 @@ async fn publish_read_back_restart() {
         server.url
     );
     assert_serving(&server.url).await;
-    let client = Store::open(&server.url).await.unwrap();
+    let client = Store::open(&server.url, lazystore_pathinfo::StoreOptions::default())
+        .await
+        .unwrap();
 
     let nar = sample_nar().await;
     let ingested = ingest_nar(&client.blobs, &*client.directories, &nar[..])
@@ -224,7 +226,9 @@ async fn publish_read_back_restart() {
 
     // The same file, a new process: everything is still there.
     let server = Server::start("127.0.0.1:0", &store_url);
-    let client = Store::open(&server.url).await.unwrap();
+    let client = Store::open(&server.url, lazystore_pathinfo::StoreOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         client.path_infos.get(path.digest()).await.unwrap(),
         Some(info.clone())
@@ -244,7 +248,9 @@ async fn sigterm_lets_calls_in_flight_finish() {
     let dir = tempfile::tempdir().unwrap();
     let store_url = format!("redb://{}/store.redb", dir.path().display());
     let server = Server::start("127.0.0.1:0", &store_url);
-    let client = Store::open(&server.url).await.unwrap();
+    let client = Store::open(&server.url, lazystore_pathinfo::StoreOptions::default())
+        .await
+        .unwrap();
     let blob = client.blobs.put(&noise(8 << 20, 7)).await.unwrap();
     let meta = client.blobs.stat(&blob).await.unwrap().unwrap();
     let chunks: Vec<Digest> = meta.chunks.iter().map(|c| c.digest).collect();
@@ -287,7 +293,9 @@ async fn unix_socket_and_its_stale_file() {
         // The second round binds over the socket file the first one left.
         let server = Server::start(&listen, "memory://");
         assert_eq!(server.url, format!("grpc+unix://{}", sock.display()));
-        let client = Store::open(&server.url).await.unwrap();
+        let client = Store::open(&server.url, lazystore_pathinfo::StoreOptions::default())
+            .await
+            .unwrap();
         let blob = client.blobs.put(b"over a socket").await.unwrap();
         assert!(client.blobs.stat(&blob).await.unwrap().is_some(), "{round}");
         if round == 0 {
@@ -323,5 +331,7 @@ async fn taken_store_or_address_is_a_clear_error() {
     let status = server.stop("TERM").await;
     assert!(status.success(), "{status:?}");
     // The file is free again once the server has exited.
-    let _ = Store::open(&store_url).await.unwrap();
+    let _ = Store::open(&store_url, lazystore_pathinfo::StoreOptions::default())
+        .await
+        .unwrap();
 }

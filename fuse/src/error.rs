@@ -72,15 +72,3 @@ impl FsError {
         }
     }
 }
-
-/// The full chain of an error's messages, `a: b: c`, for log lines.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}

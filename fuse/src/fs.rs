@@ -8,7 +8,13 @@
 //! are first needed); a file's chunk list is fetched on its first read, and
 //! its chunks as reads reach them, with readahead for sequential readers.
 //! Attributes follow Nix's canonical form. Nothing is ever written.
+//!
+//! Store paths are found through one [`Substituter`] (by default the
+//! store's PathInfos; a mount may compose upstream caches behind it), which
+//! also resolves the placeholder digests of paths it shows before their
+//! contents are stored. Every other digest is read from the store.
 
+use lazystore_castore::error_chain;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,15 +24,17 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use lazystore_castore::{Digest, Directory, Node};
+use lazystore_pathinfo::substitute::{
+    PROVISIONAL_TTL, Standing, StoreSubstituter, SubstituteError, Substituter,
+};
 use lazystore_pathinfo::{Store, StorePath};
 
 use crate::chunks::ChunkFetcher;
-use crate::error::{FsError, chain};
+use crate::error::FsError;
 use crate::inode::{ChunkIndex, Ino, Inode, InodeTable, Kind, ReadState};
 use crate::passthrough::Passthrough;
 use crate::retry::RetryPolicy;
 use crate::stats::{Stats, StatsSnapshot};
-use crate::upstream::{LISTING_TTL, LookupError, Standing, Upstreams};
 
 /// How long the kernel may cache entries and attributes of store content:
 /// it never changes, so as long as the kernel likes.
@@ -74,15 +82,11 @@ pub struct FsOptions {
     pub readahead_bytes: u64,
     /// Most bytes being fetched ahead at once, over all readers.
     pub readahead_total_bytes: u64,
-    /// How long "no upstream cache has this path" is believed before a
-    /// lookup asks again.
-    pub negative_ttl: Duration,
 }
 
 impl Default for FsOptions {
     /// Root not listable, default retries, 64 MiB of chunks in memory,
-    /// 8 MiB readahead per reader and 32 MiB overall, upstream misses
-    /// believed for [`NEGATIVE_TTL`](crate::NEGATIVE_TTL).
+    /// 8 MiB readahead per reader and 32 MiB overall.
     fn default() -> Self {
         FsOptions {
             list_root: false,
@@ -90,7 +94,6 @@ impl Default for FsOptions {
             memory_cache_bytes: 64 << 20,
             readahead_bytes: 8 << 20,
             readahead_total_bytes: 32 << 20,
-            negative_ttl: crate::upstream::NEGATIVE_TTL,
         }
     }
 }
@@ -158,8 +161,8 @@ pub struct LazyFs {
     // releasedir, no await.
     root_listings: Mutex<HashMap<u64, Listing>>,
     next_handle: AtomicU64,
-    /// Where paths the store lacks come from, if anywhere.
-    upstream: Option<Upstreams>,
+    /// Where store paths are found.
+    paths: Arc<dyn Substituter>,
     /// Passthrough from whole files in the local cache, if enabled.
     passthrough: Option<Arc<Passthrough>>,
 }
@@ -174,6 +177,7 @@ impl LazyFs {
             options.memory_cache_bytes,
             options.readahead_total_bytes,
         ));
+        let paths = Arc::new(StoreSubstituter::new(store.path_infos.clone(), "the store"));
         LazyFs {
             store,
             options,
@@ -183,29 +187,18 @@ impl LazyFs {
             directories: Mutex::new(DirectoryCache::default()),
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            upstream: None,
+            paths,
             passthrough: None,
         }
     }
 
-    /// A filesystem presenting `store` and, on lookup, the paths `upstream`
-    /// has that the store lacks (see the `upstream` module for how).
-    pub fn with_upstream(
-        store: Store,
-        options: FsOptions,
-        stats: Arc<Stats>,
-        upstream: Arc<lazystore_importer::Upstream>,
-    ) -> Self {
-        let negative_ttl = options.negative_ttl;
-        LazyFs {
-            upstream: Some(Upstreams::new(
-                upstream,
-                store.directories.clone(),
-                store.path_infos.clone(),
-                negative_ttl,
-            )),
-            ..LazyFs::new(store, options, stats)
-        }
+    /// Finds store paths through `paths` instead of the store's PathInfos
+    /// alone (a [`Substituters`] composition with the store first, say):
+    /// what it shows, the filesystem shows.
+    ///
+    /// [`Substituters`]: lazystore_pathinfo::substitute::Substituters
+    pub fn with_substituter(self, paths: Arc<dyn Substituter>) -> Self {
+        LazyFs { paths, ..self }
     }
 
     /// Reads files the local `cache` holds whole by FUSE passthrough, and
@@ -224,7 +217,7 @@ impl LazyFs {
     }
 
     /// The blob digest and size of regular file `ino`, if its contents are
-    /// known (not an upstream placeholder).
+    /// known (not a substituter's placeholder).
     pub(crate) fn file_blob(&self, ino: Ino) -> Option<(Digest, u64)> {
         let inode = self.inodes.get(ino)?;
         let Kind::File { size, .. } = &inode.kind else {
@@ -304,44 +297,33 @@ impl LazyFs {
             return self.attr(&inode);
         }
         let basename: Arc<str> = path.to_string().into();
-        let what = || format!("{basename}: fetching its path info");
-        let info = self
+        let what = || format!("{basename}: finding its path info");
+        let found = self
             .options
             .retry
-            .run(&self.stats, &what, || {
-                self.store.path_infos.get(path.digest())
-            })
-            .await
-            .map_err(|e| self.io_error(&basename, "fetching the path info", &e))?;
+            .run(&self.stats, &what, || self.paths.find(&path))
+            .await;
         self.stats.add(&self.stats.path_infos_fetched, 1);
-        match info {
-            Some(info) if info.store_path.name() == path.name() => {
-                self.child(Ino::ROOT, "", name, info.root).await
+        match found {
+            Ok(Some(info)) => self.child(Ino::ROOT, "", name, info.root).await,
+            Ok(None) => Err(FsError::NotFound { permanent: false }),
+            Err(e @ SubstituteError::Store(_)) => {
+                Err(self.io_error(&basename, "fetching the path info", &e))
             }
-            Some(_) => Err(FsError::NotFound { permanent: false }),
-            None => {
-                let Some(upstream) = &self.upstream else {
-                    return Err(FsError::NotFound { permanent: false });
-                };
-                match upstream.lookup(&path).await {
-                    Ok(found) => self.child(Ino::ROOT, "", name, found.root()).await,
-                    Err(LookupError::Missing) => Err(FsError::NotFound { permanent: false }),
-                    Err(LookupError::Failed(e)) => {
-                        tracing::error!(
-                            "{}: not shown: {}; returning ENOENT (the next lookup tries again)",
-                            path.to_absolute(),
-                            chain(&e)
-                        );
-                        Err(FsError::NotFound { permanent: false })
-                    }
-                }
+            Err(e) => {
+                tracing::error!(
+                    "{}: not shown: {}; returning ENOENT (the next lookup tries again)",
+                    path.to_absolute(),
+                    error_chain(&e)
+                );
+                Err(FsError::NotFound { permanent: false })
             }
         }
     }
 
     /// The real digest of a file shown as `digest`: itself, or for a
-    /// placeholder of an upstream listing, the file at its place in the
-    /// path's verified tree, once the NAR is fetched (here, if nobody has).
+    /// substituter's placeholder, the file at its place in the path's
+    /// verified contents, once fetched (here, if nobody has).
     ///
     /// `started` is when the read asking began: a download that failed after
     /// it began (while it waited) fails it too, without a download of its own.
@@ -351,35 +333,24 @@ impl LazyFs {
         digest: &Digest,
         started: Instant,
     ) -> Result<Digest, FsError> {
-        let Some(upstream) = &self.upstream else {
-            return Ok(*digest);
-        };
-        let Some(path) = upstream.file(digest) else {
-            return Ok(*digest);
-        };
-        upstream.fetched(&path, started).await.map_err(|e| {
-            self.io_error(&inode.path, "substituting its store path from upstream", &e)
-        })?;
-        upstream.resolved(digest).ok_or_else(|| {
-            self.io_error(
-                &inode.path,
-                "finding it in the fetched NAR",
-                &Inconsistent("a verified listing left a file unresolved"),
-            )
-        })
+        match self.paths.file(digest, started).await {
+            Ok(Some(real)) => Ok(real),
+            Ok(None) => Ok(*digest),
+            Err(e) => Err(self.io_error(&inode.path, SUBSTITUTING, &e)),
+        }
     }
 
-    /// Fails with EIO if `inode` is in an upstream path whose NAR turned
-    /// out to differ from its listing; tells whether it is shown from a
-    /// listing not yet checked.
+    /// Fails with EIO if `inode` is in a path whose verified contents
+    /// turned out to differ from what was shown; tells whether it is shown
+    /// provisionally (from claims not yet checked).
     fn standing(&self, inode: &Inode) -> Result<bool, FsError> {
-        let Some(upstream) = &self.upstream else {
+        let basename = inode.path.split('/').next().unwrap_or_default();
+        let Ok(path) = StorePath::from_basename(basename) else {
             return Ok(false);
         };
-        let basename = inode.path.split('/').next().unwrap_or_default();
-        match upstream.standing(basename) {
+        match self.paths.standing(&path) {
             Standing::Verified => Ok(false),
-            Standing::Listed => Ok(true),
+            Standing::Provisional => Ok(true),
             Standing::Poisoned(e) => Err(self.io_error(&inode.path, "showing it", &e)),
         }
     }
@@ -405,9 +376,8 @@ impl LazyFs {
         let kind = match node {
             Node::Directory { digest, .. } => {
                 let dir = tokio::sync::OnceCell::new();
-                let unfetched = self.upstream.as_ref().and_then(|u| u.unfetched(&digest));
-                if unfetched.is_none() {
-                    let _ = dir.set(self.directory(&digest, &path).await?);
+                if !self.paths.defers(&digest) {
+                    let _ = dir.set(self.directory(&digest, &path, Instant::now()).await?);
                 }
                 Kind::Directory { digest, dir }
             }
@@ -438,44 +408,28 @@ impl LazyFs {
     }
 
     /// The entries of directory `inode`: fetched when the inode was made,
-    /// or now for the root of an upstream path shown before its NAR (which
-    /// is fetched here, if nobody has). `started` is when the request
-    /// asking began: a download that failed after it began fails it too.
+    /// or now for a directory whose substituter defers its entries until
+    /// its path's contents are fetched (here, if nobody has). `started` is
+    /// when the request asking began: a fetch that failed after it began
+    /// fails it too.
     async fn entries_of(&self, inode: &Inode, started: Instant) -> Result<Arc<Directory>, FsError> {
         let Kind::Directory { digest, dir } = &inode.kind else {
             return Err(FsError::NotADirectory);
         };
-        dir.get_or_try_init(|| async {
-            let unfetched = self
-                .upstream
-                .as_ref()
-                .and_then(|u| Some((u, u.unfetched(digest)?)));
-            let Some((upstream, path)) = unfetched else {
-                return self.directory(digest, &inode.path).await;
-            };
-            let substituting = "substituting its store path from upstream";
-            let root = upstream
-                .fetched(&path, started)
-                .await
-                .map_err(|e| self.io_error(&inode.path, substituting, &e))?;
-            let Node::Directory { digest: real, .. } = root else {
-                return Err(self.io_error(
-                    &inode.path,
-                    substituting,
-                    &Inconsistent("its NAR is not a directory"),
-                ));
-            };
-            self.directory(&real, &inode.path).await
-        })
-        .await
-        .cloned()
+        dir.get_or_try_init(|| self.directory(digest, &inode.path, started))
+            .await
+            .cloned()
     }
 
-    /// The directory `digest`, from memory or fetched and verified.
-    async fn directory(&self, digest: &Digest, path: &Arc<str>) -> Result<Arc<Directory>, FsError> {
-        if let Some(d) = self.upstream.as_ref().and_then(|u| u.directory(digest)) {
-            return Ok(d);
-        }
+    /// The directory `digest`, from memory, from the substituter that
+    /// showed it, or fetched from the store and verified. `started` as for
+    /// [`entries_of`](Self::entries_of).
+    async fn directory(
+        &self,
+        digest: &Digest,
+        path: &Arc<str>,
+        started: Instant,
+    ) -> Result<Arc<Directory>, FsError> {
         if let Some(d) = self
             .directories
             .lock()
@@ -483,6 +437,11 @@ impl LazyFs {
             .get(digest)
         {
             return Ok(d);
+        }
+        match self.paths.directory(digest, started).await {
+            Ok(Some(d)) => return Ok(d),
+            Ok(None) => {}
+            Err(e) => return Err(self.io_error(path, SUBSTITUTING, &e)),
         }
         let what = || format!("{path}: fetching directory {}", digest.fmt_short());
         let got = self
@@ -526,7 +485,7 @@ impl LazyFs {
         let store_path = path.split('/').next().unwrap_or_default();
         let file = path.get(store_path.len()..).unwrap_or_default();
         let file = if file.is_empty() { "/" } else { file };
-        let message = format!("{doing}: {}", chain(e));
+        let message = format!("{doing}: {}", error_chain(e));
         tracing::error!("/nix/store/{store_path} {file}: {message}; returning EIO");
         self.stats.add(&self.stats.io_errors, 1);
         FsError::Io {
@@ -597,7 +556,7 @@ impl LazyFs {
             perm: 0o444,
             nlink: 1,
             mtime: canonical_mtime(),
-            ttl: if listed { LISTING_TTL } else { CONTENT_TTL },
+            ttl: if listed { PROVISIONAL_TTL } else { CONTENT_TTL },
         };
         Ok(match &inode.kind {
             Kind::Directory { dir, .. } => match dir.get() {
@@ -779,13 +738,15 @@ impl LazyFs {
             .skip(skip)
             .take(256)
             .filter_map(|(name, node)| match node {
-                Node::Directory { digest, .. } => Some((*digest, join(&path, name))),
+                Node::Directory { digest, .. } if !self.paths.defers(digest) => {
+                    Some((*digest, join(&path, name)))
+                }
                 _ => None,
             })
             .collect();
         futures::stream::iter(wanted)
             .map(|(digest, p)| async move {
-                let _ = self.directory(&digest, &p).await;
+                let _ = self.directory(&digest, &p, Instant::now()).await;
             })
             .buffer_unordered(DIRECTORY_FETCH_CONCURRENCY)
             .collect::<()>()
@@ -1043,11 +1004,7 @@ impl LazyFs {
     fn digest_of(&self, inode: &Inode) -> Option<Digest> {
         match &inode.kind {
             Kind::Directory { digest, .. } | Kind::File { digest, .. } => {
-                let placeholder = self
-                    .upstream
-                    .as_ref()
-                    .is_some_and(|u| u.is_placeholder(digest));
-                (!placeholder).then_some(*digest)
+                (!self.paths.is_placeholder(digest)).then_some(*digest)
             }
             _ => None,
         }
@@ -1064,15 +1021,8 @@ impl LazyFs {
             // 1 while the kernel takes backing files, 0 once it refused.
             text.push_str(&format!("passthrough {}\n", u8::from(p.usable())));
         }
-        if let Some(u) = &self.upstream {
-            text.push_str(&format!(
-                "upstream_narinfos_fetched {}\nupstream_nar_peeks {}\nupstream_nar_downloads {}\n\
-                 upstream_bytes_downloaded {}\n",
-                u.narinfos_fetched.load(Ordering::Relaxed),
-                u.upstream().nar_peeks(),
-                u.upstream().nar_downloads(),
-                u.upstream().downloaded_bytes(),
-            ));
+        for (name, value) in self.paths.counters() {
+            text.push_str(&format!("{name} {value}\n"));
         }
         text
     }
@@ -1108,6 +1058,9 @@ fn stand_in_ino(parent: Ino, name: &[u8]) -> Ino {
     name.hash(&mut h);
     Ino(h.finish() | 1 << 63)
 }
+
+/// What failed when a substituter could not give a path's contents.
+const SUBSTITUTING: &str = "substituting its store path";
 
 /// The store holds something that contradicts itself.
 #[derive(Debug, thiserror::Error)]

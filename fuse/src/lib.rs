@@ -18,7 +18,6 @@ mod mount;
 mod passthrough;
 mod retry;
 mod stats;
-mod upstream;
 
 pub use error::FsError;
 pub use fs::{
@@ -29,4 +28,3 @@ pub use inode::Ino;
 pub use mount::{MountConfig, MountError, Mounted, mount};
 pub use retry::RetryPolicy;
 pub use stats::{CountingBlobService, Stats, StatsSnapshot};
-pub use upstream::{LISTING_TTL, NEGATIVE_TTL};

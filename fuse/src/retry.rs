@@ -86,6 +86,15 @@ impl Classify for PathInfoError {
     }
 }
 
+impl Classify for lazystore_pathinfo::substitute::SubstituteError {
+    fn class(&self) -> Class {
+        match self {
+            lazystore_pathinfo::substitute::SubstituteError::Store(e) => e.class(),
+            _ => Class::Permanent,
+        }
+    }
+}
+
 impl RetryPolicy {
     /// Runs `attempt` until it succeeds, fails permanently, runs out of
     /// corrupt attempts, or the deadline passes; returns the last error.
@@ -124,7 +133,7 @@ impl RetryPolicy {
             tracing::warn!(
                 "{}: {}; retrying in {backoff:?}",
                 what(),
-                crate::error::chain(&e)
+                lazystore_castore::error_chain(&e)
             );
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.max_backoff);

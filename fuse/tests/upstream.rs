@@ -12,7 +12,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use lazystore_fuse::{FileKind, FsError, FsOptions, Ino, LazyFs, Stats};
-use lazystore_importer::{Options, RetryPolicy, Upstream};
+use lazystore_importer::{NEGATIVE_TTL, Options, RetryPolicy, UpstreamSubstituter};
+use lazystore_pathinfo::substitute::{StoreSubstituter, Substituters};
 use lazystore_pathinfo::{NarInfo, PublicKey, SigningKey, Store, StorePath};
 use lazystore_testkit::http::TestServer;
 use lazystore_testkit::{Closure, build_closure, copy_tree, gen_key, make_cache};
@@ -67,19 +68,24 @@ fn options(url: &str, key: PublicKey) -> Options {
 
 /// A filesystem over an empty memory store with `url` as its upstream.
 async fn lazy_fs(url: &str, key: PublicKey) -> (LazyFs, Store) {
-    let store = Store::open("memory://").await.unwrap();
+    let store = Store::open("memory://", lazystore_pathinfo::StoreOptions::default())
+        .await
+        .unwrap();
     (fs_over(&store, options(url, key)), store)
 }
 
-/// A filesystem over `store`, substituting as `options` say.
+/// A filesystem over `store`, substituting as `options` say: the store,
+/// then the upstream caches, as a mount composes them.
 fn fs_over(store: &Store, options: Options) -> LazyFs {
-    let upstream = Upstream::new(store.clone(), options).unwrap();
-    LazyFs::with_upstream(
-        store.clone(),
-        FsOptions::default(),
-        Arc::new(Stats::new()),
-        Arc::new(upstream),
-    )
+    let upstream = UpstreamSubstituter::new(store.clone(), options, NEGATIVE_TTL).unwrap();
+    let paths = Substituters::new()
+        .then(Arc::new(StoreSubstituter::new(
+            store.path_infos.clone(),
+            "memory://",
+        )))
+        .then(Arc::new(upstream));
+    LazyFs::new(store.clone(), FsOptions::default(), Arc::new(Stats::new()))
+        .with_substituter(Arc::new(paths))
 }
 
 /// Looks up the single-file store path `path` and checks that reading it
@@ -456,7 +462,7 @@ async fn a_listing_that_lies_is_caught_by_its_size_or_by_the_nar() {
     let link = fs.lookup(root.ino, b"b").await.unwrap();
     // Before the NAR: what the cache claims, kept by the kernel briefly.
     assert_eq!(fs.readlink(link.ino).unwrap(), forged.as_bytes());
-    assert!(link.ttl <= lazystore_fuse::LISTING_TTL);
+    assert!(link.ttl <= lazystore_pathinfo::substitute::PROVISIONAL_TTL);
     let refs = lookup_path(&fs, root.ino, "refs").await.unwrap();
     let e = fs.read(refs, 0, 4096).await.unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
@@ -529,7 +535,9 @@ async fn a_path_is_shown_under_its_own_name_only() {
 async fn unchecked_paths_are_not_published() {
     let f = fixture();
     let server = TestServer::start(f.cache.path()).await;
-    let store = Store::open("memory://").await.unwrap();
+    let store = Store::open("memory://", lazystore_pathinfo::StoreOptions::default())
+        .await
+        .unwrap();
     let unchecked = Options {
         check_signatures: false,
         ..options(&server.url, f.public_key.clone())

@@ -72,7 +72,7 @@ where
             sender: PollSender::new(sender),
         };
         if let Err(e) = render(writer).await {
-            let text = crate::error::chain(&*e);
+            let text = lazystore_castore::error_chain(&*e);
             if !text.contains("the client went away") {
                 tracing::error!(target: "lazystore::http", "{what}: {text}");
             }

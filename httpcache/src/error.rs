@@ -3,6 +3,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use lazystore_castore::error_chain;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,24 +77,14 @@ impl HttpError {
     }
 }
 
-/// Renders an error chain on one line: `a: b: c`.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = self.status();
         let text = match &self {
             // The Internal message already holds its source; chain the rest.
-            HttpError::Internal { context, source } => format!("{context}: {}", chain(&**source)),
+            HttpError::Internal { context, source } => {
+                format!("{context}: {}", error_chain(&**source))
+            }
             other => other.to_string(),
         };
         if status.is_server_error() {

@@ -9,11 +9,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt as _;
+use lazystore_castore::error_chain;
 use lazystore_pathinfo::render::{render_nar, stream_range};
 use tokio::io::AsyncWriteExt;
 
 use crate::body::streamed;
-use crate::error::{HttpError, chain};
+use crate::error::HttpError;
 use crate::narinfo::{NarCompression, parse_nar_name};
 use crate::range::{self, Ranged};
 use crate::server::HttpCache;
@@ -120,7 +121,7 @@ pub async fn get_nar(
     let pieces = stream_range(store.blobs.clone(), layout, part)
         .map_err(|e| HttpError::internal(what.clone(), e))?
         .map_err(move |e| {
-            let text = format!("{what}: {}", chain(&e));
+            let text = format!("{what}: {}", error_chain(&e));
             tracing::error!(target: "lazystore::http", "{text}");
             std::io::Error::other(text)
         });

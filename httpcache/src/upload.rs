@@ -16,6 +16,7 @@
 //! Every upload needs the token; without uploads configured, every `PUT`
 //! is 403.
 
+use lazystore_castore::error_chain;
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
@@ -40,7 +41,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, BufReader};
 use tokio_util::io::StreamReader;
 
-use crate::error::{HttpError, chain};
+use crate::error::HttpError;
 use crate::server::HttpCache;
 
 /// How long an ingested NAR waits for its narinfo.
@@ -209,7 +210,9 @@ pub async fn put_nar(
             IngestError::Blob(_) | IngestError::Directory(_) => {
                 HttpError::internal(format!("storing the upload /{url}"), e)
             }
-            other => HttpError::BadRequest(format!("/{url}: not a valid NAR: {}", chain(&other))),
+            other => {
+                HttpError::BadRequest(format!("/{url}: not a valid NAR: {}", error_chain(&other)))
+            }
         })?;
     tracing::info!(
         target: "lazystore::http",
@@ -261,8 +264,9 @@ pub async fn put_top(
     let text = read_bounded(body, MAX_NARINFO_SIZE, &url).await?;
     let text = String::from_utf8(text)
         .map_err(|_| HttpError::BadRequest(format!("{url}: the narinfo is not UTF-8")))?;
-    let narinfo = NarInfo::parse(&text)
-        .map_err(|e| HttpError::BadRequest(format!("{url}: invalid narinfo: {}", chain(&e))))?;
+    let narinfo = NarInfo::parse(&text).map_err(|e| {
+        HttpError::BadRequest(format!("{url}: invalid narinfo: {}", error_chain(&e)))
+    })?;
     if narinfo.store_path.digest() != &hash {
         return Err(HttpError::BadRequest(format!(
             "{url}: the narinfo is for {}, whose hash is not the file's name",

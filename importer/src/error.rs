@@ -233,15 +233,3 @@ fn list(items: &[String]) -> String {
         items.join(", ")
     }
 }
-
-/// `error` and its causes, joined by `: ` as `anyhow` prints them.
-pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cause = e.source();
-    }
-    out
-}

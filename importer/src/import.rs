@@ -10,6 +10,7 @@
 //! is incomplete; a path whose reference failed is not published. Memory
 //! is bounded by `jobs` streams, whatever the NAR sizes.
 
+use lazystore_castore::error_chain;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::cache::{BinaryCache, HttpOptions, http_client};
-use crate::error::{PathError, PathErrorKind, SetupError, chain};
+use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::progress::{Progress, ProgressMode, bytes};
 use crate::retry::RetryPolicy;
 use crate::stream::{
@@ -32,7 +33,7 @@ use crate::stream::{
     take_stream_error,
 };
 use crate::summary::Summary;
-use crate::wanted::Wanted;
+use lazystore_pathinfo::Wanted;
 
 /// The cache Nix substitutes from by default.
 pub const DEFAULT_CACHE: &str = "https://cache.nixos.org";
@@ -649,7 +650,7 @@ impl Shared {
                     progress.warn(&format!(
                         "{}: {}; trying again in {wait:?}",
                         narinfo.store_path.to_absolute(),
-                        chain(&kind)
+                        error_chain(&kind)
                     ));
                     tokio::time::sleep(wait).await;
                     failed += 1;

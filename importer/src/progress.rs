@@ -2,13 +2,14 @@
 //! when stderr is a terminal, one plain line per finished path otherwise
 //! (logs, CI), or nothing.
 
+use lazystore_castore::error_chain;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::error::{PathError, chain};
+use crate::error::PathError;
 
 /// How an import reports progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,7 +138,7 @@ impl Progress {
 
     /// A path failed: shown above the bars, or as a line, with its causes.
     pub(crate) fn error(&self, error: &PathError) {
-        let message = chain(error);
+        let message = error_chain(error);
         match (&self.bars, self.mode) {
             (Some(bars), _) => {
                 bars.paths.inc(1);

@@ -30,7 +30,7 @@ use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::import::{Miss, Options, Outcome, Shared, classify};
 use crate::progress::{Progress, ProgressMode};
 use crate::stream::{decompress, supported};
-use crate::wanted::Wanted;
+use lazystore_pathinfo::Wanted;
 
 /// Upstream caches a mount substitutes single paths from.
 pub struct Upstream {
@@ -151,7 +151,7 @@ impl Upstream {
                 Err(Miss::NotThere) => {}
                 Err(Miss::Failed(kind)) => {
                     if first_failure.is_some() {
-                        tracing::warn!("{wanted}: {}", crate::error::chain(&kind));
+                        tracing::warn!("{wanted}: {}", lazystore_castore::error_chain(&kind));
                     } else {
                         first_failure = Some(kind);
                     }
@@ -256,7 +256,7 @@ impl Upstream {
                     tracing::warn!(
                         "{}: {}; trying again in {wait:?}",
                         narinfo.store_path.to_absolute(),
-                        crate::error::chain(&kind)
+                        lazystore_castore::error_chain(&kind)
                     );
                     tokio::time::sleep(wait).await;
                     failed += 1;

@@ -6,11 +6,13 @@ pub mod nar;
 pub mod pathinfos;
 pub mod render;
 mod store;
+pub mod substitute;
 
 mod narinfo;
 pub mod nixbase32;
 mod signature;
 mod store_path;
+mod wanted;
 
 pub use narinfo::{
     Compression, FieldError, HashError, MAX_NARINFO_SIZE, NarInfo, NarInfoError, format_sha256,
@@ -20,10 +22,15 @@ pub use signature::{
     KeyError, PUBLIC_KEY_LEN, PublicKey, SECRET_KEY_LEN, SIGNATURE_LEN, Signature, SignatureError,
     SigningKey, VerifyError, fingerprint,
 };
-pub use store::{LAZYSTORE_DIR, OpenStoreError, Store, default_cache_url, default_store_url};
+pub use store::{
+    BlobLayer, LAZYSTORE_DIR, LocalCache, OpenStoreError, Store, StoreOptions, default_cache_url,
+    default_store_url,
+};
 pub use store_path::{
     DIGEST_LEN, ENCODED_DIGEST_LEN, MAX_NAME_LEN, STORE_DIR, StorePath, StorePathError,
+    StorePathHash,
 };
+pub use wanted::Wanted;
 
 /// Wire types generated from `proto/pathinfo.proto`.
 #[allow(missing_docs, clippy::all)]

@@ -3,8 +3,14 @@
 //! place store URLs are parsed.
 //!
 //! A store is a plain struct of its three services, so a layer in front of
-//! one of them (a local chunk cache in front of a remote blob service) is
-//! built by replacing that field; `Store::open` hands out the bare backends.
+//! one of them is built by replacing that field. [`StoreOptions`] say which
+//! layers `Store::open` builds: a remote store's retry policy, a local
+//! chunk cache in front of it (by default for a remote store), and a
+//! wrapper of what that cache fetches (a mount's counters).
+//!
+//! A new backend is one file per service (in `castore::blobs`,
+//! `castore::directories`, `pathinfos`), a constructor here beside
+//! [`Store::redb`] and [`Store::grpc`], and one arm in [`Store::open`].
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -16,10 +22,10 @@ use lazystore_castore::blobs::{
 use lazystore_castore::directories::{
     CachingDirectoryService, GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
 };
-use lazystore_castore::grpc::{Connection, InvalidUrl};
+use lazystore_castore::grpc::{Connection, InvalidUrl, RetryPolicy};
 use lazystore_castore::{
-    Blobs, CacheOptions, CacheStore, ChunkerParams, DirectoryService, Node, OpenError, RedbOptions,
-    RedbStore, SyncMode,
+    BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, DEFAULT_CACHE_SIZE,
+    DirectoryService, Node, OpenError, RedbOptions, RedbStore, SyncMode,
 };
 
 use crate::pathinfos::{
@@ -49,6 +55,56 @@ pub struct Store {
     pub directories: Arc<dyn DirectoryService>,
     /// Store paths, published last.
     pub path_infos: Arc<dyn PathInfoService>,
+    /// The local chunk cache in front of the blobs and directories, if
+    /// [`Store::open`] (or [`Store::with_cache`]) put one there.
+    pub local_cache: Option<CacheStore>,
+}
+
+/// Wraps a blob service: a layer of a store (counters, say).
+pub type BlobLayer = Arc<dyn Fn(Arc<dyn BlobService>) -> Arc<dyn BlobService> + Send + Sync>;
+
+/// Where a store opened by [`Store::open`] keeps its local chunk cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LocalCache {
+    /// None: every read goes to the store.
+    #[default]
+    None,
+    /// At [`default_cache_url`] for a remote (`grpc+…`) store; none for a
+    /// local one, which is its own cache. What a builder's mount wants.
+    DefaultIfRemote,
+    /// In the redb file at this `redb:///abs/path` URL.
+    At(String),
+}
+
+/// How [`Store::open`] opens a store and which layers it puts in front.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// When a redb store's chunk lists and directories are made durable
+    /// (other schemes ignore it).
+    pub sync: SyncMode,
+    /// How a remote store's calls are retried.
+    pub retry: RetryPolicy,
+    /// The local chunk cache in front of the blobs and directories.
+    pub local_cache: LocalCache,
+    /// Most bytes the local cache keeps.
+    pub local_cache_bytes: u64,
+    /// A layer around the blob service the local cache fetches from (what
+    /// crosses the network, for a remote store). Unused without a cache.
+    pub cache_fetches: Option<BlobLayer>,
+}
+
+impl Default for StoreOptions {
+    /// Every commit fsynced, the default retries, no local cache (one of
+    /// [`DEFAULT_CACHE_SIZE`] if asked for), no layer.
+    fn default() -> Self {
+        StoreOptions {
+            sync: SyncMode::EveryCommit,
+            retry: RetryPolicy::default(),
+            local_cache: LocalCache::None,
+            local_cache_bytes: DEFAULT_CACHE_SIZE,
+            cache_fetches: None,
+        }
+    }
 }
 
 /// Why a store URL can't be opened. Every message names the URL.
@@ -155,6 +211,7 @@ impl Store {
             blobs: Blobs::new(Arc::new(MemoryBlobService::new()), ChunkerParams::default()),
             directories: Arc::new(MemoryDirectoryService::new()),
             path_infos: Arc::new(MemoryPathInfoService::new()),
+            local_cache: None,
         }
     }
 
@@ -168,6 +225,7 @@ impl Store {
             ),
             directories: Arc::new(RedbDirectoryService::new(store.clone())),
             path_infos: Arc::new(RedbPathInfoService::new(store)),
+            local_cache: None,
         }
     }
 
@@ -182,47 +240,70 @@ impl Store {
             ),
             directories: Arc::new(GrpcDirectoryService::new(connection.clone())),
             path_infos: Arc::new(GrpcPathInfoService::new(connection)),
+            local_cache: None,
         }
     }
 
-    /// Opens the store at `url`:
+    /// Opens the store at `url`, with the layers `options` ask for:
     ///
     /// - `memory://` — a fresh store in memory, gone when the process exits.
     /// - `redb:///abs/path/store.redb` — one redb file holding all three
-    ///   services, created (with its directory) if missing, every commit
-    ///   fsynced ([`SyncMode::EveryCommit`]); only one process can have it
-    ///   open. For other options open a [`RedbStore`] and use
-    ///   [`Store::redb`].
+    ///   services, created (with its directory) if missing, commits made
+    ///   durable as `options.sync` says; only one process can have it open.
+    ///   For other options open a [`RedbStore`] and use [`Store::redb`].
     /// - `grpc+http://host:port` — a `lazystore serve` over TCP.
     /// - `grpc+unix:///path/to.sock` — a `lazystore serve` on a Unix socket.
     ///
     /// gRPC stores connect on first use (and retry while the server is
-    /// unreachable, up to a deadline), so opening one always succeeds for a
-    /// well-formed URL. The default store is at [`default_store_url`].
-    pub async fn open(url: &str) -> Result<Store, OpenStoreError> {
-        Store::open_with(url, SyncMode::EveryCommit).await
+    /// unreachable, as `options.retry` says), so opening one always
+    /// succeeds for a well-formed URL. The default store is at
+    /// [`default_store_url`]. This is the only code that reads a store URL.
+    pub async fn open(url: &str, options: StoreOptions) -> Result<Store, OpenStoreError> {
+        let (store, remote) = Store::open_backend(url, &options).await?;
+        let cache_url = match options.local_cache {
+            LocalCache::None => return Ok(store),
+            LocalCache::DefaultIfRemote if !remote => return Ok(store),
+            LocalCache::DefaultIfRemote => default_cache_url()?,
+            LocalCache::At(url) => url,
+        };
+        let mut store = store;
+        if let Some(layer) = &options.cache_fetches {
+            let params = store.blobs.params();
+            store.blobs = Blobs::new(layer(store.blobs.service().clone()), params);
+        }
+        let cache = Store::open_cache(&cache_url, options.local_cache_bytes).await?;
+        Ok(store.with_cache(cache))
     }
 
-    /// [`Store::open`], with a redb store's chunk lists and directories
-    /// made durable as `sync` says (other schemes ignore it).
-    pub async fn open_with(url: &str, sync: SyncMode) -> Result<Store, OpenStoreError> {
+    /// The bare backend `url` names, and whether it is remote.
+    async fn open_backend(
+        url: &str,
+        options: &StoreOptions,
+    ) -> Result<(Store, bool), OpenStoreError> {
         if url == "memory://" {
-            return Ok(Store::memory());
+            tracing::warn!(
+                "{url}: a store in memory: everything stored is lost when the process exits"
+            );
+            return Ok((Store::memory(), false));
         }
         if let Some(path) = redb_path(url)? {
-            let options = RedbOptions { params: None, sync };
+            let redb = RedbOptions {
+                params: None,
+                sync: options.sync,
+            };
             // Opening may repair the file after a crash: blocking work.
-            let opened = tokio::task::spawn_blocking(move || RedbStore::open_with(path, options))
+            let opened = tokio::task::spawn_blocking(move || RedbStore::open_with(path, redb))
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             let store = opened.map_err(|source| OpenStoreError::Redb {
                 url: url.to_owned(),
                 source: Box::new(source),
             })?;
-            return Ok(Store::redb(store));
+            return Ok((Store::redb(store), false));
         }
         if url.starts_with("grpc+http://") || url.starts_with("grpc+unix://") {
-            return Ok(Store::grpc(Connection::lazy(url)?));
+            let connection = Connection::lazy(url)?.with_retry(options.retry);
+            return Ok((Store::grpc(connection), true));
         }
         Err(OpenStoreError::UnknownScheme(url.to_owned()))
     }
@@ -241,14 +322,18 @@ impl Store {
                 )),
                 params,
             ),
-            directories: Arc::new(CachingDirectoryService::new(cache, self.directories)),
+            directories: Arc::new(CachingDirectoryService::new(
+                cache.clone(),
+                self.directories,
+            )),
             path_infos: self.path_infos,
+            local_cache: Some(cache),
         }
     }
 
     /// Opens (or creates) the local cache at `url`, `redb:///abs/path`,
     /// bounded to `max_bytes`, for [`Store::with_cache`].
-    pub async fn open_cache(url: &str, max_bytes: u64) -> Result<CacheStore, OpenStoreError> {
+    async fn open_cache(url: &str, max_bytes: u64) -> Result<CacheStore, OpenStoreError> {
         let Some(path) = redb_path(url)? else {
             return Err(OpenStoreError::RedbUrl {
                 url: url.to_owned(),
@@ -306,9 +391,21 @@ mod tests {
 
     #[tokio::test]
     async fn urls() {
-        assert!(Store::open("memory://").await.is_ok());
-        assert!(Store::open("grpc+http://127.0.0.1:1").await.is_ok());
-        assert!(Store::open("grpc+unix:///run/lazystore.sock").await.is_ok());
+        assert!(
+            Store::open("memory://", StoreOptions::default())
+                .await
+                .is_ok()
+        );
+        assert!(
+            Store::open("grpc+http://127.0.0.1:1", StoreOptions::default())
+                .await
+                .is_ok()
+        );
+        assert!(
+            Store::open("grpc+unix:///run/lazystore.sock", StoreOptions::default())
+                .await
+                .is_ok()
+        );
         for (bad, says) in [
             ("memory:", "unsupported"),
             ("/abs/store.redb", "unsupported"),
@@ -317,7 +414,11 @@ mod tests {
             ("grpc+http://host:1/path", "no path"),
             ("grpc+unix://relative.sock", "absolute"),
         ] {
-            let e = Store::open(bad).await.err().expect(bad).to_string();
+            let e = Store::open(bad, StoreOptions::default())
+                .await
+                .err()
+                .expect(bad)
+                .to_string();
             assert!(e.contains(bad) && e.contains(says), "{bad}: {e}");
         }
     }
@@ -363,11 +464,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn options_choose_the_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache_url = format!("redb://{}/cache.redb", dir.path().display());
+        let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let layer: BlobLayer = {
+            let counted = counted.clone();
+            Arc::new(move |inner| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                inner
+            })
+        };
+        let with_cache = |local_cache| StoreOptions {
+            local_cache,
+            cache_fetches: Some(layer.clone()),
+            ..StoreOptions::default()
+        };
+        // A local store is its own cache unless one is named.
+        let local = Store::open("memory://", with_cache(LocalCache::DefaultIfRemote)).await;
+        assert!(local.unwrap().local_cache.is_none());
+        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let remote = "grpc+http://127.0.0.1:1";
+        let cached = Store::open(remote, with_cache(LocalCache::At(cache_url.clone()))).await;
+        assert!(cached.unwrap().local_cache.is_some());
+        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let bare = Store::open(remote, with_cache(LocalCache::None)).await;
+        assert!(bare.unwrap().local_cache.is_none());
+        let bad = Store::open(remote, with_cache(LocalCache::At("memory://".into()))).await;
+        assert!(
+            bad.err()
+                .unwrap()
+                .to_string()
+                .contains("a cache is a redb file")
+        );
+    }
+
+    #[tokio::test]
     async fn redb_names_the_url_when_the_file_is_taken() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("redb://{}/sub/store.redb", dir.path().display());
-        let _first = Store::open(&url).await.unwrap();
-        let e = Store::open(&url).await.err().unwrap();
+        let _first = Store::open(&url, StoreOptions::default()).await.unwrap();
+        let e = Store::open(&url, StoreOptions::default())
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(
             e,
             OpenStoreError::Redb {

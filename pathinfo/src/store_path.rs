@@ -71,6 +71,39 @@ pub enum StorePathError {
     NotInStoreDir,
 }
 
+/// The 20-byte hash part of a store path: what stores key PathInfos by
+/// (not to be confused with a 32-byte BLAKE3 content [`Digest`]).
+///
+/// [`Digest`]: lazystore_castore::Digest
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StorePathHash([u8; DIGEST_LEN]);
+
+impl StorePathHash {
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; DIGEST_LEN] {
+        &self.0
+    }
+}
+
+impl From<[u8; DIGEST_LEN]> for StorePathHash {
+    fn from(bytes: [u8; DIGEST_LEN]) -> Self {
+        StorePathHash(bytes)
+    }
+}
+
+impl fmt::Display for StorePathHash {
+    /// The 32 nixbase32 characters of a basename.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&nixbase32::encode(&self.0))
+    }
+}
+
+impl fmt::Debug for StorePathHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StorePathHash({self})")
+    }
+}
+
 /// A store path: a 20-byte digest and a validated name.
 ///
 /// Ordered like Nix orders store paths (by the basename as a string), which is
@@ -123,6 +156,11 @@ impl StorePath {
     /// The 20-byte digest.
     pub fn digest(&self) -> &[u8; DIGEST_LEN] {
         &self.digest
+    }
+
+    /// The hash part, as stores key it.
+    pub fn hash(&self) -> StorePathHash {
+        StorePathHash(self.digest)
     }
 
     /// The name after the dash.

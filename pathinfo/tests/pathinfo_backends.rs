@@ -84,7 +84,9 @@ async fn grpc() -> Backend {
     }));
     Backend {
         name: "grpc",
-        store: Store::open(&url).await.unwrap(),
+        store: Store::open(&url, lazystore_pathinfo::StoreOptions::default())
+            .await
+            .unwrap(),
         checks_root: true,
         corrupt_record: Some(corrupt),
         _keep: Box::new((stop, dir)),

@@ -197,7 +197,8 @@ async fn unix_socket() {
     let sock = dir.path().join("lazystore.sock");
     let store = Store::memory();
     let (_stop, _task) = start(tokio::net::UnixListener::bind(&sock).unwrap(), &store);
-    let client = Store::open(&format!("grpc+unix://{}", sock.display()))
+    let url = format!("grpc+unix://{}", sock.display());
+    let client = Store::open(&url, lazystore_pathinfo::StoreOptions::default())
         .await
         .unwrap();
     let info = symlink_info(3);

@@ -152,7 +152,9 @@ pub fn ingest(url: &str, paths: &[&str]) -> Vec<lazystore_pathinfo::ingest::Inge
     use lazystore_pathinfo::{Store, StorePath};
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let store = Store::open(url).await.unwrap();
+        let store = Store::open(url, lazystore_pathinfo::StoreOptions::default())
+            .await
+            .unwrap();
         let mut out = Vec::new();
         for path in paths {
             let mut child = tokio::process::Command::new("nix-store")

@@ -9,6 +9,7 @@
 //! `DirectoryError::MissingChild` whether its backend is local or remote.
 //! Anything else becomes a [`GrpcError`] naming the server.
 
+use crate::error_chain;
 use std::error::Error;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -112,24 +113,13 @@ const KNOWN_REASONS: &[&str] = &[
     "chunk sizes do not add up",
 ];
 
-/// An error and its sources, joined with ": ".
-fn chain(err: &dyn Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let _ = write!(out, ": {e}");
-        source = e.source();
-    }
-    out
-}
-
 /// A status carrying `err`'s message and, if `kind` is set, the metadata a
 /// client needs to rebuild it.
 struct Builder(Status);
 
 impl Builder {
     fn new(code: Code, err: &dyn Error, kind: Option<&'static str>) -> Self {
-        let mut status = Status::new(code, chain(err));
+        let mut status = Status::new(code, error_chain(err));
         if let Some(kind) = kind {
             status
                 .metadata_mut()
@@ -183,7 +173,7 @@ impl From<BlobError> for Status {
             BlobError::Backend(_) => Builder::new(Code::Internal, &e, None),
         };
         if matches!(e, BlobError::Backend(_)) {
-            tracing::warn!(error = %chain(&e), "blob backend failed");
+            tracing::warn!(error = %error_chain(&e), "blob backend failed");
         }
         b.0
     }
@@ -230,7 +220,7 @@ impl From<DirectoryError> for Status {
                     DecodeDirectoryError::Decode { .. } | DecodeDirectoryError::Mismatch { .. }
                 )
         ) {
-            tracing::warn!(error = %chain(&e), "directory backend failed");
+            tracing::warn!(error = %error_chain(&e), "directory backend failed");
         }
         b.0
     }

@@ -145,6 +145,7 @@ pub fn test_store() -> (Store, Arc<MemoryBlobService>, Arc<Faults>) {
         blobs: Blobs::new(Arc::new(blobs), ChunkerParams::default()),
         directories: Arc::new(MemoryDirectoryService::new()),
         path_infos: Arc::new(MemoryPathInfoService::new()),
+        local_cache: None,
     };
     (store, inner, faults)
 }

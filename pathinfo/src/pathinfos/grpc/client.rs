@@ -12,12 +12,13 @@
 
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt};
+use lazystore_castore::error_chain;
 use lazystore_castore::grpc::{AttemptError, BadMessage, CallError, Connection, InvalidUrl};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use super::MAX_PATH_INFO_SIZE;
-use super::status::{chain, into_pathinfo_error};
+use super::status::into_pathinfo_error;
 use crate::pathinfos::{PathInfo, PathInfoError, PathInfoService};
 use crate::proto;
 use crate::proto::path_info_service_client::PathInfoServiceClient;
@@ -86,7 +87,7 @@ impl GrpcPathInfoService {
 
 /// A PathInfo the server sent, validated.
 fn checked(wire: proto::PathInfo) -> Result<PathInfo, BadMessage> {
-    PathInfo::try_from(wire).map_err(|e| BadMessage::new("path_info", chain(&e)))
+    PathInfo::try_from(wire).map_err(|e| BadMessage::new("path_info", error_chain(&e)))
 }
 
 /// The rest of a `List` stream, each message awaited within the attempt

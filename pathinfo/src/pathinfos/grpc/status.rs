@@ -11,8 +11,7 @@
 //!
 //! [`GrpcError`]: lazystore_castore::grpc::GrpcError
 
-use std::error::Error;
-use std::fmt::Write as _;
+use lazystore_castore::error_chain;
 
 use lazystore_castore::Digest;
 use lazystore_castore::grpc::CallError;
@@ -34,17 +33,6 @@ const ACTUAL: &str = "lazystore-actual";
 const MISSING_ROOT: &str = "pathinfo-missing-root";
 const ROOT_SIZE_MISMATCH: &str = "pathinfo-root-size-mismatch";
 
-/// An error and its sources, joined with ": ".
-pub(super) fn chain(err: &dyn Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let _ = write!(out, ": {e}");
-        source = e.source();
-    }
-    out
-}
-
 fn insert(status: &mut Status, key: &'static str, value: impl ToString) {
     if let Ok(v) = MetadataValue::try_from(value.to_string()) {
         status.metadata_mut().insert(key, v);
@@ -63,7 +51,7 @@ impl From<PathInfoError> for Status {
             PathInfoError::Invalid(_) => Code::DataLoss,
             PathInfoError::Backend(_) => Code::Internal,
         };
-        let mut status = Status::new(code, chain(&e));
+        let mut status = Status::new(code, error_chain(&e));
         match &e {
             PathInfoError::MissingRoot { store_path, root } => {
                 insert(&mut status, KIND, MISSING_ROOT);
@@ -83,7 +71,7 @@ impl From<PathInfoError> for Status {
                 insert(&mut status, ACTUAL, actual);
             }
             PathInfoError::Invalid(_) | PathInfoError::Backend(_) => {
-                tracing::warn!(error = %chain(&e), "PathInfo backend failed");
+                tracing::warn!(error = %error_chain(&e), "PathInfo backend failed");
             }
         }
         status
@@ -92,7 +80,7 @@ impl From<PathInfoError> for Status {
 
 /// A PathInfo sent by a client that is not valid: `INVALID_ARGUMENT`.
 pub(super) fn invalid_request(e: PathInfoDecodeError) -> Status {
-    Status::invalid_argument(chain(&PathInfoError::Invalid(e)))
+    Status::invalid_argument(error_chain(&PathInfoError::Invalid(e)))
 }
 
 /// No PathInfo for `hash`: `NOT_FOUND`.

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use lazystore_pathinfo::{DIGEST_LEN, StorePath, StorePathError, nixbase32};
+use crate::{DIGEST_LEN, StorePath, StorePathError, nixbase32};
 
 /// A store path to import, known by its hash and, unless it was given as a
 /// bare hash, by its full name too.

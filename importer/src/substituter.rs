@@ -1,5 +1,7 @@
-//! Store paths the store lacks, substituted lazily from upstream binary
-//! caches.
+//! [`UpstreamSubstituter`]: store paths the store lacks, substituted
+//! lazily from upstream binary caches — the upstream layer of a
+//! [`Substituters`](lazystore_pathinfo::substitute::Substituters)
+//! composition.
 //!
 //! A lookup of an unknown path asks the upstreams for its narinfo (checked
 //! as an import checks it). If the cache has a `.ls` listing of the NAR
@@ -21,7 +23,7 @@
 //!
 //! The listing is not signed, so until the NAR is verified what is shown
 //! (sizes, modes, symlink targets) is only what the cache claims: the
-//! kernel is told to keep those attributes for [`LISTING_TTL`] only.
+//! path stands [`Standing::Provisional`] until then.
 //!
 //! Placeholders are BLAKE3 keyed hashes under a key drawn per mount, so no
 //! content can collide with one; they are never shown as digests (the
@@ -42,12 +44,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use lazystore_castore::{Digest, Directory, DirectoryError, DirectoryService, Node};
-use lazystore_importer::{Found, PathError, Peeked, Upstream, Wanted};
 use lazystore_pathinfo::listing::{Listing, ListingEntry};
 use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoService};
-use lazystore_pathinfo::{DIGEST_LEN, StorePath};
+use lazystore_pathinfo::substitute::{Standing, SubstituteError, Substituter, Validity};
+use lazystore_pathinfo::{Store, StorePath, StorePathHash};
 use tokio::sync::OnceCell;
+
+use crate::error::PathError;
+use crate::upstream::{Found, Peeked, Upstream};
+use lazystore_pathinfo::Wanted;
 
 /// How long "no upstream has this path" is believed, by default.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
@@ -55,16 +62,12 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 /// Paths remembered as missing before the expired ones are dropped.
 const MAX_MISSING: usize = 4096;
 
-/// How long the kernel may keep attributes shown from a listing not yet
-/// checked against its NAR.
-pub const LISTING_TTL: Duration = Duration::from_secs(1);
-
 /// A path found upstream.
-pub(crate) struct UpstreamPath {
-    pub(crate) found: Found,
+struct UpstreamPath {
+    found: Found,
     /// The root shown: from the listing or the NAR's start (with
     /// placeholders), or the real one once fetched.
-    pub(crate) shown: Node,
+    shown: Node,
     /// Where `shown` came from.
     shown_from: ShownFrom,
     /// The real root, once the NAR is ingested (and, for a listed path,
@@ -110,7 +113,7 @@ type PathCell = Arc<OnceCell<Arc<UpstreamPath>>>;
 
 /// Why a path's contents could not be had.
 #[derive(Clone, Debug, thiserror::Error)]
-pub(crate) enum FetchError {
+enum FetchError {
     /// Downloading or verifying the NAR failed.
     #[error(transparent)]
     Upstream(Arc<PathError>),
@@ -125,9 +128,21 @@ pub(crate) enum FetchError {
     Store(#[source] Arc<DirectoryError>),
 }
 
-/// The upstream side of a mount.
-pub(crate) struct Upstreams {
-    upstream: Arc<Upstream>,
+impl From<FetchError> for SubstituteError {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::Listing(_) | FetchError::NotADirectory => {
+                SubstituteError::Inconsistent(lazystore_castore::error_chain(&e).into())
+            }
+            e => SubstituteError::Source(Arc::new(e)),
+        }
+    }
+}
+
+/// Upstream binary caches as a [`Substituter`]: paths shown from their
+/// narinfos and listings, fetched into the store on first use.
+pub struct UpstreamSubstituter {
+    upstream: Upstream,
     /// Where fetched trees are read back from, to check them.
     directories: Arc<dyn DirectoryService>,
     /// Where fetched paths are published once their closure is.
@@ -135,47 +150,41 @@ pub(crate) struct Upstreams {
     key: [u8; 32],
     /// One cell per path asked for: concurrent lookups wait on one fetch.
     // std Mutexes: one map operation per call, no await.
-    paths: Mutex<HashMap<[u8; DIGEST_LEN], PathCell>>,
+    paths: Mutex<HashMap<StorePathHash, PathCell>>,
     /// When each path was last found in no cache.
-    missing: Mutex<HashMap<[u8; DIGEST_LEN], Instant>>,
+    missing: Mutex<HashMap<StorePathHash, Instant>>,
     /// How long such an answer is believed.
     negative_ttl: Duration,
     placeholders: Mutex<HashMap<Digest, Placeholder>>,
     /// Placeholder file → the real file, once its path is verified.
     resolved: Mutex<HashMap<Digest, Digest>>,
-    pub(crate) narinfos_fetched: AtomicU64,
+    narinfos_fetched: AtomicU64,
 }
 
 /// Why an upstream lookup found nothing to show.
-pub(crate) enum LookupError {
+enum LookupError {
     /// No upstream has the path (or it was found missing recently).
     Missing,
-    /// An upstream failed; logged.
+    /// An upstream failed.
     Failed(FetchError),
 }
 
-/// Where a shown path stands, for the filesystem.
-pub(crate) enum Standing {
-    /// Real content: from the store, a path fetched without a listing, or
-    /// a listed one whose NAR matched.
-    Verified,
-    /// Shown from a listing or the NAR's start, its NAR not yet checked.
-    Listed,
-    /// Its NAR differs from its listing.
-    Poisoned(FetchError),
-}
-
-impl Upstreams {
-    pub(crate) fn new(
-        upstream: Arc<Upstream>,
-        directories: Arc<dyn DirectoryService>,
-        path_infos: Arc<dyn PathInfoService>,
+impl UpstreamSubstituter {
+    /// The caches of `options` (tried in order; only `caches`,
+    /// `trusted_keys`, `check_signatures`, `retry` and `http` are used)
+    /// in front of `store`: fetched NARs are stored in it and fetched
+    /// paths published there once their closure is. "No cache has it" is
+    /// believed for `negative_ttl`. Opens nothing yet.
+    pub fn new(
+        store: Store,
+        options: crate::Options,
         negative_ttl: Duration,
-    ) -> Self {
-        Upstreams {
+    ) -> Result<Self, crate::SetupError> {
+        let upstream = Upstream::new(store.clone(), options)?;
+        Ok(UpstreamSubstituter {
             upstream,
-            directories,
-            path_infos,
+            directories: store.directories,
+            path_infos: store.path_infos,
             key: rand_key(),
             paths: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
@@ -183,17 +192,13 @@ impl Upstreams {
             placeholders: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
             narinfos_fetched: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn upstream(&self) -> &Upstream {
-        &self.upstream
+        })
     }
 
     /// The path to show for `path`, looked up upstream (once, however many
     /// ask at the same time).
-    pub(crate) async fn lookup(&self, path: &StorePath) -> Result<Arc<UpstreamPath>, LookupError> {
-        let digest = *path.digest();
+    async fn lookup(&self, path: &StorePath) -> Result<Arc<UpstreamPath>, LookupError> {
+        let digest = path.hash();
         if self.recently_missing(&digest) {
             return Err(LookupError::Missing);
         }
@@ -226,7 +231,7 @@ impl Upstreams {
         Ok(found.clone())
     }
 
-    fn recently_missing(&self, digest: &[u8; DIGEST_LEN]) -> bool {
+    fn recently_missing(&self, digest: &StorePathHash) -> bool {
         let mut missing = self.missing.lock().expect("poisoned");
         match missing.get(digest) {
             Some(at) if at.elapsed() < self.negative_ttl => true,
@@ -240,7 +245,7 @@ impl Upstreams {
 
     async fn find(&self, path: &StorePath) -> Result<Arc<UpstreamPath>, LookupError> {
         // Another waiter may have found it missing while this one waited.
-        if self.recently_missing(path.digest()) {
+        if self.recently_missing(&path.hash()) {
             return Err(LookupError::Missing);
         }
         let failed = |e| LookupError::Failed(FetchError::Upstream(Arc::new(e)));
@@ -253,7 +258,7 @@ impl Upstreams {
                 if missing.len() >= MAX_MISSING {
                     missing.retain(|_, at| at.elapsed() < self.negative_ttl);
                 }
-                missing.insert(*path.digest(), Instant::now());
+                missing.insert(path.hash(), Instant::now());
                 tracing::info!(
                     "{}: in no upstream cache (narinfo not found); returning ENOENT, \
                      believed for {:?}",
@@ -326,7 +331,7 @@ impl Upstreams {
 
     /// For the placeholder root of a directory path shown before its NAR:
     /// the path.
-    pub(crate) fn unfetched(&self, digest: &Digest) -> Option<Arc<UpstreamPath>> {
+    fn unfetched(&self, digest: &Digest) -> Option<Arc<UpstreamPath>> {
         match self.placeholders.lock().expect("poisoned").get(digest) {
             Some(Placeholder::Unfetched(path)) => Some(path.clone()),
             _ => None,
@@ -360,23 +365,15 @@ impl Upstreams {
     }
 
     /// The directory a placeholder digest stands for, if it is one.
-    pub(crate) fn directory(&self, digest: &Digest) -> Option<Arc<Directory>> {
+    fn listed_directory(&self, digest: &Digest) -> Option<Arc<Directory>> {
         match self.placeholders.lock().expect("poisoned").get(digest) {
             Some(Placeholder::Directory(d)) => Some(d.clone()),
             _ => None,
         }
     }
 
-    /// Whether `digest` is a placeholder (of a file or a directory).
-    pub(crate) fn is_placeholder(&self, digest: &Digest) -> bool {
-        self.placeholders
-            .lock()
-            .expect("poisoned")
-            .contains_key(digest)
-    }
-
     /// For a placeholder file: the path it is in.
-    pub(crate) fn file(&self, digest: &Digest) -> Option<Arc<UpstreamPath>> {
+    fn listed_file(&self, digest: &Digest) -> Option<Arc<UpstreamPath>> {
         match self.placeholders.lock().expect("poisoned").get(digest) {
             Some(Placeholder::File(path)) => Some(path.clone()),
             _ => None,
@@ -385,16 +382,18 @@ impl Upstreams {
 
     /// The real digest of placeholder file `digest`, once its path is
     /// fetched and verified.
-    pub(crate) fn resolved(&self, digest: &Digest) -> Option<Digest> {
+    fn resolved(&self, digest: &Digest) -> Option<Digest> {
         self.resolved.lock().expect("poisoned").get(digest).copied()
     }
 
-    /// Where the shown path named `basename` (`<hash>-<name>`) stands.
-    pub(crate) fn standing(&self, basename: &str) -> Standing {
-        let Some(digest) = StorePath::from_basename(basename).ok().map(|p| *p.digest()) else {
-            return Standing::Verified;
-        };
-        let cell = self.paths.lock().expect("poisoned").get(&digest).cloned();
+    /// Where the shown path `path` stands.
+    fn path_standing(&self, path: &StorePath) -> Standing {
+        let cell = self
+            .paths
+            .lock()
+            .expect("poisoned")
+            .get(&path.hash())
+            .cloned();
         match cell.as_deref().and_then(OnceCell::get) {
             Some(path) => path.standing(),
             None => Standing::Verified,
@@ -405,22 +404,18 @@ impl Upstreams {
     /// and for a listed path the shown tree checked against it. One
     /// download at a time; a reader that began (at `started`) before a
     /// download failed gets its failure, and a later reader tries again.
-    pub(crate) async fn fetched(
-        &self,
-        path: &UpstreamPath,
-        started: Instant,
-    ) -> Result<Node, FetchError> {
+    async fn fetched(&self, path: &UpstreamPath, started: Instant) -> Result<Node, FetchError> {
         if let Some(root) = path.fetched.get() {
             return Ok(root.clone());
         }
-        if let Standing::Poisoned(e) = path.standing() {
+        if let Some(e) = path.poisoned() {
             return Err(e);
         }
         let _only = path.fetch_lock.lock().await;
         if let Some(root) = path.fetched.get() {
             return Ok(root.clone());
         }
-        if let Standing::Poisoned(e) = path.standing() {
+        if let Some(e) = path.poisoned() {
             return Err(e);
         }
         if let Some((at, e)) = &*path.last_failure.lock().expect("poisoned")
@@ -516,7 +511,7 @@ impl Upstreams {
                 ) if s == size && x == executable => resolved.push((placeholder, digest)),
                 (Node::Symlink { target: s }, Node::Symlink { target }) if s == target => {}
                 (Node::Directory { digest: s, .. }, Node::Directory { digest, .. }) => {
-                    let shown_dir = self.directory(&s).ok_or_else(differs)?;
+                    let shown_dir = self.listed_directory(&s).ok_or_else(differs)?;
                     let real_dir = self
                         .directories
                         .get(&digest)
@@ -551,11 +546,115 @@ impl Upstreams {
     }
 }
 
+#[async_trait]
+impl Substituter for UpstreamSubstituter {
+    fn describe(&self) -> String {
+        self.upstream.urls().collect::<Vec<_>>().join(", ")
+    }
+
+    async fn find(&self, path: &StorePath) -> Result<Option<PathInfo>, SubstituteError> {
+        match self.lookup(path).await {
+            Ok(found) => {
+                let narinfo = &found.found.narinfo;
+                Ok(Some(PathInfo {
+                    store_path: narinfo.store_path.clone(),
+                    root: found.root(),
+                    references: narinfo.references.clone(),
+                    nar_size: narinfo.nar_size,
+                    nar_sha256: narinfo.nar_hash,
+                    signatures: narinfo.signatures.clone(),
+                    deriver: narinfo.deriver.clone(),
+                    ca: narinfo.ca.clone(),
+                }))
+            }
+            Err(LookupError::Missing) => Ok(None),
+            Err(LookupError::Failed(e)) => Err(e.into()),
+        }
+    }
+
+    /// The checked narinfo only: no listing, no NAR.
+    async fn validity(&self, wanted: &Wanted) -> Result<Option<Validity>, SubstituteError> {
+        self.narinfos_fetched.fetch_add(1, Ordering::Relaxed);
+        let found = self.upstream.narinfo(wanted).await;
+        let found = found.map_err(|e| SubstituteError::Source(Arc::new(e)))?;
+        Ok(found.map(|found| Validity::from(found.narinfo)))
+    }
+
+    async fn directory(
+        &self,
+        shown: &Digest,
+        started: Instant,
+    ) -> Result<Option<Arc<Directory>>, SubstituteError> {
+        if let Some(dir) = self.listed_directory(shown) {
+            return Ok(Some(dir));
+        }
+        let Some(path) = self.unfetched(shown) else {
+            return Ok(None);
+        };
+        let Node::Directory { digest, .. } = self.fetched(&path, started).await? else {
+            return Err(FetchError::NotADirectory.into());
+        };
+        let dir = self.directories.get(&digest).await;
+        let dir = dir.map_err(|e| FetchError::Store(Arc::new(e)))?;
+        let dir = dir.ok_or(FetchError::Store(Arc::new(DirectoryError::NotFound(
+            digest,
+        ))))?;
+        Ok(Some(Arc::new(dir)))
+    }
+
+    async fn file(
+        &self,
+        shown: &Digest,
+        started: Instant,
+    ) -> Result<Option<Digest>, SubstituteError> {
+        let Some(path) = self.listed_file(shown) else {
+            return Ok(None);
+        };
+        self.fetched(&path, started).await?;
+        match self.resolved(shown) {
+            Some(real) => Ok(Some(real)),
+            None => Err(SubstituteError::Inconsistent(
+                "a verified listing left a file unresolved".into(),
+            )),
+        }
+    }
+
+    fn defers(&self, digest: &Digest) -> bool {
+        self.unfetched(digest).is_some()
+    }
+
+    fn is_placeholder(&self, digest: &Digest) -> bool {
+        self.placeholders
+            .lock()
+            .expect("poisoned")
+            .contains_key(digest)
+    }
+
+    fn standing(&self, path: &StorePath) -> Standing {
+        self.path_standing(path)
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            (
+                "upstream_narinfos_fetched",
+                self.narinfos_fetched.load(Ordering::Relaxed),
+            ),
+            ("upstream_nar_peeks", self.upstream.nar_peeks()),
+            ("upstream_nar_downloads", self.upstream.nar_downloads()),
+            (
+                "upstream_bytes_downloaded",
+                self.upstream.downloaded_bytes(),
+            ),
+        ]
+    }
+}
+
 impl UpstreamPath {
     /// The root to give a new inode of this path: the real one once a
     /// path shown from its NAR's start is fetched (its placeholder root has
     /// no entries), else the one shown.
-    pub(crate) fn root(&self) -> Node {
+    fn root(&self) -> Node {
         match (self.shown_from, self.fetched.get()) {
             (ShownFrom::Peek, Some(real)) => real.clone(),
             _ => self.shown.clone(),
@@ -574,12 +673,16 @@ impl UpstreamPath {
         }
     }
 
+    fn poisoned(&self) -> Option<FetchError> {
+        self.poisoned.lock().expect("poisoned").clone()
+    }
+
     fn standing(&self) -> Standing {
-        if let Some(e) = self.poisoned.lock().expect("poisoned").clone() {
-            return Standing::Poisoned(e);
+        if let Some(e) = self.poisoned() {
+            return Standing::Poisoned(e.into());
         }
         if self.shown_from != ShownFrom::Nar && !self.fetched.initialized() {
-            Standing::Listed
+            Standing::Provisional
         } else {
             Standing::Verified
         }
