@@ -13,7 +13,7 @@ use lazystore_httpcache::{
     DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression, UploadAuth,
 };
 use lazystore_pathinfo::pathinfos::PathInfoServer;
-use lazystore_pathinfo::{SigningKey, Store, StoreOptions, default_store_url};
+use lazystore_pathinfo::{SigningKey, Store, StoreOptions, default_store_url, is_ephemeral};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -101,6 +101,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let store = Store::open(&url, StoreOptions::default()).await?;
+    if is_ephemeral(&url) {
+        tracing::warn!("serving {url}: everything stored is lost when it stops");
+    }
     let grpc = match &args.listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,

@@ -19,13 +19,9 @@
 use lazystore_castore::error_chain;
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use async_compression::tokio::bufread::{
-    BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder,
-};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -34,11 +30,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::TryStreamExt as _;
 use lazystore_castore::Node;
+use lazystore_pathinfo::decompress::{Decompressed, decompress};
 use lazystore_pathinfo::ingest::{IngestError, ingest_nar};
 use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{MAX_NARINFO_SIZE, NarInfo, StorePath, nixbase32};
+use lazystore_pathinfo::{Compression, MAX_NARINFO_SIZE, NarInfo, StorePath, nixbase32};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
 
 use crate::error::HttpError;
@@ -49,13 +46,6 @@ pub const STAGED_FOR: Duration = Duration::from_secs(3600);
 
 /// NARs waiting for their narinfo, at most; the oldest is forgotten first.
 pub const MAX_STAGED: usize = 4096;
-
-/// Memory an xz decoder may use: Nix writes `xz -6` (9 MiB); `-9` needs
-/// 65 MiB. A stream asking for more is refused.
-const XZ_MEMORY_LIMIT: u64 = 128 << 20;
-
-/// Read size between the request body and the decoder.
-const UPLOAD_BUFFER: usize = 256 * 1024;
 
 /// An ingested NAR waiting for its narinfo.
 #[derive(Clone, Debug)]
@@ -170,27 +160,21 @@ fn body_reader(body: Body) -> impl AsyncRead + Send + Unpin + 'static {
 
 /// The decompressed NAR of an upload to `nar/<file>`, by the file's
 /// extension, as Nix names them.
-fn decompressed(file: &str, body: Body) -> Result<Pin<Box<dyn AsyncRead + Send>>, HttpError> {
-    let input = BufReader::with_capacity(UPLOAD_BUFFER, body_reader(body));
+fn decompressed(file: &str, body: Body) -> Result<Decompressed, HttpError> {
     let Some((_, extension)) = file.split_once(".nar") else {
         return Err(HttpError::BadRequest(format!(
-            "/nar/{file}: expected a NAR file name (…​.nar, .nar.xz, .nar.zst, .nar.bz2, .nar.br)"
+            "/nar/{file}: expected a NAR file name (…​.nar, .nar.xz, .nar.zst, .nar.bz2, .nar.br, \
+             .nar.gz)"
         )));
     };
-    Ok(match extension {
-        "" => Box::pin(input),
-        ".xz" => Box::pin(XzDecoder::with_mem_limit(input, XZ_MEMORY_LIMIT)),
-        ".zst" => Box::pin(ZstdDecoder::new(input)),
-        ".bz2" => Box::pin(BzDecoder::new(input)),
-        ".br" => Box::pin(BrotliDecoder::new(input)),
-        ".gz" => Box::pin(GzipDecoder::new(input)),
-        other => {
-            return Err(HttpError::Unsupported(format!(
-                "/nar/{file}: cannot decompress {other:?} uploads; upload with \
-                 ?compression=none, xz, zstd, bzip2 or br"
-            )));
-        }
-    })
+    Compression::from_nar_extension(extension)
+        .and_then(|compression| decompress(body_reader(body), compression))
+        .ok_or_else(|| {
+            HttpError::Unsupported(format!(
+                "/nar/{file}: cannot decompress {extension:?} uploads; upload with \
+                 ?compression=none, xz, zstd, bzip2, br or gzip"
+            ))
+        })
 }
 
 /// `PUT /nar/<file>`: ingest the NAR and stage it for its narinfo.

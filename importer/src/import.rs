@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lazystore_castore::Node;
+use lazystore_pathinfo::decompress::Decompressed;
 use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_hashed_nar};
 use lazystore_pathinfo::nar::{NarError, NarErrorKind};
 use lazystore_pathinfo::pathinfos::PathInfo;
@@ -28,10 +29,7 @@ use crate::cache::{BinaryCache, HttpOptions, http_client};
 use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::progress::{Progress, ProgressMode, bytes};
 use crate::retry::RetryPolicy;
-use crate::stream::{
-    Bounded, Counted, Decompressed, StreamError, decompress, pipelined, supported,
-    take_stream_error,
-};
+use crate::stream::{Bounded, Counted, StreamError, decompress, pipelined, take_stream_error};
 use crate::summary::Summary;
 use lazystore_pathinfo::Wanted;
 
@@ -601,7 +599,7 @@ impl Shared {
         }
 
         let nar_url = cache.file_url(&narinfo.url);
-        if !supported(narinfo.compression) {
+        if !narinfo.compression.supported() {
             return Err(Miss::Failed(PathErrorKind::UnsupportedCompression {
                 url: nar_url,
                 compression: narinfo.compression,

@@ -14,21 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
-use async_compression::tokio::bufread::{
-    BrotliDecoder, BzDecoder, GzipDecoder, XzDecoder, ZstdDecoder,
-};
 use lazystore_pathinfo::Compression;
+use lazystore_pathinfo::decompress::Decompressed;
 use lazystore_pathinfo::ingest::{HashedNar, NarDigest};
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use crate::cache::CacheError;
-
-/// Memory an xz decoder may use. `xz -9` needs 65 MiB; Nix writes `xz -6`
-/// (9 MiB). A stream asking for more is refused instead of allocated.
-const XZ_MEMORY_LIMIT: u64 = 128 * 1024 * 1024;
-
-/// Read size between the transport and the decoder.
-const COMPRESSED_BUFFER: usize = 256 * 1024;
 
 /// A failure of one stage of the pipeline, carried inside an [`io::Error`].
 #[derive(Debug, thiserror::Error)]
@@ -171,33 +162,17 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     }
 }
 
-/// The decompressed stream of a cache file, for any supported method.
-pub type Decompressed = Pin<Box<dyn AsyncRead + Send>>;
-
-/// Whether `compression` can be decompressed here. Nix caches use xz,
-/// zstd, bzip2 and none; br and gzip come almost free with the others.
-pub fn supported(compression: Compression) -> bool {
-    !matches!(compression, Compression::Lzip | Compression::Lz4)
-}
-
 /// Decompresses `compressed` as `compression`, tagging decoder failures.
-/// Must only be called when [`supported`] says so.
+/// Must only be called when [`Compression::supported`] says so.
 pub fn decompress<R>(compressed: R, compression: Compression) -> Decompressed
 where
     R: AsyncRead + Send + 'static,
 {
-    let input = BufReader::with_capacity(COMPRESSED_BUFFER, compressed);
-    let decoder: Decompressed = match compression {
-        Compression::None => return Box::pin(input),
-        Compression::Xz => Box::pin(XzDecoder::with_mem_limit(input, XZ_MEMORY_LIMIT)),
-        Compression::Zstd => Box::pin(ZstdDecoder::new(input)),
-        Compression::Bzip2 => Box::pin(BzDecoder::new(input)),
-        Compression::Brotli => Box::pin(BrotliDecoder::new(input)),
-        Compression::Gzip => Box::pin(GzipDecoder::new(input)),
-        Compression::Lzip | Compression::Lz4 => {
-            unreachable!("callers check `supported` first")
-        }
-    };
+    let decoder = lazystore_pathinfo::decompress::decompress(compressed, compression)
+        .expect("callers check `Compression::supported` first");
+    if compression == Compression::None {
+        return decoder;
+    }
     Box::pin(Tagged {
         inner: decoder,
         compression,

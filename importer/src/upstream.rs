@@ -29,7 +29,7 @@ use crate::cache::{BinaryCache, http_client};
 use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::import::{Miss, Options, Outcome, Shared, classify};
 use crate::progress::{Progress, ProgressMode};
-use crate::stream::{decompress, supported};
+use crate::stream::decompress;
 use lazystore_pathinfo::Wanted;
 
 /// Upstream caches a mount substitutes single paths from.
@@ -234,7 +234,7 @@ impl Upstream {
         };
         let cache = self.cache(found.cache).await.map_err(error)?;
         let nar_url = cache.file_url(&narinfo.url);
-        if !supported(narinfo.compression) {
+        if !narinfo.compression.supported() {
             return Err(error(PathErrorKind::UnsupportedCompression {
                 url: nar_url,
                 compression: narinfo.compression,

@@ -1,5 +1,6 @@
 //! The Nix layer.
 
+pub mod decompress;
 pub mod ingest;
 pub mod listing;
 pub mod nar;
@@ -24,7 +25,7 @@ pub use signature::{
 };
 pub use store::{
     BlobLayer, LAZYSTORE_DIR, LocalCache, OpenStoreError, Store, StoreOptions, default_cache_url,
-    default_store_url,
+    default_store_url, is_ephemeral,
 };
 pub use store_path::{
     DIGEST_LEN, ENCODED_DIGEST_LEN, MAX_NAME_LEN, STORE_DIR, StorePath, StorePathError,

@@ -186,6 +186,15 @@ fn default_url(
     }
 }
 
+/// Whether the store at `url` keeps nothing once its process exits
+/// (`memory://`), for a server to warn about.
+pub fn is_ephemeral(url: &str) -> bool {
+    url == MEMORY_URL
+}
+
+/// The URL of a fresh store in memory.
+const MEMORY_URL: &str = "memory://";
+
 /// The path of a `redb:///abs/path` URL; `None` for another scheme.
 fn redb_path(url: &str) -> Result<Option<PathBuf>, OpenStoreError> {
     let Some(path) = url.strip_prefix("redb://") else {
@@ -280,10 +289,7 @@ impl Store {
         url: &str,
         options: &StoreOptions,
     ) -> Result<(Store, bool), OpenStoreError> {
-        if url == "memory://" {
-            tracing::warn!(
-                "{url}: a store in memory: everything stored is lost when the process exits"
-            );
+        if url == MEMORY_URL {
             return Ok((Store::memory(), false));
         }
         if let Some(path) = redb_path(url)? {
