@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use lazystore_castore::{BlobService, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
-    CountingBlobService, FsOptions, LazyFs, MountConfig, RetryPolicy, Stats, StatsSnapshot,
+    CountingBlobService, FsOptions, LazyFs, MountConfig, RemoteReads, RetryPolicy, Stats,
+    StatsSnapshot,
 };
 use lazystore_importer::{DEFAULT_TRUSTED_KEY, NEGATIVE_TTL, UpstreamSubstituter};
 use lazystore_pathinfo::substitute::{StoreSubstituter, Substituter, Substituters};
@@ -162,7 +163,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             local_cache_bytes: args.cache_size,
             // Count what the local cache has to fetch from the store.
             cache_fetches: Some(Arc::new(move |inner: Arc<dyn BlobService>| {
-                Arc::new(CountingBlobService::new(inner, counting.clone())) as Arc<dyn BlobService>
+                Arc::new(CountingBlobService::new(
+                    inner,
+                    RemoteReads(counting.clone()),
+                )) as Arc<dyn BlobService>
             })),
             ..StoreOptions::default()
         },

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
-use lazystore_castore::blobs::{ChunkMeta, EncodedChunk, MemoryBlobService, RedbBlobService};
+use lazystore_castore::blobs::{
+    BlobObserver, ChunkMeta, EncodedChunk, MemoryBlobService, ObservedBlobService, RedbBlobService,
+};
 use lazystore_castore::directories::{MemoryDirectoryService, RedbDirectoryService};
 use lazystore_castore::{
     BlobError, BlobMeta, BlobService, Blobs, ChunkerParams, Digest, Directory, DirectoryError,
@@ -316,35 +317,15 @@ async fn one_inserted_byte_adds_at_most_three_chunks() {
     }
 }
 
-/// Passes everything through, counting the chunks sent to `put_chunks`.
+/// Counts the chunks put.
+#[derive(Default)]
 struct CountingPuts {
-    inner: Arc<dyn BlobService>,
     chunks_put: AtomicUsize,
 }
 
-#[async_trait]
-impl BlobService for CountingPuts {
-    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
-        self.inner.chunker_params().await
-    }
-    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
-        self.inner.stat(blob).await
-    }
-    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
-        self.inner.read_chunks(chunks).await
-    }
-    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
-        self.inner.missing_chunks(chunks).await
-    }
-    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
+impl BlobObserver for CountingPuts {
+    fn before_put(&self, chunks: &[EncodedChunk]) {
         self.chunks_put.fetch_add(chunks.len(), Ordering::Relaxed);
-        self.inner.put_chunks(chunks).await
-    }
-    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
-        self.inner.put_blob(blob, meta).await
-    }
-    fn uploads_travel(&self) -> bool {
-        self.inner.uploads_travel()
     }
 }
 
@@ -358,11 +339,9 @@ async fn uploads_send_only_missing_chunks_however_small() {
         if !remote {
             continue;
         }
-        let counting = Arc::new(CountingPuts {
-            inner: b.blobs.clone(),
-            chunks_put: AtomicUsize::new(0),
-        });
-        let blobs = Blobs::new(counting.clone(), b.params);
+        let counting = Arc::new(CountingPuts::default());
+        let observed = ObservedBlobService::new(b.blobs.clone(), counting.clone());
+        let blobs = Blobs::new(Arc::new(observed), b.params);
         for len in [1, 1000, 40_000] {
             let data = random(len);
             let before = counting.chunks_put.load(Ordering::Relaxed);
@@ -383,11 +362,9 @@ async fn uploads_send_only_missing_chunks_however_small() {
 #[tokio::test]
 async fn second_put_of_the_same_data_stores_no_chunk() {
     for b in backends().await {
-        let counting = Arc::new(CountingPuts {
-            inner: b.blobs.clone(),
-            chunks_put: AtomicUsize::new(0),
-        });
-        let blobs = Blobs::new(counting.clone(), b.params);
+        let counting = Arc::new(CountingPuts::default());
+        let observed = ObservedBlobService::new(b.blobs.clone(), counting.clone());
+        let blobs = Blobs::new(Arc::new(observed), b.params);
         let data = compressible(2 << 20);
         let first = blobs.put(&data).await.unwrap();
         let n = blobs.stat(&first).await.unwrap().unwrap().chunks.len();

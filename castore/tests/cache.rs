@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use lazystore_castore::blobs::{CachingBlobService, EncodedChunk, MemoryBlobService};
+use lazystore_castore::blobs::{
+    BlobObserver, CachingBlobService, EncodedChunk, MemoryBlobService, ObservedBlobService,
+};
 use lazystore_castore::directories::{CachingDirectoryService, MemoryDirectoryService};
 use lazystore_castore::{
-    BlobError, BlobMeta, BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, Digest,
-    Directory, DirectoryError, DirectoryService, Node, PathComponent,
+    BlobError, BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, Digest, Directory,
+    DirectoryError, DirectoryService, Node, PathComponent,
 };
 use rand::RngExt;
 
@@ -52,15 +54,14 @@ fn flip_chunk(c: &mut EncodedChunk) {
     c.data = data.into();
 }
 
-/// A memory blob store that counts what is asked of it.
+/// Counts what is asked of the remote.
 #[derive(Default)]
-struct CountingBlobs {
-    inner: MemoryBlobService,
+struct Calls {
     stats: AtomicUsize,
     chunks_read: AtomicUsize,
 }
 
-impl CountingBlobs {
+impl Calls {
     fn calls(&self) -> (usize, usize) {
         (
             self.stats.load(Ordering::SeqCst),
@@ -70,31 +71,19 @@ impl CountingBlobs {
 }
 
 #[async_trait]
-impl BlobService for CountingBlobs {
-    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
-        self.inner.chunker_params().await
-    }
-    fn uploads_travel(&self) -> bool {
-        self.inner.uploads_travel()
-    }
-    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
+impl BlobObserver for Calls {
+    fn before_stat(&self, _blob: &Digest) {
         self.stats.fetch_add(1, Ordering::SeqCst);
-        self.inner.stat(blob).await
     }
-    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
+
+    async fn before_read(&self, chunks: &[Digest]) -> Result<(), BlobError> {
         self.chunks_read.fetch_add(chunks.len(), Ordering::SeqCst);
-        self.inner.read_chunks(chunks).await
-    }
-    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
-        self.inner.missing_chunks(chunks).await
-    }
-    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
-        self.inner.put_chunks(chunks).await
-    }
-    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
-        self.inner.put_blob(blob, meta).await
+        Ok(())
     }
 }
+
+/// A memory blob store that counts what is asked of it.
+type CountingBlobs = ObservedBlobService<Calls>;
 
 /// A memory directory store that counts gets.
 #[derive(Default)]
@@ -122,6 +111,8 @@ impl DirectoryService for CountingDirs {
 struct Fixture {
     dir: tempfile::TempDir,
     remote: Arc<CountingBlobs>,
+    /// The remote's store, to damage it.
+    remote_memory: Arc<MemoryBlobService>,
     remote_dirs: Arc<CountingDirs>,
     local: CacheStore,
     cache: Arc<CachingBlobService>,
@@ -130,13 +121,18 @@ struct Fixture {
 impl Fixture {
     fn new(max_bytes: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let remote = Arc::new(CountingBlobs::default());
+        let remote_memory = Arc::new(MemoryBlobService::new());
+        let remote = Arc::new(ObservedBlobService::new(
+            remote_memory.clone(),
+            Calls::default(),
+        ));
         let local =
             CacheStore::open(dir.path().join("cache.redb"), CacheOptions { max_bytes }).unwrap();
         let cache = Arc::new(CachingBlobService::new(local.clone(), remote.clone()));
         Fixture {
             dir,
             remote,
+            remote_memory,
             remote_dirs: Arc::default(),
             local,
             cache,
@@ -148,6 +144,7 @@ impl Fixture {
         let Fixture {
             dir,
             remote,
+            remote_memory,
             remote_dirs,
             local,
             cache,
@@ -159,6 +156,7 @@ impl Fixture {
         Fixture {
             dir,
             remote,
+            remote_memory,
             remote_dirs,
             local,
             cache,
@@ -237,7 +235,7 @@ async fn damaged_cached_chunk_is_refetched_and_replaced() {
         assert!(f.local.corrupt_chunk(&victim.digest, flip_chunk).unwrap());
         assert!(f.cached(&victim.digest).unwrap().is_err());
 
-        let (_, before) = f.remote.calls();
+        let (_, before) = f.remote.observer().calls();
         let got = blobs
             .read_range(&digest, &meta, victim_at + 10, 100)
             .await
@@ -245,9 +243,9 @@ async fn damaged_cached_chunk_is_refetched_and_replaced() {
         let at = victim_at as usize + 10;
         assert_eq!(&got[..], &data[at..at + 100]);
         // Only the damaged chunk came from the remote.
-        assert_eq!(f.remote.calls().1, before + 1);
+        assert_eq!(f.remote.observer().calls().1, before + 1);
         // The cached copy is the remote's, byte for byte, and verifies.
-        let remote_copy = f.remote.inner.read_chunks(&[victim.digest]).await.unwrap();
+        let remote_copy = f.remote_memory.read_chunks(&[victim.digest]).await.unwrap();
         assert_eq!(
             f.local.stored_chunk(&victim.digest).unwrap().unwrap(),
             remote_copy[0]
@@ -255,7 +253,7 @@ async fn damaged_cached_chunk_is_refetched_and_replaced() {
         assert!(f.cached(&victim.digest).unwrap().is_ok());
         // And it serves the next read without the remote.
         assert_eq!(read_all(&blobs, digest).await.unwrap(), data);
-        assert_eq!(f.remote.calls().1, before + 1);
+        assert_eq!(f.remote.observer().calls().1, before + 1);
     }
 }
 
@@ -269,7 +267,7 @@ async fn damaged_remote_chunk_fails_naming_it_and_is_not_cached() {
     let meta = blobs.stat(&digest).await.unwrap().unwrap();
     let victim = meta.chunks[1];
     let victim_at = meta.chunks[0].size;
-    assert!(f.remote.inner.corrupt_chunk(&victim.digest, flip_chunk));
+    assert!(f.remote_memory.corrupt_chunk(&victim.digest, flip_chunk));
 
     let err = blobs
         .read_range(&digest, &meta, victim_at + 10, 100)
@@ -292,7 +290,7 @@ async fn damaged_remote_chunk_fails_naming_it_and_is_not_cached() {
         .unwrap();
     assert!(f.local.contains_chunk(&other.digest));
     assert!(f.local.corrupt_chunk(&other.digest, flip_chunk).unwrap());
-    assert!(f.remote.inner.corrupt_chunk(&other.digest, flip_chunk));
+    assert!(f.remote_memory.corrupt_chunk(&other.digest, flip_chunk));
     let err = blobs
         .read_range(&digest, &meta, other_at, 10)
         .await
@@ -314,7 +312,7 @@ async fn cached_reads_do_not_touch_the_remote() {
     let blobs = f.blobs();
     assert_eq!(read_all(&blobs, digest).await.unwrap(), data);
     let n = blobs.stat(&digest).await.unwrap().unwrap().chunks.len();
-    assert_eq!(f.remote.calls(), (1, n));
+    assert_eq!(f.remote.observer().calls(), (1, n));
     let meta = blobs.stat(&digest).await.unwrap().unwrap();
     assert_eq!(read_all(&blobs, digest).await.unwrap(), data);
     let got = blobs
@@ -322,7 +320,11 @@ async fn cached_reads_do_not_touch_the_remote() {
         .await
         .unwrap();
     assert_eq!(&got[..], &data[1000..1000 + (2 << 20)]);
-    assert_eq!(f.remote.calls(), (1, n), "cached reads went to the remote");
+    assert_eq!(
+        f.remote.observer().calls(),
+        (1, n),
+        "cached reads went to the remote"
+    );
     let stats = f.local.stats();
     assert_eq!((stats.chunks, stats.blobs), (n as u64, 1));
 
@@ -400,11 +402,11 @@ async fn damaged_cached_directory_and_chunk_list_are_refetched() {
                 })
                 .unwrap()
         );
-        let (stats, _) = f.remote.calls();
+        let (stats, _) = f.remote.observer().calls();
         assert_eq!(blobs.stat(&digest).await.unwrap(), Some(meta.clone()));
-        assert_eq!(f.remote.calls().0, stats + 1);
+        assert_eq!(f.remote.observer().calls().0, stats + 1);
         assert_eq!(blobs.stat(&digest).await.unwrap(), Some(meta.clone()));
-        assert_eq!(f.remote.calls().0, stats + 1);
+        assert_eq!(f.remote.observer().calls().0, stats + 1);
     }
 }
 
@@ -428,16 +430,16 @@ async fn evicts_the_least_recently_used() {
     assert!(f.cached(&a).is_none());
 
     // B is read again (from the cache), so C is now the least recent.
-    let (_, before) = f.remote.calls();
+    let (_, before) = f.remote.observer().calls();
     f.read(b).await;
-    assert_eq!(f.remote.calls().1, before);
+    assert_eq!(f.remote.observer().calls().1, before);
     f.read(d).await;
     assert_eq!(held(&f), [false, true, false, true]);
     assert!(f.cached(&cc).is_none());
     assert!(f.local.stats().bytes <= bound);
     // A comes back from the remote, and pushes out B.
     f.read(a).await;
-    assert_eq!(f.remote.calls().1, before + 2);
+    assert_eq!(f.remote.observer().calls().1, before + 2);
     assert_eq!(held(&f), [true, false, false, true]);
 }
 

@@ -6,49 +6,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lazystore_castore::blobs::{EncodedChunk, GrpcBlobService, MemoryBlobService};
+use lazystore_castore::blobs::{
+    BlobObserver, EncodedChunk, GrpcBlobService, MemoryBlobService, ObservedBlobService,
+};
 use lazystore_castore::directories::MemoryDirectoryService;
 use lazystore_castore::grpc::{Connection, RetryPolicy, Services, serve};
-use lazystore_castore::{BlobError, BlobMeta, BlobService, Digest};
+use lazystore_castore::{BlobError, BlobService, Digest};
 use tokio::sync::{Notify, oneshot};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// A backend whose chunk reads are slow, and which says when the first one
-/// starts.
+/// Makes chunk reads slow, and says when the first one starts.
 struct Slow {
-    inner: MemoryBlobService,
     reading: Arc<Notify>,
 }
 
 #[async_trait]
-impl BlobService for Slow {
-    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
-        self.inner.stat(blob).await
-    }
-    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
+impl BlobObserver for Slow {
+    async fn before_read(&self, _chunks: &[Digest]) -> Result<(), BlobError> {
         self.reading.notify_one();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        self.inner.read_chunks(chunks).await
-    }
-    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
-        self.inner.missing_chunks(chunks).await
-    }
-    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
-        self.inner.put_chunks(chunks).await
-    }
-    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
-        self.inner.put_blob(blob, meta).await
+        Ok(())
     }
 }
 
 #[tokio::test]
 async fn shutdown_lets_a_stream_in_flight_finish() {
     let reading = Arc::new(Notify::new());
-    let backend = Arc::new(Slow {
-        inner: MemoryBlobService::new(),
-        reading: reading.clone(),
-    });
+    let backend = Arc::new(ObservedBlobService::new(
+        Arc::new(MemoryBlobService::new()),
+        Slow {
+            reading: reading.clone(),
+        },
+    ));
     // 64 chunks: four backend batches, so at least 300 ms of stream after
     // the first read starts.
     let chunks: Vec<EncodedChunk> = (0..64u32)

@@ -27,4 +27,4 @@ pub use fs::{
 pub use inode::Ino;
 pub use mount::{MountConfig, MountError, Mounted, mount};
 pub use retry::RetryPolicy;
-pub use stats::{CountingBlobService, Stats, StatsSnapshot};
+pub use stats::{CountingBlobService, RemoteReads, Stats, StatsSnapshot};

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use async_trait::async_trait;
-use lazystore_castore::blobs::{BlobMeta, BlobService, EncodedChunk};
-use lazystore_castore::{BlobError, ChunkerParams, Digest};
+use lazystore_castore::blobs::{BlobObserver, EncodedChunk, ObservedBlobService};
 
 /// The mount's counters. Every field only grows.
 #[derive(Debug)]
@@ -228,53 +226,19 @@ impl fmt::Display for StatsSnapshot {
 /// A [`BlobService`] that counts the chunks read through it into
 /// [`Stats`]' `remote_*` counters: put it around the remote store, under
 /// the local cache, and the counters tell what crossed the network.
-pub struct CountingBlobService {
-    inner: Arc<dyn BlobService>,
-    stats: Arc<Stats>,
-}
+pub type CountingBlobService = ObservedBlobService<RemoteReads>;
 
-impl CountingBlobService {
-    /// Counts reads through `inner` into `stats`.
-    pub fn new(inner: Arc<dyn BlobService>, stats: Arc<Stats>) -> Self {
-        CountingBlobService { inner, stats }
-    }
-}
+/// Counts the chunks read into [`Stats`]' `remote_*` counters.
+pub struct RemoteReads(pub Arc<Stats>);
 
-#[async_trait]
-impl BlobService for CountingBlobService {
-    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
-        self.inner.chunker_params().await
-    }
-
-    fn uploads_travel(&self) -> bool {
-        self.inner.uploads_travel()
-    }
-
-    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
-        self.inner.stat(blob).await
-    }
-
-    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
-        let got = self.inner.read_chunks(chunks).await?;
-        let s = &self.stats;
+impl BlobObserver for RemoteReads {
+    fn after_read(&self, got: &[EncodedChunk]) {
+        let s = &self.0;
         s.add(&s.remote_chunks, got.len() as u64);
         s.add(&s.remote_bytes, got.iter().map(|c| c.size).sum());
         s.add(
             &s.remote_wire_bytes,
             got.iter().map(|c| c.data.len() as u64).sum(),
         );
-        Ok(got)
-    }
-
-    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
-        self.inner.missing_chunks(chunks).await
-    }
-
-    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
-        self.inner.put_chunks(chunks).await
-    }
-
-    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
-        self.inner.put_blob(blob, meta).await
     }
 }

@@ -10,8 +10,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use lazystore_castore::blobs::{BlobMeta, EncodedChunk, MemoryBlobService};
-use lazystore_castore::{BlobError, BlobService, Blobs, ChunkerParams, Digest, Node};
+use lazystore_castore::blobs::{
+    BlobObserver, EncodedChunk, MemoryBlobService, ObservedBlobService,
+};
+use lazystore_castore::{Blobs, ChunkerParams, Digest, Node};
 use lazystore_httpcache::{HttpCache, Options, UploadAuth, serve_with_send_timeout};
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{NarInfo, Signature, SigningKey, Store, StorePath};
@@ -562,37 +564,16 @@ fn narinfos_keep_upstream_signatures_and_add_ours() {
 }
 
 /// Counts the bytes of the chunks read through it.
+#[derive(Default)]
 struct CountingReads {
-    inner: std::sync::Arc<dyn BlobService>,
     bytes: std::sync::atomic::AtomicU64,
 }
 
-#[async_trait::async_trait]
-impl BlobService for CountingReads {
-    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
-        self.inner.chunker_params().await
-    }
-    fn uploads_travel(&self) -> bool {
-        self.inner.uploads_travel()
-    }
-    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
-        self.inner.stat(blob).await
-    }
-    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
-        let got = self.inner.read_chunks(chunks).await?;
+impl BlobObserver for CountingReads {
+    fn after_read(&self, got: &[EncodedChunk]) {
         let n: u64 = got.iter().map(|c| c.size).sum();
         self.bytes
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        Ok(got)
-    }
-    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
-        self.inner.missing_chunks(chunks).await
-    }
-    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
-        self.inner.put_chunks(chunks).await
-    }
-    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
-        self.inner.put_blob(blob, meta).await
     }
 }
 
@@ -602,12 +583,10 @@ impl BlobService for CountingReads {
 fn a_range_reads_only_the_chunks_it_overlaps() {
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
-    let counting = Arc::new(CountingReads {
-        inner: Arc::new(MemoryBlobService::new()),
-        bytes: 0.into(),
-    });
+    let counting = Arc::new(CountingReads::default());
+    let observed = ObservedBlobService::new(Arc::new(MemoryBlobService::new()), counting.clone());
     let mut store = Store::memory();
-    store.blobs = Blobs::new(counting.clone(), ChunkerParams::default());
+    store.blobs = Blobs::new(Arc::new(observed), ChunkerParams::default());
     let running = start_on(store, Options::default(), lazystore_httpcache::SEND_TIMEOUT);
     let mut dir = lazystore_castore::Directory::new();
     for i in 0..32u64 {

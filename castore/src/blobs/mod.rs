@@ -9,6 +9,7 @@
 mod cache;
 mod grpc;
 mod memory;
+mod observed;
 mod redb;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub use self::cache::CachingBlobService;
 pub use self::grpc::GrpcBlobService;
 pub use self::redb::RedbBlobService;
 pub use memory::{MemoryBlobService, MemoryStats};
+pub use observed::{BlobObserver, ObservedBlobService};
 
 /// Largest chunk any store accepts (fastcdc's largest maximum), so a claimed
 /// size can be bounded before anything is allocated for it.

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lazystore_castore::blobs::{BlobMeta, BlobService, EncodedChunk, MemoryBlobService};
+use lazystore_castore::blobs::{
+    BlobObserver, EncodedChunk, MemoryBlobService, ObservedBlobService,
+};
 use lazystore_castore::directories::MemoryDirectoryService;
 use lazystore_castore::{
     BlobError, Blobs, ChunkerParams, Digest, Directory, Node, PathComponent, SymlinkTarget,
@@ -74,7 +76,7 @@ pub async fn publish(store: &Store, name: &str, root: Node) -> StorePath {
     store_path
 }
 
-/// What a [`TestBlobs`] does to reads.
+/// What a test store's blob backend does to reads.
 #[derive(Default)]
 pub struct Faults {
     /// `read_chunks` calls to fail with a backend error before succeeding.
@@ -85,62 +87,38 @@ pub struct Faults {
     pub chunks_read: AtomicU64,
 }
 
-/// A memory blob backend that counts, delays and fails reads on request.
-pub struct TestBlobs {
-    pub inner: Arc<MemoryBlobService>,
-    pub faults: Arc<Faults>,
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("injected backend failure")]
 pub struct Injected;
 
+/// Counts, delays and fails reads as its [`Faults`] say.
 #[async_trait]
-impl BlobService for TestBlobs {
-    async fn chunker_params(&self) -> Result<Option<ChunkerParams>, BlobError> {
-        self.inner.chunker_params().await
-    }
-    fn uploads_travel(&self) -> bool {
-        self.inner.uploads_travel()
-    }
-    async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
-        self.inner.stat(blob).await
-    }
-    async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
-        let delay = self.faults.delay_ms.load(Ordering::Relaxed);
+impl BlobObserver for Faults {
+    async fn before_read(&self, _chunks: &[Digest]) -> Result<(), BlobError> {
+        let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        let failing = self.faults.fail_reads.load(Ordering::Relaxed);
+        let failing = self.fail_reads.load(Ordering::Relaxed);
         if failing > 0 {
-            self.faults.fail_reads.store(failing - 1, Ordering::Relaxed);
+            self.fail_reads.store(failing - 1, Ordering::Relaxed);
             return Err(BlobError::Backend(Box::new(Injected)));
         }
-        let got = self.inner.read_chunks(chunks).await?;
-        self.faults
-            .chunks_read
+        Ok(())
+    }
+
+    fn after_read(&self, got: &[EncodedChunk]) {
+        self.chunks_read
             .fetch_add(got.len() as u64, Ordering::Relaxed);
-        Ok(got)
-    }
-    async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
-        self.inner.missing_chunks(chunks).await
-    }
-    async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
-        self.inner.put_chunks(chunks).await
-    }
-    async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
-        self.inner.put_blob(blob, meta).await
     }
 }
 
-/// A memory store whose blob backend is a [`TestBlobs`].
+/// A memory store whose blob backend counts, delays and fails reads as the
+/// [`Faults`] returned say.
 pub fn test_store() -> (Store, Arc<MemoryBlobService>, Arc<Faults>) {
     let inner = Arc::new(MemoryBlobService::new());
     let faults = Arc::new(Faults::default());
-    let blobs = TestBlobs {
-        inner: inner.clone(),
-        faults: faults.clone(),
-    };
+    let blobs = ObservedBlobService::new(inner.clone(), faults.clone());
     let store = Store {
         blobs: Blobs::new(Arc::new(blobs), ChunkerParams::default()),
         directories: Arc::new(MemoryDirectoryService::new()),
