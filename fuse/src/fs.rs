@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
+use lazystore_castore::blobs::{ChunkIndex, cut};
 use lazystore_castore::{Digest, Directory, Node};
 use lazystore_pathinfo::substitute::{
     PROVISIONAL_TTL, Standing, StoreSubstituter, SubstituteError, Substituter,
@@ -31,7 +32,7 @@ use lazystore_pathinfo::{Store, StorePath};
 
 use crate::chunks::ChunkFetcher;
 use crate::error::FsError;
-use crate::inode::{ChunkIndex, Ino, Inode, InodeTable, Kind, ReadState};
+use crate::inode::{Ino, Inode, InodeTable, Kind, ReadState};
 use crate::passthrough::Passthrough;
 use crate::retry::RetryPolicy;
 use crate::stats::{Stats, StatsSnapshot};
@@ -846,7 +847,7 @@ impl LazyFs {
             .get_or_try_init(|| self.chunk_index(&inode, digest, *file_size, started))
             .await?;
         let range = index.overlapping(offset, end);
-        self.read_ahead(&inode, index, read_state, offset, end, *range.end());
+        self.read_ahead(&inode, index, read_state, offset, end, range.end - 1);
         let digests: Vec<Digest> = index.meta.chunks[range.clone()]
             .iter()
             .map(|c| c.digest)
@@ -869,19 +870,14 @@ impl LazyFs {
                 &Inconsistent("a chunk's length differs from its chunk list entry"),
             ));
         }
-        let first_start = index.starts[*range.start()];
-        let out = if chunks.len() == 1 {
-            let from = (offset - first_start) as usize;
-            chunks[0].slice(from..from + (end - offset) as usize)
+        let first_start = index.start(range.start);
+        let mut pieces = cut(chunks, offset - first_start, end - first_start);
+        let out = if pieces.len() == 1 {
+            pieces.pop().expect("one piece")
         } else {
             let mut out = BytesMut::with_capacity((end - offset) as usize);
-            let mut pos = first_start;
-            for c in &chunks {
-                let c_end = pos + c.len() as u64;
-                let from = offset.saturating_sub(pos) as usize;
-                let to = (end.min(c_end) - pos) as usize;
-                out.extend_from_slice(&c[from..to]);
-                pos = c_end;
+            for piece in &pieces {
+                out.extend_from_slice(piece);
             }
             out.freeze()
         };
@@ -967,7 +963,7 @@ impl LazyFs {
             let limit = s.next + s.window;
             let from = s.ahead_until.max(last + 1);
             let mut to = from;
-            while to < index.starts.len() && index.starts[to] < limit {
+            while to < index.len() && index.start(to) < limit {
                 to += 1;
             }
             s.ahead_until = s.ahead_until.max(to);

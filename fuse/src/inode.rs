@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use lazystore_castore::blobs::BlobMeta;
+use lazystore_castore::blobs::ChunkIndex;
 use lazystore_castore::{Digest, Directory, SymlinkTarget};
 
 /// An inode number.
@@ -35,34 +35,6 @@ impl Ino {
 impl fmt::Display for Ino {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
-    }
-}
-
-/// A file's chunk list with the offset each chunk starts at.
-#[derive(Debug)]
-pub(crate) struct ChunkIndex {
-    pub(crate) meta: BlobMeta,
-    /// `starts[i]`: offset of chunk `i` in the file.
-    pub(crate) starts: Vec<u64>,
-}
-
-impl ChunkIndex {
-    pub(crate) fn new(meta: BlobMeta) -> Self {
-        let mut starts = Vec::with_capacity(meta.chunks.len());
-        let mut at = 0;
-        for c in &meta.chunks {
-            starts.push(at);
-            at += c.size;
-        }
-        ChunkIndex { meta, starts }
-    }
-
-    /// Indices of the chunks overlapping `[offset, end)`, which must be a
-    /// non-empty range inside the file.
-    pub(crate) fn overlapping(&self, offset: u64, end: u64) -> std::ops::RangeInclusive<usize> {
-        let first = self.starts.partition_point(|&s| s <= offset) - 1;
-        let last = self.starts.partition_point(|&s| s < end) - 1;
-        first..=last
     }
 }
 

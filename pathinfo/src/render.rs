@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
-use lazystore_castore::blobs::{BlobError, BlobMeta};
+use lazystore_castore::blobs::{BlobError, ChunkIndex, cut};
 use lazystore_castore::{
     Blobs, Digest, Directory, DirectoryError, DirectoryService, Node, PathComponent,
 };
@@ -570,9 +570,8 @@ async fn produce_range(
     let mut pending: std::collections::VecDeque<Piece> = std::collections::VecDeque::new();
     let mut pos = range.start;
     let mut batch = RANGE_BATCH_FIRST;
-    // The file being planned: its chunk list, the next chunk and where it
-    // starts in the file.
-    let mut current: Option<(usize, BlobMeta, usize, u64)> = None;
+    // The file being planned: its chunk index and the next chunk.
+    let mut current: Option<(usize, ChunkIndex, usize)> = None;
     // Bytes of the chunks being read or read, not yet sent.
     let mut ahead: u64 = 0;
     loop {
@@ -605,31 +604,28 @@ async fn produce_range(
                         }
                         // The first chunk overlapping `pos`.
                         let within = pos - file.nar_offset;
-                        let (mut index, mut chunk_start) = (0, 0u64);
-                        while chunk_start + meta.chunks[index].size <= within {
-                            chunk_start += meta.chunks[index].size;
-                            index += 1;
-                        }
-                        current = Some((i, meta, index, chunk_start));
+                        let index = ChunkIndex::new(meta);
+                        let first = index.overlapping(within, within + 1).start;
+                        current = Some((i, index, first));
                     }
-                    let (_, meta, index, chunk_start) = current.as_mut().expect("just set");
+                    let (_, index, next) = current.as_mut().expect("just set");
                     let from = pos - file.nar_offset;
                     let to = (range.end - file.nar_offset).min(file.size);
                     let mut digests = Vec::with_capacity(batch);
-                    let first_start = *chunk_start;
-                    while digests.len() < batch && *chunk_start < to {
-                        let chunk = meta.chunks[*index];
-                        let bytes = *chunk_start - first_start;
+                    let first_start = index.start(*next);
+                    let mut batch_end = first_start;
+                    while digests.len() < batch && batch_end < to {
+                        let chunk = index.meta.chunks[*next];
+                        let bytes = batch_end - first_start;
                         if !digests.is_empty()
                             && ahead + bytes + chunk.size > RANGE_READ_AHEAD_BYTES
                         {
                             break;
                         }
                         digests.push(chunk.digest);
-                        *chunk_start += chunk.size;
-                        *index += 1;
+                        batch_end += chunk.size;
+                        *next += 1;
                     }
-                    let batch_end = *chunk_start;
                     let bytes = batch_end - first_start;
                     ahead += bytes;
                     #[cfg(test)]
@@ -690,22 +686,6 @@ async fn produce_range(
         }
         ahead -= held;
     }
-}
-
-/// Bytes `from..to` of the concatenation of `chunks`, as slices of them.
-fn cut(chunks: Vec<Bytes>, from: u64, to: u64) -> Vec<Bytes> {
-    let mut out = Vec::with_capacity(chunks.len());
-    let mut start = 0u64;
-    for chunk in chunks {
-        let end = start + chunk.len() as u64;
-        if end > from && start < to {
-            let lo = from.saturating_sub(start) as usize;
-            let hi = (to.min(end) - start) as usize;
-            out.push(chunk.slice(lo..hi));
-        }
-        start = end;
-    }
-    out
 }
 
 /// Writes bytes `range` of the NAR laid out by `layout` into `writer`, as

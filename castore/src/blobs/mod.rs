@@ -8,6 +8,7 @@
 
 mod cache;
 mod grpc;
+mod index;
 mod memory;
 mod observed;
 mod redb;
@@ -23,6 +24,7 @@ use crate::proto::ChunkEncoding;
 
 pub use self::cache::CachingBlobService;
 pub use self::grpc::GrpcBlobService;
+pub use self::index::{ChunkIndex, cut};
 pub use self::redb::RedbBlobService;
 pub use memory::{MemoryBlobService, MemoryStats};
 pub use observed::{BlobObserver, ObservedBlobService};
@@ -439,32 +441,17 @@ impl Blobs {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        // Find the chunks overlapping [offset, end).
-        let mut start_of = 0u64;
-        let mut wanted = Vec::new();
-        let mut first_start = 0;
-        for c in &meta.chunks {
-            let c_end = start_of + c.size;
-            if c_end > offset && start_of < end {
-                if wanted.is_empty() {
-                    first_start = start_of;
-                }
-                wanted.push(c.digest);
-            }
-            if c_end >= end {
-                break;
-            }
-            start_of = c_end;
-        }
+        let index = ChunkIndex::new(meta.clone());
+        let overlapping = index.overlapping(offset, end);
+        // One batch of chunks in memory at a time besides the result.
         let mut out = Vec::with_capacity(len as usize);
-        let mut pos = first_start;
-        for batch in wanted.chunks(READ_BATCH_CHUNKS) {
-            for chunk in self.read_chunks_verified(batch).await? {
-                let c_end = pos + chunk.len() as u64;
-                let from = offset.saturating_sub(pos) as usize;
-                let to = (end.min(c_end) - pos) as usize;
-                out.extend_from_slice(&chunk[from..to]);
-                pos = c_end;
+        for first in overlapping.clone().step_by(READ_BATCH_CHUNKS) {
+            let batch = first..overlapping.end.min(first + READ_BATCH_CHUNKS);
+            let digests: Vec<Digest> = meta.chunks[batch].iter().map(|c| c.digest).collect();
+            let chunks = self.read_chunks_verified(&digests).await?;
+            let at = index.start(first);
+            for piece in cut(chunks, offset.saturating_sub(at), end - at) {
+                out.extend_from_slice(&piece);
             }
         }
         Ok(out.into())
