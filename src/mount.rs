@@ -153,7 +153,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut store = if remote {
         // The client's own retries end at the same deadline, so a read
         // fails with EIO once it passes, not a client deadline later.
-        let retry = lazystore_castore::grpc::RetryPolicy {
+        let retry = lazystore_castore::RetryPolicy {
             deadline,
             ..Default::default()
         };
