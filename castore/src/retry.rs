@@ -9,9 +9,13 @@
 //! [`DirectoryError`](crate::DirectoryError), `tonic::Status`, and the
 //! other crates' own).
 
+use std::error::Error;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
+
+use crate::grpc::GrpcError;
+use crate::{BlobError, DirectoryError};
 
 /// How a failure is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +32,30 @@ pub enum ErrorClass {
     /// request is wrong, or this process is broken (a task panicked, a
     /// worker thread is gone).
     Permanent,
+}
+
+impl ErrorClass {
+    /// The class of a backend failure (the source of a `Backend` variant):
+    /// that of the first error in its source chain that knows its class (a
+    /// [`GrpcError`], or a store error wrapped by another store's backend),
+    /// or else [`Transient`](ErrorClass::Transient): a database or I/O
+    /// error may heal.
+    pub fn of_backend(error: &(dyn Error + 'static)) -> ErrorClass {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(e) = e.downcast_ref::<GrpcError>() {
+                return e.class();
+            }
+            if let Some(e) = e.downcast_ref::<BlobError>() {
+                return e.class();
+            }
+            if let Some(e) = e.downcast_ref::<DirectoryError>() {
+                return e.class();
+            }
+            next = e.source();
+        }
+        ErrorClass::Transient
+    }
 }
 
 /// An error that knows its [`ErrorClass`].

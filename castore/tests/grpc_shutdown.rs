@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lazystore_castore::RetryPolicy;
 use lazystore_castore::blobs::{EncodedChunk, GrpcBlobService, MemoryBlobService};
 use lazystore_castore::directories::MemoryDirectoryService;
-use lazystore_castore::RetryPolicy;
 use lazystore_castore::grpc::{Connection, Services, serve};
 use lazystore_castore::{BlobError, BlobMeta, BlobService, Digest};
 use tokio::sync::{Notify, oneshot};

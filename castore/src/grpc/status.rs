@@ -22,6 +22,7 @@ use crate::blobs::BlobError;
 use crate::digest::Digest;
 use crate::directories::DirectoryError;
 use crate::nodes::DecodeDirectoryError;
+use crate::retry::{ErrorClass, Retryable};
 
 /// A failed gRPC call that the store's own error variants don't describe.
 /// Found as the source of `BlobError::Backend` / `DirectoryError::Backend`.
@@ -81,6 +82,38 @@ impl GrpcError {
     }
 }
 
+impl Retryable for GrpcError {
+    /// How a store call that failed over gRPC is retried by the caller,
+    /// above the client's own retries:
+    ///
+    /// - [`GaveUp`](GrpcError::GaveUp) is permanent. The client already
+    ///   retried it up to its [`RetryPolicy`](crate::RetryPolicy)'s
+    ///   deadline; retrying again would make a reader wait one deadline per
+    ///   layer. Give the client the deadline the reader should wait.
+    /// - [`BadReply`](GrpcError::BadReply), and a rejection with
+    ///   `DATA_LOSS` (the server found its own copy damaged), are corrupt:
+    ///   asked again, the server (or a source behind it) may answer right.
+    /// - A rejection with a transient code only comes from a stream broken
+    ///   off part way, which the client does not resume itself: transient,
+    ///   so the caller starts it again.
+    /// - Any other rejection is the server's final word: permanent.
+    fn class(&self) -> ErrorClass {
+        match self {
+            GrpcError::GaveUp { .. } => ErrorClass::Permanent,
+            GrpcError::BadReply { .. }
+            | GrpcError::Rejected {
+                code: Code::DataLoss,
+                ..
+            } => ErrorClass::Corrupt,
+            GrpcError::Rejected {
+                code: Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded,
+                ..
+            } => ErrorClass::Transient,
+            GrpcError::Rejected { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
 // Metadata keys. The variant is named by KIND; the others carry its fields.
 const KIND: &str = "lazystore-error";
 const DIGEST: &str = "lazystore-digest";
@@ -107,6 +140,7 @@ const KNOWN_REASONS: &[&str] = &[
     "wrong length",
     "BLAKE3 mismatch",
     "backend sent another chunk",
+    "remote sent another chunk",
     "chunk size out of range",
     "size overflows",
     "chunk sizes do not add up",
@@ -156,7 +190,9 @@ impl Builder {
 impl From<BlobError> for Status {
     /// Codes: unknown blob or chunk `NOT_FOUND`; an uploaded chunk or chunk
     /// list that fails its checks `INVALID_ARGUMENT` (the server produces
-    /// these only while checking uploads); a backend failure `INTERNAL`.
+    /// these only while checking uploads); a backend failure, a wrong
+    /// answer from the server's own backend or an internal failure
+    /// `INTERNAL`.
     fn from(e: BlobError) -> Self {
         let b = match &e {
             BlobError::BlobNotFound(d) => {
@@ -180,9 +216,14 @@ impl From<BlobError> for Status {
             }
             BlobError::OutOfRange { .. } => Builder::new(Code::OutOfRange, &e, None),
             BlobError::BlobMismatch { .. } => Builder::new(Code::DataLoss, &e, None),
-            BlobError::Backend(_) => Builder::new(Code::Internal, &e, None),
+            BlobError::Backend(_) | BlobError::BadAnswer(_) | BlobError::Internal(_) => {
+                Builder::new(Code::Internal, &e, None)
+            }
         };
-        if matches!(e, BlobError::Backend(_)) {
+        if matches!(
+            e,
+            BlobError::Backend(_) | BlobError::BadAnswer(_) | BlobError::Internal(_)
+        ) {
             tracing::warn!(error = %chain(&e), "blob backend failed");
         }
         b.0
@@ -193,7 +234,8 @@ impl From<DirectoryError> for Status {
     /// Codes: unknown directory `NOT_FOUND`; a put whose subdirectories are
     /// missing or mis-sized `FAILED_PRECONDITION` (put leaves first); an
     /// invalid directory `INVALID_ARGUMENT`, but stored bytes that don't
-    /// decode or hash right `DATA_LOSS`; a backend failure `INTERNAL`.
+    /// decode or hash right, or a damaged stored record, `DATA_LOSS`; a
+    /// backend or internal failure `INTERNAL`.
     fn from(e: DirectoryError) -> Self {
         let b = match &e {
             DirectoryError::NotFound(d) => {
@@ -220,12 +262,18 @@ impl From<DirectoryError> for Status {
             DirectoryError::Invalid(DecodeDirectoryError::Invalid { .. }) => {
                 Builder::new(Code::InvalidArgument, &e, None)
             }
-            DirectoryError::Invalid(_) => Builder::new(Code::DataLoss, &e, None),
-            DirectoryError::Backend(_) => Builder::new(Code::Internal, &e, None),
+            DirectoryError::Invalid(_) | DirectoryError::Corrupt(_) => {
+                Builder::new(Code::DataLoss, &e, None)
+            }
+            DirectoryError::Backend(_) | DirectoryError::Internal(_) => {
+                Builder::new(Code::Internal, &e, None)
+            }
         };
         if matches!(
             e,
             DirectoryError::Backend(_)
+                | DirectoryError::Corrupt(_)
+                | DirectoryError::Internal(_)
                 | DirectoryError::Invalid(
                     DecodeDirectoryError::Decode { .. } | DecodeDirectoryError::Mismatch { .. }
                 )
