@@ -148,15 +148,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None if remote => Some(default_cache_url()?),
         None => None,
     };
-    let deadline = Duration::from_secs(args.retry_deadline);
+    let retry = RetryPolicy {
+        deadline: Duration::from_secs(args.retry_deadline),
+        ..RetryPolicy::default()
+    };
     let stats = Arc::new(Stats::new());
     let mut store = if remote {
-        // The client's own retries end at the same deadline, so a read
-        // fails with EIO once it passes, not a client deadline later.
-        let retry = lazystore_castore::RetryPolicy {
-            deadline,
-            ..Default::default()
-        };
+        // The client's own retries end at the same deadline, and a call
+        // that gave up there is not retried again above it (see
+        // `GrpcError`'s `Retryable`), so a read fails with EIO once the
+        // deadline passes, not a deadline per layer later.
         Store::grpc(Connection::lazy(&url)?.with_retry(retry))
     } else {
         Store::open(&url).await?
@@ -175,10 +176,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let options = FsOptions {
         list_root: args.list_root,
-        retry: RetryPolicy {
-            deadline,
-            ..RetryPolicy::default()
-        },
+        retry,
         negative_ttl: std::time::Duration::from_secs(args.upstream_negative_ttl),
         ..FsOptions::default()
     };

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
-use lazystore_castore::{Digest, Directory, Node};
+use lazystore_castore::{Digest, Directory, Node, RetryPolicy};
 use lazystore_pathinfo::{Store, StorePath};
 
 use crate::chunks::ChunkFetcher;
 use crate::error::{FsError, chain};
 use crate::inode::{ChunkIndex, Ino, Inode, InodeTable, Kind, ReadState};
 use crate::passthrough::Passthrough;
-use crate::retry::RetryPolicy;
+use crate::retry;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::upstream::{LISTING_TTL, LookupError, Standing, Upstreams};
 
@@ -305,14 +305,11 @@ impl LazyFs {
         }
         let basename: Arc<str> = path.to_string().into();
         let what = || format!("{basename}: fetching its path info");
-        let info = self
-            .options
-            .retry
-            .run(&self.stats, &what, || {
-                self.store.path_infos.get(path.digest())
-            })
-            .await
-            .map_err(|e| self.io_error(&basename, "fetching the path info", &e))?;
+        let info = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.path_infos.get(path.digest())
+        })
+        .await
+        .map_err(|e| self.io_error(&basename, "fetching the path info", &e))?;
         self.stats.add(&self.stats.path_infos_fetched, 1);
         match info {
             Some(info) if info.store_path.name() == path.name() => {
@@ -485,12 +482,11 @@ impl LazyFs {
             return Ok(d);
         }
         let what = || format!("{path}: fetching directory {}", digest.fmt_short());
-        let got = self
-            .options
-            .retry
-            .run(&self.stats, &what, || self.store.directories.get(digest))
-            .await
-            .map_err(|e| self.io_error(path, "fetching its directory", &e))?;
+        let got = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.directories.get(digest)
+        })
+        .await
+        .map_err(|e| self.io_error(path, "fetching its directory", &e))?;
         self.stats.add(&self.stats.directories_fetched, 1);
         let dir = match got {
             Some(d) if d.digest() == *digest => Arc::new(d),
@@ -686,14 +682,11 @@ impl LazyFs {
             return Err(FsError::RootNotListable);
         }
         let what = || "listing every store path".to_owned();
-        let infos: Vec<_> = self
-            .options
-            .retry
-            .run(&self.stats, &what, || {
-                self.store.path_infos.list().try_collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| self.io_error(&Arc::from(""), "listing the store paths", &e))?;
+        let infos: Vec<_> = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.path_infos.list().try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| self.io_error(&Arc::from(""), "listing the store paths", &e))?;
         let mut listing: Vec<(Bytes, Node)> = infos
             .into_iter()
             .map(|i| (Bytes::from(i.store_path.to_string()), i.root))
@@ -937,12 +930,11 @@ impl LazyFs {
     ) -> Result<Arc<ChunkIndex>, FsError> {
         let digest = &self.real_file(inode, digest, started).await?;
         let what = || format!("{}: fetching its chunk list", inode.path);
-        let meta = self
-            .options
-            .retry
-            .run(&self.stats, &what, || self.store.blobs.stat(digest))
-            .await
-            .map_err(|e| self.io_error(&inode.path, "fetching its chunk list", &e))?;
+        let meta = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.blobs.stat(digest)
+        })
+        .await
+        .map_err(|e| self.io_error(&inode.path, "fetching its chunk list", &e))?;
         self.stats.add(&self.stats.chunk_lists_fetched, 1);
         match meta {
             Some(meta) if meta.size == size => Ok(Arc::new(ChunkIndex::new(meta))),

@@ -26,7 +26,8 @@ pub use fs::{
     STATS_FILE_NAME,
 };
 pub use inode::Ino;
+/// The store's one retry policy, which [`FsOptions::retry`] is.
+pub use lazystore_castore::RetryPolicy;
 pub use mount::{MountConfig, MountError, Mounted, mount};
-pub use retry::RetryPolicy;
 pub use stats::{CountingBlobService, Stats, StatsSnapshot};
 pub use upstream::{LISTING_TTL, NEGATIVE_TTL};

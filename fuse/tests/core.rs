@@ -554,6 +554,7 @@ async fn transient_failures_are_retried_then_fail_with_eio() {
         deadline: Duration::from_millis(500),
         initial_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(50),
+        max_attempts: None,
         corrupt_attempts: 3,
     };
     let options = FsOptions {

@@ -18,7 +18,6 @@ mod cache;
 mod error;
 mod import;
 mod progress;
-mod retry;
 mod stream;
 mod summary;
 mod upstream;
@@ -27,8 +26,9 @@ mod wanted;
 pub use cache::{BinaryCache, CacheError, HttpOptions};
 pub use error::{PathError, PathErrorKind, SetupError};
 pub use import::{DEFAULT_CACHE, DEFAULT_TRUSTED_KEY, Importer, Options};
+/// The store's one retry policy, which [`Options::retry`] is.
+pub use lazystore_castore::RetryPolicy;
 pub use progress::ProgressMode;
-pub use retry::RetryPolicy;
 pub use stream::StreamError;
 pub use summary::Summary;
 pub use upstream::{Found, Peeked, Upstream};
