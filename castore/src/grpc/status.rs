@@ -494,4 +494,111 @@ mod tests {
             }
         ));
     }
+
+    #[test]
+    fn new_variants_get_fitting_codes() {
+        let internal = || Box::new(std::io::Error::other("task panicked"));
+        assert_eq!(
+            Status::from(BlobError::Internal(internal())).code(),
+            Code::Internal
+        );
+        assert_eq!(
+            Status::from(BlobError::BadAnswer(Box::new(
+                crate::blobs::WrongChunkCount { asked: 2, got: 1 }
+            )))
+            .code(),
+            Code::Internal
+        );
+        assert_eq!(
+            Status::from(DirectoryError::Internal(internal())).code(),
+            Code::Internal
+        );
+        assert_eq!(
+            Status::from(DirectoryError::Corrupt(internal())).code(),
+            Code::DataLoss
+        );
+    }
+
+    fn rejected(code: Code) -> GrpcError {
+        GrpcError::Rejected {
+            url: "grpc+http://test".into(),
+            call: "Test",
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn grpc_errors_are_classed_by_outcome() {
+        let gave_up = GrpcError::GaveUp {
+            url: "grpc+http://test".into(),
+            call: "Test",
+            attempts: 9,
+            elapsed: Duration::from_secs(30),
+            code: Code::Unavailable,
+            message: String::new(),
+        };
+        // Already retried to the client's deadline: not again above it.
+        assert_eq!(gave_up.class(), ErrorClass::Permanent);
+        let bad_reply = GrpcError::BadReply {
+            url: "grpc+http://test".into(),
+            call: "Test",
+            reason: "wrong digest".into(),
+        };
+        assert_eq!(bad_reply.class(), ErrorClass::Corrupt);
+        assert_eq!(rejected(Code::DataLoss).class(), ErrorClass::Corrupt);
+        assert_eq!(rejected(Code::Unavailable).class(), ErrorClass::Transient);
+        assert_eq!(rejected(Code::NotFound).class(), ErrorClass::Permanent);
+        assert_eq!(rejected(Code::Internal).class(), ErrorClass::Permanent);
+
+        // Inside a store error's Backend, the gRPC outcome decides.
+        let blob = |e: GrpcError| BlobError::Backend(Box::new(e));
+        assert_eq!(blob(gave_up).class(), ErrorClass::Permanent);
+        assert_eq!(blob(rejected(Code::DataLoss)).class(), ErrorClass::Corrupt);
+        let dir = DirectoryError::Backend(Box::new(bad_reply));
+        assert_eq!(dir.class(), ErrorClass::Corrupt);
+    }
+
+    #[test]
+    fn store_errors_are_classed_honestly() {
+        let io = || Box::new(std::io::Error::other("disk unplugged"));
+        assert_eq!(BlobError::Backend(io()).class(), ErrorClass::Transient);
+        assert_eq!(BlobError::Internal(io()).class(), ErrorClass::Permanent);
+        let wrong = crate::blobs::WrongChunkCount { asked: 2, got: 1 };
+        assert_eq!(
+            BlobError::BadAnswer(Box::new(wrong)).class(),
+            ErrorClass::Corrupt
+        );
+        let d = Digest::of(b"x");
+        assert_eq!(
+            BlobError::Corrupt {
+                chunk: d,
+                reason: "BLAKE3 mismatch"
+            }
+            .class(),
+            ErrorClass::Corrupt
+        );
+        assert_eq!(BlobError::ChunkNotFound(d).class(), ErrorClass::Permanent);
+        assert_eq!(DirectoryError::Backend(io()).class(), ErrorClass::Transient);
+        assert_eq!(
+            DirectoryError::Internal(io()).class(),
+            ErrorClass::Permanent
+        );
+        assert_eq!(DirectoryError::Corrupt(io()).class(), ErrorClass::Corrupt);
+        assert_eq!(DirectoryError::NotFound(d).class(), ErrorClass::Permanent);
+        // A store error wrapped by another store's backend keeps its class.
+        let nested = DirectoryError::Backend(Box::new(BlobError::Internal(io())));
+        assert_eq!(nested.class(), ErrorClass::Permanent);
+    }
+
+    #[test]
+    fn every_corrupt_reason_survives_the_wire() {
+        for reason in ["backend sent another chunk", "remote sent another chunk"] {
+            let d = Digest::of(b"x");
+            assert!(matches!(
+                back_blob(BlobError::Corrupt { chunk: d, reason }),
+                BlobError::Corrupt { reason: r, .. } if r == reason
+            ));
+        }
+    }
 }
