@@ -5,9 +5,8 @@
 //! Every retrying client uses it: the gRPC clients per call, the FUSE
 //! frontend per store call made for a reader, the importer per download.
 //! Each picks its own [`RetryPolicy`] values; how errors are classed lives
-//! next to the errors ([`BlobError`](crate::BlobError),
-//! [`DirectoryError`](crate::DirectoryError), `tonic::Status`, and the
-//! other crates' own).
+//! next to the errors ([`BlobError`], [`DirectoryError`], `tonic::Status`,
+//! and the other crates' own).
 
 use std::error::Error;
 use std::future::Future;
@@ -62,18 +61,6 @@ impl ErrorClass {
 pub trait Retryable {
     /// How the failure should be retried.
     fn class(&self) -> ErrorClass;
-}
-
-impl<T: Retryable + ?Sized> Retryable for &T {
-    fn class(&self) -> ErrorClass {
-        (**self).class()
-    }
-}
-
-impl<T: Retryable + ?Sized> Retryable for std::sync::Arc<T> {
-    fn class(&self) -> ErrorClass {
-        (**self).class()
-    }
 }
 
 /// How long and how often a failing call is retried.

@@ -3,7 +3,7 @@
 //! Chunks arrive as the server stores them (zstd stays compressed) and are
 //! verified like any backend's, by [`Blobs`](super::Blobs) after they
 //! arrive: the server is not trusted. Every call is retried on transient
-//! failures (see [`RetryPolicy`](crate::grpc::RetryPolicy)); the writes are
+//! failures (see [`RetryPolicy`](crate::RetryPolicy)); the writes are
 //! idempotent, as the trait requires: storing a chunk or a chunk list twice
 //! stores it once.
 

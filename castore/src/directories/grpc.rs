@@ -5,7 +5,7 @@
 //! checked against the digest it was asked for, and a recursive get must
 //! send exactly the tree below the root, each directory after its parent.
 //! Every call is retried on transient failures (see
-//! [`RetryPolicy`](crate::grpc::RetryPolicy)); puts are idempotent, the
+//! [`RetryPolicy`](crate::RetryPolicy)); puts are idempotent, the
 //! store being content-addressed.
 
 use std::collections::HashSet;

@@ -228,7 +228,8 @@ impl Retry {
 }
 
 impl Retryable for Status {
-    /// [`Transient`](ErrorClass::Transient) if [`is_transient`], else
+    /// [`Transient`](ErrorClass::Transient) if the server is unreachable
+    /// or restarting, the connection broke, or no answer came in time; else
     /// [`Permanent`](ErrorClass::Permanent): a status the server chose to
     /// send is its final word, whatever its code.
     fn class(&self) -> ErrorClass {
