@@ -147,18 +147,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => LocalCache::At(url),
         None => LocalCache::DefaultIfRemote,
     };
-    let deadline = Duration::from_secs(args.retry_deadline);
+    let retry = RetryPolicy {
+        deadline: Duration::from_secs(args.retry_deadline),
+        ..RetryPolicy::default()
+    };
     let stats = Arc::new(Stats::new());
     let counting = stats.clone();
     let store = Store::open(
         &url,
         StoreOptions {
-            // The client's own retries end at the same deadline, so a read
-            // fails with EIO once it passes, not a client deadline later.
-            retry: lazystore_castore::grpc::RetryPolicy {
-                deadline,
-                ..Default::default()
-            },
+            // The client's own retries end at the same deadline, and a
+            // call that gave up there is not retried again above it (see
+            // `GrpcError`'s `Retryable`), so a read fails with EIO once the
+            // deadline passes, not a deadline per layer later.
+            retry,
             local_cache,
             local_cache_bytes: args.cache_size,
             // Count what the local cache has to fetch from the store.
@@ -178,10 +180,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|c| c.path().display().to_string());
     let options = FsOptions {
         list_root: args.list_root,
-        retry: RetryPolicy {
-            deadline,
-            ..RetryPolicy::default()
-        },
+        retry,
         ..FsOptions::default()
     };
     let mut paths = Substituters::new().then(Arc::new(StoreSubstituter::new(

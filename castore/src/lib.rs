@@ -4,7 +4,9 @@
 //! stored as FastCDC chunks each named by its own digest; a directory is
 //! named by the digest of its canonical encoding. The [`nodes`] types are the
 //! validated data model; [`blobs`] and [`directories`] are the stores, each a
-//! backend trait with one file per backend.
+//! backend trait with one file per backend. [`retry`] is the one retry
+//! policy every retrying client of the workspace uses, and the classes
+//! ([`ErrorClass`]) the store's errors fall into.
 
 pub mod blobs;
 mod cache_store;
@@ -16,6 +18,7 @@ pub mod grpc;
 pub mod nodes;
 mod packs;
 mod redb_store;
+pub mod retry;
 
 /// Wire types generated from `proto/castore.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -31,3 +34,4 @@ pub use directories::{DirectoryError, DirectoryService};
 pub use error::error_chain;
 pub use nodes::{Directory, Node, PathComponent, SymlinkTarget, ValidateError};
 pub use redb_store::{OpenError, RedbOptions, RedbStore, SyncMode};
+pub use retry::{Backoff, ErrorClass, RetryPolicy, Retryable};

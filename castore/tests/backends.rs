@@ -13,7 +13,8 @@ use lazystore_castore::blobs::{
 use lazystore_castore::directories::{MemoryDirectoryService, RedbDirectoryService};
 use lazystore_castore::{
     BlobError, BlobMeta, BlobService, Blobs, ChunkerParams, Digest, Directory, DirectoryError,
-    DirectoryService, Node, PathComponent, RedbOptions, RedbStore, SymlinkTarget, SyncMode,
+    DirectoryService, ErrorClass, Node, PathComponent, RedbOptions, RedbStore, Retryable,
+    SymlinkTarget, SyncMode,
 };
 use rand::RngExt;
 
@@ -676,6 +677,8 @@ async fn corrupt_directory_fails_get() {
             "{}: {text}",
             b.name
         );
+        // Whichever variant, it is classed as damage, not as an outage.
+        assert_eq!(err.class(), ErrorClass::Corrupt, "{}: {text}", b.name);
         assert!(b.directories.get_recursive(&root_digest).await.is_err());
         // Putting it again repairs it.
         b.directories.put(leaf.clone()).await.unwrap();

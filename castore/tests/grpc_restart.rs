@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use lazystore_castore::RetryPolicy;
 use lazystore_castore::blobs::{GrpcBlobService, MemoryBlobService};
 use lazystore_castore::directories::MemoryDirectoryService;
-use lazystore_castore::grpc::{Connection, GrpcError, RetryPolicy, Services, serve};
+use lazystore_castore::grpc::{Connection, GrpcError, Services, serve};
 use lazystore_castore::{BlobError, BlobService, Blobs, ChunkerParams, Digest, DirectoryService};
 use rand::RngExt;
 use tokio::net::TcpListener;

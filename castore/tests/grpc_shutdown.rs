@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lazystore_castore::RetryPolicy;
 use lazystore_castore::blobs::{
     BlobObserver, EncodedChunk, GrpcBlobService, MemoryBlobService, ObservedBlobService,
 };
 use lazystore_castore::directories::MemoryDirectoryService;
-use lazystore_castore::grpc::{Connection, RetryPolicy, Services, serve};
+use lazystore_castore::grpc::{Connection, Services, serve};
 use lazystore_castore::{BlobError, BlobService, Digest};
 use tokio::sync::{Notify, oneshot};
 use tonic_health::pb::HealthCheckRequest;

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use lazystore_castore::{BlobError, Blobs, Digest};
+use lazystore_castore::{BlobError, Blobs, Digest, RetryPolicy};
 
-use crate::retry::RetryPolicy;
+use crate::retry;
 use crate::stats::Stats;
 
 /// What a batch fetch resolves to: the chunks in the order asked, or why
@@ -189,12 +189,10 @@ impl ChunkFetcher {
         let digests = chunks.clone();
         let task = tokio::spawn(async move {
             let describe = || format!("{what}: fetching {} chunks", digests.len());
-            let result = this
-                .retry
-                .run(&this.stats, &describe, || {
-                    this.blobs.read_chunks_verified(&digests)
-                })
-                .await;
+            let result = retry::run(&this.retry, &this.stats, &describe, || {
+                this.blobs.read_chunks_verified(&digests)
+            })
+            .await;
             let mut state = this.state.lock().expect("chunk state poisoned");
             for d in &digests {
                 state.in_flight.remove(d);
@@ -221,7 +219,7 @@ impl ChunkFetcher {
         let batch: Batch = async move {
             match task.await {
                 Ok(r) => r,
-                Err(e) => Err(Arc::new(BlobError::Backend(e.into()))),
+                Err(e) => Err(Arc::new(BlobError::Internal(e.into()))),
             }
         }
         .boxed()

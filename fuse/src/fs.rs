@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use lazystore_castore::blobs::{ChunkIndex, cut};
-use lazystore_castore::{Digest, Directory, Node};
+use lazystore_castore::{Digest, Directory, Node, RetryPolicy};
 use lazystore_pathinfo::substitute::{
     PROVISIONAL_TTL, Standing, StoreSubstituter, SubstituteError, Substituter,
 };
@@ -34,7 +34,7 @@ use crate::chunks::ChunkFetcher;
 use crate::error::FsError;
 use crate::inode::{Ino, Inode, InodeTable, Kind, ReadState};
 use crate::passthrough::Passthrough;
-use crate::retry::RetryPolicy;
+use crate::retry;
 use crate::stats::{Stats, StatsSnapshot};
 
 /// How long the kernel may cache entries and attributes of store content:
@@ -299,11 +299,10 @@ impl LazyFs {
         }
         let basename: Arc<str> = path.to_string().into();
         let what = || format!("{basename}: finding its path info");
-        let found = self
-            .options
-            .retry
-            .run(&self.stats, &what, || self.paths.find(&path))
-            .await;
+        let found = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.paths.find(&path)
+        })
+        .await;
         self.stats.add(&self.stats.path_infos_fetched, 1);
         match found {
             Ok(Some(info)) => self.child(Ino::ROOT, "", name, info.root).await,
@@ -445,12 +444,11 @@ impl LazyFs {
             Err(e) => return Err(self.io_error(path, SUBSTITUTING, &e)),
         }
         let what = || format!("{path}: fetching directory {}", digest.fmt_short());
-        let got = self
-            .options
-            .retry
-            .run(&self.stats, &what, || self.store.directories.get(digest))
-            .await
-            .map_err(|e| self.io_error(path, "fetching its directory", &e))?;
+        let got = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.directories.get(digest)
+        })
+        .await
+        .map_err(|e| self.io_error(path, "fetching its directory", &e))?;
         self.stats.add(&self.stats.directories_fetched, 1);
         let dir = match got {
             Some(d) if d.digest() == *digest => Arc::new(d),
@@ -646,14 +644,11 @@ impl LazyFs {
             return Err(FsError::RootNotListable);
         }
         let what = || "listing every store path".to_owned();
-        let infos: Vec<_> = self
-            .options
-            .retry
-            .run(&self.stats, &what, || {
-                self.store.path_infos.list().try_collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| self.io_error(&Arc::from(""), "listing the store paths", &e))?;
+        let infos: Vec<_> = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.path_infos.list().try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| self.io_error(&Arc::from(""), "listing the store paths", &e))?;
         let mut listing: Vec<(Bytes, Node)> = infos
             .into_iter()
             .map(|i| (Bytes::from(i.store_path.to_string()), i.root))
@@ -894,12 +889,11 @@ impl LazyFs {
     ) -> Result<Arc<ChunkIndex>, FsError> {
         let digest = &self.real_file(inode, digest, started).await?;
         let what = || format!("{}: fetching its chunk list", inode.path);
-        let meta = self
-            .options
-            .retry
-            .run(&self.stats, &what, || self.store.blobs.stat(digest))
-            .await
-            .map_err(|e| self.io_error(&inode.path, "fetching its chunk list", &e))?;
+        let meta = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.blobs.stat(digest)
+        })
+        .await
+        .map_err(|e| self.io_error(&inode.path, "fetching its chunk list", &e))?;
         self.stats.add(&self.stats.chunk_lists_fetched, 1);
         match meta {
             Some(meta) if meta.size == size => Ok(Arc::new(ChunkIndex::new(meta))),

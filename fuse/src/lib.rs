@@ -25,6 +25,7 @@ pub use fs::{
     STATS_FILE_NAME,
 };
 pub use inode::Ino;
+/// The store's one retry policy, which [`FsOptions::retry`] is.
+pub use lazystore_castore::RetryPolicy;
 pub use mount::{MountConfig, MountError, Mounted, mount};
-pub use retry::RetryPolicy;
 pub use stats::{CountingBlobService, RemoteReads, Stats, StatsSnapshot};

@@ -554,6 +554,7 @@ async fn transient_failures_are_retried_then_fail_with_eio() {
         deadline: Duration::from_millis(500),
         initial_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(50),
+        max_attempts: None,
         corrupt_attempts: 3,
     };
     let options = FsOptions {
@@ -574,6 +575,30 @@ async fn transient_failures_are_retried_then_fail_with_eio() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(e.to_string().contains("-data"), "{e}");
     assert_eq!(fs.stats().io_errors, 1);
+}
+
+#[tokio::test]
+async fn internal_failures_are_not_retried() {
+    // A deadline long enough that a retried read would show.
+    let options = FsOptions {
+        retry: RetryPolicy {
+            deadline: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(100),
+            ..RetryPolicy::default()
+        },
+        ..FsOptions::default()
+    };
+    let (fs, ino, data, _, faults) = one_file(300_000, options).await;
+    faults.fail_internal.store(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let e = fs.read(ino, 1000, 100).await.unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(fs.stats().retries, 0);
+    assert_eq!(fs.stats().io_errors, 1);
+    // Nothing of the failure stays behind: the next read fetches anew.
+    let got = fs.read(ino, 1000, 100).await.unwrap();
+    assert_eq!(&got[..], &data[1000..1100]);
 }
 
 #[tokio::test]

@@ -58,9 +58,10 @@ fn options(url: &str, key: PublicKey) -> Options {
         caches: vec![url.to_owned()],
         trusted_keys: vec![key],
         retry: RetryPolicy {
-            attempts: 2,
+            max_attempts: Some(2),
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(20),
+            ..Options::default().retry
         },
         ..Options::default()
     }

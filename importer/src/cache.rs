@@ -6,20 +6,20 @@
 //! files, bounded in size before they are buffered) and large ones as
 //! streams (NARs). Small-file reads retry transient failures themselves;
 //! a stream can fail half-way, so retrying one is the caller's business,
-//! guided by [`CacheError::is_transient`].
+//! guided by [`CacheError`]'s [`Retryable`] class.
 
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use lazystore_castore::{ErrorClass, RetryPolicy, Retryable};
 use lazystore_pathinfo::STORE_DIR;
 use reqwest::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
 use url::Url;
 
-use crate::retry::RetryPolicy;
 use crate::stream::{into_transport, transport_error};
 
 /// Largest `nix-cache-info` read. Real ones are three short lines.
@@ -116,11 +116,13 @@ pub enum CacheError {
     },
 }
 
-impl CacheError {
-    /// Whether trying again may help: a 5xx, 408 or 429 status, a timeout,
-    /// a refused or reset connection, a body cut short.
-    pub fn is_transient(&self) -> bool {
-        match self {
+impl Retryable for CacheError {
+    /// [`Transient`](ErrorClass::Transient) where trying again may help: a
+    /// 5xx, 408 or 429 status, a timeout, a refused or reset connection, a
+    /// body cut short. Anything else (a missing or malformed file, a bad
+    /// URL) is [`Permanent`](ErrorClass::Permanent).
+    fn class(&self) -> ErrorClass {
+        let transient = match self {
             CacheError::Status { status, .. } => {
                 status.is_server_error()
                     || *status == StatusCode::REQUEST_TIMEOUT
@@ -135,6 +137,11 @@ impl CacheError {
                     || source.is_decode()
             }
             _ => false,
+        };
+        if transient {
+            ErrorClass::Transient
+        } else {
+            ErrorClass::Permanent
         }
     }
 }
@@ -299,25 +306,28 @@ impl BinaryCache {
         limit: usize,
     ) -> Result<Option<Vec<u8>>, CacheError> {
         self.retry
-            .run(CacheError::is_transient, || async {
-                let Some(body) = self.open_file(relative).await? else {
-                    return Ok(None);
-                };
-                let mut data = Vec::new();
-                // One byte more than allowed shows an overlong file.
-                let read = body
-                    .take(limit as u64 + 1)
-                    .read_to_end(&mut data)
-                    .await
-                    .map_err(|e| self.body_error(relative, e))?;
-                if read > limit {
-                    return Err(CacheError::TooLarge {
-                        url: self.file_url(relative),
-                        limit,
-                    });
-                }
-                Ok(Some(data))
-            })
+            .run(
+                || async {
+                    let Some(body) = self.open_file(relative).await? else {
+                        return Ok(None);
+                    };
+                    let mut data = Vec::new();
+                    // One byte more than allowed shows an overlong file.
+                    let read = body
+                        .take(limit as u64 + 1)
+                        .read_to_end(&mut data)
+                        .await
+                        .map_err(|e| self.body_error(relative, e))?;
+                    if read > limit {
+                        return Err(CacheError::TooLarge {
+                            url: self.file_url(relative),
+                            limit,
+                        });
+                    }
+                    Ok(Some(data))
+                },
+                |e, _, wait| tracing::debug!("retrying in {wait:?} after: {e}"),
+            )
             .await
     }
 

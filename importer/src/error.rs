@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use lazystore_castore::{ErrorClass, Retryable};
 use lazystore_pathinfo::ingest::IngestError;
 use lazystore_pathinfo::pathinfos::PathInfoError;
 use lazystore_pathinfo::{Compression, NarInfoError, StorePath, VerifyError, format_sha256};
@@ -219,10 +220,15 @@ pub enum PathErrorKind {
     ReferenceCycle,
 }
 
-impl PathErrorKind {
-    /// Whether trying the download again may help.
-    pub(crate) fn is_transient(&self) -> bool {
-        matches!(self, PathErrorKind::Download { source, .. } if source.is_transient())
+impl Retryable for PathErrorKind {
+    /// A download is classed by its [`CacheError`]; anything else (a NAR
+    /// that does not match its narinfo, a store that refused it, a missing
+    /// reference) fails the path without another try.
+    fn class(&self) -> ErrorClass {
+        match self {
+            PathErrorKind::Download { source, .. } => source.class(),
+            _ => ErrorClass::Permanent,
+        }
     }
 }
 

@@ -14,9 +14,9 @@ use lazystore_castore::error_chain;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use lazystore_castore::Node;
+use lazystore_castore::{Node, RetryPolicy};
 use lazystore_pathinfo::decompress::Decompressed;
 use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_hashed_nar};
 use lazystore_pathinfo::nar::{NarError, NarErrorKind};
@@ -28,7 +28,6 @@ use tokio::task::JoinSet;
 use crate::cache::{BinaryCache, HttpOptions, http_client};
 use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::progress::{Progress, ProgressMode, bytes};
-use crate::retry::RetryPolicy;
 use crate::stream::{Bounded, Counted, StreamError, decompress, pipelined, take_stream_error};
 use crate::summary::Summary;
 use lazystore_pathinfo::Wanted;
@@ -53,7 +52,8 @@ pub struct Options {
     pub jobs: usize,
     /// Import the references of every path too, recursively.
     pub closure: bool,
-    /// Retries of transient HTTP failures.
+    /// Retries of transient HTTP failures: of reads of small files, and of
+    /// whole NAR downloads.
     pub retry: RetryPolicy,
     /// HTTP timeouts.
     pub http: HttpOptions,
@@ -70,7 +70,18 @@ impl Default for Options {
             check_signatures: true,
             jobs: 4,
             closure: true,
-            retry: RetryPolicy::default(),
+            // Five tries, waiting about 0.25 s, 0.5 s, 1 s, 2 s in between:
+            // rides out a server restart or a dropped connection without
+            // hiding an outage. No deadline: a NAR download may take long.
+            // Nothing the importer retries is ever classed corrupt (a NAR
+            // that fails its hash fails its path).
+            retry: RetryPolicy {
+                initial_backoff: Duration::from_millis(250),
+                max_backoff: Duration::from_secs(8),
+                deadline: Duration::MAX,
+                max_attempts: Some(5),
+                corrupt_attempts: 1,
+            },
             http: HttpOptions::default(),
             progress: ProgressMode::Quiet,
         }
@@ -640,22 +651,18 @@ impl Shared {
         nar_url: &str,
         progress: &Progress,
     ) -> Result<Ingested, PathErrorKind> {
-        let mut failed = 0;
-        loop {
-            match self.fetch_nar_once(cache, narinfo, nar_url, progress).await {
-                Err(kind) if kind.is_transient() && self.retry.may_retry(failed) => {
-                    let wait = self.retry.backoff(failed);
+        self.retry
+            .run(
+                || self.fetch_nar_once(cache, narinfo, nar_url, progress),
+                |kind, _, wait| {
                     progress.warn(&format!(
                         "{}: {}; trying again in {wait:?}",
                         narinfo.store_path.to_absolute(),
                         error_chain(&kind)
                     ));
-                    tokio::time::sleep(wait).await;
-                    failed += 1;
-                }
-                result => return result,
-            }
-        }
+                },
+            )
+            .await
     }
 
     async fn fetch_nar_once(

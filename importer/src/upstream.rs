@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lazystore_castore::Node;
+use lazystore_castore::{Node, Retryable};
 use lazystore_pathinfo::ingest::IngestError;
 use lazystore_pathinfo::listing::{Listing, MAX_LISTING_SIZE};
 use lazystore_pathinfo::nar::{Event, NarError, NarErrorKind, NarReader};
@@ -240,9 +240,8 @@ impl Upstream {
                 compression: narinfo.compression,
             }));
         }
-        let retry = self.shared.retry();
+        let mut backoff = self.shared.retry().backoff();
         let mut prefix = Some(PEEK_BYTES);
-        let mut failed = 0;
         loop {
             let kind = match self.peek_once(cache, narinfo, &nar_url, prefix).await {
                 Ok(peeked) => return Ok(peeked),
@@ -251,17 +250,17 @@ impl Upstream {
             match kind {
                 // The prefix ended inside the decoder's first block.
                 PathErrorKind::Decompress { .. } if prefix.take().is_some() => {}
-                kind if kind.is_transient() && retry.may_retry(failed) => {
-                    let wait = retry.backoff(failed);
-                    tracing::warn!(
-                        "{}: {}; trying again in {wait:?}",
-                        narinfo.store_path.to_absolute(),
-                        lazystore_castore::error_chain(&kind)
-                    );
-                    tokio::time::sleep(wait).await;
-                    failed += 1;
-                }
-                kind => return Err(error(kind)),
+                kind => match backoff.next(kind.class()) {
+                    Some(wait) => {
+                        tracing::warn!(
+                            "{}: {}; trying again in {wait:?}",
+                            narinfo.store_path.to_absolute(),
+                            lazystore_castore::error_chain(&kind)
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => return Err(error(kind)),
+                },
             }
         }
     }

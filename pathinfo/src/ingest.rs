@@ -215,7 +215,7 @@ async fn join_file(
 ) -> Result<(), IngestError> {
     match files.join_next().await {
         Some(Ok(Ok(stored))) => Ok(stored?),
-        Some(Ok(Err(e)) | Err(e)) => Err(BlobError::Backend(e.into()).into()),
+        Some(Ok(Err(e)) | Err(e)) => Err(BlobError::Internal(e.into()).into()),
         None => Ok(()),
     }
 }

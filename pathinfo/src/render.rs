@@ -668,7 +668,7 @@ async fn produce_range(
             } => {
                 let chunks = reading
                     .await
-                    .map_err(|e| RenderError::Blob(BlobError::Backend(e.into())))??;
+                    .map_err(|e| RenderError::Blob(BlobError::Internal(e.into())))??;
                 (cut(chunks, from, to), bytes)
             }
         };

@@ -22,10 +22,10 @@ use lazystore_castore::blobs::{
 use lazystore_castore::directories::{
     CachingDirectoryService, GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
 };
-use lazystore_castore::grpc::{Connection, InvalidUrl, RetryPolicy};
+use lazystore_castore::grpc::{Connection, InvalidUrl};
 use lazystore_castore::{
     BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, DEFAULT_CACHE_SIZE,
-    DirectoryService, Node, OpenError, RedbOptions, RedbStore, SyncMode,
+    DirectoryService, Node, OpenError, RedbOptions, RedbStore, RetryPolicy, SyncMode,
 };
 
 use crate::pathinfos::{

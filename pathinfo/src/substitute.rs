@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use lazystore_castore::{Digest, Directory};
+use lazystore_castore::{Digest, Directory, ErrorClass, Retryable};
 
 use crate::pathinfos::{PathInfo, PathInfoError, PathInfoService};
 use crate::{NarInfo, StorePath, Wanted};
@@ -44,6 +44,17 @@ pub enum SubstituteError {
     /// contents are: the path is poisoned, every later access fails.
     #[error("{0}")]
     Inconsistent(Arc<str>),
+}
+
+impl Retryable for SubstituteError {
+    /// The store's failures as the store classes them; another source has
+    /// retried what it could already.
+    fn class(&self) -> ErrorClass {
+        match self {
+            SubstituteError::Store(e) => e.class(),
+            _ => ErrorClass::Permanent,
+        }
+    }
 }
 
 /// What Nix's validity database holds of a store path (what

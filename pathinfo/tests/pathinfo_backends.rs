@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use lazystore_castore::grpc::{Services, serve};
-use lazystore_castore::{Directory, Node, PathComponent, RedbStore, SymlinkTarget};
+use lazystore_castore::{
+    Directory, ErrorClass, Node, PathComponent, RedbStore, Retryable, SymlinkTarget,
+};
 use lazystore_pathinfo::pathinfos::{
     PathInfo, PathInfoError, PathInfoServer, PathInfoService, RedbPathInfoService,
 };
@@ -239,10 +241,15 @@ async fn corrupt_records_are_errors_not_paths() {
 
         let e = svc.get(bad.store_path.digest()).await.unwrap_err();
         assert!(
-            matches!(e, PathInfoError::Invalid(_) | PathInfoError::Backend(_)),
+            matches!(
+                e,
+                PathInfoError::Invalid(_) | PathInfoError::Corrupt(_) | PathInfoError::Backend(_)
+            ),
             "{}: {e}",
             b.name
         );
+        // Whichever variant, it is classed as damage, not as an outage.
+        assert_eq!(e.class(), ErrorClass::Corrupt, "{}: {e}", b.name);
         // The damaged record is reported; the others are still listed.
         let listed: Vec<_> = svc.list().collect::<Vec<_>>().await;
         let ok: Vec<_> = listed.iter().filter_map(|r| r.as_ref().ok()).collect();

@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use futures::stream::{self, BoxStream};
-use lazystore_castore::grpc::{Connection, GrpcError, RetryPolicy, Services, serve};
+use lazystore_castore::RetryPolicy;
+use lazystore_castore::grpc::{Connection, GrpcError, Services, serve};
 use lazystore_castore::{Node, SymlinkTarget};
 use lazystore_pathinfo::pathinfos::{
     GrpcPathInfoService, PathInfo, PathInfoError, PathInfoServer, PathInfoService,
@@ -75,7 +76,7 @@ fn fast_retries(deadline: Duration) -> RetryPolicy {
         initial_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
         deadline,
-        attempt_timeout: Duration::from_secs(2),
+        ..RetryPolicy::default()
     }
 }
 
@@ -229,7 +230,8 @@ async fn client_rides_out_a_restart() {
     let (stop, task) = start(listener, &store);
     let connection = Connection::lazy(&format!("grpc+http://{addr}"))
         .unwrap()
-        .with_retry(fast_retries(Duration::from_secs(20)));
+        .with_retry(fast_retries(Duration::from_secs(20)))
+        .with_attempt_timeout(Duration::from_secs(2));
     let client = GrpcPathInfoService::new(connection);
     let info = symlink_info(4);
     client.put(info.clone()).await.unwrap();
@@ -262,7 +264,8 @@ async fn no_server_is_an_error_naming_it() {
     let url = format!("grpc+http://{addr}");
     let connection = Connection::lazy(&url)
         .unwrap()
-        .with_retry(fast_retries(Duration::from_millis(300)));
+        .with_retry(fast_retries(Duration::from_millis(300)))
+        .with_attempt_timeout(Duration::from_secs(2));
     let client = GrpcPathInfoService::new(connection);
     for e in [
         client.get(&[1; 20]).await.unwrap_err(),

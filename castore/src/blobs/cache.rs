@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{BlobError, BlobMeta, BlobService, EncodedChunk};
+use super::{BlobError, BlobMeta, BlobService, EncodedChunk, WrongChunkCount};
 use crate::cache_store::{CacheStore, Key, Local, Record};
 use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
@@ -262,9 +262,10 @@ impl CachingBlobService {
     ) -> Result<Vec<(EncodedChunk, EncodedChunk)>, BlobError> {
         let sent = self.remote.read_chunks(&want).await?;
         if sent.len() != want.len() {
-            return Err(BlobError::Backend(
-                "remote returned the wrong number of chunks".into(),
-            ));
+            return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
+                asked: want.len(),
+                got: sent.len(),
+            })));
         }
         tokio::task::spawn_blocking(move || {
             sent.into_iter()
@@ -287,6 +288,6 @@ impl CachingBlobService {
                 .collect()
         })
         .await
-        .map_err(|e| BlobError::Backend(e.into()))?
+        .map_err(|e| BlobError::Internal(e.into()))?
     }
 }

@@ -3,7 +3,7 @@
 //! Chunks arrive as the server stores them (zstd stays compressed) and are
 //! verified like any backend's, by [`Blobs`](super::Blobs) after they
 //! arrive: the server is not trusted. Every call is retried on transient
-//! failures (see [`RetryPolicy`](crate::grpc::RetryPolicy)); the writes are
+//! failures (see [`RetryPolicy`](crate::RetryPolicy)); the writes are
 //! idempotent, as the trait requires: storing a chunk or a chunk list twice
 //! stores it once.
 
@@ -63,17 +63,17 @@ impl GrpcBlobService {
         want: &[Digest],
         out: &mut Vec<EncodedChunk>,
     ) -> Result<(), AttemptError> {
-        let policy = self.connection.retry_policy();
+        let timeout = self.connection.attempt_timeout();
         let request = proto::ReadChunksRequest {
             digests: wire::digests_to_wire(want),
         };
         let mut client = self.client.clone();
-        let mut stream = policy
+        let mut stream = timeout
             .timed(client.read_chunks(request))
             .await?
             .into_inner();
         let mut received = 0;
-        while let Some(chunk) = policy.timed(stream.message()).await? {
+        while let Some(chunk) = timeout.timed(stream.message()).await? {
             let Some(&asked) = want.get(received) else {
                 return Err(BadMessage::new("stream", "more chunks than asked for").into());
             };
@@ -115,9 +115,9 @@ impl GrpcBlobService {
             .call(call, || {
                 let mut client = self.client.clone();
                 let items = items.clone();
-                let policy = *self.connection.retry_policy();
+                let timeout = self.connection.attempt_timeout();
                 async move {
-                    policy
+                    timeout
                         .timed_upload(bytes, client.put(stream::iter(items)))
                         .await
                         .map_err(AttemptError::from)
@@ -138,9 +138,9 @@ impl BlobService for GrpcBlobService {
             .connection
             .call("ChunkerParams", || {
                 let mut client = self.client.clone();
-                let policy = *self.connection.retry_policy();
+                let timeout = self.connection.attempt_timeout();
                 async move {
-                    let answer = policy
+                    let answer = timeout
                         .timed(client.chunker_params(proto::ChunkerParamsRequest {}))
                         .await?;
                     Ok::<_, AttemptError>(answer.into_inner().params)
@@ -167,9 +167,9 @@ impl BlobService for GrpcBlobService {
             .call("Stat", || {
                 let mut client = self.client.clone();
                 let request = request.clone();
-                let policy = *self.connection.retry_policy();
+                let timeout = self.connection.attempt_timeout();
                 async move {
-                    let answer = policy.timed(client.stat(request)).await?.into_inner();
+                    let answer = timeout.timed(client.stat(request)).await?.into_inner();
                     Ok(wire::chunk_list_from_wire(
                         *blob,
                         answer.size,
@@ -212,9 +212,9 @@ impl BlobService for GrpcBlobService {
                 .call("MissingChunks", || {
                     let mut client = self.client.clone();
                     let request = request.clone();
-                    let policy = *self.connection.retry_policy();
+                    let timeout = self.connection.attempt_timeout();
                     async move {
-                        let answer = policy.timed(client.missing_chunks(request)).await?;
+                        let answer = timeout.timed(client.missing_chunks(request)).await?;
                         Ok::<_, AttemptError>(answer.into_inner().digests)
                     }
                 })

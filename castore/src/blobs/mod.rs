@@ -21,6 +21,7 @@ use bytes::Bytes;
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::digest::{DIGEST_LEN, Digest};
 use crate::proto::ChunkEncoding;
+use crate::retry::{ErrorClass, Retryable};
 
 pub use self::cache::CachingBlobService;
 pub use self::grpc::GrpcBlobService;
@@ -270,9 +271,55 @@ pub enum BlobError {
         /// BLAKE3 of what its chunks gave.
         actual: Digest,
     },
-    /// The storage backend failed.
+    /// The storage backend, or the way to it, failed: a database or I/O
+    /// error, or a remote store's [`GrpcError`](crate::grpc::GrpcError).
+    /// Such failures may heal; see the [`Retryable`] impl for how a gRPC
+    /// one is classed.
     #[error("blob store backend failed")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A backend answered what its contract does not allow, such as another
+    /// number of chunks than asked for ([`WrongChunkCount`]). Like corrupt
+    /// data, worth asking again a few times, not for long.
+    #[error("blob store backend answered wrongly")]
+    BadAnswer(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// This process failed, not the store: a task panicked or was
+    /// cancelled, a worker thread is gone, a write's group commit failed.
+    /// Retrying would meet the same broken state.
+    #[error("blob store failed internally")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Retryable for BlobError {
+    /// Backend failures are transient unless their source says otherwise
+    /// ([`ErrorClass::of_backend`]); data that fails verification and
+    /// wrong answers are corrupt; the rest (not found, a bad request, an
+    /// internal failure) permanent.
+    fn class(&self) -> ErrorClass {
+        match self {
+            BlobError::Backend(source) => ErrorClass::of_backend(&**source),
+            BlobError::Corrupt { .. }
+            | BlobError::Decompress { .. }
+            | BlobError::BlobMismatch { .. }
+            | BlobError::BadAnswer(_) => ErrorClass::Corrupt,
+            BlobError::BlobNotFound(_)
+            | BlobError::ChunkNotFound(_)
+            | BlobError::BadChunkList { .. }
+            | BlobError::OutOfRange { .. }
+            | BlobError::Internal(_) => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// A backend's answer to [`BlobService::read_chunks`] with another number
+/// of chunks than asked for: found as the source of
+/// [`BlobError::BadAnswer`].
+#[derive(Debug, thiserror::Error)]
+#[error("{got} chunks returned for {asked} asked")]
+pub struct WrongChunkCount {
+    /// Chunks asked for.
+    pub asked: usize,
+    /// Chunks returned.
+    pub got: usize,
 }
 
 /// A chunk store backend.
@@ -464,9 +511,10 @@ impl Blobs {
         let encoded = self.service.read_chunks(chunks).await?;
         let checked = self.service.verifies_chunks();
         if encoded.len() != chunks.len() {
-            return Err(BlobError::Backend(
-                "backend returned the wrong number of chunks".into(),
-            ));
+            return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
+                asked: chunks.len(),
+                got: encoded.len(),
+            })));
         }
         encoded
             .iter()
@@ -582,7 +630,7 @@ async fn reserve(
         .clone()
         .acquire_many_owned(n)
         .await
-        .map_err(|e| BlobError::Backend(e.into()))
+        .map_err(|e| BlobError::Internal(e.into()))
 }
 
 impl BlobWriter {
@@ -624,7 +672,7 @@ impl BlobWriter {
     async fn wait(&mut self, keep: usize) -> Result<(), BlobError> {
         while self.in_flight.len() > keep {
             let batch = self.in_flight.pop_front().expect("checked non-empty");
-            let metas = batch.await.map_err(|e| BlobError::Backend(e.into()))??;
+            let metas = batch.await.map_err(|e| BlobError::Internal(e.into()))??;
             self.chunks.extend(metas);
         }
         Ok(())
@@ -701,7 +749,7 @@ async fn cpu<T: Send + 'static>(
     }
     tokio::task::spawn_blocking(move || work(chunks))
         .await
-        .map_err(|e| BlobError::Backend(e.into()))
+        .map_err(|e| BlobError::Internal(e.into()))
 }
 
 /// Hashes a batch of chunks, asks the backend which it lacks, compresses

@@ -14,6 +14,8 @@
 //!
 //! [`SyncMode`]: crate::SyncMode
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
@@ -70,7 +72,7 @@ impl RedbBlobService {
             f(&tables)
         })
         .await
-        .map_err(|e| BlobError::Backend(e.into()))?
+        .map_err(|e| BlobError::Internal(e.into()))?
     }
 
     /// Replaces a stored chunk, for corruption tests: `f` gets the chunk as
@@ -323,10 +325,28 @@ impl BlobService for RedbBlobService {
     }
 }
 
+/// Why a write got no answer from the writer thread.
+#[derive(Debug, thiserror::Error)]
+enum WriterGone {
+    /// The thread no longer takes writes: it panicked, or its queue closed.
+    #[error("the redb writer thread has stopped")]
+    Stopped,
+    /// The thread took the write and dropped it unanswered: it panicked.
+    #[error("the redb writer thread failed before answering")]
+    NoAnswer(#[source] tokio::sync::oneshot::error::RecvError),
+}
+
+/// A write whose group failed to commit, through another write's failure
+/// or the commit's own: none of the group is stored. Every writer of the
+/// group shares the one cause.
+#[derive(Debug, thiserror::Error)]
+#[error("the redb write group this write was part of failed")]
+struct GroupCommitFailed(#[source] Arc<BlobError>);
+
 /// A write applied inside a shared transaction. It must not change the
 /// tables before it has decided to succeed, so that its refusal (a missing
 /// chunk) leaves the other writes of the group intact; a `Backend` error
-/// aborts the whole group.
+/// (or an `Internal` one) aborts the whole group.
 type WriteOp = Box<dyn FnOnce(&RedbStore, &mut Tables<'_>) -> Result<(), BlobError> + Send>;
 
 struct PendingWrite {
@@ -398,13 +418,11 @@ impl GroupCommit {
             done,
         };
         if self.queue.send(pending).is_err() {
-            return Err(BlobError::Backend(
-                "the redb writer thread has stopped".into(),
-            ));
+            return Err(BlobError::Internal(Box::new(WriterGone::Stopped)));
         }
         result
             .await
-            .unwrap_or_else(|_| Err(BlobError::Backend("the redb writer thread failed".into())))
+            .unwrap_or_else(|e| Err(BlobError::Internal(Box::new(WriterGone::NoAnswer(e)))))
     }
 }
 
@@ -424,7 +442,7 @@ fn commit_group(mut group: Vec<PendingWrite>) {
             let mut tables = Tables::new(&txn).map_err(backend)?;
             for op in ops {
                 match op(&store, &mut tables) {
-                    Err(e @ BlobError::Backend(_)) => return Err(e),
+                    Err(e @ (BlobError::Backend(_) | BlobError::Internal(_))) => return Err(e),
                     outcome => outcomes.push(outcome),
                 }
             }
@@ -442,10 +460,11 @@ fn commit_group(mut group: Vec<PendingWrite>) {
         }
         Err(e) => {
             // Nothing of the group is stored; every writer hears why.
-            let message = e.to_string();
-            tracing::error!(error = %message, "redb write group failed");
+            tracing::error!(error = %e, "redb write group failed");
+            let cause = Arc::new(e);
             for done in dones {
-                let _ = done.send(Err(BlobError::Backend(message.clone().into())));
+                let failed = GroupCommitFailed(cause.clone());
+                let _ = done.send(Err(BlobError::Internal(Box::new(failed))));
             }
         }
     }

@@ -5,7 +5,7 @@
 //! checked against the digest it was asked for, and a recursive get must
 //! send exactly the tree below the root, each directory after its parent.
 //! Every call is retried on transient failures (see
-//! [`RetryPolicy`](crate::grpc::RetryPolicy)); puts are idempotent, the
+//! [`RetryPolicy`](crate::RetryPolicy)); puts are idempotent, the
 //! store being content-addressed.
 
 use std::collections::HashSet;
@@ -62,19 +62,19 @@ impl GrpcDirectoryService {
         root: Digest,
         recursive: bool,
     ) -> Result<Vec<Directory>, AttemptError> {
-        let policy = self.connection.retry_policy();
+        let timeout = self.connection.attempt_timeout();
         let request = proto::GetDirectoryRequest {
             digest: root.into(),
             recursive,
         };
         let mut client = self.client.clone();
-        let mut stream = policy.timed(client.get(request)).await?.into_inner();
+        let mut stream = timeout.timed(client.get(request)).await?.into_inner();
         // Digests the server may still send: the root, then the
         // subdirectories of what it sent. Each is sent once, after its parent.
         let mut expected = HashSet::from([root]);
         let mut received = HashSet::new();
         let mut out = Vec::new();
-        while let Some(wire_dir) = policy.timed(stream.message()).await? {
+        while let Some(wire_dir) = timeout.timed(stream.message()).await? {
             if !recursive && !out.is_empty() {
                 return Err(BadMessage::new("stream", "more than one directory").into());
             }
@@ -121,10 +121,10 @@ impl GrpcDirectoryService {
         dirs: Vec<proto::Directory>,
         last: Digest,
     ) -> Result<Digest, AttemptError> {
-        let policy = self.connection.retry_policy();
+        let timeout = self.connection.attempt_timeout();
         let bytes = dirs.iter().map(prost::Message::encoded_len).sum();
         let mut client = self.client.clone();
-        let answer = policy
+        let answer = timeout
             .timed_upload(bytes, client.put(stream::iter(dirs)))
             .await?
             .into_inner();

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 
 use crate::digest::Digest;
 use crate::nodes::{DecodeDirectoryError, Directory};
+use crate::retry::{ErrorClass, Retryable};
 
 pub use self::cache::CachingDirectoryService;
 pub use self::grpc::GrpcDirectoryService;
@@ -53,9 +54,37 @@ pub enum DirectoryError {
     /// A recursive get found a directory missing below the root.
     #[error("directory {0} not found")]
     NotFound(Digest),
-    /// The storage backend failed.
+    /// The storage backend, or the way to it, failed: a database or I/O
+    /// error, or a remote store's [`GrpcError`](crate::grpc::GrpcError).
+    /// Such failures may heal; see the [`Retryable`] impl for how a gRPC
+    /// one is classed.
     #[error("directory store backend failed")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored record is damaged below the directory encoding (too short
+    /// for its own framing, say), so it can't even be decoded and checked.
+    #[error("directory store holds a damaged record")]
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// This process failed, not the store: a task panicked or was
+    /// cancelled. Retrying would meet the same broken state.
+    #[error("directory store failed internally")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Retryable for DirectoryError {
+    /// Backend failures are transient unless their source says otherwise
+    /// ([`ErrorClass::of_backend`]); bytes that are not the directory asked
+    /// for, and damaged records, are corrupt; a refused put, a missing
+    /// directory or an internal failure permanent.
+    fn class(&self) -> ErrorClass {
+        match self {
+            DirectoryError::Backend(source) => ErrorClass::of_backend(&**source),
+            DirectoryError::Invalid(_) | DirectoryError::Corrupt(_) => ErrorClass::Corrupt,
+            DirectoryError::MissingChild { .. }
+            | DirectoryError::SizeMismatch { .. }
+            | DirectoryError::NotFound(_)
+            | DirectoryError::Internal(_) => ErrorClass::Permanent,
+        }
+    }
 }
 
 /// A directory store backend.

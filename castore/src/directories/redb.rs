@@ -63,7 +63,7 @@ impl RedbDirectoryService {
             f(&tables)
         })
         .await
-        .map_err(|e| DirectoryError::Backend(e.into()))?
+        .map_err(|e| DirectoryError::Internal(e.into()))?
     }
 
     /// Replaces the stored encoding of a directory, for corruption tests.
@@ -109,7 +109,7 @@ fn record_size(digest: &Digest, record: &[u8]) -> Result<u64, DirectoryError> {
     record
         .get(DIR_SIZE_AT..DIR_ENCODING_AT)
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        .ok_or_else(|| DirectoryError::Backend(Box::new(TruncatedRecord(*digest))))
+        .ok_or_else(|| DirectoryError::Corrupt(Box::new(TruncatedRecord(*digest))))
 }
 
 /// Decodes and verifies a stored record.
@@ -195,7 +195,7 @@ impl DirectoryService for RedbDirectoryService {
         let store = self.store.clone();
         let digests = tokio::task::spawn_blocking(move || put_dirs(&store, vec![dir]))
             .await
-            .map_err(|e| DirectoryError::Backend(e.into()))??;
+            .map_err(|e| DirectoryError::Internal(e.into()))??;
         Ok(digests[0])
     }
 
@@ -208,7 +208,7 @@ impl DirectoryService for RedbDirectoryService {
         let store = self.store.clone();
         let digests = tokio::task::spawn_blocking(move || put_dirs(&store, dirs))
             .await
-            .map_err(|e| DirectoryError::Backend(e.into()))??;
+            .map_err(|e| DirectoryError::Internal(e.into()))??;
         Ok(digests.last().copied())
     }
 

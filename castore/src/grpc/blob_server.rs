@@ -58,7 +58,7 @@ impl BlobServer {
             Ok::<_, BlobError>(chunks)
         })
         .await
-        .map_err(|e| BlobError::Backend(e.into()))??;
+        .map_err(|e| BlobError::Internal(e.into()))??;
         let n = chunks.len() as u64;
         blobs.put_chunks(chunks).await?;
         Ok(n)
@@ -102,7 +102,7 @@ impl Upload {
 
     async fn wait(&mut self) -> Result<(), Status> {
         if let Some(task) = self.storing.take() {
-            self.chunks_stored += task.await.map_err(|e| BlobError::Backend(e.into()))??;
+            self.chunks_stored += task.await.map_err(|e| BlobError::Internal(e.into()))??;
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! [`Connection`]: one lazily connected HTTP/2 channel to a gRPC store and
-//! the retry policy for calls over it. The blob and directory clients (and
+//! [`Connection`]: one lazily connected HTTP/2 channel to a gRPC store, the
+//! retry policy for calls over it and how long one attempt may wait. The blob and directory clients (and
 //! any other service's client on the same server) share one.
 
 use std::future::Future;
@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-use super::retry::{AttemptError, CallError, Retry, RetryPolicy};
+use super::retry::{AttemptError, AttemptTimeout, CallError, Retry};
+use crate::retry::RetryPolicy;
 
 /// How long to wait for a TCP connection to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,13 +31,15 @@ pub struct InvalidUrl {
     pub reason: &'static str,
 }
 
-/// A lazily connected channel to a gRPC store, with the retry policy its
-/// clients use. Cheap to clone; clones share the HTTP/2 connection.
+/// A lazily connected channel to a gRPC store, with the retry policy and
+/// attempt timeout its clients use. Cheap to clone; clones share the HTTP/2
+/// connection.
 #[derive(Clone, Debug)]
 pub struct Connection {
     channel: Channel,
     url: Arc<str>,
     retry: RetryPolicy,
+    timeout: AttemptTimeout,
 }
 
 impl Connection {
@@ -91,12 +94,20 @@ impl Connection {
             channel,
             url: url.into(),
             retry: RetryPolicy::default(),
+            timeout: AttemptTimeout::default(),
         })
     }
 
     /// The same channel with another retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// The same channel with another limit on one attempt's wait for the
+    /// server.
+    pub fn with_attempt_timeout(mut self, limit: Duration) -> Self {
+        self.timeout = AttemptTimeout { limit };
         self
     }
 
@@ -115,6 +126,12 @@ impl Connection {
         &self.retry
     }
 
+    /// How long one attempt may wait for the server: every attempt awaits
+    /// the server through it.
+    pub fn attempt_timeout(&self) -> AttemptTimeout {
+        self.timeout
+    }
+
     /// Retry state for one call, for calls that keep state across attempts.
     pub(crate) fn retry(&self, call: &'static str) -> Retry {
         Retry::new(self.retry, self.url.clone(), call)
@@ -122,7 +139,7 @@ impl Connection {
 
     /// Runs `attempt` until it succeeds, fails for good, or the retry
     /// deadline passes. Only for idempotent calls. Each attempt should await
-    /// the server through [`RetryPolicy::timed`], so a server that stops
+    /// the server through [`AttemptTimeout::timed`], so a server that stops
     /// answering fails the attempt instead of hanging the call.
     pub async fn call<T, F, Fut>(&self, call: &'static str, mut attempt: F) -> Result<T, CallError>
     where

@@ -1,8 +1,10 @@
 //! The store over gRPC: the server side of the blob and directory services,
 //! [`serve`] to run them (with gRPC health) on a TCP or Unix listener, and
 //! the plumbing every client shares: a lazily connected [`Connection`], its
-//! [`RetryPolicy`], and the one mapping between store errors and
-//! `tonic::Status`, in both directions.
+//! per-attempt [`AttemptTimeout`] (the [`RetryPolicy`](crate::RetryPolicy)
+//! itself is shared with every other retrying client, in [`crate::retry`]),
+//! and the one mapping between store errors and `tonic::Status`, in both
+//! directions.
 //!
 //! The clients themselves are backends like any other:
 //! [`GrpcBlobService`](crate::blobs::GrpcBlobService) and
@@ -25,7 +27,7 @@ pub(crate) mod wire;
 pub use blob_server::BlobServer;
 pub use connection::{Connection, InvalidUrl};
 pub use directory_server::DirectoryServer;
-pub use retry::{AttemptError, CallError, RetryPolicy};
+pub use retry::{AttemptError, AttemptTimeout, CallError};
 pub use serve::{Listener, ServeError, Services, serve};
 pub use status::GrpcError;
 pub use wire::BadMessage;

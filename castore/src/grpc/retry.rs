@@ -1,6 +1,8 @@
-//! Retrying idempotent calls: exponential backoff on transient failures
-//! (server unreachable, connection dropped, no answer in time) up to a total
-//! deadline, and which failures count as transient.
+//! gRPC's part of retrying idempotent calls: which statuses are transient
+//! (server unreachable, connection dropped, no answer in time), the
+//! per-attempt [`AttemptTimeout`], and how a call that failed is reported
+//! ([`CallError`]). When to try again and how long to wait is the shared
+//! [`RetryPolicy`]'s, through [`Backoff`].
 //!
 //! Every call the clients make is idempotent, so every call is retried:
 //! reads trivially, and writes because the store is content-addressed (a
@@ -8,57 +10,42 @@
 
 use std::error::Error as _;
 use std::future::Future;
-use std::hash::BuildHasher;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::{Code, Status};
 
 use super::wire::BadMessage;
+use crate::retry::{Backoff, ErrorClass, RetryPolicy, Retryable};
 
-/// How a client retries a call that failed transiently.
+/// How long one attempt of a gRPC call may wait for the server: the
+/// transport-only part of retrying, which [`RetryPolicy`] (shared with
+/// clients of other transports) does not know about. A server that stops
+/// answering then fails the attempt instead of hanging the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Wait before the second attempt; it doubles after every failure.
-    pub initial_backoff: Duration,
-    /// Longest wait between two attempts.
-    pub max_backoff: Duration,
-    /// No attempt starts later than this after the first one; the call then
-    /// fails with an error naming the server. Zero: a single attempt.
-    pub deadline: Duration,
+pub struct AttemptTimeout {
     /// Longest wait, within one attempt, for the server's answer or its next
     /// streamed message (uploads get one more second per MiB sent). When it
     /// passes, the attempt fails with `DEADLINE_EXCEEDED` and is retried.
-    pub attempt_timeout: Duration,
+    pub limit: Duration,
 }
 
-impl Default for RetryPolicy {
-    /// 50 ms doubling to 2 s, for up to 30 s; 10 s per answer.
+impl Default for AttemptTimeout {
+    /// 10 s per answer.
     fn default() -> Self {
-        RetryPolicy {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            deadline: Duration::from_secs(30),
-            attempt_timeout: Duration::from_secs(10),
+        AttemptTimeout {
+            limit: Duration::from_secs(10),
         }
     }
 }
 
-impl RetryPolicy {
-    /// One attempt per call, with the default attempt timeout.
-    pub fn no_retries() -> Self {
-        RetryPolicy {
-            deadline: Duration::ZERO,
-            ..RetryPolicy::default()
-        }
-    }
-
+impl AttemptTimeout {
     /// Awaits one step of an attempt (an answer, or the next message of a
-    /// stream), failing it with `DEADLINE_EXCEEDED` after `attempt_timeout`.
+    /// stream), failing it with `DEADLINE_EXCEEDED` after `limit`.
     pub async fn timed<T>(
         &self,
         step: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        self.timed_for(self.attempt_timeout, step).await
+        self.timed_for(self.limit, step).await
     }
 
     /// Like [`timed`](Self::timed) for an upload of `bytes`: large uploads
@@ -69,7 +56,7 @@ impl RetryPolicy {
         step: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let extra = Duration::from_secs((bytes >> 20) as u64);
-        self.timed_for(self.attempt_timeout + extra, step).await
+        self.timed_for(self.limit + extra, step).await
     }
 
     async fn timed_for<T>(
@@ -178,58 +165,57 @@ pub(crate) enum Failure {
     BadReply(BadMessage),
 }
 
-/// The retry state of one call: attempts so far and the next backoff.
+/// The retry state of one call: the call's [`Backoff`], and what to name in
+/// messages and errors.
 pub(crate) struct Retry {
-    policy: RetryPolicy,
+    backoff: Backoff,
     url: std::sync::Arc<str>,
     call: &'static str,
-    started: Instant,
-    attempts: u32,
-    backoff: Duration,
 }
 
 impl Retry {
     pub(crate) fn new(policy: RetryPolicy, url: std::sync::Arc<str>, call: &'static str) -> Self {
         Retry {
-            policy,
+            backoff: policy.backoff(),
             url,
             call,
-            started: Instant::now(),
-            attempts: 0,
-            backoff: policy.initial_backoff,
         }
     }
 
     /// After a failed attempt: waits and returns `Ok` if another attempt
     /// should be made, or the error the call fails with.
+    ///
+    /// Only statuses are retried here, by their [`Retryable`] class; an
+    /// answer that breaks the protocol fails the call at once, and the
+    /// caller's own retries (which see it as corrupt) decide whether to ask
+    /// again.
     pub(crate) async fn failed(&mut self, error: AttemptError) -> Result<(), CallError> {
-        self.attempts += 1;
         let status = match error {
             AttemptError::Status(s) => s,
             AttemptError::BadReply(b) => return Err(self.error(Failure::BadReply(b))),
         };
-        if !is_transient(&status) {
-            return Err(self.error(Failure::Rejected(status)));
-        }
-        let elapsed = self.started.elapsed();
-        let wait = jitter(self.backoff);
-        if elapsed + wait > self.policy.deadline {
-            return Err(self.error(Failure::GaveUp {
-                attempts: self.attempts,
-                elapsed,
-                last: status,
-            }));
-        }
+        let class = status.class();
+        let Some(wait) = self.backoff.next(class) else {
+            let failure = if class == ErrorClass::Permanent {
+                Failure::Rejected(status)
+            } else {
+                Failure::GaveUp {
+                    attempts: self.backoff.attempts(),
+                    elapsed: self.backoff.elapsed(),
+                    last: status,
+                }
+            };
+            return Err(self.error(failure));
+        };
         tracing::debug!(
             url = %self.url,
             call = self.call,
-            attempt = self.attempts,
+            attempt = self.backoff.attempts(),
             code = ?status.code(),
             message = status.message(),
             "transient failure, retrying in {wait:?}",
         );
         tokio::time::sleep(wait).await;
-        self.backoff = (self.backoff * 2).min(self.policy.max_backoff);
         Ok(())
     }
 
@@ -241,14 +227,18 @@ impl Retry {
     }
 }
 
-/// Between half and all of `backoff`, so clients that failed together do
-/// not all come back at the same instant.
-fn jitter(backoff: Duration) -> Duration {
-    // RandomState is seeded per process and per instance: enough randomness
-    // for spreading retries, without a dependency.
-    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
-    let half = backoff / 2;
-    half + half.mul_f64((r % 1024) as f64 / 1024.0)
+impl Retryable for Status {
+    /// [`Transient`](ErrorClass::Transient) if the server is unreachable
+    /// or restarting, the connection broke, or no answer came in time; else
+    /// [`Permanent`](ErrorClass::Permanent): a status the server chose to
+    /// send is its final word, whatever its code.
+    fn class(&self) -> ErrorClass {
+        if is_transient(self) {
+            ErrorClass::Transient
+        } else {
+            ErrorClass::Permanent
+        }
+    }
 }
 
 /// Whether a failed call may succeed if tried again: the server is
@@ -329,14 +319,6 @@ mod tests {
         assert!(!is_transient(&Status::invalid_argument("digest")));
     }
 
-    #[test]
-    fn jitter_stays_between_half_and_all() {
-        for _ in 0..100 {
-            let j = jitter(Duration::from_millis(100));
-            assert!(j >= Duration::from_millis(50) && j <= Duration::from_millis(100));
-        }
-    }
-
     #[tokio::test]
     async fn gives_up_at_the_deadline() {
         let policy = RetryPolicy {
@@ -344,6 +326,8 @@ mod tests {
             deadline: Duration::from_millis(200),
             ..RetryPolicy::default()
         };
+        assert_eq!(Status::unavailable("down").class(), ErrorClass::Transient);
+        assert_eq!(Status::data_loss("x").class(), ErrorClass::Permanent);
         let mut retry = Retry::new(policy, "grpc+http://x".into(), "Stat");
         let mut attempts = 0;
         let err = loop {

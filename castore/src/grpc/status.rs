@@ -23,6 +23,7 @@ use crate::blobs::BlobError;
 use crate::digest::Digest;
 use crate::directories::DirectoryError;
 use crate::nodes::DecodeDirectoryError;
+use crate::retry::{ErrorClass, Retryable};
 
 /// A failed gRPC call that the store's own error variants don't describe.
 /// Found as the source of `BlobError::Backend` / `DirectoryError::Backend`.
@@ -82,6 +83,38 @@ impl GrpcError {
     }
 }
 
+impl Retryable for GrpcError {
+    /// How a store call that failed over gRPC is retried by the caller,
+    /// above the client's own retries:
+    ///
+    /// - [`GaveUp`](GrpcError::GaveUp) is permanent. The client already
+    ///   retried it up to its [`RetryPolicy`](crate::RetryPolicy)'s
+    ///   deadline; retrying again would make a reader wait one deadline per
+    ///   layer. Give the client the deadline the reader should wait.
+    /// - [`BadReply`](GrpcError::BadReply), and a rejection with
+    ///   `DATA_LOSS` (the server found its own copy damaged), are corrupt:
+    ///   asked again, the server (or a source behind it) may answer right.
+    /// - A rejection with a transient code only comes from a stream broken
+    ///   off part way, which the client does not resume itself: transient,
+    ///   so the caller starts it again.
+    /// - Any other rejection is the server's final word: permanent.
+    fn class(&self) -> ErrorClass {
+        match self {
+            GrpcError::GaveUp { .. } => ErrorClass::Permanent,
+            GrpcError::BadReply { .. }
+            | GrpcError::Rejected {
+                code: Code::DataLoss,
+                ..
+            } => ErrorClass::Corrupt,
+            GrpcError::Rejected {
+                code: Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded,
+                ..
+            } => ErrorClass::Transient,
+            GrpcError::Rejected { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
 // Metadata keys. The variant is named by KIND; the others carry its fields.
 const KIND: &str = "lazystore-error";
 const DIGEST: &str = "lazystore-digest";
@@ -108,6 +141,7 @@ const KNOWN_REASONS: &[&str] = &[
     "wrong length",
     "BLAKE3 mismatch",
     "backend sent another chunk",
+    "remote sent another chunk",
     "chunk size out of range",
     "size overflows",
     "chunk sizes do not add up",
@@ -146,7 +180,9 @@ impl Builder {
 impl From<BlobError> for Status {
     /// Codes: unknown blob or chunk `NOT_FOUND`; an uploaded chunk or chunk
     /// list that fails its checks `INVALID_ARGUMENT` (the server produces
-    /// these only while checking uploads); a backend failure `INTERNAL`.
+    /// these only while checking uploads); a backend failure, a wrong
+    /// answer from the server's own backend or an internal failure
+    /// `INTERNAL`.
     fn from(e: BlobError) -> Self {
         let b = match &e {
             BlobError::BlobNotFound(d) => {
@@ -170,9 +206,14 @@ impl From<BlobError> for Status {
             }
             BlobError::OutOfRange { .. } => Builder::new(Code::OutOfRange, &e, None),
             BlobError::BlobMismatch { .. } => Builder::new(Code::DataLoss, &e, None),
-            BlobError::Backend(_) => Builder::new(Code::Internal, &e, None),
+            BlobError::Backend(_) | BlobError::BadAnswer(_) | BlobError::Internal(_) => {
+                Builder::new(Code::Internal, &e, None)
+            }
         };
-        if matches!(e, BlobError::Backend(_)) {
+        if matches!(
+            e,
+            BlobError::Backend(_) | BlobError::BadAnswer(_) | BlobError::Internal(_)
+        ) {
             tracing::warn!(error = %error_chain(&e), "blob backend failed");
         }
         b.0
@@ -183,7 +224,8 @@ impl From<DirectoryError> for Status {
     /// Codes: unknown directory `NOT_FOUND`; a put whose subdirectories are
     /// missing or mis-sized `FAILED_PRECONDITION` (put leaves first); an
     /// invalid directory `INVALID_ARGUMENT`, but stored bytes that don't
-    /// decode or hash right `DATA_LOSS`; a backend failure `INTERNAL`.
+    /// decode or hash right, or a damaged stored record, `DATA_LOSS`; a
+    /// backend or internal failure `INTERNAL`.
     fn from(e: DirectoryError) -> Self {
         let b = match &e {
             DirectoryError::NotFound(d) => {
@@ -210,12 +252,18 @@ impl From<DirectoryError> for Status {
             DirectoryError::Invalid(DecodeDirectoryError::Invalid { .. }) => {
                 Builder::new(Code::InvalidArgument, &e, None)
             }
-            DirectoryError::Invalid(_) => Builder::new(Code::DataLoss, &e, None),
-            DirectoryError::Backend(_) => Builder::new(Code::Internal, &e, None),
+            DirectoryError::Invalid(_) | DirectoryError::Corrupt(_) => {
+                Builder::new(Code::DataLoss, &e, None)
+            }
+            DirectoryError::Backend(_) | DirectoryError::Internal(_) => {
+                Builder::new(Code::Internal, &e, None)
+            }
         };
         if matches!(
             e,
             DirectoryError::Backend(_)
+                | DirectoryError::Corrupt(_)
+                | DirectoryError::Internal(_)
                 | DirectoryError::Invalid(
                     DecodeDirectoryError::Decode { .. } | DecodeDirectoryError::Mismatch { .. }
                 )
@@ -435,5 +483,112 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn new_variants_get_fitting_codes() {
+        let internal = || Box::new(std::io::Error::other("task panicked"));
+        assert_eq!(
+            Status::from(BlobError::Internal(internal())).code(),
+            Code::Internal
+        );
+        assert_eq!(
+            Status::from(BlobError::BadAnswer(Box::new(
+                crate::blobs::WrongChunkCount { asked: 2, got: 1 }
+            )))
+            .code(),
+            Code::Internal
+        );
+        assert_eq!(
+            Status::from(DirectoryError::Internal(internal())).code(),
+            Code::Internal
+        );
+        assert_eq!(
+            Status::from(DirectoryError::Corrupt(internal())).code(),
+            Code::DataLoss
+        );
+    }
+
+    fn rejected(code: Code) -> GrpcError {
+        GrpcError::Rejected {
+            url: "grpc+http://test".into(),
+            call: "Test",
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn grpc_errors_are_classed_by_outcome() {
+        let gave_up = GrpcError::GaveUp {
+            url: "grpc+http://test".into(),
+            call: "Test",
+            attempts: 9,
+            elapsed: Duration::from_secs(30),
+            code: Code::Unavailable,
+            message: String::new(),
+        };
+        // Already retried to the client's deadline: not again above it.
+        assert_eq!(gave_up.class(), ErrorClass::Permanent);
+        let bad_reply = GrpcError::BadReply {
+            url: "grpc+http://test".into(),
+            call: "Test",
+            reason: "wrong digest".into(),
+        };
+        assert_eq!(bad_reply.class(), ErrorClass::Corrupt);
+        assert_eq!(rejected(Code::DataLoss).class(), ErrorClass::Corrupt);
+        assert_eq!(rejected(Code::Unavailable).class(), ErrorClass::Transient);
+        assert_eq!(rejected(Code::NotFound).class(), ErrorClass::Permanent);
+        assert_eq!(rejected(Code::Internal).class(), ErrorClass::Permanent);
+
+        // Inside a store error's Backend, the gRPC outcome decides.
+        let blob = |e: GrpcError| BlobError::Backend(Box::new(e));
+        assert_eq!(blob(gave_up).class(), ErrorClass::Permanent);
+        assert_eq!(blob(rejected(Code::DataLoss)).class(), ErrorClass::Corrupt);
+        let dir = DirectoryError::Backend(Box::new(bad_reply));
+        assert_eq!(dir.class(), ErrorClass::Corrupt);
+    }
+
+    #[test]
+    fn store_errors_are_classed_honestly() {
+        let io = || Box::new(std::io::Error::other("disk unplugged"));
+        assert_eq!(BlobError::Backend(io()).class(), ErrorClass::Transient);
+        assert_eq!(BlobError::Internal(io()).class(), ErrorClass::Permanent);
+        let wrong = crate::blobs::WrongChunkCount { asked: 2, got: 1 };
+        assert_eq!(
+            BlobError::BadAnswer(Box::new(wrong)).class(),
+            ErrorClass::Corrupt
+        );
+        let d = Digest::of(b"x");
+        assert_eq!(
+            BlobError::Corrupt {
+                chunk: d,
+                reason: "BLAKE3 mismatch"
+            }
+            .class(),
+            ErrorClass::Corrupt
+        );
+        assert_eq!(BlobError::ChunkNotFound(d).class(), ErrorClass::Permanent);
+        assert_eq!(DirectoryError::Backend(io()).class(), ErrorClass::Transient);
+        assert_eq!(
+            DirectoryError::Internal(io()).class(),
+            ErrorClass::Permanent
+        );
+        assert_eq!(DirectoryError::Corrupt(io()).class(), ErrorClass::Corrupt);
+        assert_eq!(DirectoryError::NotFound(d).class(), ErrorClass::Permanent);
+        // A store error wrapped by another store's backend keeps its class.
+        let nested = DirectoryError::Backend(Box::new(BlobError::Internal(io())));
+        assert_eq!(nested.class(), ErrorClass::Permanent);
+    }
+
+    #[test]
+    fn every_corrupt_reason_survives_the_wire() {
+        for reason in ["backend sent another chunk", "remote sent another chunk"] {
+            let d = Digest::of(b"x");
+            assert!(matches!(
+                back_blob(BlobError::Corrupt { chunk: d, reason }),
+                BlobError::Corrupt { reason: r, .. } if r == reason
+            ));
+        }
     }
 }

@@ -81,6 +81,9 @@ pub async fn publish(store: &Store, name: &str, root: Node) -> StorePath {
 pub struct Faults {
     /// `read_chunks` calls to fail with a backend error before succeeding.
     pub fail_reads: AtomicU64,
+    /// `read_chunks` calls to fail with an internal error (as of a
+    /// panicked task) before succeeding.
+    pub fail_internal: AtomicU64,
     /// Delay of every `read_chunks`, in milliseconds.
     pub delay_ms: AtomicU64,
     /// Chunks returned by `read_chunks` so far.
@@ -88,7 +91,7 @@ pub struct Faults {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("injected backend failure")]
+#[error("injected failure")]
 pub struct Injected;
 
 /// Counts, delays and fails reads as its [`Faults`] say.
@@ -103,6 +106,11 @@ impl BlobObserver for Faults {
         if failing > 0 {
             self.fail_reads.store(failing - 1, Ordering::Relaxed);
             return Err(BlobError::Backend(Box::new(Injected)));
+        }
+        let failing = self.fail_internal.load(Ordering::Relaxed);
+        if failing > 0 {
+            self.fail_internal.store(failing - 1, Ordering::Relaxed);
+            return Err(BlobError::Internal(Box::new(Injected)));
         }
         Ok(())
     }

@@ -73,9 +73,10 @@ pub fn options(caches: Vec<String>) -> Options {
         jobs: 4,
         closure: true,
         retry: RetryPolicy {
-            attempts: 4,
+            max_attempts: Some(4),
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(50),
+            ..Options::default().retry
         },
         http: Default::default(),
         progress: ProgressMode::Quiet,

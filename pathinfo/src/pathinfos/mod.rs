@@ -12,7 +12,7 @@ mod redb;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use lazystore_castore::{Digest, Node, ValidateError};
+use lazystore_castore::{Digest, ErrorClass, Node, Retryable, ValidateError};
 
 use crate::proto;
 use crate::signature::{Signature, SignatureError, fingerprint};
@@ -174,9 +174,36 @@ pub enum PathInfoError {
         /// Size of the stored data.
         actual: u64,
     },
-    /// The storage backend failed.
+    /// The storage backend, or the way to it, failed: a database or I/O
+    /// error, a remote store's [`GrpcError`](lazystore_castore::grpc::GrpcError),
+    /// or the castore's error while checking a put. Such failures may heal;
+    /// see the [`Retryable`] impl for how the others are classed.
     #[error("PathInfo store backend failed")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored record is damaged: it does not decode, or it is filed
+    /// under another path's hash.
+    #[error("PathInfo store holds a damaged record")]
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// This process failed, not the store: a task panicked or was
+    /// cancelled. Retrying would meet the same broken state.
+    #[error("PathInfo store failed internally")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Retryable for PathInfoError {
+    /// Backend failures are classed by their source
+    /// ([`ErrorClass::of_backend`]: a gRPC outcome or a castore error says
+    /// how, anything else is transient); invalid or damaged records are
+    /// corrupt; a refused put or an internal failure permanent.
+    fn class(&self) -> ErrorClass {
+        match self {
+            PathInfoError::Backend(source) => ErrorClass::of_backend(&**source),
+            PathInfoError::Invalid(_) | PathInfoError::Corrupt(_) => ErrorClass::Corrupt,
+            PathInfoError::MissingRoot { .. }
+            | PathInfoError::RootSizeMismatch { .. }
+            | PathInfoError::Internal(_) => ErrorClass::Permanent,
+        }
+    }
 }
 
 /// A PathInfo store backend.

@@ -110,20 +110,20 @@ fn backend(e: impl Into<redb::Error>) -> PathInfoError {
 }
 
 fn join_error(e: tokio::task::JoinError) -> PathInfoError {
-    PathInfoError::Backend(Box::new(e))
+    PathInfoError::Internal(Box::new(e))
 }
 
 /// Decodes, validates and checks a stored record against its key.
 fn decode(hash: &[u8; DIGEST_LEN], record: &[u8]) -> Result<PathInfo, PathInfoError> {
     let wire = proto::PathInfo::decode(record).map_err(|source| {
-        PathInfoError::Backend(Box::new(CorruptRecord::Decode {
+        PathInfoError::Corrupt(Box::new(CorruptRecord::Decode {
             hash: nixbase32::encode(hash),
             source,
         }))
     })?;
     let info = PathInfo::try_from(wire)?;
     if info.store_path.digest() != hash {
-        return Err(PathInfoError::Backend(Box::new(CorruptRecord::WrongKey {
+        return Err(PathInfoError::Corrupt(Box::new(CorruptRecord::WrongKey {
             hash: nixbase32::encode(hash),
             found: info.store_path.to_string(),
         })));

@@ -8,7 +8,7 @@
 //! `List` is retried until its stream starts; a stream broken off part way
 //! ends with an error, since it can't be resumed without repeating paths.
 //!
-//! [`RetryPolicy`]: lazystore_castore::grpc::RetryPolicy
+//! [`RetryPolicy`]: lazystore_castore::RetryPolicy
 
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -63,8 +63,8 @@ impl GrpcPathInfoService {
             hash: bytes::Bytes::copy_from_slice(&hash),
         };
         let mut client = self.client.clone();
-        let policy = self.connection.retry_policy();
-        let wire = match policy.timed(client.get(request)).await {
+        let timeout = self.connection.attempt_timeout();
+        let wire = match timeout.timed(client.get(request)).await {
             Ok(answer) => answer.into_inner(),
             Err(status) if status.code() == Code::NotFound => return Ok(None),
             Err(status) => return Err(status.into()),
@@ -99,11 +99,11 @@ struct Listing {
 
 impl Listing {
     async fn next(mut self) -> Option<(Result<PathInfo, PathInfoError>, Option<Listing>)> {
-        let policy = *self.service.connection.retry_policy();
+        let timeout = self.service.connection.attempt_timeout();
         let failed = |service: &GrpcPathInfoService, e: AttemptError| {
             service.error(CallError::not_retried("List", e))
         };
-        match policy.timed(self.stream.message()).await {
+        match timeout.timed(self.stream.message()).await {
             Ok(None) => None,
             Ok(Some(wire)) => match checked(wire) {
                 Ok(info) => Some((Ok(info), Some(self))),
@@ -131,9 +131,9 @@ impl PathInfoService for GrpcPathInfoService {
             .call("Put", || {
                 let mut client = self.client.clone();
                 let wire = wire.clone();
-                let policy = *self.connection.retry_policy();
+                let timeout = self.connection.attempt_timeout();
                 async move {
-                    policy.timed(client.put(wire)).await?;
+                    timeout.timed(client.put(wire)).await?;
                     Ok(())
                 }
             })
@@ -148,9 +148,9 @@ impl PathInfoService for GrpcPathInfoService {
                 .connection
                 .call("List", || {
                     let mut client = service.client.clone();
-                    let policy = *service.connection.retry_policy();
+                    let timeout = service.connection.attempt_timeout();
                     async move {
-                        let answer = policy
+                        let answer = timeout
                             .timed(client.list(proto::ListPathInfoRequest {}))
                             .await?;
                         Ok(answer.into_inner())

@@ -42,14 +42,15 @@ fn insert(status: &mut Status, key: &'static str, value: impl ToString) {
 impl From<PathInfoError> for Status {
     /// Codes: a put whose root data is missing or mis-sized
     /// `FAILED_PRECONDITION` (store the data first); a stored PathInfo that
-    /// is invalid `DATA_LOSS`; a backend failure `INTERNAL`.
+    /// is invalid or damaged `DATA_LOSS`; a backend or internal failure
+    /// `INTERNAL`.
     fn from(e: PathInfoError) -> Self {
         let code = match &e {
             PathInfoError::MissingRoot { .. } | PathInfoError::RootSizeMismatch { .. } => {
                 Code::FailedPrecondition
             }
-            PathInfoError::Invalid(_) => Code::DataLoss,
-            PathInfoError::Backend(_) => Code::Internal,
+            PathInfoError::Invalid(_) | PathInfoError::Corrupt(_) => Code::DataLoss,
+            PathInfoError::Backend(_) | PathInfoError::Internal(_) => Code::Internal,
         };
         let mut status = Status::new(code, error_chain(&e));
         match &e {
@@ -70,7 +71,10 @@ impl From<PathInfoError> for Status {
                 insert(&mut status, RECORDED, recorded);
                 insert(&mut status, ACTUAL, actual);
             }
-            PathInfoError::Invalid(_) | PathInfoError::Backend(_) => {
+            PathInfoError::Invalid(_)
+            | PathInfoError::Corrupt(_)
+            | PathInfoError::Backend(_)
+            | PathInfoError::Internal(_) => {
                 tracing::warn!(error = %error_chain(&e), "PathInfo backend failed");
             }
         }
