@@ -58,7 +58,7 @@ fn bound_allocator() {
 /// Logs without `RUST_LOG`: warnings and errors, the HTTP cache's access
 /// log (one line per request, when it serves), and a mount's upstream
 /// lookups that found nothing (one line per path, per negative TTL).
-const DEFAULT_LOG: &str = "warn,lazystore::http=info,lazystore_fuse::upstream=info";
+const DEFAULT_LOG: &str = "warn,lazystore::http=info,lazystore_importer::substituter=info";
 
 fn main() -> ExitCode {
     bound_allocator();

@@ -19,6 +19,7 @@
 mod blob_server;
 mod connection;
 mod directory_server;
+pub mod metadata;
 mod retry;
 mod serve;
 mod status;

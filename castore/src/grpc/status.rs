@@ -9,19 +9,22 @@
 //! `DirectoryError::MissingChild` whether its backend is local or remote.
 //! Anything else becomes a [`GrpcError`] naming the server.
 
-use crate::error_chain;
 use std::error::Error;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
+use super::metadata::{
+    self, ACTUAL, CHILD, DIGEST, ErrorStatus, PARENT, REASON, RECORDED, field, kind,
+};
 use super::retry::{CallError, Failure};
 use super::wire::BadMessage;
 use crate::blobs::BlobError;
 use crate::digest::Digest;
 use crate::directories::DirectoryError;
+use crate::error_chain;
 use crate::nodes::DecodeDirectoryError;
 use crate::retry::{ErrorClass, Retryable};
 
@@ -115,16 +118,7 @@ impl Retryable for GrpcError {
     }
 }
 
-// Metadata keys. The variant is named by KIND; the others carry its fields.
-const KIND: &str = "lazystore-error";
-const DIGEST: &str = "lazystore-digest";
-const PARENT: &str = "lazystore-parent";
-const CHILD: &str = "lazystore-child-bin";
-const RECORDED: &str = "lazystore-recorded";
-const ACTUAL: &str = "lazystore-actual";
-const REASON: &str = "lazystore-reason";
-
-// Values of KIND.
+// Values of KIND: the castore's variants.
 const BLOB_NOT_FOUND: &str = "blob-not-found";
 const CHUNK_NOT_FOUND: &str = "chunk-not-found";
 const CHUNK_CORRUPT: &str = "chunk-corrupt";
@@ -147,36 +141,6 @@ const KNOWN_REASONS: &[&str] = &[
     "chunk sizes do not add up",
 ];
 
-/// A status carrying `err`'s message and, if `kind` is set, the metadata a
-/// client needs to rebuild it.
-struct Builder(Status);
-
-impl Builder {
-    fn new(code: Code, err: &dyn Error, kind: Option<&'static str>) -> Self {
-        let mut status = Status::new(code, error_chain(err));
-        if let Some(kind) = kind {
-            status
-                .metadata_mut()
-                .insert(KIND, MetadataValue::from_static(kind));
-        }
-        Builder(status)
-    }
-
-    fn field(mut self, key: &'static str, value: impl ToString) -> Self {
-        if let Ok(v) = MetadataValue::try_from(value.to_string()) {
-            self.0.metadata_mut().insert(key, v);
-        }
-        self
-    }
-
-    fn name(mut self, name: &str) -> Self {
-        self.0
-            .metadata_mut()
-            .insert_bin(CHILD, MetadataValue::from_bytes(name.as_bytes()));
-        self
-    }
-}
-
 impl From<BlobError> for Status {
     /// Codes: unknown blob or chunk `NOT_FOUND`; an uploaded chunk or chunk
     /// list that fails its checks `INVALID_ARGUMENT` (the server produces
@@ -186,28 +150,29 @@ impl From<BlobError> for Status {
     fn from(e: BlobError) -> Self {
         let b = match &e {
             BlobError::BlobNotFound(d) => {
-                Builder::new(Code::NotFound, &e, Some(BLOB_NOT_FOUND)).field(DIGEST, d)
+                ErrorStatus::new(Code::NotFound, &e, Some(BLOB_NOT_FOUND)).field(DIGEST, d)
             }
             BlobError::ChunkNotFound(d) => {
-                Builder::new(Code::NotFound, &e, Some(CHUNK_NOT_FOUND)).field(DIGEST, d)
+                ErrorStatus::new(Code::NotFound, &e, Some(CHUNK_NOT_FOUND)).field(DIGEST, d)
             }
             BlobError::Corrupt { chunk, reason } => {
-                Builder::new(Code::InvalidArgument, &e, Some(CHUNK_CORRUPT))
+                ErrorStatus::new(Code::InvalidArgument, &e, Some(CHUNK_CORRUPT))
                     .field(DIGEST, chunk)
                     .field(REASON, reason)
             }
             BlobError::Decompress { chunk, .. } => {
-                Builder::new(Code::InvalidArgument, &e, Some(CHUNK_DECOMPRESS)).field(DIGEST, chunk)
+                ErrorStatus::new(Code::InvalidArgument, &e, Some(CHUNK_DECOMPRESS))
+                    .field(DIGEST, chunk)
             }
             BlobError::BadChunkList { blob, reason } => {
-                Builder::new(Code::InvalidArgument, &e, Some(BAD_CHUNK_LIST))
+                ErrorStatus::new(Code::InvalidArgument, &e, Some(BAD_CHUNK_LIST))
                     .field(DIGEST, blob)
                     .field(REASON, reason)
             }
-            BlobError::OutOfRange { .. } => Builder::new(Code::OutOfRange, &e, None),
-            BlobError::BlobMismatch { .. } => Builder::new(Code::DataLoss, &e, None),
+            BlobError::OutOfRange { .. } => ErrorStatus::new(Code::OutOfRange, &e, None),
+            BlobError::BlobMismatch { .. } => ErrorStatus::new(Code::DataLoss, &e, None),
             BlobError::Backend(_) | BlobError::BadAnswer(_) | BlobError::Internal(_) => {
-                Builder::new(Code::Internal, &e, None)
+                ErrorStatus::new(Code::Internal, &e, None)
             }
         };
         if matches!(
@@ -216,7 +181,7 @@ impl From<BlobError> for Status {
         ) {
             tracing::warn!(error = %error_chain(&e), "blob backend failed");
         }
-        b.0
+        b.into_status()
     }
 }
 
@@ -229,34 +194,34 @@ impl From<DirectoryError> for Status {
     fn from(e: DirectoryError) -> Self {
         let b = match &e {
             DirectoryError::NotFound(d) => {
-                Builder::new(Code::NotFound, &e, Some(DIRECTORY_NOT_FOUND)).field(DIGEST, d)
+                ErrorStatus::new(Code::NotFound, &e, Some(DIRECTORY_NOT_FOUND)).field(DIGEST, d)
             }
             DirectoryError::MissingChild {
                 parent,
                 child,
                 digest,
-            } => Builder::new(Code::FailedPrecondition, &e, Some(MISSING_CHILD))
+            } => ErrorStatus::new(Code::FailedPrecondition, &e, Some(MISSING_CHILD))
                 .field(PARENT, parent)
                 .field(DIGEST, digest)
-                .name(child),
+                .bytes(CHILD, child.as_bytes()),
             DirectoryError::SizeMismatch {
                 parent,
                 child,
                 recorded,
                 actual,
-            } => Builder::new(Code::FailedPrecondition, &e, Some(SIZE_MISMATCH))
+            } => ErrorStatus::new(Code::FailedPrecondition, &e, Some(SIZE_MISMATCH))
                 .field(PARENT, parent)
                 .field(RECORDED, recorded)
                 .field(ACTUAL, actual)
-                .name(child),
+                .bytes(CHILD, child.as_bytes()),
             DirectoryError::Invalid(DecodeDirectoryError::Invalid { .. }) => {
-                Builder::new(Code::InvalidArgument, &e, None)
+                ErrorStatus::new(Code::InvalidArgument, &e, None)
             }
             DirectoryError::Invalid(_) | DirectoryError::Corrupt(_) => {
-                Builder::new(Code::DataLoss, &e, None)
+                ErrorStatus::new(Code::DataLoss, &e, None)
             }
             DirectoryError::Backend(_) | DirectoryError::Internal(_) => {
-                Builder::new(Code::Internal, &e, None)
+                ErrorStatus::new(Code::Internal, &e, None)
             }
         };
         if matches!(
@@ -270,32 +235,19 @@ impl From<DirectoryError> for Status {
         ) {
             tracing::warn!(error = %error_chain(&e), "directory backend failed");
         }
-        b.0
+        b.into_status()
     }
 }
 
 impl From<BadMessage> for Status {
     /// A request that breaks the protocol: `INVALID_ARGUMENT`.
     fn from(e: BadMessage) -> Self {
-        Builder::new(Code::InvalidArgument, &e, None).0
+        ErrorStatus::new(Code::InvalidArgument, &e, None).into_status()
     }
 }
 
-fn kind(m: &MetadataMap) -> Option<&str> {
-    m.get(KIND)?.to_str().ok()
-}
-
-fn digest(m: &MetadataMap, key: &'static str) -> Option<Digest> {
-    m.get(key)?.to_str().ok()?.parse().ok()
-}
-
-fn number(m: &MetadataMap, key: &'static str) -> Option<u64> {
-    m.get(key)?.to_str().ok()?.parse().ok()
-}
-
 fn child(m: &MetadataMap) -> Option<String> {
-    let bytes = m.get_bin(CHILD)?.to_bytes().ok()?;
-    Some(String::from_utf8_lossy(&bytes).into_owned())
+    Some(String::from_utf8_lossy(&metadata::bytes(m, CHILD)?).into_owned())
 }
 
 fn reason(m: &MetadataMap) -> &'static str {
@@ -356,7 +308,7 @@ impl CallError {
     pub(crate) fn into_blob_error(self, url: &str) -> BlobError {
         if let Failure::Rejected(status) = &self.failure {
             let m = status.metadata();
-            let rebuilt = match (kind(m), digest(m, DIGEST)) {
+            let rebuilt = match (kind(m), field::<Digest>(m, DIGEST)) {
                 (Some(BLOB_NOT_FOUND), Some(d)) => Some(BlobError::BlobNotFound(d)),
                 (Some(CHUNK_NOT_FOUND), Some(d)) => Some(BlobError::ChunkNotFound(d)),
                 (Some(CHUNK_CORRUPT), Some(chunk)) => Some(BlobError::Corrupt {
@@ -386,20 +338,22 @@ impl CallError {
         if let Failure::Rejected(status) = &self.failure {
             let m = status.metadata();
             let rebuilt = match kind(m) {
-                Some(DIRECTORY_NOT_FOUND) => digest(m, DIGEST).map(DirectoryError::NotFound),
+                Some(DIRECTORY_NOT_FOUND) => {
+                    field::<Digest>(m, DIGEST).map(DirectoryError::NotFound)
+                }
                 Some(MISSING_CHILD) => (|| {
                     Some(DirectoryError::MissingChild {
-                        parent: digest(m, PARENT)?,
+                        parent: field::<Digest>(m, PARENT)?,
                         child: child(m)?,
-                        digest: digest(m, DIGEST)?,
+                        digest: field::<Digest>(m, DIGEST)?,
                     })
                 })(),
                 Some(SIZE_MISMATCH) => (|| {
                     Some(DirectoryError::SizeMismatch {
-                        parent: digest(m, PARENT)?,
+                        parent: field::<Digest>(m, PARENT)?,
                         child: child(m)?,
-                        recorded: number(m, RECORDED)?,
-                        actual: number(m, ACTUAL)?,
+                        recorded: field::<u64>(m, RECORDED)?,
+                        actual: field::<u64>(m, ACTUAL)?,
                     })
                 })(),
                 _ => None,

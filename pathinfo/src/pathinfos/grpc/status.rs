@@ -2,8 +2,8 @@
 //!
 //! Server side, an error becomes a status with a fitting code, the error's
 //! full message, and (for a refused put) metadata naming the variant and its
-//! fields, with the same keys as the castore's errors (`lazystore-error`,
-//! `lazystore-digest`, …). Client side, that metadata turns the status back
+//! fields, with the keys and encoding of the castore's errors
+//! ([`lazystore_castore::grpc::metadata`]). Client side, that metadata turns the status back
 //! into the same variant, so a caller matches
 //! [`PathInfoError::MissingRoot`] whether its store is local or remote.
 //! Anything else becomes [`PathInfoError::Backend`] holding a
@@ -11,33 +11,20 @@
 //!
 //! [`GrpcError`]: lazystore_castore::grpc::GrpcError
 
-use lazystore_castore::error_chain;
-
-use lazystore_castore::Digest;
 use lazystore_castore::grpc::CallError;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use lazystore_castore::grpc::metadata::{
+    ACTUAL, DIGEST, ErrorStatus, RECORDED, STORE_PATH, field, kind,
+};
+use lazystore_castore::{Digest, error_chain};
 use tonic::{Code, Status};
 
 use crate::nixbase32;
 use crate::pathinfos::{PathInfoDecodeError, PathInfoError};
 use crate::store_path::{DIGEST_LEN, StorePath};
 
-// Metadata keys. The variant is named by KIND; the others carry its fields.
-const KIND: &str = "lazystore-error";
-const STORE_PATH: &str = "lazystore-store-path";
-const DIGEST: &str = "lazystore-digest";
-const RECORDED: &str = "lazystore-recorded";
-const ACTUAL: &str = "lazystore-actual";
-
-// Values of KIND.
+// Values of KIND: the PathInfo service's variants.
 const MISSING_ROOT: &str = "pathinfo-missing-root";
 const ROOT_SIZE_MISMATCH: &str = "pathinfo-root-size-mismatch";
-
-fn insert(status: &mut Status, key: &'static str, value: impl ToString) {
-    if let Ok(v) = MetadataValue::try_from(value.to_string()) {
-        status.metadata_mut().insert(key, v);
-    }
-}
 
 impl From<PathInfoError> for Status {
     /// Codes: a put whose root data is missing or mis-sized
@@ -52,33 +39,31 @@ impl From<PathInfoError> for Status {
             PathInfoError::Invalid(_) | PathInfoError::Corrupt(_) => Code::DataLoss,
             PathInfoError::Backend(_) | PathInfoError::Internal(_) => Code::Internal,
         };
-        let mut status = Status::new(code, error_chain(&e));
-        match &e {
+        let status = match &e {
             PathInfoError::MissingRoot { store_path, root } => {
-                insert(&mut status, KIND, MISSING_ROOT);
-                insert(&mut status, STORE_PATH, store_path);
-                insert(&mut status, DIGEST, root);
+                ErrorStatus::new(code, &e, Some(MISSING_ROOT))
+                    .field(STORE_PATH, store_path)
+                    .field(DIGEST, root)
             }
             PathInfoError::RootSizeMismatch {
                 store_path,
                 root,
                 recorded,
                 actual,
-            } => {
-                insert(&mut status, KIND, ROOT_SIZE_MISMATCH);
-                insert(&mut status, STORE_PATH, store_path);
-                insert(&mut status, DIGEST, root);
-                insert(&mut status, RECORDED, recorded);
-                insert(&mut status, ACTUAL, actual);
-            }
+            } => ErrorStatus::new(code, &e, Some(ROOT_SIZE_MISMATCH))
+                .field(STORE_PATH, store_path)
+                .field(DIGEST, root)
+                .field(RECORDED, recorded)
+                .field(ACTUAL, actual),
             PathInfoError::Invalid(_)
             | PathInfoError::Corrupt(_)
             | PathInfoError::Backend(_)
             | PathInfoError::Internal(_) => {
                 tracing::warn!(error = %error_chain(&e), "PathInfo backend failed");
+                ErrorStatus::new(code, &e, None)
             }
-        }
-        status
+        };
+        status.into_status()
     }
 }
 
@@ -95,16 +80,12 @@ pub(super) fn not_found(hash: &[u8; DIGEST_LEN]) -> Status {
     ))
 }
 
-fn field<T: std::str::FromStr>(m: &MetadataMap, key: &'static str) -> Option<T> {
-    m.get(key)?.to_str().ok()?.parse().ok()
-}
-
 /// Back to a [`PathInfoError`], for a call to `url`: the variant the
 /// server reported, or `Backend` with a [`GrpcError`](lazystore_castore::grpc::GrpcError).
 pub(super) fn into_pathinfo_error(e: CallError, url: &str) -> PathInfoError {
     if let Some(status) = e.rejection() {
         let m = status.metadata();
-        let kind = m.get(KIND).and_then(|v| v.to_str().ok());
+        let kind = kind(m);
         let rebuilt = (|| match kind? {
             MISSING_ROOT => Some(PathInfoError::MissingRoot {
                 store_path: field::<StorePath>(m, STORE_PATH)?,
