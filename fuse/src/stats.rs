@@ -223,7 +223,7 @@ impl fmt::Display for StatsSnapshot {
     }
 }
 
-/// A [`BlobService`] that counts the chunks read through it into
+/// A [`BlobService`](lazystore_castore::BlobService) that counts the chunks read through it into
 /// [`Stats`]' `remote_*` counters: put it around the remote store, under
 /// the local cache, and the counters tell what crossed the network.
 pub type CountingBlobService = ObservedBlobService<RemoteReads>;

@@ -16,7 +16,6 @@
 //! Every upload needs the token; without uploads configured, every `PUT`
 //! is 403.
 
-use lazystore_castore::error_chain;
 use std::collections::HashMap;
 use std::io;
 use std::sync::Mutex;
@@ -30,6 +29,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::TryStreamExt as _;
 use lazystore_castore::Node;
+use lazystore_castore::error_chain;
 use lazystore_pathinfo::decompress::{Decompressed, decompress};
 use lazystore_pathinfo::ingest::{IngestError, ingest_nar};
 use lazystore_pathinfo::pathinfos::PathInfo;

@@ -10,12 +10,12 @@
 //! is incomplete; a path whose reference failed is not published. Memory
 //! is bounded by `jobs` streams, whatever the NAR sizes.
 
-use lazystore_castore::error_chain;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lazystore_castore::error_chain;
 use lazystore_castore::{Node, RetryPolicy};
 use lazystore_pathinfo::decompress::Decompressed;
 use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_hashed_nar};

@@ -2,12 +2,12 @@
 //! when stderr is a terminal, one plain line per finished path otherwise
 //! (logs, CI), or nothing.
 
-use lazystore_castore::error_chain;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lazystore_castore::error_chain;
 
 use crate::error::PathError;
 

@@ -1,0 +1,203 @@
+//! Reads: a file's chunk list fetched on its first read (its real digest
+//! first, for a file a substituter showed before its contents were
+//! stored), the chunks a read overlaps fetched and verified, and
+//! readahead for sequential readers.
+
+use super::*;
+
+/// Reads within this distance of the previous read's end count as
+/// sequential: the kernel sends a sequential reader's requests in parallel
+/// and they may arrive out of order.
+const SEQUENTIAL_SLACK: u64 = 2 << 20;
+
+/// Readahead starts at this window and doubles on each sequential read.
+const READAHEAD_INITIAL: u64 = 1 << 20;
+
+/// Chunks fetched ahead are asked for in batches of about this many bytes,
+/// so they arrive in parallel.
+const READAHEAD_BATCH: u64 = 1 << 20;
+
+impl LazyFs {
+    /// Reads up to `size` bytes of file `ino` at `offset`: only the chunks
+    /// overlapping the range are fetched (each verified), and a sequential
+    /// reader has the following chunks fetched ahead.
+    pub async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let started = Instant::now();
+        self.stats.add(&self.stats.reads, 1);
+        if ino == Ino::STATS_FILE {
+            let text = Bytes::from(self.stats_text());
+            let from = (offset as usize).min(text.len());
+            let to = (from + size as usize).min(text.len());
+            return Ok(text.slice(from..to));
+        }
+        let inode = self.inode(ino)?;
+        let Kind::File {
+            digest,
+            size: file_size,
+            index,
+            read_state,
+            ..
+        } = &inode.kind
+        else {
+            return Err(match inode.kind {
+                Kind::Directory { .. } => FsError::IsADirectory,
+                _ => FsError::NotAFile,
+            });
+        };
+        let end = offset.saturating_add(size as u64).min(*file_size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let index = index
+            .get_or_try_init(|| self.chunk_index(&inode, digest, *file_size, started))
+            .await?;
+        let range = index.overlapping(offset, end);
+        self.read_ahead(&inode, index, read_state, offset, end, range.end - 1);
+        let digests: Vec<Digest> = index.meta.chunks[range.clone()]
+            .iter()
+            .map(|c| c.digest)
+            .collect();
+        let chunks = self
+            .chunks
+            .get(&digests, &inode.path)
+            .await
+            .map_err(|e| self.io_error(&inode.path, "reading", &*e))?;
+        // A chunk verified against its digest can still contradict the
+        // chunk list's sizes, if the store's list is wrong.
+        let sizes_match = chunks
+            .iter()
+            .zip(&index.meta.chunks[range.clone()])
+            .all(|(c, entry)| c.len() as u64 == entry.size);
+        if !sizes_match {
+            return Err(self.io_error(
+                &inode.path,
+                "reading",
+                &Inconsistent("a chunk's length differs from its chunk list entry"),
+            ));
+        }
+        let first_start = index.start(range.start);
+        let mut pieces = cut(chunks, offset - first_start, end - first_start);
+        let out = if pieces.len() == 1 {
+            pieces.pop().expect("one piece")
+        } else {
+            let mut out = BytesMut::with_capacity((end - offset) as usize);
+            for piece in &pieces {
+                out.extend_from_slice(piece);
+            }
+            out.freeze()
+        };
+        self.stats.add(&self.stats.bytes_read, out.len() as u64);
+        Ok(out)
+    }
+
+    pub(super) async fn chunk_index(
+        &self,
+        inode: &Inode,
+        digest: &Digest,
+        size: u64,
+        started: Instant,
+    ) -> Result<Arc<ChunkIndex>, FsError> {
+        let digest = &self.real_file(inode, digest, started).await?;
+        let what = || format!("{}: fetching its chunk list", inode.path);
+        let meta = retry::run(&self.options.retry, &self.stats, &what, || {
+            self.store.blobs.stat(digest)
+        })
+        .await
+        .map_err(|e| self.io_error(&inode.path, "fetching its chunk list", &e))?;
+        self.stats.add(&self.stats.chunk_lists_fetched, 1);
+        match meta {
+            Some(meta) if meta.size == size => Ok(Arc::new(ChunkIndex::new(meta))),
+            Some(_) => Err(self.io_error(
+                &inode.path,
+                "fetching its chunk list",
+                &Inconsistent("the chunk list's size differs from the file's"),
+            )),
+            None => Err(self.io_error(
+                &inode.path,
+                "fetching its chunk list",
+                &Inconsistent("blob missing from the store"),
+            )),
+        }
+    }
+
+    /// The real digest of a file shown as `digest`: itself, or for a
+    /// substituter's placeholder, the file at its place in the path's
+    /// verified contents, once fetched (here, if nobody has).
+    ///
+    /// `started` is when the read asking began: a download that failed after
+    /// it began (while it waited) fails it too, without a download of its own.
+    pub(super) async fn real_file(
+        &self,
+        inode: &Inode,
+        digest: &Digest,
+        started: Instant,
+    ) -> Result<Digest, FsError> {
+        match self.paths.file(digest, started).await {
+            Ok(Some(real)) => Ok(real),
+            Ok(None) => Ok(*digest),
+            Err(e) => Err(self.io_error(&inode.path, SUBSTITUTING, &e)),
+        }
+    }
+
+    /// Updates the reader's position and, if it reads sequentially, starts
+    /// fetching the chunks after `last` up to the (doubling) window.
+    pub(super) fn read_ahead(
+        &self,
+        inode: &Inode,
+        index: &ChunkIndex,
+        state: &Mutex<ReadState>,
+        offset: u64,
+        end: u64,
+        last: usize,
+    ) {
+        let max = self.options.readahead_bytes;
+        let (from, to) = {
+            let mut s = state.lock().expect("read state poisoned");
+            if offset == 0 {
+                // A pass from the start: sequential from here.
+                *s = ReadState::default();
+            }
+            let jump = |s: &mut ReadState| {
+                *s = ReadState {
+                    started: true,
+                    next: end,
+                    window: 0,
+                    ahead_until: last + 1,
+                };
+            };
+            if max == 0 || (!s.started && offset != 0) {
+                jump(&mut s);
+                return;
+            }
+            if s.started {
+                if offset + SEQUENTIAL_SLACK < s.next || offset > s.next + SEQUENTIAL_SLACK {
+                    jump(&mut s);
+                    return;
+                }
+                if end <= s.next {
+                    // Behind the furthest read (a parallel read arriving
+                    // late, or a re-read): nothing new to fetch ahead.
+                    return;
+                }
+            }
+            s.started = true;
+            s.window = (s.window * 2).clamp(READAHEAD_INITIAL.min(max), max);
+            s.next = s.next.max(end);
+            let limit = s.next + s.window;
+            let from = s.ahead_until.max(last + 1);
+            let mut to = from;
+            while to < index.len() && index.start(to) < limit {
+                to += 1;
+            }
+            s.ahead_until = s.ahead_until.max(to);
+            (from, to)
+        };
+        if from < to {
+            let ahead: Vec<(Digest, u64)> = index.meta.chunks[from..to]
+                .iter()
+                .map(|c| (c.digest, c.size))
+                .collect();
+            self.chunks.prefetch(&ahead, READAHEAD_BATCH, &inode.path);
+        }
+    }
+}
