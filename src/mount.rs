@@ -13,10 +13,12 @@ use lazystore_fuse::{
     CountingBlobService, FsOptions, LazyFs, MountConfig, RemoteReads, RetryPolicy, Stats,
     StatsSnapshot,
 };
-use lazystore_importer::{DEFAULT_TRUSTED_KEY, NEGATIVE_TTL, UpstreamSubstituter};
-use lazystore_pathinfo::substitute::{StoreSubstituter, Substituter, Substituters};
-use lazystore_pathinfo::{LocalCache, PublicKey, Store, StoreOptions, default_store_url};
+use lazystore_importer::NEGATIVE_TTL;
+use lazystore_pathinfo::substitute::Substituter;
+use lazystore_pathinfo::{LocalCache, Store, StoreOptions, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
+
+use crate::upstream::UpstreamArgs;
 
 /// How long an unmount may wait for files still open under the mount
 /// before the process exits anyway (which ends the connection).
@@ -91,19 +93,8 @@ pub struct Args {
     /// EIO.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     retry_deadline: u64,
-    /// Binary cache (https://, http:// or file:///) to substitute paths
-    /// the store lacks from, on first lookup; repeat for several, tried in
-    /// order.
-    #[arg(long = "upstream", value_name = "URL")]
-    upstreams: Vec<String>,
-    /// Key whose signatures on upstream narinfos are trusted (Nix's
-    /// trusted-public-keys); repeat for several. Default: cache.nixos.org's.
-    #[arg(long = "trusted-public-key", value_name = "NAME:KEY", default_value = DEFAULT_TRUSTED_KEY)]
-    trusted_keys: Vec<PublicKey>,
-    /// Show upstream paths without checking their signatures (says so when
-    /// mounting).
-    #[arg(long)]
-    no_check_sigs: bool,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
     /// Seconds a path no upstream cache has is believed missing before a
     /// lookup asks the caches again (failures are never remembered).
     #[arg(long, value_name = "SECS", default_value_t = NEGATIVE_TTL.as_secs())]
@@ -183,24 +174,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         retry,
         ..FsOptions::default()
     };
-    let mut paths = Substituters::new().then(Arc::new(StoreSubstituter::new(
-        store.path_infos.clone(),
-        url.clone(),
-    )));
-    if !args.upstreams.is_empty() {
-        let upstream = UpstreamSubstituter::new(
-            store.clone(),
-            lazystore_importer::Options {
-                caches: args.upstreams.clone(),
-                trusted_keys: args.trusted_keys,
-                check_signatures: !args.no_check_sigs,
-                ..Default::default()
-            },
-            Duration::from_secs(args.upstream_negative_ttl),
-        )?;
-        paths = paths.then(Arc::new(upstream));
-    }
-    let paths = Arc::new(paths);
+    let upstreams = args.upstream.upstreams.clone();
+    let negative_ttl = Duration::from_secs(args.upstream_negative_ttl);
+    let paths = Arc::new(args.upstream.substituters(&store, &url, negative_ttl)?);
     let passthrough_cache = store.local_cache.clone().filter(|_| !args.no_passthrough);
     let fs = LazyFs::new(store, options, stats.clone()).with_substituter(paths.clone());
     let fs = match passthrough_cache {
@@ -222,7 +198,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     .await
     .context("the mount task failed")??;
     let shown = mounted.mountpoint().display().to_string();
-    tracing::info!(store = %url, cache = ?cache_url, upstreams = ?args.upstreams, "mounted at {shown}");
+    tracing::info!(store = %url, cache = ?cache_url, upstreams = ?upstreams, "mounted at {shown}");
     println!("{shown}");
 
     let mut poll = tokio::time::interval(Duration::from_millis(250));

@@ -11,10 +11,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use lazystore_importer::{DEFAULT_TRUSTED_KEY, NEGATIVE_TTL, UpstreamSubstituter, Wanted};
-use lazystore_pathinfo::substitute::{StoreSubstituter, Substituter, Substituters, Validity};
-use lazystore_pathinfo::{PublicKey, Store, StoreOptions, StorePath, default_store_url};
+use lazystore_importer::{NEGATIVE_TTL, Wanted};
+use lazystore_pathinfo::substitute::{Substituter, Substituters, Validity};
+use lazystore_pathinfo::{Store, StoreOptions, StorePath, default_store_url};
 use tokio::task::JoinSet;
+
+use crate::upstream::UpstreamArgs;
 
 /// Lookups in flight at once while walking a closure.
 const CONCURRENT_LOOKUPS: usize = 32;
@@ -52,19 +54,8 @@ pub struct Args {
     #[arg(long)]
     no_closure: bool,
 
-    /// Binary cache (https://, http:// or file:///) describing the paths
-    /// the store lacks; repeat for several, tried in order.
-    #[arg(long = "upstream", value_name = "URL")]
-    upstreams: Vec<String>,
-
-    /// Key whose signatures on upstream narinfos are trusted (Nix's
-    /// trusted-public-keys); repeat for several. Default: cache.nixos.org's.
-    #[arg(long = "trusted-public-key", value_name = "NAME:KEY", default_value = DEFAULT_TRUSTED_KEY)]
-    trusted_keys: Vec<PublicKey>,
-
-    /// Take upstream narinfos whatever their signatures (says so).
-    #[arg(long)]
-    no_check_sigs: bool,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
 }
 
 /// One path's validity record: what `nix-store --load-db` reads. Its
@@ -210,22 +201,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
              while it is mounted or served, ask that server with --store grpc+http://…)"
             )
         })?;
-    let mut paths = Substituters::new().then(Arc::new(StoreSubstituter::new(
-        store.path_infos.clone(),
-        store_url.clone(),
-    )));
-    if !args.upstreams.is_empty() {
-        let options = lazystore_importer::Options {
-            caches: args.upstreams,
-            trusted_keys: args.trusted_keys,
-            check_signatures: !args.no_check_sigs,
-            ..Default::default()
-        };
-        // Only narinfos are read: the store is never written.
-        let upstream = UpstreamSubstituter::new(store.clone(), options, NEGATIVE_TTL)
-            .context("cannot set up the upstream caches")?;
-        paths = paths.then(Arc::new(upstream));
-    }
+    // Only narinfos are read: the store is never written.
+    let paths = args
+        .upstream
+        .substituters(&store, &store_url, NEGATIVE_TTL)?;
     let sources = Arc::new(Sources { store_url, paths });
     let records = collect(sources, &args.paths, !args.no_closure).await?;
     let mut out = String::new();

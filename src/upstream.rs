@@ -1,0 +1,57 @@
+//! The `--upstream` options that `mount` and `nix-db` share, and the one
+//! place their store-path sources are composed: the store first, then the
+//! upstream binary caches in the order given.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lazystore_importer::{DEFAULT_TRUSTED_KEY, UpstreamSubstituter};
+use lazystore_pathinfo::substitute::{StoreSubstituter, Substituters};
+use lazystore_pathinfo::{PublicKey, Store};
+
+/// Upstream binary caches for the paths the store lacks.
+#[derive(clap::Args)]
+pub struct UpstreamArgs {
+    /// Binary cache (https://, http:// or file:///) to find paths the
+    /// store lacks in (their narinfo checked as `lazystore import` checks
+    /// it); repeat for several, tried in order.
+    #[arg(long = "upstream", value_name = "URL")]
+    pub upstreams: Vec<String>,
+    /// Key whose signatures on upstream narinfos are trusted (Nix's
+    /// trusted-public-keys); repeat for several. Default: cache.nixos.org's.
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY", default_value = DEFAULT_TRUSTED_KEY)]
+    pub trusted_keys: Vec<PublicKey>,
+    /// Take upstream narinfos whatever their signatures (says so); paths
+    /// found that way are never published in the store.
+    #[arg(long)]
+    pub no_check_sigs: bool,
+}
+
+impl UpstreamArgs {
+    /// The store at `store_url`, then these caches (storing what they fetch
+    /// in `store`); "no cache has it" is believed for `negative_ttl`.
+    pub fn substituters(
+        self,
+        store: &Store,
+        store_url: &str,
+        negative_ttl: Duration,
+    ) -> anyhow::Result<Substituters> {
+        let paths = Substituters::new().then(Arc::new(StoreSubstituter::new(
+            store.path_infos.clone(),
+            store_url,
+        )));
+        if self.upstreams.is_empty() {
+            return Ok(paths);
+        }
+        let options = lazystore_importer::Options {
+            caches: self.upstreams,
+            trusted_keys: self.trusted_keys,
+            check_signatures: !self.no_check_sigs,
+            ..Default::default()
+        };
+        let upstream = UpstreamSubstituter::new(store.clone(), options, negative_ttl)
+            .context("cannot set up the upstream caches")?;
+        Ok(paths.then(Arc::new(upstream)))
+    }
+}
