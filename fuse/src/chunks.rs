@@ -16,8 +16,8 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use lazystore_castore::{BlobError, Blobs, Digest, RetryPolicy};
 
-use crate::retry;
 use crate::stats::Stats;
+use crate::stats::retried;
 
 /// What a batch fetch resolves to: the chunks in the order asked, or why
 /// they could not be had.
@@ -189,7 +189,7 @@ impl ChunkFetcher {
         let digests = chunks.clone();
         let task = tokio::spawn(async move {
             let describe = || format!("{what}: fetching {} chunks", digests.len());
-            let result = retry::run(&this.retry, &this.stats, &describe, || {
+            let result = retried(&this.retry, &this.stats, &describe, || {
                 this.blobs.read_chunks_verified(&digests)
             })
             .await;

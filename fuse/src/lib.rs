@@ -16,7 +16,6 @@ mod fs;
 mod inode;
 mod mount;
 mod passthrough;
-mod retry;
 mod stats;
 
 pub use error::FsError;

@@ -1,13 +1,17 @@
 //! Counters of what the mount presented and what it fetched, readable while
 //! mounted (`MOUNT/.lazystore/stats`) and logged at exit, and
-//! [`CountingBlobService`], which counts what crosses from a remote store.
+//! [`CountingBlobService`], which counts what crosses from a remote store;
+//! `retried`, which runs a store call under the shared retry policy and
+//! counts (and logs) its retries.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use lazystore_castore::blobs::{BlobObserver, EncodedChunk, ObservedBlobService};
+use lazystore_castore::{RetryPolicy, Retryable};
 
 /// The mount's counters. Every field only grows.
 #[derive(Debug)]
@@ -241,4 +245,30 @@ impl BlobObserver for RemoteReads {
             got.iter().map(|c| c.data.len() as u64).sum(),
         );
     }
+}
+
+/// Runs `attempt` under `policy` until it succeeds, fails permanently, runs
+/// out of corrupt attempts, or the deadline passes; returns the last error.
+/// Each retry is logged with `what` and counted in `stats.retries`.
+pub(crate) async fn retried<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    stats: &Stats,
+    what: &(dyn Fn() -> String + Sync),
+    attempt: F,
+) -> Result<T, E>
+where
+    E: Retryable + std::error::Error + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    policy
+        .run(attempt, |e: &E, _, wait| {
+            stats.add(&stats.retries, 1);
+            tracing::warn!(
+                "{}: {}; retrying in {wait:?}",
+                what(),
+                lazystore_castore::error_chain(e)
+            );
+        })
+        .await
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-use super::retry::{AttemptError, AttemptTimeout, CallError, Retry};
+use super::call::{AttemptError, AttemptTimeout, CallError, Retry};
 use crate::retry::RetryPolicy;
 
 /// How long to wait for a TCP connection to be accepted.

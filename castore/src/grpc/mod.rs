@@ -17,18 +17,18 @@
 //! checks every directory against its digest).
 
 mod blob_server;
+mod call;
 mod connection;
 mod directory_server;
 pub mod metadata;
-mod retry;
 mod serve;
 mod status;
 pub(crate) mod wire;
 
 pub use blob_server::BlobServer;
+pub use call::{AttemptError, AttemptTimeout, CallError};
 pub use connection::{Connection, InvalidUrl};
 pub use directory_server::DirectoryServer;
-pub use retry::{AttemptError, AttemptTimeout, CallError};
 pub use serve::{Listener, ServeError, Services, serve};
 pub use status::GrpcError;
 pub use wire::BadMessage;

@@ -16,10 +16,10 @@ use std::time::Duration;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
+use super::call::{CallError, Failure};
 use super::metadata::{
     self, ACTUAL, CHILD, DIGEST, ErrorStatus, PARENT, REASON, RECORDED, field, kind,
 };
-use super::retry::{CallError, Failure};
 use super::wire::BadMessage;
 use crate::blobs::BlobError;
 use crate::digest::Digest;

@@ -52,7 +52,7 @@ impl LazyFs {
         }
         let basename: Arc<str> = path.to_string().into();
         let what = || format!("{basename}: finding its path info");
-        let found = retry::run(&self.options.retry, &self.stats, &what, || {
+        let found = retried(&self.options.retry, &self.stats, &what, || {
             self.paths.find(&path)
         })
         .await;
@@ -182,7 +182,7 @@ impl LazyFs {
             Err(e) => return Err(self.io_error(path, SUBSTITUTING, &e)),
         }
         let what = || format!("{path}: fetching directory {}", digest.fmt_short());
-        let got = retry::run(&self.options.retry, &self.stats, &what, || {
+        let got = retried(&self.options.retry, &self.stats, &what, || {
             self.store.directories.get(digest)
         })
         .await

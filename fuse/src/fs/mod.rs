@@ -38,8 +38,8 @@ use crate::chunks::ChunkFetcher;
 use crate::error::FsError;
 use crate::inode::{Ino, Inode, InodeTable, Kind, ReadState};
 use crate::passthrough::Passthrough;
-use crate::retry;
-use crate::stats::{Stats, StatsSnapshot};
+
+use crate::stats::{Stats, StatsSnapshot, retried};
 
 mod control;
 mod lookup;

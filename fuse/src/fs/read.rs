@@ -99,7 +99,7 @@ impl LazyFs {
     ) -> Result<Arc<ChunkIndex>, FsError> {
         let digest = &self.real_file(inode, digest, started).await?;
         let what = || format!("{}: fetching its chunk list", inode.path);
-        let meta = retry::run(&self.options.retry, &self.stats, &what, || {
+        let meta = retried(&self.options.retry, &self.stats, &what, || {
             self.store.blobs.stat(digest)
         })
         .await

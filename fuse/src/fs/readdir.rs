@@ -60,7 +60,7 @@ impl LazyFs {
             return Err(FsError::RootNotListable);
         }
         let what = || "listing every store path".to_owned();
-        let infos: Vec<_> = retry::run(&self.options.retry, &self.stats, &what, || {
+        let infos: Vec<_> = retried(&self.options.retry, &self.stats, &what, || {
             self.store.path_infos.list().try_collect::<Vec<_>>()
         })
         .await
