@@ -13,7 +13,9 @@ use lazystore_httpcache::{
     DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression, UploadAuth,
 };
 use lazystore_pathinfo::pathinfos::PathInfoServer;
-use lazystore_pathinfo::{SigningKey, Store, StoreOptions, default_store_url, is_ephemeral};
+use lazystore_pathinfo::{
+    SigningKey, Store, StoreOptions, default_store_url, grpc_tcp_url, grpc_unix_url, is_ephemeral,
+};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -245,7 +247,7 @@ async fn bind(addr: &str) -> anyhow::Result<(Listener, String)> {
         remove_stale_socket(path).await?;
         let listener = UnixListener::bind(path)
             .with_context(|| format!("cannot listen on Unix socket {}", path.display()))?;
-        let url = format!("grpc+unix://{}", path.display());
+        let url = grpc_unix_url(path);
         return Ok((listener.into(), url));
     }
     let listener = TcpListener::bind(addr).await.map_err(|e| {
@@ -258,7 +260,7 @@ async fn bind(addr: &str) -> anyhow::Result<(Listener, String)> {
     let local = listener
         .local_addr()
         .with_context(|| format!("cannot read the address bound for {addr:?}"))?;
-    Ok((listener.into(), format!("grpc+http://{local}")))
+    Ok((listener.into(), grpc_tcp_url(local)))
 }
 
 /// Removes a socket file left by a server that is gone, so the address can

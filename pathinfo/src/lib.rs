@@ -25,7 +25,7 @@ pub use signature::{
 };
 pub use store::{
     BlobLayer, LAZYSTORE_DIR, LocalCache, OpenStoreError, Store, StoreOptions, default_cache_url,
-    default_store_url, is_ephemeral,
+    default_store_url, grpc_tcp_url, grpc_unix_url, is_ephemeral,
 };
 pub use store_path::{
     DIGEST_LEN, ENCODED_DIGEST_LEN, MAX_NAME_LEN, STORE_DIR, StorePath, StorePathError,

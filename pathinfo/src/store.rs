@@ -192,6 +192,17 @@ pub fn is_ephemeral(url: &str) -> bool {
     url == MEMORY_URL
 }
 
+/// The store URL of a `lazystore serve` listening on TCP at `addr`.
+pub fn grpc_tcp_url(addr: std::net::SocketAddr) -> String {
+    format!("grpc+http://{addr}")
+}
+
+/// The store URL of a `lazystore serve` listening on the Unix socket at
+/// `path`.
+pub fn grpc_unix_url(path: &std::path::Path) -> String {
+    format!("grpc+unix://{}", path.display())
+}
+
 /// The URL of a fresh store in memory.
 const MEMORY_URL: &str = "memory://";
 
