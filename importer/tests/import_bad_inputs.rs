@@ -97,7 +97,7 @@ async fn truncated_nar() {
     let summary = import_expecting_failure(file_url(&cache)).await;
     let kind = failure(&summary, &fx.closure.a);
     assert!(matches!(kind, PathErrorKind::InvalidNar { .. }), "{kind:?}");
-    let chain = anyhow_like_chain(kind);
+    let chain = lazystore_castore::error_chain(kind);
     assert!(chain.contains("truncated NAR"), "{chain}");
 }
 
@@ -231,7 +231,7 @@ async fn crafted_failure(cache: &CraftedCache, path: &lazystore_pathinfo::StoreP
     assert_eq!(summary.failed.len(), 1, "{summary}");
     let kind = failure(&summary, &path.to_absolute());
     assert!(matches!(kind, PathErrorKind::InvalidNar { .. }), "{kind:?}");
-    anyhow_like_chain(kind)
+    lazystore_castore::error_chain(kind)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,7 +374,10 @@ async fn http_500_forever_fails_after_retries() {
     let summary = import_expecting_failure(server.url.clone()).await;
     let kind = failure(&summary, &fx.closure.a);
     assert!(matches!(kind, PathErrorKind::Download { .. }), "{kind:?}");
-    assert!(anyhow_like_chain(kind).contains("500"), "{kind}");
+    assert!(
+        lazystore_castore::error_chain(kind).contains("500"),
+        "{kind}"
+    );
     assert_eq!(server.count(|p| p == nar), 4, "one try and three retries");
 }
 
@@ -413,18 +416,6 @@ async fn http_404_for_narinfo() {
     assert!(kind.to_string().contains(&server.url), "{kind}");
 }
 
-/// The error and its causes, as `anyhow` prints them with `{:#}`.
-fn anyhow_like_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        next = e.source();
-    }
-    out
-}
-
 /// A narinfo's `URL` is not signed, so one that leaves the cache — to
 /// another host (`\\host\…`, read as `//host/…`), above the cache's path
 /// (`..` written with `\` or `%2e`) — is refused before anything is
@@ -447,7 +438,7 @@ async fn nar_url_leaving_the_cache() {
         let server = TestServer::start(dir.path()).await;
         let summary = import_expecting_failure(server.url.clone()).await;
         let kind = failure(&summary, &fx.closure.a);
-        let message = anyhow_like_chain(kind);
+        let message = lazystore_castore::error_chain(kind);
         assert!(
             message.contains(bad) && message.contains("is not a file inside"),
             "{bad}: {message}"

@@ -60,17 +60,6 @@ fn symlink_info(n: u8) -> PathInfo {
     }
 }
 
-/// An error and its sources, as `lazystore` prints them.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out = format!("{out}: {s}");
-        source = s.source();
-    }
-    out
-}
-
 fn fast_retries(deadline: Duration) -> RetryPolicy {
     RetryPolicy {
         initial_backoff: Duration::from_millis(20),
@@ -188,7 +177,7 @@ async fn answers_are_checked() {
     let listed: Vec<_> = futures::StreamExt::collect::<Vec<_>>(client.list()).await;
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert_eq!(listed[0].as_ref().unwrap(), &sent);
-    let e = chain(listed[1].as_ref().unwrap_err());
+    let e = lazystore_castore::error_chain(listed[1].as_ref().unwrap_err());
     assert!(e.contains(&url) && e.contains("NarSize is 0"), "{e}");
 }
 
