@@ -82,6 +82,11 @@ pub struct StoreOptions {
     /// When a redb store's chunk lists and directories are made durable
     /// (other schemes ignore it).
     pub sync: SyncMode,
+    /// The chunker parameters a new store records (a redb store checks
+    /// them against those it records; a memory store cuts with them).
+    /// `None`: the defaults for a new store, whatever an existing one
+    /// records. A gRPC store's writers always cut with the server's.
+    pub chunker: Option<ChunkerParams>,
     /// How a remote store's calls are retried.
     pub retry: RetryPolicy,
     /// The local chunk cache in front of the blobs and directories.
@@ -99,6 +104,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             sync: SyncMode::EveryCommit,
+            chunker: None,
             retry: RetryPolicy::default(),
             local_cache: LocalCache::None,
             local_cache_bytes: DEFAULT_CACHE_SIZE,
@@ -301,11 +307,15 @@ impl Store {
         options: &StoreOptions,
     ) -> Result<(Store, bool), OpenStoreError> {
         if url == MEMORY_URL {
-            return Ok((Store::memory(), false));
+            let mut store = Store::memory();
+            if let Some(params) = options.chunker {
+                store.blobs = Blobs::new(store.blobs.service().clone(), params);
+            }
+            return Ok((store, false));
         }
         if let Some(path) = redb_path(url)? {
             let redb = RedbOptions {
-                params: None,
+                params: options.chunker,
                 sync: options.sync,
             };
             // Opening may repair the file after a crash: blocking work.
@@ -478,6 +488,36 @@ mod tests {
         assert_eq!(&bytes[..], &[7u8; 100_000][..]);
         assert!(meta.chunks.iter().all(|c| cache.contains_chunk(&c.digest)));
         assert!(Store::open_cache("memory://", 1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn options_give_the_chunker_parameters() {
+        let small = ChunkerParams {
+            min: 4096,
+            avg: 8192,
+            max: 32768,
+        };
+        let with = |chunker| StoreOptions {
+            chunker,
+            ..StoreOptions::default()
+        };
+        let memory = Store::open("memory://", with(Some(small))).await.unwrap();
+        assert_eq!(memory.blobs.params(), small);
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("redb://{}/store.redb", dir.path().display());
+        let created = Store::open(&url, with(Some(small))).await.unwrap();
+        assert_eq!(created.blobs.params(), small);
+        drop(created);
+        // An existing store keeps what it records; asking for other
+        // parameters is refused, naming the URL.
+        let reopened = Store::open(&url, with(None)).await.unwrap();
+        assert_eq!(reopened.blobs.params(), small);
+        drop(reopened);
+        let e = Store::open(&url, with(Some(ChunkerParams::default())))
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(&url), "{e}");
     }
 
     #[tokio::test]
