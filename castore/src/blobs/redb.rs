@@ -39,7 +39,7 @@ use crate::redb_store::{ReadTables, RedbStore, Tables};
 // | 8 + 36·i+32 | 4    | size of chunk i, u32 little endian     |
 //
 // Written and read by `encode_chunk_list` and `decode_chunk_list`
-// (`blobs/mod.rs`), which the local cache uses too.
+// (`blobs/encoding.rs`), which the local cache uses too.
 
 /// Chunks and chunk lists in a [`RedbStore`].
 #[derive(Clone, Debug)]
