@@ -172,7 +172,7 @@ impl Upstream {
     /// listing this reads (the path is then shown once its NAR is fetched).
     pub async fn listing(&self, found: &Found) -> Option<Listing> {
         let path = found.narinfo.store_path.to_absolute();
-        let file = format!("{}.ls", nixbase32_hash(&found.narinfo));
+        let file = format!("{}.ls", found.narinfo.store_path.hash_str());
         let cache = self.cache(found.cache).await.ok()?;
         let raw = match cache.read_small(&file, MAX_LISTING_SIZE).await {
             Ok(Some(raw)) => raw,
@@ -317,10 +317,6 @@ impl Upstream {
             })),
         }
     }
-}
-
-fn nixbase32_hash(narinfo: &NarInfo) -> String {
-    lazystore_pathinfo::nixbase32::encode(narinfo.store_path.digest())
 }
 
 /// Decompresses a listing by its magic bytes: caches written with

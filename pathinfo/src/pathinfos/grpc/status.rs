@@ -18,9 +18,8 @@ use lazystore_castore::grpc::CallError;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
-use crate::nixbase32;
 use crate::pathinfos::{PathInfoDecodeError, PathInfoError};
-use crate::store_path::{DIGEST_LEN, StorePath};
+use crate::store_path::{StorePath, StorePathHash};
 
 // Metadata keys. The variant is named by KIND; the others carry its fields.
 const KIND: &str = "lazystore-error";
@@ -88,11 +87,8 @@ pub(super) fn invalid_request(e: PathInfoDecodeError) -> Status {
 }
 
 /// No PathInfo for `hash`: `NOT_FOUND`.
-pub(super) fn not_found(hash: &[u8; DIGEST_LEN]) -> Status {
-    Status::not_found(format!(
-        "no PathInfo for store path hash {}",
-        nixbase32::encode(hash)
-    ))
+pub(super) fn not_found(hash: &StorePathHash) -> Status {
+    Status::not_found(format!("no PathInfo for store path hash {hash}"))
 }
 
 fn field<T: std::str::FromStr>(m: &MetadataMap, key: &'static str) -> Option<T> {
