@@ -53,7 +53,7 @@ use lazystore_pathinfo::{Store, StorePath, StorePathHash};
 use tokio::sync::OnceCell;
 
 use crate::error::PathError;
-use crate::upstream::{Found, Peeked, Upstream};
+use crate::upstream::{Found, Peeked, UpstreamCaches};
 use lazystore_pathinfo::Wanted;
 
 /// How long "no upstream has this path" is believed, by default.
@@ -142,7 +142,7 @@ impl From<FetchError> for SubstituteError {
 /// Upstream binary caches as a [`Substituter`]: paths shown from their
 /// narinfos and listings, fetched into the store on first use.
 pub struct UpstreamSubstituter {
-    upstream: Upstream,
+    upstream: UpstreamCaches,
     /// Where fetched trees are read back from, to check them.
     directories: Arc<dyn DirectoryService>,
     /// Where fetched paths are published once their closure is.
@@ -180,7 +180,7 @@ impl UpstreamSubstituter {
         options: crate::Options,
         negative_ttl: Duration,
     ) -> Result<Self, crate::SetupError> {
-        let upstream = Upstream::new(store.clone(), options)?;
+        let upstream = UpstreamCaches::new(store.clone(), options)?;
         Ok(UpstreamSubstituter {
             upstream,
             directories: store.directories,
