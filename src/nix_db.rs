@@ -131,7 +131,7 @@ async fn collect(
     let mut asked = BTreeSet::new();
     let mut queue: Vec<Wanted> = wanted
         .iter()
-        .filter(|w| asked.insert(*w.digest()))
+        .filter(|w| asked.insert(w.hash()))
         .cloned()
         .collect();
     let mut tasks = JoinSet::new();
@@ -147,7 +147,7 @@ async fn collect(
         let record = done.context("a lookup task failed")??;
         if closure {
             for reference in &record.references {
-                if asked.insert(*reference.digest()) {
+                if asked.insert(reference.hash()) {
                     queue.push(reference.clone().into());
                 }
             }

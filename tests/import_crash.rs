@@ -21,7 +21,7 @@ fn published_and_right(url: &str, path: &str, want: &str) -> bool {
             .await
             .unwrap_or_else(|e| panic!("the store does not open after the kill: {e}"));
         let sp = StorePath::from_absolute_path(path).unwrap();
-        let Some(info) = store.path_infos.get(sp.digest()).await.unwrap() else {
+        let Some(info) = store.path_infos.get(&sp.hash()).await.unwrap() else {
             return false;
         };
         let (_, hash) = nar_hash(&store.blobs, &*store.directories, &info.root)

@@ -326,11 +326,11 @@ async fn bad_upstream_input_is_logged_and_retried() {
             .await
             .unwrap();
     for path in [&closure.a, &closure.b, &closure.c] {
-        let digest = *lazystore_pathinfo::StorePath::from_absolute_path(path)
+        let hash = lazystore_pathinfo::StorePath::from_absolute_path(path)
             .unwrap()
-            .digest();
+            .hash();
         assert!(
-            store.path_infos.get(&digest).await.unwrap().is_none(),
+            store.path_infos.get(&hash).await.unwrap().is_none(),
             "{path}"
         );
     }

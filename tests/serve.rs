@@ -208,7 +208,7 @@ async fn publish_read_back_restart() {
     };
     client.path_infos.put(info.clone()).await.unwrap();
     assert_eq!(
-        client.path_infos.get(path.digest()).await.unwrap(),
+        client.path_infos.get(&path.hash()).await.unwrap(),
         Some(info.clone())
     );
     let rendered = nar_hash(&client.blobs, &*client.directories, &info.root)
@@ -230,7 +230,7 @@ async fn publish_read_back_restart() {
         .await
         .unwrap();
     assert_eq!(
-        client.path_infos.get(path.digest()).await.unwrap(),
+        client.path_infos.get(&path.hash()).await.unwrap(),
         Some(info.clone())
     );
     let rendered = nar_hash(&client.blobs, &*client.directories, &info.root)

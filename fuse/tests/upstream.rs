@@ -111,7 +111,7 @@ async fn lookup_path(fs: &LazyFs, parent: Ino, path: &str) -> Result<Ino, FsErro
 async fn published(store: &Store, path: &str) -> bool {
     store
         .path_infos
-        .get(store_path(path).digest())
+        .get(&store_path(path).hash())
         .await
         .unwrap()
         .is_some()

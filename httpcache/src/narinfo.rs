@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{Compression, NarInfo, SigningKey, StorePath, nixbase32};
+use lazystore_pathinfo::{Compression, NarInfo, SigningKey, StorePath, StorePathHash, nixbase32};
 
 /// How NARs are served: what the narinfos' `URL` and `Compression` say.
 /// Both forms are always available at their URLs; this picks the one
@@ -77,7 +77,7 @@ pub fn nar_url(info: &PathInfo, compressed: bool) -> String {
 #[derive(Debug, PartialEq, Eq)]
 pub struct NarName {
     /// The store path's hash.
-    pub path_hash: [u8; 20],
+    pub path_hash: StorePathHash,
     /// The NarHash the URL was written for.
     pub nar_sha256: [u8; 32],
     /// `.nar.zst` rather than `.nar`.
@@ -140,7 +140,7 @@ mod tests {
         let name = parse_nar_name(&format!("{hash}-{nar}.nar")).unwrap();
         assert!(!name.zstd);
         assert_eq!(nixbase32::encode(&name.nar_sha256), nar);
-        assert_eq!(name.path_hash, StorePath::parse_hash(hash).unwrap(),);
+        assert_eq!(name.path_hash, StorePath::parse_hash(hash).unwrap());
         assert!(
             parse_nar_name(&format!("{hash}-{nar}.nar.zst"))
                 .unwrap()

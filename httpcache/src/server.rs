@@ -13,7 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{SigningKey, Store, StorePath};
+use lazystore_pathinfo::{SigningKey, Store, StorePath, StorePathHash};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -132,7 +132,7 @@ impl HttpCache {
 
     pub(crate) async fn path_info_by_hash(
         &self,
-        hash: &[u8; 20],
+        hash: &StorePathHash,
         url: &str,
     ) -> Result<PathInfo, HttpError> {
         self.inner

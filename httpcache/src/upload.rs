@@ -251,7 +251,7 @@ pub async fn put_top(
     let narinfo = NarInfo::parse(&text).map_err(|e| {
         HttpError::BadRequest(format!("{url}: invalid narinfo: {}", error_chain(&e)))
     })?;
-    if narinfo.store_path.digest() != &hash {
+    if narinfo.store_path.hash() != hash {
         return Err(HttpError::BadRequest(format!(
             "{url}: the narinfo is for {}, whose hash is not the file's name",
             narinfo.store_path
@@ -286,7 +286,7 @@ pub async fn put_top(
             .inner
             .store
             .path_infos
-            .get(reference.digest())
+            .get(&reference.hash())
             .await
             .map_err(|e| HttpError::internal(format!("looking up {reference}"), e))?
             .is_some();

@@ -21,7 +21,7 @@ use lazystore_pathinfo::decompress::Decompressed;
 use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_hashed_nar};
 use lazystore_pathinfo::nar::{NarError, NarErrorKind};
 use lazystore_pathinfo::pathinfos::PathInfo;
-use lazystore_pathinfo::{DIGEST_LEN, MAX_NARINFO_SIZE, NarInfo, PublicKey, Store, StorePath};
+use lazystore_pathinfo::{MAX_NARINFO_SIZE, NarInfo, PublicKey, Store, StorePath, StorePathHash};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -146,12 +146,12 @@ enum State {
 /// The coordinator's view of a run.
 struct Plan {
     closure: bool,
-    states: HashMap<[u8; DIGEST_LEN], State>,
+    states: HashMap<StorePathHash, State>,
     /// How each path was asked for, for messages.
-    names: HashMap<[u8; DIGEST_LEN], Wanted>,
+    names: HashMap<StorePathHash, Wanted>,
     queue: VecDeque<Wanted>,
     /// Paths waiting for the key to be published.
-    dependents: HashMap<[u8; DIGEST_LEN], Vec<[u8; DIGEST_LEN]>>,
+    dependents: HashMap<StorePathHash, Vec<StorePathHash>>,
     summary: Summary,
 }
 
@@ -216,13 +216,13 @@ impl Importer {
                 let Some(next) = plan.queue.pop_front() else {
                     break;
                 };
-                plan.states.insert(*next.digest(), State::Running);
+                plan.states.insert(next.hash(), State::Running);
                 let shared = self.shared.clone();
                 let tx = references_tx.clone();
                 let progress = progress.clone();
                 tasks.spawn(async move {
-                    let digest = *next.digest();
-                    (digest, shared.import_one(&next, &tx, &progress).await)
+                    let hash = next.hash();
+                    (hash, shared.import_one(&next, &tx, &progress).await)
                 });
             }
             tokio::select! {
@@ -234,8 +234,8 @@ impl Importer {
                     None => break,
                     Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     Some(Err(e)) => unreachable!("import tasks are never cancelled: {e}"),
-                    Some(Ok((digest, result))) => {
-                        plan.finished(shared, &progress, digest, result).await;
+                    Some(Ok((hash, result))) => {
+                        plan.finished(shared, &progress, hash, result).await;
                     }
                 },
             }
@@ -253,13 +253,13 @@ impl Importer {
 impl Plan {
     /// Adds a path to the plan unless it is there already.
     fn enqueue(&mut self, wanted: Wanted, progress: &Progress) {
-        let digest = *wanted.digest();
-        if self.states.contains_key(&digest) {
+        let hash = wanted.hash();
+        if self.states.contains_key(&hash) {
             return;
         }
         progress.path_found();
-        self.states.insert(digest, State::Queued);
-        self.names.insert(digest, wanted.clone());
+        self.states.insert(hash, State::Queued);
+        self.names.insert(hash, wanted.clone());
         self.queue.push_back(wanted);
     }
 
@@ -272,9 +272,9 @@ impl Plan {
         }
     }
 
-    fn name(&self, digest: &[u8; DIGEST_LEN]) -> String {
+    fn name(&self, hash: &StorePathHash) -> String {
         self.names
-            .get(digest)
+            .get(hash)
             .map_or_else(|| "?".to_owned(), ToString::to_string)
     }
 
@@ -283,51 +283,51 @@ impl Plan {
         &mut self,
         shared: &Shared,
         progress: &Progress,
-        digest: [u8; DIGEST_LEN],
+        hash: StorePathHash,
         result: Result<Outcome, PathError>,
     ) {
         match result {
-            Err(error) => self.fail(digest, error, progress),
+            Err(error) => self.fail(hash, error, progress),
             Ok(Outcome::Present(info)) => {
-                self.names.insert(digest, info.store_path.clone().into());
+                self.names.insert(hash, info.store_path.clone().into());
                 shared.remember_nar(&info);
                 self.discovered(info.references.clone(), progress);
                 self.summary.present += 1;
                 progress.path_done(&format!("present {}", info.store_path.to_absolute()), false);
-                self.states.insert(digest, State::Done);
-                self.published(shared, progress, digest).await;
+                self.states.insert(hash, State::Done);
+                self.published(shared, progress, hash).await;
             }
             Ok(Outcome::Ready { info, downloaded }) => {
-                self.names.insert(digest, info.store_path.clone().into());
+                self.names.insert(hash, info.store_path.clone().into());
                 self.discovered(info.references.clone(), progress);
                 let mut missing = 0;
                 if self.closure {
                     for reference in &info.references {
-                        let r = *reference.digest();
-                        if r == digest {
+                        let r = reference.hash();
+                        if r == hash {
                             continue;
                         }
                         match self.states.get(&r) {
                             Some(State::Done) => {}
                             Some(State::Failed) => {
                                 let error = PathError {
-                                    path: self.name(&digest),
+                                    path: self.name(&hash),
                                     kind: PathErrorKind::Reference {
                                         reference: reference.to_absolute(),
                                     },
                                 };
-                                self.fail(digest, error, progress);
+                                self.fail(hash, error, progress);
                                 return;
                             }
                             _ => {
                                 missing += 1;
-                                self.dependents.entry(r).or_default().push(digest);
+                                self.dependents.entry(r).or_default().push(hash);
                             }
                         }
                     }
                 }
                 self.states.insert(
-                    digest,
+                    hash,
                     State::Waiting {
                         info: Box::new(info),
                         downloaded,
@@ -335,20 +335,20 @@ impl Plan {
                     },
                 );
                 if missing == 0 {
-                    self.publish(shared, progress, digest).await;
+                    self.publish(shared, progress, hash).await;
                 }
             }
         }
     }
 
-    /// Publishes `digest`, which must be waiting with nothing missing, then
+    /// Publishes `hash`, which must be waiting with nothing missing, then
     /// every dependent that was waiting only for it, and so on.
-    async fn publish(&mut self, shared: &Shared, progress: &Progress, digest: [u8; DIGEST_LEN]) {
-        let mut ready = vec![digest];
-        while let Some(digest) = ready.pop() {
+    async fn publish(&mut self, shared: &Shared, progress: &Progress, hash: StorePathHash) {
+        let mut ready = vec![hash];
+        while let Some(hash) = ready.pop() {
             let Some(State::Waiting {
                 info, downloaded, ..
-            }) = self.states.remove(&digest)
+            }) = self.states.remove(&hash)
             else {
                 unreachable!("only waiting paths are published");
             };
@@ -359,11 +359,11 @@ impl Plan {
                     path: path.to_absolute(),
                     kind: PathErrorKind::Publish(source),
                 };
-                self.states.insert(digest, State::Queued);
-                self.fail(digest, error, progress);
+                self.states.insert(hash, State::Queued);
+                self.fail(hash, error, progress);
                 continue;
             }
-            self.states.insert(digest, State::Done);
+            self.states.insert(hash, State::Done);
             if downloaded {
                 self.summary.nar_bytes += nar_size;
                 progress.path_done(
@@ -381,15 +381,15 @@ impl Plan {
                 );
                 self.summary.deduplicated.push(path);
             }
-            ready.extend(self.release_dependents(digest));
+            ready.extend(self.release_dependents(hash));
         }
     }
 
-    /// Counts `digest` as present for the paths waiting on it; returns those
+    /// Counts `hash` as present for the paths waiting on it; returns those
     /// now waiting for nothing.
-    fn release_dependents(&mut self, digest: [u8; DIGEST_LEN]) -> Vec<[u8; DIGEST_LEN]> {
+    fn release_dependents(&mut self, hash: StorePathHash) -> Vec<StorePathHash> {
         let mut ready = Vec::new();
-        for dependent in self.dependents.remove(&digest).unwrap_or_default() {
+        for dependent in self.dependents.remove(&hash).unwrap_or_default() {
             if let Some(State::Waiting { missing, .. }) = self.states.get_mut(&dependent) {
                 *missing -= 1;
                 if *missing == 0 {
@@ -401,26 +401,23 @@ impl Plan {
     }
 
     /// A path that was already present: release what waited on it.
-    async fn published(&mut self, shared: &Shared, progress: &Progress, digest: [u8; DIGEST_LEN]) {
-        for dependent in self.release_dependents(digest) {
+    async fn published(&mut self, shared: &Shared, progress: &Progress, hash: StorePathHash) {
+        for dependent in self.release_dependents(hash) {
             self.publish(shared, progress, dependent).await;
         }
     }
 
     /// Records a failure and fails every path waiting on it, recursively.
-    fn fail(&mut self, digest: [u8; DIGEST_LEN], error: PathError, progress: &Progress) {
-        let mut failures = vec![(digest, error)];
-        while let Some((digest, error)) = failures.pop() {
-            if matches!(
-                self.states.insert(digest, State::Failed),
-                Some(State::Failed)
-            ) {
+    fn fail(&mut self, hash: StorePathHash, error: PathError, progress: &Progress) {
+        let mut failures = vec![(hash, error)];
+        while let Some((hash, error)) = failures.pop() {
+            if matches!(self.states.insert(hash, State::Failed), Some(State::Failed)) {
                 continue;
             }
             progress.error(&error);
             self.summary.failed.push(error);
-            let reference = self.name(&digest);
-            for dependent in self.dependents.remove(&digest).unwrap_or_default() {
+            let reference = self.name(&hash);
+            for dependent in self.dependents.remove(&hash).unwrap_or_default() {
                 if let Some(State::Waiting { .. }) = self.states.get(&dependent) {
                     let error = PathError {
                         path: self.name(&dependent),
@@ -440,17 +437,17 @@ impl Plan {
         let stuck: Vec<_> = self
             .states
             .iter()
-            .filter_map(|(digest, state)| match state {
-                State::Waiting { info, .. } => Some((*digest, info.store_path.to_absolute())),
+            .filter_map(|(hash, state)| match state {
+                State::Waiting { info, .. } => Some((*hash, info.store_path.to_absolute())),
                 _ => None,
             })
             .collect();
-        for (digest, path) in stuck {
+        for (hash, path) in stuck {
             let error = PathError {
                 path,
                 kind: PathErrorKind::ReferenceCycle,
             };
-            self.fail(digest, error, progress);
+            self.fail(hash, error, progress);
         }
     }
 }
@@ -499,7 +496,7 @@ impl Shared {
         if let Some(info) = self
             .store
             .path_infos
-            .get(wanted.digest())
+            .get(&wanted.hash())
             .await
             .map_err(|e| error(PathErrorKind::Lookup(e)))?
         {

@@ -33,4 +33,4 @@ pub use progress::ProgressMode;
 pub use stream::StreamError;
 pub use substituter::{NEGATIVE_TTL, UpstreamSubstituter};
 pub use summary::Summary;
-pub use upstream::{Found, Peeked, Upstream};
+pub use upstream::{Found, Peeked, UpstreamCaches};

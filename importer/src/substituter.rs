@@ -53,7 +53,7 @@ use lazystore_pathinfo::{Store, StorePath, StorePathHash};
 use tokio::sync::OnceCell;
 
 use crate::error::PathError;
-use crate::upstream::{Found, Peeked, Upstream};
+use crate::upstream::{Found, Peeked, UpstreamCaches};
 use lazystore_pathinfo::Wanted;
 
 /// How long "no upstream has this path" is believed, by default.
@@ -142,7 +142,7 @@ impl From<FetchError> for SubstituteError {
 /// Upstream binary caches as a [`Substituter`]: paths shown from their
 /// narinfos and listings, fetched into the store on first use.
 pub struct UpstreamSubstituter {
-    upstream: Upstream,
+    upstream: UpstreamCaches,
     /// Where fetched trees are read back from, to check them.
     directories: Arc<dyn DirectoryService>,
     /// Where fetched paths are published once their closure is.
@@ -180,7 +180,7 @@ impl UpstreamSubstituter {
         options: crate::Options,
         negative_ttl: Duration,
     ) -> Result<Self, crate::SetupError> {
-        let upstream = Upstream::new(store.clone(), options)?;
+        let upstream = UpstreamCaches::new(store.clone(), options)?;
         Ok(UpstreamSubstituter {
             upstream,
             directories: store.directories,
@@ -198,15 +198,15 @@ impl UpstreamSubstituter {
     /// The path to show for `path`, looked up upstream (once, however many
     /// ask at the same time).
     async fn lookup(&self, path: &StorePath) -> Result<Arc<UpstreamPath>, LookupError> {
-        let digest = path.hash();
-        if self.recently_missing(&digest) {
+        let hash = path.hash();
+        if self.recently_missing(&hash) {
             return Err(LookupError::Missing);
         }
         let cell = self
             .paths
             .lock()
             .expect("poisoned")
-            .entry(digest)
+            .entry(hash)
             .or_default()
             .clone();
         let found = match cell.get_or_try_init(|| self.find(path)).await {
@@ -216,10 +216,10 @@ impl UpstreamSubstituter {
                 // looked up would grow without bound.
                 let mut paths = self.paths.lock().expect("poisoned");
                 if paths
-                    .get(&digest)
+                    .get(&hash)
                     .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())
                 {
-                    paths.remove(&digest);
+                    paths.remove(&hash);
                 }
                 return Err(e);
             }
@@ -231,12 +231,12 @@ impl UpstreamSubstituter {
         Ok(found.clone())
     }
 
-    fn recently_missing(&self, digest: &StorePathHash) -> bool {
+    fn recently_missing(&self, hash: &StorePathHash) -> bool {
         let mut missing = self.missing.lock().expect("poisoned");
-        match missing.get(digest) {
+        match missing.get(hash) {
             Some(at) if at.elapsed() < self.negative_ttl => true,
             Some(_) => {
-                missing.remove(digest);
+                missing.remove(hash);
                 false
             }
             None => false,
@@ -469,7 +469,7 @@ impl UpstreamSubstituter {
             if *reference == info.store_path {
                 continue;
             }
-            match self.path_infos.get(reference.digest()).await {
+            match self.path_infos.get(&reference.hash()).await {
                 Ok(Some(r)) if r.store_path == *reference => {}
                 Ok(_) => {
                     tracing::debug!("{path}: not published: {} is not", reference.to_absolute());

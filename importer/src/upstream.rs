@@ -1,10 +1,10 @@
 //! Lazy substitution: one path at a time, on demand, from upstream binary
 //! caches — what a mount uses for paths its store lacks.
 //!
-//! [`Upstream::narinfo`] finds a path's narinfo and checks it exactly as an
+//! [`UpstreamCaches::narinfo`] finds a path's narinfo and checks it exactly as an
 //! import does (the path asked for, a trusted signature);
-//! [`Upstream::listing`] fetches the cache's `.ls` listing of its NAR, from
-//! which a tree can be shown without the NAR; [`Upstream::fetch`]
+//! [`UpstreamCaches::listing`] fetches the cache's `.ls` listing of its NAR, from
+//! which a tree can be shown without the NAR; [`UpstreamCaches::fetch`]
 //! downloads the NAR, checks NarHash and NarSize while ingesting it into
 //! the store, and returns the PathInfo — without publishing it, since the
 //! path's references may be missing from the store (the caller decides).
@@ -33,7 +33,7 @@ use crate::stream::decompress;
 use lazystore_pathinfo::Wanted;
 
 /// Upstream caches a mount substitutes single paths from.
-pub struct Upstream {
+pub struct UpstreamCaches {
     shared: Shared,
     caches: Vec<(String, OnceCell<BinaryCache>)>,
     client: reqwest::Client,
@@ -43,7 +43,7 @@ pub struct Upstream {
 }
 
 /// What a path's root is, read from the start of its NAR
-/// ([`Upstream::peek`]). Not verified: only the whole NAR can be checked
+/// ([`UpstreamCaches::peek`]). Not verified: only the whole NAR can be checked
 /// against the NarHash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peeked {
@@ -73,11 +73,11 @@ pub struct Found {
     cache: usize,
 }
 
-impl Upstream {
+impl UpstreamCaches {
     /// Upstream caches `options.caches` (tried in order), storing fetched
     /// NARs in `store`. Only `caches`, `trusted_keys`, `check_signatures`,
     /// `retry` and `http` of `options` are used. Opens nothing yet.
-    pub fn new(store: Store, options: Options) -> Result<Upstream, SetupError> {
+    pub fn new(store: Store, options: Options) -> Result<UpstreamCaches, SetupError> {
         let client = http_client(&options.http).map_err(SetupError::HttpClient)?;
         let shared = Shared::new(store, Vec::new(), &options)?;
         if !options.check_signatures {
@@ -85,7 +85,7 @@ impl Upstream {
                 "signature checks are off: upstream paths are shown whoever signed them, or nobody"
             );
         }
-        Ok(Upstream {
+        Ok(UpstreamCaches {
             shared,
             caches: options
                 .caches
@@ -119,7 +119,7 @@ impl Upstream {
         self.options.check_signatures
     }
 
-    /// NAR peeks started so far (see [`Upstream::peek`]).
+    /// NAR peeks started so far (see [`UpstreamCaches::peek`]).
     pub fn nar_peeks(&self) -> u64 {
         self.peeks.load(Ordering::Relaxed)
     }
@@ -172,7 +172,7 @@ impl Upstream {
     /// listing this reads (the path is then shown once its NAR is fetched).
     pub async fn listing(&self, found: &Found) -> Option<Listing> {
         let path = found.narinfo.store_path.to_absolute();
-        let file = format!("{}.ls", nixbase32_hash(&found.narinfo));
+        let file = format!("{}.ls", found.narinfo.store_path.hash_str());
         let cache = self.cache(found.cache).await.ok()?;
         let raw = match cache.read_small(&file, MAX_LISTING_SIZE).await {
             Ok(Some(raw)) => raw,
@@ -317,10 +317,6 @@ impl Upstream {
             })),
         }
     }
-}
-
-fn nixbase32_hash(narinfo: &NarInfo) -> String {
-    lazystore_pathinfo::nixbase32::encode(narinfo.store_path.digest())
 }
 
 /// Decompresses a listing by its magic bytes: caches written with

@@ -28,8 +28,8 @@ pub use store::{
     default_store_url, grpc_tcp_url, grpc_unix_url, is_ephemeral,
 };
 pub use store_path::{
-    DIGEST_LEN, ENCODED_DIGEST_LEN, MAX_NAME_LEN, STORE_DIR, StorePath, StorePathError,
-    StorePathHash,
+    ENCODED_STORE_PATH_HASH_LEN, MAX_NAME_LEN, STORE_DIR, STORE_PATH_HASH_LEN, StorePath,
+    StorePathError, StorePathHash, StorePathHashLenError,
 };
 pub use wanted::Wanted;
 

@@ -821,9 +821,11 @@ Sig: test-key-1:5MhDLClarHABz45hyHJy/RU9OhdVKm/fsNwIoJOi2qO4NS03QYHMRhT9G4YbcbCL
     fn many_references() {
         let references: Vec<String> = (0u32..15_000)
             .map(|i| {
-                let mut digest = [0u8; 20];
-                digest[..4].copy_from_slice(&i.to_le_bytes());
-                StorePath::from_parts(digest, "dep").unwrap().to_string()
+                let mut hash = [0u8; crate::STORE_PATH_HASH_LEN];
+                hash[..4].copy_from_slice(&i.to_le_bytes());
+                StorePath::from_parts(hash.into(), "dep")
+                    .unwrap()
+                    .to_string()
             })
             .collect();
         let line = format!("References: {}", references.join(" "));

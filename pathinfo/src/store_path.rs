@@ -1,7 +1,7 @@
 //! Store paths: the `<hash>-<name>` entries of `/nix/store`, validated the way Nix
 //! validates them, so that no invalid name or hash is representable past parsing.
 //!
-//! A basename is 32 nixbase32 characters (a 20-byte digest), a `-`, and a name of 1
+//! A basename is 32 nixbase32 characters (a 20-byte hash), a `-`, and a name of 1
 //! to 211 characters from `[0-9a-zA-Z+-._?=]`. Current Nix also rejects the names
 //! `.` and `..` and names whose first dash-separated component is `.` or `..`
 //! (`.-foo`, `..-foo`), because such a basename could be mistaken for a path
@@ -19,28 +19,29 @@ use crate::nixbase32::{self, Nixbase32Error};
 /// The store directory lazystore serves; paths in narinfo files are absolute under it.
 pub const STORE_DIR: &str = "/nix/store";
 
-/// Bytes in a store path digest.
-pub const DIGEST_LEN: usize = 20;
+/// Bytes in a store path hash (not to be confused with castore's 32-byte
+/// BLAKE3 `DIGEST_LEN`).
+pub const STORE_PATH_HASH_LEN: usize = 20;
 
-/// Characters in the nixbase32 form of a store path digest.
-pub const ENCODED_DIGEST_LEN: usize = nixbase32::encoded_len(DIGEST_LEN);
+/// Characters in the nixbase32 form of a store path hash.
+pub const ENCODED_STORE_PATH_HASH_LEN: usize = nixbase32::encoded_len(STORE_PATH_HASH_LEN);
 
-/// Longest name Nix accepts: 255 (the usual file name limit) minus the digest and dash.
+/// Longest name Nix accepts: 255 (the usual file name limit) minus the hash and dash.
 pub const MAX_NAME_LEN: usize = 211;
 
-/// Why a string is not a store path, a store path digest or a store path name.
+/// Why a string is not a store path, a store path hash or a store path name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum StorePathError {
-    /// The digest part is not 32 nixbase32 characters.
+    /// The hash part is not 32 nixbase32 characters.
     #[error("invalid store path hash")]
     InvalidHash(#[source] Nixbase32Error),
-    /// The basename is too short to hold a digest, a dash and a name.
+    /// The basename is too short to hold a hash, a dash and a name.
     #[error("store path basename is {len} bytes, too short for `<hash>-<name>`")]
     TooShort {
         /// Length of the basename in bytes.
         len: usize,
     },
-    /// The character after the 32-character digest is not `-`.
+    /// The character after the 32-character hash is not `-`.
     #[error("expected '-' after the store path hash, found {found:?}")]
     MissingDash {
         /// The character found instead.
@@ -76,18 +77,37 @@ pub enum StorePathError {
 ///
 /// [`Digest`]: lazystore_castore::Digest
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StorePathHash([u8; DIGEST_LEN]);
+pub struct StorePathHash([u8; STORE_PATH_HASH_LEN]);
 
 impl StorePathHash {
     /// The raw bytes.
-    pub fn as_bytes(&self) -> &[u8; DIGEST_LEN] {
+    pub fn as_bytes(&self) -> &[u8; STORE_PATH_HASH_LEN] {
         &self.0
     }
 }
 
-impl From<[u8; DIGEST_LEN]> for StorePathHash {
-    fn from(bytes: [u8; DIGEST_LEN]) -> Self {
+impl From<[u8; STORE_PATH_HASH_LEN]> for StorePathHash {
+    fn from(bytes: [u8; STORE_PATH_HASH_LEN]) -> Self {
         StorePathHash(bytes)
+    }
+}
+
+/// Bytes that are not a store path hash: not [`STORE_PATH_HASH_LEN`] long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("{len} bytes, not {STORE_PATH_HASH_LEN}")]
+pub struct StorePathHashLenError {
+    /// The length found.
+    pub len: usize,
+}
+
+impl TryFrom<&[u8]> for StorePathHash {
+    type Error = StorePathHashLenError;
+
+    /// The hash in raw bytes, as on the wire (`GetPathInfoRequest.hash`).
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        <[u8; STORE_PATH_HASH_LEN]>::try_from(bytes)
+            .map(StorePathHash)
+            .map_err(|_| StorePathHashLenError { len: bytes.len() })
     }
 }
 
@@ -104,22 +124,22 @@ impl fmt::Debug for StorePathHash {
     }
 }
 
-/// A store path: a 20-byte digest and a validated name.
+/// A store path: a 20-byte hash and a validated name.
 ///
 /// Ordered like Nix orders store paths (by the basename as a string), which is
 /// the order of `References` in narinfo files and of the signature fingerprint.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct StorePath {
-    digest: [u8; DIGEST_LEN],
+    hash: StorePathHash,
     name: Box<str>,
 }
 
 impl StorePath {
-    /// Builds a store path from a digest and a name, checking the name.
-    pub fn from_parts(digest: [u8; DIGEST_LEN], name: &str) -> Result<Self, StorePathError> {
+    /// Builds a store path from a hash and a name, checking the name.
+    pub fn from_parts(hash: StorePathHash, name: &str) -> Result<Self, StorePathError> {
         check_name(name)?;
         Ok(Self {
-            digest,
+            hash,
             name: name.into(),
         })
     }
@@ -127,19 +147,19 @@ impl StorePath {
     /// Parses a basename, `<32 nixbase32 chars>-<name>`, as found in `References`.
     pub fn from_basename(basename: &str) -> Result<Self, StorePathError> {
         let bytes = basename.as_bytes();
-        if bytes.len() < ENCODED_DIGEST_LEN + 2 {
+        if bytes.len() < ENCODED_STORE_PATH_HASH_LEN + 2 {
             return Err(StorePathError::TooShort { len: bytes.len() });
         }
-        let digest = parse_hash_bytes(&bytes[..ENCODED_DIGEST_LEN])?;
-        if bytes[ENCODED_DIGEST_LEN] != b'-' {
+        let hash = parse_hash_bytes(&bytes[..ENCODED_STORE_PATH_HASH_LEN])?;
+        if bytes[ENCODED_STORE_PATH_HASH_LEN] != b'-' {
             // Slicing a &str there could split a UTF-8 sequence; take the char instead.
-            let found = basename[ENCODED_DIGEST_LEN..]
+            let found = basename[ENCODED_STORE_PATH_HASH_LEN..]
                 .chars()
                 .next()
                 .unwrap_or('\0');
             return Err(StorePathError::MissingDash { found });
         }
-        Self::from_parts(digest, &basename[ENCODED_DIGEST_LEN + 1..])
+        Self::from_parts(hash, &basename[ENCODED_STORE_PATH_HASH_LEN + 1..])
     }
 
     /// Parses an absolute path, `/nix/store/<basename>`, as found in `StorePath`.
@@ -153,14 +173,9 @@ impl StorePath {
         Self::from_basename(basename)
     }
 
-    /// The 20-byte digest.
-    pub fn digest(&self) -> &[u8; DIGEST_LEN] {
-        &self.digest
-    }
-
     /// The hash part, as stores key it.
     pub fn hash(&self) -> StorePathHash {
-        StorePathHash(self.digest)
+        self.hash
     }
 
     /// The name after the dash.
@@ -168,9 +183,9 @@ impl StorePath {
         &self.name
     }
 
-    /// The digest in nixbase32, as it appears in the basename and in narinfo file names.
+    /// The hash in nixbase32, as it appears in the basename and in narinfo file names.
     pub fn hash_str(&self) -> String {
-        nixbase32::encode(&self.digest)
+        self.hash.to_string()
     }
 
     /// The absolute path, `/nix/store/<basename>`.
@@ -183,9 +198,9 @@ impl StorePath {
         self.name.ends_with(".drv")
     }
 
-    /// Parses a bare store path digest: the 32 nixbase32 characters of a basename or
+    /// Parses a bare store path hash: the 32 nixbase32 characters of a basename or
     /// of a `<hash>.narinfo` file name.
-    pub fn parse_hash(hash: &str) -> Result<[u8; DIGEST_LEN], StorePathError> {
+    pub fn parse_hash(hash: &str) -> Result<StorePathHash, StorePathError> {
         parse_hash_bytes(hash.as_bytes())
     }
 
@@ -194,11 +209,11 @@ impl StorePath {
         check_name(name)
     }
 
-    /// The nixbase32 digest without allocating, for comparisons.
-    fn hash_array(&self) -> [u8; ENCODED_DIGEST_LEN] {
-        let mut out = [0; ENCODED_DIGEST_LEN];
+    /// The nixbase32 hash without allocating, for comparisons.
+    fn hash_array(&self) -> [u8; ENCODED_STORE_PATH_HASH_LEN] {
+        let mut out = [0; ENCODED_STORE_PATH_HASH_LEN];
         let mut at = 0;
-        nixbase32::encode_with(&self.digest, |c| {
+        nixbase32::encode_with(self.hash.as_bytes(), |c| {
             out[at] = c;
             at += 1;
         });
@@ -206,8 +221,10 @@ impl StorePath {
     }
 }
 
-fn parse_hash_bytes(hash: &[u8]) -> Result<[u8; DIGEST_LEN], StorePathError> {
-    nixbase32::decode_fixed(hash).map_err(StorePathError::InvalidHash)
+fn parse_hash_bytes(hash: &[u8]) -> Result<StorePathHash, StorePathError> {
+    nixbase32::decode_fixed(hash)
+        .map(StorePathHash)
+        .map_err(StorePathError::InvalidHash)
 }
 
 fn check_name(name: &str) -> Result<(), StorePathError> {
@@ -256,7 +273,7 @@ impl FromStr for StorePath {
 impl Ord for StorePath {
     fn cmp(&self, other: &Self) -> Ordering {
         // Nix compares basename strings; nixbase32 does not preserve byte order, so
-        // compare the encoded digests, then the names (the dash is common to both).
+        // compare the encoded hashes, then the names (the dash is common to both).
         self.hash_array()
             .cmp(&other.hash_array())
             .then_with(|| self.name.cmp(&other.name))
@@ -284,8 +301,9 @@ mod tests {
         assert_eq!(p.to_absolute(), format!("/nix/store/{HASH}-hello-2.12.1"));
         assert_eq!(StorePath::from_absolute_path(&p.to_absolute()).unwrap(), p);
         assert_eq!(p.to_string().parse::<StorePath>().unwrap(), p);
-        assert_eq!(nixbase32::encode(p.digest()), HASH);
-        assert_eq!(StorePath::from_parts(*p.digest(), p.name()).unwrap(), p);
+        assert_eq!(nixbase32::encode(p.hash().as_bytes()), HASH);
+        assert_eq!(p.hash().to_string(), HASH);
+        assert_eq!(StorePath::from_parts(p.hash(), p.name()).unwrap(), p);
         assert!(!p.is_derivation());
         assert!(
             StorePath::from_basename(&format!("{HASH}-a.drv"))
@@ -420,7 +438,7 @@ mod tests {
             ))
         );
         assert_eq!(
-            StorePath::parse_hash(HASH).map(|d| nixbase32::encode(&d)),
+            StorePath::parse_hash(HASH).map(|h| h.to_string()),
             Ok(HASH.to_owned())
         );
         assert_eq!(
@@ -429,6 +447,22 @@ mod tests {
                 expected: 32,
                 actual: 31
             }))
+        );
+    }
+
+    #[test]
+    fn hash_from_wire_bytes() {
+        let hash = StorePath::parse_hash(HASH).unwrap();
+        assert_eq!(StorePathHash::try_from(&hash.as_bytes()[..]), Ok(hash));
+        assert_eq!(
+            StorePathHash::try_from(&hash.as_bytes()[1..]),
+            Err(StorePathHashLenError { len: 19 })
+        );
+        assert_eq!(
+            StorePathHash::try_from(&[0u8; 32][..])
+                .unwrap_err()
+                .to_string(),
+            "32 bytes, not 20"
         );
     }
 
@@ -459,15 +493,15 @@ mod tests {
 
     #[test]
     fn orders_like_nix_by_basename_string() {
-        // Byte order of the digests disagrees with the string order of their encodings:
-        // digest 00..01 encodes as "008…", digest ff00..00 as "…7z".
-        let mut low_bit = [0u8; DIGEST_LEN];
-        low_bit[DIGEST_LEN - 1] = 1;
-        let mut high_first = [0u8; DIGEST_LEN];
+        // Byte order of the hashes disagrees with the string order of their encodings:
+        // hash 00..01 encodes as "008…", hash ff00..00 as "…7z".
+        let mut low_bit = [0u8; STORE_PATH_HASH_LEN];
+        low_bit[STORE_PATH_HASH_LEN - 1] = 1;
+        let mut high_first = [0u8; STORE_PATH_HASH_LEN];
         high_first[0] = 0xff;
-        let a = StorePath::from_parts(low_bit, "a").unwrap();
-        let b = StorePath::from_parts(high_first, "a").unwrap();
-        assert!(a.digest() < b.digest());
+        let a = StorePath::from_parts(low_bit.into(), "a").unwrap();
+        let b = StorePath::from_parts(high_first.into(), "a").unwrap();
+        assert!(a.hash() < b.hash());
         assert!(a > b, "{a} sorts after {b} as a string");
         assert_eq!(a.cmp(&b), a.to_string().cmp(&b.to_string()));
         let mut paths = [

@@ -206,14 +206,14 @@ impl Substituter for StoreSubstituter {
     }
 
     async fn find(&self, path: &StorePath) -> Result<Option<PathInfo>, SubstituteError> {
-        let info = self.path_infos.get(path.digest()).await;
+        let info = self.path_infos.get(&path.hash()).await;
         let info = info.map_err(|e| SubstituteError::Store(Arc::new(e)))?;
         // Keyed by hash: the name must match too.
         Ok(info.filter(|info| info.store_path == *path))
     }
 
     async fn validity(&self, wanted: &Wanted) -> Result<Option<Validity>, SubstituteError> {
-        let info = self.path_infos.get(wanted.digest()).await;
+        let info = self.path_infos.get(&wanted.hash()).await;
         let info = info.map_err(|e| SubstituteError::Store(Arc::new(e)))?;
         Ok(info
             .filter(|info| wanted.matches(&info.store_path))

@@ -4,20 +4,20 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::{DIGEST_LEN, StorePath, StorePathError, nixbase32};
+use crate::{StorePath, StorePathError, StorePathHash};
 
 /// A store path to import, known by its hash and, unless it was given as a
 /// bare hash, by its full name too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Wanted {
-    digest: [u8; DIGEST_LEN],
+    hash: StorePathHash,
     path: Option<StorePath>,
 }
 
 impl Wanted {
     /// The 20-byte hash that keys the narinfo and the PathInfo.
-    pub fn digest(&self) -> &[u8; DIGEST_LEN] {
-        &self.digest
+    pub fn hash(&self) -> StorePathHash {
+        self.hash
     }
 
     /// The full store path, unless only the hash was given.
@@ -27,7 +27,7 @@ impl Wanted {
 
     /// The hash in nixbase32, as in `<hash>.narinfo`.
     pub fn hash_str(&self) -> String {
-        nixbase32::encode(&self.digest)
+        self.hash.to_string()
     }
 
     /// Whether `found` is the path asked for: the same hash and, if a name
@@ -35,7 +35,7 @@ impl Wanted {
     pub fn matches(&self, found: &StorePath) -> bool {
         match &self.path {
             Some(path) => path == found,
-            None => found.digest() == &self.digest,
+            None => found.hash() == self.hash,
         }
     }
 }
@@ -43,7 +43,7 @@ impl Wanted {
 impl From<StorePath> for Wanted {
     fn from(path: StorePath) -> Self {
         Wanted {
-            digest: *path.digest(),
+            hash: path.hash(),
             path: Some(path),
         }
     }
@@ -61,7 +61,7 @@ impl FromStr for Wanted {
             return StorePath::from_basename(s).map(Wanted::from);
         }
         Ok(Wanted {
-            digest: StorePath::parse_hash(s)?,
+            hash: StorePath::parse_hash(s)?,
             path: None,
         })
     }
@@ -89,14 +89,14 @@ mod tests {
         let base: Wanted = BASENAME.parse().unwrap();
         let hash: Wanted = BASENAME[..32].parse().unwrap();
         assert_eq!(full, base);
-        assert_eq!(full.digest(), hash.digest());
+        assert_eq!(full.hash(), hash.hash());
         assert!(hash.path().is_none());
         assert_eq!(full.to_string(), format!("/nix/store/{BASENAME}"));
         assert_eq!(hash.to_string(), &BASENAME[..32]);
 
         let path = full.path().unwrap().clone();
         assert!(full.matches(&path) && hash.matches(&path));
-        let renamed = StorePath::from_parts(*path.digest(), "other").unwrap();
+        let renamed = StorePath::from_parts(path.hash(), "other").unwrap();
         assert!(!full.matches(&renamed) && hash.matches(&renamed));
     }
 

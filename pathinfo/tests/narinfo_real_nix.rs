@@ -91,7 +91,7 @@ fn check_nix_narinfo(
         assert!(t.verify(trusted).is_err(), "reference removed");
     }
     let mut t = info.clone();
-    t.store_path = StorePath::from_parts(*info.store_path.digest(), "renamed").unwrap();
+    t.store_path = StorePath::from_parts(info.store_path.hash(), "renamed").unwrap();
     assert!(t.verify(trusted).is_err(), "StorePath changed");
     // Unsigned fields do not.
     let mut t = info.clone();

@@ -13,11 +13,11 @@ use lazystore_castore::{
 use lazystore_pathinfo::pathinfos::{
     PathInfo, PathInfoError, PathInfoServer, PathInfoService, RedbPathInfoService,
 };
-use lazystore_pathinfo::{Signature, Store, StorePath};
+use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Signature, Store, StorePath, StorePathHash};
 
 /// Cuts the last byte off the stored record of a PathInfo, so it no longer
 /// decodes; false if it is not stored.
-type CorruptRecord = Box<dyn Fn(&[u8; 20]) -> bool + Send + Sync>;
+type CorruptRecord = Box<dyn Fn(&StorePathHash) -> bool + Send + Sync>;
 
 /// A backend under test.
 struct Backend {
@@ -96,10 +96,10 @@ async fn grpc() -> Backend {
 }
 
 fn store_path(n: u8, name: &str) -> StorePath {
-    let mut digest = [0u8; 20];
-    digest[0] = n;
-    digest[19] = 0xa5;
-    StorePath::from_parts(digest, name).unwrap()
+    let mut hash = [0u8; STORE_PATH_HASH_LEN];
+    hash[0] = n;
+    hash[STORE_PATH_HASH_LEN - 1] = 0xa5;
+    StorePath::from_parts(hash.into(), name).unwrap()
 }
 
 fn signature() -> Signature {
@@ -179,7 +179,7 @@ async fn get_put_list() {
         let d = info(store_path(3, "link"), Node::Symlink { target });
 
         assert_eq!(
-            svc.get(a.store_path.digest()).await.unwrap(),
+            svc.get(&a.store_path.hash()).await.unwrap(),
             None,
             "{}",
             b.name
@@ -189,12 +189,12 @@ async fn get_put_list() {
             svc.put(i.clone()).await.unwrap();
         }
         for i in [&a, &c, &d] {
-            let got = svc.get(i.store_path.digest()).await.unwrap();
+            let got = svc.get(&i.store_path.hash()).await.unwrap();
             assert_eq!(got.as_ref(), Some(i), "{}", b.name);
         }
         assert_eq!(list_sorted(svc).await, vec![a, c, d], "{}", b.name);
         let unknown = store_path(4, "unknown");
-        assert_eq!(svc.get(unknown.digest()).await.unwrap(), None, "{}", b.name);
+        assert_eq!(svc.get(&unknown.hash()).await.unwrap(), None, "{}", b.name);
     }
 }
 
@@ -213,7 +213,7 @@ async fn put_replaces() {
             Some("fixed:r:sha256:1b9fbdyiw53nv3jnagiz5vk0qb2b1hz6gzl2fsl2ib2q6ybjmlz0".into());
         svc.put(second.clone()).await.unwrap();
         assert_eq!(
-            svc.get(path.digest()).await.unwrap(),
+            svc.get(&path.hash()).await.unwrap(),
             Some(second.clone()),
             "{}",
             b.name
@@ -237,9 +237,9 @@ async fn corrupt_records_are_errors_not_paths() {
         let bad = info(store_path(2, "bad"), stored_file(&b.store, b"bad").await);
         svc.put(good.clone()).await.unwrap();
         svc.put(bad.clone()).await.unwrap();
-        assert!(corrupt(bad.store_path.digest()), "{}", b.name);
+        assert!(corrupt(&bad.store_path.hash()), "{}", b.name);
 
-        let e = svc.get(bad.store_path.digest()).await.unwrap_err();
+        let e = svc.get(&bad.store_path.hash()).await.unwrap_err();
         assert!(
             matches!(
                 e,
@@ -260,7 +260,7 @@ async fn corrupt_records_are_errors_not_paths() {
             assert_eq!(ok, vec![&good], "{}", b.name);
         }
         assert_eq!(
-            svc.get(good.store_path.digest()).await.unwrap(),
+            svc.get(&good.store_path.hash()).await.unwrap(),
             Some(good),
             "{}",
             b.name
@@ -299,7 +299,7 @@ async fn put_with_missing_root_is_refused() {
                 matches!(root, Node::Directory { digest, .. } | Node::File { digest, .. } if digest == *r)
             );
             assert_eq!(
-                svc.get(i.store_path.digest()).await.unwrap(),
+                svc.get(&i.store_path.hash()).await.unwrap(),
                 None,
                 "{}",
                 b.name

@@ -19,7 +19,7 @@ use lazystore_pathinfo::pathinfos::{
 use lazystore_pathinfo::proto;
 use lazystore_pathinfo::proto::path_info_service_client::PathInfoServiceClient;
 use lazystore_pathinfo::proto::path_info_service_server::{self, PathInfoServiceServer};
-use lazystore_pathinfo::{Store, StorePath};
+use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Store, StorePath, StorePathHash};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::{Code, Request, Response, Status};
@@ -44,10 +44,10 @@ fn start(
 }
 
 fn symlink_info(n: u8) -> PathInfo {
-    let mut digest = [7u8; 20];
-    digest[0] = n;
+    let mut hash = [7u8; STORE_PATH_HASH_LEN];
+    hash[0] = n;
     PathInfo {
-        store_path: StorePath::from_parts(digest, "link").unwrap(),
+        store_path: StorePath::from_parts(hash.into(), "link").unwrap(),
         root: Node::Symlink {
             target: SymlinkTarget::try_from(&b"/somewhere"[..]).unwrap(),
         },
@@ -109,6 +109,11 @@ async fn malformed_requests_are_invalid_arguments() {
         };
         let e = raw.get(request).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{len}: {e:?}");
+        assert!(
+            e.message()
+                .contains(&format!("invalid hash: {len} bytes, not 20")),
+            "{len}: {e:?}"
+        );
     }
     let request = proto::GetPathInfoRequest {
         hash: vec![1; 20].into(),
@@ -162,11 +167,11 @@ async fn answers_are_checked() {
     let client = GrpcPathInfoService::connect_lazy(&url).unwrap();
 
     assert_eq!(
-        client.get(sent.store_path.digest()).await.unwrap(),
+        client.get(&sent.store_path.hash()).await.unwrap(),
         Some(sent.clone())
     );
     let other = symlink_info(2);
-    let e = client.get(other.store_path.digest()).await.unwrap_err();
+    let e = client.get(&other.store_path.hash()).await.unwrap_err();
     let PathInfoError::Backend(inner) = &e else {
         panic!("{e}")
     };
@@ -196,17 +201,13 @@ async fn unix_socket() {
     assert_eq!(
         client
             .path_infos
-            .get(info.store_path.digest())
+            .get(&info.store_path.hash())
             .await
             .unwrap(),
         Some(info.clone())
     );
     assert_eq!(
-        store
-            .path_infos
-            .get(info.store_path.digest())
-            .await
-            .unwrap(),
+        store.path_infos.get(&info.store_path.hash()).await.unwrap(),
         Some(info)
     );
 }
@@ -236,7 +237,7 @@ async fn client_rides_out_a_restart() {
     };
     // Sent while the server is down: retried until it is back.
     assert_eq!(
-        client.get(info.store_path.digest()).await.unwrap(),
+        client.get(&info.store_path.hash()).await.unwrap(),
         Some(info)
     );
     drop(restarted.await.unwrap());
@@ -257,7 +258,10 @@ async fn no_server_is_an_error_naming_it() {
         .with_attempt_timeout(Duration::from_secs(2));
     let client = GrpcPathInfoService::new(connection);
     for e in [
-        client.get(&[1; 20]).await.unwrap_err(),
+        client
+            .get(&StorePathHash::from([1; STORE_PATH_HASH_LEN]))
+            .await
+            .unwrap_err(),
         client.put(symlink_info(5)).await.unwrap_err(),
         client.list().try_collect::<Vec<_>>().await.unwrap_err(),
     ] {

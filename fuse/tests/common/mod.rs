@@ -15,7 +15,7 @@ use lazystore_castore::{
     BlobError, Blobs, ChunkerParams, Digest, Directory, Node, PathComponent, SymlinkTarget,
 };
 use lazystore_pathinfo::pathinfos::{MemoryPathInfoService, PathInfo};
-use lazystore_pathinfo::{Store, StorePath};
+use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Store, StorePath};
 
 /// A tree to store.
 pub enum Tree {
@@ -56,9 +56,9 @@ static NEXT_HASH: AtomicU64 = AtomicU64::new(1);
 
 /// Publishes `root` as a new store path called `name`.
 pub async fn publish(store: &Store, name: &str, root: Node) -> StorePath {
-    let mut digest = [0u8; 20];
-    digest[..8].copy_from_slice(&NEXT_HASH.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    let store_path = StorePath::from_parts(digest, name).unwrap();
+    let mut hash = [0u8; STORE_PATH_HASH_LEN];
+    hash[..8].copy_from_slice(&NEXT_HASH.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let store_path = StorePath::from_parts(hash.into(), name).unwrap();
     store
         .path_infos
         .put(PathInfo {

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use lazystore_importer::{Importer, Options, ProgressMode, RetryPolicy, Summary, Wanted};
 use lazystore_pathinfo::render::render_nar;
-use lazystore_pathinfo::{Compression, NarInfo, PublicKey, SigningKey, Store, StorePath};
+use lazystore_pathinfo::{
+    Compression, NarInfo, PublicKey, STORE_PATH_HASH_LEN, SigningKey, Store, StorePath,
+    StorePathHash,
+};
 use lazystore_testkit::{Closure, build_closure, copy_tree, gen_key, make_cache, nix_output};
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
@@ -136,7 +139,7 @@ pub async fn check_imported(store: &Store, cache: &Path, paths: &[&str]) {
         let sp = store_path(path);
         let info = store
             .path_infos
-            .get(sp.digest())
+            .get(&sp.hash())
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("{path} was not published"));
@@ -169,7 +172,7 @@ pub async fn check_imported(store: &Store, cache: &Path, paths: &[&str]) {
 pub async fn published(store: &Store, path: &str) -> bool {
     store
         .path_infos
-        .get(store_path(path).digest())
+        .get(&store_path(path).hash())
         .await
         .unwrap()
         .is_some()
@@ -286,6 +289,7 @@ impl CraftedCache {
 
 /// A store path that exists in no Nix store, for crafted caches.
 pub fn crafted_path(name: &str) -> StorePath {
-    let digest: [u8; 32] = Sha256::digest(name.as_bytes()).into();
-    StorePath::from_parts(digest[..20].try_into().unwrap(), name).unwrap()
+    let sha256 = Sha256::digest(name.as_bytes());
+    let hash = StorePathHash::try_from(&sha256[..STORE_PATH_HASH_LEN]).unwrap();
+    StorePath::from_parts(hash, name).unwrap()
 }

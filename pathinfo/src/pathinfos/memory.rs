@@ -7,12 +7,13 @@ use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt};
 
 use super::{PathInfo, PathInfoError, PathInfoService};
+use crate::store_path::StorePathHash;
 
 /// PathInfos in a hash map keyed by store path hash.
 #[derive(Default)]
 pub struct MemoryPathInfoService {
     // A std RwLock: critical sections are single map operations, no await.
-    infos: RwLock<HashMap<[u8; 20], PathInfo>>,
+    infos: RwLock<HashMap<StorePathHash, PathInfo>>,
 }
 
 impl MemoryPathInfoService {
@@ -24,12 +25,12 @@ impl MemoryPathInfoService {
 
 #[async_trait]
 impl PathInfoService for MemoryPathInfoService {
-    async fn get(&self, hash: &[u8; 20]) -> Result<Option<PathInfo>, PathInfoError> {
+    async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
         Ok(self.infos.read().expect("lock poisoned").get(hash).cloned())
     }
 
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
-        let hash = *info.store_path.digest();
+        let hash = info.store_path.hash();
         self.infos
             .write()
             .expect("lock poisoned")

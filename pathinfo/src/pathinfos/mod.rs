@@ -16,7 +16,7 @@ use lazystore_castore::{Digest, ErrorClass, Node, Retryable, ValidateError};
 
 use crate::proto;
 use crate::signature::{Signature, SignatureError, fingerprint};
-use crate::store_path::{StorePath, StorePathError};
+use crate::store_path::{StorePath, StorePathError, StorePathHash};
 
 pub use self::grpc::{GrpcPathInfoService, PathInfoServer};
 pub use self::redb::RedbPathInfoService;
@@ -213,7 +213,7 @@ pub trait PathInfoService: Send + Sync {
     /// return exactly what the last [`put`](PathInfoService::put) for that
     /// path stored, or an error if the stored record does not decode: never
     /// a PathInfo that was not put.
-    async fn get(&self, hash: &[u8; 20]) -> Result<Option<PathInfo>, PathInfoError>;
+    async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError>;
 
     /// Publishes a PathInfo, replacing any earlier one for the same path.
     /// Callers must have stored everything its root node reaches first (a
@@ -280,10 +280,10 @@ mod tests {
     async fn memory_get_put_list() {
         let svc = MemoryPathInfoService::new();
         let info = sample();
-        assert!(svc.get(info.store_path.digest()).await.unwrap().is_none());
+        assert!(svc.get(&info.store_path.hash()).await.unwrap().is_none());
         svc.put(info.clone()).await.unwrap();
         assert_eq!(
-            svc.get(info.store_path.digest()).await.unwrap(),
+            svc.get(&info.store_path.hash()).await.unwrap(),
             Some(info.clone())
         );
         assert_eq!(

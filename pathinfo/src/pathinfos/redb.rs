@@ -20,12 +20,12 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use super::{PathInfo, PathInfoError, PathInfoService};
-use crate::nixbase32;
 use crate::proto;
-use crate::store_path::DIGEST_LEN;
+use crate::store_path::{STORE_PATH_HASH_LEN, StorePathHash};
 
-/// Key of `pathinfo-v1`: the 20-byte hash part of the store path.
-type HashKey = &'static [u8; DIGEST_LEN];
+/// Key of `pathinfo-v1`: the 20-byte hash part of the store path, as raw
+/// bytes (redb's fixed-size array key; the on-disk format).
+type HashKey = &'static [u8; STORE_PATH_HASH_LEN];
 
 /// Store path hash → PathInfo record.
 ///
@@ -82,21 +82,23 @@ impl RedbPathInfoService {
     #[doc(hidden)]
     pub fn corrupt_record(
         &self,
-        hash: &[u8; DIGEST_LEN],
+        hash: &StorePathHash,
         f: impl FnOnce(&mut Vec<u8>),
     ) -> Result<bool, PathInfoError> {
         let txn = self.store.database().begin_write().map_err(backend)?;
         {
             let mut table = txn.open_table(PATH_INFOS).map_err(backend)?;
             let Some(mut record) = table
-                .get(hash)
+                .get(hash.as_bytes())
                 .map_err(backend)?
                 .map(|v| v.value().to_vec())
             else {
                 return Ok(false);
             };
             f(&mut record);
-            table.insert(hash, &record[..]).map_err(backend)?;
+            table
+                .insert(hash.as_bytes(), &record[..])
+                .map_err(backend)?;
         }
         self.store
             .commit(txn, redb::Durability::Immediate)
@@ -114,17 +116,17 @@ fn join_error(e: tokio::task::JoinError) -> PathInfoError {
 }
 
 /// Decodes, validates and checks a stored record against its key.
-fn decode(hash: &[u8; DIGEST_LEN], record: &[u8]) -> Result<PathInfo, PathInfoError> {
+fn decode(hash: StorePathHash, record: &[u8]) -> Result<PathInfo, PathInfoError> {
     let wire = proto::PathInfo::decode(record).map_err(|source| {
         PathInfoError::Corrupt(Box::new(CorruptRecord::Decode {
-            hash: nixbase32::encode(hash),
+            hash: hash.to_string(),
             source,
         }))
     })?;
     let info = PathInfo::try_from(wire)?;
-    if info.store_path.digest() != hash {
+    if info.store_path.hash() != hash {
         return Err(PathInfoError::Corrupt(Box::new(CorruptRecord::WrongKey {
-            hash: nixbase32::encode(hash),
+            hash: hash.to_string(),
             found: info.store_path.to_string(),
         })));
     }
@@ -148,7 +150,7 @@ fn list_into(
         // A damaged record is reported and the listing goes on: one bad
         // record should not hide the others.
         if tx
-            .blocking_send(decode(key.value(), value.value()))
+            .blocking_send(decode(StorePathHash::from(*key.value()), value.value()))
             .is_err()
         {
             return Ok(());
@@ -159,7 +161,7 @@ fn list_into(
 
 #[async_trait]
 impl PathInfoService for RedbPathInfoService {
-    async fn get(&self, hash: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, PathInfoError> {
+    async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
         let store = self.store.clone();
         let hash = *hash;
         tokio::task::spawn_blocking(move || {
@@ -169,8 +171,8 @@ impl PathInfoService for RedbPathInfoService {
                 Err(TableError::TableDoesNotExist(_)) => return Ok(None),
                 Err(e) => return Err(backend(e)),
             };
-            let record = table.get(&hash).map_err(backend)?;
-            record.map(|v| decode(&hash, v.value())).transpose()
+            let record = table.get(hash.as_bytes()).map_err(backend)?;
+            record.map(|v| decode(hash, v.value())).transpose()
         })
         .await
         .map_err(join_error)?
@@ -187,7 +189,7 @@ impl PathInfoService for RedbPathInfoService {
             {
                 let mut table = txn.open_table(PATH_INFOS).map_err(backend)?;
                 table
-                    .insert(info.store_path.digest(), &record[..])
+                    .insert(info.store_path.hash().as_bytes(), &record[..])
                     .map_err(backend)?;
             }
             store

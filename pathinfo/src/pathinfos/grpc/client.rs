@@ -22,7 +22,7 @@ use super::status::into_pathinfo_error;
 use crate::pathinfos::{PathInfo, PathInfoError, PathInfoService};
 use crate::proto;
 use crate::proto::path_info_service_client::PathInfoServiceClient;
-use crate::store_path::DIGEST_LEN;
+use crate::store_path::StorePathHash;
 
 /// A [`PathInfoService`] on a gRPC server.
 #[derive(Clone, Debug)]
@@ -58,9 +58,9 @@ impl GrpcPathInfoService {
     }
 
     /// One `Get` attempt: the PathInfo, checked, or `None` on `NOT_FOUND`.
-    async fn get_attempt(&self, hash: [u8; DIGEST_LEN]) -> Result<Option<PathInfo>, AttemptError> {
+    async fn get_attempt(&self, hash: StorePathHash) -> Result<Option<PathInfo>, AttemptError> {
         let request = proto::GetPathInfoRequest {
-            hash: bytes::Bytes::copy_from_slice(&hash),
+            hash: bytes::Bytes::copy_from_slice(hash.as_bytes()),
         };
         let mut client = self.client.clone();
         let timeout = self.connection.attempt_timeout();
@@ -70,14 +70,10 @@ impl GrpcPathInfoService {
             Err(status) => return Err(status.into()),
         };
         let info = checked(wire)?;
-        if info.store_path.digest() != &hash {
+        if info.store_path.hash() != hash {
             return Err(BadMessage::new(
                 "store_path",
-                format!(
-                    "asked for hash {}, got {}",
-                    crate::nixbase32::encode(&hash),
-                    info.store_path
-                ),
+                format!("asked for hash {hash}, got {}", info.store_path),
             )
             .into());
         }
@@ -116,7 +112,7 @@ impl Listing {
 
 #[async_trait]
 impl PathInfoService for GrpcPathInfoService {
-    async fn get(&self, hash: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, PathInfoError> {
+    async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
         self.connection
             .call("Get", || self.get_attempt(*hash))
             .await

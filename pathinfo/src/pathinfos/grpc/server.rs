@@ -16,7 +16,7 @@ use crate::Store;
 use crate::pathinfos::PathInfo;
 use crate::proto;
 use crate::proto::path_info_service_server::{self, PathInfoServiceServer};
-use crate::store_path::DIGEST_LEN;
+use crate::store_path::StorePathHash;
 
 /// The PathInfo service, answering gRPC calls from a store's PathInfo
 /// backend, and checking puts against its blobs and directories.
@@ -53,12 +53,8 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         request: Request<proto::GetPathInfoRequest>,
     ) -> Result<Response<proto::PathInfo>, Status> {
         let request = request.into_inner();
-        let hash = <[u8; DIGEST_LEN]>::try_from(request.hash.as_ref()).map_err(|_| {
-            BadMessage::new(
-                "hash",
-                format!("{} bytes, not {DIGEST_LEN}", request.hash.len()),
-            )
-        })?;
+        let hash = StorePathHash::try_from(request.hash.as_ref())
+            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
         match self.store.path_infos.get(&hash).await? {
             Some(info) => Ok(Response::new(proto::PathInfo::from(&info))),
             None => Err(not_found(&hash)),

@@ -18,9 +18,8 @@ use lazystore_castore::grpc::metadata::{
 use lazystore_castore::{Digest, error_chain};
 use tonic::{Code, Status};
 
-use crate::nixbase32;
 use crate::pathinfos::{PathInfoDecodeError, PathInfoError};
-use crate::store_path::{DIGEST_LEN, StorePath};
+use crate::store_path::{StorePath, StorePathHash};
 
 // Values of KIND: the PathInfo service's variants.
 const MISSING_ROOT: &str = "pathinfo-missing-root";
@@ -73,11 +72,8 @@ pub(super) fn invalid_request(e: PathInfoDecodeError) -> Status {
 }
 
 /// No PathInfo for `hash`: `NOT_FOUND`.
-pub(super) fn not_found(hash: &[u8; DIGEST_LEN]) -> Status {
-    Status::not_found(format!(
-        "no PathInfo for store path hash {}",
-        nixbase32::encode(hash)
-    ))
+pub(super) fn not_found(hash: &StorePathHash) -> Status {
+    Status::not_found(format!("no PathInfo for store path hash {hash}"))
 }
 
 /// Back to a [`PathInfoError`], for a call to `url`: the variant the
