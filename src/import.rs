@@ -10,7 +10,7 @@ use lazystore_castore::SyncMode;
 use lazystore_importer::{
     DEFAULT_CACHE, DEFAULT_TRUSTED_KEY, Importer, Options, ProgressMode, Wanted,
 };
-use lazystore_pathinfo::{PublicKey, Store, StoreOptions, default_store_url};
+use lazystore_pathinfo::{PublicKey, SERVER_WAIT, Store, StoreOptions, default_store_url};
 
 /// Import store paths and their closures from Nix binary caches.
 ///
@@ -66,6 +66,7 @@ async fn open_store(url: Option<String>) -> anyhow::Result<(Store, String)> {
     // Every error names the URL already.
     let options = StoreOptions {
         sync: SyncMode::Deferred,
+        wait_for_server: Some(SERVER_WAIT),
         ..StoreOptions::default()
     };
     let store = Store::open(&url, options).await?;

@@ -15,7 +15,7 @@ use lazystore_fuse::{
 };
 use lazystore_importer::NEGATIVE_TTL;
 use lazystore_pathinfo::substitute::Substituter;
-use lazystore_pathinfo::{LocalCache, Store, StoreOptions, default_store_url};
+use lazystore_pathinfo::{LocalCache, SERVER_WAIT, Store, StoreOptions, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::upstream::UpstreamArgs;
@@ -93,6 +93,10 @@ pub struct Args {
     /// EIO.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     retry_deadline: u64,
+    /// Seconds to wait at start for a grpc+ store's server to answer
+    /// before giving up (0: mount without asking; reads then wait for it).
+    #[arg(long, value_name = "SECS", default_value_t = SERVER_WAIT.as_secs())]
+    wait_for_store: u64,
     #[command(flatten)]
     upstream: UpstreamArgs,
     /// Seconds a path no upstream cache has is believed missing before a
@@ -154,6 +158,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             retry,
             local_cache,
             local_cache_bytes: args.cache_size,
+            wait_for_server: (args.wait_for_store > 0)
+                .then(|| Duration::from_secs(args.wait_for_store)),
             // Count what the local cache has to fetch from the store.
             cache_fetches: Some(Arc::new(move |inner: Arc<dyn BlobService>| {
                 Arc::new(CountingBlobService::new(

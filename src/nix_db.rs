@@ -11,9 +11,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use lazystore_castore::OpenError;
 use lazystore_importer::{NEGATIVE_TTL, Wanted};
 use lazystore_pathinfo::substitute::{Substituter, Substituters, Validity};
-use lazystore_pathinfo::{Store, StoreOptions, StorePath, default_store_url};
+use lazystore_pathinfo::{
+    OpenStoreError, SERVER_WAIT, Store, StoreOptions, StorePath, default_store_url,
+};
 use tokio::task::JoinSet;
 
 use crate::upstream::UpstreamArgs;
@@ -193,14 +196,24 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let store = Store::open(&store_url, StoreOptions::default())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open store {store_url} (a redb store is held by one process at a time: \
-             while it is mounted or served, ask that server with --store grpc+http://…)"
+    let options = StoreOptions {
+        wait_for_server: Some(SERVER_WAIT),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&store_url, options).await.map_err(|e| {
+        let held = matches!(&e, OpenStoreError::Redb { source, .. }
+            if matches!(**source, OpenError::AlreadyOpen { .. }));
+        let e = anyhow::Error::new(e);
+        if held {
+            // A redb store is held by one process at a time.
+            e.context(
+                "the store is in use (mounted or served?): ask that server instead, with \
+                 --store grpc+http://…",
             )
-        })?;
+        } else {
+            e
+        }
+    })?;
     // Only narinfos are read: the store is never written.
     let paths = args
         .upstream

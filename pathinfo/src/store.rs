@@ -15,6 +15,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lazystore_castore::blobs::{
     CachingBlobService, GrpcBlobService, MemoryBlobService, RedbBlobService,
@@ -22,7 +23,7 @@ use lazystore_castore::blobs::{
 use lazystore_castore::directories::{
     CachingDirectoryService, GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
 };
-use lazystore_castore::grpc::{Connection, InvalidUrl};
+use lazystore_castore::grpc::{Connection, InvalidUrl, Unreachable};
 use lazystore_castore::{
     BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, DEFAULT_CACHE_SIZE,
     DirectoryService, Node, OpenError, RedbOptions, RedbStore, RetryPolicy, SyncMode,
@@ -32,6 +33,11 @@ use crate::pathinfos::{
     GrpcPathInfoService, MemoryPathInfoService, PathInfo, PathInfoError, PathInfoService,
     RedbPathInfoService,
 };
+
+/// How long commands wait for a remote store's server to answer before
+/// they start ([`StoreOptions::wait_for_server`]): a server starting up
+/// answers within it, a wrong address fails in seconds.
+pub const SERVER_WAIT: Duration = Duration::from_secs(5);
 
 /// The environment variable naming the directory of the default store.
 pub const LAZYSTORE_DIR: &str = "LAZYSTORE_DIR";
@@ -89,6 +95,10 @@ pub struct StoreOptions {
     pub chunker: Option<ChunkerParams>,
     /// How a remote store's calls are retried.
     pub retry: RetryPolicy,
+    /// How long to wait, when opening a remote store, for its server to
+    /// answer a health check; `None` opens it without asking (it connects
+    /// on first use and its calls retry as `retry` says).
+    pub wait_for_server: Option<Duration>,
     /// The local chunk cache in front of the blobs and directories.
     pub local_cache: LocalCache,
     /// Most bytes the local cache keeps.
@@ -106,6 +116,7 @@ impl Default for StoreOptions {
             sync: SyncMode::EveryCommit,
             chunker: None,
             retry: RetryPolicy::default(),
+            wait_for_server: None,
             local_cache: LocalCache::None,
             local_cache_bytes: DEFAULT_CACHE_SIZE,
             cache_fetches: None,
@@ -146,6 +157,10 @@ pub enum OpenStoreError {
     /// A `grpc+…` URL that is not a server address.
     #[error(transparent)]
     Grpc(#[from] InvalidUrl),
+    /// No server answered at a `grpc+…` URL within
+    /// [`StoreOptions::wait_for_server`].
+    #[error(transparent)]
+    Unreachable(#[from] Unreachable),
     /// No default store location: neither `$LAZYSTORE_DIR` nor `$HOME` is
     /// set.
     #[error("no default store: set $LAZYSTORE_DIR or $HOME, or pass a store URL (--store)")]
@@ -282,7 +297,8 @@ impl Store {
     ///
     /// gRPC stores connect on first use (and retry while the server is
     /// unreachable, as `options.retry` says), so opening one always
-    /// succeeds for a well-formed URL. The default store is at
+    /// succeeds for a well-formed URL unless `options.wait_for_server` asks
+    /// for its server to answer first. The default store is at
     /// [`default_store_url`]. This is the only code that reads a store URL.
     pub async fn open(url: &str, options: StoreOptions) -> Result<Store, OpenStoreError> {
         let (store, remote) = Store::open_backend(url, &options).await?;
@@ -330,6 +346,9 @@ impl Store {
         }
         if url.starts_with("grpc+http://") || url.starts_with("grpc+unix://") {
             let connection = Connection::lazy(url)?.with_retry(options.retry);
+            if let Some(wait) = options.wait_for_server {
+                connection.probe(wait).await?;
+            }
             return Ok((Store::grpc(connection), true));
         }
         Err(OpenStoreError::UnknownScheme(url.to_owned()))

@@ -31,6 +31,22 @@ pub struct InvalidUrl {
     pub reason: &'static str,
 }
 
+/// A server that did not answer a health check in time
+/// ([`Connection::probe`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no lazystore serve answers at {url} (waited {waited:?}: {last}); is it running and listening \
+     there?"
+)]
+pub struct Unreachable {
+    /// The URL asked.
+    pub url: String,
+    /// How long it was asked.
+    pub waited: Duration,
+    /// The last failure, with its causes.
+    pub last: String,
+}
+
 /// A lazily connected channel to a gRPC store, with the retry policy and
 /// attempt timeout its clients use. Cheap to clone; clones share the HTTP/2
 /// connection.
@@ -130,6 +146,39 @@ impl Connection {
     /// the server through it.
     pub fn attempt_timeout(&self) -> AttemptTimeout {
         self.timeout
+    }
+
+    /// Asks the server's health service until it answers that it is
+    /// serving, or `wait` has passed: a client that must not start against
+    /// a dead address (a mount) learns so in seconds, not after its first
+    /// call's retry deadline. Attempts are a connect timeout apart at most.
+    pub async fn probe(&self, wait: Duration) -> Result<(), Unreachable> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let started = std::time::Instant::now();
+        let mut client = HealthClient::new(self.channel.clone());
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let asked = client.check(HealthCheckRequest {
+                service: String::new(),
+            });
+            let last = match tokio::time::timeout(CONNECT_TIMEOUT, asked).await {
+                Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving => return Ok(()),
+                Ok(Ok(r)) => format!("it reports {:?}", r.get_ref().status()),
+                Ok(Err(status)) => crate::error_chain(&status),
+                Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+            };
+            let waited = started.elapsed();
+            if waited + pause > wait {
+                return Err(Unreachable {
+                    url: self.url.to_string(),
+                    waited,
+                    last,
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Retry state for one call, for calls that keep state across attempts.

@@ -27,7 +27,7 @@ pub(crate) mod wire;
 
 pub use blob_server::BlobServer;
 pub use call::{AttemptError, AttemptTimeout, CallError};
-pub use connection::{Connection, InvalidUrl};
+pub use connection::{Connection, InvalidUrl, Unreachable};
 pub use directory_server::DirectoryServer;
 pub use serve::{Listener, ServeError, Services, serve};
 pub use status::GrpcError;
