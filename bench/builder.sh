@@ -66,6 +66,7 @@ scratch_nix() {
 start_serve() {
   local name=$1 store=$2
   rm -f "$work/$name.serve"
+  mkdir -p "$(dirname "$store")"
   "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$store" \
     >"$work/$name.serve" 2>"$work/$name.serve.log" &
   local pid=$!
@@ -218,6 +219,7 @@ EOF
   local nar=0 p
   for p in $(cat "$work/closure"); do nar=$((nar + $(nix-store --query --size "$p"))); done
   echo "$nar" >"$work/nar-bytes"
+  mkdir -p "$work/server"
   "$lazystore" import --from "file://$work/cache" --trusted-public-key "$(cat "$work/bench.pub")" \
     --store "redb://$work/server/store.redb" "$top" >/dev/null
   echo "$top" >"$work/top"

@@ -69,6 +69,7 @@ pids+=($!)
 until port=$(grep -o 'port [0-9]*' "$work/http.log" | grep -o '[0-9]*'); do sleep 0.1; done
 
 echo "== lazystore serve (the central store, redb):"
+mkdir -p "$work/server" "$work/builder"
 "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb" >"$work/serve.out" &
 pids+=($!)
 until grep -q . "$work/serve.out"; do sleep 0.1; done

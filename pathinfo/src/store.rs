@@ -168,26 +168,47 @@ pub enum OpenStoreError {
     /// `$LAZYSTORE_DIR` is not an absolute UTF-8 path.
     #[error("${LAZYSTORE_DIR} is {0:?}; it must be an absolute path")]
     BadDefaultDir(PathBuf),
+    /// The default directory could not be created.
+    #[error("cannot create the store directory {dir:?}")]
+    CreateDefaultDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `redb://` URL in a directory that does not exist. Only the
+    /// default directory is created: a mistyped path would otherwise make
+    /// a new, empty store somewhere unexpected.
+    #[error("cannot open store {url}: the directory {dir:?} does not exist (create it first)")]
+    NoDirectory {
+        /// The URL given.
+        url: String,
+        /// The missing directory.
+        dir: PathBuf,
+    },
 }
 
 /// The URL of the default store, `redb://$LAZYSTORE_DIR/store.redb`, where
-/// `$LAZYSTORE_DIR` defaults to `~/.local/share/lazystore`.
+/// `$LAZYSTORE_DIR` defaults to `~/.local/share/lazystore`; the directory
+/// is created if missing.
 pub fn default_store_url() -> Result<String, OpenStoreError> {
-    default_url(
+    created(default_url(
         std::env::var_os(LAZYSTORE_DIR),
         std::env::var_os("HOME"),
         DEFAULT_FILE,
-    )
+    )?)
 }
 
 /// The URL of the default local cache (what a builder keeps in front of a
-/// remote store), `redb://$LAZYSTORE_DIR/cache.redb`.
+/// remote store), `redb://$LAZYSTORE_DIR/cache.redb`; the directory is
+/// created if missing.
 pub fn default_cache_url() -> Result<String, OpenStoreError> {
-    default_url(
+    created(default_url(
         std::env::var_os(LAZYSTORE_DIR),
         std::env::var_os("HOME"),
         DEFAULT_CACHE_FILE,
-    )
+    )?)
 }
 
 fn default_url(
@@ -204,6 +225,28 @@ fn default_url(
     match dir.to_str() {
         Some(s) if dir.is_absolute() => Ok(format!("redb://{}/{file}", s.trim_end_matches('/'))),
         _ => Err(OpenStoreError::BadDefaultDir(dir)),
+    }
+}
+
+/// `url`, a default `redb://` URL, once its directory exists.
+fn created(url: String) -> Result<String, OpenStoreError> {
+    if let Some(dir) = redb_path(&url)?.as_deref().and_then(std::path::Path::parent) {
+        std::fs::create_dir_all(dir).map_err(|source| OpenStoreError::CreateDefaultDir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    }
+    Ok(url)
+}
+
+/// Fails unless the directory of `path` (from `url`) exists.
+fn check_directory(url: &str, path: &std::path::Path) -> Result<(), OpenStoreError> {
+    match path.parent() {
+        Some(dir) if !dir.is_dir() => Err(OpenStoreError::NoDirectory {
+            url: url.to_owned(),
+            dir: dir.to_owned(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -330,6 +373,7 @@ impl Store {
             return Ok((store, false));
         }
         if let Some(path) = redb_path(url)? {
+            check_directory(url, &path)?;
             let redb = RedbOptions {
                 params: options.chunker,
                 sync: options.sync,
@@ -386,6 +430,7 @@ impl Store {
                 reason: "a cache is a redb file",
             });
         };
+        check_directory(url, &path)?;
         let options = CacheOptions { max_bytes };
         // Opening reads the cache's index and may evict: blocking work.
         tokio::task::spawn_blocking(move || CacheStore::open(path, options))
@@ -510,6 +555,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_missing_directory_is_named_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no/such");
+        for url in [
+            format!("redb://{}/store.redb", missing.display()),
+            format!("redb://{}/cache.redb", missing.display()),
+        ] {
+            let options = StoreOptions {
+                local_cache: LocalCache::At(url.clone()),
+                ..StoreOptions::default()
+            };
+            // The store itself for the first, the cache in front of a
+            // remote for the second.
+            let store = if url.ends_with("store.redb") {
+                url.as_str()
+            } else {
+                "grpc+http://127.0.0.1:1"
+            };
+            let e = Store::open(store, options).await.err().unwrap().to_string();
+            assert!(e.contains(&url) && e.contains("does not exist"), "{e}");
+            assert!(!missing.exists());
+        }
+        let made = created(format!("redb://{}/store.redb", missing.display())).unwrap();
+        assert!(missing.is_dir(), "{made}");
+    }
+
+    #[tokio::test]
     async fn options_give_the_chunker_parameters() {
         let small = ChunkerParams {
             min: 4096,
@@ -578,7 +650,7 @@ mod tests {
     #[tokio::test]
     async fn redb_names_the_url_when_the_file_is_taken() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("redb://{}/sub/store.redb", dir.path().display());
+        let url = format!("redb://{}/store.redb", dir.path().display());
         let _first = Store::open(&url, StoreOptions::default()).await.unwrap();
         let e = Store::open(&url, StoreOptions::default())
             .await
