@@ -208,9 +208,14 @@ async fn past_the_deadline_the_error_names_the_server() {
         deadline: Duration::from_millis(300),
         ..RetryPolicy::default()
     };
-    let remote = GrpcBlobService::new(Connection::lazy(&url).unwrap().with_retry(policy));
+    let connection = Connection::lazy(&url).unwrap().with_retry(policy);
+    let remote = GrpcBlobService::new(connection.clone());
     let started = std::time::Instant::now();
     let err = remote.stat(&Digest::EMPTY).await.unwrap_err();
+    // One outage, however many attempts and calls it cost.
+    let again = remote.stat(&Digest::EMPTY).await;
+    assert!(again.is_err());
+    assert_eq!(connection.outages(), 1);
     assert!(started.elapsed() < Duration::from_secs(5));
     let BlobError::Backend(source) = &err else {
         panic!("{err:?}")

@@ -230,7 +230,10 @@ fn default_url(
 
 /// `url`, a default `redb://` URL, once its directory exists.
 fn created(url: String) -> Result<String, OpenStoreError> {
-    if let Some(dir) = redb_path(&url)?.as_deref().and_then(std::path::Path::parent) {
+    if let Some(dir) = redb_path(&url)?
+        .as_deref()
+        .and_then(std::path::Path::parent)
+    {
         std::fs::create_dir_all(dir).map_err(|source| OpenStoreError::CreateDefaultDir {
             dir: dir.to_owned(),
             source,

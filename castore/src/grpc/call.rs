@@ -171,14 +171,87 @@ pub(crate) struct Retry {
     backoff: Backoff,
     url: std::sync::Arc<str>,
     call: &'static str,
+    outage: std::sync::Arc<Outage>,
+}
+
+/// Whether a server is failing its calls transiently: an outage is logged
+/// once when it begins and once when a call succeeds again (with what it
+/// cost), not once per retried call.
+#[derive(Debug, Default)]
+pub(crate) struct Outage {
+    // A std Mutex: a few field updates per failed or first successful
+    // call, no await.
+    state: std::sync::Mutex<Option<Spell>>,
+    count: std::sync::atomic::AtomicU64,
+}
+
+/// One outage in progress.
+#[derive(Debug)]
+struct Spell {
+    since: std::time::Instant,
+    retried: u64,
+    failed: u64,
+}
+
+impl Outage {
+    /// A call failed transiently and is retried.
+    fn retried(&self, url: &str, call: &str, status: &Status) {
+        let mut state = self.state.lock().expect("outage state poisoned");
+        let spell = state.get_or_insert_with(|| {
+            self.count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                "{url}: not answering ({call}: {:?}, {}); retrying",
+                status.code(),
+                status.message()
+            );
+            Spell {
+                since: std::time::Instant::now(),
+                retried: 0,
+                failed: 0,
+            }
+        });
+        spell.retried += 1;
+    }
+
+    /// A call gave up at its deadline during an outage.
+    fn gave_up(&self) {
+        if let Some(spell) = self.state.lock().expect("outage state poisoned").as_mut() {
+            spell.failed += 1;
+        }
+    }
+
+    /// A call succeeded: ends the outage, if one is in progress.
+    pub(crate) fn answered(&self, url: &str) {
+        let ended = self.state.lock().expect("outage state poisoned").take();
+        if let Some(spell) = ended {
+            tracing::warn!(
+                "{url}: answering again after {:.1?} ({} retries, {} calls failed)",
+                spell.since.elapsed(),
+                spell.retried,
+                spell.failed
+            );
+        }
+    }
+
+    /// Outages begun so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Retry {
-    pub(crate) fn new(policy: RetryPolicy, url: std::sync::Arc<str>, call: &'static str) -> Self {
+    pub(crate) fn new(
+        policy: RetryPolicy,
+        url: std::sync::Arc<str>,
+        call: &'static str,
+        outage: std::sync::Arc<Outage>,
+    ) -> Self {
         Retry {
             backoff: policy.backoff(),
             url,
             call,
+            outage,
         }
     }
 
@@ -199,6 +272,7 @@ impl Retry {
             let failure = if class == ErrorClass::Permanent {
                 Failure::Rejected(status)
             } else {
+                self.outage.gave_up();
                 Failure::GaveUp {
                     attempts: self.backoff.attempts(),
                     elapsed: self.backoff.elapsed(),
@@ -207,6 +281,7 @@ impl Retry {
             };
             return Err(self.error(failure));
         };
+        self.outage.retried(&self.url, self.call, &status);
         tracing::debug!(
             url = %self.url,
             call = self.call,
@@ -328,7 +403,7 @@ mod tests {
         };
         assert_eq!(Status::unavailable("down").class(), ErrorClass::Transient);
         assert_eq!(Status::data_loss("x").class(), ErrorClass::Permanent);
-        let mut retry = Retry::new(policy, "grpc+http://x".into(), "Stat");
+        let mut retry = Retry::new(policy, "grpc+http://x".into(), "Stat", Default::default());
         let mut attempts = 0;
         let err = loop {
             attempts += 1;
@@ -340,7 +415,7 @@ mod tests {
         assert!(matches!(err.failure, Failure::GaveUp { .. }), "{err:?}");
         // 10 + 20 + 40 + 80 ms (at most) fit in 200 ms, 160 more do not.
         assert!((4..=7).contains(&attempts), "{attempts} attempts");
-        let err = Retry::new(policy, "u".into(), "Stat")
+        let err = Retry::new(policy, "u".into(), "Stat", Default::default())
             .failed(Status::not_found("x").into())
             .await
             .unwrap_err();

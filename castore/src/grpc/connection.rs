@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-use super::call::{AttemptError, AttemptTimeout, CallError, Retry};
+use super::call::{AttemptError, AttemptTimeout, CallError, Outage, Retry};
 use crate::retry::RetryPolicy;
 
 /// How long to wait for a TCP connection to be accepted.
@@ -56,6 +56,8 @@ pub struct Connection {
     url: Arc<str>,
     retry: RetryPolicy,
     timeout: AttemptTimeout,
+    /// Whether the server is answering, shared by every call on it.
+    outage: Arc<Outage>,
 }
 
 impl Connection {
@@ -111,6 +113,7 @@ impl Connection {
             url: url.into(),
             retry: RetryPolicy::default(),
             timeout: AttemptTimeout::default(),
+            outage: Arc::default(),
         })
     }
 
@@ -148,6 +151,12 @@ impl Connection {
         self.timeout
     }
 
+    /// Outages of this server seen so far: spells of transient failures,
+    /// each logged when it begins and when a call succeeds again.
+    pub fn outages(&self) -> u64 {
+        self.outage.count()
+    }
+
     /// Asks the server's health service until it answers that it is
     /// serving, or `wait` has passed: a client that must not start against
     /// a dead address (a mount) learns so in seconds, not after its first
@@ -183,7 +192,7 @@ impl Connection {
 
     /// Retry state for one call, for calls that keep state across attempts.
     pub(crate) fn retry(&self, call: &'static str) -> Retry {
-        Retry::new(self.retry, self.url.clone(), call)
+        Retry::new(self.retry, self.url.clone(), call, self.outage.clone())
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the retry
@@ -198,7 +207,10 @@ impl Connection {
         let mut retry = self.retry(call);
         loop {
             match attempt().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.outage.answered(&self.url);
+                    return Ok(v);
+                }
                 Err(e) => retry.failed(e).await?,
             }
         }
