@@ -238,7 +238,7 @@ impl BlobService for CachingBlobService {
     }
 
     /// Every chunk returned was decoded and checked: a cached one when read
-    /// from the cache, a fetched one in [`CachingBlobService::fetch`]. One
+    /// from the cache, a fetched one in `CachingBlobService::fetch`. One
     /// BLAKE3 pass instead of two: a cold read of 1 GiB from the local
     /// cache spent a fifth of its CPU hashing.
     fn verifies_chunks(&self) -> bool {

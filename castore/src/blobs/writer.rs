@@ -63,10 +63,10 @@ impl Blobs {
 ///
 /// Chunking happens as bytes arrive; each full batch is hashed, checked
 /// against the backend, compressed and stored by a task of its own, with up
-/// to [`MAX_BATCHES_IN_FLIGHT`] batches behind the one being filled, so the
+/// to `MAX_BATCHES_IN_FLIGHT` batches behind the one being filled, so the
 /// hashing and compression of one batch overlap with the chunking of the
 /// next and with the backend's round trips. Every batch on its way holds
-/// its bytes of the [`IN_FLIGHT_BYTES`] budget shared by all writers of the
+/// its bytes of the `IN_FLIGHT_BYTES` budget shared by all writers of the
 /// same [`Blobs`], so memory stays bounded however many files are stored
 /// at once.
 pub struct BlobWriter {
