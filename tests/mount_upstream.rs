@@ -1,6 +1,8 @@
 //! `lazystore mount --upstream` for real: a path never imported, in a
 //! real-Nix binary cache with `.ls` listings served over HTTP, appears on
-//! lookup; `ls -lR` over it downloads no NAR; 16 processes reading a file
+//! lookup; `ls -lR` over it downloads no NAR, also over 20 paths whose
+//! listings are served as cache.nixos.org serves them (brotli, said so only
+//! in `Content-Encoding`); 16 processes reading a file
 //! at once cause one NAR download; `nix hash path` through the mount gives
 //! Nix's NarHash; bad upstream input of every kind is logged with the path
 //! and the reason, publishes nothing, and is asked again.
@@ -12,8 +14,8 @@ use std::process::Command;
 
 use common::{Mount, stats};
 use lazystore_pathinfo::{NarInfo, SigningKey};
-use lazystore_testkit::http::TestServer;
-use lazystore_testkit::{build_closure, gen_key, make_cache, nix_cmd};
+use lazystore_testkit::http::{Behaviour, Encoding, TestServer};
+use lazystore_testkit::{build_closure, build_paths, gen_key, make_cache, nix_cmd};
 
 fn basename(path: &str) -> &str {
     path.strip_prefix("/nix/store/").unwrap()
@@ -119,6 +121,70 @@ async fn upstream_paths_appear_on_lookup_and_download_once_on_read() {
         .find(|l| l.contains(&closure.a) && l.contains("EIO"))
         .unwrap_or_else(|| panic!("no log line names {}:\n{log}", closure.a));
     assert!(line.contains("NarHash"), "{line}");
+}
+
+/// The acceptance test of cache.nixos.org's listings: `ls -lR` of 20
+/// listed, never-fetched paths whose listings are brotli-compressed and say
+/// so only in `Content-Encoding` downloads no NAR; reading one file
+/// downloads that path's NAR, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_lr_over_brotli_listings_downloads_no_nar() {
+    let paths = build_paths(20);
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "lazystore-mount-brotli-1");
+    let cache = make_cache(&[paths.last().unwrap()], "xz", Some(&secret));
+    let server =
+        TestServer::start_with(cache.path(), Behaviour::cache_nixos_org(Encoding::Br)).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let mountpoint = work.path().join("store");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let store = format!("redb://{}/store.redb", work.path().display());
+    let url = server.url.clone();
+    let mount = tokio::task::spawn_blocking(move || {
+        Mount::start(
+            &mountpoint,
+            &store,
+            "none",
+            &["--upstream", &url, "--trusted-public-key", &public],
+        )
+    })
+    .await
+    .unwrap();
+    let dirs: Vec<_> = paths.iter().map(|p| mount.path.join(basename(p))).collect();
+    let listing = blocking(move || {
+        let out = Command::new("ls").arg("-lR").args(&dirs).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await;
+    assert_eq!(listing.matches(" tool\n").count(), 20, "{listing}");
+    assert_eq!(
+        listing.matches("link -> share/note").count(),
+        20,
+        "{listing}"
+    );
+    assert_eq!(server.listing_requests(), 20);
+    assert_eq!(server.nar_requests(), 0, "ls -lR downloaded a NAR");
+    let counters = stats(&mount.path);
+    assert_eq!(counters["upstream_nar_downloads"], 0, "{counters:?}");
+    assert_eq!(counters["upstream_nar_peeks"], 0, "{counters:?}");
+    assert_eq!(counters["upstream_listing_fallbacks"], 0, "{counters:?}");
+
+    let note = mount.path.join(basename(&paths[3])).join("share/note");
+    let want = std::fs::read(format!("{}/share/note", paths[3])).unwrap();
+    let got = blocking(move || std::fs::read(note).unwrap()).await;
+    assert_eq!(got, want);
+    assert_eq!(server.nar_requests(), 1);
+    let counters = stats(&mount.path);
+    assert_eq!(counters["upstream_nar_downloads"], 1, "{counters:?}");
+    let log = blocking(move || mount.stop()).await;
+    assert!(log.contains("upstream_listing_fallbacks=0"), "{log}");
+    assert!(!log.contains("ignoring the listing"), "{log}");
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

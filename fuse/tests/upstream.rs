@@ -1,8 +1,11 @@
 //! Lazy substitution in the filesystem core, from a real-Nix binary cache
 //! served over HTTP on 127.0.0.1: a path with a `.ls` listing is shown
 //! without its NAR and the NAR is downloaded once on the first read,
-//! however many read at once; without a listing the lookup reads the start
-//! of the NAR and the first use inside fetches it; bad
+//! however many read at once — also with listings served as
+//! cache.nixos.org serves them (brotli or zstd, said so only in
+//! `Content-Encoding`), and from a `file://` copy of such listings; without
+//! a usable listing the lookup reads the start of the NAR, counts the
+//! fallback, and the first use inside fetches it; bad
 //! upstream input (untrusted signature, wrong NarHash, another StorePath,
 //! 404, server down) shows or reads nothing, publishes nothing, and the
 //! next access tries again.
@@ -15,8 +18,8 @@ use lazystore_fuse::{FileKind, FsError, FsOptions, Ino, LazyFs, Stats};
 use lazystore_importer::{NEGATIVE_TTL, Options, RetryPolicy, UpstreamSubstituter};
 use lazystore_pathinfo::substitute::{StoreSubstituter, Substituters};
 use lazystore_pathinfo::{NarInfo, PublicKey, SigningKey, Store, StorePath};
-use lazystore_testkit::http::TestServer;
-use lazystore_testkit::{Closure, build_closure, copy_tree, gen_key, make_cache};
+use lazystore_testkit::http::{Behaviour, Encoding, TestServer};
+use lazystore_testkit::{Closure, build_closure, build_paths, copy_tree, gen_key, make_cache};
 use tempfile::TempDir;
 
 struct Fixture {
@@ -42,6 +45,23 @@ fn fixture() -> &'static Fixture {
             cache,
             _keys: keys,
         }
+    })
+}
+
+/// 20 paths (each referring to the one before), in an xz cache with
+/// listings, signed with the fixture's key.
+struct Many {
+    paths: Vec<String>,
+    cache: TempDir,
+}
+
+fn many() -> &'static Many {
+    static MANY: OnceLock<Many> = OnceLock::new();
+    MANY.get_or_init(|| {
+        let paths = build_paths(20);
+        let last = paths.last().unwrap().as_str();
+        let cache = make_cache(&[last], "xz", Some(&fixture().secret_key));
+        Many { paths, cache }
     })
 }
 
@@ -132,8 +152,17 @@ fn edit_narinfo(cache: &Path, path: &str, edit: impl FnOnce(&mut NarInfo)) {
 
 #[tokio::test]
 async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
+    listed_path_shows_without_its_nar(Behaviour::default()).await;
+}
+
+#[tokio::test]
+async fn a_listed_path_shows_without_its_nar_from_a_cache_like_cache_nixos_org() {
+    listed_path_shows_without_its_nar(Behaviour::cache_nixos_org(Encoding::Br)).await;
+}
+
+async fn listed_path_shows_without_its_nar(behaviour: Behaviour) {
     let f = fixture();
-    let server = TestServer::start(f.cache.path()).await;
+    let server = TestServer::start_with(f.cache.path(), behaviour).await;
     let (fs, store) = lazy_fs(&server.url, f.public_key.clone()).await;
     let c = &f.closure.c;
 
@@ -226,6 +255,17 @@ async fn a_listed_path_shows_without_its_nar_and_reads_fetch_it_once() {
 /// read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_listing_the_nar_is_fetched_on_first_use_inside() {
+    nar_fetched_on_first_use_inside(Behaviour::default()).await;
+}
+
+/// The same from a server that answers ranges, as cache.nixos.org does:
+/// the peeks get only the NARs' starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_listing_ranges_answered_as_cache_nixos_org_does() {
+    nar_fetched_on_first_use_inside(Behaviour::cache_nixos_org(Encoding::Zstd)).await;
+}
+
+async fn nar_fetched_on_first_use_inside(behaviour: Behaviour) {
     let f = fixture();
     let cache = copy_tree(f.cache.path());
     for entry in std::fs::read_dir(cache.path()).unwrap() {
@@ -234,13 +274,14 @@ async fn without_a_listing_the_nar_is_fetched_on_first_use_inside() {
             std::fs::remove_file(path).unwrap();
         }
     }
-    let server = TestServer::start(cache.path()).await;
+    let server = TestServer::start_with(cache.path(), behaviour).await;
     let (fs, _store) = lazy_fs(&server.url, f.public_key.clone()).await;
 
     let c = &f.closure.c;
     let root = fs.lookup(Ino::ROOT, &basename(c)).await.unwrap();
     assert_eq!(root.kind, FileKind::Directory);
     assert_eq!(server.nar_requests(), 1, "the lookup peeks");
+    assert_eq!(counter(&fs, "upstream_listing_fallbacks").await, 1);
     assert_eq!(
         (
             counter(&fs, "upstream_nar_peeks").await,
@@ -300,6 +341,192 @@ async fn without_a_listing_the_nar_is_fetched_on_first_use_inside() {
     assert_eq!(fs.read(file.ino, 0, 4096).await.unwrap(), want);
     assert_eq!(server.nar_requests(), 4);
     assert_eq!(counter(&fs, "upstream_nar_downloads").await, 2);
+}
+
+/// Everything under the directory `dir`, as `ls -lR` sees it: each
+/// directory read, each entry looked up and its attributes read, each
+/// symlink read. Returns how many entries there were.
+async fn walk(fs: &LazyFs, dir: Ino) -> usize {
+    let mut dirs = vec![dir];
+    let mut entries = 0;
+    while let Some(dir) = dirs.pop() {
+        let mut names = Vec::new();
+        fs.readdir(dir, 0, 0, |e| {
+            names.push(e.name.clone());
+            false
+        })
+        .await
+        .unwrap();
+        for name in names.iter().filter(|n| &n[..] != b"." && &n[..] != b"..") {
+            let attr = fs.lookup(dir, name).await.unwrap();
+            assert_eq!(fs.getattr(attr.ino).unwrap().kind, attr.kind);
+            entries += 1;
+            match attr.kind {
+                FileKind::Directory => dirs.push(attr.ino),
+                FileKind::Symlink => {
+                    fs.readlink(attr.ino).unwrap();
+                }
+                FileKind::File => {}
+            }
+        }
+    }
+    entries
+}
+
+/// With listings served as cache.nixos.org serves them (compressed with
+/// `encoding`, said so only in `Content-Encoding`), looking at every entry
+/// of 20 never-fetched paths downloads no NAR, and reading a file then
+/// downloads that path's NAR, once.
+async fn encoded_listings_show_paths_without_their_nars(encoding: Encoding) {
+    let f = fixture();
+    let m = many();
+    let server = TestServer::start_with(m.cache.path(), Behaviour::cache_nixos_org(encoding)).await;
+    let (fs, _store) = lazy_fs(&server.url, f.public_key.clone()).await;
+    for (i, path) in m.paths.iter().enumerate() {
+        let root = fs.lookup(Ino::ROOT, &basename(path)).await.unwrap();
+        assert_eq!(fs.getattr(root.ino).unwrap().kind, FileKind::Directory);
+        // bin, bin/tool, share, share/note, link, and prev but in the first.
+        let want = if i == 0 { 5 } else { 6 };
+        assert_eq!(walk(&fs, root.ino).await, want, "{path}");
+        let tool = lookup_path(&fs, root.ino, "bin/tool").await.unwrap();
+        let tool = fs.getattr(tool).unwrap();
+        assert_eq!((tool.perm, tool.size), (0o555, file_size(path, "bin/tool")));
+        let link = lookup_path(&fs, root.ino, "link").await.unwrap();
+        assert_eq!(fs.readlink(link).unwrap(), &b"share/note"[..]);
+    }
+    assert_eq!(server.listing_requests(), 20);
+    assert_eq!(
+        server.nar_requests(),
+        0,
+        "looking at listed paths asked for a NAR"
+    );
+    assert_eq!(
+        (
+            counter(&fs, "upstream_nar_downloads").await,
+            counter(&fs, "upstream_nar_peeks").await,
+            counter(&fs, "upstream_listing_fallbacks").await,
+        ),
+        (0, 0, 0)
+    );
+
+    // Reading files of one path downloads its NAR, once.
+    let path = &m.paths[7];
+    let root = fs.lookup(Ino::ROOT, &basename(path)).await.unwrap();
+    for file in ["share/note", "bin/tool", "prev"] {
+        let ino = lookup_path(&fs, root.ino, file).await.unwrap();
+        assert_eq!(
+            fs.read(ino, 0, 4096).await.unwrap(),
+            std::fs::read(format!("{path}/{file}")).unwrap(),
+            "{path}/{file}"
+        );
+    }
+    let nar = format!("/{}", read_narinfo(m.cache.path(), path).url);
+    assert_eq!(server.count(|r| r == nar), 1);
+    assert_eq!(server.nar_requests(), 1);
+    assert_eq!(
+        (
+            counter(&fs, "upstream_nar_downloads").await,
+            counter(&fs, "upstream_nar_peeks").await,
+        ),
+        (1, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brotli_listings_show_paths_without_their_nars() {
+    encoded_listings_show_paths_without_their_nars(Encoding::Br).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_listings_show_paths_without_their_nars() {
+    encoded_listings_show_paths_without_their_nars(Encoding::Zstd).await;
+}
+
+/// A `file://` cache has no headers: its listings, stored brotli-compressed
+/// (as in a copy of cache.nixos.org's files), are recognised by their
+/// contents.
+#[tokio::test]
+async fn brotli_listings_of_a_file_cache_are_recognised() {
+    let f = fixture();
+    let cache = copy_tree(f.cache.path());
+    for path in f.closure.paths() {
+        let file = listing_file(cache.path(), path);
+        let compressed = Encoding::Br.encode(&std::fs::read(&file).unwrap()).await;
+        std::fs::write(file, compressed).unwrap();
+    }
+    let store = Store::open("memory://", lazystore_pathinfo::StoreOptions::default())
+        .await
+        .unwrap();
+    let url = format!("file://{}", cache.path().display());
+    let fs = fs_over(&store, options(&url, f.public_key.clone()));
+    let root = fs.lookup(Ino::ROOT, &basename(&f.closure.c)).await.unwrap();
+    assert_eq!(walk(&fs, root.ino).await, 4, "b, bin, bin/hi, refs");
+    assert_eq!(
+        (
+            counter(&fs, "upstream_nar_peeks").await,
+            counter(&fs, "upstream_nar_downloads").await,
+            counter(&fs, "upstream_listing_fallbacks").await,
+        ),
+        (0, 0, 0)
+    );
+    let hi = lookup_path(&fs, root.ino, "bin/hi").await.unwrap();
+    assert_eq!(
+        fs.read(hi, 0, 4096).await.unwrap(),
+        std::fs::read(format!("{}/bin/hi", f.closure.c)).unwrap()
+    );
+    assert_eq!(counter(&fs, "upstream_nar_downloads").await, 1);
+}
+
+/// A listing stored zstd-compressed and sent brotli-encoded on top is
+/// undone layer by layer: the `Content-Encoding` first, then the magic
+/// bytes of what it held.
+#[tokio::test]
+async fn content_encoding_is_undone_before_the_magic_bytes_are_read() {
+    let f = fixture();
+    let cache = copy_tree(f.cache.path());
+    let file = listing_file(cache.path(), &f.closure.c);
+    let compressed = Encoding::Zstd.encode(&std::fs::read(&file).unwrap()).await;
+    std::fs::write(file, compressed).unwrap();
+    let server =
+        TestServer::start_with(cache.path(), Behaviour::cache_nixos_org(Encoding::Br)).await;
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    let root = fs.lookup(Ino::ROOT, &basename(&f.closure.c)).await.unwrap();
+    assert_eq!(walk(&fs, root.ino).await, 4, "b, bin, bin/hi, refs");
+    assert_eq!(server.nar_requests(), 0);
+    assert_eq!(counter(&fs, "upstream_listing_fallbacks").await, 0);
+}
+
+/// A listing that is not one (here: bytes that, their `Content-Encoding`
+/// undone, are neither JSON nor compressed) is not used; the lookup falls
+/// back to the NAR's start, and the fallback is counted.
+#[tokio::test]
+async fn unusable_listings_fall_back_and_are_counted() {
+    let f = fixture();
+    let cache = copy_tree(f.cache.path());
+    let server =
+        TestServer::start_with(cache.path(), Behaviour::cache_nixos_org(Encoding::Br)).await;
+    for path in f.closure.paths() {
+        std::fs::write(listing_file(cache.path(), path), b"\x8bnot brotli either").unwrap();
+    }
+    let (fs, _) = lazy_fs(&server.url, f.public_key.clone()).await;
+    for path in f.closure.paths() {
+        fs.lookup(Ino::ROOT, &basename(path)).await.unwrap();
+    }
+    assert_eq!(server.listing_requests(), 3);
+    assert_eq!(counter(&fs, "upstream_listing_fallbacks").await, 3);
+    assert_eq!(counter(&fs, "upstream_nar_peeks").await, 3);
+    // The cache answers ranges: the peeks asked for the NARs' starts.
+    assert_eq!(server.nar_requests(), 3);
+}
+
+fn file_size(path: &str, file: &str) -> u64 {
+    std::fs::symlink_metadata(format!("{path}/{file}"))
+        .unwrap()
+        .len()
+}
+
+fn read_narinfo(cache: &Path, path: &str) -> NarInfo {
+    NarInfo::parse(&std::fs::read_to_string(narinfo_file(cache, path)).unwrap()).unwrap()
 }
 
 /// A counter of the mount's stats file.
@@ -450,6 +677,8 @@ async fn a_listing_that_lies_is_caught_by_its_size_or_by_the_nar() {
         fs.read(a.ino, 0, 4096).await.unwrap(),
         std::fs::read(&f.closure.a).unwrap()
     );
+    // Both listings were not used: counted.
+    assert_eq!(counter(&fs, "upstream_listing_fallbacks").await, 2);
 
     // A symlink target of the same length adds up; the NAR shows the lie
     // when it arrives, and from then on the path fails with EIO.

@@ -3,24 +3,36 @@
 //!
 //! A cache is opened once per run, which reads and checks its
 //! `nix-cache-info`. After that it hands out small files whole (narinfo
-//! files, bounded in size before they are buffered) and large ones as
-//! streams (NARs). Small-file reads retry transient failures themselves;
-//! a stream can fail half-way, so retrying one is the caller's business,
-//! guided by [`CacheError`]'s [`Retryable`] class.
+//! files, listings, bounded in size before they are buffered) and large
+//! ones as streams (NARs). Small-file reads retry transient failures
+//! themselves; a stream can fail half-way, so retrying one is the caller's
+//! business, guided by [`CacheError`]'s [`Retryable`] class.
+//!
+//! Every HTTP response is read as its `Content-Encoding` header says:
+//! cache.nixos.org stores listings brotli- or zstd-compressed and serves
+//! the stored bytes with that header, whatever the request asked for.
+//! Small files come back decoded, their size bound applied to the decoded
+//! bytes; a NAR comes back as sent, with the codings to undo
+//! ([`Opened`]), so that its caller counts and bounds the bytes on the wire
+//! before decoding them. reqwest is built without its decompression
+//! features, so nothing below this module decodes anything.
 
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use lazystore_castore::{ErrorClass, RetryPolicy, Retryable};
-use lazystore_pathinfo::STORE_DIR;
+use lazystore_pathinfo::decompress::Decompressed;
+use lazystore_pathinfo::{Compression, STORE_DIR};
 use reqwest::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
 use url::Url;
 
-use crate::stream::{into_transport, transport_error};
+use crate::stream::{Counted, StreamError, decompress, take_stream_error, transport_error};
 
 /// Largest `nix-cache-info` read. Real ones are three short lines.
 const MAX_CACHE_INFO_SIZE: usize = 64 * 1024;
@@ -114,6 +126,26 @@ pub enum CacheError {
         /// The cache URL.
         url: String,
     },
+    /// The response names a `Content-Encoding` no decoder here reads.
+    #[error("{url}: unsupported Content-Encoding {encoding:?}")]
+    UnsupportedEncoding {
+        /// The file's URL.
+        url: String,
+        /// The header's value.
+        encoding: String,
+    },
+    /// The response body is not what its `Content-Encoding` says (corrupt
+    /// or truncated).
+    #[error("{url}: cannot decode its Content-Encoding {encoding}")]
+    Decode {
+        /// The file's URL.
+        url: String,
+        /// The coding that failed.
+        encoding: Compression,
+        /// The decoder's error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Retryable for CacheError {
@@ -148,6 +180,49 @@ impl Retryable for CacheError {
 
 /// A stream of a file's bytes as they arrive.
 pub type Body = Pin<Box<dyn AsyncRead + Send>>;
+
+/// A file opened for reading, as the server sent it.
+pub struct Opened {
+    /// The bytes as they come off the wire.
+    pub body: Body,
+    /// The codings of its `Content-Encoding`, in the order the server
+    /// applied them; empty for none (and always for `file://` caches).
+    pub encoding: Vec<Compression>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("encoding", &self.encoding)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Opened {
+    /// The body with its `Content-Encoding` undone, after `wire` is put
+    /// around the bytes as sent (to count or bound them). Decoder failures
+    /// carry a [`StreamError::Decompress`] naming the coding.
+    pub fn decoded<R>(self, wire: impl FnOnce(Body) -> R) -> Decompressed
+    where
+        R: AsyncRead + Send + 'static,
+    {
+        let mut body: Decompressed = Box::pin(wire(self.body));
+        // The last coding applied is the first to undo.
+        for &coding in self.encoding.iter().rev() {
+            body = decompress(body, coding);
+        }
+        body
+    }
+}
+
+/// A small file read whole.
+#[derive(Debug)]
+pub struct SmallFile {
+    /// Its contents, `Content-Encoding` undone.
+    pub data: Vec<u8>,
+    /// Bytes received for it (before decoding), for the download counters.
+    pub received: u64,
+}
 
 /// How to reach the cache's files.
 #[derive(Debug)]
@@ -255,7 +330,7 @@ impl BinaryCache {
             .ok_or_else(|| CacheError::NotACache {
                 url: cache.url.clone(),
             })?;
-        cache.priority = cache.check_cache_info(&info)?;
+        cache.priority = cache.check_cache_info(&info.data)?;
         Ok(cache)
     }
 
@@ -298,43 +373,68 @@ impl BinaryCache {
         format!("{}/{relative}", self.url)
     }
 
-    /// Reads a small file whole, retrying transient failures: `None` if the
-    /// cache does not have it, an error if it is larger than `limit`.
+    /// Reads a small file whole, its `Content-Encoding` undone, retrying
+    /// transient failures: `None` if the cache does not have it, an error
+    /// if it is larger than `limit` decoded (or, compressed, larger than
+    /// any compression of `limit` bytes would be).
     pub async fn read_small(
         &self,
         relative: &str,
         limit: usize,
-    ) -> Result<Option<Vec<u8>>, CacheError> {
+    ) -> Result<Option<SmallFile>, CacheError> {
         self.retry
             .run(
                 || async {
-                    let Some(body) = self.open_file(relative).await? else {
+                    let Some(opened) = self.open_file(relative).await? else {
                         return Ok(None);
                     };
+                    let received = Arc::new(AtomicU64::new(0));
+                    // The bytes on the wire are bounded too: a body of
+                    // padding that never decodes to anything must end.
+                    let counter = received.clone();
+                    let body = opened.decoded(|body| Counted::new(body, counter, limit as u64));
                     let mut data = Vec::new();
                     // One byte more than allowed shows an overlong file.
                     let read = body
                         .take(limit as u64 + 1)
                         .read_to_end(&mut data)
                         .await
-                        .map_err(|e| self.body_error(relative, e))?;
+                        .map_err(|e| self.body_error(relative, e, limit))?;
                     if read > limit {
                         return Err(CacheError::TooLarge {
                             url: self.file_url(relative),
                             limit,
                         });
                     }
-                    Ok(Some(data))
+                    Ok(Some(SmallFile {
+                        data,
+                        received: received.load(Ordering::Relaxed),
+                    }))
                 },
                 |e, _, wait| tracing::debug!("retrying in {wait:?} after: {e}"),
             )
             .await
     }
 
-    /// Turns an error out of a body stream back into a `CacheError`.
-    fn body_error(&self, relative: &str, e: std::io::Error) -> CacheError {
-        match into_transport(e) {
-            Ok(transport) => transport,
+    /// Turns an error out of a small file's body stream back into a
+    /// `CacheError`.
+    fn body_error(&self, relative: &str, e: std::io::Error, limit: usize) -> CacheError {
+        match take_stream_error(e) {
+            Ok(StreamError::Transport(transport)) => transport,
+            Ok(StreamError::Decompress {
+                compression,
+                source,
+            }) => CacheError::Decode {
+                url: self.file_url(relative),
+                encoding: compression,
+                source,
+            },
+            Ok(StreamError::CompressedTooLong { .. } | StreamError::TooLong { .. }) => {
+                CacheError::TooLarge {
+                    url: self.file_url(relative),
+                    limit,
+                }
+            }
             Err(source) => CacheError::File {
                 path: self.file_path(relative).unwrap_or_else(|| relative.into()),
                 source,
@@ -354,12 +454,14 @@ impl BinaryCache {
     /// `None` if the cache does not have it. With `prefix`, an HTTP server
     /// is asked for the first `prefix` bytes only (a `Range` request); one
     /// that ignores the range sends the whole file, and the reader stops
-    /// when it has enough.
+    /// when it has enough. The body is as sent: its `Content-Encoding`
+    /// (which cache.nixos.org never sets on NARs) is the caller's to undo,
+    /// before the narinfo's `Compression`.
     pub async fn open_nar(
         &self,
         nar_url: &str,
         prefix: Option<u64>,
-    ) -> Result<Option<Body>, CacheError> {
+    ) -> Result<Option<Opened>, CacheError> {
         let bad = || CacheError::BadNarUrl {
             nar_url: nar_url.to_owned(),
             url: self.url.clone(),
@@ -382,7 +484,7 @@ impl BinaryCache {
     }
 
     /// Starts reading the file at `relative`, once.
-    async fn open_file(&self, relative: &str) -> Result<Option<Body>, CacheError> {
+    async fn open_file(&self, relative: &str) -> Result<Option<Opened>, CacheError> {
         self.open_range(relative, None).await
     }
 
@@ -392,12 +494,15 @@ impl BinaryCache {
         &self,
         relative: &str,
         prefix: Option<u64>,
-    ) -> Result<Option<Body>, CacheError> {
+    ) -> Result<Option<Opened>, CacheError> {
         match &self.location {
             Location::File { root } => {
                 let path = root.join(relative);
                 match tokio::fs::File::open(&path).await {
-                    Ok(file) => Ok(Some(Box::pin(file))),
+                    Ok(file) => Ok(Some(Opened {
+                        body: Box::pin(file),
+                        encoding: Vec::new(),
+                    })),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                     Err(source) => Err(CacheError::File { path, source }),
                 }
@@ -446,6 +551,7 @@ impl BinaryCache {
                 if !status.is_success() {
                     return Err(CacheError::Status { url: shown, status });
                 }
+                let encoding = content_encoding(response.headers(), &shown)?;
                 let on_stall = stalled(&shown);
                 let stream = response.bytes_stream().map_err(move |source| {
                     transport_error(CacheError::Http {
@@ -459,10 +565,37 @@ impl BinaryCache {
                     sleep: None,
                     on_stall: Some(on_stall),
                 };
-                Ok(Some(Box::pin(StreamReader::new(stream))))
+                Ok(Some(Opened {
+                    body: Box::pin(StreamReader::new(stream)),
+                    encoding,
+                }))
             }
         }
     }
+}
+
+/// The codings a response's `Content-Encoding` headers name, in the order
+/// they were applied, `identity` left out.
+fn content_encoding(
+    headers: &reqwest::header::HeaderMap,
+    url: &str,
+) -> Result<Vec<Compression>, CacheError> {
+    let mut codings = Vec::new();
+    for value in headers.get_all(reqwest::header::CONTENT_ENCODING) {
+        let unsupported = || CacheError::UnsupportedEncoding {
+            url: url.to_owned(),
+            encoding: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        };
+        let value = value.to_str().map_err(|_| unsupported())?;
+        for coding in value.split(',') {
+            match Compression::from_content_encoding(coding) {
+                Some(Compression::None) => {}
+                Some(compression) => codings.push(compression),
+                None => return Err(unsupported()),
+            }
+        }
+    }
+    Ok(codings)
 }
 
 /// Fails a body stream that stays pending for `timeout`. Only time spent
@@ -504,5 +637,90 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_compression::tokio::bufread::{BrotliEncoder, GzipEncoder};
+    use reqwest::header::{CONTENT_ENCODING, HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(CONTENT_ENCODING, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn content_encodings_are_read_in_the_order_applied() {
+        let url = "http://cache.test/x.ls";
+        let read = |values: &[&str]| content_encoding(&headers(values), url).unwrap();
+        assert!(read(&[]).is_empty());
+        assert!(read(&["identity"]).is_empty());
+        assert_eq!(read(&["br"]), [Compression::Brotli]);
+        assert_eq!(
+            read(&["gzip, ZSTD", "xz"]),
+            [Compression::Gzip, Compression::Zstd, Compression::Xz]
+        );
+        let e = content_encoding(&headers(&["compress"]), url).unwrap_err();
+        assert!(
+            matches!(&e, CacheError::UnsupportedEncoding { url: u, encoding } if u == url && encoding == "compress"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(url), "{e}");
+    }
+
+    #[tokio::test]
+    async fn opened_undoes_the_last_coding_first() {
+        let plain = b"{\"version\":1}".repeat(50);
+        let mut gzipped = Vec::new();
+        GzipEncoder::new(&plain[..])
+            .read_to_end(&mut gzipped)
+            .await
+            .unwrap();
+        let mut both = Vec::new();
+        BrotliEncoder::new(&gzipped[..])
+            .read_to_end(&mut both)
+            .await
+            .unwrap();
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        let opened = Opened {
+            body: Box::pin(std::io::Cursor::new(both.clone())),
+            encoding: vec![Compression::Gzip, Compression::Brotli],
+        };
+        let mut out = Vec::new();
+        opened
+            .decoded(|body| Counted::new(body, counter, 1 << 20))
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, plain);
+        assert_eq!(received.load(Ordering::Relaxed), both.len() as u64);
+
+        // A body that is not what its coding says fails as that coding.
+        let opened = Opened {
+            body: Box::pin(std::io::Cursor::new(b"plain text".to_vec())),
+            encoding: vec![Compression::Zstd],
+        };
+        let e = opened
+            .decoded(|body| body)
+            .read_to_end(&mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                StreamError::find(&e),
+                Some(StreamError::Decompress {
+                    compression: Compression::Zstd,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
     }
 }

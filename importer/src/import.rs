@@ -549,7 +549,7 @@ impl Shared {
     ) -> Result<NarInfo, Miss> {
         let narinfo_file = format!("{}.narinfo", wanted.hash_str());
         let url = cache.file_url(&narinfo_file);
-        let text = cache
+        let file = cache
             .read_small(&narinfo_file, MAX_NARINFO_SIZE)
             .await
             .map_err(|source| {
@@ -559,9 +559,8 @@ impl Shared {
                 })
             })?
             .ok_or(Miss::NotThere)?;
-        self.downloaded
-            .fetch_add(text.len() as u64, Ordering::Relaxed);
-        let text = String::from_utf8(text)
+        self.downloaded.fetch_add(file.received, Ordering::Relaxed);
+        let text = String::from_utf8(file.data)
             .map_err(|_| Miss::Failed(PathErrorKind::NarInfoText { url: url.clone() }))?;
         let narinfo = NarInfo::parse(&text).map_err(|source| {
             Miss::Failed(PathErrorKind::NarInfo {
@@ -680,9 +679,10 @@ impl Shared {
             .map_err(|e| classify(e, nar_url))
     }
 
-    /// `narinfo`'s NAR (at `nar_url`), decompressed as it arrives, its
-    /// compressed bytes counted and bounded; over HTTP only its first
-    /// `prefix` bytes, if given.
+    /// `narinfo`'s NAR (at `nar_url`), decompressed as it arrives (the
+    /// response's `Content-Encoding` undone first, then the narinfo's
+    /// `Compression`), the bytes received counted and bounded; over HTTP
+    /// only its first `prefix` bytes, if given.
     pub(crate) async fn open_nar(
         &self,
         cache: &BinaryCache,
@@ -690,7 +690,7 @@ impl Shared {
         nar_url: &str,
         prefix: Option<u64>,
     ) -> Result<Decompressed, PathErrorKind> {
-        let body = cache
+        let opened = cache
             .open_nar(&narinfo.url, prefix)
             .await
             .map_err(|source| PathErrorKind::Download {
@@ -701,7 +701,8 @@ impl Shared {
                 url: nar_url.to_owned(),
                 cache: cache.url().to_owned(),
             })?;
-        let compressed = Counted::new(body, self.downloaded.clone(), narinfo.nar_size);
+        let downloaded = self.downloaded.clone();
+        let compressed = opened.decoded(|body| Counted::new(body, downloaded, narinfo.nar_size));
         Ok(decompress(compressed, narinfo.compression))
     }
 

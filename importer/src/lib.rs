@@ -23,7 +23,7 @@ mod substituter;
 mod summary;
 mod upstream;
 
-pub use cache::{BinaryCache, CacheError, HttpOptions};
+pub use cache::{BinaryCache, CacheError, HttpOptions, Opened, SmallFile, http_client};
 pub use error::{PathError, PathErrorKind, SetupError};
 pub use import::{DEFAULT_CACHE, DEFAULT_TRUSTED_KEY, Importer, Options};
 /// The store's one retry policy, which [`Options::retry`] is.

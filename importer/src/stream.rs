@@ -97,15 +97,6 @@ pub(crate) fn take_stream_error(e: io::Error) -> Result<StreamError, io::Error> 
     Ok(*inner.downcast::<StreamError>().expect("checked above"))
 }
 
-/// The transport failure `e` carries, or `e` itself.
-pub(crate) fn into_transport(e: io::Error) -> Result<CacheError, io::Error> {
-    match take_stream_error(e) {
-        Ok(StreamError::Transport(transport)) => Ok(transport),
-        Ok(other) => Err(other.into_io()),
-        Err(e) => Err(e),
-    }
-}
-
 /// The most compressed bytes accepted for a NAR of `nar_size` bytes:
 /// incompressible data grows by well under 1/8 in every supported format,
 /// plus headers. Stops a server that streams forever without the

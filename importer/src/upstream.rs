@@ -4,7 +4,9 @@
 //! [`UpstreamCaches::narinfo`] finds a path's narinfo and checks it exactly as an
 //! import does (the path asked for, a trusted signature);
 //! [`UpstreamCaches::listing`] fetches the cache's `.ls` listing of its NAR, from
-//! which a tree can be shown without the NAR; [`UpstreamCaches::fetch`]
+//! which a tree can be shown without the NAR (decoded as its
+//! `Content-Encoding` says, then by its magic bytes: caches store listings
+//! compressed, and not all of them say so); [`UpstreamCaches::fetch`]
 //! downloads the NAR, checks NarHash and NarSize while ingesting it into
 //! the store, and returns the PathInfo — without publishing it, since the
 //! path's references may be missing from the store (the caller decides).
@@ -167,31 +169,39 @@ impl UpstreamCaches {
         }
     }
 
-    /// The `.ls` listing of `found`'s NAR from its cache, decompressed if
-    /// the cache compressed it: `None` if the cache has none or it is not a
-    /// listing this reads (the path is then shown once its NAR is fetched).
+    /// The `.ls` listing of `found`'s NAR from its cache, decoded as the
+    /// response's `Content-Encoding` says and then, if it is still not
+    /// JSON, by its magic bytes: `None` if the cache has none or it is not
+    /// a listing this reads (logged with the reason; the path is then shown
+    /// from the start of its NAR).
     pub async fn listing(&self, found: &Found) -> Option<Listing> {
         let path = found.narinfo.store_path.to_absolute();
         let file = format!("{}.ls", found.narinfo.store_path.hash_str());
         let cache = self.cache(found.cache).await.ok()?;
         let raw = match cache.read_small(&file, MAX_LISTING_SIZE).await {
             Ok(Some(raw)) => raw,
-            Ok(None) => return None,
+            Ok(None) => {
+                tracing::debug!("{path}: the cache has no listing {}", cache.file_url(&file));
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(
-                    "{path}: cannot fetch its listing {}: {e}",
-                    cache.file_url(&file)
+                    "{path}: cannot fetch its listing: {}",
+                    lazystore_castore::error_chain(&e)
                 );
                 return None;
             }
         };
         self.shared
             .downloaded
-            .fetch_add(raw.len() as u64, Ordering::Relaxed);
-        let json = match decompress_listing(raw).await {
+            .fetch_add(raw.received, Ordering::Relaxed);
+        let json = match decompress_listing(raw.data).await {
             Ok(json) => json,
             Err(e) => {
-                tracing::warn!("{path}: cannot decompress {}: {e}", cache.file_url(&file));
+                tracing::warn!(
+                    "{path}: ignoring the listing {}: {e}",
+                    cache.file_url(&file)
+                );
                 return None;
             }
         };
@@ -319,9 +329,18 @@ impl UpstreamCaches {
     }
 }
 
-/// Decompresses a listing by its magic bytes: caches written with
-/// `ls-compression` store it compressed without saying so.
+/// A listing's JSON from the bytes a cache sent, its `Content-Encoding`
+/// already undone: as they are if they start as every listing does (`{`),
+/// else decompressed by their magic bytes, else as brotli, which has none.
+/// Caches written with `ls-compression` store listings compressed without
+/// saying so when read as files, and a copy of cache.nixos.org's files has
+/// its brotli listings without the header that named the coding. No
+/// compressed stream starts with `{`: xz, zstd, bzip2 and gzip have other
+/// magic bytes, and a brotli stream whose first byte is `{` is empty.
 async fn decompress_listing(raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    if raw.starts_with(b"{") {
+        return Ok(raw);
+    }
     let compression = if raw.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
         Compression::Xz
     } else if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -331,17 +350,78 @@ async fn decompress_listing(raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
     } else if raw.starts_with(&[0x1f, 0x8b]) {
         Compression::Gzip
     } else {
-        return Ok(raw);
+        Compression::Brotli
     };
     let mut out = Vec::new();
-    decompress(std::io::Cursor::new(raw), compression)
+    let decoded = decompress(std::io::Cursor::new(raw), compression)
         .take(MAX_LISTING_SIZE as u64 + 1)
         .read_to_end(&mut out)
-        .await?;
-    if out.len() > MAX_LISTING_SIZE {
-        return Err(std::io::Error::other(format!(
+        .await;
+    match decoded {
+        Ok(_) if out.len() > MAX_LISTING_SIZE => Err(std::io::Error::other(format!(
             "larger than {MAX_LISTING_SIZE} bytes decompressed"
-        )));
+        ))),
+        Ok(_) => Ok(out),
+        Err(_) if compression == Compression::Brotli => Err(std::io::Error::other(
+            "neither JSON nor compressed by any method this reads \
+             (Content-Encoding, xz, zstd, bzip2, gzip or brotli)",
+        )),
+        Err(e) => Err(std::io::Error::other(format!(
+            "cannot decompress it as {compression}: {}",
+            lazystore_castore::error_chain(&e)
+        ))),
     }
-    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    async fn compress(data: &[u8], compression: Compression) -> Vec<u8> {
+        use async_compression::tokio::bufread::{
+            BrotliEncoder, BzEncoder, GzipEncoder, XzEncoder, ZstdEncoder,
+        };
+        let mut out = Vec::new();
+        let encoded = match compression {
+            Compression::Brotli => BrotliEncoder::new(data).read_to_end(&mut out).await,
+            Compression::Zstd => ZstdEncoder::new(data).read_to_end(&mut out).await,
+            Compression::Xz => XzEncoder::new(data).read_to_end(&mut out).await,
+            Compression::Bzip2 => BzEncoder::new(data).read_to_end(&mut out).await,
+            Compression::Gzip => GzipEncoder::new(data).read_to_end(&mut out).await,
+            other => panic!("no encoder for {other}"),
+        };
+        encoded.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn listings_are_sniffed_and_brotli_is_the_last_resort() {
+        let json = br#"{"version":1,"root":{"type":"regular","size":3}}"#.to_vec();
+        assert_eq!(decompress_listing(json.clone()).await.unwrap(), json);
+        for compression in [
+            Compression::Brotli,
+            Compression::Zstd,
+            Compression::Xz,
+            Compression::Bzip2,
+            Compression::Gzip,
+        ] {
+            let compressed = compress(&json, compression).await;
+            assert!(!compressed.starts_with(b"{"), "{compression}");
+            assert_eq!(
+                decompress_listing(compressed).await.unwrap(),
+                json,
+                "{compression}"
+            );
+        }
+        let e = decompress_listing(b"<html>not found</html>".to_vec())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("neither JSON"), "{e}");
+        let mut truncated = compress(&json, Compression::Zstd).await;
+        truncated.truncate(truncated.len() / 2);
+        let e = decompress_listing(truncated).await.unwrap_err();
+        assert!(e.to_string().contains("as zstd"), "{e}");
+    }
 }

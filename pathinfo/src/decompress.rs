@@ -1,6 +1,6 @@
 //! Decompressing what binary caches store: the one mapping from a
-//! [`Compression`] (a narinfo's `Compression` line, or the extension of a
-//! NAR file name, as Nix names them) to a streaming decoder.
+//! [`Compression`] (a narinfo's `Compression` line, the extension of a NAR
+//! file name, or an HTTP `Content-Encoding`) to a streaming decoder.
 
 use std::pin::Pin;
 
@@ -41,6 +41,25 @@ impl Compression {
             ".gz" => Compression::Gzip,
             ".lz" => Compression::Lzip,
             ".lz4" => Compression::Lz4,
+            _ => return None,
+        })
+    }
+
+    /// The compression one coding of an HTTP `Content-Encoding` header
+    /// names (`br`, `zstd`, `gzip`, `xz`, `bzip2`, `identity`; the names
+    /// are case-insensitive), as Nix's own HTTP client reads them; `None`
+    /// for a coding no decoder here reads (`compress`, `deflate`, …).
+    /// cache.nixos.org stores listings brotli- or zstd-compressed and says
+    /// so only in this header.
+    pub fn from_content_encoding(coding: &str) -> Option<Compression> {
+        let coding = coding.trim().to_ascii_lowercase();
+        Some(match coding.as_str() {
+            "" | "identity" | "none" => Compression::None,
+            "br" => Compression::Brotli,
+            "zstd" => Compression::Zstd,
+            "gzip" | "x-gzip" => Compression::Gzip,
+            "xz" => Compression::Xz,
+            "bzip2" => Compression::Bzip2,
             _ => return None,
         })
     }
@@ -89,6 +108,19 @@ mod tests {
         );
         assert_eq!(Compression::from_nar_extension(""), Some(Compression::None));
         assert_eq!(Compression::from_nar_extension(".rar"), None);
+        assert_eq!(
+            Compression::from_content_encoding("br"),
+            Some(Compression::Brotli)
+        );
+        assert_eq!(
+            Compression::from_content_encoding(" ZSTD "),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            Compression::from_content_encoding("identity"),
+            Some(Compression::None)
+        );
+        assert_eq!(Compression::from_content_encoding("deflate"), None);
         for c in [
             Compression::Xz,
             Compression::Zstd,

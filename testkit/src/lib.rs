@@ -178,6 +178,62 @@ in mk "lazystore-test-c" ''
     }
 }
 
+/// Builds `n` new store paths with one `nix-build` and returns them in
+/// order: path `i` is a directory holding `share/note` (a file naming `i`),
+/// an executable `bin/tool`, a symlink `link` to `share/note`, and, but for
+/// the first, `prev`, naming path `i - 1`, which it therefore refers to.
+/// The closure of the last path is all of them. Like [`build_closure`], the
+/// paths never existed before.
+pub fn build_paths(n: usize) -> Vec<String> {
+    assert!(n > 0, "build_paths needs at least one path");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expression = format!(
+        r#"
+let
+  mk = name: script: derivation {{
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  }};
+  paths = builtins.genList (i: mk "lazystore-many-${{toString i}}" (''
+    /bin/mkdir -p $out/bin $out/share
+    echo '{nonce} ${{toString i}}' > $out/share/note
+    printf '#!/bin/sh\necho ${{toString i}}\n' > $out/bin/tool
+    /bin/chmod +x $out/bin/tool
+    /bin/ln -s share/note $out/link
+  '' + (if i == 0 then "" else "echo ${{builtins.elemAt paths (i - 1)}} > $out/prev\n"))) {n};
+in paths
+"#,
+        nonce = nonce()
+    );
+    let file = dir.path().join("paths.nix");
+    std::fs::write(&file, expression).expect("write paths.nix");
+    let out = nix_cmd([
+        OsStr::new("nix-build"),
+        OsStr::new("--no-out-link"),
+        file.as_os_str(),
+    ]);
+    let mut paths: Vec<(usize, String)> = out
+        .lines()
+        .map(|p| {
+            let index = p
+                .rsplit_once("-lazystore-many-")
+                .and_then(|(_, i)| i.parse().ok());
+            (
+                index.expect("nix-build printed a path of ours"),
+                p.to_owned(),
+            )
+        })
+        .collect();
+    paths.sort();
+    assert!(
+        paths.iter().map(|(i, _)| *i).eq(0..n),
+        "nix-build printed:\n{out}"
+    );
+    paths.into_iter().map(|(_, p)| p).collect()
+}
+
 /// Makes a signing key pair with `nix-store --generate-binary-cache-key` in `dir`;
 /// returns the secret key file and the public key (`name:base64`).
 pub fn gen_key(dir: &Path, name: &str) -> (PathBuf, String) {

@@ -19,7 +19,11 @@
 //! is: a file is shown with its size and mode and fetched on its first
 //! read, like a listed one; a directory is shown with its entries unknown,
 //! and the first readdir or lookup inside it fetches the NAR; a symlink,
-//! whose NAR is only its header, is fetched at once.
+//! whose NAR is only its header, is fetched at once. Each lookup that
+//! falls back so (no listing, or one that cannot be used, logged with the
+//! reason) is counted (`upstream_listing_fallbacks`), so an upstream whose
+//! listings stopped working shows in the stats rather than only as a
+//! slower mount.
 //!
 //! The listing is not signed, so until the NAR is verified what is shown
 //! (sizes, modes, symlink targets) is only what the cache claims: the
@@ -162,6 +166,8 @@ pub struct UpstreamSubstituter {
     /// Placeholder file → the real file, once its path is verified.
     resolved: Mutex<HashMap<Digest, Digest>>,
     narinfos_fetched: AtomicU64,
+    /// Lookups shown from the NAR's start for want of a usable listing.
+    listing_fallbacks: AtomicU64,
 }
 
 /// Why an upstream lookup found nothing to show.
@@ -195,6 +201,7 @@ impl UpstreamSubstituter {
             placeholders: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
             narinfos_fetched: AtomicU64::new(0),
+            listing_fallbacks: AtomicU64::new(0),
         })
     }
 
@@ -284,6 +291,7 @@ impl UpstreamSubstituter {
                 found.narinfo.nar_size
             );
         }
+        self.listing_fallbacks.fetch_add(1, Ordering::Relaxed);
         match self.upstream.peek(&found).await.map_err(failed)? {
             Peeked::File { size, executable } => {
                 let listing = Listing {
@@ -586,6 +594,10 @@ impl Substituter for UpstreamSubstituter {
             (
                 "upstream_narinfos_fetched",
                 self.narinfos_fetched.load(Ordering::Relaxed),
+            ),
+            (
+                "upstream_listing_fallbacks",
+                self.listing_fallbacks.load(Ordering::Relaxed),
             ),
             ("upstream_nar_peeks", self.upstream.nar_peeks()),
             ("upstream_nar_downloads", self.upstream.nar_downloads()),
