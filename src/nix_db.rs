@@ -16,6 +16,7 @@ use lazystore_pathinfo::substitute::{Substituter, Substituters, Validity};
 use lazystore_pathinfo::{Store, StoreOptions, StorePath, default_store_url};
 use tokio::task::JoinSet;
 
+use crate::token::TokenArgs;
 use crate::upstream::UpstreamArgs;
 
 /// Lookups in flight at once while walking a closure.
@@ -53,6 +54,9 @@ pub struct Args {
     /// --load-db` then needs the references to be valid already).
     #[arg(long)]
     no_closure: bool,
+
+    #[command(flatten)]
+    token: TokenArgs,
 
     #[command(flatten)]
     upstream: UpstreamArgs,
@@ -193,14 +197,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let store = Store::open(&store_url, StoreOptions::default())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open store {store_url} (a redb store is held by one process at a time: \
+    let options = StoreOptions {
+        token: args.token.load()?,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&store_url, options).await.with_context(|| {
+        format!(
+            "cannot open store {store_url} (a redb store is held by one process at a time: \
              while it is mounted or served, ask that server with --store grpc+http://…)"
-            )
-        })?;
+        )
+    })?;
     // Only narinfos are read: the store is never written.
     let paths = args
         .upstream
