@@ -2,7 +2,8 @@
 //! serve` with --write-token-file and --read-token-file refuses an import
 //! without a token, with a wrong one and with a read token, at once and
 //! naming the URL and --token-file, and stores nothing; with a write token
-//! (the second of its file) the import works. `nix-db` needs a read token.
+//! (the second of its file) the import works. `nix-db` and a mount need a
+//! read token.
 //! A second `lazystore serve`, a binary cache in front of the first (the
 //! token to reach it in its own --token-file), guards HTTP the same way:
 //! `nix copy --from` needs a read token in a netrc file, `nix copy --to` a
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{LAZYSTORE, start};
+use common::{LAZYSTORE, Mount, start};
 use lazystore_castore::Digest;
 use lazystore_castore::auth::Token;
 use lazystore_pathinfo::{Store, StoreOptions, StorePath};
@@ -178,6 +179,25 @@ fn grpc_and_http_need_their_tokens() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains(closure.top()));
     }
+
+    // A mount reads with a read token; without one, a lookup fails at once
+    // and the mount's log says why.
+    let a_name = closure.a.trim_start_matches("/nix/store/");
+    let mountpoint = tempfile::tempdir().unwrap();
+    let mount = Mount::start(
+        mountpoint.path(),
+        &url,
+        "none",
+        &["--token-file", reader.to_str().unwrap()],
+    );
+    assert_eq!(std::fs::read(mount.path.join(a_name)).unwrap(), a_contents);
+    mount.stop();
+    let mount = Mount::start(mountpoint.path(), &url, "none", &[]);
+    let started = Instant::now();
+    assert!(std::fs::read(mount.path.join(a_name)).is_err());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let log = mount.stop();
+    assert!(log.contains("Unauthenticated"), "{log}");
 
     // A binary cache in front of the gRPC store, reaching it with a write
     // token, guarding its own reads and uploads with the same files.
