@@ -12,6 +12,8 @@ use lazystore_importer::{
 };
 use lazystore_pathinfo::{PublicKey, SERVER_WAIT, Store, StoreOptions, default_store_url};
 
+use crate::token::TokenArgs;
+
 /// Import store paths and their closures from Nix binary caches.
 ///
 /// Every narinfo must carry a valid signature by a trusted key, and every
@@ -51,6 +53,9 @@ pub struct Args {
     /// Import only the paths named, not their references.
     #[arg(long)]
     no_closure: bool,
+
+    #[command(flatten)]
+    token: TokenArgs,
 }
 
 /// Opens the store to import into (the embedded default when none is
@@ -58,7 +63,7 @@ pub struct Args {
 /// commit is durable and makes everything written before it durable: the
 /// importer is in the same process, so it never publishes on the strength
 /// of a write a crash could lose.
-async fn open_store(url: Option<String>) -> anyhow::Result<(Store, String)> {
+async fn open_store(url: Option<String>, token: &TokenArgs) -> anyhow::Result<(Store, String)> {
     let url = match url {
         Some(url) => url,
         None => default_store_url()?,
@@ -67,6 +72,7 @@ async fn open_store(url: Option<String>) -> anyhow::Result<(Store, String)> {
     let options = StoreOptions {
         sync: SyncMode::Deferred,
         wait_for_server: Some(SERVER_WAIT),
+        token: token.load()?,
         ..StoreOptions::default()
     };
     let store = Store::open(&url, options).await?;
@@ -74,7 +80,7 @@ async fn open_store(url: Option<String>) -> anyhow::Result<(Store, String)> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (store, store_url) = open_store(args.store).await?;
+    let (store, store_url) = open_store(args.store, &args.token).await?;
     let options = Options {
         caches: args.caches,
         trusted_keys: args.trusted_keys,

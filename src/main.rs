@@ -10,6 +10,7 @@ mod mount;
 mod nar_check;
 mod nix_db;
 mod serve;
+mod token;
 mod upstream;
 
 /// Lazy /nix/store for Nix builders: store paths split into a

@@ -18,6 +18,7 @@ use lazystore_pathinfo::substitute::Substituter;
 use lazystore_pathinfo::{LocalCache, SERVER_WAIT, Store, StoreOptions, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::token::TokenArgs;
 use crate::upstream::UpstreamArgs;
 
 /// How long an unmount may wait for files still open under the mount
@@ -98,6 +99,8 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = SERVER_WAIT.as_secs())]
     wait_for_store: u64,
     #[command(flatten)]
+    token: TokenArgs,
+    #[command(flatten)]
     upstream: UpstreamArgs,
     /// Seconds a path no upstream cache has is believed missing before a
     /// lookup asks the caches again (failures are never remembered).
@@ -156,6 +159,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             // `GrpcError`'s `Retryable`), so a read fails with EIO once the
             // deadline passes, not a deadline per layer later.
             retry,
+            token: args.token.load()?,
             local_cache,
             local_cache_bytes: args.cache_size,
             wait_for_server: (args.wait_for_store > 0)

@@ -19,6 +19,7 @@ use lazystore_pathinfo::{
 };
 use tokio::task::JoinSet;
 
+use crate::token::TokenArgs;
 use crate::upstream::UpstreamArgs;
 
 /// Lookups in flight at once while walking a closure.
@@ -56,6 +57,9 @@ pub struct Args {
     /// --load-db` then needs the references to be valid already).
     #[arg(long)]
     no_closure: bool,
+
+    #[command(flatten)]
+    token: TokenArgs,
 
     #[command(flatten)]
     upstream: UpstreamArgs,
@@ -198,6 +202,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let options = StoreOptions {
         wait_for_server: Some(SERVER_WAIT),
+        token: args.token.load()?,
         ..StoreOptions::default()
     };
     let store = Store::open(&store_url, options).await.map_err(|e| {

@@ -8,10 +8,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use lazystore_castore::auth::{Access, Tokens};
 use lazystore_castore::grpc::{Listener, Services, serve};
-use lazystore_httpcache::{
-    DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression, UploadAuth,
-};
+use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
 use lazystore_pathinfo::{
     SigningKey, Store, StoreOptions, default_store_url, grpc_tcp_url, grpc_unix_url, is_ephemeral,
@@ -19,6 +18,8 @@ use lazystore_pathinfo::{
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
+
+use crate::token::TokenArgs;
 
 /// Serve a store over gRPC to importers, builders and other lazystores,
 /// and/or as a Nix binary cache over HTTP.
@@ -33,6 +34,7 @@ use tokio::sync::watch;
 /// one line per request; `RUST_LOG=warn` turns the access log off).
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("listeners").required(true).multiple(true))]
+#[command(group = clap::ArgGroup::new("write_tokens").multiple(false))]
 pub struct Args {
     /// Where to serve gRPC: HOST:PORT for TCP (port 0 picks a free one),
     /// or unix:/PATH for a Unix socket.
@@ -69,13 +71,29 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REQUESTS, requires = "http_listen")]
     http_max_requests: usize,
     /// Accept uploads over HTTP (nix copy --to http://…), from clients
-    /// presenting the token in --upload-token-file.
-    #[arg(long, requires_all = ["http_listen", "upload_token_file"])]
+    /// presenting a token of --write-token-file.
+    #[arg(long, requires_all = ["http_listen", "write_tokens"])]
     allow_upload: bool,
-    /// File holding the upload token. Clients send it as a bearer token,
-    /// or as the password of Basic auth (in Nix: a netrc file, netrc-file =
-    /// …, with `machine HOST password TOKEN`).
-    #[arg(long, value_name = "FILE", requires = "allow_upload")]
+    /// Every write needs a token from FILE: gRPC puts of chunks, blobs,
+    /// directories and PathInfos, and HTTP uploads. FILE holds tokens one
+    /// a line (blank lines and # comments ignored), read at startup: to
+    /// rotate, add the new token and restart, hand it to clients, then
+    /// remove the old one and restart. A write token allows
+    /// reads too. lazystore clients send theirs with --token-file; Nix
+    /// sends it as the password of Basic auth (a netrc file, netrc-file =
+    /// …, with `machine HOST password TOKEN`). Tokens cross the network in
+    /// clear (docs/security.md).
+    #[arg(long, value_name = "FILE", group = "write_tokens")]
+    write_token_file: Option<PathBuf>,
+    /// Every read needs a token from FILE (or one of --write-token-file):
+    /// gRPC reads, and HTTP narinfos, NARs and listings (nix-cache-info and
+    /// gRPC health stay open). Same format as --write-token-file; without
+    /// --write-token-file, writes need one of these tokens too.
+    #[arg(long, value_name = "FILE")]
+    read_token_file: Option<PathBuf>,
+    /// The old name of --write-token-file; its tokens now guard gRPC
+    /// writes as well as HTTP uploads.
+    #[arg(long, value_name = "FILE", group = "write_tokens", hide = true)]
     upload_token_file: Option<PathBuf>,
     /// The store to serve: redb:///abs/path/store.redb, memory://,
     /// grpc+http://HOST:PORT or grpc+unix:///PATH [default:
@@ -83,6 +101,9 @@ pub struct Args {
     /// ~/.local/share/lazystore].
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    // --token-file: what to send to a remote --store (grpc+…).
+    #[command(flatten)]
+    token: TokenArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -98,11 +119,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // A redb store is opened with every commit fsynced (what `Store::open`
     // does): clients publish PathInfos on the strength of what this server
     // told them is stored, so that must survive a crash of the server.
+    let access = access(&args)?;
     let http_options = match &args.http_listen {
-        Some(_) => Some(http_options(&args)?),
+        Some(_) => Some(http_options(&args, access.clone())?),
         None => None,
     };
-    let store = Store::open(&url, StoreOptions::default()).await?;
+    let options = StoreOptions {
+        token: args.token.load()?,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&url, options).await?;
     if is_ephemeral(&url) {
         tracing::warn!("serving {url}: everything stored is lost when it stops");
     }
@@ -144,7 +170,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((listener, client_url)) = grpc {
         let services = Services::new(store.blobs.service().clone(), store.directories.clone())
-            .add_service(PathInfoServer::new(store.clone()).into_service());
+            .add_service(PathInfoServer::new(store.clone()).into_service())
+            .with_access(access.clone());
         tracing::info!(store = %url, listen = %client_url, "serving gRPC");
         let (url, stop) = (url.clone(), stopping());
         tasks.spawn(async move {
@@ -172,9 +199,54 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The HTTP cache's options from the command line, reading the key and
-/// token files.
-fn http_options(args: &Args) -> anyhow::Result<lazystore_httpcache::Options> {
+/// Who may read and write, from the token files. Every error names the
+/// file.
+fn access(args: &Args) -> anyhow::Result<Access> {
+    let load = |path: &Option<PathBuf>, flag: &str| -> anyhow::Result<Option<Tokens>> {
+        path.as_deref()
+            .map(|path| Tokens::from_file(path).with_context(|| format!("cannot use {flag}")))
+            .transpose()
+    };
+    if args.upload_token_file.is_some() {
+        tracing::warn!(
+            "--upload-token-file is the old name of --write-token-file: its tokens now guard \
+             gRPC writes too"
+        );
+    }
+    let access = Access {
+        read: load(&args.read_token_file, "--read-token-file")?,
+        write: match &args.upload_token_file {
+            Some(_) => load(&args.upload_token_file, "--upload-token-file")?,
+            None => load(&args.write_token_file, "--write-token-file")?,
+        },
+    };
+    if access.read.is_some() && access.write.is_none() {
+        tracing::warn!(
+            "--read-token-file without --write-token-file: writes accept the read tokens; give \
+             --write-token-file to keep readers from writing"
+        );
+    }
+    // A warning worth giving only where the traffic leaves the machine.
+    let beyond_loopback = |addr: &str| {
+        !["unix:", "127.", "localhost:", "[::1]:"]
+            .iter()
+            .any(|local| addr.starts_with(local))
+    };
+    let exposed = [&args.listen, &args.http_listen]
+        .into_iter()
+        .flatten()
+        .any(|addr| beyond_loopback(addr));
+    if !access.is_open() && exposed {
+        tracing::warn!(
+            "tokens cross the network in clear (no TLS yet): anyone who can watch the traffic \
+             can use them (docs/security.md)"
+        );
+    }
+    Ok(access)
+}
+
+/// The HTTP cache's options from the command line, reading the key file.
+fn http_options(args: &Args, access: Access) -> anyhow::Result<lazystore_httpcache::Options> {
     let signing_key = match &args.signing_key {
         Some(path) => Some(Arc::new(SigningKey::load(path).with_context(|| {
             format!(
@@ -185,28 +257,13 @@ fn http_options(args: &Args) -> anyhow::Result<lazystore_httpcache::Options> {
         })?)),
         None => None,
     };
-    let upload = match (&args.allow_upload, &args.upload_token_file) {
-        (true, Some(path)) => {
-            let token = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --upload-token-file {}", path.display()))?
-                .trim()
-                .to_owned();
-            if token.is_empty() {
-                bail!(
-                    "--upload-token-file {} is empty; put a token (e.g. from: openssl rand -hex 32) in it",
-                    path.display()
-                );
-            }
-            Some(UploadAuth { token })
-        }
-        _ => None,
-    };
     Ok(lazystore_httpcache::Options {
         want_mass_query: args.want_mass_query,
         priority: args.priority,
         compression: args.nar_compression,
         signing_key,
-        upload,
+        allow_upload: args.allow_upload,
+        access,
         max_requests: args.http_max_requests.max(1),
     })
 }

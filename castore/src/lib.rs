@@ -6,8 +6,10 @@
 //! validated data model; [`blobs`] and [`directories`] are the stores, each a
 //! backend trait with one file per backend. [`retry`] is the one retry
 //! policy every retrying client of the workspace uses, and the classes
-//! ([`ErrorClass`]) the store's errors fall into.
+//! ([`ErrorClass`]) the store's errors fall into. [`auth`] holds the access
+//! tokens both servers (gRPC and the HTTP cache) check and clients send.
 
+pub mod auth;
 pub mod blobs;
 mod cache_store;
 mod chunker;

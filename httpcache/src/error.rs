@@ -15,12 +15,12 @@ pub enum HttpError {
     /// names no store path).
     #[error("{0}")]
     BadRequest(String),
-    /// An upload without credentials, while uploads need a token.
-    #[error(
-        "uploads need a token: send Authorization: Bearer TOKEN (or Basic with the token as password, e.g. from a netrc file)"
-    )]
-    Unauthorized,
-    /// An upload refused: uploads disabled, or a wrong token.
+    /// A request without a token, while it needs one; the message says
+    /// which and how to send it.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A request refused: uploads disabled, or a token that does not allow
+    /// it.
     #[error("{0}")]
     Forbidden(String),
     /// An upload that does not fit what is stored or staged (a narinfo
@@ -66,7 +66,7 @@ impl HttpError {
         match self {
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
+            HttpError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::Conflict(_) => StatusCode::CONFLICT,
             HttpError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -93,7 +93,7 @@ impl IntoResponse for HttpError {
         let mut response = (status, format!("{text}\n")).into_response();
         let headers = response.headers_mut();
         match self {
-            HttpError::Unauthorized => {
+            HttpError::Unauthorized(_) => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Basic realm=\"lazystore\""),

@@ -10,6 +10,10 @@
 //! of the files the range overlaps are read. `.ls` listings come from the
 //! same walk.
 //!
+//! Tokens guard reads and writes as the gRPC server's do (the same token
+//! files): a request without the token it needs is refused with 401, one
+//! with a wrong token with 403; `nix-cache-info` stays open.
+//!
 //! With uploads enabled and a token, `nix copy --to http://…` works too:
 //! each NAR is ingested as it arrives and staged under its URL until its
 //! narinfo comes; the PathInfo is published only once the narinfo's NarHash
@@ -32,6 +36,7 @@
 //! closed); each is logged when it ends (target `lazystore::http`, level
 //! info).
 
+mod auth;
 mod body;
 mod conn;
 mod error;
@@ -44,6 +49,6 @@ mod upload;
 
 pub use narinfo::NarCompression;
 pub use server::{
-    DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Options, SEND_TIMEOUT, UploadAuth, serve,
+    DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Options, SEND_TIMEOUT, serve,
     serve_with_send_timeout,
 };

@@ -1,5 +1,6 @@
-//! [`HttpCache`]: the routes, the request limit and the access log, over
-//! one [`Store`]; [`serve`] runs it on a listener until shutdown.
+//! [`HttpCache`]: the routes, the token check, the request limit and the
+//! access log, over one [`Store`]; [`serve`] runs it on a listener until
+//! shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use lazystore_castore::auth::Access;
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{SigningKey, Store, StorePath, StorePathHash};
 use tokio::net::TcpListener;
@@ -31,21 +33,6 @@ pub const DEFAULT_PRIORITY: u32 = 40;
 /// Requests handled at once unless configured; more wait for a slot.
 pub const DEFAULT_MAX_REQUESTS: usize = 64;
 
-/// Who may upload.
-#[derive(Clone)]
-pub struct UploadAuth {
-    /// The token: `Authorization: Bearer TOKEN`, or Basic auth with any
-    /// user name and the token as password (what Nix sends from a netrc
-    /// file).
-    pub token: String,
-}
-
-impl std::fmt::Debug for UploadAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("UploadAuth(<token>)")
-    }
-}
-
 /// How the cache presents itself.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -57,8 +44,13 @@ pub struct Options {
     pub compression: NarCompression,
     /// Signs every narinfo served, beside the signatures kept.
     pub signing_key: Option<Arc<SigningKey>>,
-    /// Uploads (`PUT`) are accepted with this token; `None` refuses them.
-    pub upload: Option<UploadAuth>,
+    /// Uploads (`PUT`) are accepted (from writers, if `access` has write
+    /// tokens); `false` refuses them with 403.
+    pub allow_upload: bool,
+    /// Who may read and write: the token each request needs. Tokens come
+    /// as `Authorization: Bearer TOKEN`, or Basic auth with any user name
+    /// and the token as password (what Nix sends from a netrc file).
+    pub access: Access,
     /// Requests handled at once; a request holds its slot until its body
     /// is sent, or its client has read nothing for [`SEND_TIMEOUT`].
     pub max_requests: usize,
@@ -71,7 +63,8 @@ impl Default for Options {
             priority: DEFAULT_PRIORITY,
             compression: NarCompression::None,
             signing_key: None,
-            upload: None,
+            allow_upload: false,
+            access: Access::default(),
             max_requests: DEFAULT_MAX_REQUESTS,
         }
     }
@@ -106,7 +99,8 @@ impl HttpCache {
         }
     }
 
-    /// The routes, with the request limit and the access log.
+    /// The routes, with the token check, the request limit and the access
+    /// log (which logs refused requests too).
     pub fn router(&self) -> Router {
         Router::new()
             .route("/nix-cache-info", get(get_cache_info))
@@ -116,6 +110,10 @@ impl HttpCache {
                 get(crate::nar::get_nar).put(crate::upload::put_nar),
             )
             .fallback(not_found)
+            .layer(middleware::from_fn_with_state(
+                self.clone(),
+                crate::auth::authorize,
+            ))
             .layer(middleware::from_fn_with_state(self.clone(), track))
             .with_state(self.clone())
     }

@@ -10,15 +10,26 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use lazystore_castore::auth::{Access, Tokens};
 use lazystore_castore::blobs::{
     BlobObserver, EncodedChunk, MemoryBlobService, ObservedBlobService,
 };
 use lazystore_castore::{Blobs, ChunkerParams, Digest, Node};
-use lazystore_httpcache::{HttpCache, Options, UploadAuth, serve_with_send_timeout};
+use lazystore_httpcache::{HttpCache, Options, serve_with_send_timeout};
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{NarInfo, Signature, SigningKey, Store, StorePath};
 use lazystore_testkit::noise;
 use tokio::net::TcpListener;
+
+/// Access where writes need `token` (one of a file's tokens) and reads
+/// are open.
+fn writers(token: &str) -> Access {
+    let file = format!("# the old one\nold-token\n{token}\n");
+    Access {
+        read: None,
+        write: Some(Tokens::parse(std::path::Path::new("write.tokens"), &file).unwrap()),
+    }
+}
 
 struct Running {
     addr: String,
@@ -224,9 +235,8 @@ fn a_request_holds_its_slot_until_its_body_is_sent() {
 #[test]
 fn uploads_that_do_not_match_publish_nothing() {
     let running = start(Options {
-        upload: Some(UploadAuth {
-            token: "t0ken".to_owned(),
-        }),
+        allow_upload: true,
+        access: writers("t0ken"),
         ..Options::default()
     });
     let put = |path: &str, auth: &str, body: &[u8]| -> u16 {
@@ -258,11 +268,24 @@ fn uploads_that_do_not_match_publish_nothing() {
         nar.resize(nar.len().next_multiple_of(8), 0);
     }
     let bearer = "Authorization: Bearer t0ken\r\n";
+    let stored = || {
+        running
+            .runtime
+            .block_on(running.store.blobs.stat(&Digest::of(b"hi")))
+            .unwrap()
+            .is_some()
+    };
     assert_eq!(put("/nar/abc.nar", "", &nar), 401);
     assert_eq!(
         put("/nar/abc.nar", "Authorization: Bearer nope\r\n", &nar),
         403
     );
+    // A read token's worth, or the token under another scheme: refused.
+    assert_eq!(
+        put("/nar/abc.nar", "Authorization: Digest t0ken\r\n", &nar),
+        403
+    );
+    assert!(!stored(), "a refused upload stored its file");
     // user:t0ken
     assert_eq!(
         put(
@@ -272,6 +295,7 @@ fn uploads_that_do_not_match_publish_nothing() {
         ),
         200
     );
+    assert!(stored());
     assert_eq!(put("/nar/abc.nar.lz4", bearer, &nar), 415);
     assert_eq!(put("/nar/bad.nar", bearer, b"not a nar"), 400);
 
@@ -459,9 +483,8 @@ fn head_answers_as_get_does() {
 fn a_narinfo_refused_for_a_missing_reference_can_be_sent_again() {
     use sha2::Digest as _;
     let running = start(Options {
-        upload: Some(UploadAuth {
-            token: "t0ken".to_owned(),
-        }),
+        allow_upload: true,
+        access: writers("t0ken"),
         ..Options::default()
     });
     let put = |path: &str, body: &[u8]| -> (u16, String) {
@@ -629,4 +652,85 @@ fn a_range_reads_only_the_chunks_it_overlaps() {
             "a 64 KiB range at {start} of {total} read {read} bytes of chunks"
         );
     }
+}
+
+/// Status and the whole reply of a request of `method` with `headers`.
+fn request(addr: &str, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let mut stream = send(
+        addr,
+        &format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"),
+    );
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    (text[9..12].parse().unwrap(), text)
+}
+
+/// With read tokens, every read needs one (a write token does too), but
+/// `nix-cache-info`; no token is 401 asking for Basic auth, a wrong one
+/// 403. Uploads are refused without a write token even when a read token
+/// is sent.
+#[test]
+fn reads_need_a_read_token_when_configured() {
+    let tokens = |text: &str| Tokens::parse(std::path::Path::new("t"), text).unwrap();
+    let running = start(Options {
+        allow_upload: true,
+        access: Access {
+            read: Some(tokens("reader\nreader-2\n")),
+            write: Some(tokens("writer\n")),
+        },
+        ..Options::default()
+    });
+    let root = stored_file(&running, b"secret contents");
+    let store_path = publish(&running, "guarded", root, 120);
+    let narinfo = format!("/{}.narinfo", store_path.hash_str());
+    let ls = format!("/{}.ls", store_path.hash_str());
+    let addr = &running.addr;
+
+    assert_eq!(request(addr, "GET", "/nix-cache-info", "").0, 200);
+    for url in [
+        narinfo.as_str(),
+        ls.as_str(),
+        "/nar/anything.nar",
+        "/unknown",
+    ] {
+        for method in ["GET", "HEAD"] {
+            let (status, text) = request(addr, method, url, "");
+            assert_eq!(status, 401, "{method} {url}: {text}");
+            assert!(
+                text.contains("WWW-Authenticate: Basic realm=")
+                    || text.contains("www-authenticate: Basic realm="),
+                "{text}"
+            );
+            let (status, text) =
+                request(addr, method, url, "Authorization: Bearer not-a-token\r\n");
+            assert_eq!(status, 403, "{method} {url}: {text}");
+        }
+    }
+    let (status, text) = request(addr, "GET", &narinfo, "");
+    assert!(status == 401 && text.contains("read token"), "{text}");
+    assert!(!text.contains("StorePath"), "{text}");
+
+    // The second token of the file, a write token, and Basic auth as Nix
+    // sends it (nix:reader): all read.
+    for auth in [
+        "Authorization: Bearer reader-2\r\n",
+        "Authorization: Bearer writer\r\n",
+        "Authorization: Basic bml4OnJlYWRlcg==\r\n",
+    ] {
+        let (status, text) = request(addr, "GET", &narinfo, auth);
+        assert_eq!(status, 200, "{auth}: {text}");
+        assert!(text.contains("StorePath:"), "{text}");
+        assert_eq!(request(addr, "GET", &ls, auth).0, 200, "{auth}");
+    }
+
+    // A read token does not upload.
+    let (status, text) = request(
+        addr,
+        "PUT",
+        "/nar/x.nar",
+        "Authorization: Bearer reader\r\nContent-Length: 0\r\n",
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("write token"), "{text}");
 }

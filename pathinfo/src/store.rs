@@ -4,9 +4,11 @@
 //!
 //! A store is a plain struct of its three services, so a layer in front of
 //! one of them is built by replacing that field. [`StoreOptions`] say which
-//! layers `Store::open` builds: a remote store's retry policy, a local
-//! chunk cache in front of it (by default for a remote store), and a
-//! wrapper of what that cache fetches (a mount's counters).
+//! layers `Store::open` builds: a remote store's retry policy and access
+//! token, a local chunk cache in front of it (by default for a remote
+//! store), and a wrapper of what that cache fetches (a mount's counters).
+//! A command given a token passes it here, and only here: every call to a
+//! remote store then carries it.
 //!
 //! A new backend is one file per service (in `castore::blobs`,
 //! `castore::directories`, `pathinfos`), a constructor here beside
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lazystore_castore::auth::Token;
 use lazystore_castore::blobs::{
     CachingBlobService, GrpcBlobService, MemoryBlobService, RedbBlobService,
 };
@@ -41,6 +44,10 @@ pub const SERVER_WAIT: Duration = Duration::from_secs(5);
 
 /// The environment variable naming the directory of the default store.
 pub const LAZYSTORE_DIR: &str = "LAZYSTORE_DIR";
+
+/// The environment variable naming the token file a client sends its
+/// token from, when no `--token-file` is given.
+pub const LAZYSTORE_TOKEN_FILE: &str = "LAZYSTORE_TOKEN_FILE";
 
 /// Where the default store lives when [`LAZYSTORE_DIR`] is not set,
 /// relative to `$HOME`.
@@ -99,6 +106,10 @@ pub struct StoreOptions {
     /// answer a health check; `None` opens it without asking (it connects
     /// on first use and its calls retry as `retry` says).
     pub wait_for_server: Option<Duration>,
+    /// The token every call to a remote store carries (a server started
+    /// with `--read-token-file` or `--write-token-file` wants one); local
+    /// stores ignore it.
+    pub token: Option<Token>,
     /// The local chunk cache in front of the blobs and directories.
     pub local_cache: LocalCache,
     /// Most bytes the local cache keeps.
@@ -109,7 +120,7 @@ pub struct StoreOptions {
 }
 
 impl Default for StoreOptions {
-    /// Every commit fsynced, the default retries, no local cache (one of
+    /// Every commit fsynced, the default retries, no token, no local cache (one of
     /// [`DEFAULT_CACHE_SIZE`] if asked for), no layer.
     fn default() -> Self {
         StoreOptions {
@@ -117,6 +128,7 @@ impl Default for StoreOptions {
             chunker: None,
             retry: RetryPolicy::default(),
             wait_for_server: None,
+            token: None,
             local_cache: LocalCache::None,
             local_cache_bytes: DEFAULT_CACHE_SIZE,
             cache_fetches: None,
@@ -392,7 +404,9 @@ impl Store {
             return Ok((Store::redb(store), false));
         }
         if url.starts_with("grpc+http://") || url.starts_with("grpc+unix://") {
-            let connection = Connection::lazy(url)?.with_retry(options.retry);
+            let connection = Connection::lazy(url)?
+                .with_retry(options.retry)
+                .with_token(options.token.as_ref());
             if let Some(wait) = options.wait_for_server {
                 connection.probe(wait).await?;
             }

@@ -2,7 +2,10 @@
 //! `INVALID_ARGUMENT` and publish nothing; a client refuses a server's
 //! answer that is not the path it asked for; a Unix socket works like TCP;
 //! a client rides out a server restart and, with no server, fails with an
-//! error naming it.
+//! error naming it; with tokens set, a put of each kind (chunks and blob,
+//! directory, PathInfo) and a read of each without the right token are
+//! refused at once with `UNAUTHENTICATED`, store nothing, and say which
+//! token to give; health checks stay open.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,8 +13,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use futures::stream::{self, BoxStream};
-use lazystore_castore::RetryPolicy;
+use lazystore_castore::auth::{Access, Token, Tokens};
 use lazystore_castore::grpc::{Connection, GrpcError, Services, serve};
+use lazystore_castore::{Digest, Directory, ErrorClass, RetryPolicy, Retryable, error_chain};
 use lazystore_castore::{Node, SymlinkTarget};
 use lazystore_pathinfo::pathinfos::{
     GrpcPathInfoService, PathInfo, PathInfoError, PathInfoServer, PathInfoService,
@@ -19,7 +23,7 @@ use lazystore_pathinfo::pathinfos::{
 use lazystore_pathinfo::proto;
 use lazystore_pathinfo::proto::path_info_service_client::PathInfoServiceClient;
 use lazystore_pathinfo::proto::path_info_service_server::{self, PathInfoServiceServer};
-use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Store, StorePath, StorePathHash};
+use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Store, StoreOptions, StorePath, StorePathHash};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::{Code, Request, Response, Status};
@@ -29,8 +33,18 @@ fn start(
     listener: impl Into<lazystore_castore::grpc::Listener>,
     store: &Store,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    start_with(listener, store, Access::default())
+}
+
+/// [`start`], letting in only calls that `access` allows.
+fn start_with(
+    listener: impl Into<lazystore_castore::grpc::Listener>,
+    store: &Store,
+    access: Access,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let services = Services::new(store.blobs.service().clone(), store.directories.clone())
-        .add_service(PathInfoServer::new(store.clone()).into_service());
+        .add_service(PathInfoServer::new(store.clone()).into_service())
+        .with_access(access);
     let listener: lazystore_castore::grpc::Listener = listener.into();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -276,4 +290,233 @@ async fn no_server_is_an_error_naming_it() {
             "{msg}"
         );
     }
+}
+
+/// Tokens as a server reads them from a file.
+fn tokens(text: &str) -> Tokens {
+    Tokens::parse(std::path::Path::new("tokens"), text).unwrap()
+}
+
+/// A client of `url` sending `token`, with the default retries (30 s):
+/// a refusal must not wait for them.
+async fn client(url: &str, token: Option<&str>) -> Store {
+    let options = StoreOptions {
+        token: token.map(|t| Token::parse(std::path::Path::new("token"), t).unwrap()),
+        ..StoreOptions::default()
+    };
+    Store::open(url, options).await.unwrap()
+}
+
+/// A refusal: permanent, quick, naming the URL, the code, the token needed
+/// and the client's flag.
+fn assert_refused(e: &(dyn std::error::Error + 'static), class: ErrorClass, url: &str, kind: &str) {
+    let message = error_chain(e);
+    assert_eq!(class, ErrorClass::Permanent, "{message}");
+    for part in [url, "Unauthenticated", kind, "--token-file"] {
+        assert!(message.contains(part), "{part:?} not in: {message}");
+    }
+}
+
+fn sample_dir() -> Directory {
+    let mut dir = Directory::new();
+    dir.add(
+        "link".try_into().unwrap(),
+        Node::Symlink {
+            target: SymlinkTarget::try_from(&b"/somewhere"[..]).unwrap(),
+        },
+    )
+    .unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn writes_need_a_write_token_and_store_nothing_without_one() {
+    let store = Store::memory();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let access = Access {
+        read: None,
+        write: Some(tokens("# rotating\nold-token\nnew-token\n")),
+    };
+    let (_stop, _task) = start_with(listener, &store, access);
+
+    let data = lazystore_testkit::noise(300 * 1024, 3);
+    // The chunks the data is cut into, as the server's store would cut it.
+    let local = Store::memory();
+    let blob = local.blobs.put(&data).await.unwrap();
+    let chunks: Vec<Digest> = local
+        .blobs
+        .stat(&blob)
+        .await
+        .unwrap()
+        .unwrap()
+        .chunks
+        .iter()
+        .map(|c| c.digest)
+        .collect();
+    assert!(chunks.len() > 1);
+    let dir = sample_dir();
+    let info = symlink_info(9);
+
+    for token in [None, Some("guess"), Some("new-toke")] {
+        let c = client(&url, token).await;
+        let started = std::time::Instant::now();
+        let e = c.blobs.put(&data).await.unwrap_err();
+        assert_refused(&e, e.class(), &url, "write token");
+        let e = c.directories.put(dir.clone()).await.unwrap_err();
+        assert_refused(&e, e.class(), &url, "write token");
+        let e = c.path_infos.put(info.clone()).await.unwrap_err();
+        assert_refused(&e, e.class(), &url, "write token");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{token:?}: {:?}",
+            started.elapsed()
+        );
+        // Reads stay open.
+        assert_eq!(
+            c.path_infos.get(&info.store_path.hash()).await.unwrap(),
+            None
+        );
+    }
+    // Nothing was stored: no chunk, no blob, no directory, no path.
+    let missing = store.blobs.service().missing_chunks(&chunks).await.unwrap();
+    assert_eq!(missing.len(), chunks.len());
+    assert!(store.blobs.stat(&blob).await.unwrap().is_none());
+    assert!(
+        store
+            .directories
+            .get(&dir.digest())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .path_infos
+            .list()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Either token of the file writes.
+    for token in ["old-token", "new-token"] {
+        let c = client(&url, Some(token)).await;
+        assert_eq!(c.blobs.put(&data).await.unwrap(), blob);
+        assert_eq!(c.directories.put(dir.clone()).await.unwrap(), dir.digest());
+        c.path_infos.put(info.clone()).await.unwrap();
+    }
+    assert!(
+        store
+            .blobs
+            .service()
+            .missing_chunks(&chunks)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .directories
+            .get(&dir.digest())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        store.path_infos.get(&info.store_path.hash()).await.unwrap(),
+        Some(info)
+    );
+}
+
+#[tokio::test]
+async fn reads_need_a_read_or_write_token_and_health_stays_open() {
+    let store = Store::memory();
+    let blob = store.blobs.put(b"read me").await.unwrap();
+    let dir = sample_dir();
+    store.directories.put(dir.clone()).await.unwrap();
+    let info = symlink_info(10);
+    store.path_infos.put(info.clone()).await.unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let access = Access {
+        read: Some(tokens("reader\n")),
+        write: Some(tokens("writer\n")),
+    };
+    let (_stop, _task) = start_with(listener, &store, access);
+
+    for token in [None, Some("guess")] {
+        let c = client(&url, token).await;
+        let e = c.blobs.stat(&blob).await.unwrap_err();
+        assert_refused(&e, e.class(), &url, "read token");
+        let e = c.directories.get(&dir.digest()).await.unwrap_err();
+        assert_refused(&e, e.class(), &url, "read token");
+        let e = c.path_infos.get(&info.store_path.hash()).await.unwrap_err();
+        assert_refused(&e, e.class(), &url, "read token");
+        let e = c
+            .path_infos
+            .list()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap_err();
+        assert_refused(&e, e.class(), &url, "read token");
+        let e = c.blobs.service().missing_chunks(&[blob]).await.unwrap_err();
+        assert_refused(&e, e.class(), &url, "read token");
+    }
+    // A read token reads but does not write; a write token does both.
+    let reader = client(&url, Some("reader")).await;
+    let writer = client(&url, Some("writer")).await;
+    for c in [&reader, &writer] {
+        let meta = c.blobs.stat(&blob).await.unwrap().unwrap();
+        let bytes = c
+            .blobs
+            .read_range(&blob, &meta, 0, meta.size)
+            .await
+            .unwrap();
+        assert_eq!(&bytes[..], b"read me");
+        assert_eq!(
+            c.directories.get(&dir.digest()).await.unwrap(),
+            Some(dir.clone())
+        );
+        assert_eq!(
+            c.path_infos.get(&info.store_path.hash()).await.unwrap(),
+            Some(info.clone())
+        );
+    }
+    let e = reader.blobs.put(b"new data").await.unwrap_err();
+    assert_refused(&e, e.class(), &url, "write token");
+    assert!(
+        store
+            .blobs
+            .stat(&Digest::of(b"new data"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    writer.blobs.put(b"new data").await.unwrap();
+    assert!(
+        store
+            .blobs
+            .stat(&Digest::of(b"new data"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Health needs no token.
+    let connection = Connection::lazy(&url).unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(connection.channel());
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "lazystore.pathinfo.v1.PathInfoService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
 }

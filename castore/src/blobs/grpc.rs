@@ -9,7 +9,6 @@
 
 use async_trait::async_trait;
 use futures::stream;
-use tonic::transport::Channel;
 
 use super::{BlobError, BlobMeta, BlobService, EncodedChunk};
 use crate::chunker::ChunkerParams;
@@ -18,7 +17,7 @@ use crate::grpc::{
     AttemptError, BadMessage, Connection, InvalidUrl, MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS,
     MAX_READ_CHUNKS,
 };
-use crate::grpc::{CallError, wire};
+use crate::grpc::{AuthChannel, CallError, wire};
 use crate::proto;
 use crate::proto::blob_service_client::BlobServiceClient;
 use crate::proto::put_request::{BlobRecord, Item};
@@ -27,7 +26,7 @@ use crate::proto::put_request::{BlobRecord, Item};
 #[derive(Clone, Debug)]
 pub struct GrpcBlobService {
     connection: Connection,
-    client: BlobServiceClient<Channel>,
+    client: BlobServiceClient<AuthChannel>,
 }
 
 impl GrpcBlobService {

@@ -12,12 +12,12 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use futures::stream;
-use tonic::transport::Channel;
 
 use super::{DirectoryError, DirectoryService};
 use crate::digest::Digest;
 use crate::grpc::{
-    AttemptError, BadMessage, CallError, Connection, InvalidUrl, MAX_MESSAGE_SIZE, wire,
+    AttemptError, AuthChannel, BadMessage, CallError, Connection, InvalidUrl, MAX_MESSAGE_SIZE,
+    wire,
 };
 use crate::nodes::Directory;
 use crate::proto;
@@ -27,7 +27,7 @@ use crate::proto::directory_service_client::DirectoryServiceClient;
 #[derive(Clone, Debug)]
 pub struct GrpcDirectoryService {
     connection: Connection,
-    client: DirectoryServiceClient<Channel>,
+    client: DirectoryServiceClient<AuthChannel>,
 }
 
 impl GrpcDirectoryService {

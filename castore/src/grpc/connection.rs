@@ -1,14 +1,19 @@
 //! [`Connection`]: one lazily connected HTTP/2 channel to a gRPC store, the
-//! retry policy for calls over it and how long one attempt may wait. The blob and directory clients (and
-//! any other service's client on the same server) share one.
+//! retry policy for calls over it, how long one attempt may wait, and the
+//! token every call carries. The blob and directory clients (and any other
+//! service's client on the same server) share one.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::call::{AttemptError, AttemptTimeout, CallError, Outage, Retry};
+use crate::auth::{AUTHORIZATION, Token, bearer_value};
 use crate::retry::RetryPolicy;
 
 /// How long to wait for a TCP connection to be accepted.
@@ -47,9 +52,43 @@ pub struct Unreachable {
     pub last: String,
 }
 
+/// The channel every client of a [`Connection`] calls through: each call
+/// carries the connection's token, if it has one.
+pub type AuthChannel = InterceptedService<Channel, SendToken>;
+
+/// Adds `authorization: Bearer TOKEN` to every call (nothing without a
+/// token). The value is marked sensitive, so it is not logged.
+#[derive(Clone, Debug, Default)]
+pub struct SendToken(Option<AsciiMetadataValue>);
+
+impl SendToken {
+    fn new(token: Option<&Token>) -> SendToken {
+        SendToken(token.map(|token| {
+            // A token is printable ASCII (`Token` checks it when read), so
+            // this parses.
+            let mut value: AsciiMetadataValue =
+                MetadataValue::try_from(bearer_value(token)).expect("a token is printable ASCII");
+            value.set_sensitive(true);
+            value
+        }))
+    }
+}
+
+impl Interceptor for SendToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert(AUTHORIZATION, value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A lazily connected channel to a gRPC store, with the retry policy and
-/// attempt timeout its clients use. Cheap to clone; clones share the HTTP/2
-/// connection.
+/// attempt timeout its clients use and the token their calls carry. Cheap
+/// to clone; clones share the HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct Connection {
     channel: Channel,
@@ -58,6 +97,7 @@ pub struct Connection {
     timeout: AttemptTimeout,
     /// Whether the server is answering, shared by every call on it.
     outage: Arc<Outage>,
+    token: SendToken,
 }
 
 impl Connection {
@@ -114,7 +154,17 @@ impl Connection {
             retry: RetryPolicy::default(),
             timeout: AttemptTimeout::default(),
             outage: Arc::default(),
+            token: SendToken::default(),
         })
+    }
+
+    /// The same channel, every call carrying `token` (as
+    /// `authorization: Bearer TOKEN`), or none. A server that wants a
+    /// token refuses calls without the right one with `UNAUTHENTICATED`,
+    /// which is not retried.
+    pub fn with_token(mut self, token: Option<&Token>) -> Self {
+        self.token = SendToken::new(token);
+        self
     }
 
     /// The same channel with another retry policy.
@@ -130,9 +180,10 @@ impl Connection {
         self
     }
 
-    /// The channel, for building clients of other services on this server.
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
+    /// The channel, for building clients of other services on this
+    /// server; their calls carry the token.
+    pub fn channel(&self) -> AuthChannel {
+        InterceptedService::new(self.channel.clone(), self.token.clone())
     }
 
     /// The URL it was made from, for messages.

@@ -1,6 +1,7 @@
 //! The store over gRPC: the server side of the blob and directory services,
-//! [`serve`] to run them (with gRPC health) on a TCP or Unix listener, and
-//! the plumbing every client shares: a lazily connected [`Connection`], its
+//! [`serve`] to run them (with gRPC health, and the token check) on a TCP
+//! or Unix listener, and the plumbing every client shares: a lazily
+//! connected [`Connection`] (sending its token with every call), its
 //! per-attempt [`AttemptTimeout`] (the [`RetryPolicy`](crate::RetryPolicy)
 //! itself is shared with every other retrying client, in [`crate::retry`]),
 //! and the one mapping between store errors and `tonic::Status`, in both
@@ -27,7 +28,7 @@ pub(crate) mod wire;
 
 pub use blob_server::BlobServer;
 pub use call::{AttemptError, AttemptTimeout, CallError};
-pub use connection::{Connection, InvalidUrl, Unreachable};
+pub use connection::{AuthChannel, Connection, InvalidUrl, SendToken, Unreachable};
 pub use directory_server::DirectoryServer;
 pub use serve::{Listener, ServeError, Services, serve};
 pub use status::GrpcError;

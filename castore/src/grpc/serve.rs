@@ -1,11 +1,19 @@
 //! Running the server: [`Services`] collects what to serve (the castore
-//! services, gRPC health, and anything a caller adds such as PathInfo), and
-//! [`serve`] runs them on a listener until a shutdown signal, then drains.
+//! services, gRPC health, and anything a caller adds such as PathInfo) and
+//! who may call them ([`Access`]), and [`serve`] runs them on a listener
+//! until a shutdown signal, then drains.
+//!
+//! The token check sits in front of every route, so no service checks
+//! tokens itself and none added later can forget to: a call without the
+//! token its method needs ([`Need::of_grpc_call`]) is refused with
+//! `UNAUTHENTICATED` before its service sees a byte of it.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::extract::State;
+use axum::middleware::{self, Next};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::body::Body;
@@ -13,11 +21,12 @@ use tonic::codegen::Service;
 use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::{BlobServer, DirectoryServer};
+use crate::auth::{Access, Need, bearer};
 use crate::blobs::BlobService;
 use crate::directories::DirectoryService;
 
@@ -66,6 +75,7 @@ pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     health: HealthReporter,
+    access: Access,
 }
 
 impl Services {
@@ -78,6 +88,7 @@ impl Services {
             routes,
             names: Vec::new(),
             health,
+            access: Access::default(),
         }
         .add_service(BlobServer::new(blobs).into_service())
         .add_service(DirectoryServer::new(directories).into_service())
@@ -99,6 +110,12 @@ impl Services {
     {
         self.routes.add_service(service);
         self.names.push(S::NAME);
+        self
+    }
+
+    /// Who may call: by default anyone who can reach the listener.
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
         self
     }
 
@@ -130,7 +147,15 @@ pub async fn serve(
         routes,
         names,
         mut health,
+        access,
     } = services;
+    let mut routes = routes.routes();
+    if !access.is_open() {
+        let router = routes.into_axum_router();
+        routes = router
+            .layer(middleware::from_fn_with_state(Arc::new(access), authorize))
+            .into();
+    }
     for name in &names {
         health
             .set_service_status(name, ServingStatus::Serving)
@@ -164,7 +189,7 @@ pub async fn serve(
         .http2_adaptive_window(Some(false))
         .initial_connection_window_size(CONNECTION_WINDOW)
         .initial_stream_window_size(STREAM_WINDOW)
-        .add_routes(routes.routes());
+        .add_routes(routes);
     let result = match listener.into() {
         Listener::Tcp(l) => {
             let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
@@ -179,4 +204,34 @@ pub async fn serve(
         }
     };
     result.map_err(ServeError)
+}
+
+/// Lets a call through if it carries the token its method needs; refuses
+/// it with `UNAUTHENTICATED` otherwise, saying which token the client
+/// needs and how to give it.
+async fn authorize(
+    State(access): State<Arc<Access>>,
+    request: Request<axum::body::Body>,
+    next: Next,
+) -> axum::response::Response {
+    let need = Need::of_grpc_call(request.uri().path());
+    let token = request
+        .headers()
+        .get(tonic::codegen::http::header::AUTHORIZATION)
+        .map(|v| bearer(v.as_bytes()).unwrap_or_default());
+    match access.check(need, token) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => {
+            let client = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr);
+            tracing::warn!(
+                call = request.uri().path(),
+                client = ?client,
+                "refused: {denied}"
+            );
+            tonic::Status::unauthenticated(denied.to_string()).into_http()
+        }
+    }
 }

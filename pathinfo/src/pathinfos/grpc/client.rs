@@ -13,8 +13,9 @@
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt};
 use lazystore_castore::error_chain;
-use lazystore_castore::grpc::{AttemptError, BadMessage, CallError, Connection, InvalidUrl};
-use tonic::transport::Channel;
+use lazystore_castore::grpc::{
+    AttemptError, AuthChannel, BadMessage, CallError, Connection, InvalidUrl,
+};
 use tonic::{Code, Streaming};
 
 use super::MAX_PATH_INFO_SIZE;
@@ -28,7 +29,7 @@ use crate::store_path::StorePathHash;
 #[derive(Clone, Debug)]
 pub struct GrpcPathInfoService {
     connection: Connection,
-    client: PathInfoServiceClient<Channel>,
+    client: PathInfoServiceClient<AuthChannel>,
 }
 
 impl GrpcPathInfoService {
