@@ -311,13 +311,7 @@ async fn http_500_twice_then_success() {
     let narinfo = format!("/{}.narinfo", store_path(&fx.closure.b).hash_str());
     server.inject(&nar, vec![Fault::Status(500), Fault::Status(503)]);
     server.inject(&narinfo, vec![Fault::Status(500), Fault::Status(502)]);
-    let store = Store::memory();
-    let summary = import(
-        &store,
-        options(vec![server.url.clone()]),
-        &[fx.closure.top()],
-    )
-    .await;
+    let (store, summary) = import_closure_from(&server.url).await;
     assert!(summary.success(), "{summary}\n{:?}", summary.failed);
     assert_eq!(summary.imported.len(), 3);
     assert_eq!(server.count(|p| p == nar), 3);
@@ -332,13 +326,7 @@ async fn truncated_http_body_is_retried() {
     let server = TestServer::start(fx.cache("zstd")).await;
     let nar = format!("/{}", read_narinfo(fx.cache("zstd"), fx.closure.top()).url);
     server.inject(&nar, vec![Fault::Truncate(40)]);
-    let store = Store::memory();
-    let summary = import(
-        &store,
-        options(vec![server.url.clone()]),
-        &[fx.closure.top()],
-    )
-    .await;
+    let (store, summary) = import_closure_from(&server.url).await;
     assert!(summary.success(), "{summary}\n{:?}", summary.failed);
     assert_eq!(server.count(|p| p == nar), 2);
     assert_eq!(summary.nar_downloads, 4);

@@ -12,13 +12,7 @@ use lazystore_testkit::{add_tree, make_cache};
 async fn imports_closure_over_http(compression: &str) {
     let fx = fixture();
     let server = TestServer::start(fx.cache(compression)).await;
-    let store = Store::memory();
-    let summary = import(
-        &store,
-        options(vec![server.url.clone()]),
-        &[fx.closure.top()],
-    )
-    .await;
+    let (store, summary) = import_closure_from(&server.url).await;
     assert!(summary.success(), "{summary}\n{:?}", summary.failed);
     assert_eq!(summary.imported.len(), 3, "{summary}");
     assert_eq!(summary.present, 0);

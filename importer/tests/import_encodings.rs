@@ -26,13 +26,7 @@ async fn imports_from_a_cache_that_answers_as_cache_nixos_org() {
         let server =
             TestServer::start_with(fx.cache("xz"), Behaviour::cache_nixos_org(encoding)).await;
         assert_eq!(open(&server.url).await.unwrap().priority(), Some(40));
-        let store = Store::memory();
-        let summary = import(
-            &store,
-            options(vec![server.url.clone()]),
-            &[fx.closure.top()],
-        )
-        .await;
+        let (store, summary) = import_closure_from(&server.url).await;
         assert!(summary.success(), "{summary}\n{:?}", summary.failed);
         assert_eq!(summary.imported.len(), 3, "{summary}");
         assert_eq!(server.nar_requests(), 3);
@@ -56,13 +50,7 @@ async fn imports_when_every_response_is_encoded() {
             Behaviour::encoding_everything(encoding),
         )
         .await;
-        let store = Store::memory();
-        let summary = import(
-            &store,
-            options(vec![server.url.clone()]),
-            &[fx.closure.top()],
-        )
-        .await;
+        let (store, summary) = import_closure_from(&server.url).await;
         assert!(
             summary.success(),
             "{compression} NARs sent as {}: {summary}\n{:?}",

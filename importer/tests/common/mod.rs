@@ -100,6 +100,19 @@ pub async fn import(store: &Store, options: Options, paths: &[&str]) -> Summary 
         .await
 }
 
+/// The fixture's closure imported from the cache at `url` into a fresh
+/// memory store.
+pub async fn import_closure_from(url: &str) -> (Store, Summary) {
+    let store = Store::memory();
+    let summary = import(
+        &store,
+        options(vec![url.to_owned()]),
+        &[fixture().closure.top()],
+    )
+    .await;
+    (store, summary)
+}
+
 pub fn store_path(absolute: &str) -> StorePath {
     StorePath::from_absolute_path(absolute).expect("a store path")
 }
