@@ -192,7 +192,10 @@ impl BlobService for GrpcBlobService {
             loop {
                 let done = out.len() - start;
                 match self.read_batch(&batch[done..], &mut out).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        retry.succeeded();
+                        break;
+                    }
                     Err(e) => retry.failed(e).await.map_err(|e| self.error(e))?,
                 }
             }

@@ -182,6 +182,9 @@ pub(crate) struct Outage {
     // A std Mutex: a few field updates per failed or first successful
     // call, no await.
     state: std::sync::Mutex<Option<Spell>>,
+    /// Whether `state` holds a spell, so a successful call (every call,
+    /// mostly) takes no lock when there is no outage to end.
+    ongoing: std::sync::atomic::AtomicBool,
     count: std::sync::atomic::AtomicU64,
 }
 
@@ -200,6 +203,8 @@ impl Outage {
         let spell = state.get_or_insert_with(|| {
             self.count
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.ongoing
+                .store(true, std::sync::atomic::Ordering::Release);
             tracing::warn!(
                 "{url}: not answering ({call}: {:?}, {}); retrying",
                 status.code(),
@@ -222,8 +227,16 @@ impl Outage {
     }
 
     /// A call succeeded: ends the outage, if one is in progress.
-    pub(crate) fn answered(&self, url: &str) {
-        let ended = self.state.lock().expect("outage state poisoned").take();
+    fn answered(&self, url: &str) {
+        if !self.ongoing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let ended = {
+            let mut state = self.state.lock().expect("outage state poisoned");
+            self.ongoing
+                .store(false, std::sync::atomic::Ordering::Release);
+            state.take()
+        };
         if let Some(spell) = ended {
             tracing::warn!(
                 "{url}: answering again after {:.1?} ({} retries, {} calls failed)",
@@ -292,6 +305,13 @@ impl Retry {
         );
         tokio::time::sleep(wait).await;
         Ok(())
+    }
+
+    /// After an attempt that succeeded: ends an outage of the server, if
+    /// one is in progress. Every retried call says so, streams included,
+    /// so an outage is seen to end by whichever call gets through first.
+    pub(crate) fn succeeded(self) {
+        self.outage.answered(&self.url);
     }
 
     fn error(&self, failure: Failure) -> CallError {
@@ -375,6 +395,32 @@ fn connection_broke(status: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_begins_once_and_ends_with_the_first_success() {
+        let outage = Outage::default();
+        outage.answered("u");
+        assert_eq!(outage.count(), 0);
+        for _ in 0..3 {
+            outage.retried("u", "Stat", &Status::unavailable("down"));
+        }
+        outage.gave_up();
+        assert_eq!(outage.count(), 1);
+        let spell = outage.state.lock().unwrap();
+        assert!(matches!(
+            *spell,
+            Some(Spell {
+                retried: 3,
+                failed: 1,
+                ..
+            })
+        ));
+        drop(spell);
+        outage.answered("u");
+        assert!(outage.state.lock().unwrap().is_none());
+        outage.retried("u", "Stat", &Status::unavailable("down again"));
+        assert_eq!(outage.count(), 2);
+    }
 
     #[test]
     fn classification() {

@@ -259,7 +259,7 @@ impl Connection {
         loop {
             match attempt().await {
                 Ok(v) => {
-                    self.outage.answered(&self.url);
+                    retry.succeeded();
                     return Ok(v);
                 }
                 Err(e) => retry.failed(e).await?,
