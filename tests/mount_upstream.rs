@@ -21,6 +21,25 @@ fn basename(path: &str) -> &str {
     path.strip_prefix("/nix/store/").unwrap()
 }
 
+/// A mount at `work`/store of a new redb store in `work`, with no local
+/// cache, substituting from the cache at `url` signed by `public`.
+async fn mount_with_upstream(work: &std::path::Path, url: &str, public: &str) -> Mount {
+    let mountpoint = work.join("store");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let store = format!("redb://{}/store.redb", work.display());
+    let (url, public) = (url.to_owned(), public.to_owned());
+    tokio::task::spawn_blocking(move || {
+        Mount::start(
+            &mountpoint,
+            &store,
+            "none",
+            &["--upstream", &url, "--trusted-public-key", &public],
+        )
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_paths_appear_on_lookup_and_download_once_on_read() {
     let closure = build_closure();
@@ -30,20 +49,7 @@ async fn upstream_paths_appear_on_lookup_and_download_once_on_read() {
     let server = TestServer::start(cache.path()).await;
 
     let work = tempfile::tempdir().unwrap();
-    let mountpoint = work.path().join("store");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let store = format!("redb://{}/store.redb", work.path().display());
-    let url = server.url.clone();
-    let mount = tokio::task::spawn_blocking(move || {
-        Mount::start(
-            &mountpoint,
-            &store,
-            "none",
-            &["--upstream", &url, "--trusted-public-key", &public],
-        )
-    })
-    .await
-    .unwrap();
+    let mount = mount_with_upstream(work.path(), &server.url, &public).await;
     let c = mount.path.join(basename(&closure.c));
 
     let listing = blocking(move || {
@@ -137,20 +143,7 @@ async fn ls_lr_over_brotli_listings_downloads_no_nar() {
         TestServer::start_with(cache.path(), Behaviour::cache_nixos_org(Encoding::Br)).await;
 
     let work = tempfile::tempdir().unwrap();
-    let mountpoint = work.path().join("store");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let store = format!("redb://{}/store.redb", work.path().display());
-    let url = server.url.clone();
-    let mount = tokio::task::spawn_blocking(move || {
-        Mount::start(
-            &mountpoint,
-            &store,
-            "none",
-            &["--upstream", &url, "--trusted-public-key", &public],
-        )
-    })
-    .await
-    .unwrap();
+    let mount = mount_with_upstream(work.path(), &server.url, &public).await;
     let dirs: Vec<_> = paths.iter().map(|p| mount.path.join(basename(p))).collect();
     let listing = blocking(move || {
         let out = Command::new("ls").arg("-lR").args(&dirs).output().unwrap();
