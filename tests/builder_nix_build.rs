@@ -16,7 +16,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -24,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{LAZYSTORE, serve};
 use lazystore_testkit::http::TestServer;
-use lazystore_testkit::{NIX_CONFIG, gen_key, make_cache, nix_cmd, nix_output, noise};
+use lazystore_testkit::{NIX_CONFIG, gen_key, make_cache, nix_build, nix_cmd, nix_output, noise};
 
 const BUILDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lazystore-builder");
 
@@ -62,32 +61,19 @@ fn build_inputs(dir: &Path) -> Inputs {
     let big = dir.join("big.bin");
     std::fs::write(&big, noise(BIG, 6)).unwrap();
     let small = format!("the one file the build reads ({nonce})");
-    let expression = format!(
-        r#"
-let
-  mk = name: script: derivation {{
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-  }};
-  data = mk "lazystore-builder-data" "/bin/mkdir -p $out/share; echo '{small}' > $out/share/small.txt";
+    let bindings = format!(
+        r#"  data = mk "lazystore-builder-data" "/bin/mkdir -p $out/share; echo '{small}' > $out/share/small.txt";
   lib = mk "lazystore-builder-lib" ''
     /bin/mkdir -p $out/share
     /bin/cp {big} $out/share/big.bin
     echo ${{data}} > $out/data-path
-  '';
-in mk "lazystore-builder-top" "/bin/mkdir -p $out; echo ${{lib}} ${{data}} > $out/refs"
-"#,
+  '';"#,
         big = big.display()
     );
-    let file = dir.join("inputs.nix");
-    std::fs::write(&file, expression).unwrap();
-    let top = nix_cmd([
-        OsStr::new("nix-build"),
-        OsStr::new("--no-out-link"),
-        file.as_os_str(),
-    ])
+    let top = nix_build(
+        &bindings,
+        r#"mk "lazystore-builder-top" "/bin/mkdir -p $out; echo ${lib} ${data} > $out/refs""#,
+    )
     .trim()
     .to_owned();
     let closure: Vec<String> = nix_cmd(["nix-store", "--query", "--requisites", &top])

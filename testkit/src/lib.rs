@@ -126,12 +126,11 @@ fn nonce() -> String {
     )
 }
 
-/// Builds a new [`Closure`] with `nix-build` (`builder = "/bin/sh"`).
-///
-/// Each call builds paths that never existed before (the derivations embed a
-/// nonce), so no test sees signatures another test or an earlier run added to
-/// the same paths in the local Nix database.
-pub fn build_closure() -> Closure {
+/// Builds the Nix expression `let mk = …; {bindings} in {result}` with
+/// `nix-build --no-out-link` and returns what it prints (the out paths, one
+/// a line). `mk name script` is a derivation running `script` with
+/// `/bin/sh`: what every test derivation needs, with no nixpkgs.
+pub fn nix_build(bindings: &str, result: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let expression = format!(
         r#"
@@ -142,25 +141,40 @@ let
     builder = "/bin/sh";
     args = [ "-c" script ];
   }};
-  a = mk "lazystore-test-a" "echo '{nonce}' > $out";
-  b = mk "lazystore-test-b" "echo ${{a}} > $out";
-in mk "lazystore-test-c" ''
-  /bin/mkdir -p $out/bin
-  echo ${{b}} ${{a}} > $out/refs
-  printf '#!/bin/sh\necho hi\n' > $out/bin/hi
-  /bin/chmod +x $out/bin/hi
-  /bin/ln -s ${{b}} $out/b
-''
-"#,
-        nonce = nonce()
+{bindings}
+in {result}
+"#
     );
-    let file = dir.path().join("closure.nix");
-    std::fs::write(&file, expression).expect("write closure.nix");
-    let c = nix_cmd([
+    let file = dir.path().join("expression.nix");
+    std::fs::write(&file, expression).expect("write the Nix expression");
+    nix_cmd([
         OsStr::new("nix-build"),
         OsStr::new("--no-out-link"),
         file.as_os_str(),
     ])
+}
+
+/// Builds a new [`Closure`] with `nix-build` (`builder = "/bin/sh"`).
+///
+/// Each call builds paths that never existed before (the derivations embed a
+/// nonce), so no test sees signatures another test or an earlier run added to
+/// the same paths in the local Nix database.
+pub fn build_closure() -> Closure {
+    let bindings = format!(
+        r#"  a = mk "lazystore-test-a" "echo '{nonce}' > $out";
+  b = mk "lazystore-test-b" "echo ${{a}} > $out";"#,
+        nonce = nonce()
+    );
+    let c = nix_build(
+        &bindings,
+        r#"mk "lazystore-test-c" ''
+  /bin/mkdir -p $out/bin
+  echo ${b} ${a} > $out/refs
+  printf '#!/bin/sh\necho hi\n' > $out/bin/hi
+  /bin/chmod +x $out/bin/hi
+  /bin/ln -s ${b} $out/b
+''"#,
+    )
     .trim()
     .to_owned();
     let requisites = nix_cmd(["nix-store", "--query", "--requisites", &c]);
@@ -186,34 +200,17 @@ in mk "lazystore-test-c" ''
 /// paths never existed before.
 pub fn build_paths(n: usize) -> Vec<String> {
     assert!(n > 0, "build_paths needs at least one path");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let expression = format!(
-        r#"
-let
-  mk = name: script: derivation {{
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-  }};
-  paths = builtins.genList (i: mk "lazystore-many-${{toString i}}" (''
+    let bindings = format!(
+        r#"  paths = builtins.genList (i: mk "lazystore-many-${{toString i}}" (''
     /bin/mkdir -p $out/bin $out/share
     echo '{nonce} ${{toString i}}' > $out/share/note
     printf '#!/bin/sh\necho ${{toString i}}\n' > $out/bin/tool
     /bin/chmod +x $out/bin/tool
     /bin/ln -s share/note $out/link
-  '' + (if i == 0 then "" else "echo ${{builtins.elemAt paths (i - 1)}} > $out/prev\n"))) {n};
-in paths
-"#,
+  '' + (if i == 0 then "" else "echo ${{builtins.elemAt paths (i - 1)}} > $out/prev\n"))) {n};"#,
         nonce = nonce()
     );
-    let file = dir.path().join("paths.nix");
-    std::fs::write(&file, expression).expect("write paths.nix");
-    let out = nix_cmd([
-        OsStr::new("nix-build"),
-        OsStr::new("--no-out-link"),
-        file.as_os_str(),
-    ]);
+    let out = nix_build(&bindings, "paths");
     let mut paths: Vec<(usize, String)> = out
         .lines()
         .map(|p| {
