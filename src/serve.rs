@@ -10,10 +10,14 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use lazystore_castore::auth::{Access, Tokens};
 use lazystore_castore::grpc::{Listener, Services, serve};
-use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression};
+use lazystore_httpcache::{
+    DEFAULT_MAX_REQUESTS, DEFAULT_MAX_UPLOAD_SIZE, DEFAULT_PRIORITY, HttpCache, NarCompression,
+};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
+use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
-    SigningKey, Store, StoreOptions, default_store_url, grpc_tcp_url, grpc_unix_url, is_ephemeral,
+    PublicKey, SigningKey, Store, StoreOptions, default_store_url, grpc_tcp_url, grpc_unix_url,
+    is_ephemeral,
 };
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -91,6 +95,24 @@ pub struct Args {
     /// --write-token-file, writes need one of these tokens too.
     #[arg(long, value_name = "FILE")]
     read_token_file: Option<PathBuf>,
+    /// Publish only PathInfos signed by this key (Nix's NAME:BASE64 public
+    /// key form; repeat for several), and only once their tree, as this
+    /// server stores it, renders to the NarHash and NarSize signed: over
+    /// gRPC and HTTP uploads alike, whoever the writer. Without any, what
+    /// writers send is published as they send it.
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
+    trusted_keys: Vec<PublicKey>,
+    /// Sign PathInfos written with no signature at all (paths built by the
+    /// writers themselves) with this key (Nix's secret key file), once
+    /// their tree renders to their NarHash; its public key is trusted as
+    /// if given to --trusted-public-key. Writers are then trusted to build:
+    /// docs/security.md.
+    #[arg(long, value_name = "FILE")]
+    sign_with: Option<PathBuf>,
+    /// Longest upload taken, in bytes: an HTTP NAR upload (as sent and
+    /// decompressed) over it gets 413 and stages nothing.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UPLOAD_SIZE)]
+    max_upload_size: u64,
     /// The old name of --write-token-file; its tokens now guard gRPC
     /// writes as well as HTTP uploads.
     #[arg(long, value_name = "FILE", group = "write_tokens", hide = true)]
@@ -129,6 +151,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..StoreOptions::default()
     };
     let store = Store::open(&url, options).await?;
+    let publisher = Publisher::new(store.clone(), publish_policy(&args)?);
     if is_ephemeral(&url) {
         tracing::warn!("serving {url}: everything stored is lost when it stops");
     }
@@ -170,7 +193,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((listener, client_url)) = grpc {
         let services = Services::new(store.blobs.service().clone(), store.directories.clone())
-            .add_service(PathInfoServer::new(store.clone()).into_service())
+            .add_service(PathInfoServer::new(publisher.clone()).into_service())
             .with_access(access.clone());
         tracing::info!(store = %url, listen = %client_url, "serving gRPC");
         let (url, stop) = (url.clone(), stopping());
@@ -181,7 +204,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
     }
     if let (Some((listener, client_url)), Some(options)) = (http, http_options) {
-        let cache = HttpCache::new(store.clone(), options);
+        let cache = HttpCache::new(publisher.clone(), options);
         tracing::info!(store = %url, listen = %client_url, "serving a Nix binary cache");
         let (url, stop) = (url.clone(), stopping());
         tasks.spawn(async move {
@@ -245,18 +268,46 @@ fn access(args: &Args) -> anyhow::Result<Access> {
     Ok(access)
 }
 
+/// What a PathInfo must be to be published, from the command line,
+/// reading the key file.
+fn publish_policy(args: &Args) -> anyhow::Result<PublishPolicy> {
+    let sign_with = args
+        .sign_with
+        .as_deref()
+        .map(|path| load_key(path, "--sign-with"))
+        .transpose()?;
+    let policy = PublishPolicy {
+        trusted_keys: args.trusted_keys.clone(),
+        sign_with,
+    };
+    if !policy.verifies() && (args.listen.is_some() || args.allow_upload) {
+        tracing::info!(
+            "no --trusted-public-key: PathInfos are published as writers send them, unchecked \
+             (docs/security.md)"
+        );
+    }
+    Ok(policy)
+}
+
+/// A secret key file given to `flag`, with an error that names both.
+fn load_key(path: &Path, flag: &str) -> anyhow::Result<Arc<SigningKey>> {
+    let key = SigningKey::load(path).with_context(|| {
+        format!(
+            "cannot use {flag} {}; make one with: nix-store --generate-binary-cache-key NAME \
+             SECRET-FILE PUBLIC-FILE",
+            path.display()
+        )
+    })?;
+    Ok(Arc::new(key))
+}
+
 /// The HTTP cache's options from the command line, reading the key file.
 fn http_options(args: &Args, access: Access) -> anyhow::Result<lazystore_httpcache::Options> {
-    let signing_key = match &args.signing_key {
-        Some(path) => Some(Arc::new(SigningKey::load(path).with_context(|| {
-            format!(
-                "cannot use --signing-key {}; make one with: nix-store \
-                 --generate-binary-cache-key NAME SECRET-FILE PUBLIC-FILE",
-                path.display()
-            )
-        })?)),
-        None => None,
-    };
+    let signing_key = args
+        .signing_key
+        .as_deref()
+        .map(|path| load_key(path, "--signing-key"))
+        .transpose()?;
     Ok(lazystore_httpcache::Options {
         want_mass_query: args.want_mass_query,
         priority: args.priority,
@@ -265,6 +316,7 @@ fn http_options(args: &Args, access: Access) -> anyhow::Result<lazystore_httpcac
         allow_upload: args.allow_upload,
         access,
         max_requests: args.http_max_requests.max(1),
+        max_upload_size: args.max_upload_size,
     })
 }
 

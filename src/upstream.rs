@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lazystore_importer::{DEFAULT_TRUSTED_KEY, UpstreamSubstituter};
+use lazystore_importer::UpstreamSubstituter;
 use lazystore_pathinfo::substitute::{StoreSubstituter, Substituters};
 use lazystore_pathinfo::{PublicKey, Store};
 
@@ -18,9 +18,14 @@ pub struct UpstreamArgs {
     /// it); repeat for several, tried in order.
     #[arg(long = "upstream", value_name = "URL")]
     pub upstreams: Vec<String>,
-    /// Key whose signatures on upstream narinfos are trusted (Nix's
-    /// trusted-public-keys); repeat for several. Default: cache.nixos.org's.
-    #[arg(long = "trusted-public-key", value_name = "NAME:KEY", default_value = DEFAULT_TRUSTED_KEY)]
+    /// Key whose signatures are trusted (Nix's trusted-public-keys); repeat
+    /// for several. Given, it applies to the store too: a path the store
+    /// has is shown only if its PathInfo is signed by one of these (else
+    /// it is looked for upstream). Not given: upstream narinfos must carry
+    /// cache.nixos.org's signature, and the store's paths are shown as the
+    /// store has them (its server checks what it publishes:
+    /// docs/security.md).
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
     pub trusted_keys: Vec<PublicKey>,
     /// Take upstream narinfos whatever their signatures (says so); paths
     /// found that way are never published in the store.
@@ -37,16 +42,19 @@ impl UpstreamArgs {
         store_url: &str,
         negative_ttl: Duration,
     ) -> anyhow::Result<Substituters> {
-        let paths = Substituters::new().then(Arc::new(StoreSubstituter::new(
-            store.path_infos.clone(),
-            store_url,
-        )));
+        let in_store = StoreSubstituter::new(store.path_infos.clone(), store_url)
+            .require_signatures(self.trusted_keys.clone());
+        let paths = Substituters::new().then(Arc::new(in_store));
         if self.upstreams.is_empty() {
             return Ok(paths);
         }
+        let trusted_keys = match self.trusted_keys {
+            keys if keys.is_empty() => lazystore_importer::Options::default().trusted_keys,
+            keys => keys,
+        };
         let options = lazystore_importer::Options {
             caches: self.upstreams,
-            trusted_keys: self.trusted_keys,
+            trusted_keys,
             check_signatures: !self.no_check_sigs,
             ..Default::default()
         };

@@ -2,7 +2,9 @@
 //! byte for byte what real Nix's `nix-store --dump-db` prints for the same
 //! paths, dependencies first; a path may be named in full, by basename or
 //! by hash; `--no-closure` prints one record; a path missing from the store
-//! fails with a message naming it and the fix. With `--upstream`, paths the
+//! fails with a message naming it and the fix; with `--trusted-public-key`
+//! the store's paths count only if a trusted key signed them. With
+//! `--upstream`, paths the
 //! store lacks are described by the cache's narinfos, only when signed by a
 //! trusted key.
 
@@ -96,6 +98,23 @@ fn records_are_what_nix_dump_db_prints() {
     assert!(stderr.contains(missing), "{stderr}");
     assert!(stderr.contains(&store), "{stderr}");
     assert!(stderr.contains("lazystore import"), "{stderr}");
+
+    // Keys given, they guard the store too: its paths signed by a trusted
+    // key are described, the others are not there.
+    let (_, stranger) = gen_key(keys.path(), "nix-db-stranger-1");
+    let trusted = ["nix-db", "--store", &store, "--trusted-public-key"];
+    assert_eq!(
+        ok(&[&trusted[..], &[&public, closure.top()]].concat()),
+        records
+    );
+    let out = lazystore(&[&trusted[..], &[&stranger, closure.top()]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains(&closure.c) && stderr.contains("by a trusted key"),
+        "{stderr}"
+    );
 
     // An empty store and the cache as upstream: the same records.
     let empty = format!("redb://{}/empty.redb", dir.path().display());

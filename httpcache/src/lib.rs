@@ -49,6 +49,6 @@ mod upload;
 
 pub use narinfo::NarCompression;
 pub use server::{
-    DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Options, SEND_TIMEOUT, serve,
-    serve_with_send_timeout,
+    DEFAULT_MAX_REQUESTS, DEFAULT_MAX_UPLOAD_SIZE, DEFAULT_PRIORITY, HttpCache, Options,
+    SEND_TIMEOUT, serve, serve_with_send_timeout,
 };

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lazystore_castore::auth::Access;
 use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::publish::Publisher;
 use lazystore_pathinfo::{SigningKey, Store, StorePath, StorePathHash};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -54,6 +55,9 @@ pub struct Options {
     /// Requests handled at once; a request holds its slot until its body
     /// is sent, or its client has read nothing for [`SEND_TIMEOUT`].
     pub max_requests: usize,
+    /// Longest upload taken, compressed as sent and as a NAR; longer ones
+    /// are refused with 413 and stage nothing.
+    pub max_upload_size: u64,
 }
 
 impl Default for Options {
@@ -66,9 +70,15 @@ impl Default for Options {
             allow_upload: false,
             access: Access::default(),
             max_requests: DEFAULT_MAX_REQUESTS,
+            max_upload_size: DEFAULT_MAX_UPLOAD_SIZE,
         }
     }
 }
+
+/// Longest upload taken by default: larger than any store path in
+/// nixpkgs (the largest NARs, of CUDA and LLVM toolchains, are a few GiB),
+/// small enough that one upload can't fill a server's disk by itself.
+pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
 
 /// A store served as a binary cache. Cheap to clone.
 #[derive(Clone)]
@@ -78,6 +88,8 @@ pub struct HttpCache {
 
 pub(crate) struct Inner {
     pub store: Store,
+    /// Publishes uploads into `store`.
+    pub publisher: Publisher,
     pub options: Options,
     pub layouts: Layouts,
     pub staging: Staging,
@@ -85,12 +97,15 @@ pub(crate) struct Inner {
 }
 
 impl HttpCache {
-    /// Serves `store` as `options` say.
-    pub fn new(store: Store, options: Options) -> HttpCache {
+    /// Serves the publisher's store as `options` say, publishing uploads
+    /// through it (a [`Store`] is a publisher with no trusted keys).
+    pub fn new(publisher: impl Into<Publisher>, options: Options) -> HttpCache {
+        let publisher = publisher.into();
         let limit = Arc::new(Semaphore::new(options.max_requests.max(1)));
         HttpCache {
             inner: Arc::new(Inner {
-                store,
+                store: publisher.store().clone(),
+                publisher,
                 options,
                 layouts: Layouts::default(),
                 staging: Staging::default(),

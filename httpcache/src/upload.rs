@@ -7,11 +7,14 @@
 //! the narinfo arrives, the staged NAR it names (by URL, or else by
 //! NarHash) must have the narinfo's NarHash and NarSize, and every
 //! reference must already be a path here; only then is the PathInfo
-//! published, and the NAR unstaged. A narinfo refused leaves the NAR
+//! published (through the server's [`Publisher`], which checks signatures
+//! when it has trusted keys), and the NAR unstaged. A narinfo refused leaves the NAR
 //! staged, so it can be sent again once (say) its references are uploaded.
 //! Until then the ingested data is unreferenced: a narinfo that never
 //! comes publishes nothing, and staged entries are forgotten after
 //! [`STAGED_FOR`] or beyond [`MAX_STAGED`].
+//!
+//! [`Publisher`]: lazystore_pathinfo::publish::Publisher
 //!
 //! Every upload needs a write token (checked in front of every route, in
 //! `auth`); without uploads allowed, every `PUT` is 403.
@@ -30,7 +33,8 @@ use lazystore_castore::Node;
 use lazystore_castore::error_chain;
 use lazystore_pathinfo::decompress::{Decompressed, decompress};
 use lazystore_pathinfo::ingest::{IngestError, ingest_nar};
-use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoError};
+use lazystore_pathinfo::publish::{Proof, Replace};
 use lazystore_pathinfo::{Compression, MAX_NARINFO_SIZE, NarInfo, StorePath, nixbase32};
 use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
@@ -116,14 +120,79 @@ fn uploads_allowed(cache: &HttpCache) -> Result<(), HttpError> {
     }
 }
 
-/// The request body as a reader.
-fn body_reader(body: Body) -> impl AsyncRead + Send + Unpin + 'static {
-    StreamReader::new(body.into_data_stream().map_err(io::Error::other))
+/// The request body as a reader, failing with [`TooLarge`] past `limit`
+/// bytes.
+fn body_reader(body: Body, limit: u64) -> impl AsyncRead + Send + Unpin + 'static {
+    Limited::new(
+        StreamReader::new(body.into_data_stream().map_err(io::Error::other)),
+        limit,
+    )
+}
+
+/// An upload longer than the cache takes: as the error of a [`Limited`]
+/// reader, found again in the ingestion's error chain.
+#[derive(Debug, thiserror::Error)]
+#[error("the upload is longer than {0} bytes")]
+struct TooLarge(u64);
+
+/// A reader that fails with [`TooLarge`] once more than `left` bytes came
+/// through: unlike `take`, which would end the NAR early and make an
+/// oversized upload look like a truncated one.
+struct Limited<R> {
+    inner: R,
+    limit: u64,
+    left: u64,
+}
+
+impl<R> Limited<R> {
+    fn new(inner: R, limit: u64) -> Self {
+        Limited {
+            inner,
+            limit,
+            left: limit,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = (buf.filled().len() - before) as u64;
+        match this.left.checked_sub(read) {
+            Some(left) => this.left = left,
+            None => return std::task::Poll::Ready(Err(io::Error::other(TooLarge(this.limit)))),
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Whether `e`'s chain holds a [`TooLarge`].
+fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<TooLarge>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io.get_ref().is_some_and(|inner| inner.is::<TooLarge>())
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The decompressed NAR of an upload to `nar/<file>`, by the file's
-/// extension, as Nix names them.
-fn decompressed(file: &str, body: Body) -> Result<Decompressed, HttpError> {
+/// extension, as Nix names them; the upload and the NAR each fail past
+/// `limit` bytes (a small compressed upload may decompress to a huge NAR).
+fn decompressed(file: &str, body: Body, limit: u64) -> Result<Decompressed, HttpError> {
     let Some((_, extension)) = file.split_once(".nar") else {
         return Err(HttpError::BadRequest(format!(
             "/nar/{file}: expected a NAR file name (…​.nar, .nar.xz, .nar.zst, .nar.bz2, .nar.br, \
@@ -131,7 +200,8 @@ fn decompressed(file: &str, body: Body) -> Result<Decompressed, HttpError> {
         )));
     };
     Compression::from_nar_extension(extension)
-        .and_then(|compression| decompress(body_reader(body), compression))
+        .and_then(|compression| decompress(body_reader(body, limit), compression))
+        .map(|nar| -> Decompressed { Box::pin(Limited::new(nar, limit)) })
         .ok_or_else(|| {
             HttpError::Unsupported(format!(
                 "/nar/{file}: cannot decompress {extension:?} uploads; upload with \
@@ -144,15 +214,30 @@ fn decompressed(file: &str, body: Body) -> Result<Decompressed, HttpError> {
 pub async fn put_nar(
     State(cache): State<HttpCache>,
     Path(file): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
     uploads_allowed(&cache)?;
     let url = format!("nar/{file}");
-    let nar = decompressed(&file, body)?;
+    let limit = cache.inner.options.max_upload_size;
+    let refuse = || {
+        HttpError::TooLarge(format!(
+            "/{url}: uploads are limited to {limit} bytes (lazystore serve --max-upload-size); \
+             nothing was staged"
+        ))
+    };
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit) {
+        return Err(refuse());
+    }
+    let nar = decompressed(&file, body, limit)?;
     let store = &cache.inner.store;
     let ingested = ingest_nar(&store.blobs, &*store.directories, nar)
         .await
         .map_err(|e| match e {
+            e if too_large(&e) => refuse(),
             IngestError::Blob(_) | IngestError::Directory(_) => {
                 HttpError::internal(format!("storing the upload /{url}"), e)
             }
@@ -275,14 +360,30 @@ pub async fn put_top(
     };
     cache
         .inner
-        .store
-        .path_infos
-        .put(info)
+        .publisher
+        .publish(info, Proof::Ingested, Replace::No)
         .await
-        .map_err(|e| HttpError::internal(format!("publishing {}", narinfo.store_path), e))?;
+        .map_err(|e| publish_error(&url, e))?;
     cache.inner.staging.remove(&staged_url, &staged);
     tracing::info!(target: "lazystore::http", path = %narinfo.store_path, "published an uploaded path");
     Ok(StatusCode::OK.into_response())
+}
+
+/// A narinfo the publisher refused or failed to publish, as an answer:
+/// refusals are the client's to fix (403 unsigned, 409 another tree), the
+/// rest the server's.
+fn publish_error(url: &str, e: PathInfoError) -> HttpError {
+    match e {
+        PathInfoError::Untrusted(_) => HttpError::Forbidden(format!("{url}: {}", error_chain(&e))),
+        PathInfoError::AlreadyPublished { .. }
+        | PathInfoError::NarMismatch { .. }
+        | PathInfoError::MissingRoot { .. }
+        | PathInfoError::RootSizeMismatch { .. }
+        | PathInfoError::BadTree { .. } => {
+            HttpError::Conflict(format!("{url}: {}", error_chain(&e)))
+        }
+        e => HttpError::internal(format!("publishing {url}"), e),
+    }
 }
 
 /// The whole body, refused past `limit` bytes.

@@ -5,6 +5,7 @@ pub mod ingest;
 pub mod listing;
 pub mod nar;
 pub mod pathinfos;
+pub mod publish;
 pub mod render;
 mod store;
 pub mod substitute;

@@ -391,6 +391,27 @@ impl fmt::Debug for SigningKey {
     }
 }
 
+/// Checks that at least one of `signatures` (those of `path`, whose
+/// [`fingerprint`] is given) is by one of `trusted` and valid, and returns
+/// the first such signature. What narinfos and PathInfos are checked with.
+pub fn verify<'a>(
+    path: &StorePath,
+    fingerprint: &str,
+    signatures: &'a [Signature],
+    trusted: &[PublicKey],
+) -> Result<&'a Signature, VerifyError> {
+    if signatures.is_empty() {
+        return Err(VerifyError::Unsigned { path: path.clone() });
+    }
+    signatures
+        .iter()
+        .find(|signature| trusted.iter().any(|key| key.verify(fingerprint, signature)))
+        .ok_or_else(|| VerifyError::NoTrustedSignature {
+            path: path.clone(),
+            signatures: signatures.len(),
+        })
+}
+
 impl NarInfo {
     /// The text the signatures of this narinfo sign (see [`fingerprint`]).
     pub fn fingerprint(&self) -> String {
@@ -405,23 +426,12 @@ impl NarInfo {
     /// Checks that at least one signature is by one of `trusted` and valid for this
     /// narinfo's fingerprint, and returns the first such signature.
     pub fn verify(&self, trusted: &[PublicKey]) -> Result<&Signature, VerifyError> {
-        if self.signatures.is_empty() {
-            return Err(VerifyError::Unsigned {
-                path: self.store_path.clone(),
-            });
-        }
-        let fingerprint = self.fingerprint();
-        self.signatures
-            .iter()
-            .find(|signature| {
-                trusted
-                    .iter()
-                    .any(|key| key.verify(&fingerprint, signature))
-            })
-            .ok_or_else(|| VerifyError::NoTrustedSignature {
-                path: self.store_path.clone(),
-                signatures: self.signatures.len(),
-            })
+        verify(
+            &self.store_path,
+            &self.fingerprint(),
+            &self.signatures,
+            trusted,
+        )
     }
 
     /// Signs this narinfo with `key`. An earlier signature under the same key name

@@ -16,14 +16,15 @@
 //! contents are verified a shown path is [`Standing::Provisional`], and
 //! its attributes may be cached for [`PROVISIONAL_TTL`] only.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use lazystore_castore::{Digest, Directory, ErrorClass, Retryable};
 
 use crate::pathinfos::{PathInfo, PathInfoError, PathInfoService};
-use crate::{NarInfo, StorePath, Wanted};
+use crate::{NarInfo, PublicKey, StorePath, Wanted};
 
 /// How long a reader may keep attributes shown from a cache's claims (a
 /// listing, a NAR's first bytes) not yet checked against the NAR.
@@ -186,6 +187,11 @@ pub trait Substituter: Send + Sync {
 pub struct StoreSubstituter {
     path_infos: Arc<dyn PathInfoService>,
     url: String,
+    /// With keys, PathInfos without a valid signature by one of them are
+    /// not shown.
+    trusted_keys: Vec<PublicKey>,
+    /// Paths refused for their signatures, each logged once.
+    refused: Mutex<HashSet<StorePath>>,
 }
 
 impl StoreSubstituter {
@@ -195,6 +201,45 @@ impl StoreSubstituter {
         StoreSubstituter {
             path_infos,
             url: url.into(),
+            trusted_keys: Vec::new(),
+            refused: Mutex::default(),
+        }
+    }
+
+    /// Shows only the paths whose PathInfo carries a valid signature by
+    /// one of `keys` (none: every path, as the store has it). A path
+    /// refused is as absent — a later substituter may have it — and is
+    /// logged once.
+    pub fn require_signatures(mut self, keys: Vec<PublicKey>) -> Self {
+        self.trusted_keys = keys;
+        self
+    }
+
+    /// The PathInfo of `hash` if it is `wanted` and, with trusted keys,
+    /// signed by one.
+    async fn get(
+        &self,
+        hash: &crate::StorePathHash,
+        wanted: impl Fn(&StorePath) -> bool,
+    ) -> Result<Option<PathInfo>, SubstituteError> {
+        let info = self.path_infos.get(hash).await;
+        let info = info.map_err(|e| SubstituteError::Store(Arc::new(e)))?;
+        // Keyed by hash: the name must match too.
+        let Some(info) = info.filter(|info| wanted(&info.store_path)) else {
+            return Ok(None);
+        };
+        if self.trusted_keys.is_empty() {
+            return Ok(Some(info));
+        }
+        match info.verify(&self.trusted_keys) {
+            Ok(_) => Ok(Some(info)),
+            Err(e) => {
+                let mut refused = self.refused.lock().expect("no panics while held");
+                if refused.insert(info.store_path.clone()) {
+                    tracing::warn!(store = %self.url, "not showing {}: {e}", info.store_path);
+                }
+                Ok(None)
+            }
         }
     }
 }
@@ -206,18 +251,14 @@ impl Substituter for StoreSubstituter {
     }
 
     async fn find(&self, path: &StorePath) -> Result<Option<PathInfo>, SubstituteError> {
-        let info = self.path_infos.get(&path.hash()).await;
-        let info = info.map_err(|e| SubstituteError::Store(Arc::new(e)))?;
-        // Keyed by hash: the name must match too.
-        Ok(info.filter(|info| info.store_path == *path))
+        self.get(&path.hash(), |found| found == path).await
     }
 
     async fn validity(&self, wanted: &Wanted) -> Result<Option<Validity>, SubstituteError> {
-        let info = self.path_infos.get(&wanted.hash()).await;
-        let info = info.map_err(|e| SubstituteError::Store(Arc::new(e)))?;
-        Ok(info
-            .filter(|info| wanted.matches(&info.store_path))
-            .map(Validity::from))
+        let info = self
+            .get(&wanted.hash(), |found| wanted.matches(found))
+            .await?;
+        Ok(info.map(Validity::from))
     }
 }
 

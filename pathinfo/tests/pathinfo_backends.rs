@@ -11,7 +11,8 @@ use lazystore_castore::{
     Directory, ErrorClass, Node, PathComponent, RedbStore, Retryable, SymlinkTarget,
 };
 use lazystore_pathinfo::pathinfos::{
-    PathInfo, PathInfoError, PathInfoServer, PathInfoService, RedbPathInfoService,
+    GrpcPathInfoService, PathInfo, PathInfoError, PathInfoServer, PathInfoService,
+    RedbPathInfoService,
 };
 use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Signature, Store, StorePath, StorePathHash};
 
@@ -26,6 +27,9 @@ struct Backend {
     /// Whether a put whose root's data is missing is refused (the server
     /// checks; local backends leave that to their callers).
     checks_root: bool,
+    /// The server's client, which replaces a path published with another
+    /// tree only when asked (`replace`); local backends replace on `put`.
+    replaces: Option<GrpcPathInfoService>,
     /// `None` where the backend gives no way in to its stored bytes.
     corrupt_record: Option<CorruptRecord>,
     /// Whatever must outlive the test: a temporary directory, a server.
@@ -42,6 +46,7 @@ fn memory() -> Backend {
         name: "memory",
         store: Store::memory(),
         checks_root: false,
+        replaces: None,
         corrupt_record: None,
         _keep: Box::new(()),
     }
@@ -67,6 +72,7 @@ async fn redb() -> Backend {
         name: "redb",
         store,
         checks_root: false,
+        replaces: None,
         corrupt_record: Some(corrupt),
         _keep: Box::new(dir),
     }
@@ -90,6 +96,7 @@ async fn grpc() -> Backend {
             .await
             .unwrap(),
         checks_root: true,
+        replaces: Some(GrpcPathInfoService::connect_lazy(&url).unwrap()),
         corrupt_record: Some(corrupt),
         _keep: Box::new((stop, dir)),
     }
@@ -205,13 +212,23 @@ async fn put_replaces() {
         let path = store_path(7, "hello-2.12");
         let first = info(path.clone(), stored_file(&b.store, b"one").await);
         svc.put(first.clone()).await.unwrap();
-        // Same path, other metadata and root: the last put wins.
+        // Same path, other metadata and root: the last put wins, or, on a
+        // server, the last put asking to replace.
         let mut second = info(path.clone(), stored_directory(&b.store, b"two").await);
         second.signatures.clear();
         second.deriver = None;
         second.ca =
             Some("fixed:r:sha256:1b9fbdyiw53nv3jnagiz5vk0qb2b1hz6gzl2fsl2ib2q6ybjmlz0".into());
-        svc.put(second.clone()).await.unwrap();
+        second.nar_sha256[0] ^= 1;
+        if let Some(client) = &b.replaces {
+            let e = svc.put(second.clone()).await.unwrap_err();
+            assert!(e.to_string().contains("already published"), "{e}");
+            assert_eq!(e.class(), ErrorClass::Permanent);
+            assert_eq!(svc.get(&path.hash()).await.unwrap(), Some(first.clone()));
+            client.replace(second.clone()).await.unwrap();
+        } else {
+            svc.put(second.clone()).await.unwrap();
+        }
         assert_eq!(
             svc.get(&path.hash()).await.unwrap(),
             Some(second.clone()),

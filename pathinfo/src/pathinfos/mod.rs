@@ -14,8 +14,9 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use lazystore_castore::{Digest, ErrorClass, Node, Retryable, ValidateError};
 
+use crate::nixbase32;
 use crate::proto;
-use crate::signature::{Signature, SignatureError, fingerprint};
+use crate::signature::{PublicKey, Signature, SignatureError, VerifyError, fingerprint, verify};
 use crate::store_path::{StorePath, StorePathError, StorePathHash};
 
 pub use self::grpc::{GrpcPathInfoService, PathInfoServer};
@@ -51,6 +52,17 @@ impl PathInfo {
             &self.nar_sha256,
             self.nar_size,
             &self.references,
+        )
+    }
+
+    /// Checks that at least one signature is by one of `trusted` and valid
+    /// for [`PathInfo::fingerprint`], and returns the first such signature.
+    pub fn verify(&self, trusted: &[PublicKey]) -> Result<&Signature, VerifyError> {
+        verify(
+            &self.store_path,
+            &self.fingerprint(),
+            &self.signatures,
+            trusted,
         )
     }
 }
@@ -174,6 +186,54 @@ pub enum PathInfoError {
         /// Size of the stored data.
         actual: u64,
     },
+    /// A put refused by the publishing policy of a server given trusted
+    /// keys ([`Publisher`](crate::publish::Publisher)): no signature by a
+    /// trusted key.
+    #[error("refusing to publish: {0}")]
+    Untrusted(#[source] VerifyError),
+    /// A put whose tree does not render to the NarHash and NarSize it
+    /// claims (and its signature signs): the tree is not the one signed.
+    #[error(
+        "refusing to publish {store_path}: its tree renders to a NAR of {actual_size} bytes with \
+         NarHash sha256:{}, the PathInfo says {claimed_size} bytes and sha256:{}",
+        nixbase32::encode(&.actual[..]),
+        nixbase32::encode(&.claimed[..])
+    )]
+    NarMismatch {
+        /// The path being published.
+        store_path: StorePath,
+        /// NarHash of the PathInfo.
+        claimed: Box<[u8; 32]>,
+        /// NarSize of the PathInfo.
+        claimed_size: u64,
+        /// SHA-256 of the tree's NAR.
+        actual: Box<[u8; 32]>,
+        /// Length of the tree's NAR.
+        actual_size: u64,
+    },
+    /// A put whose tree does not render: data below its root is missing
+    /// or does not match its entries.
+    #[error("refusing to publish {store_path}: its tree does not render")]
+    BadTree {
+        /// The path being published.
+        store_path: StorePath,
+        /// What rendering it met.
+        #[source]
+        source: Box<crate::render::RenderError>,
+    },
+    /// A put for a path already published with another tree: a server
+    /// replaces a published path only when asked to explicitly.
+    #[error(
+        "refusing to publish {store_path}: it is already published with another tree \
+         (NarHash sha256:{}); nothing was replaced",
+        nixbase32::encode(&.published[..])
+    )]
+    AlreadyPublished {
+        /// The path being published.
+        store_path: StorePath,
+        /// NarHash of the published PathInfo.
+        published: Box<[u8; 32]>,
+    },
     /// The storage backend, or the way to it, failed: a database or I/O
     /// error, a remote store's [`GrpcError`](lazystore_castore::grpc::GrpcError),
     /// or the castore's error while checking a put. Such failures may heal;
@@ -201,6 +261,10 @@ impl Retryable for PathInfoError {
             PathInfoError::Invalid(_) | PathInfoError::Corrupt(_) => ErrorClass::Corrupt,
             PathInfoError::MissingRoot { .. }
             | PathInfoError::RootSizeMismatch { .. }
+            | PathInfoError::Untrusted(_)
+            | PathInfoError::NarMismatch { .. }
+            | PathInfoError::BadTree { .. }
+            | PathInfoError::AlreadyPublished { .. }
             | PathInfoError::Internal(_) => ErrorClass::Permanent,
         }
     }

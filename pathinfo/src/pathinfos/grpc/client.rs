@@ -111,6 +111,37 @@ impl Listing {
     }
 }
 
+impl GrpcPathInfoService {
+    /// Publishes `info` like [`put`](PathInfoService::put), replacing the
+    /// path if the server has it published with another tree (which a put
+    /// is refused); the server logs that it did.
+    pub async fn replace(&self, info: PathInfo) -> Result<(), PathInfoError> {
+        self.put_with(info, true).await
+    }
+
+    async fn put_with(&self, info: PathInfo, replace: bool) -> Result<(), PathInfoError> {
+        let wire = proto::PathInfo::from(&info);
+        self.connection
+            .call("Put", || {
+                let mut client = self.client.clone();
+                let mut request = tonic::Request::new(wire.clone());
+                if replace {
+                    request.metadata_mut().insert(
+                        super::REPLACE,
+                        tonic::metadata::MetadataValue::from_static("true"),
+                    );
+                }
+                let timeout = self.connection.attempt_timeout();
+                async move {
+                    timeout.timed(client.put(request)).await?;
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))
+    }
+}
+
 #[async_trait]
 impl PathInfoService for GrpcPathInfoService {
     async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
@@ -121,21 +152,11 @@ impl PathInfoService for GrpcPathInfoService {
     }
 
     /// The server checks the root's data is stored before it publishes, and
-    /// refuses with [`PathInfoError::MissingRoot`] otherwise.
+    /// refuses with [`PathInfoError::MissingRoot`] otherwise; it may check
+    /// more (signatures, the tree's NarHash: `publish`), and does not
+    /// replace a path published with another tree ([`Self::replace`]).
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
-        let wire = proto::PathInfo::from(&info);
-        self.connection
-            .call("Put", || {
-                let mut client = self.client.clone();
-                let wire = wire.clone();
-                let timeout = self.connection.attempt_timeout();
-                async move {
-                    timeout.timed(client.put(wire)).await?;
-                    Ok(())
-                }
-            })
-            .await
-            .map_err(|e| self.error(e))
+        self.put_with(info, false).await
     }
 
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {

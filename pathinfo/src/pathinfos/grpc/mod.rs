@@ -11,7 +11,7 @@ mod server;
 mod status;
 
 pub use client::GrpcPathInfoService;
-pub use server::PathInfoServer;
+pub use server::{PathInfoServer, REPLACE};
 
 /// Largest PathInfo message either side encodes or decodes. A PathInfo is
 /// small (a store path's references and signatures: a few KiB, rarely

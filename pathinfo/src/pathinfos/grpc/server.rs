@@ -1,10 +1,17 @@
 //! [`PathInfoServer`]: the gRPC PathInfo service over a [`Store`].
 //!
-//! Every PathInfo received is validated (`TryFrom`), and published only
-//! once the store holds its root's data ([`Store::check_root`]): a client
-//! that skipped or lost an upload gets `FAILED_PRECONDITION`, and no reader
-//! ever finds a path pointing at missing data. Nothing deletes castore data,
-//! so what the check found is still there when the PathInfo is published.
+//! Every PathInfo received is validated (`TryFrom`), and published through
+//! a [`Publisher`]: only once the store holds its root's data
+//! ([`Store::check_root`]), so a client that skipped or lost an upload gets
+//! `FAILED_PRECONDITION` and no reader ever finds a path pointing at
+//! missing data; and, under a policy with trusted keys, only signed and
+//! with a tree that renders to its NarHash. Nothing deletes castore data,
+//! so what the checks found is still there when the PathInfo is published.
+//!
+//! A put replaces a path published with another tree only if it carries
+//! the metadata [`REPLACE`]`: true` ([`GrpcPathInfoService::replace`]).
+//!
+//! [`GrpcPathInfoService::replace`]: super::GrpcPathInfoService::replace
 
 use futures::stream::{BoxStream, StreamExt};
 use lazystore_castore::grpc::BadMessage;
@@ -16,20 +23,32 @@ use crate::Store;
 use crate::pathinfos::PathInfo;
 use crate::proto;
 use crate::proto::path_info_service_server::{self, PathInfoServiceServer};
+use crate::publish::{Proof, Publisher, Replace};
 use crate::store_path::StorePathHash;
 
+/// Metadata key of a put that may replace a path published with another
+/// tree (value `true`).
+pub const REPLACE: &str = "lazystore-replace";
+
 /// The PathInfo service, answering gRPC calls from a store's PathInfo
-/// backend, and checking puts against its blobs and directories.
+/// backend, and publishing puts through a [`Publisher`].
 #[derive(Clone)]
 pub struct PathInfoServer {
-    store: Store,
+    publisher: Publisher,
 }
 
 impl PathInfoServer {
-    /// Serves `store.path_infos`, checking puts against `store.blobs` and
-    /// `store.directories`.
-    pub fn new(store: Store) -> Self {
-        PathInfoServer { store }
+    /// Serves the publisher's store: gets and lists from its PathInfos,
+    /// puts through the publisher's checks (a [`Store`] is a publisher
+    /// with no trusted keys).
+    pub fn new(publisher: impl Into<Publisher>) -> Self {
+        PathInfoServer {
+            publisher: publisher.into(),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        self.publisher.store()
     }
 
     /// The tonic service, with message limits of [`MAX_PATH_INFO_SIZE`];
@@ -55,22 +74,26 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         let request = request.into_inner();
         let hash = StorePathHash::try_from(request.hash.as_ref())
             .map_err(|e| BadMessage::new("hash", e.to_string()))?;
-        match self.store.path_infos.get(&hash).await? {
+        match self.store().path_infos.get(&hash).await? {
             Some(info) => Ok(Response::new(proto::PathInfo::from(&info))),
             None => Err(not_found(&hash)),
         }
     }
 
-    /// An invalid PathInfo is `INVALID_ARGUMENT`; one whose root data is not
-    /// stored (or not with the size the root records) `FAILED_PRECONDITION`.
+    /// An invalid PathInfo is `INVALID_ARGUMENT`; one the publisher refuses
+    /// gets the code of its [`PathInfoError`](crate::pathinfos::PathInfoError)
+    /// (root data not stored: `FAILED_PRECONDITION`; no trusted signature:
+    /// `PERMISSION_DENIED`; …).
     async fn put(
         &self,
         request: Request<proto::PathInfo>,
     ) -> Result<Response<proto::PutPathInfoResponse>, Status> {
+        let replace = match request.metadata().get(REPLACE) {
+            Some(v) if v.as_bytes() == b"true" => Replace::Yes,
+            _ => Replace::No,
+        };
         let info = PathInfo::try_from(request.into_inner()).map_err(invalid_request)?;
-        self.store.check_root(&info).await?;
-        tracing::debug!(store_path = %info.store_path, "publishing");
-        self.store.path_infos.put(info).await?;
+        self.publisher.publish(info, Proof::None, replace).await?;
         Ok(Response::new(proto::PutPathInfoResponse {}))
     }
 
@@ -79,7 +102,7 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         &self,
         _request: Request<proto::ListPathInfoRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
-        let stream = self.store.path_infos.list().map(|item| {
+        let stream = self.store().path_infos.list().map(|item| {
             item.map(|info| proto::PathInfo::from(&info))
                 .map_err(Status::from)
         });

@@ -13,28 +13,46 @@
 
 use lazystore_castore::grpc::CallError;
 use lazystore_castore::grpc::metadata::{
-    ACTUAL, DIGEST, ErrorStatus, RECORDED, STORE_PATH, field, kind,
+    ACTUAL, DIGEST, ErrorStatus, RECORDED, STORE_PATH, bytes, field, kind,
 };
 use lazystore_castore::{Digest, error_chain};
 use tonic::{Code, Status};
 
+use crate::VerifyError;
 use crate::pathinfos::{PathInfoDecodeError, PathInfoError};
 use crate::store_path::{StorePath, StorePathHash};
 
 // Values of KIND: the PathInfo service's variants.
 const MISSING_ROOT: &str = "pathinfo-missing-root";
 const ROOT_SIZE_MISMATCH: &str = "pathinfo-root-size-mismatch";
+const UNTRUSTED: &str = "pathinfo-untrusted";
+const NAR_MISMATCH: &str = "pathinfo-nar-mismatch";
+const ALREADY_PUBLISHED: &str = "pathinfo-already-published";
+
+// The PathInfo service's own fields.
+/// How many signatures a refused PathInfo carried.
+const SIGNATURES: &str = "lazystore-signatures";
+/// A NarHash as claimed, or as published (32 bytes).
+const NAR_HASH: &str = "lazystore-nar-hash-bin";
+/// The NarHash of the tree as rendered (32 bytes).
+const ACTUAL_NAR_HASH: &str = "lazystore-actual-nar-hash-bin";
 
 impl From<PathInfoError> for Status {
-    /// Codes: a put whose root data is missing or mis-sized
-    /// `FAILED_PRECONDITION` (store the data first); a stored PathInfo that
+    /// Codes: a put whose root data is missing or mis-sized, or whose
+    /// tree does not render, `FAILED_PRECONDITION` (store the data first);
+    /// one without a trusted signature `PERMISSION_DENIED`, whose tree is
+    /// not its NarHash's `INVALID_ARGUMENT`, for a path published with
+    /// another tree `ALREADY_EXISTS`; a stored PathInfo that
     /// is invalid or damaged `DATA_LOSS`; a backend or internal failure
     /// `INTERNAL`.
     fn from(e: PathInfoError) -> Self {
         let code = match &e {
-            PathInfoError::MissingRoot { .. } | PathInfoError::RootSizeMismatch { .. } => {
-                Code::FailedPrecondition
-            }
+            PathInfoError::MissingRoot { .. }
+            | PathInfoError::RootSizeMismatch { .. }
+            | PathInfoError::BadTree { .. } => Code::FailedPrecondition,
+            PathInfoError::Untrusted(_) => Code::PermissionDenied,
+            PathInfoError::NarMismatch { .. } => Code::InvalidArgument,
+            PathInfoError::AlreadyPublished { .. } => Code::AlreadyExists,
             PathInfoError::Invalid(_) | PathInfoError::Corrupt(_) => Code::DataLoss,
             PathInfoError::Backend(_) | PathInfoError::Internal(_) => Code::Internal,
         };
@@ -54,6 +72,35 @@ impl From<PathInfoError> for Status {
                 .field(DIGEST, root)
                 .field(RECORDED, recorded)
                 .field(ACTUAL, actual),
+            PathInfoError::Untrusted(verify) => {
+                let (path, signatures) = match verify {
+                    VerifyError::Unsigned { path } => (path, 0),
+                    VerifyError::NoTrustedSignature { path, signatures } => (path, *signatures),
+                };
+                ErrorStatus::new(code, &e, Some(UNTRUSTED))
+                    .field(STORE_PATH, path)
+                    .field(SIGNATURES, signatures)
+            }
+            PathInfoError::NarMismatch {
+                store_path,
+                claimed,
+                claimed_size,
+                actual,
+                actual_size,
+            } => ErrorStatus::new(code, &e, Some(NAR_MISMATCH))
+                .field(STORE_PATH, store_path)
+                .bytes(NAR_HASH, &claimed[..])
+                .field(RECORDED, claimed_size)
+                .bytes(ACTUAL_NAR_HASH, &actual[..])
+                .field(ACTUAL, actual_size),
+            PathInfoError::AlreadyPublished {
+                store_path,
+                published,
+            } => ErrorStatus::new(code, &e, Some(ALREADY_PUBLISHED))
+                .field(STORE_PATH, store_path)
+                .bytes(NAR_HASH, &published[..]),
+            // The message (with its causes) says it all.
+            PathInfoError::BadTree { .. } => ErrorStatus::new(code, &e, None),
             PathInfoError::Invalid(_)
             | PathInfoError::Corrupt(_)
             | PathInfoError::Backend(_)
@@ -64,6 +111,11 @@ impl From<PathInfoError> for Status {
         };
         status.into_status()
     }
+}
+
+/// The 32-byte hash in the binary field `key`.
+fn hash(m: &tonic::metadata::MetadataMap, key: &'static str) -> Option<[u8; 32]> {
+    bytes(m, key)?.try_into().ok()
 }
 
 /// A PathInfo sent by a client that is not valid: `INVALID_ARGUMENT`.
@@ -93,6 +145,24 @@ pub(super) fn into_pathinfo_error(e: CallError, url: &str) -> PathInfoError {
                 recorded: field(m, RECORDED)?,
                 actual: field(m, ACTUAL)?,
             }),
+            UNTRUSTED => {
+                let path = field::<StorePath>(m, STORE_PATH)?;
+                Some(PathInfoError::Untrusted(match field(m, SIGNATURES)? {
+                    0 => VerifyError::Unsigned { path },
+                    signatures => VerifyError::NoTrustedSignature { path, signatures },
+                }))
+            }
+            NAR_MISMATCH => Some(PathInfoError::NarMismatch {
+                store_path: field::<StorePath>(m, STORE_PATH)?,
+                claimed: Box::new(hash(m, NAR_HASH)?),
+                claimed_size: field(m, RECORDED)?,
+                actual: Box::new(hash(m, ACTUAL_NAR_HASH)?),
+                actual_size: field(m, ACTUAL)?,
+            }),
+            ALREADY_PUBLISHED => Some(PathInfoError::AlreadyPublished {
+                store_path: field::<StorePath>(m, STORE_PATH)?,
+                published: Box::new(hash(m, NAR_HASH)?),
+            }),
             _ => None,
         })();
         if let Some(e) = rebuilt {
@@ -106,6 +176,7 @@ pub(super) fn into_pathinfo_error(e: CallError, url: &str) -> PathInfoError {
 mod tests {
     use super::*;
     use lazystore_castore::grpc::AttemptError;
+    use lazystore_castore::{ErrorClass, Retryable};
 
     fn back(e: PathInfoError) -> PathInfoError {
         let status = Status::from(e);
@@ -136,6 +207,31 @@ mod tests {
                 ..
             }
         ));
+        for refused in [
+            PathInfoError::Untrusted(VerifyError::Unsigned {
+                path: store_path.clone(),
+            }),
+            PathInfoError::Untrusted(VerifyError::NoTrustedSignature {
+                path: store_path.clone(),
+                signatures: 2,
+            }),
+            PathInfoError::NarMismatch {
+                store_path: store_path.clone(),
+                claimed: Box::new([1; 32]),
+                claimed_size: 100,
+                actual: Box::new([2; 32]),
+                actual_size: 101,
+            },
+            PathInfoError::AlreadyPublished {
+                store_path: store_path.clone(),
+                published: Box::new([3; 32]),
+            },
+        ] {
+            let message = refused.to_string();
+            let rebuilt = back(refused);
+            assert_eq!(rebuilt.to_string(), message);
+            assert_eq!(rebuilt.class(), ErrorClass::Permanent);
+        }
         let e = back(PathInfoError::Backend("disk on fire".into()));
         let PathInfoError::Backend(inner) = &e else {
             panic!("{e}")
