@@ -1,6 +1,6 @@
 //! [`HttpCache`]: the routes, the token check, the request limit and the
 //! access log, over one [`Store`]; [`serve`] runs it on a listener until
-//! shutdown.
+//! shutdown, and [`serve_tls`] the same over TLS.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,10 +14,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lazystore_castore::auth::Access;
+use lazystore_castore::tls::ServerTls;
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{SigningKey, Store, StorePath, StorePathHash};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use crate::body::{LogLine, Tracked};
 use crate::conn::IdleListener;
@@ -158,6 +160,23 @@ pub async fn serve(
     serve_with_send_timeout(listener, cache, shutdown, SEND_TIMEOUT).await
 }
 
+/// [`serve`] over TLS with `tls`'s certificate (clients use
+/// `https://HOST:PORT`). Each handshake must finish within
+/// [`TLS_HANDSHAKE_TIMEOUT`](crate::TLS_HANDSHAKE_TIMEOUT); one that fails
+/// or times out closes its connection, logged at debug level, and the
+/// server goes on.
+pub async fn serve_tls(
+    listener: TcpListener,
+    cache: HttpCache,
+    tls: &ServerTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // The router speaks HTTP/1.1 only.
+    let acceptor = TlsAcceptor::from(tls.rustls_config(&[b"http/1.1"]));
+    let listener = IdleListener::new(listener, SEND_TIMEOUT, Some(acceptor));
+    run(listener, cache, shutdown).await
+}
+
 /// [`serve`], closing a connection whose client reads nothing for
 /// `send_timeout`.
 pub async fn serve_with_send_timeout(
@@ -166,10 +185,19 @@ pub async fn serve_with_send_timeout(
     shutdown: impl Future<Output = ()> + Send + 'static,
     send_timeout: Duration,
 ) -> std::io::Result<()> {
-    let listener = IdleListener {
-        inner: listener,
-        send_timeout,
-    };
+    run(
+        IdleListener::new(listener, send_timeout, None),
+        cache,
+        shutdown,
+    )
+    .await
+}
+
+async fn run(
+    listener: IdleListener,
+    cache: HttpCache,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let service = cache
         .router()
         .into_make_service_with_connect_info::<crate::conn::ClientAddr>();
