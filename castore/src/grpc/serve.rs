@@ -385,17 +385,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Slotted<IO> {
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         let result = Pin::new(&mut this.io).poll_read(cx, buf);
-        match (&result, this.silence.as_mut()) {
-            (Poll::Pending, Some(silence)) => {
-                if silence.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("the client sent nothing for {FIRST_BYTES_TIMEOUT:?}"),
-                    )));
-                }
-            }
-            (Poll::Ready(_), Some(_)) => this.silence = None,
-            _ => {}
+        if result.is_ready() {
+            this.silence = None;
+        } else if let Some(silence) = this.silence.as_mut()
+            && silence.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client sent nothing for {FIRST_BYTES_TIMEOUT:?}"),
+            )));
         }
         result
     }
