@@ -292,14 +292,13 @@ pub(crate) fn hint(message: &str, tls: bool) -> Option<&'static str> {
         None
     } else {
         // A TLS server answers an HTTP/2 preface with an alert and closes
-        // the connection; h2 reports a broken or malformed connection.
-        const SIGNS: [&str; 6] = [
-            "connection reset",
-            "broken pipe",
-            "frame with invalid size",
+        // the connection before HTTP/2 starts: hyper reports the connection
+        // closed, or h2 reads the alert as a malformed frame. (A server
+        // going away mid-call is reset or sends GOAWAY instead.)
+        const SIGNS: [&str; 3] = [
             "connection closed",
-            "unexpected eof",
-            "protocol error",
+            "frame with invalid size",
+            "invalid frame",
         ];
         SIGNS
             .iter()
