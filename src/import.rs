@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use anyhow::bail;
 use lazystore_castore::SyncMode;
 use lazystore_importer::{
-    DEFAULT_CACHE, DEFAULT_TRUSTED_KEY, Importer, Options, ProgressMode, Wanted,
+    DEFAULT_CACHE, DEFAULT_TRUSTED_KEY, HttpOptions, Importer, Options, ProgressMode, Wanted,
 };
 use lazystore_pathinfo::{PublicKey, SERVER_WAIT, Store, StoreOptions, default_store_url};
 
-use crate::token::TokenArgs;
+use crate::remote::RemoteArgs;
 
 /// Import store paths and their closures from Nix binary caches.
 ///
@@ -55,7 +55,7 @@ pub struct Args {
     no_closure: bool,
 
     #[command(flatten)]
-    token: TokenArgs,
+    remote: RemoteArgs,
 }
 
 /// Opens the store to import into (the embedded default when none is
@@ -63,25 +63,28 @@ pub struct Args {
 /// commit is durable and makes everything written before it durable: the
 /// importer is in the same process, so it never publishes on the strength
 /// of a write a crash could lose.
-async fn open_store(url: Option<String>, token: &TokenArgs) -> anyhow::Result<(Store, String)> {
+async fn open_store(url: Option<String>, remote: &RemoteArgs) -> anyhow::Result<(Store, String)> {
     let url = match url {
         Some(url) => url,
         None => default_store_url()?,
     };
     // Every error names the URL already.
-    let options = StoreOptions {
+    let options = remote.store_options(StoreOptions {
         sync: SyncMode::Deferred,
         wait_for_server: Some(SERVER_WAIT),
-        token: token.load()?,
         ..StoreOptions::default()
-    };
+    })?;
     let store = Store::open(&url, options).await?;
     Ok((store, url))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (store, store_url) = open_store(args.store, &args.token).await?;
+    let (store, store_url) = open_store(args.store, &args.remote).await?;
     let options = Options {
+        http: HttpOptions {
+            ca_certs: args.remote.ca_certs()?,
+            ..HttpOptions::default()
+        },
         caches: args.caches,
         trusted_keys: args.trusted_keys,
         check_signatures: !args.no_check_sigs,

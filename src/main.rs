@@ -9,8 +9,8 @@ mod import;
 mod mount;
 mod nar_check;
 mod nix_db;
+mod remote;
 mod serve;
-mod token;
 mod upstream;
 
 /// Lazy /nix/store for Nix builders: store paths split into a

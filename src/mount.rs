@@ -18,7 +18,7 @@ use lazystore_pathinfo::substitute::Substituter;
 use lazystore_pathinfo::{LocalCache, SERVER_WAIT, Store, StoreOptions, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::token::TokenArgs;
+use crate::remote::RemoteArgs;
 use crate::upstream::UpstreamArgs;
 
 /// How long an unmount may wait for files still open under the mount
@@ -99,7 +99,7 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = SERVER_WAIT.as_secs())]
     wait_for_store: u64,
     #[command(flatten)]
-    token: TokenArgs,
+    remote: RemoteArgs,
     #[command(flatten)]
     upstream: UpstreamArgs,
     /// Seconds a path no upstream cache has is believed missing before a
@@ -153,13 +153,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let counting = stats.clone();
     let store = Store::open(
         &url,
-        StoreOptions {
+        args.remote.store_options(StoreOptions {
             // The client's own retries end at the same deadline, and a
             // call that gave up there is not retried again above it (see
             // `GrpcError`'s `Retryable`), so a read fails with EIO once the
             // deadline passes, not a deadline per layer later.
             retry,
-            token: args.token.load()?,
             local_cache,
             local_cache_bytes: args.cache_size,
             wait_for_server: (args.wait_for_store > 0)
@@ -172,7 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 )) as Arc<dyn BlobService>
             })),
             ..StoreOptions::default()
-        },
+        })?,
     )
     .await?;
     let cache_url = store
@@ -186,7 +185,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let upstreams = args.upstream.upstreams.clone();
     let negative_ttl = Duration::from_secs(args.upstream_negative_ttl);
-    let paths = Arc::new(args.upstream.substituters(&store, &url, negative_ttl)?);
+    let paths = Arc::new(args.upstream.substituters(
+        &store,
+        &url,
+        negative_ttl,
+        args.remote.ca_certs()?,
+    )?);
     let passthrough_cache = store.local_cache.clone().filter(|_| !args.no_passthrough);
     let fs = LazyFs::new(store, options, stats.clone()).with_substituter(paths.clone());
     let fs = match passthrough_cache {

@@ -19,7 +19,7 @@ use lazystore_pathinfo::{
 };
 use tokio::task::JoinSet;
 
-use crate::token::TokenArgs;
+use crate::remote::RemoteArgs;
 use crate::upstream::UpstreamArgs;
 
 /// Lookups in flight at once while walking a closure.
@@ -59,7 +59,7 @@ pub struct Args {
     no_closure: bool,
 
     #[command(flatten)]
-    token: TokenArgs,
+    remote: RemoteArgs,
 
     #[command(flatten)]
     upstream: UpstreamArgs,
@@ -200,11 +200,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let options = StoreOptions {
+    let options = args.remote.store_options(StoreOptions {
         wait_for_server: Some(SERVER_WAIT),
-        token: args.token.load()?,
         ..StoreOptions::default()
-    };
+    })?;
     let store = Store::open(&store_url, options).await.map_err(|e| {
         let held = matches!(&e, OpenStoreError::Redb { source, .. }
             if matches!(**source, OpenError::AlreadyOpen { .. }));
@@ -220,9 +219,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     })?;
     // Only narinfos are read: the store is never written.
-    let paths = args
-        .upstream
-        .substituters(&store, &store_url, NEGATIVE_TTL)?;
+    let paths =
+        args.upstream
+            .substituters(&store, &store_url, NEGATIVE_TTL, args.remote.ca_certs()?)?;
     let sources = Arc::new(Sources { store_url, paths });
     let records = collect(sources, &args.paths, !args.no_closure).await?;
     let mut out = String::new();

@@ -9,29 +9,29 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use lazystore_castore::auth::{Access, Tokens};
-use lazystore_castore::grpc::{Listener, Services, serve};
-use lazystore_httpcache::{
-    DEFAULT_MAX_REQUESTS, DEFAULT_MAX_UPLOAD_SIZE, DEFAULT_PRIORITY, HttpCache, NarCompression,
-};
+use lazystore_castore::grpc::{DEFAULT_MAX_UPLOAD_SIZE, Listener, Services, serve};
+use lazystore_castore::tls::ServerTls;
+use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
-    PublicKey, SigningKey, Store, StoreOptions, default_store_url, grpc_tcp_url, grpc_unix_url,
-    is_ephemeral,
+    PublicKey, SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
+    grpc_unix_url, is_ephemeral,
 };
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::token::TokenArgs;
+use crate::remote::RemoteArgs;
 
 /// Serve a store over gRPC to importers, builders and other lazystores,
 /// and/or as a Nix binary cache over HTTP.
 ///
 /// Prints the URLs clients use on standard output once listening, one a
 /// line: the gRPC one first (`grpc+http://HOST:PORT` with the port
-/// actually bound, or `grpc+unix:///PATH`), then the HTTP one
-/// (`http://HOST:PORT`). On SIGINT or SIGTERM it stops accepting
+/// actually bound, `grpc+https://HOST:PORT` with --tls-cert, or
+/// `grpc+unix:///PATH`), then the HTTP one (`http://HOST:PORT`, or
+/// `https://HOST:PORT` with --tls-cert). On SIGINT or SIGTERM it stops accepting
 /// connections, lets the calls in flight finish and exits 0; a second
 /// signal exits at once. Logs go to standard error, filtered by `RUST_LOG`
 /// (by default warnings and the HTTP access log, `lazystore::http=info`, of
@@ -85,8 +85,8 @@ pub struct Args {
     /// remove the old one and restart. A write token allows
     /// reads too. lazystore clients send theirs with --token-file; Nix
     /// sends it as the password of Basic auth (a netrc file, netrc-file =
-    /// …, with `machine HOST password TOKEN`). Tokens cross the network in
-    /// clear (docs/security.md).
+    /// …, with `machine HOST password TOKEN`). Without --tls-cert, tokens
+    /// cross the network in clear (docs/security.md).
     #[arg(long, value_name = "FILE", group = "write_tokens")]
     write_token_file: Option<PathBuf>,
     /// Every read needs a token from FILE (or one of --write-token-file):
@@ -109,10 +109,6 @@ pub struct Args {
     /// docs/security.md.
     #[arg(long, value_name = "FILE")]
     sign_with: Option<PathBuf>,
-    /// Longest upload taken, in bytes: an HTTP NAR upload (as sent and
-    /// decompressed) over it gets 413 and stages nothing.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UPLOAD_SIZE)]
-    max_upload_size: u64,
     /// The old name of --write-token-file; its tokens now guard gRPC
     /// writes as well as HTTP uploads.
     #[arg(long, value_name = "FILE", group = "write_tokens", hide = true)]
@@ -123,9 +119,26 @@ pub struct Args {
     /// ~/.local/share/lazystore].
     #[arg(long, value_name = "URL")]
     store: Option<String>,
-    // --token-file: what to send to a remote --store (grpc+…).
+    /// Serve TLS on both listeners with the certificate (chain) in FILE,
+    /// PEM, whose key is in --tls-key: clients then use
+    /// grpc+https://HOST:PORT and https://HOST:PORT, and need to trust
+    /// the CA that signed it (lazystore's --ca-file, Nix's ssl-cert-file).
+    /// TCP listeners only: a Unix socket is guarded by its permissions.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Longest upload taken, in bytes: a gRPC blob upload carrying more is
+    /// refused (RESOURCE_EXHAUSTED) and nothing more of it is stored; an
+    /// HTTP NAR upload longer, as sent or decompressed, gets 413 and
+    /// stages nothing.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UPLOAD_SIZE)]
+    max_upload_size: u64,
+    // --token-file, --ca-file: what to send to, and trust of, a remote
+    // --store (grpc+…).
     #[command(flatten)]
-    token: TokenArgs,
+    remote: RemoteArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -146,21 +159,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(_) => Some(http_options(&args, access.clone())?),
         None => None,
     };
-    let options = StoreOptions {
-        token: args.token.load()?,
-        ..StoreOptions::default()
-    };
+    let tls = server_tls(&args)?;
+    let options = args.remote.store_options(StoreOptions::default())?;
     let store = Store::open(&url, options).await?;
     let publisher = Publisher::new(store.clone(), publish_policy(&args)?);
     if is_ephemeral(&url) {
         tracing::warn!("serving {url}: everything stored is lost when it stops");
     }
     let grpc = match &args.listen {
-        Some(addr) => Some(bind(addr).await?),
+        Some(addr) => Some(bind(addr, tls.is_some()).await?),
         None => None,
     };
     let http = match &args.http_listen {
-        Some(addr) => Some(bind_http(addr).await?),
+        Some(addr) => Some(bind_http(addr, tls.is_some()).await?),
         None => None,
     };
 
@@ -192,9 +203,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((listener, client_url)) = grpc {
-        let services = Services::new(store.blobs.service().clone(), store.directories.clone())
+        let mut services = Services::new(store.blobs.service().clone(), store.directories.clone())
             .add_service(PathInfoServer::new(publisher.clone()).into_service())
-            .with_access(access.clone());
+            .with_access(access.clone())
+            .with_max_upload_size(args.max_upload_size);
+        if let Some(tls) = &tls {
+            services = services.with_tls(tls.clone());
+        }
         tracing::info!(store = %url, listen = %client_url, "serving gRPC");
         let (url, stop) = (url.clone(), stopping());
         tasks.spawn(async move {
@@ -207,10 +222,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let cache = HttpCache::new(publisher.clone(), options);
         tracing::info!(store = %url, listen = %client_url, "serving a Nix binary cache");
         let (url, stop) = (url.clone(), stopping());
+        let tls = tls.clone();
         tasks.spawn(async move {
-            lazystore_httpcache::serve(listener, cache, stop)
-                .await
-                .with_context(|| format!("serving {url} as a binary cache on {client_url}"))
+            match tls {
+                Some(tls) => lazystore_httpcache::serve_tls(listener, cache, &tls, stop).await,
+                None => lazystore_httpcache::serve(listener, cache, stop).await,
+            }
+            .with_context(|| format!("serving {url} as a binary cache on {client_url}"))
         });
     }
     while let Some(result) = tasks.join_next().await {
@@ -259,10 +277,10 @@ fn access(args: &Args) -> anyhow::Result<Access> {
         .into_iter()
         .flatten()
         .any(|addr| beyond_loopback(addr));
-    if !access.is_open() && exposed {
+    if !access.is_open() && exposed && args.tls_cert.is_none() {
         tracing::warn!(
-            "tokens cross the network in clear (no TLS yet): anyone who can watch the traffic \
-             can use them (docs/security.md)"
+            "tokens cross the network in clear: anyone who can watch the traffic can use them; \
+             serve TLS with --tls-cert and --tls-key (docs/security.md)"
         );
     }
     Ok(access)
@@ -301,6 +319,16 @@ fn load_key(path: &Path, flag: &str) -> anyhow::Result<Arc<SigningKey>> {
     Ok(Arc::new(key))
 }
 
+/// The certificate and key of --tls-cert and --tls-key, if given. Errors
+/// name the file and say how to make a good one.
+fn server_tls(args: &Args) -> anyhow::Result<Option<ServerTls>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let tls = ServerTls::from_pem_files(cert, key).context("cannot use --tls-cert/--tls-key")?;
+    Ok(Some(tls))
+}
+
 /// The HTTP cache's options from the command line, reading the key file.
 fn http_options(args: &Args, access: Access) -> anyhow::Result<lazystore_httpcache::Options> {
     let signing_key = args
@@ -320,8 +348,9 @@ fn http_options(args: &Args, access: Access) -> anyhow::Result<lazystore_httpcac
     })
 }
 
-/// Binds `--http-listen`, returning the listener and the cache's URL.
-async fn bind_http(addr: &str) -> anyhow::Result<(TcpListener, String)> {
+/// Binds `--http-listen`, returning the listener and the cache's URL
+/// (`https://` with `tls`).
+async fn bind_http(addr: &str, tls: bool) -> anyhow::Result<(TcpListener, String)> {
     if addr.starts_with("unix:") {
         bail!("cannot serve HTTP on {addr:?}: --http-listen takes HOST:PORT (e.g. 127.0.0.1:8080)");
     }
@@ -331,7 +360,8 @@ async fn bind_http(addr: &str) -> anyhow::Result<(TcpListener, String)> {
     let local = listener
         .local_addr()
         .with_context(|| format!("cannot read the address bound for {addr:?}"))?;
-    Ok((listener, format!("http://{local}")))
+    let scheme = if tls { "https" } else { "http" };
+    Ok((listener, format!("{scheme}://{local}")))
 }
 
 fn listen_error(addr: &str, e: std::io::Error, otherwise: &str) -> anyhow::Error {
@@ -346,9 +376,17 @@ fn listen_error(addr: &str, e: std::io::Error, otherwise: &str) -> anyhow::Error
     anyhow::Error::new(e).context(format!("cannot listen on {addr:?}; {hint}"))
 }
 
-/// Binds `--listen`, returning the listener and the URL clients use.
-async fn bind(addr: &str) -> anyhow::Result<(Listener, String)> {
+/// Binds `--listen`, returning the listener and the URL clients use
+/// (`grpc+https://` with `tls`).
+async fn bind(addr: &str, tls: bool) -> anyhow::Result<(Listener, String)> {
     if let Some(path) = addr.strip_prefix("unix:") {
+        if tls {
+            bail!(
+                "cannot serve TLS on {addr:?}: --tls-cert is for TCP listeners (a Unix socket is \
+                 guarded by its file permissions); serve the socket from a lazystore serve \
+                 without --tls-cert, or --listen HOST:PORT"
+            );
+        }
         let path = Path::new(path);
         if !path.is_absolute() {
             bail!("cannot listen on {addr:?}: the socket path must be absolute (unix:/PATH)");
@@ -369,7 +407,12 @@ async fn bind(addr: &str) -> anyhow::Result<(Listener, String)> {
     let local = listener
         .local_addr()
         .with_context(|| format!("cannot read the address bound for {addr:?}"))?;
-    Ok((listener.into(), grpc_tcp_url(local)))
+    let url = if tls {
+        grpc_https_url(local)
+    } else {
+        grpc_tcp_url(local)
+    };
+    Ok((listener.into(), url))
 }
 
 /// Removes a socket file left by a server that is gone, so the address can

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lazystore_importer::UpstreamSubstituter;
+use lazystore_castore::tls::CaCerts;
+use lazystore_importer::{HttpOptions, UpstreamSubstituter};
 use lazystore_pathinfo::substitute::{StoreSubstituter, Substituters};
 use lazystore_pathinfo::{PublicKey, Store};
 
@@ -35,12 +36,14 @@ pub struct UpstreamArgs {
 
 impl UpstreamArgs {
     /// The store at `store_url`, then these caches (storing what they fetch
-    /// in `store`); "no cache has it" is believed for `negative_ttl`.
+    /// in `store`, trusting `ca_certs` beside the system's CAs); "no cache
+    /// has it" is believed for `negative_ttl`.
     pub fn substituters(
         self,
         store: &Store,
         store_url: &str,
         negative_ttl: Duration,
+        ca_certs: Option<CaCerts>,
     ) -> anyhow::Result<Substituters> {
         let in_store = StoreSubstituter::new(store.path_infos.clone(), store_url)
             .require_signatures(self.trusted_keys.clone());
@@ -56,6 +59,10 @@ impl UpstreamArgs {
             caches: self.upstreams,
             trusted_keys,
             check_signatures: !self.no_check_sigs,
+            http: HttpOptions {
+                ca_certs,
+                ..HttpOptions::default()
+            },
             ..Default::default()
         };
         let upstream = UpstreamSubstituter::new(store.clone(), options, negative_ttl)

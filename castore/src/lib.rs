@@ -7,7 +7,8 @@
 //! backend trait with one file per backend. [`retry`] is the one retry
 //! policy every retrying client of the workspace uses, and the classes
 //! ([`ErrorClass`]) the store's errors fall into. [`auth`] holds the access
-//! tokens both servers (gRPC and the HTTP cache) check and clients send.
+//! tokens both servers (gRPC and the HTTP cache) check and clients send;
+//! [`tls`] the certificates they present and the CAs clients trust.
 
 pub mod auth;
 pub mod blobs;
@@ -21,6 +22,7 @@ pub mod nodes;
 mod packs;
 mod redb_store;
 pub mod retry;
+pub mod tls;
 
 /// Wire types generated from `proto/castore.proto`.
 #[allow(missing_docs, clippy::all)]

@@ -3,6 +3,12 @@
 //! taken nothing for the send timeout. The connection is then closed, its
 //! response body dropped, and the request's slot freed; without this, a
 //! few clients that ask for NARs and never read would hold every slot.
+//!
+//! With TLS, the listener also runs each connection's handshake, in a task
+//! of its own so a slow client holds up no other, within
+//! [`TLS_HANDSHAKE_TIMEOUT`]: a client that connects and sends nothing is
+//! dropped then. A failed handshake (a cleartext client, an untrusted
+//! certificate on the client's side) is logged and the server goes on.
 
 use std::future::Future;
 use std::io;
@@ -13,28 +19,101 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
-/// A [`TcpListener`] whose connections are [`IdleWrite`]s.
+/// How long a client may take to complete its TLS handshake, from the
+/// moment its connection is accepted: a few round trips take well under a
+/// second; ten leaves room for a slow link and a loaded server.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes run at once; while this many are in progress no new
+/// connection is accepted (they wait in the kernel's accept queue), so
+/// clients that connect and stall can't make the server hold an unbounded
+/// number of them. Each lasts at most [`TLS_HANDSHAKE_TIMEOUT`].
+const MAX_HANDSHAKES: usize = 256;
+
+/// A connection: cleartext, or TLS over TCP.
+pub type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+
+/// A finished handshake: the connection and its client's address, or why
+/// it failed.
+type Handshake = (io::Result<TlsStream<TcpStream>>, SocketAddr);
+
+/// A [`TcpListener`] whose connections are [`IdleWrite`]s, through TLS if
+/// it has an acceptor.
 pub struct IdleListener {
-    pub inner: TcpListener,
-    pub send_timeout: Duration,
+    inner: TcpListener,
+    send_timeout: Duration,
+    tls: Option<TlsAcceptor>,
+    /// Handshakes in progress; dropped (and so cancelled) with the
+    /// listener when the server stops accepting.
+    handshakes: JoinSet<Handshake>,
+}
+
+impl IdleListener {
+    /// Accepts on `inner`, closing connections whose client reads nothing
+    /// for `send_timeout`, speaking TLS with `tls` if given.
+    pub fn new(inner: TcpListener, send_timeout: Duration, tls: Option<TlsAcceptor>) -> Self {
+        IdleListener {
+            inner,
+            send_timeout,
+            tls,
+            handshakes: JoinSet::new(),
+        }
+    }
+
+    fn idle(&self, io: Stream) -> IdleWrite<Stream> {
+        IdleWrite {
+            inner: io,
+            timeout: self.send_timeout,
+            stalled: None,
+        }
+    }
 }
 
 impl axum::serve::Listener for IdleListener {
-    type Io = IdleWrite<TcpStream>;
+    type Io = IdleWrite<Stream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (
-            IdleWrite {
-                inner: io,
-                timeout: self.send_timeout,
-                stalled: None,
-            },
-            addr,
-        )
+        let Some(acceptor) = self.tls.clone() else {
+            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            return (self.idle(Either::Left(io)), addr);
+        };
+        loop {
+            let room = self.handshakes.len() < MAX_HANDSHAKES;
+            tokio::select! {
+                // Both branches are cancel safe: accepting (tokio's is, and
+                // axum's retries only sleep) and joining.
+                (io, addr) = axum::serve::Listener::accept(&mut self.inner), if room => {
+                    let acceptor = acceptor.clone();
+                    self.handshakes.spawn(async move {
+                        let handshake = acceptor.accept(io);
+                        let done = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                            Ok(done) => done,
+                            Err(_) => Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}"),
+                            )),
+                        };
+                        (done, addr)
+                    });
+                }
+                Some(joined) = self.handshakes.join_next() => match joined {
+                    Ok((Ok(tls), addr)) => return (self.idle(Either::Right(tls)), addr),
+                    Ok((Err(e), addr)) => tracing::debug!(
+                        target: "lazystore::http",
+                        client = %addr,
+                        "TLS handshake failed: {e}"
+                    ),
+                    Err(e) => tracing::warn!("a TLS handshake task failed: {e}"),
+                },
+            }
+        }
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {

@@ -47,8 +47,9 @@ mod range;
 mod server;
 mod upload;
 
+pub use conn::TLS_HANDSHAKE_TIMEOUT;
 pub use narinfo::NarCompression;
 pub use server::{
-    DEFAULT_MAX_REQUESTS, DEFAULT_MAX_UPLOAD_SIZE, DEFAULT_PRIORITY, HttpCache, Options,
-    SEND_TIMEOUT, serve, serve_with_send_timeout,
+    DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Options, SEND_TIMEOUT, serve, serve_tls,
+    serve_with_send_timeout,
 };

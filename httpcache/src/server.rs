@@ -1,6 +1,6 @@
 //! [`HttpCache`]: the routes, the token check, the request limit and the
 //! access log, over one [`Store`]; [`serve`] runs it on a listener until
-//! shutdown.
+//! shutdown, and [`serve_tls`] the same over TLS.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,11 +14,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lazystore_castore::auth::Access;
+use lazystore_castore::tls::ServerTls;
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::publish::Publisher;
 use lazystore_pathinfo::{SigningKey, Store, StorePath, StorePathHash};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use crate::body::{LogLine, Tracked};
 use crate::conn::IdleListener;
@@ -56,7 +58,8 @@ pub struct Options {
     /// is sent, or its client has read nothing for [`SEND_TIMEOUT`].
     pub max_requests: usize,
     /// Longest upload taken, compressed as sent and as a NAR; longer ones
-    /// are refused with 413 and stage nothing.
+    /// are refused with 413 and stage nothing. By default the gRPC
+    /// server's ([`DEFAULT_MAX_UPLOAD_SIZE`](lazystore_castore::grpc::DEFAULT_MAX_UPLOAD_SIZE)).
     pub max_upload_size: u64,
 }
 
@@ -70,15 +73,10 @@ impl Default for Options {
             allow_upload: false,
             access: Access::default(),
             max_requests: DEFAULT_MAX_REQUESTS,
-            max_upload_size: DEFAULT_MAX_UPLOAD_SIZE,
+            max_upload_size: lazystore_castore::grpc::DEFAULT_MAX_UPLOAD_SIZE,
         }
     }
 }
-
-/// Longest upload taken by default: larger than any store path in
-/// nixpkgs (the largest NARs, of CUDA and LLVM toolchains, are a few GiB),
-/// small enough that one upload can't fill a server's disk by itself.
-pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
 
 /// A store served as a binary cache. Cheap to clone.
 #[derive(Clone)]
@@ -173,6 +171,23 @@ pub async fn serve(
     serve_with_send_timeout(listener, cache, shutdown, SEND_TIMEOUT).await
 }
 
+/// [`serve`] over TLS with `tls`'s certificate (clients use
+/// `https://HOST:PORT`). Each handshake must finish within
+/// [`TLS_HANDSHAKE_TIMEOUT`](crate::TLS_HANDSHAKE_TIMEOUT); one that fails
+/// or times out closes its connection, logged at debug level, and the
+/// server goes on.
+pub async fn serve_tls(
+    listener: TcpListener,
+    cache: HttpCache,
+    tls: &ServerTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // The router speaks HTTP/1.1 only.
+    let acceptor = TlsAcceptor::from(tls.rustls_config(&[b"http/1.1"]));
+    let listener = IdleListener::new(listener, SEND_TIMEOUT, Some(acceptor));
+    run(listener, cache, shutdown).await
+}
+
 /// [`serve`], closing a connection whose client reads nothing for
 /// `send_timeout`.
 pub async fn serve_with_send_timeout(
@@ -181,10 +196,19 @@ pub async fn serve_with_send_timeout(
     shutdown: impl Future<Output = ()> + Send + 'static,
     send_timeout: Duration,
 ) -> std::io::Result<()> {
-    let listener = IdleListener {
-        inner: listener,
-        send_timeout,
-    };
+    run(
+        IdleListener::new(listener, send_timeout, None),
+        cache,
+        shutdown,
+    )
+    .await
+}
+
+async fn run(
+    listener: IdleListener,
+    cache: HttpCache,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let service = cache
         .router()
         .into_make_service_with_connect_info::<crate::conn::ClientAddr>();

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use lazystore_castore::tls::CaCerts;
 use lazystore_castore::{ErrorClass, RetryPolicy, Retryable};
 use lazystore_pathinfo::decompress::Decompressed;
 use lazystore_pathinfo::{Compression, STORE_DIR};
@@ -258,6 +259,10 @@ pub struct HttpOptions {
     pub connect_timeout: Duration,
     /// Longest wait for the next bytes of a response.
     pub read_timeout: Duration,
+    /// CA certificates an `https://` cache's certificate may be signed by,
+    /// beside the system's (`--ca-file`: a `lazystore serve --tls-cert`
+    /// with a private CA).
+    pub ca_certs: Option<CaCerts>,
 }
 
 impl Default for HttpOptions {
@@ -265,6 +270,7 @@ impl Default for HttpOptions {
         HttpOptions {
             connect_timeout: Duration::from_secs(20),
             read_timeout: Duration::from_secs(60),
+            ca_certs: None,
         }
     }
 }
@@ -274,10 +280,16 @@ pub fn http_client(options: &HttpOptions) -> Result<reqwest::Client, reqwest::Er
     // reqwest is built without a bundled crypto provider; ring is ours.
     // Installing fails harmlessly when one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .user_agent(concat!("lazystore/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(options.connect_timeout)
-        .build()
+        .connect_timeout(options.connect_timeout);
+    if let Some(ca) = &options.ca_certs {
+        // Parsed already when read (`CaCerts::from_pem_file`).
+        for cert in reqwest::Certificate::from_pem_bundle(ca.pem())? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build()
 }
 
 impl BinaryCache {

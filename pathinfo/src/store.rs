@@ -4,8 +4,8 @@
 //!
 //! A store is a plain struct of its three services, so a layer in front of
 //! one of them is built by replacing that field. [`StoreOptions`] say which
-//! layers `Store::open` builds: a remote store's retry policy and access
-//! token, a local chunk cache in front of it (by default for a remote
+//! layers `Store::open` builds: a remote store's retry policy, access
+//! token and extra trusted CA certificates, a local chunk cache in front of it (by default for a remote
 //! store), and a wrapper of what that cache fetches (a mount's counters).
 //! A command given a token passes it here, and only here: every call to a
 //! remote store then carries it.
@@ -27,6 +27,7 @@ use lazystore_castore::directories::{
     CachingDirectoryService, GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
 };
 use lazystore_castore::grpc::{Connection, InvalidUrl, Unreachable};
+use lazystore_castore::tls::CaCerts;
 use lazystore_castore::{
     BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, DEFAULT_CACHE_SIZE,
     DirectoryService, Node, OpenError, RedbOptions, RedbStore, RetryPolicy, SyncMode,
@@ -48,6 +49,10 @@ pub const LAZYSTORE_DIR: &str = "LAZYSTORE_DIR";
 /// The environment variable naming the token file a client sends its
 /// token from, when no `--token-file` is given.
 pub const LAZYSTORE_TOKEN_FILE: &str = "LAZYSTORE_TOKEN_FILE";
+
+/// The environment variable naming the file of CA certificates a client
+/// trusts beside the system's, when no `--ca-file` is given.
+pub const LAZYSTORE_CA_FILE: &str = "LAZYSTORE_CA_FILE";
 
 /// Where the default store lives when [`LAZYSTORE_DIR`] is not set,
 /// relative to `$HOME`.
@@ -110,6 +115,10 @@ pub struct StoreOptions {
     /// with `--read-token-file` or `--write-token-file` wants one); local
     /// stores ignore it.
     pub token: Option<Token>,
+    /// CA certificates a `grpc+https://` store's certificate may be signed
+    /// by, beside the system's (what `--ca-file` gives); other stores
+    /// ignore them.
+    pub ca_certs: Option<CaCerts>,
     /// The local chunk cache in front of the blobs and directories.
     pub local_cache: LocalCache,
     /// Most bytes the local cache keeps.
@@ -120,7 +129,8 @@ pub struct StoreOptions {
 }
 
 impl Default for StoreOptions {
-    /// Every commit fsynced, the default retries, no token, no local cache (one of
+    /// Every commit fsynced, the default retries, no token, only the
+    /// system's CA certificates, no local cache (one of
     /// [`DEFAULT_CACHE_SIZE`] if asked for), no layer.
     fn default() -> Self {
         StoreOptions {
@@ -129,6 +139,7 @@ impl Default for StoreOptions {
             retry: RetryPolicy::default(),
             wait_for_server: None,
             token: None,
+            ca_certs: None,
             local_cache: LocalCache::None,
             local_cache_bytes: DEFAULT_CACHE_SIZE,
             cache_fetches: None,
@@ -142,7 +153,7 @@ pub enum OpenStoreError {
     /// The URL's scheme is not one [`Store::open`] knows.
     #[error(
         "unsupported store URL {0:?}: expected memory://, redb:///abs/path/store.redb, \
-         grpc+http://host:port or grpc+unix:///path/to.sock"
+         grpc+http://host:port, grpc+https://host:port or grpc+unix:///path/to.sock"
     )]
     UnknownScheme(String),
     /// A `redb://` URL whose path is not absolute, or that has a query.
@@ -271,9 +282,24 @@ pub fn is_ephemeral(url: &str) -> bool {
     url == MEMORY_URL
 }
 
-/// The store URL of a `lazystore serve` listening on TCP at `addr`.
+/// The store URL of a `lazystore serve` listening on TCP at `addr`, in
+/// cleartext.
 pub fn grpc_tcp_url(addr: std::net::SocketAddr) -> String {
     format!("grpc+http://{addr}")
+}
+
+/// The store URL of a `lazystore serve` listening on TCP at `addr` with
+/// TLS (`serve --tls-cert`).
+pub fn grpc_https_url(addr: std::net::SocketAddr) -> String {
+    format!("grpc+https://{addr}")
+}
+
+/// Whether `url` names a remote store (`grpc+…`), one reached through a
+/// [`Connection`]: what `--token-file` and `--ca-file` are for.
+pub fn is_remote(url: &str) -> bool {
+    ["grpc+http://", "grpc+https://", "grpc+unix://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
 }
 
 /// The store URL of a `lazystore serve` listening on the Unix socket at
@@ -351,6 +377,8 @@ impl Store {
     ///   durable as `options.sync` says; only one process can have it open.
     ///   For other options open a [`RedbStore`] and use [`Store::redb`].
     /// - `grpc+http://host:port` — a `lazystore serve` over TCP.
+    /// - `grpc+https://host:port` — the same over TLS, its certificate
+    ///   signed by a CA of the system's or of `options.ca_certs`.
     /// - `grpc+unix:///path/to.sock` — a `lazystore serve` on a Unix socket.
     ///
     /// gRPC stores connect on first use (and retry while the server is
@@ -403,8 +431,8 @@ impl Store {
             })?;
             return Ok((Store::redb(store), false));
         }
-        if url.starts_with("grpc+http://") || url.starts_with("grpc+unix://") {
-            let connection = Connection::lazy(url)?
+        if is_remote(url) {
+            let connection = Connection::lazy_with_ca(url, options.ca_certs.as_ref())?
                 .with_retry(options.retry)
                 .with_token(options.token.as_ref());
             if let Some(wait) = options.wait_for_server {

@@ -1,6 +1,7 @@
 //! Real Nix for integration tests: running Nix commands as root without a daemon,
 //! sandbox or build users, building small closures with references, adding trees,
-//! making signing keys, and writing binary caches with `nix copy`.
+//! making signing keys, and writing binary caches with `nix copy`; and TLS
+//! certificates for servers (`tls`).
 //!
 //! Every helper panics on failure with the command line and Nix's stderr, and a
 //! missing `nix` is a failure, never a skip: these tests compare against Nix, and
@@ -17,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tempfile::TempDir;
 
 pub mod http;
+pub mod tls;
 
 /// `NIX_CONFIG` for every command: the new CLI, builds without a sandbox or
 /// build users (we run as root without a daemon), and no substituters, since

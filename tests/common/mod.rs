@@ -71,6 +71,13 @@ impl Drop for Proc {
 
 /// Starts `lazystore ARGS…` and returns it with the first line it prints.
 pub fn start(args: &[&str]) -> (Proc, String) {
+    let (proc, mut lines) = start_lines(args, 1);
+    (proc, lines.remove(0))
+}
+
+/// Starts `lazystore ARGS…` and returns it with the first `n` lines it
+/// prints (a server on two listeners prints two URLs).
+pub fn start_lines(args: &[&str], n: usize) -> (Proc, Vec<String>) {
     let mut child = Command::new(LAZYSTORE)
         .args(args)
         .stdout(Stdio::piped())
@@ -81,14 +88,19 @@ pub fn start(args: &[&str]) -> (Proc, String) {
     // Standard error is drained from the start, so a child that logs much
     // before its first line is not blocked on a full pipe.
     let mut proc = Proc::new(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    if line.is_empty() {
-        proc.child().wait().unwrap();
-        proc.2.take().unwrap().join().unwrap();
-        panic!("lazystore {args:?} failed: {}", proc.stderr());
+    let mut stdout = BufReader::new(stdout);
+    let mut lines = Vec::new();
+    for _ in 0..n {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        if line.is_empty() {
+            proc.child().wait().unwrap();
+            proc.2.take().unwrap().join().unwrap();
+            panic!("lazystore {args:?} failed: {}", proc.stderr());
+        }
+        lines.push(line.trim().to_owned());
     }
-    (proc, line.trim().to_owned())
+    (proc, lines)
 }
 
 pub fn serve(store: &str, listen: &str) -> (Proc, String) {

@@ -4,10 +4,15 @@
 //! decodes and verifies them). Chunks coming in are decoded and checked
 //! against their digest before they are stored, so a client can never plant
 //! bytes under the wrong name.
+//!
+//! One `Put` may upload at most its server's upload limit: a client that
+//! sends more gets `RESOURCE_EXHAUSTED`, and the chunk that passed the
+//! limit, and those waiting with it for the next batch, are not stored.
 
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream, StreamExt};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::wire::{self, BadMessage};
@@ -30,12 +35,42 @@ const PUT_BATCH_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Clone)]
 pub struct BlobServer {
     blobs: Arc<dyn BlobService>,
+    max_upload_size: u64,
+}
+
+/// A `Put` that went past the server's upload limit; sent as
+/// `RESOURCE_EXHAUSTED`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "upload too large: {what} {size} bytes, over this server's limit of {limit} bytes (lazystore \
+     serve --max-upload-size)"
+)]
+pub struct UploadTooLarge {
+    /// What is too large: the chunks of the call, or the blob recorded.
+    pub what: &'static str,
+    /// Its size, in bytes (for chunks, as far as the server counted).
+    pub size: u64,
+    /// The limit.
+    pub limit: u64,
 }
 
 impl BlobServer {
-    /// Serves `blobs`.
+    /// The service's gRPC name, as health reports it.
+    pub const NAME: &'static str = <BlobServiceServer<BlobServer> as NamedService>::NAME;
+
+    /// Serves `blobs`, without an upload limit.
     pub fn new(blobs: Arc<dyn BlobService>) -> Self {
-        BlobServer { blobs }
+        BlobServer {
+            blobs,
+            max_upload_size: u64::MAX,
+        }
+    }
+
+    /// Refuses a `Put` whose chunks add up to more than `bytes` (encoded,
+    /// as sent) or that records a blob larger than `bytes`.
+    pub fn with_max_upload_size(mut self, bytes: u64) -> Self {
+        self.max_upload_size = bytes;
+        self
     }
 
     /// The tonic service, with message limits of [`MAX_MESSAGE_SIZE`].
@@ -198,10 +233,33 @@ impl blob_service_server::BlobService for BlobServer {
             chunks_stored: 0,
         };
         let mut blobs_stored = 0;
+        let limit = self.max_upload_size;
+        let mut received: u64 = 0;
         while let Some(message) = stream.message().await? {
             match message.item {
-                Some(Item::Chunk(chunk)) => upload.add(EncodedChunk::try_from(chunk)?).await?,
+                Some(Item::Chunk(chunk)) => {
+                    // Counted before the chunk joins a batch, so the one
+                    // that passes the limit (and its batch) is not stored.
+                    received = received.saturating_add(chunk.data.len() as u64);
+                    if received > limit {
+                        return Err(UploadTooLarge {
+                            what: "the chunks of this call add up to at least",
+                            size: received,
+                            limit,
+                        }
+                        .into());
+                    }
+                    upload.add(EncodedChunk::try_from(chunk)?).await?
+                }
                 Some(Item::Blob(record)) => {
+                    if record.size > limit {
+                        return Err(UploadTooLarge {
+                            what: "the blob recorded is",
+                            size: record.size,
+                            limit,
+                        }
+                        .into());
+                    }
                     // A chunk list may name any chunk sent before it.
                     upload.flush().await?;
                     let blob = wire::digest("blob.digest", &record.digest)?;

@@ -341,7 +341,9 @@ impl Retryable for Status {
 /// time. Errors the server chose to return are final.
 pub(crate) fn is_transient(status: &Status) -> bool {
     match status.code() {
-        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => true,
+        // Asking again will not make an untrusted certificate trusted.
+        Code::Unavailable => !crate::tls::untrusted(&crate::error_chain(status)),
+        Code::Cancelled | Code::DeadlineExceeded => true,
         // A connection dropped mid-call surfaces as UNKNOWN or INTERNAL, with
         // the transport error as its source.
         Code::Unknown | Code::Internal => connection_broke(status),

@@ -1,7 +1,8 @@
-//! [`Connection`]: one lazily connected HTTP/2 channel to a gRPC store, the
-//! retry policy for calls over it, how long one attempt may wait, and the
-//! token every call carries. The blob and directory clients (and any other
-//! service's client on the same server) share one.
+//! [`Connection`]: one lazily connected HTTP/2 channel to a gRPC store
+//! (cleartext, TLS or a Unix socket), the retry policy for calls over it,
+//! how long one attempt may wait, and the token every call carries. The
+//! blob and directory clients (and any other service's client on the same
+//! server) share one.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::call::{AttemptError, AttemptTimeout, CallError, Outage, Retry};
 use crate::auth::{AUTHORIZATION, Token, bearer_value};
 use crate::retry::RetryPolicy;
+use crate::tls::{self, CaCerts};
 
 /// How long to wait for a TCP connection to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,7 +29,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A store URL that is not a gRPC address this client can use.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "invalid gRPC store URL {url:?}: {reason} (expected grpc+http://HOST:PORT or grpc+unix:///PATH)"
+    "invalid gRPC store URL {url:?}: {reason} (expected grpc+http://HOST:PORT, \
+     grpc+https://HOST:PORT or grpc+unix:///PATH)"
 )]
 pub struct InvalidUrl {
     /// The URL given.
@@ -40,8 +43,8 @@ pub struct InvalidUrl {
 /// ([`Connection::probe`]).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "no lazystore serve answers at {url} (waited {waited:?}: {last}); is it running and listening \
-     there?"
+    "no lazystore serve answers at {url} (waited {waited:?}: {last}); {}",
+    hint.unwrap_or("is it running and listening there?")
 )]
 pub struct Unreachable {
     /// The URL asked.
@@ -50,6 +53,9 @@ pub struct Unreachable {
     pub waited: Duration,
     /// The last failure, with its causes.
     pub last: String,
+    /// What the failure suggests, when TLS explains it: a certificate the
+    /// client does not trust, or cleartext and TLS meeting.
+    pub hint: Option<&'static str>,
 }
 
 /// The channel every client of a [`Connection`] calls through: each call
@@ -98,6 +104,8 @@ pub struct Connection {
     /// Whether the server is answering, shared by every call on it.
     outage: Arc<Outage>,
     token: SendToken,
+    /// Whether the channel speaks TLS (`grpc+https://`), for hints.
+    tls: bool,
 }
 
 impl Connection {
@@ -106,15 +114,24 @@ impl Connection {
     ///
     /// - `grpc+http://HOST:PORT` (or plain `http://HOST:PORT`): TCP,
     ///   cleartext HTTP/2;
+    /// - `grpc+https://HOST:PORT`: TCP, HTTP/2 over TLS, the server's
+    ///   certificate checked against the system's CA certificates;
     /// - `grpc+unix:///PATH`: a Unix socket at the absolute `PATH`.
     ///
     /// Must be called within a Tokio runtime: the channel's worker task is
     /// spawned here.
     pub fn lazy(url: &str) -> Result<Self, InvalidUrl> {
+        Connection::lazy_with_ca(url, None)
+    }
+
+    /// [`Connection::lazy`], a `grpc+https://` server's certificate also
+    /// trusted if `ca` signed it (other schemes ignore `ca`).
+    pub fn lazy_with_ca(url: &str, ca: Option<&CaCerts>) -> Result<Self, InvalidUrl> {
         let invalid = |reason| InvalidUrl {
             url: url.to_string(),
             reason,
         };
+        let mut tls = false;
         let endpoint = if let Some(path) = url.strip_prefix("grpc+unix://") {
             if !path.starts_with('/') || path.len() < 2 {
                 return Err(invalid("the socket path must be absolute"));
@@ -122,19 +139,36 @@ impl Connection {
             Endpoint::from_shared(format!("unix://{path}"))
                 .map_err(|_| invalid("bad socket path"))?
         } else {
-            let rest = url
-                .strip_prefix("grpc+http://")
-                .or_else(|| url.strip_prefix("http://"))
-                .ok_or_else(|| invalid("unsupported scheme"))?;
-            let http = format!("http://{rest}");
-            let uri: tonic::codegen::http::Uri = http.parse().map_err(|_| invalid("not a URL"))?;
+            let (scheme, rest) = if let Some(rest) = url.strip_prefix("grpc+https://") {
+                tls = true;
+                ("https", rest)
+            } else {
+                let rest = url
+                    .strip_prefix("grpc+http://")
+                    .or_else(|| url.strip_prefix("http://"))
+                    .ok_or_else(|| invalid("unsupported scheme"))?;
+                ("http", rest)
+            };
+            let uri: tonic::codegen::http::Uri = format!("{scheme}://{rest}")
+                .parse()
+                .map_err(|_| invalid("not a URL"))?;
             if uri.host().is_none_or(str::is_empty) {
                 return Err(invalid("no host"));
             }
             if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
                 return Err(invalid("a gRPC store URL has no path or query"));
             }
-            Endpoint::from(uri).connect_timeout(CONNECT_TIMEOUT)
+            let endpoint = Endpoint::from(uri).connect_timeout(CONNECT_TIMEOUT);
+            if tls {
+                // The server name checked is the URL's host (an IP address
+                // must be among the certificate's IP addresses).
+                let config = tls::client_config(ca).map_err(invalid)?;
+                endpoint
+                    .tls_config(config)
+                    .map_err(|_| invalid("cannot set up TLS for this host"))?
+            } else {
+                endpoint
+            }
         };
         // Fixed, large windows, as the server's (`grpc::serve`): h2 closes
         // a connection whose buffered small DATA frames pass half its
@@ -155,6 +189,7 @@ impl Connection {
             timeout: AttemptTimeout::default(),
             outage: Arc::default(),
             token: SendToken::default(),
+            tls,
         })
     }
 
@@ -229,10 +264,12 @@ impl Connection {
                 Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
             };
             let waited = started.elapsed();
-            if waited + pause > wait {
+            // Asking again will not make an untrusted certificate trusted.
+            if waited + pause > wait || tls::untrusted(&last) {
                 return Err(Unreachable {
                     url: self.url.to_string(),
                     waited,
+                    hint: tls::hint(&last, self.tls),
                     last,
                 });
             }
@@ -279,11 +316,13 @@ mod tests {
             "grpc+http://localhost:8000/",
             "http://[::1]:8000",
             "grpc+unix:///run/lazystore.sock",
+            "grpc+https://localhost:8000",
+            "grpc+https://127.0.0.1:8000",
         ] {
             assert!(Connection::lazy(good).is_ok(), "{good}");
         }
         for bad in [
-            "grpc+https://host:1",
+            "grpcs://host:1",
             "redb:///x",
             "grpc+http://",
             "grpc+http://host:1/path",

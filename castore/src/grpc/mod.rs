@@ -1,6 +1,6 @@
 //! The store over gRPC: the server side of the blob and directory services,
-//! [`serve`] to run them (with gRPC health, and the token check) on a TCP
-//! or Unix listener, and the plumbing every client shares: a lazily
+//! [`serve`] to run them (with gRPC health, the token check, optional TLS
+//! and bounds on what one client may hold) on a TCP or Unix listener, and the plumbing every client shares: a lazily
 //! connected [`Connection`] (sending its token with every call), its
 //! per-attempt [`AttemptTimeout`] (the [`RetryPolicy`](crate::RetryPolicy)
 //! itself is shared with every other retrying client, in [`crate::retry`]),
@@ -26,11 +26,14 @@ mod serve;
 mod status;
 pub(crate) mod wire;
 
-pub use blob_server::BlobServer;
+pub use blob_server::{BlobServer, UploadTooLarge};
 pub use call::{AttemptError, AttemptTimeout, CallError};
 pub use connection::{AuthChannel, Connection, InvalidUrl, SendToken, Unreachable};
 pub use directory_server::DirectoryServer;
-pub use serve::{Listener, ServeError, Services, serve};
+pub use serve::{
+    DEFAULT_MAX_UPLOAD_SIZE, FIRST_BYTES_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Listener,
+    MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, ServeError, Services, TLS_HANDSHAKE_TIMEOUT, serve,
+};
 pub use status::GrpcError;
 pub use wire::BadMessage;
 

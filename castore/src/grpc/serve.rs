@@ -7,21 +7,43 @@
 //! tokens itself and none added later can forget to: a call without the
 //! token its method needs ([`Need::of_grpc_call`]) is refused with
 //! `UNAUTHENTICATED` before its service sees a byte of it.
+//!
+//! The door is bounded for clients nobody vouches for: at most
+//! [`MAX_CONNECTIONS`] connections at once (more wait, unaccepted, in the
+//! kernel's accept queue), [`MAX_CONCURRENT_STREAMS`] calls at once on one
+//! connection, [`FIRST_BYTES_TIMEOUT`] for a new connection to say
+//! something (and [`TLS_HANDSHAKE_TIMEOUT`] to finish its TLS handshake),
+//! keepalive pings that close a connection whose peer stopped answering,
+//! and a blob upload limit ([`Services::with_max_upload_size`]). There is
+//! no time limit on a call: a `ReadChunks` stream to a slow reader may
+//! rightly take hours. "Idle" therefore means a peer that does not answer
+//! HTTP/2 pings (gone, partitioned, or frozen); a live client that holds a
+//! connection open without calls keeps it, and holds one of the
+//! connection slots.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::middleware::{self, Next};
+use futures::{Stream, StreamExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
-use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{
+    Connected, ServerTlsConfig, TcpConnectInfo, TcpIncoming, TlsConnectInfo,
+};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -29,14 +51,62 @@ use super::{BlobServer, DirectoryServer};
 use crate::auth::{Access, Need, bearer};
 use crate::blobs::BlobService;
 use crate::directories::DirectoryService;
+use crate::tls::ServerTls;
+
+/// Connections served at once. Each costs a task, its HTTP/2 state and
+/// buffers (up to the flow-control windows, [`CONNECTION_WINDOW`]), so
+/// this bounds what unauthenticated clients can make the server hold,
+/// while leaving room for a build farm: every builder's mount keeps one
+/// connection (clones of a `Connection` share it). Connections over the
+/// limit are not accepted until one closes: they wait in the kernel's
+/// accept queue, and their clients' connect timeouts decide how long.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Calls (HTTP/2 streams) open at once on one connection. A client
+/// ingesting a path runs up to 256 file uploads at once
+/// (`pathinfo::ingest::MAX_FILES_IN_FLIGHT`) beside its reads; twice that
+/// leaves it room, and bounds the memory one connection's calls can hold
+/// to a few hundred times a call's stream window. A client that opens
+/// more queues them itself (HTTP/2 clients wait for a free stream).
+pub const MAX_CONCURRENT_STREAMS: u32 = 512;
+
+/// How often the server pings a connection from which nothing has come,
+/// and how long it waits for the answer before closing it: a client that
+/// vanished without closing (power loss, partition) frees its slot within
+/// a minute. Answering takes a client no work, so a live client, even one
+/// slowly reading a long `ReadChunks` stream, is never closed by this.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(40);
+
+/// See [`KEEPALIVE_INTERVAL`]: long enough for a loaded client on a slow
+/// link to answer.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a new connection may send nothing: an HTTP/2 client sends its
+/// preface (or TLS hello) at once, so only a connection opened to hold a
+/// slot (of [`MAX_CONNECTIONS`]) waits longer. HTTP/2 pings can't reach a
+/// peer that never started HTTP/2.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a TLS handshake may take, once started: a few round trips,
+/// so seconds even across continents.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest blob one `Put` call may upload unless configured
+/// ([`Services::with_max_upload_size`]): the whole NAR of a large store
+/// path (a toolchain, a VM image) fits, while one client cannot fill a
+/// store's disk in one call by accident or design.
+pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
 
 /// Where the server accepts connections.
 #[derive(Debug)]
 pub enum Listener {
-    /// TCP, cleartext HTTP/2 (clients use `grpc+http://HOST:PORT`).
+    /// TCP: cleartext HTTP/2 (clients use `grpc+http://HOST:PORT`), or TLS
+    /// if the services have a certificate ([`Services::with_tls`];
+    /// `grpc+https://HOST:PORT`).
     Tcp(TcpListener),
-    /// A Unix socket (clients use `grpc+unix:///PATH`). The socket file
-    /// stays after the server stops; whoever binds it again removes it.
+    /// A Unix socket (clients use `grpc+unix:///PATH`), never TLS: the
+    /// socket file's permissions guard it. The socket file stays after the
+    /// server stops; whoever binds it again removes it.
     Unix(UnixListener),
 }
 
@@ -54,8 +124,17 @@ impl From<UnixListener> for Listener {
 
 /// The server failed to run.
 #[derive(Debug, thiserror::Error)]
-#[error("gRPC server failed")]
-pub struct ServeError(#[source] tonic::transport::Error);
+pub enum ServeError {
+    /// The transport failed.
+    #[error("gRPC server failed")]
+    Transport(#[source] tonic::transport::Error),
+    /// TLS was asked for on a Unix socket.
+    #[error(
+        "TLS is for TCP listeners: a Unix socket is guarded by its file permissions (serve it \
+         without a certificate, or listen on HOST:PORT)"
+    )]
+    TlsOnUnixSocket,
+}
 
 /// The gRPC services one server runs, with `grpc.health.v1.Health`
 /// reporting each as `SERVING` while it runs.
@@ -76,6 +155,9 @@ pub struct Services {
     names: Vec<&'static str>,
     health: HealthReporter,
     access: Access,
+    blobs: BlobServer,
+    tls: Option<ServerTls>,
+    max_connections: usize,
 }
 
 impl Services {
@@ -86,11 +168,14 @@ impl Services {
         routes.add_service(health_service);
         Services {
             routes,
-            names: Vec::new(),
+            // The blob service is added by `serve`, with its upload limit.
+            names: vec![BlobServer::NAME],
             health,
             access: Access::default(),
+            blobs: BlobServer::new(blobs).with_max_upload_size(DEFAULT_MAX_UPLOAD_SIZE),
+            tls: None,
+            max_connections: MAX_CONNECTIONS,
         }
-        .add_service(BlobServer::new(blobs).into_service())
         .add_service(DirectoryServer::new(directories).into_service())
     }
 
@@ -119,6 +204,30 @@ impl Services {
         self
     }
 
+    /// Serves TLS with this certificate on a TCP listener (clients use
+    /// `grpc+https://HOST:PORT`); a handshake that does not finish within
+    /// [`TLS_HANDSHAKE_TIMEOUT`] closes the connection, and a failed one
+    /// is logged at debug level without stopping the server.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Refuses a blob `Put` whose chunks add up to more than `bytes`
+    /// (encoded, as sent), or that records a blob larger than `bytes`,
+    /// with `RESOURCE_EXHAUSTED` (default [`DEFAULT_MAX_UPLOAD_SIZE`]).
+    pub fn with_max_upload_size(mut self, bytes: u64) -> Self {
+        self.blobs = self.blobs.with_max_upload_size(bytes);
+        self
+    }
+
+    /// Serves at most `n` connections at once (default
+    /// [`MAX_CONNECTIONS`]); more wait in the accept queue.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
     /// The health reporter, to mark a service `NOT_SERVING` while it can't
     /// answer (and back).
     pub fn health_reporter(&self) -> HealthReporter {
@@ -144,11 +253,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let Services {
-        routes,
+        mut routes,
         names,
         mut health,
         access,
+        blobs,
+        tls,
+        max_connections,
     } = services;
+    routes.add_service(blobs.into_service());
     let mut routes = routes.routes();
     if !access.is_open() {
         let router = routes.into_axum_router();
@@ -185,25 +298,135 @@ pub async fn serve(
     // thousands of small files, each a Put of a few hundred bytes, while
     // the store fsyncs, lost its connection mid-NAR. 16 MiB makes the cap
     // 8 MiB, some 30,000 small frames waiting at once.
-    let router = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(false))
         .initial_connection_window_size(CONNECTION_WINDOW)
         .initial_stream_window_size(STREAM_WINDOW)
-        .add_routes(routes);
-    let result = match listener.into() {
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    let listener = listener.into();
+    if let Some(tls) = &tls {
+        if let Listener::Unix(_) = listener {
+            return Err(ServeError::TlsOnUnixSocket);
+        }
+        // tonic hands each accepted connection to a task of its own for
+        // the handshake (a slow one holds up no other) and applies the
+        // configuration in `serve_with_incoming_shutdown` too.
+        let config = ServerTlsConfig::new()
+            .identity(tls.identity())
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        server = server.tls_config(config).map_err(ServeError::Transport)?;
+    }
+    let router = server.add_routes(routes);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let result = match listener {
         Listener::Tcp(l) => {
             let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
             router
-                .serve_with_incoming_shutdown(incoming, shutdown)
+                .serve_with_incoming_shutdown(limited(incoming, slots), shutdown)
                 .await
         }
         Listener::Unix(l) => {
+            let incoming = UnixListenerStream::new(l);
             router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                .serve_with_incoming_shutdown(limited(incoming, slots), shutdown)
                 .await
         }
     };
-    result.map_err(ServeError)
+    result.map_err(ServeError::Transport)
+}
+
+/// `incoming`, accepting a connection only once one of `slots` is free;
+/// the connection holds it until it closes.
+fn limited<S, IO, E>(
+    incoming: S,
+    slots: Arc<Semaphore>,
+) -> impl Stream<Item = Result<Slotted<IO>, E>>
+where
+    S: Stream<Item = Result<IO, E>> + Unpin,
+{
+    futures::stream::unfold((incoming, slots), |(mut incoming, slots)| async move {
+        // The permit first: until one is free, nothing is accepted and new
+        // connections wait in the kernel's queue. (Dropping this future
+        // while it waits is fine: `serve` drops the whole stream.)
+        let permit = slots.clone().acquire_owned().await.ok()?;
+        let accepted = incoming.next().await?.map(|io| Slotted {
+            io,
+            _slot: permit,
+            silence: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
+        });
+        Some((accepted, (incoming, slots)))
+    })
+}
+
+/// An accepted connection holding its slot, and failing its reads if
+/// nothing comes within [`FIRST_BYTES_TIMEOUT`] of its accepting.
+struct Slotted<IO> {
+    io: IO,
+    _slot: OwnedSemaphorePermit,
+    /// Until the first bytes arrive.
+    silence: Option<Pin<Box<Sleep>>>,
+}
+
+impl<IO: Connected> Connected for Slotted<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Slotted<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.io).poll_read(cx, buf);
+        if result.is_ready() {
+            this.silence = None;
+        } else if let Some(silence) = this.silence.as_mut()
+            && silence.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client sent nothing for {FIRST_BYTES_TIMEOUT:?}"),
+            )));
+        }
+        result
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Slotted<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Lets a call through if it carries the token its method needs; refuses
@@ -222,9 +445,14 @@ async fn authorize(
     match access.check(need, token) {
         Ok(()) => next.run(request).await,
         Err(denied) => {
-            let client = request
-                .extensions()
+            let extensions = request.extensions();
+            let client = extensions
                 .get::<TcpConnectInfo>()
+                .or_else(|| {
+                    extensions
+                        .get::<TlsConnectInfo<TcpConnectInfo>>()
+                        .map(TlsConnectInfo::get_ref)
+                })
                 .and_then(TcpConnectInfo::remote_addr);
             tracing::warn!(
                 call = request.uri().path(),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
+use super::blob_server::UploadTooLarge;
 use super::call::{CallError, Failure};
 use super::metadata::{
     self, ACTUAL, CHILD, DIGEST, ErrorStatus, PARENT, REASON, RECORDED, field, kind,
@@ -239,6 +240,14 @@ impl From<DirectoryError> for Status {
     }
 }
 
+impl From<UploadTooLarge> for Status {
+    /// A `Put` over the server's upload limit: `RESOURCE_EXHAUSTED`.
+    fn from(e: UploadTooLarge) -> Self {
+        tracing::warn!("refused: {e}");
+        ErrorStatus::new(Code::ResourceExhausted, &e, None).into_status()
+    }
+}
+
 impl From<BadMessage> for Status {
     /// A request that breaks the protocol: `INVALID_ARGUMENT`.
     fn from(e: BadMessage) -> Self {
@@ -270,6 +279,22 @@ fn message(status: &Status) -> String {
     out
 }
 
+/// The message of `status`, with a hint when TLS explains a failure to
+/// connect: an untrusted certificate, or cleartext and TLS meeting. Only
+/// for the codes a broken connection comes as: a status the server sent
+/// says what it means.
+fn with_tls_hint(url: &str, status: &Status) -> String {
+    let text = message(status);
+    let connection = matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal
+    );
+    match crate::tls::hint(&text, url.starts_with("grpc+https://")) {
+        Some(hint) if connection => format!("{text} ({hint})"),
+        _ => text,
+    }
+}
+
 impl CallError {
     /// The failure as the client side sees it, for a call to `url`: what a
     /// client reports when the error is none of its service's own.
@@ -278,22 +303,22 @@ impl CallError {
         let call = self.call;
         match self.failure {
             Failure::Rejected(status) => GrpcError::Rejected {
+                code: status.code(),
+                message: with_tls_hint(&url, &status),
                 url,
                 call,
-                code: status.code(),
-                message: message(&status),
             },
             Failure::GaveUp {
                 attempts,
                 elapsed,
                 last,
             } => GrpcError::GaveUp {
+                code: last.code(),
+                message: with_tls_hint(&url, &last),
                 url,
                 call,
                 attempts,
                 elapsed,
-                code: last.code(),
-                message: message(&last),
             },
             Failure::BadReply(b) => GrpcError::BadReply {
                 url,
