@@ -74,8 +74,9 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Longest wait between two attempts.
     pub max_backoff: Duration,
-    /// No attempt starts later than this after the first one. Zero: a
-    /// single attempt; [`Duration::MAX`]: no deadline.
+    /// Attempts go on until this long after the first one started, the
+    /// last starting at the deadline; none starts later. Zero: a single
+    /// attempt; [`Duration::MAX`]: no deadline.
     pub deadline: Duration,
     /// Most attempts in all, the first included (`Some(1)`: no retries);
     /// `None`: only the deadline bounds them.
@@ -172,8 +173,8 @@ impl Backoff {
 
     /// After an attempt failed with an error of `class`: how long to wait
     /// before the next attempt, or `None` to give up (a permanent failure,
-    /// the attempts used up, or the deadline would pass before the next
-    /// attempt started). Does not sleep.
+    /// the attempts used up, or the deadline passed; the last wait ends at
+    /// the deadline). Does not sleep.
     pub fn next(&mut self, class: ErrorClass) -> Option<Duration> {
         self.attempts = self.attempts.saturating_add(1);
         match class {
@@ -193,10 +194,15 @@ impl Backoff {
         {
             return None;
         }
-        let wait = jitter(self.wait);
-        if self.elapsed().saturating_add(wait) > self.policy.deadline {
+        // The last wait is cut to end at the deadline, and one more
+        // attempt starts there: a caller that gives up has waited out its
+        // whole deadline (a server back just before it still answers),
+        // and no attempt starts after it.
+        let remaining = self.policy.deadline.saturating_sub(self.elapsed());
+        if remaining.is_zero() {
             return None;
         }
+        let wait = jitter(self.wait).min(remaining);
         self.wait = self.wait.saturating_mul(2).min(self.policy.max_backoff);
         Some(wait)
     }
@@ -337,9 +343,11 @@ mod tests {
             .await;
         assert!(result.is_err());
         let elapsed = started.elapsed();
-        // Waits of at most 10 + 20 + 40 + 80 ms fit in 200 ms, 160 more
-        // do not; jitter may fit a few more of the shorter ones.
-        assert!((4..=7).contains(&attempts), "{attempts} attempts");
+        // Waits of at most 10 + 20 + 40 + 80 ms, then one cut to end at
+        // 200 ms, and the last attempt there; jitter may fit a few more of
+        // the shorter ones.
+        assert!((6..=9).contains(&attempts), "{attempts} attempts");
+        assert!(elapsed >= Duration::from_millis(200), "{elapsed:?}");
         assert!(elapsed <= Duration::from_millis(300), "{elapsed:?}");
         assert_eq!(retries.len(), attempts - 1);
         assert_eq!(retries[0].0, 1, "on_retry gets the attempts so far");

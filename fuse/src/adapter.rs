@@ -26,6 +26,7 @@ use fuser::{
 };
 
 use crate::error::FsError;
+use crate::failed_reads::FailedReads;
 use crate::fs::{Attr, CONTENT_TTL, FileKind, LazyFs};
 use crate::inode::Ino;
 use crate::passthrough::{MIN_SIZE as PASSTHROUGH_MIN_SIZE, OpenAs};
@@ -35,6 +36,9 @@ const MAX_BACKGROUND: u16 = 64;
 
 pub(crate) struct Adapter {
     fs: Arc<LazyFs>,
+    /// Reads that just failed, failed again at once when the kernel asks
+    /// again for the same reader (`failed_reads.rs`).
+    failed_reads: Arc<FailedReads>,
     runtime: tokio::runtime::Handle,
     /// Whether opens are answered ENOSYS (the kernel supports skipping them).
     no_open: bool,
@@ -48,6 +52,7 @@ impl Adapter {
     pub(crate) fn new(fs: Arc<LazyFs>, runtime: tokio::runtime::Handle) -> Self {
         Adapter {
             fs,
+            failed_reads: Arc::default(),
             runtime,
             no_open: false,
             no_opendir: false,
@@ -256,7 +261,7 @@ impl Filesystem for Adapter {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -265,11 +270,20 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let fs = self.fs.clone();
+        let pid = req.pid();
+        if self.failed_reads.failed_lately(ino.0, pid) {
+            return reply.error(Errno::EIO);
+        }
+        let (fs, failed_reads) = (self.fs.clone(), self.failed_reads.clone());
         self.spawn(async move {
             match fs.read(Ino(ino.0), offset, size).await {
                 Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => {
+                    if e.errno() == libc::EIO {
+                        failed_reads.record(ino.0, pid);
+                    }
+                    reply.error(errno(&e))
+                }
             }
         });
     }

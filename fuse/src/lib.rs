@@ -12,6 +12,7 @@
 mod adapter;
 mod chunks;
 mod error;
+mod failed_reads;
 mod fs;
 mod inode;
 mod mount;

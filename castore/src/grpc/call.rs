@@ -186,6 +186,10 @@ pub(crate) struct Outage {
     /// mostly) takes no lock when there is no outage to end.
     ongoing: std::sync::atomic::AtomicBool,
     count: std::sync::atomic::AtomicU64,
+    /// Wakes the calls waiting to retry when one gets through: the server
+    /// is back, and a call asleep in its backoff (up to its longest wait)
+    /// would otherwise miss a short window in which it answers.
+    back: tokio::sync::Notify,
 }
 
 /// One outage in progress.
@@ -238,6 +242,7 @@ impl Outage {
             state.take()
         };
         if let Some(spell) = ended {
+            self.back.notify_waiters();
             tracing::warn!(
                 "{url}: answering again after {:.1?} ({} retries, {} calls failed)",
                 spell.since.elapsed(),
@@ -268,7 +273,8 @@ impl Retry {
         }
     }
 
-    /// After a failed attempt: waits and returns `Ok` if another attempt
+    /// After a failed attempt: waits (its backoff, or until another call
+    /// to the server gets through) and returns `Ok` if another attempt
     /// should be made, or the error the call fails with.
     ///
     /// Only statuses are retried here, by their [`Retryable`] class; an
@@ -303,7 +309,13 @@ impl Retry {
             message = status.message(),
             "transient failure, retrying in {wait:?}",
         );
-        tokio::time::sleep(wait).await;
+        // Created before sleeping, so a call getting through at any time
+        // from now on wakes it.
+        let back = self.outage.back.notified();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = back => {}
+        }
         Ok(())
     }
 
@@ -443,6 +455,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_getting_through_wakes_the_waiting_ones() {
+        let policy = RetryPolicy {
+            initial_backoff: Duration::from_secs(20),
+            max_backoff: Duration::from_secs(20),
+            deadline: Duration::from_secs(60),
+            ..RetryPolicy::default()
+        };
+        let outage = std::sync::Arc::new(Outage::default());
+        let url: std::sync::Arc<str> = "grpc+http://x".into();
+        let waiting = {
+            let (outage, url) = (outage.clone(), url.clone());
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let mut retry = Retry::new(policy, url, "ReadChunks", outage);
+                retry
+                    .failed(Status::unavailable("down").into())
+                    .await
+                    .unwrap();
+                started.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Retry::new(policy, url, "Stat", outage).succeeded();
+        let waited = waiting.await.unwrap();
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    #[tokio::test]
     async fn gives_up_at_the_deadline() {
         let policy = RetryPolicy {
             initial_backoff: Duration::from_millis(10),
@@ -461,8 +501,9 @@ mod tests {
             }
         };
         assert!(matches!(err.failure, Failure::GaveUp { .. }), "{err:?}");
-        // 10 + 20 + 40 + 80 ms (at most) fit in 200 ms, 160 more do not.
-        assert!((4..=7).contains(&attempts), "{attempts} attempts");
+        // 10 + 20 + 40 + 80 ms (at most), one wait cut to end at 200 ms and
+        // the attempt there.
+        assert!((6..=9).contains(&attempts), "{attempts} attempts");
         let err = Retry::new(policy, "u".into(), "Stat", Default::default())
             .failed(Status::not_found("x").into())
             .await
