@@ -44,16 +44,7 @@ fn narinfo(cache: &Path, path: &str) -> NarInfo {
 
 /// The PathInfo a narinfo describes, over `tree`.
 fn path_info(narinfo: &NarInfo, tree: &Ingested) -> PathInfo {
-    PathInfo {
-        store_path: narinfo.store_path.clone(),
-        root: tree.root.clone(),
-        references: narinfo.references.clone(),
-        nar_size: narinfo.nar_size,
-        nar_sha256: narinfo.nar_hash,
-        signatures: narinfo.signatures.clone(),
-        deriver: narinfo.deriver.clone(),
-        ca: narinfo.ca.clone(),
-    }
+    PathInfo::from_narinfo(narinfo.clone(), tree.root.clone())
 }
 
 #[test]

@@ -510,17 +510,8 @@ impl Substituter for UpstreamSubstituter {
     async fn find(&self, path: &StorePath) -> Result<Option<PathInfo>, SubstituteError> {
         match self.lookup(path).await {
             Ok(found) => {
-                let narinfo = &found.found.narinfo;
-                Ok(Some(PathInfo {
-                    store_path: narinfo.store_path.clone(),
-                    root: found.root(),
-                    references: narinfo.references.clone(),
-                    nar_size: narinfo.nar_size,
-                    nar_sha256: narinfo.nar_hash,
-                    signatures: narinfo.signatures.clone(),
-                    deriver: narinfo.deriver.clone(),
-                    ca: narinfo.ca.clone(),
-                }))
+                let narinfo = found.found.narinfo.clone();
+                Ok(Some(PathInfo::from_narinfo(narinfo, found.root())))
             }
             Err(LookupError::Missing) => Ok(None),
             Err(LookupError::Failed(e)) => Err(e.into()),

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use lazystore_castore::{Digest, ErrorClass, Node, Retryable, ValidateError};
 
+use crate::NarInfo;
 use crate::nixbase32;
 use crate::proto;
 use crate::signature::{PublicKey, Signature, SignatureError, VerifyError, fingerprint, verify};
@@ -45,6 +46,24 @@ pub struct PathInfo {
 }
 
 impl PathInfo {
+    /// The PathInfo `narinfo` describes, its NAR stored under `root`
+    /// (references sorted; the narinfo's URL, compression and file hash
+    /// belong to the cache it came from and are not kept).
+    pub fn from_narinfo(narinfo: NarInfo, root: Node) -> PathInfo {
+        let mut references = narinfo.references;
+        references.sort();
+        PathInfo {
+            store_path: narinfo.store_path,
+            root,
+            references,
+            nar_size: narinfo.nar_size,
+            nar_sha256: narinfo.nar_hash,
+            signatures: narinfo.signatures,
+            deriver: narinfo.deriver,
+            ca: narinfo.ca,
+        }
+    }
+
     /// The text Nix signatures sign for this path.
     pub fn fingerprint(&self) -> String {
         fingerprint(
