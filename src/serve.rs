@@ -6,16 +6,18 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use lazystore_castore::auth::{Access, Tokens};
 use lazystore_castore::grpc::{DEFAULT_MAX_UPLOAD_SIZE, Listener, Services, serve};
 use lazystore_castore::tls::ServerTls;
 use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression};
+use lazystore_importer::{NEGATIVE_TTL, PullThrough};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
-    PublicKey, SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
+    SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
     grpc_unix_url, is_ephemeral,
 };
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -23,6 +25,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::remote::RemoteArgs;
+use crate::upstream::UpstreamArgs;
 
 /// Serve a store over gRPC to importers, builders and other lazystores,
 /// and/or as a Nix binary cache over HTTP.
@@ -95,13 +98,14 @@ pub struct Args {
     /// --write-token-file, writes need one of these tokens too.
     #[arg(long, value_name = "FILE")]
     read_token_file: Option<PathBuf>,
-    /// Publish only PathInfos signed by this key (Nix's NAME:BASE64 public
-    /// key form; repeat for several), and only once their tree, as this
-    /// server stores it, renders to the NarHash and NarSize signed: over
-    /// gRPC and HTTP uploads alike, whoever the writer. Without any, what
-    /// writers send is published as they send it.
-    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
-    trusted_keys: Vec<PublicKey>,
+    // --upstream, --trusted-public-key: the caches behind the store, and
+    // the keys both they and writers are held to.
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+    /// Seconds a path no upstream cache has is believed missing before a
+    /// lookup asks the caches again (failures are never remembered).
+    #[arg(long, value_name = "SECS", default_value_t = NEGATIVE_TTL.as_secs(), requires = "upstreams")]
+    upstream_negative_ttl: u64,
     /// Sign PathInfos written with no signature at all (paths built by the
     /// writers themselves) with this key (Nix's secret key file), once
     /// their tree renders to their NarHash; its public key is trusted as
@@ -163,6 +167,25 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let options = args.remote.store_options(StoreOptions::default())?;
     let store = Store::open(&url, options).await?;
     let publisher = Publisher::new(store.clone(), publish_policy(&args)?);
+    // With upstream caches, clients read through them; writes and the
+    // publishing checks stay on the store itself.
+    let (store, publisher) = if args.upstream.upstreams.is_empty() {
+        (store, publisher)
+    } else {
+        if args.upstream.no_check_sigs {
+            bail!(
+                "serve publishes what it pulls from --upstream for every client: it checks \
+                 signatures (--no-check-sigs is for mount and nix-db)"
+            );
+        }
+        let caches = args.upstream.importer_options(args.remote.ca_certs()?);
+        let ttl = Duration::from_secs(args.upstream_negative_ttl);
+        let reads = PullThrough::store(store, caches, ttl)
+            .await
+            .context("cannot set up the upstream caches")?;
+        tracing::info!(upstream = ?args.upstream.upstreams, "paths the store lacks are pulled from upstream");
+        (reads.clone(), publisher.with_reads(reads))
+    };
     if is_ephemeral(&url) {
         tracing::warn!("serving {url}: everything stored is lost when it stops");
     }
@@ -295,7 +318,7 @@ fn publish_policy(args: &Args) -> anyhow::Result<PublishPolicy> {
         .map(|path| load_key(path, "--sign-with"))
         .transpose()?;
     let policy = PublishPolicy {
-        trusted_keys: args.trusted_keys.clone(),
+        trusted_keys: args.upstream.trusted_keys.clone(),
         sign_with,
     };
     if !policy.verifies() && (args.listen.is_some() || args.allow_upload) {

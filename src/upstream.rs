@@ -20,12 +20,12 @@ pub struct UpstreamArgs {
     #[arg(long = "upstream", value_name = "URL")]
     pub upstreams: Vec<String>,
     /// Key whose signatures are trusted (Nix's trusted-public-keys); repeat
-    /// for several. Given, it applies to the store too: a path the store
-    /// has is shown only if its PathInfo is signed by one of these (else
-    /// it is looked for upstream). Not given: upstream narinfos must carry
-    /// cache.nixos.org's signature, and the store's paths are shown as the
-    /// store has them (its server checks what it publishes:
-    /// docs/security.md).
+    /// for several. Given, it applies to the store's own paths too: mount
+    /// and nix-db show a path of the store only if its PathInfo is signed
+    /// by one of these (else it is looked for upstream), serve publishes
+    /// only what one of these signed. Not given: upstream narinfos must
+    /// carry cache.nixos.org's signature, and the store's paths are taken
+    /// as the store has them (docs/security.md).
     #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
     pub trusted_keys: Vec<PublicKey>,
     /// Take upstream narinfos whatever their signatures (says so); paths
@@ -51,22 +51,30 @@ impl UpstreamArgs {
         if self.upstreams.is_empty() {
             return Ok(paths);
         }
-        let trusted_keys = match self.trusted_keys {
-            keys if keys.is_empty() => lazystore_importer::Options::default().trusted_keys,
-            keys => keys,
+        let options = self.importer_options(ca_certs);
+        let upstream = UpstreamSubstituter::new(store.clone(), options, negative_ttl)
+            .context("cannot set up the upstream caches")?;
+        Ok(paths.then(Arc::new(upstream)))
+    }
+
+    /// How the caches are read and checked, as `lazystore import` reads
+    /// and checks them: cache.nixos.org's key unless keys were given,
+    /// `ca_certs` trusted beside the system's CAs.
+    pub fn importer_options(&self, ca_certs: Option<CaCerts>) -> lazystore_importer::Options {
+        let defaults = lazystore_importer::Options::default();
+        let trusted_keys = match &self.trusted_keys {
+            keys if keys.is_empty() => defaults.trusted_keys.clone(),
+            keys => keys.clone(),
         };
-        let options = lazystore_importer::Options {
-            caches: self.upstreams,
+        lazystore_importer::Options {
+            caches: self.upstreams.clone(),
             trusted_keys,
             check_signatures: !self.no_check_sigs,
             http: HttpOptions {
                 ca_certs,
                 ..HttpOptions::default()
             },
-            ..Default::default()
-        };
-        let upstream = UpstreamSubstituter::new(store.clone(), options, negative_ttl)
-            .context("cannot set up the upstream caches")?;
-        Ok(paths.then(Arc::new(upstream)))
+            ..defaults
+        }
     }
 }

@@ -33,6 +33,10 @@ pub enum HttpError {
     /// An upload larger than allowed.
     #[error("{0}")]
     TooLarge(String),
+    /// The upstream caches behind this one failed or sent what does not
+    /// check (a pull-through store).
+    #[error("{0}")]
+    BadGateway(String),
     /// A Range that does not overlap the NAR.
     #[error("range not satisfiable: the NAR has {size} bytes")]
     RangeNotSatisfiable {
@@ -71,6 +75,7 @@ impl HttpError {
             HttpError::Conflict(_) => StatusCode::CONFLICT,
             HttpError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             HttpError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             HttpError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             HttpError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -14,8 +14,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lazystore_castore::auth::Access;
+use lazystore_castore::error_chain;
 use lazystore_castore::tls::ServerTls;
-use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoError};
 use lazystore_pathinfo::publish::Publisher;
 use lazystore_pathinfo::{SigningKey, Store, StorePath, StorePathHash};
 use tokio::net::TcpListener;
@@ -102,7 +103,7 @@ impl HttpCache {
         let limit = Arc::new(Semaphore::new(options.max_requests.max(1)));
         HttpCache {
             inner: Arc::new(Inner {
-                store: publisher.store().clone(),
+                store: publisher.reads().clone(),
                 publisher,
                 options,
                 layouts: Layouts::default(),
@@ -151,7 +152,13 @@ impl HttpCache {
             .path_infos
             .get(hash)
             .await
-            .map_err(|e| HttpError::internal(format!("looking up {url}"), e))?
+            .map_err(|e| match e {
+                // The caches behind this one failed: a bad gateway.
+                PathInfoError::Upstream { .. } => {
+                    HttpError::BadGateway(format!("{url}: {}", error_chain(&e)))
+                }
+                e => HttpError::internal(format!("looking up {url}"), e),
+            })?
             .ok_or_else(|| HttpError::NotFound(format!("{url}: no such path in this cache")))
     }
 }

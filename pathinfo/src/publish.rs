@@ -96,6 +96,10 @@ pub enum Published {
 #[derive(Clone)]
 pub struct Publisher {
     store: Store,
+    /// The store as clients read it: `store`, or layered over it (a
+    /// pull-through store). The checks use `store` itself, so a put never
+    /// pulls anything from upstream.
+    reads: Store,
     policy: Arc<PublishPolicy>,
     keys: Arc<[PublicKey]>,
     /// Held from the check of what is published to the put, so two puts
@@ -116,6 +120,7 @@ impl Publisher {
     pub fn new(store: Store, policy: PublishPolicy) -> Self {
         let keys = policy.keys().into();
         Publisher {
+            reads: store.clone(),
             store,
             policy: Arc::new(policy),
             keys,
@@ -126,6 +131,18 @@ impl Publisher {
     /// The store published into.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The same, with clients' reads going through `reads` (the store
+    /// with layers over it, such as upstream caches behind its PathInfos).
+    pub fn with_reads(mut self, reads: Store) -> Self {
+        self.reads = reads;
+        self
+    }
+
+    /// The store as clients read it.
+    pub fn reads(&self) -> &Store {
+        &self.reads
     }
 
     /// The policy.

@@ -253,6 +253,17 @@ pub enum PathInfoError {
         /// NarHash of the published PathInfo.
         published: Box<[u8; 32]>,
     },
+    /// A path the store lacked could not be had from the upstream caches
+    /// behind it (a pull-through store): missing there, or what they sent
+    /// did not check. Not remembered: the next lookup asks again.
+    #[error("cannot pull {path} from the upstream caches")]
+    Upstream {
+        /// The path, as asked for.
+        path: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The storage backend, or the way to it, failed: a database or I/O
     /// error, a remote store's [`GrpcError`](lazystore_castore::grpc::GrpcError),
     /// or the castore's error while checking a put. Such failures may heal;
@@ -284,6 +295,7 @@ impl Retryable for PathInfoError {
             | PathInfoError::NarMismatch { .. }
             | PathInfoError::BadTree { .. }
             | PathInfoError::AlreadyPublished { .. }
+            | PathInfoError::Upstream { .. }
             | PathInfoError::Internal(_) => ErrorClass::Permanent,
         }
     }

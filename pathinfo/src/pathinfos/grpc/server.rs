@@ -47,8 +47,9 @@ impl PathInfoServer {
         }
     }
 
+    /// Where gets and lists read.
     fn store(&self) -> &Store {
-        self.publisher.store()
+        self.publisher.reads()
     }
 
     /// The tonic service, with message limits of [`MAX_PATH_INFO_SIZE`];

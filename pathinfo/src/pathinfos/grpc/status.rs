@@ -42,8 +42,9 @@ impl From<PathInfoError> for Status {
     /// tree does not render, `FAILED_PRECONDITION` (store the data first);
     /// one without a trusted signature `PERMISSION_DENIED`, whose tree is
     /// not its NarHash's `INVALID_ARGUMENT`, for a path published with
-    /// another tree `ALREADY_EXISTS`; a stored PathInfo that
-    /// is invalid or damaged `DATA_LOSS`; a backend or internal failure
+    /// another tree `ALREADY_EXISTS`; a path the upstream caches behind the
+    /// store could not supply `NOT_FOUND`; a stored PathInfo that is
+    /// invalid or damaged `DATA_LOSS`; a backend or internal failure
     /// `INTERNAL`.
     fn from(e: PathInfoError) -> Self {
         let code = match &e {
@@ -53,6 +54,9 @@ impl From<PathInfoError> for Status {
             PathInfoError::Untrusted(_) => Code::PermissionDenied,
             PathInfoError::NarMismatch { .. } => Code::InvalidArgument,
             PathInfoError::AlreadyPublished { .. } => Code::AlreadyExists,
+            // To a client, a path the upstream caches could not supply is a
+            // path this store does not have; the server logs why.
+            PathInfoError::Upstream { .. } => Code::NotFound,
             PathInfoError::Invalid(_) | PathInfoError::Corrupt(_) => Code::DataLoss,
             PathInfoError::Backend(_) | PathInfoError::Internal(_) => Code::Internal,
         };
@@ -100,7 +104,9 @@ impl From<PathInfoError> for Status {
                 .field(STORE_PATH, store_path)
                 .bytes(NAR_HASH, &published[..]),
             // The message (with its causes) says it all.
-            PathInfoError::BadTree { .. } => ErrorStatus::new(code, &e, None),
+            PathInfoError::BadTree { .. } | PathInfoError::Upstream { .. } => {
+                ErrorStatus::new(code, &e, None)
+            }
             PathInfoError::Invalid(_)
             | PathInfoError::Corrupt(_)
             | PathInfoError::Backend(_)

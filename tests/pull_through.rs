@@ -1,0 +1,222 @@
+//! `lazystore serve --upstream` for real: a signed binary cache built with
+//! real Nix, served over HTTP, behind a service that has nothing imported.
+//! Two builder mounts, each with its own empty local cache and no
+//! `--upstream` of their own, read every file of a closure at once: every
+//! byte is the original's, `nix hash path` through each mount is Nix's
+//! NarHash, and the cache sees each NAR downloaded once. `nix copy --from`
+//! the service's HTTP cache verifies against the service's key. A path no
+//! cache has is absent (and asked for once in the negative TTL); a cache
+//! whose signatures are not trusted publishes nothing, the log says why,
+//! and the next lookup asks again.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Mount, start_lines};
+use lazystore_testkit::http::TestServer;
+use lazystore_testkit::{build_closure, fresh_store, gen_key, make_cache, nix_cmd};
+
+fn basename(path: &str) -> &str {
+    path.strip_prefix("/nix/store/").unwrap()
+}
+
+/// Every regular file below `dir`, recursively, relative to it.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = dir.join(&rel);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(rel.join(entry.unwrap().file_name()));
+            }
+        } else if meta.is_file() {
+            out.push(rel);
+        }
+    }
+    out
+}
+
+#[test]
+fn builders_see_the_upstream_cache_and_each_nar_is_downloaded_once() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "pull-through-upstream-1");
+    let (own_secret, own_public) = gen_key(keys.path(), "pull-through-service-1");
+    let cache = make_cache(&[closure.top()], "xz", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+
+    let (service, urls) = start_lines(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory://",
+            "--upstream",
+            &upstream.url,
+            "--trusted-public-key",
+            &public,
+            "--signing-key",
+            own_secret.to_str().unwrap(),
+        ],
+        2,
+    );
+    let (grpc, http) = (&urls[0], &urls[1]);
+
+    // Two builders, nothing of their own upstream, reading everything at once.
+    let work = tempfile::tempdir().unwrap();
+    let mounts: Vec<Mount> = (0..2)
+        .map(|i| {
+            let mountpoint = work.path().join(format!("builder{i}"));
+            std::fs::create_dir(&mountpoint).unwrap();
+            let cache = format!("redb://{}/cache{i}.redb", work.path().display());
+            Mount::start(&mountpoint, grpc, &cache, &[])
+        })
+        .collect();
+    let readers: Vec<_> = mounts
+        .iter()
+        .map(|mount| {
+            let (root, paths) = (mount.path.clone(), closure.paths().map(String::from));
+            std::thread::spawn(move || {
+                for path in paths.iter().rev() {
+                    let on_mount = root.join(basename(path));
+                    let original = Path::new(path);
+                    if original.is_file() {
+                        assert_eq!(
+                            std::fs::read(&on_mount).unwrap(),
+                            std::fs::read(original).unwrap()
+                        );
+                        continue;
+                    }
+                    for file in files(original) {
+                        let got = std::fs::read(on_mount.join(&file)).unwrap();
+                        assert_eq!(
+                            got,
+                            std::fs::read(original.join(&file)).unwrap(),
+                            "{path}/{file:?}"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.join().expect("a builder read wrong bytes");
+    }
+    for mount in &mounts {
+        for path in closure.paths() {
+            let on_mount = mount.path.join(basename(path));
+            let hash = nix_cmd([
+                "nix".as_ref(),
+                "hash".as_ref(),
+                "path".as_ref(),
+                "--type".as_ref(),
+                "sha256".as_ref(),
+                "--base32".as_ref(),
+                on_mount.as_os_str(),
+            ]);
+            let nar_hash = nix_cmd(["nix-store", "--query", "--hash", path]);
+            assert_eq!(format!("sha256:{}", hash.trim()), nar_hash.trim(), "{path}");
+        }
+    }
+    assert_eq!(
+        upstream.nar_requests(),
+        closure.paths().len(),
+        "each NAR downloaded once for both builders"
+    );
+
+    // Plain Nix through the service's HTTP cache, checking our signature.
+    let (_fresh, fresh_url) = fresh_store();
+    let out = lazystore_testkit::nix_command("nix")
+        .args(["copy", "--from", http, "--to", &fresh_url, closure.top()])
+        .args(["--option", "trusted-public-keys", &own_public])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(upstream.nar_requests(), closure.paths().len());
+
+    // A path no cache has: absent, and not asked for again at once.
+    let missing = mounts[0]
+        .path
+        .join("00000000000000000000000000000000-not-anywhere");
+    assert!(!missing.exists());
+    let narinfos = upstream.narinfo_requests();
+    let other = mounts[1]
+        .path
+        .join("00000000000000000000000000000000-not-anywhere");
+    assert!(!other.exists());
+    assert_eq!(
+        upstream.narinfo_requests(),
+        narinfos,
+        "the miss was remembered"
+    );
+
+    for mount in mounts {
+        mount.stop();
+    }
+    let log = service.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn untrusted_upstream_paths_are_not_published_and_asked_again() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, _public) = gen_key(keys.path(), "pull-through-signer-1");
+    let (_, stranger) = gen_key(keys.path(), "pull-through-stranger-1");
+    let cache = make_cache(&[&closure.a], "zstd", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    let (service, urls) = start_lines(
+        &[
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory://",
+            "--upstream",
+            &upstream.url,
+            "--trusted-public-key",
+            &stranger,
+        ],
+        1,
+    );
+    let hash = &basename(&closure.a)[..32];
+    let narinfo_url = format!("{}/{hash}.narinfo", urls[0]);
+    for attempt in 1..=2 {
+        assert_eq!(http_status(&narinfo_url), "502", "attempt {attempt}");
+        assert_eq!(upstream.narinfo_requests(), attempt, "asked again");
+    }
+    assert_eq!(upstream.nar_requests(), 0);
+    let log = service.stop();
+    assert!(
+        log.contains(hash) && log.contains("trusted key"),
+        "the log names the path and the reason:\n{log}"
+    );
+}
+
+/// The status code of a GET of `url` (http://HOST:PORT/PATH).
+fn http_status(url: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_once('/').unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer.split(' ').nth(1).unwrap().to_owned()
+}
