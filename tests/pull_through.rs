@@ -79,12 +79,21 @@ fn builders_see_the_upstream_cache_and_each_nar_is_downloaded_once() {
             Mount::start(&mountpoint, grpc, &cache, &[])
         })
         .collect();
+    // In different orders: the first builder's lookup of c pulls c, b and
+    // a while the second's of b pulls b and a, two imports wanting the
+    // same NARs at once.
+    let orders = [
+        [&closure.c, &closure.b, &closure.a],
+        [&closure.b, &closure.a, &closure.c],
+    ];
     let readers: Vec<_> = mounts
         .iter()
-        .map(|mount| {
-            let (root, paths) = (mount.path.clone(), closure.paths().map(String::from));
+        .zip(orders)
+        .map(|(mount, order)| {
+            let root = mount.path.clone();
+            let paths = order.map(String::clone);
             std::thread::spawn(move || {
-                for path in paths.iter().rev() {
+                for path in &paths {
                     let on_mount = root.join(basename(path));
                     let original = Path::new(path);
                     if original.is_file() {

@@ -111,6 +111,9 @@ pub(crate) struct Shared {
     /// whose NAR is already stored is published without a download.
     // A std Mutex: each use is one map operation, never held across await.
     nar_index: Mutex<HashMap<([u8; 32], u64), Node>>,
+    /// NARs being downloaded, by (NarHash, NarSize): one download at a
+    /// time for each, across runs.
+    downloading: Mutex<HashMap<([u8; 32], u64), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How a task ended for one path.
@@ -479,6 +482,7 @@ impl Shared {
             downloaded: Arc::new(AtomicU64::new(0)),
             nar_downloads: AtomicU64::new(0),
             nar_index: Mutex::new(HashMap::new()),
+            downloading: Mutex::new(HashMap::new()),
         })
     }
 
@@ -593,6 +597,33 @@ impl Shared {
     /// Fetches, checks and ingests the NAR of a checked narinfo (unless an
     /// identical NAR was stored this run); publishes nothing.
     pub(crate) async fn nar_from(
+        &self,
+        cache: &BinaryCache,
+        narinfo: NarInfo,
+        progress: &Progress,
+    ) -> Result<Outcome, Miss> {
+        // Runs at once (a pull-through server's lookups) that want one NAR
+        // take turns: the first downloads it, the others then find it
+        // stored. One that failed lets the next try.
+        let key = (narinfo.nar_hash, narinfo.nar_size);
+        let turn = self
+            .downloading
+            .lock()
+            .expect("lock poisoned")
+            .entry(key)
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
+        let result = self.nar_from_once(cache, narinfo, progress).await;
+        let mut downloading = self.downloading.lock().expect("lock poisoned");
+        // Ours and the map's: nobody else waits for this NAR.
+        if Arc::strong_count(&turn) == 2 {
+            downloading.remove(&key);
+        }
+        result
+    }
+
+    async fn nar_from_once(
         &self,
         cache: &BinaryCache,
         narinfo: NarInfo,
