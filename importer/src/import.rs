@@ -110,11 +110,13 @@ pub(crate) struct Shared {
     /// Root node of every NAR seen this run, by (NarHash, NarSize): a path
     /// whose NAR is already stored is published without a download.
     // A std Mutex: each use is one map operation, never held across await.
-    nar_index: Mutex<HashMap<([u8; 32], u64), Node>>,
-    /// NARs being downloaded, by (NarHash, NarSize): one download at a
-    /// time for each, across runs.
-    downloading: Mutex<HashMap<([u8; 32], u64), Arc<tokio::sync::Mutex<()>>>>,
+    nar_index: Mutex<HashMap<NarKey, Node>>,
+    /// NARs being downloaded: one download at a time for each, across runs.
+    downloading: Mutex<HashMap<NarKey, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// A NAR by its NarHash and NarSize.
+type NarKey = ([u8; 32], u64);
 
 /// How a task ended for one path.
 pub(crate) enum Outcome {
