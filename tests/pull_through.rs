@@ -6,15 +6,17 @@
 //! NarHash, and the cache sees each NAR downloaded once. `nix copy --from`
 //! the service's HTTP cache verifies against the service's key. A path no
 //! cache has is absent (and asked for once in the negative TTL); a cache
-//! whose signatures are not trusted publishes nothing, the log says why,
-//! and the next lookup asks again.
+//! whose signatures are not trusted, a NAR missing, cut short or not the
+//! signed NarHash publish nothing: 502, the log says why, and the next
+//! lookup asks again (and publishes once the cache is right).
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::{Mount, start_lines};
-use lazystore_testkit::http::TestServer;
+use lazystore_pathinfo::{NarInfo, SigningKey};
+use lazystore_testkit::http::{Fault, TestServer};
 use lazystore_testkit::{build_closure, fresh_store, gen_key, make_cache, nix_cmd};
 
 fn basename(path: &str) -> &str {
@@ -228,4 +230,67 @@ fn http_status(url: &str) -> String {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     answer.split(' ').nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn bad_nars_publish_nothing_and_the_next_lookup_tries_again() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "pull-through-bad-nars-1");
+    let cache = make_cache(&[&closure.a, &closure.b], "none", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    let narinfo = |path: &str| {
+        let file = cache
+            .path()
+            .join(format!("{}.narinfo", &basename(path)[..32]));
+        NarInfo::parse(&std::fs::read_to_string(file).unwrap()).unwrap()
+    };
+    // b's narinfo signed again over a NarHash its NAR does not have.
+    let mut wrong = narinfo(&closure.b);
+    wrong.nar_hash[0] ^= 1;
+    wrong.signatures.clear();
+    wrong.sign(&SigningKey::load(&secret).unwrap());
+    let b_narinfo = cache
+        .path()
+        .join(format!("{}.narinfo", &basename(&closure.b)[..32]));
+    let good_b = std::fs::read_to_string(&b_narinfo).unwrap();
+    std::fs::write(&b_narinfo, wrong.to_string()).unwrap();
+
+    let (service, urls) = start_lines(
+        &[
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory://",
+            "--upstream",
+            &upstream.url,
+            "--trusted-public-key",
+            &public,
+        ],
+        1,
+    );
+    let narinfo_url = |path: &str| format!("{}/{}.narinfo", urls[0], &basename(path)[..32]);
+
+    // a's NAR missing, then cut short on every attempt: 502 each time,
+    // and asked again each time.
+    let a_nar = format!("/{}", narinfo(&closure.a).url);
+    upstream.inject(&a_nar, vec![Fault::Status(404)]);
+    assert_eq!(http_status(&narinfo_url(&closure.a)), "502");
+    upstream.inject(&a_nar, vec![Fault::Truncate(40); 5]);
+    assert_eq!(http_status(&narinfo_url(&closure.a)), "502");
+    assert_eq!(upstream.count(|r| r.ends_with(&a_nar)), 6, "asked again");
+    // Whole at last: published.
+    assert_eq!(http_status(&narinfo_url(&closure.a)), "200");
+
+    // b's NAR is not what its signed narinfo says: 502, nothing published,
+    // and with the narinfo fixed upstream, the next lookup gets it.
+    assert_eq!(http_status(&narinfo_url(&closure.b)), "502");
+    std::fs::write(&b_narinfo, good_b).unwrap();
+    assert_eq!(http_status(&narinfo_url(&closure.b)), "200");
+
+    let log = service.stop();
+    assert!(log.contains(&a_nar[1..]), "the log names the NAR:\n{log}");
+    assert!(log.contains("NarHash"), "the log says why:\n{log}");
 }
