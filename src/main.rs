@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod fsck;
 mod import;
 mod mount;
 mod nar_check;
@@ -24,6 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Fsck(fsck::Args),
     Import(import::Args),
     Mount(mount::Args),
     NarCheck(nar_check::Args),
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Fsck(args) => fsck::run(args).await,
             Command::Import(args) => import::run(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,

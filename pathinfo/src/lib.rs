@@ -1,6 +1,7 @@
 //! The Nix layer.
 
 pub mod decompress;
+pub mod fsck;
 pub mod ingest;
 pub mod listing;
 pub mod nar;
