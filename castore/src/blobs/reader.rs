@@ -97,6 +97,7 @@ impl Blobs {
             meta,
             next: 0,
             ready: std::collections::VecDeque::new(),
+            ahead: None,
             hasher: blake3::Hasher::new(),
         }
     }
@@ -104,12 +105,19 @@ impl Blobs {
 
 /// Reads a whole blob in order, a batch of chunks at a time, each chunk
 /// verified, and checks at the end that the bytes hash to the blob's digest.
+///
+/// The next batch is read while the caller consumes this one: a reader
+/// that hashes what it gets (rendering a NAR for `fsck`, the publishing
+/// check, an HTTP NAR) otherwise waits out every batch's read in turn.
 pub struct BlobReader {
     blobs: Blobs,
     blob: Digest,
     meta: BlobMeta,
+    /// The first chunk not yet asked for.
     next: usize,
     ready: std::collections::VecDeque<Bytes>,
+    /// The batch being read ahead.
+    ahead: Option<tokio::task::JoinHandle<Result<Vec<Bytes>, BlobError>>>,
     hasher: blake3::Hasher,
 }
 
@@ -117,7 +125,10 @@ impl BlobReader {
     /// The next chunk's bytes, or `None` after the last one.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, BlobError> {
         if self.ready.is_empty() {
-            if self.next == self.meta.chunks.len() {
+            if self.ahead.is_none() {
+                self.read_ahead();
+            }
+            let Some(batch) = self.ahead.take() else {
                 let actual = Digest::from(self.hasher.finalize());
                 if actual != self.blob {
                     return Err(BlobError::BlobMismatch {
@@ -126,19 +137,40 @@ impl BlobReader {
                     });
                 }
                 return Ok(None);
-            }
-            let end = (self.next + READ_BATCH_CHUNKS).min(self.meta.chunks.len());
-            let digests: Vec<Digest> = self.meta.chunks[self.next..end]
-                .iter()
-                .map(|c| c.digest)
-                .collect();
-            self.ready
-                .extend(self.blobs.read_chunks_verified(&digests).await?);
-            self.next = end;
+            };
+            let batch = batch.await.map_err(|e| BlobError::Internal(e.into()))??;
+            self.ready.extend(batch);
+            self.read_ahead();
         }
         let chunk = self.ready.pop_front().expect("a batch is never empty");
         self.hasher.update(&chunk);
         Ok(Some(chunk))
+    }
+
+    /// Starts reading the next batch, if chunks are left.
+    fn read_ahead(&mut self) {
+        if self.next == self.meta.chunks.len() {
+            return;
+        }
+        let end = (self.next + READ_BATCH_CHUNKS).min(self.meta.chunks.len());
+        let digests: Vec<Digest> = self.meta.chunks[self.next..end]
+            .iter()
+            .map(|c| c.digest)
+            .collect();
+        self.next = end;
+        let blobs = self.blobs.clone();
+        self.ahead = Some(tokio::spawn(async move {
+            blobs.read_chunks_verified(&digests).await
+        }));
+    }
+}
+
+impl Drop for BlobReader {
+    /// A reader given up mid-blob stops its read ahead.
+    fn drop(&mut self) {
+        if let Some(ahead) = self.ahead.take() {
+            ahead.abort();
+        }
     }
 }
 
