@@ -16,25 +16,29 @@
 //! it sends it. It would find corruption without a report, but at the cost
 //! of a zstd decode and a BLAKE3 pass on the server for every chunk every
 //! client reads, work each client does anyway. Measured with
-//! `bench/verify_cost.rs` (optimized, one core of the 2-core development
-//! machine, 128 MiB of `/usr/lib` in 64 KiB chunks): reading a chunk's
-//! stored bytes from redb + packs (page cache warm) 3.1 GB/s, decoding and
-//! hashing them 0.64 GB/s, BLAKE3 alone 1.3 GB/s. Verifying on send would
-//! cut what one server core serves to about a sixth; a report costs a
-//! round trip only when a chunk is bad.
+//! `bench/verify_cost` (release, one thread of the 2-core development
+//! machine, 128 MiB of `/usr/lib` in 64 KiB chunks stored as 53 MiB,
+//! in decoded bytes per second): copying the stored bytes, which is what
+//! sending them costs the server now, 17–25 GB/s; decoding and hashing
+//! them 0.78–0.98 GB/s; BLAKE3 alone 3.2–4.5 GB/s. Verifying on send would
+//! cost about 1.1 ms of server CPU per MB read, so two cores would serve
+//! at most ~2 GB/s to all their clients together, whatever the network;
+//! a report costs one round trip, only when a chunk is bad.
 //!
 //! A quarantined chunk is recorded (`quarantine-v1`, with the time) until
 //! it is written again. [`BlobService::quarantined`] counts the records, so
 //! a writer can tell cheaply whether anything the store holds may be
-//! incomplete: while the count is zero, a present store path is whole.
+//! incomplete: while the count is zero, a present store path lacks no chunk.
 //!
-//! What is not quarantined: a chunk list whose chunks do not hash to its
-//! blob digest, and a directory that fails its check. Both are records
-//! that others point at by digest and are replaced only by a write of the
-//! same digest; neither is ever rewritten by an ingest that finds it
-//! present, and dropping one would leave every path above it unreadable
-//! without a way for an import to notice short of walking the store. They
-//! fail reads with EIO, as before.
+//! Not quarantined (yet): a chunk list whose chunks do not hash to its
+//! blob digest, and a directory that fails its check. They fail reads with
+//! EIO, as before, and stay. A damaged directory would fit the same scheme
+//! (the walk in `lazystore_pathinfo`'s `whole.rs` already reports a missing
+//! one, and an ingest writes a directory it does not find), but needs the
+//! directory service to take reports as the blob service does: a trait
+//! method, an RPC and the cache's pass-through. A chunk list is harder:
+//! its digest is the blob's, so a wrong list cannot be told from wrong
+//! chunks without reading the whole blob.
 
 use std::time::{Duration, SystemTime};
 
