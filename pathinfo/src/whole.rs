@@ -11,9 +11,11 @@
 //! [`Store::find_missing`] walk the path's tree (its directories, every
 //! file's chunk list, and which of their chunks the store lacks). With an
 //! intact store a re-import of a closure costs one more call per run;
-//! with something quarantined it costs a walk of each present path,
-//! measured on the import benchmark's closure in `docs/design.md`
-//! ("Quarantine").
+//! with something quarantined it costs a walk of each present path.
+//! Measured (debug build, 2 cores, `lazystore import -j 8` of 500 small
+//! paths already in a redb store): 0.07–0.08 s intact, 0.24–0.28 s with a
+//! chunk quarantined (each path walked); see `docs/design.md`,
+//! "Quarantine".
 
 use std::collections::HashSet;
 
