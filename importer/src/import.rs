@@ -514,10 +514,9 @@ impl Shared {
             .get(&wanted.hash())
             .await
             .map_err(|e| error(PathErrorKind::Lookup(e)))?
+            && self.whole(&info, progress).await
         {
-            if self.whole(&info, progress).await {
-                return Ok(Outcome::Present(info));
-            }
+            return Ok(Outcome::Present(info));
         }
         let mut first_failure = None;
         for cache in &self.caches {
