@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use lazystore_castore::grpc::Connection;
 use lazystore_castore::{BlobService, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
-    CountingBlobService, FsOptions, LazyFs, MountConfig, RemoteReads, RetryPolicy, Stats,
-    StatsSnapshot,
+    CounterSource, CountingBlobService, FsOptions, LazyFs, MountConfig, RemoteReads, RetryPolicy,
+    Stats, StatsSnapshot,
 };
 use lazystore_importer::NEGATIVE_TTL;
 use lazystore_pathinfo::substitute::Substituter;
@@ -192,7 +193,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.remote.ca_certs()?,
     )?);
     let passthrough_cache = store.local_cache.clone().filter(|_| !args.no_passthrough);
-    let fs = LazyFs::new(store, options, stats.clone()).with_substituter(paths.clone());
+    let outages = store.connection.clone().map(|c| Arc::new(Outages(c)));
+    let mut fs = LazyFs::new(store, options, stats.clone()).with_substituter(paths.clone());
+    if let Some(outages) = &outages {
+        fs = fs.with_counters(outages.clone());
+    }
     let fs = match passthrough_cache {
         Some(cache) => fs.with_passthrough(cache),
         None => fs,
@@ -230,7 +235,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     tracing::info!("{why}: unmounting {shown}");
     let unmount = tokio::task::spawn_blocking(move || mounted.unmount());
     let finished = tokio::time::timeout(UNMOUNT_GRACE, unmount).await;
-    let summary = summary(&stats.snapshot(), &paths.counters());
+    let mut more = paths.counters();
+    more.extend(outages.iter().flat_map(|o| o.counters()));
+    let summary = summary(&stats.snapshot(), &more);
     match finished {
         Ok(joined) => joined.context("the unmount task failed")??,
         Err(_) => {
@@ -245,6 +252,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     eprintln!("lazystore: unmounted {shown} ({why}); {summary}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A remote store's outages, for the stats file and the exit log: spells
+/// of transient failures (each logged when it begins and ends) and the
+/// calls that gave up during them.
+struct Outages(Connection);
+
+impl CounterSource for Outages {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("outages", self.0.outages()),
+            ("outage_failed_calls", self.0.outage_failed_calls()),
+        ]
+    }
 }
 
 /// The counters on one line, for the exit log.

@@ -239,7 +239,9 @@ impl Need {
     /// `MissingChunks` and `ChunkerParams` included: writers ask them
     /// before a `Put`, but they store nothing, and what they tell (which
     /// chunks the store holds) is the store's contents, for a read token
-    /// to guard. Health checks need nothing, so a load balancer or a
+    /// to guard. `ReportCorrupt` reads too: the server drops only chunks
+    /// its own check fails, so a reader can make it check, never make it
+    /// lose good data. Health checks need nothing, so a load balancer or a
     /// client's readiness probe needs no token. A call of any other
     /// service is taken as a write: a service added later is guarded
     /// until someone decides otherwise.
@@ -409,6 +411,8 @@ mod tests {
             ("/lazystore.castore.v1.BlobService/Stat", Read),
             ("/lazystore.castore.v1.BlobService/MissingChunks", Read),
             ("/lazystore.castore.v1.BlobService/ChunkerParams", Read),
+            ("/lazystore.castore.v1.BlobService/ReportCorrupt", Read),
+            ("/lazystore.castore.v1.BlobService/Quarantined", Read),
             ("/lazystore.castore.v1.DirectoryService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/List", Read),

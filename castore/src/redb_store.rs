@@ -54,6 +54,15 @@ pub(crate) const BLOBS: redb::TableDefinition<DigestKey, &[u8]> =
 pub(crate) const DIRECTORIES: redb::TableDefinition<DigestKey, &[u8]> =
     redb::TableDefinition::new("directories-v1");
 
+/// Chunk digest → when it was quarantined: chunks whose stored bytes
+/// failed verification, removed from `chunks-v2` and not written since
+/// (`blobs/quarantine.rs`). Storing the chunk again removes its record, so
+/// an empty table means nothing is known to be missing.
+///
+/// Record layout, 8 bytes: seconds since the Unix epoch, u64 little endian.
+pub(crate) const QUARANTINE: redb::TableDefinition<DigestKey, u64> =
+    redb::TableDefinition::new("quarantine-v1");
+
 /// Store-wide settings, written when the file is created. Only opening the
 /// store reads or writes it, so it is not part of [`Tables`].
 const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta-v1");
@@ -78,6 +87,7 @@ pub(crate) struct Tables<'txn> {
     pub chunks: Table<'txn, DigestKey, &'static [u8]>,
     pub blobs: Table<'txn, DigestKey, &'static [u8]>,
     pub directories: Table<'txn, DigestKey, &'static [u8]>,
+    pub quarantine: Table<'txn, DigestKey, u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -86,6 +96,7 @@ impl<'txn> Tables<'txn> {
             chunks: txn.open_table(CHUNKS)?,
             blobs: txn.open_table(BLOBS)?,
             directories: txn.open_table(DIRECTORIES)?,
+            quarantine: txn.open_table(QUARANTINE)?,
         })
     }
 }
@@ -95,6 +106,7 @@ pub(crate) struct ReadTables {
     pub chunks: ReadOnlyTable<DigestKey, &'static [u8]>,
     pub blobs: ReadOnlyTable<DigestKey, &'static [u8]>,
     pub directories: ReadOnlyTable<DigestKey, &'static [u8]>,
+    pub quarantine: ReadOnlyTable<DigestKey, u64>,
 }
 
 impl ReadTables {
@@ -103,6 +115,7 @@ impl ReadTables {
             chunks: txn.open_table(CHUNKS)?,
             blobs: txn.open_table(BLOBS)?,
             directories: txn.open_table(DIRECTORIES)?,
+            quarantine: txn.open_table(QUARANTINE)?,
         })
     }
 }
@@ -288,19 +301,24 @@ impl RedbStore {
 
         // Read the recorded parameters first, so an existing store is opened
         // without a write.
-        let stored = {
+        let (stored, has_quarantine) = {
             let txn = db.begin_read().map_err(|e| db_err(e.into()))?;
-            let mut tables = txn.list_tables().map_err(|e| db_err(e.into()))?;
-            if tables.any(|t| t.name() == INLINE_CHUNKS_V1) {
+            let tables: Vec<String> = txn
+                .list_tables()
+                .map_err(|e| db_err(e.into()))?
+                .map(|t| t.name().to_owned())
+                .collect();
+            if tables.iter().any(|t| t == INLINE_CHUNKS_V1) {
                 return Err(OpenError::OldLayout {
                     path: path.to_owned(),
                 });
             }
-            match txn.open_table(META) {
+            let stored = match txn.open_table(META) {
                 Ok(meta) => read_params(path, &meta)?,
                 Err(TableError::TableDoesNotExist(_)) => None,
                 Err(e) => return Err(db_err(e.into())),
-            }
+            };
+            (stored, tables.iter().any(|t| t == QUARANTINE.name()))
         };
         let params = match (stored, requested) {
             (Some(stored), Some(requested)) if stored != requested => {
@@ -310,7 +328,14 @@ impl RedbStore {
                     requested,
                 });
             }
-            (Some(stored), _) => stored,
+            (Some(stored), _) => {
+                // A store made before quarantine gets the table once, so
+                // read transactions can open it from then on.
+                if !has_quarantine {
+                    create_tables(&db).map_err(db_err)?;
+                }
+                stored
+            }
             (None, requested) => {
                 let params = requested.unwrap_or_default();
                 create(&db, params).map_err(db_err)?;
@@ -434,6 +459,14 @@ pub(crate) fn create_database(
             source: e.into(),
         }),
     }
+}
+
+/// Creates every castore table the file lacks.
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    Tables::new(&txn)?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// Records `params` and creates every table, in one transaction, so read

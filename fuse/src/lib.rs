@@ -28,4 +28,4 @@ pub use inode::Ino;
 /// The store's one retry policy, which [`FsOptions::retry`] is.
 pub use lazystore_castore::RetryPolicy;
 pub use mount::{MountConfig, MountError, Mounted, mount};
-pub use stats::{CountingBlobService, RemoteReads, Stats, StatsSnapshot};
+pub use stats::{CounterSource, CountingBlobService, RemoteReads, Stats, StatsSnapshot};

@@ -13,6 +13,15 @@ use std::time::Instant;
 use lazystore_castore::blobs::{BlobObserver, EncodedChunk, ObservedBlobService};
 use lazystore_castore::{RetryPolicy, Retryable};
 
+/// Counters kept outside the filesystem that its stats file and exit log
+/// show after its own — a remote store's outages, say — so the filesystem
+/// shows them without knowing where they come from (the fuse crate knows
+/// no gRPC). Asked each time the stats are read.
+pub trait CounterSource: Send + Sync {
+    /// The counters by name, in display order; each only grows.
+    fn counters(&self) -> Vec<(&'static str, u64)>;
+}
+
 /// The mount's counters. Every field only grows.
 #[derive(Debug)]
 pub struct Stats {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::{Tree, publish, put_tree, test_store};
-use lazystore_castore::Node;
+use lazystore_castore::{BlobService, Node};
 use lazystore_fuse::{
     DIGEST_XATTR, FileKind, FsError, FsOptions, Ino, LazyFs, RetryPolicy, Stats, StatsSnapshot,
 };
@@ -630,7 +630,12 @@ async fn a_corrupt_chunk_is_an_error_never_bytes() {
         .unwrap()
         .ino;
     assert_eq!(fs.read(ino, 0, 10).await.unwrap_err().errno(), libc::EIO);
-    assert_eq!(fs.stats().retries, 2, "refetched, then given up");
+    // The store's copy fails its own check too, so it is quarantined: the
+    // one refetch finds it gone, and the read gives up.
+    assert_eq!(fs.stats().retries, 1, "refetched once, then given up");
+    let victim = meta.chunks[0].digest;
+    assert_eq!(mem.missing_chunks(&[victim]).await.unwrap(), vec![victim]);
+    assert_eq!(mem.quarantined().await.unwrap(), 1);
     // The other chunks still read.
     let last = meta.chunks.last().unwrap().size;
     let got = fs.read(ino, data.len() as u64 - last, 10).await.unwrap();

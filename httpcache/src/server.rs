@@ -161,6 +161,33 @@ impl HttpCache {
             })?
             .ok_or_else(|| HttpError::NotFound(format!("{url}: no such path in this cache")))
     }
+
+    /// Refuses (404) a path whose data is not all stored, so a client
+    /// substitutes it elsewhere and `nix copy --to` uploads it again, which
+    /// writes what is missing. Only checked while the store has quarantined
+    /// chunks (`lazystore_pathinfo::whole`); a check that fails serves the
+    /// narinfo, as before there was one.
+    async fn refuse_incomplete(&self, info: &PathInfo, url: &str) -> Result<(), HttpError> {
+        let store = &self.inner.store;
+        if !store.may_lack_data().await.unwrap_or(false) {
+            return Ok(());
+        }
+        match store.find_missing(&info.root).await {
+            Ok(None) => Ok(()),
+            Ok(Some(missing)) => Err(HttpError::NotFound(format!(
+                "{url}: {} is incomplete in this cache ({missing}); upload it again to repair it",
+                info.store_path
+            ))),
+            Err(e) => {
+                tracing::warn!(
+                    "{url}: cannot check that {} is whole: {}",
+                    info.store_path,
+                    lazystore_castore::error_chain(&e)
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 /// How long a connection may take no response bytes (its client is not
@@ -299,6 +326,7 @@ async fn get_top(
     let url = format!("/{file}");
     if let Some(hash) = file.strip_suffix(".narinfo") {
         let info = cache.path_info(hash, &url).await?;
+        cache.refuse_incomplete(&info, &url).await?;
         let options = &cache.inner.options;
         let text = narinfo(&info, options.compression, options.signing_key.as_deref()).render();
         return Ok(text_response("text/x-nix-narinfo", text));

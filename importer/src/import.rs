@@ -11,7 +11,7 @@
 //! is bounded by `jobs` streams, whatever the NAR sizes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,6 +113,9 @@ pub(crate) struct Shared {
     nar_index: Mutex<HashMap<NarKey, Node>>,
     /// NARs being downloaded: one download at a time for each, across runs.
     downloading: Mutex<HashMap<NarKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Whether the store had quarantined chunks when this run began, so
+    /// that paths found present are checked for missing data.
+    may_lack_data: AtomicBool,
 }
 
 /// A NAR by its NarHash and NarSize.
@@ -199,6 +202,17 @@ impl Importer {
                  whoever signed them, or nobody",
             );
         }
+        // Asked once a run: with an intact store, the only cost of noticing
+        // incomplete paths.
+        let may_lack_data = shared.store.may_lack_data().await.unwrap_or_else(|e| {
+            progress.warn(&format!(
+                "cannot ask the store whether it lacks data: {}; paths found present are \
+                 taken as whole",
+                error_chain(&e)
+            ));
+            false
+        });
+        shared.may_lack_data.store(may_lack_data, Ordering::Relaxed);
         let mut plan = Plan {
             closure: self.closure,
             states: HashMap::new(),
@@ -485,6 +499,7 @@ impl Shared {
             nar_downloads: AtomicU64::new(0),
             nar_index: Mutex::new(HashMap::new()),
             downloading: Mutex::new(HashMap::new()),
+            may_lack_data: AtomicBool::new(false),
         })
     }
 
@@ -505,6 +520,7 @@ impl Shared {
             .get(&wanted.hash())
             .await
             .map_err(|e| error(PathErrorKind::Lookup(e)))?
+            && self.whole(&info, progress).await
         {
             return Ok(Outcome::Present(info));
         }
@@ -529,6 +545,33 @@ impl Shared {
                 caches: self.caches.iter().map(|c| c.url().to_owned()).collect(),
             }
         })))
+    }
+
+    /// Whether a path the store holds has all its data. Walks its tree
+    /// only when the store has quarantined something this run (see
+    /// `lazystore_pathinfo::whole`); a walk that fails is warned about and
+    /// the path taken as whole, as it was before the check.
+    async fn whole(&self, info: &PathInfo, progress: &Progress) -> bool {
+        if !self.may_lack_data.load(Ordering::Relaxed) {
+            return true;
+        }
+        let path = info.store_path.to_absolute();
+        match self.store.find_missing(&info.root).await {
+            Ok(None) => true,
+            Ok(Some(missing)) => {
+                progress.warn(&format!(
+                    "{path} is in the store but incomplete ({missing}); importing it again"
+                ));
+                false
+            }
+            Err(e) => {
+                progress.warn(&format!(
+                    "{path}: cannot check that its data is all stored: {}",
+                    error_chain(&e)
+                ));
+                true
+            }
+        }
     }
 
     /// Fetches, checks and ingests one path from one cache.

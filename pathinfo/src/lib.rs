@@ -16,6 +16,7 @@ pub mod nixbase32;
 mod signature;
 mod store_path;
 mod wanted;
+mod whole;
 
 pub use narinfo::{
     Compression, FieldError, HashError, MAX_NARINFO_SIZE, NarInfo, NarInfoError, format_sha256,
@@ -35,6 +36,7 @@ pub use store_path::{
     StorePathError, StorePathHash, StorePathHashLenError,
 };
 pub use wanted::Wanted;
+pub use whole::{CheckError, Missing};
 
 /// Wire types generated from `proto/pathinfo.proto`.
 #[allow(missing_docs, clippy::all)]

@@ -76,6 +76,9 @@ pub struct Store {
     /// The local chunk cache in front of the blobs and directories, if
     /// [`Store::open`] (or [`Store::with_cache`]) put one there.
     pub local_cache: Option<CacheStore>,
+    /// The connection of a remote store, shared by its three clients: its
+    /// outages are counted there ([`Connection::outages`]).
+    pub connection: Option<Connection>,
 }
 
 /// Wraps a blob service: a layer of a store (counters, say).
@@ -337,6 +340,7 @@ impl Store {
             directories: Arc::new(MemoryDirectoryService::new()),
             path_infos: Arc::new(MemoryPathInfoService::new()),
             local_cache: None,
+            connection: None,
         }
     }
 
@@ -351,6 +355,7 @@ impl Store {
             directories: Arc::new(RedbDirectoryService::new(store.clone())),
             path_infos: Arc::new(RedbPathInfoService::new(store)),
             local_cache: None,
+            connection: None,
         }
     }
 
@@ -364,8 +369,9 @@ impl Store {
                 ChunkerParams::default(),
             ),
             directories: Arc::new(GrpcDirectoryService::new(connection.clone())),
-            path_infos: Arc::new(GrpcPathInfoService::new(connection)),
+            path_infos: Arc::new(GrpcPathInfoService::new(connection.clone())),
             local_cache: None,
+            connection: Some(connection),
         }
     }
 
@@ -463,6 +469,7 @@ impl Store {
             )),
             path_infos: self.path_infos,
             local_cache: Some(cache),
+            connection: self.connection,
         }
     }
 

@@ -224,6 +224,16 @@ impl BlobService for CachingBlobService {
         self.remote.put_chunks(chunks).await
     }
 
+    /// The remote's: a chunk that fails here came from it (a damaged
+    /// cached copy is dropped and fetched again without a report).
+    async fn quarantine(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        self.remote.quarantine(chunks).await
+    }
+
+    async fn quarantined(&self) -> Result<u64, BlobError> {
+        self.remote.quarantined().await
+    }
+
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
         self.remote.put_blob(blob, meta).await
     }

@@ -229,6 +229,55 @@ impl BlobService for GrpcBlobService {
         Ok(missing)
     }
 
+    /// `ReportCorrupt`: the server checks its copies and quarantines the
+    /// bad ones. A server before the call quarantines nothing.
+    async fn quarantine(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        let request = proto::ReportCorruptRequest {
+            digests: wire::digests_to_wire(chunks),
+        };
+        let answer = self
+            .connection
+            .call("ReportCorrupt", || {
+                let mut client = self.client.clone();
+                let request = request.clone();
+                let timeout = self.connection.attempt_timeout();
+                async move {
+                    let answer = timeout.timed(client.report_corrupt(request)).await?;
+                    Ok::<_, AttemptError>(answer.into_inner().quarantined)
+                }
+            })
+            .await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) if e.code() == Some(tonic::Code::Unimplemented) => return Ok(Vec::new()),
+            Err(e) => return Err(self.error(e)),
+        };
+        wire::digests("quarantined", &answer, chunks.len())
+            .map_err(|b| self.error(CallError::bad_reply("ReportCorrupt", b)))
+    }
+
+    /// `Quarantined`; a server before the call counts none.
+    async fn quarantined(&self) -> Result<u64, BlobError> {
+        let answer = self
+            .connection
+            .call("Quarantined", || {
+                let mut client = self.client.clone();
+                let timeout = self.connection.attempt_timeout();
+                async move {
+                    let answer = timeout
+                        .timed(client.quarantined(proto::QuarantinedRequest {}))
+                        .await?;
+                    Ok::<_, AttemptError>(answer.into_inner().chunks)
+                }
+            })
+            .await;
+        match answer {
+            Ok(n) => Ok(n),
+            Err(e) if e.code() == Some(tonic::Code::Unimplemented) => Ok(0),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
     /// One `Put` stream of chunks. Idempotent, so retried like a read.
     async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
         if chunks.is_empty() {

@@ -31,6 +31,8 @@ pub struct MemoryStats {
 struct Inner {
     chunks: HashMap<Digest, EncodedChunk>,
     blobs: HashMap<Digest, BlobMeta>,
+    /// Chunks quarantined and not put since.
+    quarantined: std::collections::HashSet<Digest>,
 }
 
 impl MemoryBlobService {
@@ -99,9 +101,27 @@ impl BlobService for MemoryBlobService {
     async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
         let mut inner = self.inner.write().expect("lock poisoned");
         for c in chunks {
+            inner.quarantined.remove(&c.digest);
             inner.chunks.entry(c.digest).or_insert(c);
         }
         Ok(())
+    }
+
+    async fn quarantine(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        let mut inner = self.inner.write().expect("lock poisoned");
+        let mut bad = Vec::new();
+        for d in chunks {
+            if inner.chunks.get(d).is_some_and(|c| c.decode().is_err()) {
+                inner.chunks.remove(d);
+                inner.quarantined.insert(*d);
+                bad.push(*d);
+            }
+        }
+        Ok(bad)
+    }
+
+    async fn quarantined(&self) -> Result<u64, BlobError> {
+        Ok(self.inner.read().expect("lock poisoned").quarantined.len() as u64)
     }
 
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {

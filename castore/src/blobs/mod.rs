@@ -16,6 +16,7 @@ mod grpc;
 mod index;
 mod memory;
 mod observed;
+mod quarantine;
 mod reader;
 mod redb;
 mod writer;
@@ -244,6 +245,30 @@ pub trait BlobService: Send + Sync {
     /// [`BlobError::ChunkNotFound`]) a list naming a chunk that is not stored,
     /// so no blob ever points at missing data.
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError>;
+
+    /// Quarantines those of `chunks` whose stored bytes fail verification:
+    /// a reader found them corrupt as this backend returned them. A backend
+    /// that holds chunk bytes must check its own copy of each (the reader's
+    /// copy may have been damaged on the way) and, for each that fails,
+    /// stop reporting it present — [`missing_chunks`] lists it,
+    /// [`read_chunks`] fails with [`BlobError::ChunkNotFound`] — and record
+    /// it until it is written again, so the next write of any blob holding
+    /// it stores it anew. Returns the chunks quarantined. A backend over
+    /// another passes the report on; the default quarantines nothing.
+    ///
+    /// [`missing_chunks`]: BlobService::missing_chunks
+    /// [`read_chunks`]: BlobService::read_chunks
+    async fn quarantine(&self, _chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        Ok(Vec::new())
+    }
+
+    /// How many chunks are quarantined and not yet written again: while it
+    /// is not zero, a blob the store holds may lack a chunk. Must be cheap
+    /// (one lookup, or one call to a remote backend): writers ask it before
+    /// deciding whether a present store path needs checking.
+    async fn quarantined(&self) -> Result<u64, BlobError> {
+        Ok(0)
+    }
 
     /// Whether every chunk [`read_chunks`](BlobService::read_chunks)
     /// returns was decoded and checked against its BLAKE3 by this backend,

@@ -91,6 +91,14 @@ impl<O: BlobObserver> BlobService for ObservedBlobService<O> {
         self.inner.put_blob(blob, meta).await
     }
 
+    async fn quarantine(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        self.inner.quarantine(chunks).await
+    }
+
+    async fn quarantined(&self) -> Result<u64, BlobError> {
+        self.inner.quarantined().await
+    }
+
     fn verifies_chunks(&self) -> bool {
         self.inner.verifies_chunks()
     }

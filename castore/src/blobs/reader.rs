@@ -60,7 +60,19 @@ impl Blobs {
     /// [`BlobService::verifies_chunks`]).
     ///
     /// [`BlobService::verifies_chunks`]: super::BlobService::verifies_chunks
+    ///
+    /// A chunk that fails verification (here, or in a backend that
+    /// verifies) is reported to the backend, which quarantines it if its
+    /// stored copy fails too (see `quarantine.rs`); the read fails anyway.
     pub async fn read_chunks_verified(&self, chunks: &[Digest]) -> Result<Vec<Bytes>, BlobError> {
+        let read = self.read_and_check(chunks).await;
+        if let Err(e) = &read {
+            self.report_corrupt(e).await;
+        }
+        read
+    }
+
+    async fn read_and_check(&self, chunks: &[Digest]) -> Result<Vec<Bytes>, BlobError> {
         let encoded = self.service.read_chunks(chunks).await?;
         let checked = self.service.verifies_chunks();
         if encoded.len() != chunks.len() {

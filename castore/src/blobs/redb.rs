@@ -18,9 +18,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-use super::{BlobError, BlobMeta, BlobService, EncodedChunk, decode_chunk_list, encode_chunk_list};
+use super::{
+    BlobError, BlobMeta, BlobService, EncodedChunk, decode_chunk_list, encode_chunk_list,
+    quarantine,
+};
 use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::packs::IndexRecord;
@@ -105,7 +108,7 @@ impl RedbBlobService {
     }
 }
 
-fn backend(e: impl Into<redb::Error>) -> BlobError {
+pub(super) fn backend(e: impl Into<redb::Error>) -> BlobError {
     BlobError::Backend(Box::new(e.into()))
 }
 
@@ -135,13 +138,23 @@ fn insert_chunk(
         .chunks
         .insert(chunk.digest.as_bytes(), &record.to_bytes()[..])
         .map_err(backend)?;
+    // Written again: no longer missing. A lookup in a table that is empty
+    // unless something was quarantined.
+    tables
+        .quarantine
+        .remove(chunk.digest.as_bytes())
+        .map_err(backend)?;
     Ok(())
 }
 
 /// The chunk an index record names, read from its pack. A record that is
 /// not one is [`BlobError::Corrupt`]; the bytes are checked by whoever
 /// decodes them ([`Blobs`](crate::Blobs) checks every chunk's BLAKE3).
-fn read_chunk(store: &RedbStore, digest: Digest, record: &[u8]) -> Result<EncodedChunk, BlobError> {
+pub(super) fn read_chunk(
+    store: &RedbStore,
+    digest: Digest,
+    record: &[u8],
+) -> Result<EncodedChunk, BlobError> {
     let record = IndexRecord::from_bytes(record).map_err(|reason| BlobError::Corrupt {
         chunk: digest,
         reason,
@@ -221,6 +234,31 @@ impl BlobService for RedbBlobService {
         .await
     }
 
+    /// Each chunk's stored copy checked in the writer's transaction, so a
+    /// copy written again since the reader's is never the one removed.
+    async fn quarantine(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        let (chunks, found) = (chunks.to_vec(), Arc::new(std::sync::Mutex::new(Vec::new())));
+        let out = found.clone();
+        self.writes
+            .submit(&self.store, true, move |store, tables| {
+                let mut bad = Vec::new();
+                for d in &chunks {
+                    if quarantine::stored_copy_fails(store, tables, d)? {
+                        bad.push(*d);
+                    }
+                }
+                quarantine::record(tables, &bad)?;
+                *out.lock().expect("not poisoned") = bad;
+                Ok(())
+            })
+            .await?;
+        Ok(std::mem::take(&mut *found.lock().expect("not poisoned")))
+    }
+
+    async fn quarantined(&self) -> Result<u64, BlobError> {
+        self.read(|t| t.quarantine.len().map_err(backend)).await
+    }
+
     async fn put_chunks(&self, chunks: Vec<EncodedChunk>) -> Result<(), BlobError> {
         if chunks.is_empty() {
             return Ok(());
@@ -259,6 +297,14 @@ impl BlobService for RedbBlobService {
                     .map_err(backend)?
                     .is_some_and(|v| v.value() == &record[..])
                 {
+                    // The list is stored; a chunk sent with it may not be
+                    // (quarantined since), and is written again.
+                    let mut written = std::collections::HashSet::new();
+                    for c in &chunks {
+                        if !has_chunk(tables, &c.digest)? && written.insert(c.digest) {
+                            insert_chunk(store, tables, c)?;
+                        }
+                    }
                     return Ok(());
                 }
                 // Every chunk of the list is either stored or about to be,

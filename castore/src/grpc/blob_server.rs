@@ -220,6 +220,32 @@ impl blob_service_server::BlobService for BlobServer {
         }))
     }
 
+    async fn report_corrupt(
+        &self,
+        request: Request<proto::ReportCorruptRequest>,
+    ) -> Result<Response<proto::ReportCorruptResponse>, Status> {
+        let digests = wire::digests("digests", &request.get_ref().digests, MAX_READ_CHUNKS)?;
+        let quarantined = self.blobs.quarantine(&digests).await?;
+        for chunk in &quarantined {
+            tracing::error!(
+                %chunk,
+                "chunk {chunk} reported corrupt by a client and failed this store's check too; \
+                 quarantined until a path holding it is uploaded again"
+            );
+        }
+        Ok(Response::new(proto::ReportCorruptResponse {
+            quarantined: wire::digests_to_wire(&quarantined),
+        }))
+    }
+
+    async fn quarantined(
+        &self,
+        _request: Request<proto::QuarantinedRequest>,
+    ) -> Result<Response<proto::QuarantinedResponse>, Status> {
+        let chunks = self.blobs.quarantined().await?;
+        Ok(Response::new(proto::QuarantinedResponse { chunks }))
+    }
+
     async fn put(
         &self,
         request: Request<Streaming<proto::PutRequest>>,

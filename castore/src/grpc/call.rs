@@ -186,6 +186,8 @@ pub(crate) struct Outage {
     /// mostly) takes no lock when there is no outage to end.
     ongoing: std::sync::atomic::AtomicBool,
     count: std::sync::atomic::AtomicU64,
+    /// Calls that gave up at their deadline during an outage, over all.
+    failed: std::sync::atomic::AtomicU64,
     /// Wakes the calls waiting to retry when one gets through: the server
     /// is back, and a call asleep in its backoff (up to its longest wait)
     /// would otherwise miss a short window in which it answers.
@@ -227,6 +229,8 @@ impl Outage {
     fn gave_up(&self) {
         if let Some(spell) = self.state.lock().expect("outage state poisoned").as_mut() {
             spell.failed += 1;
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -255,6 +259,11 @@ impl Outage {
     /// Outages begun so far.
     pub(crate) fn count(&self) -> u64 {
         self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Calls that gave up during outages so far.
+    pub(crate) fn failed_calls(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -243,6 +243,12 @@ impl Connection {
         self.outage.count()
     }
 
+    /// Calls that gave up at their deadline during those outages: what
+    /// the outages cost the callers.
+    pub fn outage_failed_calls(&self) -> u64 {
+        self.outage.failed_calls()
+    }
+
     /// Asks the server's health service until it answers that it is
     /// serving, or `wait` has passed: a client that must not start against
     /// a dead address (a mount) learns so in seconds, not after its first

@@ -87,7 +87,12 @@ impl LazyFs {
             // 1 while the kernel takes backing files, 0 once it refused.
             text.push_str(&format!("passthrough {}\n", u8::from(p.usable())));
         }
-        for (name, value) in self.paths.counters() {
+        for (name, value) in self
+            .paths
+            .counters()
+            .into_iter()
+            .chain(self.more_counters())
+        {
             text.push_str(&format!("{name} {value}\n"));
         }
         text

@@ -39,7 +39,7 @@ use crate::error::FsError;
 use crate::inode::{Ino, Inode, InodeTable, Kind, ReadState};
 use crate::passthrough::Passthrough;
 
-use crate::stats::{Stats, StatsSnapshot, retried};
+use crate::stats::{CounterSource, Stats, StatsSnapshot, retried};
 
 mod control;
 mod lookup;
@@ -150,6 +150,8 @@ pub struct LazyFs {
     paths: Arc<dyn Substituter>,
     /// Passthrough from whole files in the local cache, if enabled.
     passthrough: Option<Arc<Passthrough>>,
+    /// Counters shown after the filesystem's own.
+    more_counters: Vec<Arc<dyn CounterSource>>,
 }
 
 impl LazyFs {
@@ -174,7 +176,23 @@ impl LazyFs {
             next_handle: AtomicU64::new(1),
             paths,
             passthrough: None,
+            more_counters: Vec::new(),
         }
+    }
+
+    /// Shows `source`'s counters in the stats file after the
+    /// filesystem's own (and the substituters').
+    pub fn with_counters(mut self, source: Arc<dyn CounterSource>) -> Self {
+        self.more_counters.push(source);
+        self
+    }
+
+    /// The counters of the sources given to [`LazyFs::with_counters`].
+    pub fn more_counters(&self) -> Vec<(&'static str, u64)> {
+        self.more_counters
+            .iter()
+            .flat_map(|s| s.counters())
+            .collect()
     }
 
     /// Finds store paths through `paths` instead of the store's PathInfos

@@ -132,6 +132,7 @@ pub fn test_store() -> (Store, Arc<MemoryBlobService>, Arc<Faults>) {
         directories: Arc::new(MemoryDirectoryService::new()),
         path_infos: Arc::new(MemoryPathInfoService::new()),
         local_cache: None,
+        connection: None,
     };
     (store, inner, faults)
 }
