@@ -6,8 +6,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use lazystore_pathinfo::fsck::check;
-use lazystore_pathinfo::{SERVER_WAIT, Store, StoreOptions, default_store_url};
+use lazystore_importer::{HttpOptions, Importer, Options};
+use lazystore_pathinfo::fsck::{check, check_path};
+use lazystore_pathinfo::{PublicKey, SERVER_WAIT, Store, StoreOptions, Wanted, default_store_url};
 
 use crate::remote::RemoteArgs;
 
@@ -19,9 +20,27 @@ use crate::remote::RemoteArgs;
 /// Runs online: give it the URL of a serving store (a redb store is held
 /// by the process serving it). Prints progress on standard error, a
 /// summary and every damaged path on standard output; exits 1 if any path
-/// is damaged.
+/// is damaged (with --repair: any path still damaged after the repair).
 #[derive(clap::Args)]
 pub struct Args {
+    /// Import every damaged path again from the --from caches (checked as
+    /// `lazystore import` checks: signature by a --trusted-public-key,
+    /// NarHash), writing what the store lacks or holds corrupt, then check
+    /// it again.
+    #[arg(long, requires = "caches")]
+    repair: bool,
+    /// Binary cache to repair from (https://, http:// or file:///); repeat
+    /// for several, tried in order.
+    #[arg(long = "from", value_name = "URL", requires = "repair")]
+    caches: Vec<String>,
+    /// Trust signatures by this key (`name:base64`); repeat for several.
+    /// Default: cache.nixos.org's.
+    #[arg(
+        long = "trusted-public-key",
+        value_name = "NAME:KEY",
+        requires = "repair"
+    )]
+    trusted_keys: Vec<PublicKey>,
     /// The store to check: redb:///abs/path/store.redb, grpc+http://HOST:PORT,
     /// grpc+https://…, grpc+unix:///PATH [default: the embedded store under
     /// $LAZYSTORE_DIR].
@@ -72,7 +91,68 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             damage.reason
         )?;
     }
-    Ok(if report.clean() {
+    if report.clean() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.repair {
+        return Ok(ExitCode::from(1));
+    }
+    drop(out);
+    let mut options = Options {
+        caches: args.caches,
+        closure: false,
+        http: HttpOptions {
+            ca_certs: args.remote.ca_certs()?,
+            ..HttpOptions::default()
+        },
+        ..Options::default()
+    };
+    if !args.trusted_keys.is_empty() {
+        options.trusted_keys = args.trusted_keys;
+    }
+    let importer = Importer::new(store.clone(), options)
+        .await
+        .context("cannot set up the caches to repair from")?;
+    let wanted: Vec<Wanted> = report
+        .damaged
+        .iter()
+        .map(|d| Wanted::from(d.store_path.clone()))
+        .collect();
+    let summary = importer.run(&wanted).await;
+    for failure in &summary.failed {
+        eprintln!("lazystore fsck: cannot repair {failure}");
+    }
+    let mut still = 0;
+    let mut out = std::io::stdout().lock();
+    for damage in &report.damaged {
+        let info = store
+            .path_infos
+            .get(&damage.store_path.hash())
+            .await
+            .with_context(|| format!("looking up {}", damage.store_path))?;
+        let result = match info {
+            Some(info) => check_path(&store, &info).await,
+            None => Err("no longer published".to_owned()),
+        };
+        match result {
+            Ok(()) => writeln!(out, "repaired: {}", damage.store_path.to_absolute())?,
+            Err(reason) => {
+                still += 1;
+                writeln!(
+                    out,
+                    "still damaged: {}: {reason}",
+                    damage.store_path.to_absolute()
+                )?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "{url}: {} of {} damaged paths repaired",
+        report.damaged.len() - still,
+        report.damaged.len()
+    )?;
+    Ok(if still == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -2,7 +2,8 @@
 //! cache: clean, it says so and exits 0; with the bytes of one chunk
 //! flipped, it names exactly the path that chunk belongs to (and the
 //! chunk), exits 1, and the other paths check out. Online, through a
-//! `lazystore serve` of the store, it finds the same.
+//! `lazystore serve` of the store, it finds the same; `--repair --from`
+//! the cache writes the chunk again, and the next check is clean.
 
 mod common;
 
@@ -89,4 +90,32 @@ fn fsck_names_the_damaged_path() {
     // Online, through the server holding the store.
     let (_server, url) = start(&["serve", "--listen", "127.0.0.1:0", "--store", &store]);
     check(&url);
+
+    // Repaired from the binary cache, online: the chunk written again, and
+    // a second check is clean.
+    let out = lazystore(&[
+        "fsck",
+        "--store",
+        &url,
+        "--repair",
+        "--from",
+        &from,
+        "--trusted-public-key",
+        &public,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("repaired: {}", closure.a)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 of 1 damaged paths repaired"), "{stdout}");
+    let out = lazystore(&["fsck", "--store", &url]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("0 damaged"), "{stdout}");
 }

@@ -13,6 +13,10 @@
 //! against a store being served and written. A path is checked as it was
 //! when its PathInfo was read.
 //!
+//! `lazystore fsck --repair` imports the damaged paths again from binary
+//! caches: a chunk found corrupt was quarantined as it was read, so the
+//! import sees the path incomplete and writes what it lacks.
+//!
 //! Not yet: objects no PathInfo reaches (unreferenced chunks and their
 //! bytes) are not counted, and chunks shared by several paths are read
 //! once per path.
@@ -109,8 +113,10 @@ pub async fn check(
     })
 }
 
-/// Renders `info`'s tree and compares its NAR with the PathInfo's.
-async fn check_path(store: &Store, info: &PathInfo) -> Result<(), String> {
+/// Renders `info`'s tree and compares its NAR with the PathInfo's; what
+/// is wrong, if anything. (A chunk that fails verification on the way is
+/// quarantined by the reader, so an import of the path writes it again.)
+pub async fn check_path(store: &Store, info: &PathInfo) -> Result<(), String> {
     let (size, sha256) = nar_hash(&store.blobs, &*store.directories, &info.root)
         .await
         .map_err(|e| error_chain(&e))?;
