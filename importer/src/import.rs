@@ -118,6 +118,9 @@ pub(crate) struct Shared {
     may_lack_data: AtomicBool,
 }
 
+/// NARs remembered for deduplication at most: some 10 MiB of index.
+const MAX_REMEMBERED_NARS: usize = 100_000;
+
 /// A NAR by its NarHash and NarSize.
 type NarKey = ([u8; 32], u64);
 
@@ -798,11 +801,16 @@ impl Shared {
     }
 
     /// Indexes a stored NAR so an identical one is not downloaded again.
+    /// An importer that lives as long as a pull-through server would
+    /// otherwise keep one entry per NAR it ever stored: past
+    /// [`MAX_REMEMBERED_NARS`] the index starts again (it only saves
+    /// downloads of identical NARs under other paths).
     fn remember_nar(&self, info: &PathInfo) {
-        self.nar_index
-            .lock()
-            .expect("lock poisoned")
-            .insert((info.nar_sha256, info.nar_size), info.root.clone());
+        let mut index = self.nar_index.lock().expect("lock poisoned");
+        if index.len() >= MAX_REMEMBERED_NARS {
+            index.clear();
+        }
+        index.insert((info.nar_sha256, info.nar_size), info.root.clone());
     }
 }
 
