@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod delete;
 mod fsck;
 mod import;
 mod mount;
@@ -25,6 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Delete(delete::Args),
     Fsck(fsck::Args),
     Import(import::Args),
     Mount(mount::Args),
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Delete(args) => delete::run(args).await,
             Command::Fsck(args) => fsck::run(args).await,
             Command::Import(args) => import::run(args).await,
             Command::Mount(args) => mount::run(args).await,

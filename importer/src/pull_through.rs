@@ -207,6 +207,12 @@ impl PathInfoService for PullThrough {
         self.inner.put(info).await
     }
 
+    /// From the store; the caches may have it still, and a later lookup
+    /// pulls it again.
+    async fn delete(&self, hash: &StorePathHash) -> Result<bool, PathInfoError> {
+        self.inner.delete(hash).await
+    }
+
     /// What the store has: the caches are not listed.
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {
         self.inner.list()

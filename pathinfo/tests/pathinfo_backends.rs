@@ -206,6 +206,29 @@ async fn get_put_list() {
 }
 
 #[tokio::test]
+async fn delete_unpublishes() {
+    for b in backends().await {
+        let svc = &*b.store.path_infos;
+        let path = store_path(9, "gone-1.0");
+        let kept = store_path(10, "kept-1.0");
+        for p in [&path, &kept] {
+            let info = info(p.clone(), stored_file(&b.store, b"data").await);
+            svc.put(info).await.unwrap();
+        }
+        assert!(svc.delete(&path.hash()).await.unwrap(), "{}", b.name);
+        assert_eq!(svc.get(&path.hash()).await.unwrap(), None, "{}", b.name);
+        assert!(!svc.delete(&path.hash()).await.unwrap(), "{}", b.name);
+        assert!(svc.get(&kept.hash()).await.unwrap().is_some(), "{}", b.name);
+        let listed: Vec<_> = list_sorted(svc)
+            .await
+            .into_iter()
+            .map(|i| i.store_path)
+            .collect();
+        assert_eq!(listed, vec![kept], "{}", b.name);
+    }
+}
+
+#[tokio::test]
 async fn put_replaces() {
     for b in backends().await {
         let svc = &*b.store.path_infos;

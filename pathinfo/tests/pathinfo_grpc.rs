@@ -157,6 +157,15 @@ impl path_info_service_server::PathInfoService for Liar {
         Ok(Response::new(proto::PutPathInfoResponse {}))
     }
 
+    async fn delete(
+        &self,
+        _: Request<proto::DeletePathInfoRequest>,
+    ) -> Result<Response<proto::DeletePathInfoResponse>, Status> {
+        Ok(Response::new(proto::DeletePathInfoResponse {
+            deleted: true,
+        }))
+    }
+
     async fn list(
         &self,
         _: Request<proto::ListPathInfoRequest>,

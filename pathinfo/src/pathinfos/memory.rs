@@ -38,6 +38,15 @@ impl PathInfoService for MemoryPathInfoService {
         Ok(())
     }
 
+    async fn delete(&self, hash: &StorePathHash) -> Result<bool, PathInfoError> {
+        Ok(self
+            .infos
+            .write()
+            .expect("lock poisoned")
+            .remove(hash)
+            .is_some())
+    }
+
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {
         let all: Vec<_> = self
             .infos

@@ -320,6 +320,11 @@ pub trait PathInfoService: Send + Sync {
     /// Every PathInfo, in no particular order. Must yield each published
     /// path once, as [`get`](PathInfoService::get) would return it.
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>>;
+
+    /// Unpublishes the path whose hash is `hash`; whether it was published.
+    /// Its data stays in the castore (other paths may share it) until a
+    /// garbage collection.
+    async fn delete(&self, hash: &StorePathHash) -> Result<bool, PathInfoError>;
 }
 
 #[cfg(test)]

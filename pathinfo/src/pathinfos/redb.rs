@@ -200,6 +200,24 @@ impl PathInfoService for RedbPathInfoService {
         .map_err(join_error)?
     }
 
+    async fn delete(&self, hash: &StorePathHash) -> Result<bool, PathInfoError> {
+        let store = self.store.clone();
+        let hash = *hash;
+        tokio::task::spawn_blocking(move || {
+            let txn = store.database().begin_write().map_err(backend)?;
+            let deleted = {
+                let mut table = txn.open_table(PATH_INFOS).map_err(backend)?;
+                table.remove(hash.as_bytes()).map_err(backend)?.is_some()
+            };
+            store
+                .commit(txn, redb::Durability::Immediate)
+                .map_err(backend)?;
+            Ok(deleted)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
     /// Streams from one read transaction on a blocking thread, started when
     /// the stream is first polled; in key order, which is no order a caller
     /// may rely on.

@@ -159,6 +159,24 @@ impl PathInfoService for GrpcPathInfoService {
         self.put_with(info, false).await
     }
 
+    async fn delete(&self, hash: &StorePathHash) -> Result<bool, PathInfoError> {
+        let request = proto::DeletePathInfoRequest {
+            hash: bytes::Bytes::copy_from_slice(hash.as_bytes()),
+        };
+        self.connection
+            .call("Delete", || {
+                let mut client = self.client.clone();
+                let request = request.clone();
+                let timeout = self.connection.attempt_timeout();
+                async move {
+                    let answer = timeout.timed(client.delete(request)).await?;
+                    Ok(answer.into_inner().deleted)
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {
         let service = self.clone();
         let start = async move {

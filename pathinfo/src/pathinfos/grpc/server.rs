@@ -98,6 +98,22 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         Ok(Response::new(proto::PutPathInfoResponse {}))
     }
 
+    /// Unpublishes a path of the store itself (not of caches behind it);
+    /// logged. A hash not 20 bytes long is `INVALID_ARGUMENT`.
+    async fn delete(
+        &self,
+        request: Request<proto::DeletePathInfoRequest>,
+    ) -> Result<Response<proto::DeletePathInfoResponse>, Status> {
+        let request = request.into_inner();
+        let hash = StorePathHash::try_from(request.hash.as_ref())
+            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        let deleted = self.publisher.store().path_infos.delete(&hash).await?;
+        if deleted {
+            tracing::warn!("unpublished the path with hash {hash}, as asked");
+        }
+        Ok(Response::new(proto::DeletePathInfoResponse { deleted }))
+    }
+
     /// Streams the backend's listing as it produces it.
     async fn list(
         &self,
