@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod delete;
 mod fsck;
+mod gc;
 mod import;
 mod mount;
 mod nar_check;
@@ -28,6 +29,7 @@ struct Cli {
 enum Command {
     Delete(delete::Args),
     Fsck(fsck::Args),
+    Gc(gc::Args),
     Import(import::Args),
     Mount(mount::Args),
     NarCheck(nar_check::Args),
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Delete(args) => delete::run(args).await,
             Command::Fsck(args) => fsck::run(args).await,
+            Command::Gc(args) => gc::run(args).await,
             Command::Import(args) => import::run(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,

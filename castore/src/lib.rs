@@ -22,6 +22,7 @@ pub mod nodes;
 mod packs;
 mod redb_store;
 pub mod retry;
+mod sweep;
 pub mod tls;
 
 /// Wire types generated from `proto/castore.proto`.
@@ -39,3 +40,4 @@ pub use error::error_chain;
 pub use nodes::{Directory, Node, PathComponent, SymlinkTarget, ValidateError};
 pub use redb_store::{OpenError, RedbOptions, RedbStore, SyncMode};
 pub use retry::{Backoff, ErrorClass, RetryPolicy, Retryable};
+pub use sweep::{Live, SweepError, Swept};

@@ -311,10 +311,11 @@ impl Packs {
         })
     }
 
-    /// Frees the blocks of the chunks at `locations` (whole blocks of
-    /// `align` bytes: call only on aligned packs) and deletes packs left
-    /// with nothing but their header, other than the one being written.
-    /// Reads of them fail from then on.
+    /// Frees the blocks of the chunks at `locations` (in an unaligned pack,
+    /// the blocks wholly inside a chunk; the bytes of the others are zeroed)
+    /// and, in aligned packs, deletes those left with nothing but their
+    /// header, other than the one being written. Reads of them fail from
+    /// then on.
     pub fn punch(&self, locations: &[Location]) -> io::Result<()> {
         let mut by_pack: HashMap<u32, Vec<Location>> = HashMap::new();
         for at in locations {
@@ -348,8 +349,10 @@ impl Packs {
                 })?;
             }
             // Only the header's block left: nothing in it is named any more.
+            // Only in aligned packs, where no chunk shares the header's
+            // block (in a store's packs a small chunk may sit in it).
             let allocated = std::os::unix::fs::MetadataExt::blocks(&file.metadata()?) * 512;
-            if Some(pack) != current && allocated <= self.align.max(4096) {
+            if self.align >= 4096 && Some(pack) != current && allocated <= self.align {
                 std::fs::remove_file(&path)?;
                 self.readers
                     .write()
@@ -358,6 +361,31 @@ impl Packs {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the packs `numbers` (none of whose chunks is named any
+    /// more), except the one being appended to, which it returns if it is
+    /// among them (free its chunks with [`Packs::punch`] instead). Reads
+    /// of them fail from then on.
+    pub fn remove(&self, numbers: &std::collections::HashSet<u32>) -> io::Result<Option<u32>> {
+        let current = self.writer().current.as_ref().map(|(p, _, _)| *p);
+        let mut kept = None;
+        for &pack in numbers {
+            if Some(pack) == current {
+                kept = Some(pack);
+                continue;
+            }
+            match std::fs::remove_file(self.path_of(pack)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            self.readers
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pack);
+        }
+        Ok(kept)
     }
 
     /// Bytes the packs take on disk (allocated blocks).

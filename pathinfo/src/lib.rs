@@ -2,6 +2,7 @@
 
 pub mod decompress;
 pub mod fsck;
+pub mod gc;
 pub mod ingest;
 pub mod listing;
 pub mod nar;

@@ -1,0 +1,121 @@
+//! `lazystore gc` on two paths that share a file: the one deleted loses
+//! its unique chunks and their space, the other keeps everything and
+//! renders to its exact NarHash (Nix's). `--dry-run` changes nothing; a
+//! second gc finds nothing to drop.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use lazystore_castore::blobs::RedbBlobService;
+use lazystore_castore::{BlobService, Digest, RedbStore};
+use lazystore_testkit::{add_tree, nix_cmd, noise};
+
+fn lazystore(args: &[&str]) -> Output {
+    let out = Command::new(common::LAZYSTORE).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "lazystore {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The number just before `word` in `text`.
+fn number_before(text: &str, word: &str) -> u64 {
+    let at = text
+        .find(word)
+        .unwrap_or_else(|| panic!("no {word:?} in {text}"));
+    text[..at]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .trim_start_matches('(')
+        .parse()
+        .unwrap()
+}
+
+fn tree(dir: &Path, files: &[(&str, &[u8])]) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    add_tree(dir)
+}
+
+#[test]
+fn gc_reclaims_what_only_deleted_paths_reached() {
+    let work = tempfile::tempdir().unwrap();
+    let shared = noise(1 << 20, 7001);
+    let only_a = noise(4 << 20, 7002);
+    let only_b = noise(1 << 20, 7003);
+    let a = tree(
+        &work.path().join("a"),
+        &[("shared", &shared), ("mine", &only_a)],
+    );
+    let b = tree(
+        &work.path().join("b"),
+        &[("shared", &shared), ("mine", &only_b)],
+    );
+    let store_file = work.path().join("store.redb");
+    let store = format!("redb://{}", store_file.display());
+    let ingested = common::ingest(&store, &[&a, &b]);
+    // The NarHash fsck checks b against is Nix's.
+    let b_hash = lazystore_pathinfo::nixbase32::encode(&ingested[1].nar_sha256);
+    assert_eq!(
+        nix_cmd(["nix-store", "--query", "--hash", &b]).trim(),
+        format!("sha256:{b_hash}")
+    );
+
+    let out = lazystore(&["gc", "--store", &store, "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("would drop 0 directories, 0 chunk lists, 0 chunks"),
+        "{text}"
+    );
+
+    lazystore(&["delete", "--store", &store, &a]);
+    let out = lazystore(&["gc", "--store", &store, "--dry-run"]);
+    let dry = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        dry.contains("would drop 1 directories, 1 chunk lists"),
+        "{dry}"
+    );
+    assert_eq!(number_before(&dry, "reclaimed"), 0, "{dry}");
+
+    let out = lazystore(&["gc", "--store", &store]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stored = number_before(&text, "bytes stored)");
+    let reclaimed = number_before(&text, "reclaimed");
+    // a's own file, 4 MiB of noise, stored as it is.
+    assert!(stored >= 4 << 20, "{text}");
+    assert!(
+        reclaimed * 10 >= stored * 8,
+        "reclaimed {reclaimed} of {stored}: {text}"
+    );
+    eprintln!("{text}");
+
+    // b whole, to Nix's NarHash; a's own file gone, the shared one kept.
+    let out = lazystore(&["fsck", "--store", &store]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 paths") && text.contains("0 damaged"),
+        "{text}"
+    );
+    let blobs = RedbBlobService::new(RedbStore::open(&store_file).unwrap());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        assert!(blobs.stat(&Digest::of(&only_a)).await.unwrap().is_none());
+        assert!(blobs.stat(&Digest::of(&shared)).await.unwrap().is_some());
+        assert!(blobs.stat(&Digest::of(&only_b)).await.unwrap().is_some());
+    });
+    drop(blobs);
+
+    let out = lazystore(&["gc", "--store", &store]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("dropped 0 directories, 0 chunk lists, 0 chunks"),
+        "{text}"
+    );
+}
