@@ -363,29 +363,56 @@ impl Packs {
         Ok(())
     }
 
-    /// Deletes the packs `numbers` (none of whose chunks is named any
-    /// more), except the one being appended to, which it returns if it is
-    /// among them (free its chunks with [`Packs::punch`] instead). Reads
-    /// of them fail from then on.
-    pub fn remove(&self, numbers: &std::collections::HashSet<u32>) -> io::Result<Option<u32>> {
-        let current = self.writer().current.as_ref().map(|(p, _, _)| *p);
-        let mut kept = None;
-        for &pack in numbers {
-            if Some(pack) == current {
-                kept = Some(pack);
-                continue;
-            }
-            match std::fs::remove_file(self.path_of(pack)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            self.readers
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pack);
+    /// Keeps only the bytes of the chunks at `live` (by pack): a pack with
+    /// none is deleted, and every byte of the others that no live chunk
+    /// takes — chunks dropped from the index, and bytes a crash appended
+    /// without indexing them — is punched out. Only with no appends under
+    /// way (the caller holds the store, and appends nothing meanwhile).
+    pub fn keep_only(&self, live: &HashMap<u32, Vec<Location>>) -> io::Result<()> {
+        if self.writer().current.is_some() {
+            return Err(io::Error::other(
+                "packs were appended to by this process: sweep them from a fresh open",
+            ));
         }
-        Ok(kept)
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let Some(pack) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pack"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some(chunks) = live.get(&pack) else {
+                std::fs::remove_file(&path)?;
+                self.readers
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&pack);
+                continue;
+            };
+            let mut ranges: Vec<(u64, u64)> = chunks
+                .iter()
+                .map(|at| (at.offset, at.offset + u64::from(at.len)))
+                .collect();
+            ranges.sort_unstable();
+            let file = OpenOptions::new().write(true).open(&path)?;
+            let end = file.metadata()?.len();
+            let mut free_from = PACK_MAGIC.len() as u64;
+            for (start, stop) in ranges.into_iter().chain([(end, end)]) {
+                if start > free_from {
+                    punch_hole(&file, free_from, start - free_from).map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("freeing space in {}: {e}", path.display()),
+                        )
+                    })?;
+                }
+                free_from = free_from.max(stop);
+            }
+        }
+        Ok(())
     }
 
     /// Bytes the packs take on disk (allocated blocks).

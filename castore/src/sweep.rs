@@ -1,10 +1,11 @@
 //! Garbage collection's sweep of a redb store ([`RedbStore::sweep`]): every
 //! directory, chunk list and chunk not in the live set is dropped from the
-//! index, and the space of dropped chunks given back to the file system —
-//! packs with no live chunk left are deleted, the dropped chunks' byte
-//! ranges in the others are punched out (`fallocate(PUNCH_HOLE)`: whole
-//! blocks are freed, the partial blocks at a chunk's ends only zeroed, so
-//! the neighbours' bytes are untouched).
+//! index, and every pack byte no live chunk takes is given back to the file
+//! system — packs with no live chunk left are deleted, and the gaps between
+//! live chunks in the others (dropped chunks, and bytes a crash appended
+//! without indexing) are punched out (`fallocate(PUNCH_HOLE)`: whole blocks
+//! are freed, the partial blocks at a gap's ends only zeroed in the gap, so
+//! the live neighbours' bytes are untouched).
 //!
 //! Order, for crash safety: the index entries go in one durable commit
 //! first, then the bytes. A crash between the two leaves bytes no index
@@ -16,7 +17,7 @@
 //! `lazystore gc` opens it itself). A sweep during writes could drop a
 //! chunk an import was about to name; see `docs/design.md`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use redb::ReadableTable as _;
 
@@ -86,8 +87,7 @@ impl RedbStore {
             ..Swept::default()
         };
         let txn = self.database().begin_write().map_err(db)?;
-        let mut dead = Vec::new();
-        let mut live_packs = HashSet::new();
+        let mut live_chunks: HashMap<u32, Vec<crate::packs::Location>> = HashMap::new();
         {
             let mut directories = txn.open_table(DIRECTORIES).map_err(db)?;
             let mut blobs = txn.open_table(BLOBS).map_err(db)?;
@@ -115,11 +115,13 @@ impl RedbStore {
                 let record = IndexRecord::from_bytes(value.value())
                     .map_err(|reason| SweepError::Record { digest, reason })?;
                 if live.chunks.contains(&digest) {
-                    live_packs.insert(record.at.pack);
+                    live_chunks
+                        .entry(record.at.pack)
+                        .or_default()
+                        .push(record.at);
                 } else {
                     drop_chunks.push(*key.value());
                     swept.chunk_bytes += u64::from(record.at.len);
-                    dead.push(record.at);
                 }
             }
             swept.directories = drop_dirs.len() as u64;
@@ -143,15 +145,8 @@ impl RedbStore {
             return Ok(swept);
         }
         self.commit(txn, redb::Durability::Immediate).map_err(db)?;
-        // The index no longer names them: free their bytes.
-        let (in_dead_packs, mut in_live_packs): (Vec<_>, Vec<_>) = dead
-            .into_iter()
-            .partition(|at| !live_packs.contains(&at.pack));
-        let emptied: HashSet<u32> = in_dead_packs.iter().map(|at| at.pack).collect();
-        if let Some(current) = packs.remove(&emptied)? {
-            in_live_packs.extend(in_dead_packs.iter().filter(|at| at.pack == current));
-        }
-        packs.punch(&in_live_packs)?;
+        // The index names only live chunks now: free every other byte.
+        packs.keep_only(&live_chunks)?;
         swept.packs_after = packs.allocated_bytes()?;
         Ok(swept)
     }
