@@ -11,7 +11,10 @@
 //! the overlay; `teardown` leaves no mount, no process and no registered
 //! path behind. The same build with the service empty and only an
 //! `--upstream` binary cache downloads the NAR of the one path read from,
-//! not those of the closure's other paths.
+//! not those of the closure's other paths. And with the cache behind a
+//! pull-through service (`serve --upstream`) and the builder knowing only
+//! the service, the build works, the service downloads each NAR of the
+//! closure once, and the builder fetches only what the build reads.
 
 mod common;
 
@@ -356,4 +359,43 @@ fn nix_build_with_only_an_upstream_cache() {
     );
     assert_eq!(stats["upstream_nar_downloads"], 1, "{stats:?}");
     assert!(downloaded * 1000 < inputs.nar_bytes, "{stats:?}");
+}
+
+#[test]
+fn nix_build_through_a_pull_through_service() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let inputs = build_inputs(dir);
+    let (secret, public) = gen_key(dir, "builder-pull-through-test-1");
+    let cache = make_cache(&[&inputs.top], "zstd", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    // The service has nothing imported and pulls from the cache; the
+    // builder knows only the service.
+    let (_server, url) = common::start(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &format!("redb://{}/server.redb", dir.display()),
+        "--upstream",
+        &upstream.url,
+        "--trusted-public-key",
+        &public,
+    ]);
+    inputs.forget();
+
+    let stats = build_in_namespace(dir, &url, &[], &inputs);
+    eprintln!(
+        "pull-through: {} NAR download(s) by the service; builder counters: {stats:?}",
+        upstream.nar_requests()
+    );
+    // The service pulled the closure once; the builder fetched only what
+    // the build read.
+    assert_eq!(upstream.nar_requests(), inputs.closure.len(), "{stats:?}");
+    assert!(
+        stats["chunk_bytes_fetched"] * 1000 < inputs.nar_bytes,
+        "{stats:?}"
+    );
 }
