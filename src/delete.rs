@@ -5,9 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use futures::TryStreamExt as _;
-use lazystore_pathinfo::{
-    SERVER_WAIT, Store, StoreOptions, StorePath, StorePathHash, Wanted, default_store_url,
-};
+use lazystore_pathinfo::{StorePath, StorePathHash, Wanted};
 
 use crate::remote::RemoteArgs;
 
@@ -36,17 +34,11 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let url = match args.store {
-        Some(url) => url,
-        None => default_store_url()?,
-    };
-    let options = args.remote.store_options(StoreOptions {
-        wait_for_server: Some(SERVER_WAIT),
-        ..StoreOptions::default()
-    })?;
-    let store = Store::open(&url, options)
+    let (url, store) = args
+        .remote
+        .open_store(args.store)
         .await
-        .with_context(|| format!("cannot delete from {url}"))?;
+        .context("cannot delete from the store")?;
     // Who refers to whom, from every PathInfo.
     let mut referrers: HashMap<StorePathHash, Vec<StorePath>> = HashMap::new();
     let mut published: HashMap<StorePathHash, StorePath> = HashMap::new();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use lazystore_importer::{HttpOptions, Importer, Options};
 use lazystore_pathinfo::fsck::{check, check_path};
-use lazystore_pathinfo::{PublicKey, SERVER_WAIT, Store, StoreOptions, Wanted, default_store_url};
+use lazystore_pathinfo::{PublicKey, Wanted};
 
 use crate::remote::RemoteArgs;
 
@@ -52,17 +52,11 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let url = match args.store {
-        Some(url) => url,
-        None => default_store_url()?,
-    };
-    let options = args.remote.store_options(StoreOptions {
-        wait_for_server: Some(SERVER_WAIT),
-        ..StoreOptions::default()
-    })?;
-    let store = Store::open(&url, options)
+    let (url, store) = args
+        .remote
+        .open_store(args.store)
         .await
-        .with_context(|| format!("cannot check {url}"))?;
+        .context("cannot check the store")?;
     let last = Mutex::new(Instant::now());
     let report = check(&store, |paths, bytes| {
         let mut last = last.lock().expect("no panics while held");

@@ -11,12 +11,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use lazystore_castore::OpenError;
 use lazystore_importer::{NEGATIVE_TTL, Wanted};
 use lazystore_pathinfo::substitute::{Substituter, Substituters, Validity};
-use lazystore_pathinfo::{
-    OpenStoreError, SERVER_WAIT, Store, StoreOptions, StorePath, default_store_url,
-};
+use lazystore_pathinfo::StorePath;
 use tokio::task::JoinSet;
 
 use crate::remote::RemoteArgs;
@@ -196,28 +193,7 @@ fn dependencies_first(records: &BTreeMap<StorePath, Record>) -> Vec<&Record> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let store_url = match args.store {
-        Some(url) => url,
-        None => default_store_url()?,
-    };
-    let options = args.remote.store_options(StoreOptions {
-        wait_for_server: Some(SERVER_WAIT),
-        ..StoreOptions::default()
-    })?;
-    let store = Store::open(&store_url, options).await.map_err(|e| {
-        let held = matches!(&e, OpenStoreError::Redb { source, .. }
-            if matches!(**source, OpenError::AlreadyOpen { .. }));
-        let e = anyhow::Error::new(e);
-        if held {
-            // A redb store is held by one process at a time.
-            e.context(
-                "the store is in use (mounted or served?): ask that server instead, with \
-                 --store grpc+http://…",
-            )
-        } else {
-            e
-        }
-    })?;
+    let (store_url, store) = args.remote.open_store(args.store).await?;
     // Only narinfos are read: the store is never written.
     let paths =
         args.upstream

@@ -9,9 +9,10 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use lazystore_castore::OpenError;
 use lazystore_castore::auth::Token;
 use lazystore_castore::tls::CaCerts;
-use lazystore_pathinfo::StoreOptions;
+use lazystore_pathinfo::{OpenStoreError, SERVER_WAIT, Store, StoreOptions, default_store_url};
 
 /// What a client presents to, and trusts of, a remote store.
 #[derive(clap::Args, Debug)]
@@ -58,5 +59,35 @@ impl RemoteArgs {
             ca_certs: self.ca_certs()?,
             ..options
         })
+    }
+
+    /// The store a client command works on, with its URL: `url`, or the
+    /// embedded one by default. A `grpc+` store's server must answer within
+    /// [`SERVER_WAIT`]; a redb store another process holds is an error
+    /// saying to ask that process's server instead.
+    pub async fn open_store(&self, url: Option<String>) -> anyhow::Result<(String, Store)> {
+        let url = match url {
+            Some(url) => url,
+            None => default_store_url()?,
+        };
+        let options = self.store_options(StoreOptions {
+            wait_for_server: Some(SERVER_WAIT),
+            ..StoreOptions::default()
+        })?;
+        let store = Store::open(&url, options).await.map_err(|e| {
+            let held = matches!(&e, OpenStoreError::Redb { source, .. }
+                if matches!(**source, OpenError::AlreadyOpen { .. }));
+            let e = anyhow::Error::new(e);
+            if held {
+                // A redb store is held by one process at a time.
+                e.context(
+                    "the store is in use (mounted or served?): ask that server instead, with \
+                     --store grpc+http://…",
+                )
+            } else {
+                e
+            }
+        })?;
+        Ok((url, store))
     }
 }
