@@ -18,7 +18,9 @@ use crate::remote::RemoteArgs;
 /// NarSize.
 ///
 /// Runs online: give it the URL of a serving store (a redb store is held
-/// by the process serving it). Prints progress on standard error, a
+/// by the process serving it). Given a redb store no process holds, it
+/// also counts what no published path reaches (what `lazystore gc`
+/// drops). Prints progress on standard error, a
 /// summary and every damaged path on standard output; exits 1 if any path
 /// is damaged (with --repair: any path still damaged after the repair).
 #[derive(clap::Args)]
@@ -52,11 +54,24 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (url, store) = args
-        .remote
-        .open_store(args.store)
-        .await
-        .context("cannot check the store")?;
+    // A redb store is opened here, so what no path reaches can be counted
+    // too; any other through its services.
+    let url = match args.store {
+        Some(url) => url,
+        None => lazystore_pathinfo::default_store_url()?,
+    };
+    let redb = crate::gc::open_redb(&url).await?;
+    let store = match &redb {
+        Some(redb) => lazystore_pathinfo::Store::redb(redb.clone()),
+        None => {
+            let (_, store) = args
+                .remote
+                .open_store(Some(url.clone()))
+                .await
+                .context("cannot check the store")?;
+            store
+        }
+    };
     let last = Mutex::new(Instant::now());
     let report = check(&store, |paths, bytes| {
         let mut last = last.lock().expect("no panics while held");
@@ -83,6 +98,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "damaged: {}: {}",
             damage.store_path.to_absolute(),
             damage.reason
+        )?;
+    }
+    if let Some(redb) = &redb
+        && report.clean()
+    {
+        let unused = crate::gc::unreferenced(redb).await?;
+        writeln!(
+            out,
+            "unreferenced: {} directories, {} chunk lists, {} chunks ({} bytes stored; \
+             lazystore gc drops them)",
+            unused.directories, unused.blobs, unused.chunks, unused.chunk_bytes
         )?;
     }
     if report.clean() {

@@ -31,18 +31,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let Some(path) = url.strip_prefix("redb://") else {
+    let Some(redb) = open_redb(&url).await? else {
         bail!(
             "cannot collect garbage in {url}: gc runs on a redb:// store, offline (stop the \
              lazystore serve holding it, and give its --store)"
         );
     };
-    let path = std::path::PathBuf::from(path);
-    let redb = tokio::task::spawn_blocking(move || RedbStore::open(&path))
-        .await?
-        .with_context(|| {
-            format!("cannot open {url} (is a lazystore serve or mount holding it?)")
-        })?;
     let store = Store::redb(redb.clone());
     let live = live(&store, |_| {})
         .await
@@ -73,4 +67,27 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         swept.packs_before.saturating_sub(swept.packs_after)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The redb store at `url` opened by this process, or `None` if `url` is
+/// not a `redb://` one. Fails if another process holds it.
+pub async fn open_redb(url: &str) -> anyhow::Result<Option<RedbStore>> {
+    let Some(path) = url.strip_prefix("redb://") else {
+        return Ok(None);
+    };
+    let path = std::path::PathBuf::from(path);
+    let redb = tokio::task::spawn_blocking(move || RedbStore::open(&path))
+        .await?
+        .with_context(|| {
+            format!("cannot open {url} (is a lazystore serve or mount holding it?)")
+        })?;
+    Ok(Some(redb))
+}
+
+/// What a gc would drop from `redb`: the objects no published path
+/// reaches and their stored bytes. Nothing is dropped.
+pub async fn unreferenced(redb: &RedbStore) -> anyhow::Result<lazystore_castore::Swept> {
+    let live = live(&Store::redb(redb.clone()), |_| {}).await?;
+    let redb = redb.clone();
+    Ok(tokio::task::spawn_blocking(move || redb.sweep(&live, true)).await??)
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use lazystore_importer::{NEGATIVE_TTL, Wanted};
-use lazystore_pathinfo::substitute::{Substituter, Substituters, Validity};
 use lazystore_pathinfo::StorePath;
+use lazystore_pathinfo::substitute::{Substituter, Substituters, Validity};
 use tokio::task::JoinSet;
 
 use crate::remote::RemoteArgs;

@@ -1,6 +1,7 @@
 //! `lazystore gc` on two paths that share a file: the one deleted loses
 //! its unique chunks and their space, the other keeps everything and
-//! renders to its exact NarHash (Nix's). `--dry-run` changes nothing; a
+//! renders to its exact NarHash (Nix's). `fsck` counts what no path
+//! reaches before, and nothing after; `--dry-run` changes nothing; a
 //! second gc finds nothing to drop.
 
 mod common;
@@ -76,6 +77,13 @@ fn gc_reclaims_what_only_deleted_paths_reached() {
     );
 
     lazystore(&["delete", "--store", &store, &a]);
+    // fsck counts what no path reaches now.
+    let out = lazystore(&["fsck", "--store", &store]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("unreferenced: 1 directories, 1 chunk lists"),
+        "{text}"
+    );
     let out = lazystore(&["gc", "--store", &store, "--dry-run"]);
     let dry = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -99,6 +107,10 @@ fn gc_reclaims_what_only_deleted_paths_reached() {
     // b whole, to Nix's NarHash; a's own file gone, the shared one kept.
     let out = lazystore(&["fsck", "--store", &store]);
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("unreferenced: 0 directories, 0 chunk lists, 0 chunks"),
+        "{text}"
+    );
     assert!(
         text.contains("1 paths") && text.contains("0 damaged"),
         "{text}"

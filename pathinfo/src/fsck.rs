@@ -17,9 +17,9 @@
 //! caches: a chunk found corrupt was quarantined as it was read, so the
 //! import sees the path incomplete and writes what it lacks.
 //!
-//! Not yet: objects no PathInfo reaches (unreferenced chunks and their
-//! bytes) are not counted, and chunks shared by several paths are read
-//! once per path.
+//! Objects no PathInfo reaches are counted by `lazystore fsck` on a redb
+//! store it opens itself (the gc's mark and a dry sweep). Not yet: chunks
+//! shared by several paths are read once per path.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
