@@ -1,4 +1,4 @@
-//! PathInfo backend in the embedded redb store: one table, `pathinfo-v1`,
+//! PathInfo backend in the embedded redb store: one table, `pathinfo-v2`,
 //! in the same file as the castore's tables.
 //!
 //! Sharing the file is what makes publication safe: redb has one linear
@@ -13,9 +13,11 @@
 //! [`RedbStore::database`], and created by the first put. A store with no
 //! PathInfos yet has no such table, which reads treat as empty.
 
+use std::sync::{Arc, Mutex};
+
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt};
-use lazystore_castore::RedbStore;
+use lazystore_castore::{Digest, RedbStore};
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
@@ -23,17 +25,28 @@ use super::{PathInfo, PathInfoError, PathInfoService};
 use crate::proto;
 use crate::store_path::{STORE_PATH_HASH_LEN, StorePathHash};
 
-/// Key of `pathinfo-v1`: the 20-byte hash part of the store path, as raw
+/// Key of `pathinfo-v2`: the 20-byte hash part of the store path, as raw
 /// bytes (redb's fixed-size array key; the on-disk format).
 type HashKey = &'static [u8; STORE_PATH_HASH_LEN];
 
 /// Store path hash → PathInfo record.
 ///
-/// A record is the protobuf encoding of `proto::PathInfo`
-/// (`proto/pathinfo.proto`), exactly as sent on the wire. It is decoded and
-/// validated (`TryFrom`) on every read, and its store path checked against
-/// the key, so damaged bytes are an error and never a wrong PathInfo.
-const PATH_INFOS: TableDefinition<HashKey, &[u8]> = TableDefinition::new("pathinfo-v1");
+/// A record is the BLAKE3 of the rest (32 bytes), then the protobuf
+/// encoding of `proto::PathInfo` (`proto/pathinfo.proto`), exactly as sent
+/// on the wire. On every read the checksum is checked, the PathInfo
+/// decoded and validated (`TryFrom`), and its store path checked against
+/// the key, so damaged bytes are an error and never a wrong PathInfo —
+/// a flipped bit in a NarHash included, which decodes fine: every other
+/// record of the store is checked against a digest too (chunks,
+/// directories and chunk lists by the digest that is their key).
+const PATH_INFOS: TableDefinition<HashKey, &[u8]> = TableDefinition::new("pathinfo-v2");
+
+/// The table of stores written before records carried a checksum: the
+/// protobuf alone. Moved into `pathinfo-v2` on first use.
+const PATH_INFOS_V1: TableDefinition<HashKey, &[u8]> = TableDefinition::new("pathinfo-v1");
+
+/// Length of a record's checksum.
+const CHECKSUM_LEN: usize = 32;
 
 /// PathInfos sent ahead of a slow `list` consumer.
 const LIST_BUFFER: usize = 64;
@@ -50,6 +63,12 @@ enum CorruptRecord {
         #[source]
         source: prost::DecodeError,
     },
+    /// The bytes are not those written: the checksum does not match.
+    #[error("stored PathInfo {hash} fails its checksum")]
+    Checksum {
+        /// The key, in nixbase32.
+        hash: String,
+    },
     /// A valid PathInfo, stored under another path's hash.
     #[error("stored PathInfo {hash} is the PathInfo of {found}")]
     WrongKey {
@@ -64,12 +83,60 @@ enum CorruptRecord {
 #[derive(Clone, Debug)]
 pub struct RedbPathInfoService {
     store: RedbStore,
+    /// Whether `pathinfo-v1` records were moved into `pathinfo-v2` (or
+    /// there were none) in this process.
+    upgraded: Arc<Mutex<bool>>,
 }
 
 impl RedbPathInfoService {
     /// The PathInfo backend of `store`.
     pub fn new(store: RedbStore) -> Self {
-        RedbPathInfoService { store }
+        RedbPathInfoService {
+            store,
+            upgraded: Arc::default(),
+        }
+    }
+
+    /// Moves the records of a store written before checksums into
+    /// `pathinfo-v2`, once; each keeps its bytes, with their checksum in
+    /// front. Blocks.
+    fn upgrade(&self) -> Result<(), PathInfoError> {
+        let mut upgraded = self.upgraded.lock().unwrap_or_else(|p| p.into_inner());
+        if *upgraded {
+            return Ok(());
+        }
+        let has_v1 = {
+            let txn = self.store.database().begin_read().map_err(backend)?;
+            match txn.open_table(PATH_INFOS_V1) {
+                Ok(_) => true,
+                Err(TableError::TableDoesNotExist(_)) => false,
+                Err(e) => return Err(backend(e)),
+            }
+        };
+        if has_v1 {
+            let txn = self.store.database().begin_write().map_err(backend)?;
+            let mut moved = 0usize;
+            {
+                let old = txn.open_table(PATH_INFOS_V1).map_err(backend)?;
+                let mut new = txn.open_table(PATH_INFOS).map_err(backend)?;
+                for entry in old.iter().map_err(backend)? {
+                    let (key, value) = entry.map_err(backend)?;
+                    new.insert(key.value(), &with_checksum(value.value())[..])
+                        .map_err(backend)?;
+                    moved += 1;
+                }
+            }
+            txn.delete_table(PATH_INFOS_V1).map_err(backend)?;
+            self.store
+                .commit(txn, redb::Durability::Immediate)
+                .map_err(backend)?;
+            tracing::info!(
+                store = %self.store.path().display(),
+                "{moved} PathInfo records now carry a checksum (pathinfo-v1 -> pathinfo-v2)"
+            );
+        }
+        *upgraded = true;
+        Ok(())
     }
 
     /// The store it writes to.
@@ -85,6 +152,7 @@ impl RedbPathInfoService {
         hash: &StorePathHash,
         f: impl FnOnce(&mut Vec<u8>),
     ) -> Result<bool, PathInfoError> {
+        self.upgrade()?;
         let txn = self.store.database().begin_write().map_err(backend)?;
         {
             let mut table = txn.open_table(PATH_INFOS).map_err(backend)?;
@@ -115,9 +183,29 @@ fn join_error(e: tokio::task::JoinError) -> PathInfoError {
     PathInfoError::Internal(Box::new(e))
 }
 
-/// Decodes, validates and checks a stored record against its key.
+/// `encoded` with its checksum in front: a record.
+fn with_checksum(encoded: &[u8]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(CHECKSUM_LEN + encoded.len());
+    record.extend_from_slice(Digest::of(encoded).as_bytes());
+    record.extend_from_slice(encoded);
+    record
+}
+
+/// Checks a stored record's checksum, decodes and validates it, and checks
+/// it against its key.
 fn decode(hash: StorePathHash, record: &[u8]) -> Result<PathInfo, PathInfoError> {
-    let wire = proto::PathInfo::decode(record).map_err(|source| {
+    let checksum_fails = || {
+        PathInfoError::Corrupt(Box::new(CorruptRecord::Checksum {
+            hash: hash.to_string(),
+        }))
+    };
+    let (checksum, encoded) = record
+        .split_first_chunk::<CHECKSUM_LEN>()
+        .ok_or_else(checksum_fails)?;
+    if Digest::of(encoded).as_bytes() != checksum {
+        return Err(checksum_fails());
+    }
+    let wire = proto::PathInfo::decode(encoded).map_err(|source| {
         PathInfoError::Corrupt(Box::new(CorruptRecord::Decode {
             hash: hash.to_string(),
             source,
@@ -164,7 +252,9 @@ impl PathInfoService for RedbPathInfoService {
     async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
         let store = self.store.clone();
         let hash = *hash;
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            this.upgrade()?;
             let txn = store.database().begin_read().map_err(backend)?;
             let table = match txn.open_table(PATH_INFOS) {
                 Ok(table) => table,
@@ -183,8 +273,10 @@ impl PathInfoService for RedbPathInfoService {
     /// before it, is on disk.
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
         let store = self.store.clone();
-        let record = proto::PathInfo::from(&info).encode_to_vec();
+        let record = with_checksum(&proto::PathInfo::from(&info).encode_to_vec());
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            this.upgrade()?;
             let txn = store.database().begin_write().map_err(backend)?;
             {
                 let mut table = txn.open_table(PATH_INFOS).map_err(backend)?;
@@ -203,7 +295,9 @@ impl PathInfoService for RedbPathInfoService {
     async fn delete(&self, hash: &StorePathHash) -> Result<bool, PathInfoError> {
         let store = self.store.clone();
         let hash = *hash;
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            this.upgrade()?;
             let txn = store.database().begin_write().map_err(backend)?;
             let deleted = {
                 let mut table = txn.open_table(PATH_INFOS).map_err(backend)?;
@@ -223,10 +317,11 @@ impl PathInfoService for RedbPathInfoService {
     /// may rely on.
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {
         let store = self.store.clone();
+        let this = self.clone();
         let start = async move {
             let (tx, rx) = tokio::sync::mpsc::channel(LIST_BUFFER);
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = list_into(&store, &tx) {
+                if let Err(e) = this.upgrade().and_then(|()| list_into(&store, &tx)) {
                     let _ = tx.blocking_send(Err(e));
                 }
             });
@@ -235,5 +330,81 @@ impl PathInfoService for RedbPathInfoService {
             })
         };
         stream::once(start).flatten().boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazystore_castore::Node;
+
+    use crate::store_path::StorePath;
+
+    fn info() -> PathInfo {
+        PathInfo {
+            store_path: StorePath::from_basename("00bgd045z0d4icpbc2yyz4gx48ak44la-hello").unwrap(),
+            root: Node::Symlink {
+                target: b"/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-other"[..]
+                    .try_into()
+                    .unwrap(),
+            },
+            references: Vec::new(),
+            nar_size: 120,
+            nar_sha256: [7; 32],
+            signatures: Vec::new(),
+            deriver: None,
+            ca: None,
+        }
+    }
+
+    fn service() -> (tempfile::TempDir, RedbPathInfoService) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        (dir, RedbPathInfoService::new(store))
+    }
+
+    #[tokio::test]
+    async fn a_flipped_bit_that_still_decodes_is_caught() {
+        let (_dir, svc) = service();
+        let info = info();
+        let hash = info.store_path.hash();
+        svc.put(info.clone()).await.unwrap();
+        // A bit of the NarHash: the protobuf still decodes, to another hash.
+        let flipped = svc
+            .corrupt_record(&hash, |record| {
+                let at = record.windows(32).position(|w| w == [7; 32]).unwrap();
+                record[at] ^= 1;
+            })
+            .unwrap();
+        assert!(flipped);
+        let e = svc.get(&hash).await.unwrap_err();
+        assert!(matches!(e, PathInfoError::Corrupt(_)), "{e}");
+        assert!(
+            lazystore_castore::error_chain(&e).contains("checksum"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn records_written_before_checksums_are_moved_on_first_use() {
+        let (_dir, svc) = service();
+        let info = info();
+        let hash = info.store_path.hash();
+        {
+            let db = svc.store().database();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut v1 = txn.open_table(PATH_INFOS_V1).unwrap();
+                let record = proto::PathInfo::from(&info).encode_to_vec();
+                v1.insert(hash.as_bytes(), &record[..]).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        assert_eq!(svc.get(&hash).await.unwrap(), Some(info));
+        let txn = svc.store().database().begin_read().unwrap();
+        assert!(matches!(
+            txn.open_table(PATH_INFOS_V1),
+            Err(TableError::TableDoesNotExist(_))
+        ));
     }
 }
