@@ -293,12 +293,15 @@ pub(crate) fn hint(message: &str, tls: bool) -> Option<&'static str> {
     } else {
         // A TLS server answers an HTTP/2 preface with an alert and closes
         // the connection before HTTP/2 starts: hyper reports the connection
-        // closed, or h2 reads the alert as a malformed frame. (A server
-        // going away mid-call is reset or sends GOAWAY instead.)
-        const SIGNS: [&str; 3] = [
+        // closed, or h2 reads the alert as a malformed frame, or — when the
+        // close comes while the client still writes its first frames, as
+        // on a loaded machine — a broken pipe. (A server going away
+        // mid-call is reset or sends GOAWAY instead.)
+        const SIGNS: [&str; 4] = [
             "connection closed",
             "frame with invalid size",
             "invalid frame",
+            "broken pipe",
         ];
         SIGNS
             .iter()
@@ -313,4 +316,31 @@ pub(crate) fn untrusted(message: &str) -> bool {
     message
         .to_ascii_lowercase()
         .contains("invalid peer certificate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_say_what_tls_explains() {
+        let may_tls = Some("the server may use TLS: if so, use grpc+https://");
+        for closed in [
+            "transport error: connection closed before message completed",
+            "transport error: connection error: stream closed because of a broken pipe",
+            "h2 protocol error: frame with invalid size",
+        ] {
+            assert_eq!(hint(closed, false), may_tls, "{closed}");
+        }
+        assert_eq!(hint("connection reset by peer", false), None);
+        assert_eq!(
+            hint("received corrupt message of type InvalidContentType", true),
+            Some("the server does not speak TLS: use grpc+http://")
+        );
+        assert!(
+            hint("invalid peer certificate: UnknownIssuer", true)
+                .unwrap()
+                .contains("--ca-file")
+        );
+    }
 }

@@ -17,11 +17,12 @@
 //! Writes and listings go to the store itself; the server's publishing
 //! checks read the store itself too, so a put never pulls from upstream.
 //!
+//! At most [`MAX_PULLS`] imports run at once; runs that want one NAR take
+//! turns, so it is downloaded once (`import/fetch.rs`).
+//!
 //! Not yet: answering a lookup from the narinfo and listing before the NAR
 //! is downloaded (a lookup waits for its path's closure to be imported),
-//! fetching the rest of a closure in the background, and a bound on
-//! downloads shared by concurrent imports (each import runs its own
-//! `jobs`).
+//! and fetching the rest of a closure in the background.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,8 +65,16 @@ pub struct PullThrough {
     state: Arc<State>,
 }
 
+/// Pulls running at once, at most: each import fetches up to its `jobs`
+/// paths at a time, so a fleet asking for many different paths at once
+/// opens at most this many times `jobs` downloads from the caches (each
+/// streamed: memory is bounded per download, not per NAR).
+pub const MAX_PULLS: usize = 8;
+
 struct State {
     importer: Importer,
+    /// Bounds the pulls running at once to [`MAX_PULLS`].
+    running: tokio::sync::Semaphore,
     negative_ttl: Duration,
     // A std Mutex: each use is one map operation, never held across await.
     /// Pulls in progress, by path.
@@ -89,6 +98,7 @@ impl PullThrough {
             inner,
             state: Arc::new(State {
                 importer,
+                running: tokio::sync::Semaphore::new(MAX_PULLS),
                 negative_ttl,
                 pulls: Mutex::default(),
                 missing: Mutex::default(),
@@ -132,7 +142,10 @@ impl PullThrough {
         let state = self.state.clone();
         let task = tokio::spawn(async move {
             let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
-            let summary = state.importer.run(std::slice::from_ref(&wanted)).await;
+            let summary = {
+                let _turn = state.running.acquire().await.expect("never closed");
+                state.importer.run(std::slice::from_ref(&wanted)).await
+            };
             state
                 .pulls
                 .lock()
