@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use common::start;
 use lazystore_castore::blobs::RedbBlobService;
-use lazystore_castore::{Digest, RedbStore};
+use lazystore_castore::{BlobService, Digest, RedbStore};
 use lazystore_testkit::{build_closure, gen_key, make_cache};
 
 fn lazystore(args: &[&str]) -> Output {
@@ -118,4 +118,119 @@ fn fsck_names_the_damaged_path() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("0 damaged"), "{stdout}");
+}
+
+#[test]
+fn ten_corrupt_chunks_are_named_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Two paths of four 1 MiB files each: some 130 chunks.
+    let paths: Vec<String> = (0..2u64)
+        .map(|p| {
+            let tree = d.join(format!("tree{p}"));
+            std::fs::create_dir(&tree).unwrap();
+            for f in 0..4 {
+                std::fs::write(
+                    tree.join(format!("f{f}")),
+                    lazystore_testkit::noise(1 << 20, 9000 + p * 10 + f),
+                )
+                .unwrap();
+            }
+            lazystore_testkit::add_tree(&tree)
+        })
+        .collect();
+    let (secret, public) = gen_key(d, "fsck-ten-1");
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let cache = make_cache(&refs, "zstd", Some(&secret));
+    let from = format!("file://{}", cache.path().display());
+    let store = format!("redb://{}/store.redb", d.display());
+    let mut args = vec![
+        "import",
+        "--from",
+        &from,
+        "--trusted-public-key",
+        &public,
+        "--store",
+        &store,
+    ];
+    args.extend(&refs);
+    let out = lazystore(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every chunk, with the path it belongs to; ten of them flipped.
+    let redb = RedbStore::open(d.join("store.redb")).unwrap();
+    let blobs = RedbBlobService::new(redb);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut chunks: Vec<(Digest, usize)> = Vec::new();
+    for (p, path) in paths.iter().enumerate() {
+        for f in 0..4 {
+            let contents = std::fs::read(format!("{path}/f{f}")).unwrap();
+            let meta = runtime
+                .block_on(blobs.stat(&Digest::of(&contents)))
+                .unwrap()
+                .unwrap();
+            chunks.extend(meta.chunks.iter().map(|c| (c.digest, p)));
+        }
+    }
+    assert!(chunks.len() > 40, "{} chunks", chunks.len());
+    let step = chunks.len() / 10;
+    let flipped: Vec<(Digest, usize)> = chunks.iter().step_by(step).take(10).copied().collect();
+    for (chunk, _) in &flipped {
+        let done = blobs
+            .corrupt_chunk(chunk, |c| {
+                let mut data = c.data.to_vec();
+                data[0] ^= 0x80;
+                c.data = data.into();
+            })
+            .unwrap();
+        assert!(done);
+    }
+    drop(blobs);
+
+    let out = lazystore(&["fsck", "--store", &store]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    for (chunk, _) in &flipped {
+        assert_eq!(
+            stdout.matches(&chunk.to_string()).count(),
+            1,
+            "{chunk} named once:\n{stdout}"
+        );
+    }
+    let damaged: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("damaged: "))
+        .collect();
+    let hit: std::collections::BTreeSet<usize> = flipped.iter().map(|(_, p)| *p).collect();
+    assert_eq!(damaged.len(), hit.len(), "{stdout}");
+    for p in hit {
+        assert!(damaged.iter().any(|l| l.contains(&paths[p])), "{stdout}");
+    }
+
+    let out = lazystore(&[
+        "fsck",
+        "--store",
+        &store,
+        "--repair",
+        "--from",
+        &from,
+        "--trusted-public-key",
+        &public,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lazystore(&["fsck", "--store", &store]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("0 damaged"),
+        "{stdout}"
+    );
 }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt as _;
-use lazystore_castore::error_chain;
+use lazystore_castore::{Node, error_chain};
 
 use crate::Store;
 use crate::nixbase32;
@@ -116,10 +116,23 @@ pub async fn check(
 /// Renders `info`'s tree and compares its NAR with the PathInfo's; what
 /// is wrong, if anything. (A chunk that fails verification on the way is
 /// quarantined by the reader, so an import of the path writes it again.)
+///
+/// A path that does not render is walked again object by object, so
+/// every bad chunk, chunk list and directory of it is named, not only the
+/// first the rendering met (a clean path is read once).
 pub async fn check_path(store: &Store, info: &PathInfo) -> Result<(), String> {
-    let (size, sha256) = nar_hash(&store.blobs, &*store.directories, &info.root)
-        .await
-        .map_err(|e| error_chain(&e))?;
+    let rendered = nar_hash(&store.blobs, &*store.directories, &info.root).await;
+    let (size, sha256) = match rendered {
+        Ok(measured) => measured,
+        Err(e) => {
+            let found = bad_objects(store, &info.root).await;
+            return Err(if found.is_empty() {
+                error_chain(&e)
+            } else {
+                found.join("; ")
+            });
+        }
+    };
     if (size, sha256) != (info.nar_size, info.nar_sha256) {
         return Err(format!(
             "its tree renders to a NAR of {size} bytes with NarHash sha256:{}, the PathInfo says \
@@ -132,12 +145,71 @@ pub async fn check_path(store: &Store, info: &PathInfo) -> Result<(), String> {
     Ok(())
 }
 
+/// Chunks read in one request while looking for bad ones.
+const SCAN_BATCH: usize = 64;
+
+/// Every directory, chunk list and chunk below `root` that is missing or
+/// fails verification, each with why.
+async fn bad_objects(store: &Store, root: &Node) -> Vec<String> {
+    let mut bad = Vec::new();
+    // A chunk in several files is read, and named, once.
+    let mut checked = std::collections::HashSet::new();
+    let mut stack = vec![root.clone()];
+    while let Some(node) = stack.pop() {
+        match node {
+            Node::Directory { digest, .. } => match store.directories.get(&digest).await {
+                Ok(Some(dir)) => stack.extend(dir.entries().map(|(_, node)| node.clone())),
+                Ok(None) => bad.push(format!("directory {digest} is missing")),
+                Err(e) => bad.push(format!("directory {digest}: {}", error_chain(&e))),
+            },
+            Node::File { digest, size, .. } => {
+                let meta = match store.blobs.stat(&digest).await {
+                    Ok(Some(meta)) => meta,
+                    Ok(None) => {
+                        bad.push(format!("the chunk list of {digest} is missing"));
+                        continue;
+                    }
+                    Err(e) => {
+                        bad.push(format!("the chunk list of {digest}: {}", error_chain(&e)));
+                        continue;
+                    }
+                };
+                if meta.size != size {
+                    bad.push(format!(
+                        "the chunk list of {digest} adds up to {} bytes, the file has {size}",
+                        meta.size
+                    ));
+                }
+                let digests: Vec<_> = meta
+                    .chunks
+                    .iter()
+                    .map(|c| c.digest)
+                    .filter(|d| checked.insert(*d))
+                    .collect();
+                for batch in digests.chunks(SCAN_BATCH) {
+                    if store.blobs.read_chunks_verified(batch).await.is_ok() {
+                        continue;
+                    }
+                    for chunk in batch {
+                        // The error names the chunk: missing (or quarantined
+                        // by an earlier read), or corrupt and why.
+                        if let Err(e) = store.blobs.read_chunks_verified(&[*chunk]).await {
+                            bad.push(error_chain(&e));
+                        }
+                    }
+                }
+            }
+            Node::Symlink { .. } => {}
+        }
+    }
+    bad
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ingest::ingest_nar;
     use crate::nar::NarWriter;
-    use lazystore_castore::Node;
 
     async fn publish(store: &Store, name: &str, contents: &[u8]) -> PathInfo {
         let mut nar = NarWriter::new(Vec::new());
