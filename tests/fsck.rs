@@ -3,7 +3,9 @@
 //! flipped, it names exactly the path that chunk belongs to (and the
 //! chunk), exits 1, and the other paths check out. Online, through a
 //! `lazystore serve` of the store, it finds the same; `--repair --from`
-//! the cache writes the chunk again, and the next check is clean.
+//! the cache writes the chunk again, and the next check is clean. With ten
+//! chunks of two paths flipped, fsck names exactly those ten, each once,
+//! and the paths they belong to; the repair restores them all.
 
 mod common;
 

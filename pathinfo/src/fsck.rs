@@ -276,7 +276,7 @@ mod tests {
         );
         assert!(report.damaged[0].reason.contains("NarHash"), "{report:?}");
         assert!(
-            report.damaged[1].reason.contains("not stored"),
+            report.damaged[1].reason.contains("is missing"),
             "{report:?}"
         );
     }
