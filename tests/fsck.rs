@@ -4,8 +4,9 @@
 //! chunk), exits 1, and the other paths check out. Online, through a
 //! `lazystore serve` of the store, it finds the same; `--repair --from`
 //! the cache writes the chunk again, and the next check is clean. With ten
-//! chunks of two paths flipped, fsck names exactly those ten, each once,
-//! and the paths they belong to; the repair restores them all.
+//! chunks of two paths flipped, a mount never serves them (EIO, the chunk
+//! in its log), fsck names exactly those ten, each once, and the paths
+//! they belong to; the repair restores them all.
 
 mod common;
 
@@ -167,7 +168,7 @@ fn ten_corrupt_chunks_are_named_and_repaired() {
     let redb = RedbStore::open(d.join("store.redb")).unwrap();
     let blobs = RedbBlobService::new(redb);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut chunks: Vec<(Digest, usize)> = Vec::new();
+    let mut chunks: Vec<(Digest, usize, usize)> = Vec::new();
     for (p, path) in paths.iter().enumerate() {
         for f in 0..4 {
             let contents = std::fs::read(format!("{path}/f{f}")).unwrap();
@@ -175,13 +176,14 @@ fn ten_corrupt_chunks_are_named_and_repaired() {
                 .block_on(blobs.stat(&Digest::of(&contents)))
                 .unwrap()
                 .unwrap();
-            chunks.extend(meta.chunks.iter().map(|c| (c.digest, p)));
+            chunks.extend(meta.chunks.iter().map(|c| (c.digest, p, f)));
         }
     }
     assert!(chunks.len() > 40, "{} chunks", chunks.len());
     let step = chunks.len() / 10;
-    let flipped: Vec<(Digest, usize)> = chunks.iter().step_by(step).take(10).copied().collect();
-    for (chunk, _) in &flipped {
+    let flipped: Vec<(Digest, usize, usize)> =
+        chunks.iter().step_by(step).take(10).copied().collect();
+    for (chunk, _, _) in &flipped {
         let done = blobs
             .corrupt_chunk(chunk, |c| {
                 let mut data = c.data.to_vec();
@@ -193,10 +195,42 @@ fn ten_corrupt_chunks_are_named_and_repaired() {
     }
     drop(blobs);
 
+    // A mount never serves them: each file holding one is EIO, and the
+    // mount's log names the chunk.
+    let mountpoint = d.join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mount = common::Mount::start(&mountpoint, &store, "none", &["--no-passthrough"]);
+    for (_, p, f) in &flipped {
+        let file = mount
+            .path
+            .join(paths[*p].trim_start_matches("/nix/store/"))
+            .join(format!("f{f}"));
+        let err = std::fs::read(&file).unwrap_err();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EIO),
+            "{}: {err}",
+            file.display()
+        );
+    }
+    // A read stops at the first bad chunk of its file: each file's EIO is
+    // logged with one of its flipped chunks.
+    let log = mount.stop();
+    for (_, p, f) in &flipped {
+        let named = flipped
+            .iter()
+            .filter(|(_, p2, f2)| (p2, f2) == (p, f))
+            .any(|(chunk, _, _)| log.contains(&chunk.to_string()));
+        assert!(
+            named,
+            "no flipped chunk of {p}/f{f} in the mount's log:\n{log}"
+        );
+    }
+
     let out = lazystore(&["fsck", "--store", &store]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    for (chunk, _) in &flipped {
+    for (chunk, _, _) in &flipped {
         assert_eq!(
             stdout.matches(&chunk.to_string()).count(),
             1,
@@ -207,7 +241,7 @@ fn ten_corrupt_chunks_are_named_and_repaired() {
         .lines()
         .filter(|l| l.starts_with("damaged: "))
         .collect();
-    let hit: std::collections::BTreeSet<usize> = flipped.iter().map(|(_, p)| *p).collect();
+    let hit: std::collections::BTreeSet<usize> = flipped.iter().map(|(_, p, _)| *p).collect();
     assert_eq!(damaged.len(), hit.len(), "{stdout}");
     for p in hit {
         assert!(damaged.iter().any(|l| l.contains(&paths[p])), "{stdout}");
