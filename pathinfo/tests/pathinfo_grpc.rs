@@ -128,7 +128,17 @@ async fn malformed_requests_are_invalid_arguments() {
                 .contains(&format!("invalid hash: {len} bytes, not 20")),
             "{len}: {e:?}"
         );
+        let request = proto::DeletePathInfoRequest {
+            hash: vec![1; len].into(),
+        };
+        let e = raw.delete(request).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "delete {len}: {e:?}");
     }
+    // A path never published: nothing deleted, no error.
+    let request = proto::DeletePathInfoRequest {
+        hash: vec![1; 20].into(),
+    };
+    assert!(!raw.delete(request).await.unwrap().into_inner().deleted);
     let request = proto::GetPathInfoRequest {
         hash: vec![1; 20].into(),
     };
