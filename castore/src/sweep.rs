@@ -77,6 +77,21 @@ fn db<E: Into<redb::Error>>(e: E) -> SweepError {
     SweepError::Database(e.into())
 }
 
+/// The keys of `table` that `keep` does not hold.
+fn unreached(
+    table: &impl redb::ReadableTable<&'static [u8; 32], &'static [u8]>,
+    keep: &HashSet<Digest>,
+) -> Result<Vec<[u8; 32]>, SweepError> {
+    let mut gone = Vec::new();
+    for entry in table.iter().map_err(db)? {
+        let (key, _) = entry.map_err(db)?;
+        if !keep.contains(&Digest::from_bytes(*key.value())) {
+            gone.push(*key.value());
+        }
+    }
+    Ok(gone)
+}
+
 impl RedbStore {
     /// Drops what `live` does not hold (see the module docs); with
     /// `dry_run`, only counts it. Blocks: call it from `spawn_blocking`.
@@ -92,22 +107,8 @@ impl RedbStore {
             let mut directories = txn.open_table(DIRECTORIES).map_err(db)?;
             let mut blobs = txn.open_table(BLOBS).map_err(db)?;
             let mut chunks = txn.open_table(CHUNKS).map_err(db)?;
-            let gone =
-                |key: &[u8; 32], keep: &HashSet<Digest>| !keep.contains(&Digest::from_bytes(*key));
-            let mut drop_dirs = Vec::new();
-            for entry in directories.iter().map_err(db)? {
-                let (key, _) = entry.map_err(db)?;
-                if gone(key.value(), &live.directories) {
-                    drop_dirs.push(*key.value());
-                }
-            }
-            let mut drop_blobs = Vec::new();
-            for entry in blobs.iter().map_err(db)? {
-                let (key, _) = entry.map_err(db)?;
-                if gone(key.value(), &live.blobs) {
-                    drop_blobs.push(*key.value());
-                }
-            }
+            let drop_dirs = unreached(&directories, &live.directories)?;
+            let drop_blobs = unreached(&blobs, &live.blobs)?;
             let mut drop_chunks = Vec::new();
             for entry in chunks.iter().map_err(db)? {
                 let (key, value) = entry.map_err(db)?;
