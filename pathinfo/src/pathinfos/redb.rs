@@ -13,6 +13,7 @@
 //! [`RedbStore::database`], and created by the first put. A store with no
 //! PathInfos yet has no such table, which reads treat as empty.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -84,8 +85,10 @@ enum CorruptRecord {
 pub struct RedbPathInfoService {
     store: RedbStore,
     /// Whether `pathinfo-v1` records were moved into `pathinfo-v2` (or
-    /// there were none) in this process.
-    upgraded: Arc<Mutex<bool>>,
+    /// there were none) in this process: read on every call without a
+    /// lock; the mutex is taken only until it is true.
+    upgraded: Arc<AtomicBool>,
+    upgrading: Arc<Mutex<()>>,
 }
 
 impl RedbPathInfoService {
@@ -94,6 +97,7 @@ impl RedbPathInfoService {
         RedbPathInfoService {
             store,
             upgraded: Arc::default(),
+            upgrading: Arc::default(),
         }
     }
 
@@ -101,8 +105,11 @@ impl RedbPathInfoService {
     /// `pathinfo-v2`, once; each keeps its bytes, with their checksum in
     /// front. Blocks.
     fn upgrade(&self) -> Result<(), PathInfoError> {
-        let mut upgraded = self.upgraded.lock().unwrap_or_else(|p| p.into_inner());
-        if *upgraded {
+        if self.upgraded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _upgrading = self.upgrading.lock().unwrap_or_else(|p| p.into_inner());
+        if self.upgraded.load(Ordering::Acquire) {
             return Ok(());
         }
         let has_v1 = {
@@ -135,7 +142,7 @@ impl RedbPathInfoService {
                 "{moved} PathInfo records now carry a checksum (pathinfo-v1 -> pathinfo-v2)"
             );
         }
-        *upgraded = true;
+        self.upgraded.store(true, Ordering::Release);
         Ok(())
     }
 
