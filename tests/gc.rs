@@ -131,3 +131,17 @@ fn gc_reclaims_what_only_deleted_paths_reached() {
         "{text}"
     );
 }
+
+#[test]
+fn gc_refuses_a_store_it_cannot_hold() {
+    let out = Command::new(common::LAZYSTORE)
+        .args(["gc", "--store", "grpc+http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("redb://") && stderr.contains("offline"),
+        "{stderr}"
+    );
+}

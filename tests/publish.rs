@@ -287,3 +287,35 @@ fn http_uploads_are_bounded_and_held_to_the_keys() {
     let status = request(addr, "GET", &format!("/{hash}.narinfo"), b"", false);
     assert_eq!(status, 404);
 }
+
+#[test]
+fn a_bad_signing_key_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such.secret");
+    let garbage = dir.path().join("garbage.secret");
+    std::fs::write(&garbage, "not a key\n").unwrap();
+    for file in [&missing, &garbage] {
+        let out = std::process::Command::new(common::LAZYSTORE)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                "memory://",
+                "--sign-with",
+            ])
+            .arg(file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("--sign-with") && stderr.contains(file.to_str().unwrap()),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("nix-store --generate-binary-cache-key"),
+            "{stderr}"
+        );
+    }
+}
