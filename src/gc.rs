@@ -1,72 +1,165 @@
-//! `lazystore gc`: drops what no published path reaches and gives its
-//! space back (`pathinfo::gc` marks, `RedbStore::sweep` sweeps).
+//! `lazystore gc`: deletes the paths the retention rules do not keep,
+//! drops what no kept path reaches and gives its space back
+//! (`pathinfo::gc::Collector`): in the serving process, over gRPC, or
+//! offline on a redb store nobody holds.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use lazystore_castore::RedbStore;
-use lazystore_pathinfo::gc::live;
-use lazystore_pathinfo::{Store, default_store_url};
+use lazystore_pathinfo::gc::{Collector, Retention, live};
+use lazystore_pathinfo::pathinfos::{GrpcPathInfoService, PathUses};
+use lazystore_pathinfo::proto::{CollectGarbageRequest, CollectGarbageResponse};
+use lazystore_pathinfo::{Store, Wanted, default_store_url, is_remote};
 
-/// Delete from a store every directory, chunk list and chunk no published
-/// path reaches (what `lazystore delete` left, and what crashes or uploads
-/// whose narinfo never came left), and give their space back.
+use crate::remote::RemoteArgs;
+
+/// Collect a store's garbage: delete the published paths the retention
+/// rules do not keep (with no rule, none), drop every directory, chunk
+/// list and chunk no kept path reaches (what `lazystore delete` left, and
+/// what crashes or uploads whose narinfo never came left), and give their
+/// space back.
 ///
-/// Runs offline on a redb store: stop the server holding it first (redb
-/// admits one process, and no import may run between the mark and the
-/// sweep). Prints what it dropped and the pack bytes before and after.
+/// A served store (--store grpc+…, a write token) is collected by its
+/// server, beside imports, uploads and builders' reads: writers' recent
+/// touches are kept (docs/design.md, "Garbage collection"). A redb:// store
+/// is collected offline, by this process (stop the server holding it).
+/// A path is kept with its whole closure. Prints what was deleted and
+/// dropped, and the pack bytes before and after.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The store: redb:///abs/path/store.redb [default: the embedded store
+    /// The store: grpc+http://HOST:PORT (its server collects it),
+    /// redb:///abs/path/store.redb (offline) [default: the embedded store
     /// under $LAZYSTORE_DIR].
     #[arg(long, value_name = "URL")]
     store: Option<String>,
-    /// Count what would be dropped; drop nothing.
+    /// Count what would be deleted and dropped; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Keep the paths a builder or Nix client asked for, or that were
+    /// published, within DURATION (`90d`, `12h`, `30min`). Paths with no
+    /// record of use yet count as used now.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    keep_since: Option<Duration>,
+    /// Keep these paths: `/nix/store/<hash>-<name>`, `<hash>-<name>` or
+    /// the bare `<hash>`.
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    keep_closure_of: Vec<Wanted>,
+    /// Keep the paths listed in FILE, one per line (blank lines and `#`
+    /// comments ignored).
+    #[arg(long, value_name = "FILE")]
+    roots: Option<PathBuf>,
+    // --token-file (a write token), --ca-file: for a grpc+ store.
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let url = match args.store {
+    let url = match args.store.clone() {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let Some(redb) = open_redb(&url).await? else {
-        bail!(
-            "cannot collect garbage in {url}: gc runs on a redb:// store, offline (stop the \
-             lazystore serve holding it, and give its --store)"
-        );
+    let mut retention = Retention {
+        keep_since: args.keep_since,
+        keep_closure_of: args.keep_closure_of.clone(),
     };
-    let store = Store::redb(redb.clone());
-    let live = live(&store, |_| {})
+    if let Some(file) = &args.roots {
+        retention.keep_closure_of.extend(read_roots(file)?);
+    }
+    let report = if is_remote(&url) {
+        collect_remote(&url, &args, &retention).await?
+    } else {
+        let Some(redb) = open_redb(&url).await? else {
+            bail!(
+                "cannot collect garbage in {url}: gc runs on a redb:// store (offline) or through \
+                 the grpc+ server of one"
+            );
+        };
+        let uses = Arc::new(PathUses::new(redb.clone()));
+        let collector = Collector::new(Store::redb(redb.clone()), redb, None, uses);
+        collector
+            .collect(&retention, args.dry_run)
+            .await
+            .with_context(|| {
+                format!("collecting the garbage of {url} (lazystore fsck says what is damaged)")
+            })?
+            .into()
+    };
+    print(&url, args.dry_run, &report);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn collect_remote(
+    url: &str,
+    args: &Args,
+    retention: &Retention,
+) -> anyhow::Result<CollectGarbageResponse> {
+    let (_, store) = args.remote.open_store(Some(url.to_owned())).await?;
+    let connection = store
+        .connection
+        .clone()
+        .context("a grpc+ store has a connection")?;
+    let request = CollectGarbageRequest {
+        dry_run: args.dry_run,
+        keep_since_seconds: retention.keep_since.map(|d| d.as_secs()),
+        keep_closure_of: retention
+            .keep_closure_of
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    };
+    GrpcPathInfoService::new(connection)
+        .collect_garbage(request)
         .await
-        .with_context(|| format!("marking what the paths of {url} reach; nothing was dropped (lazystore fsck says what is damaged)"))?;
-    let dry_run = args.dry_run;
-    let (live_counts, swept) = tokio::task::spawn_blocking(move || {
-        let counts = (live.directories.len(), live.blobs.len(), live.chunks.len());
-        redb.sweep(&live, dry_run).map(|swept| (counts, swept))
-    })
-    .await?
-    .with_context(|| format!("sweeping {url}"))?;
-    let verb = if dry_run { "would drop" } else { "dropped" };
+        .with_context(|| format!("collecting the garbage of {url}"))
+}
+
+/// The paths of a roots file. Errors name the file and line.
+fn read_roots(file: &std::path::Path) -> anyhow::Result<Vec<Wanted>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the roots file {}", file.display()))?;
+    let mut roots = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        roots.push(line.parse::<Wanted>().with_context(|| {
+            format!("{}:{}: {line:?} is not a store path", file.display(), n + 1)
+        })?);
+    }
+    Ok(roots)
+}
+
+fn print(url: &str, dry_run: bool, r: &CollectGarbageResponse) {
+    let (deleted, dropped) = match dry_run {
+        true => ("would delete", "would drop"),
+        false => ("deleted", "dropped"),
+    };
+    for path in &r.paths_deleted {
+        println!("{deleted} /nix/store/{path}");
+    }
     println!(
-        "{url}: kept {} directories, {} chunk lists, {} chunks; {verb} {} directories, {} chunk \
-         lists, {} chunks ({} bytes stored)",
-        live_counts.0,
-        live_counts.1,
-        live_counts.2,
-        swept.directories,
-        swept.blobs,
-        swept.chunks,
-        swept.chunk_bytes
+        "{url}: kept {} paths ({} directories, {} chunk lists, {} chunks); {dropped} {} \
+         directories, {} chunk lists, {} chunks ({} bytes stored)",
+        r.paths_kept,
+        r.live_directories,
+        r.live_blobs,
+        r.live_chunks,
+        r.dropped_directories,
+        r.dropped_blobs,
+        r.dropped_chunks,
+        r.dropped_chunk_bytes
     );
     println!(
         "packs: {} bytes before, {} after ({} reclaimed)",
-        swept.packs_before,
-        swept.packs_after,
-        swept.packs_before.saturating_sub(swept.packs_after)
+        r.pack_bytes_before,
+        r.pack_bytes_after,
+        r.pack_bytes_before.saturating_sub(r.pack_bytes_after)
     );
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The redb store at `url` opened by this process, or `None` if `url` is
@@ -79,7 +172,7 @@ pub async fn open_redb(url: &str) -> anyhow::Result<Option<RedbStore>> {
     let redb = tokio::task::spawn_blocking(move || RedbStore::open(&path))
         .await?
         .with_context(|| {
-            format!("cannot open {url} (is a lazystore serve or mount holding it?)")
+            format!("cannot open {url} (is a lazystore serve or mount holding it? collect through it: --store grpc+http://…)")
         })?;
     Ok(Some(redb))
 }
@@ -89,5 +182,5 @@ pub async fn open_redb(url: &str) -> anyhow::Result<Option<RedbStore>> {
 pub async fn unreferenced(redb: &RedbStore) -> anyhow::Result<lazystore_castore::Swept> {
     let live = live(&Store::redb(redb.clone()), |_| {}).await?;
     let redb = redb.clone();
-    Ok(tokio::task::spawn_blocking(move || redb.sweep(&live, true)).await??)
+    Ok(tokio::task::spawn_blocking(move || redb.sweep(&live, None, true)).await??)
 }

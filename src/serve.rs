@@ -14,7 +14,9 @@ use lazystore_castore::grpc::{DEFAULT_MAX_UPLOAD_SIZE, Listener, Services, serve
 use lazystore_castore::tls::ServerTls;
 use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression};
 use lazystore_importer::{NEGATIVE_TTL, PullThrough};
+use lazystore_pathinfo::gc::{Collector, collected_while_serving};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
+use lazystore_pathinfo::pathinfos::uses::FLUSH_EVERY;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
     SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
@@ -139,6 +141,15 @@ pub struct Args {
     /// stages nothing.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UPLOAD_SIZE)]
     max_upload_size: u64,
+    /// How long a writer's touch of an object (asking whether it is
+    /// stored, writing it) keeps it from a garbage collection run while
+    /// serving (`lazystore gc --store grpc+…`): an upload that takes
+    /// longer between its first question and its PathInfo may be refused
+    /// after a collection, and is then uploaded again. A redb:// store
+    /// only (`90min`, `2h`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
+          default_value = "1h")]
+    gc_lease: Duration,
     // --token-file, --ca-file: what to send to, and trust of, a remote
     // --store (grpc+…).
     #[command(flatten)]
@@ -166,7 +177,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let tls = server_tls(&args)?;
     let options = args.remote.store_options(StoreOptions::default())?;
     let store = Store::open(&url, options).await?;
-    let publisher = Publisher::new(store.clone(), publish_policy(&args)?);
+    // An embedded store is collected by this process when asked
+    // (`lazystore gc --store grpc+…`), beside its writers.
+    let (store, collector) = collected_while_serving(store, args.gc_lease);
+    let mut policy = publish_policy(&args)?;
+    policy.check_whole = collector.is_some();
+    let publisher = Publisher::new(store.clone(), policy);
     // With upstream caches, clients read through them; writes and the
     // publishing checks stay on the store itself.
     let (store, publisher) = if args.upstream.upstreams.is_empty() {
@@ -227,7 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((listener, client_url)) = grpc {
         let mut services = Services::new(store.blobs.service().clone(), store.directories.clone())
-            .add_service(PathInfoServer::new(publisher.clone()).into_service())
+            .add_service(path_info_server(&publisher, &collector).into_service())
             .with_access(access.clone())
             .with_max_upload_size(args.max_upload_size);
         if let Some(tls) = &tls {
@@ -254,6 +270,31 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving {url} as a binary cache on {client_url}"))
         });
     }
+    if let Some(collector) = &collector {
+        let uses = collector.uses().clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(FLUSH_EVERY);
+            let mut stop = std::pin::pin!(stopping());
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = &mut stop => break,
+                }
+                let uses = uses.clone();
+                let flushed = tokio::task::spawn_blocking(move || uses.flush(false)).await?;
+                if let Err(e) = flushed {
+                    tracing::warn!(
+                        "recording when paths were last used: {}",
+                        lazystore_castore::error_chain(&e)
+                    );
+                }
+            }
+            let uses = uses.clone();
+            tokio::task::spawn_blocking(move || uses.flush(true))
+                .await?
+                .context("recording when paths were last used")
+        });
+    }
     while let Some(result) = tasks.join_next().await {
         result.context("a server task panicked")??;
     }
@@ -261,6 +302,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     drop(store);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The gRPC PathInfo service: puts through `publisher`, collections by
+/// `collector` if there is one.
+fn path_info_server(publisher: &Publisher, collector: &Option<Arc<Collector>>) -> PathInfoServer {
+    let server = PathInfoServer::new(publisher.clone());
+    match collector {
+        Some(collector) => server.with_collector(collector.clone()),
+        None => server,
+    }
 }
 
 /// Who may read and write, from the token files. Every error names the
@@ -320,6 +371,7 @@ fn publish_policy(args: &Args) -> anyhow::Result<PublishPolicy> {
     let policy = PublishPolicy {
         trusted_keys: args.upstream.trusted_keys.clone(),
         sign_with,
+        check_whole: false,
     };
     if !policy.verifies() && (args.listen.is_some() || args.allow_upload) {
         tracing::info!(

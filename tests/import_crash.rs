@@ -5,6 +5,8 @@
 //! and `gc` gives back the bytes the killed imports appended without
 //! indexing them.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use lazystore_pathinfo::render::nar_hash;
 use lazystore_pathinfo::{Store, StorePath, nixbase32};
 use lazystore_testkit::{add_tree, make_cache, nix_cmd, noise};
 
-const LAZYSTORE: &str = env!("CARGO_BIN_EXE_lazystore");
+use common::LAZYSTORE;
 
 /// Whether `path` is published in the store at `url`; if it is, its NAR
 /// hashes to `want` (nixbase32).
@@ -138,6 +140,83 @@ fn an_import_killed_part_way_leaves_a_store_that_imports_again() {
     let fsck = lazystore(&["fsck", "--store", &store]);
     assert!(
         fsck.contains("1 paths") && fsck.contains("0 damaged"),
+        "{fsck}"
+    );
+}
+
+/// `lazystore gc` killed (SIGKILL) part way, ten times, each time with a
+/// freshly deleted path's data to drop: the kept path still renders to
+/// Nix's NarHash and fsck finds nothing damaged after every kill; a gc
+/// run to its end then drops what the killed ones left, and fsck counts
+/// nothing unreferenced.
+#[test]
+fn a_gc_killed_part_way_loses_nothing_kept() {
+    let work = tempfile::tempdir().unwrap();
+    let make = |name: &str, seed: u64| {
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(dir.join("small")).unwrap();
+        for i in 0..2 {
+            std::fs::write(dir.join(format!("big{i}")), noise(20 << 20, seed + i)).unwrap();
+        }
+        for i in 0..200u64 {
+            std::fs::write(
+                dir.join(format!("small/{i:03}")),
+                noise(1000 + i as usize, seed + 100 + i),
+            )
+            .unwrap();
+        }
+        let path = add_tree(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        path
+    };
+    let kept = make("kept", 9000);
+    let want = nix_cmd(["nix-store", "--query", "--hash", &kept])
+        .trim()
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_owned();
+    let store = format!("redb://{}/store.redb", work.path().display());
+    common::ingest(&store, &[&kept]);
+    let mut killed_running = 0;
+    for round in 0..10u64 {
+        let doomed = make(&format!("doomed{round}"), 10_000 + round * 1000);
+        common::ingest(&store, &[&doomed]);
+        common::lazystore(&["delete", "--store", &store, &doomed]);
+        let mut child = Command::new(LAZYSTORE)
+            .args(["gc", "--store", &store])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5 + round * 37 % 300));
+        if child.try_wait().unwrap().is_none() {
+            killed_running += 1;
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+        assert!(published_and_right(&store, &kept, &want), "{kept} lost");
+        let fsck = common::lazystore(&["fsck", "--store", &store]);
+        let fsck = String::from_utf8_lossy(&fsck.stdout);
+        assert!(
+            fsck.contains("1 paths") && fsck.contains("0 damaged"),
+            "{fsck}"
+        );
+    }
+    assert!(
+        killed_running >= 5,
+        "only {killed_running} collections were running at their kill"
+    );
+    let gc = common::lazystore(&["gc", "--store", &store]);
+    eprintln!(
+        "{killed_running} collections killed while running; {}",
+        String::from_utf8_lossy(&gc.stdout)
+    );
+    let fsck = common::lazystore(&["fsck", "--store", &store]);
+    let fsck = String::from_utf8_lossy(&fsck.stdout);
+    assert!(
+        fsck.contains("1 paths")
+            && fsck.contains("0 damaged")
+            && fsck.contains("unreferenced: 0 directories, 0 chunk lists, 0 chunks"),
         "{fsck}"
     );
 }

@@ -12,18 +12,20 @@
 //! names — space the next sweep does not see, as after any crash — never
 //! an index naming freed bytes.
 //!
-//! The live set must be taken from the same store with no writer in
-//! between (the caller holds the store: redb admits one process, and
-//! `lazystore gc` opens it itself). A sweep during writes could drop a
-//! chunk an import was about to name; see `docs/design.md`.
+//! Offline (no [`Leases`]), the live set must be taken from the same store
+//! with no writer in between: `lazystore gc` opens the store itself (redb
+//! admits one process). Online, in a serving process, the writers' leases
+//! keep what they are about to name; see `docs/design.md` ("Garbage
+//! collection").
 
 use std::collections::{HashMap, HashSet};
 
 use redb::ReadableTable as _;
 
+use crate::leases::Touched;
 use crate::packs::IndexRecord;
 use crate::redb_store::{BLOBS, CHUNKS, DIRECTORIES};
-use crate::{Digest, RedbStore};
+use crate::{Digest, Leases, Node, RedbStore};
 
 /// What a garbage collection keeps: everything a kept path reaches.
 #[derive(Debug, Default)]
@@ -92,10 +94,55 @@ fn unreached(
     Ok(gone)
 }
 
+/// The objects `touched` names and everything they name in turn: a
+/// touched directory's subtree, a touched chunk list's chunks. A digest no
+/// table holds is kept as a chunk (a writer may be about to put it).
+fn leased(
+    touched: &Touched<'_>,
+    directories: &impl redb::ReadableTable<&'static [u8; 32], &'static [u8]>,
+    blobs: &impl redb::ReadableTable<&'static [u8; 32], &'static [u8]>,
+) -> Result<Live, SweepError> {
+    let mut kept = Live::default();
+    let mut stack: Vec<Digest> = touched.iter().copied().collect();
+    while let Some(digest) = stack.pop() {
+        if let Some(record) = directories.get(digest.as_bytes()).map_err(db)? {
+            if kept.directories.insert(digest) {
+                // A damaged record names nothing to keep; fsck reports it.
+                if let Ok(dir) = crate::directories::redb::decode(digest, record.value()) {
+                    stack.extend(dir.entries().filter_map(|(_, node)| match node {
+                        Node::Directory { digest, .. } | Node::File { digest, .. } => Some(*digest),
+                        Node::Symlink { .. } => None,
+                    }));
+                }
+            }
+        } else if let Some(record) = blobs.get(digest.as_bytes()).map_err(db)? {
+            if kept.blobs.insert(digest)
+                && let Ok(meta) = crate::blobs::redb::decode_blob(digest, record.value())
+            {
+                kept.chunks.extend(meta.chunks.iter().map(|c| c.digest));
+            }
+        } else {
+            kept.chunks.insert(digest);
+        }
+    }
+    Ok(kept)
+}
+
 impl RedbStore {
     /// Drops what `live` does not hold (see the module docs); with
     /// `dry_run`, only counts it. Blocks: call it from `spawn_blocking`.
-    pub fn sweep(&self, live: &Live, dry_run: bool) -> Result<Swept, SweepError> {
+    ///
+    /// With `leases` (a serving store, writers running), what they hold is
+    /// kept too, checked with the touches held still until the commit;
+    /// only the dropped chunks' bytes are freed then (bytes a writer
+    /// appended and has not indexed yet are not told apart from a crash's,
+    /// so those wait for an offline sweep), and no pack is deleted.
+    pub fn sweep(
+        &self,
+        live: &Live,
+        leases: Option<&Leases>,
+        dry_run: bool,
+    ) -> Result<Swept, SweepError> {
         let packs = self.packs();
         let mut swept = Swept {
             packs_before: packs.allocated_bytes()?,
@@ -103,12 +150,14 @@ impl RedbStore {
         };
         let txn = self.database().begin_write().map_err(db)?;
         let mut live_chunks: HashMap<u32, Vec<crate::packs::Location>> = HashMap::new();
+        let mut dropped_at = Vec::new();
+        let mut held = None;
         {
             let mut directories = txn.open_table(DIRECTORIES).map_err(db)?;
             let mut blobs = txn.open_table(BLOBS).map_err(db)?;
             let mut chunks = txn.open_table(CHUNKS).map_err(db)?;
-            let drop_dirs = unreached(&directories, &live.directories)?;
-            let drop_blobs = unreached(&blobs, &live.blobs)?;
+            let mut drop_dirs = unreached(&directories, &live.directories)?;
+            let mut drop_blobs = unreached(&blobs, &live.blobs)?;
             let mut drop_chunks = Vec::new();
             for entry in chunks.iter().map_err(db)? {
                 let (key, value) = entry.map_err(db)?;
@@ -121,13 +170,23 @@ impl RedbStore {
                         .or_default()
                         .push(record.at);
                 } else {
-                    drop_chunks.push(*key.value());
-                    swept.chunk_bytes += u64::from(record.at.len);
+                    drop_chunks.push((*key.value(), record.at));
                 }
+            }
+            if let Some(leases) = leases {
+                // From here to the commit no writer can learn that an
+                // object is present.
+                let touched = leases.hold();
+                let kept = leased(&touched, &directories, &blobs)?;
+                drop_dirs.retain(|k| !kept.directories.contains(&Digest::from_bytes(*k)));
+                drop_blobs.retain(|k| !kept.blobs.contains(&Digest::from_bytes(*k)));
+                drop_chunks.retain(|(k, _)| !kept.chunks.contains(&Digest::from_bytes(*k)));
+                held = Some(touched);
             }
             swept.directories = drop_dirs.len() as u64;
             swept.blobs = drop_blobs.len() as u64;
             swept.chunks = drop_chunks.len() as u64;
+            swept.chunk_bytes = drop_chunks.iter().map(|(_, at)| u64::from(at.len)).sum();
             if !dry_run {
                 for key in &drop_dirs {
                     directories.remove(key).map_err(db)?;
@@ -135,8 +194,9 @@ impl RedbStore {
                 for key in &drop_blobs {
                     blobs.remove(key).map_err(db)?;
                 }
-                for key in &drop_chunks {
+                for (key, at) in &drop_chunks {
                     chunks.remove(key).map_err(db)?;
+                    dropped_at.push(*at);
                 }
             }
         }
@@ -146,9 +206,80 @@ impl RedbStore {
             return Ok(swept);
         }
         self.commit(txn, redb::Durability::Immediate).map_err(db)?;
-        // The index names only live chunks now: free every other byte.
-        packs.keep_only(&live_chunks)?;
+        drop(held);
+        // The index names only kept chunks now: free the others' bytes.
+        if leases.is_some() {
+            packs.punch(&dropped_at)?;
+        } else {
+            packs.keep_only(&live_chunks)?;
+        }
         swept.packs_after = packs.allocated_bytes()?;
         Ok(swept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::blobs::{ChunkMeta, EncodedChunk, RedbBlobService};
+    use crate::{BlobMeta, BlobService, leased_blobs};
+
+    fn chunk(data: &'static [u8]) -> EncodedChunk {
+        EncodedChunk::encode(Bytes::from_static(data))
+    }
+
+    /// What a writer was told is stored, or wrote, survives a sweep that
+    /// nothing published reaches; untouched leftovers do not.
+    #[tokio::test]
+    async fn what_writers_touched_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let raw = RedbBlobService::new(store.clone());
+        let (asked, listed, left) = (chunk(b"asked"), chunk(b"listed"), chunk(b"left over"));
+        raw.put_chunks(vec![asked.clone(), listed.clone(), left.clone()])
+            .await
+            .unwrap();
+        let blob = Digest::of(b"listed");
+        let meta = BlobMeta::new(
+            blob,
+            listed.size,
+            vec![ChunkMeta {
+                digest: listed.digest,
+                size: listed.size,
+            }],
+        )
+        .unwrap();
+        raw.put_blob(blob, meta).await.unwrap();
+
+        let leases = Leases::new(Duration::from_secs(60));
+        let writer = leased_blobs(Arc::new(raw.clone()), leases.clone());
+        // A writer asks about `asked` (told it is stored) and stats the
+        // chunk list of `blob` (so it need not send `listed`).
+        assert!(
+            writer
+                .missing_chunks(&[asked.digest])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(writer.stat(&blob).await.unwrap().is_some());
+
+        let swept = store.sweep(&Live::default(), Some(&leases), false).unwrap();
+        assert_eq!((swept.chunks, swept.blobs), (1, 0), "{swept:?}");
+        let missing = raw
+            .missing_chunks(&[asked.digest, listed.digest, left.digest])
+            .await
+            .unwrap();
+        assert_eq!(missing, vec![left.digest]);
+        // Offline (a fresh open, no leases), all of it goes.
+        drop((writer, raw, store));
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let swept = store.sweep(&Live::default(), None, false).unwrap();
+        assert_eq!((swept.chunks, swept.blobs), (2, 1), "{swept:?}");
     }
 }

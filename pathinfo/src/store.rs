@@ -79,6 +79,9 @@ pub struct Store {
     /// The connection of a remote store, shared by its three clients: its
     /// outages are counted there ([`Connection::outages`]).
     pub connection: Option<Connection>,
+    /// The embedded store under the services, when they are one's: what
+    /// only it can do (collect its garbage) is done on it.
+    pub redb: Option<RedbStore>,
 }
 
 /// Wraps a blob service: a layer of a store (counters, say).
@@ -341,6 +344,7 @@ impl Store {
             path_infos: Arc::new(MemoryPathInfoService::new()),
             local_cache: None,
             connection: None,
+            redb: None,
         }
     }
 
@@ -353,9 +357,10 @@ impl Store {
                 store.params(),
             ),
             directories: Arc::new(RedbDirectoryService::new(store.clone())),
-            path_infos: Arc::new(RedbPathInfoService::new(store)),
+            path_infos: Arc::new(RedbPathInfoService::new(store.clone())),
             local_cache: None,
             connection: None,
+            redb: Some(store),
         }
     }
 
@@ -372,6 +377,7 @@ impl Store {
             path_infos: Arc::new(GrpcPathInfoService::new(connection.clone())),
             local_cache: None,
             connection: Some(connection),
+            redb: None,
         }
     }
 
@@ -470,6 +476,7 @@ impl Store {
             path_infos: self.path_infos,
             local_cache: Some(cache),
             connection: self.connection,
+            redb: self.redb,
         }
     }
 

@@ -176,6 +176,13 @@ impl path_info_service_server::PathInfoService for Liar {
         }))
     }
 
+    async fn collect_garbage(
+        &self,
+        _: Request<proto::CollectGarbageRequest>,
+    ) -> Result<Response<proto::CollectGarbageResponse>, Status> {
+        Err(Status::unimplemented("a liar collects nothing"))
+    }
+
     async fn list(
         &self,
         _: Request<proto::ListPathInfoRequest>,

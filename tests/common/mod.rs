@@ -201,3 +201,29 @@ pub fn ingest(url: &str, paths: &[&str]) -> Vec<lazystore_pathinfo::ingest::Inge
         out
     })
 }
+
+/// Runs `lazystore args…`, which must succeed; its output.
+pub fn lazystore(args: &[&str]) -> std::process::Output {
+    let out = Command::new(LAZYSTORE).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "lazystore {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `nix hash path` of `path`, as `sha256:<nixbase32>`.
+pub fn nix_hash_path(path: &Path) -> String {
+    let out = lazystore_testkit::nix_command("nix")
+        .args(["hash", "path", "--type", "sha256", "--base32"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
+}

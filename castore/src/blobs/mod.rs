@@ -18,7 +18,7 @@ mod memory;
 mod observed;
 mod quarantine;
 mod reader;
-mod redb;
+pub(crate) mod redb;
 mod writer;
 
 use std::sync::Arc;

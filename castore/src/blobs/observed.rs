@@ -30,6 +30,13 @@ pub trait BlobObserver: Send + Sync {
 
     /// Before `chunks` are put (alone or with a chunk list).
     fn before_put(&self, _chunks: &[EncodedChunk]) {}
+
+    /// Before the store is asked which of `chunks` it lacks.
+    fn before_query(&self, _chunks: &[Digest]) {}
+
+    /// Before the chunk list `meta` of `blob` is put (alone or with its
+    /// chunks).
+    fn before_put_blob(&self, _blob: &Digest, _meta: &BlobMeta) {}
 }
 
 /// `inner`, every call passed through, with `observer`'s hooks around them.
@@ -69,6 +76,7 @@ impl<O: BlobObserver> BlobService for ObservedBlobService<O> {
     }
 
     async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        self.observer.before_query(chunks);
         self.inner.missing_chunks(chunks).await
     }
 
@@ -84,10 +92,12 @@ impl<O: BlobObserver> BlobService for ObservedBlobService<O> {
         meta: BlobMeta,
     ) -> Result<(), BlobError> {
         self.observer.before_put(&chunks);
+        self.observer.before_put_blob(&blob, &meta);
         self.inner.put_chunks_and_blob(chunks, blob, meta).await
     }
 
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
+        self.observer.before_put_blob(&blob, &meta);
         self.inner.put_blob(blob, meta).await
     }
 
@@ -125,5 +135,13 @@ impl<T: BlobObserver + ?Sized> BlobObserver for Arc<T> {
 
     fn before_put(&self, chunks: &[EncodedChunk]) {
         (**self).before_put(chunks)
+    }
+
+    fn before_query(&self, chunks: &[Digest]) {
+        (**self).before_query(chunks)
+    }
+
+    fn before_put_blob(&self, blob: &Digest, meta: &BlobMeta) {
+        (**self).before_put_blob(blob, meta)
     }
 }

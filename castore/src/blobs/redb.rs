@@ -175,7 +175,7 @@ fn encode_blob(blob: Digest, meta: &BlobMeta) -> Result<Vec<u8>, BlobError> {
     Ok(record)
 }
 
-fn decode_blob(blob: Digest, record: &[u8]) -> Result<BlobMeta, BlobError> {
+pub(crate) fn decode_blob(blob: Digest, record: &[u8]) -> Result<BlobMeta, BlobError> {
     let (size, chunks) =
         decode_chunk_list(record).map_err(|reason| BlobError::BadChunkList { blob, reason })?;
     // Checks the sizes add up, so a damaged record is an error, not a

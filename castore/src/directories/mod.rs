@@ -8,7 +8,7 @@
 mod cache;
 mod grpc;
 mod memory;
-mod redb;
+pub(crate) mod redb;
 
 use async_trait::async_trait;
 

@@ -113,7 +113,7 @@ fn record_size(digest: &Digest, record: &[u8]) -> Result<u64, DirectoryError> {
 }
 
 /// Decodes and verifies a stored record.
-fn decode(digest: Digest, record: &[u8]) -> Result<Directory, DirectoryError> {
+pub(crate) fn decode(digest: Digest, record: &[u8]) -> Result<Directory, DirectoryError> {
     record_size(&digest, record)?;
     Ok(Directory::decode_verified(
         digest,

@@ -133,6 +133,7 @@ pub fn test_store() -> (Store, Arc<MemoryBlobService>, Arc<Faults>) {
         path_infos: Arc::new(MemoryPathInfoService::new()),
         local_cache: None,
         connection: None,
+        redb: None,
     };
     (store, inner, faults)
 }

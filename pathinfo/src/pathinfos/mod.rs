@@ -9,6 +9,7 @@
 pub mod grpc;
 mod memory;
 mod redb;
+pub mod uses;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -22,6 +23,7 @@ use crate::store_path::{StorePath, StorePathError, StorePathHash};
 
 pub use self::grpc::{GrpcPathInfoService, PathInfoServer};
 pub use self::redb::RedbPathInfoService;
+pub use self::uses::{PathUses, UsedPathInfos};
 pub use memory::MemoryPathInfoService;
 
 /// A store path in the store: its root node and its narinfo metadata.
@@ -240,6 +242,18 @@ pub enum PathInfoError {
         #[source]
         source: Box<crate::render::RenderError>,
     },
+    /// A put whose tree lacks data below its root, found by a server that
+    /// checks trees whole (one collected while it serves).
+    #[error(
+        "refusing to publish {store_path}: {missing} (dropped by a garbage collection during a \
+         long upload, or never sent); upload the path again"
+    )]
+    Incomplete {
+        /// The path being published.
+        store_path: StorePath,
+        /// The first thing found missing.
+        missing: crate::Missing,
+    },
     /// A put for a path already published with another tree: a server
     /// replaces a published path only when asked to explicitly.
     #[error(
@@ -294,6 +308,7 @@ impl Retryable for PathInfoError {
             | PathInfoError::Untrusted(_)
             | PathInfoError::NarMismatch { .. }
             | PathInfoError::BadTree { .. }
+            | PathInfoError::Incomplete { .. }
             | PathInfoError::AlreadyPublished { .. }
             | PathInfoError::Upstream { .. }
             | PathInfoError::Internal(_) => ErrorClass::Permanent,

@@ -119,6 +119,20 @@ impl GrpcPathInfoService {
         self.put_with(info, true).await
     }
 
+    /// Has the server collect its store's garbage under `request`: one
+    /// attempt, with no deadline (a collection of a large store takes
+    /// minutes), so it is never run twice by a retry.
+    pub async fn collect_garbage(
+        &self,
+        request: proto::CollectGarbageRequest,
+    ) -> Result<proto::CollectGarbageResponse, PathInfoError> {
+        let mut client = self.client.clone();
+        match client.collect_garbage(request).await {
+            Ok(answer) => Ok(answer.into_inner()),
+            Err(status) => Err(self.error(CallError::not_retried("CollectGarbage", status.into()))),
+        }
+    }
+
     async fn put_with(&self, info: PathInfo, replace: bool) -> Result<(), PathInfoError> {
         let wire = proto::PathInfo::from(&info);
         self.connection

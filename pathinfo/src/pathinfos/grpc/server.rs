@@ -8,10 +8,16 @@
 //! with a tree that renders to its NarHash. Nothing deletes castore data,
 //! so what the checks found is still there when the PathInfo is published.
 //!
+//! `CollectGarbage` runs a [`Collector`] of the served store, if the
+//! server has one ([`PathInfoServer::with_collector`]).
+//!
 //! A put replaces a path published with another tree only if it carries
 //! the metadata [`REPLACE`]`: true` ([`GrpcPathInfoService::replace`]).
 //!
 //! [`GrpcPathInfoService::replace`]: super::GrpcPathInfoService::replace
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use lazystore_castore::grpc::BadMessage;
@@ -19,12 +25,13 @@ use tonic::{Request, Response, Status};
 
 use super::MAX_PATH_INFO_SIZE;
 use super::status::{invalid_request, not_found};
-use crate::Store;
+use crate::gc::{Collector, GcError, Report, Retention};
 use crate::pathinfos::PathInfo;
 use crate::proto;
 use crate::proto::path_info_service_server::{self, PathInfoServiceServer};
 use crate::publish::{Proof, Publisher, Replace};
 use crate::store_path::StorePathHash;
+use crate::{Store, Wanted};
 
 /// Metadata key of a put that may replace a path published with another
 /// tree (value `true`).
@@ -35,6 +42,7 @@ pub const REPLACE: &str = "lazystore-replace";
 #[derive(Clone)]
 pub struct PathInfoServer {
     publisher: Publisher,
+    collector: Option<Arc<Collector>>,
 }
 
 impl PathInfoServer {
@@ -44,7 +52,14 @@ impl PathInfoServer {
     pub fn new(publisher: impl Into<Publisher>) -> Self {
         PathInfoServer {
             publisher: publisher.into(),
+            collector: None,
         }
+    }
+
+    /// The same, answering `CollectGarbage` with `collector`.
+    pub fn with_collector(mut self, collector: Arc<Collector>) -> Self {
+        self.collector = Some(collector);
+        self
     }
 
     /// Where gets and lists read.
@@ -114,6 +129,61 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         Ok(Response::new(proto::DeletePathInfoResponse { deleted }))
     }
 
+    /// One collection, logged; the rules' paths must parse
+    /// (`INVALID_ARGUMENT`) and be published (`FAILED_PRECONDITION`).
+    async fn collect_garbage(
+        &self,
+        request: Request<proto::CollectGarbageRequest>,
+    ) -> Result<Response<proto::CollectGarbageResponse>, Status> {
+        let Some(collector) = &self.collector else {
+            return Err(Status::failed_precondition(
+                "this server's store is not collected while it serves (only an embedded redb:// \
+                 store is); run lazystore gc where the store is",
+            ));
+        };
+        let request = request.into_inner();
+        let keep_closure_of = request
+            .keep_closure_of
+            .iter()
+            .map(|p| p.parse::<Wanted>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BadMessage::new("keep_closure_of", e.to_string()))?;
+        let retention = Retention {
+            keep_since: request.keep_since_seconds.map(Duration::from_secs),
+            keep_closure_of,
+        };
+        tracing::info!(
+            dry_run = request.dry_run,
+            ?retention,
+            "garbage collection asked for"
+        );
+        let report = collector
+            .collect(&retention, request.dry_run)
+            .await
+            .map_err(|e| {
+                tracing::warn!(
+                    "garbage collection failed: {}",
+                    lazystore_castore::error_chain(&e)
+                );
+                match e {
+                    GcError::Running => Status::aborted(e.to_string()),
+                    GcError::UnknownRoot(_) => Status::failed_precondition(e.to_string()),
+                    e => Status::internal(lazystore_castore::error_chain(&e)),
+                }
+            })?;
+        tracing::info!(
+            deleted = report.paths_deleted.len(),
+            dropped_chunks = report.swept.chunks,
+            reclaimed = report
+                .swept
+                .packs_before
+                .saturating_sub(report.swept.packs_after),
+            dry_run = report.dry_run,
+            "garbage collection done"
+        );
+        Ok(Response::new(report.into()))
+    }
+
     /// Streams the backend's listing as it produces it.
     async fn list(
         &self,
@@ -124,5 +194,23 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
                 .map_err(Status::from)
         });
         Ok(Response::new(stream.boxed()))
+    }
+}
+
+impl From<Report> for proto::CollectGarbageResponse {
+    fn from(r: Report) -> Self {
+        proto::CollectGarbageResponse {
+            paths_kept: r.paths_kept,
+            paths_deleted: r.paths_deleted.iter().map(ToString::to_string).collect(),
+            live_directories: r.live.0,
+            live_blobs: r.live.1,
+            live_chunks: r.live.2,
+            dropped_directories: r.swept.directories,
+            dropped_blobs: r.swept.blobs,
+            dropped_chunks: r.swept.chunks,
+            dropped_chunk_bytes: r.swept.chunk_bytes,
+            pack_bytes_before: r.swept.packs_before,
+            pack_bytes_after: r.swept.packs_after,
+        }
     }
 }

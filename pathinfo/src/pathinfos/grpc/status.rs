@@ -50,7 +50,8 @@ impl From<PathInfoError> for Status {
         let code = match &e {
             PathInfoError::MissingRoot { .. }
             | PathInfoError::RootSizeMismatch { .. }
-            | PathInfoError::BadTree { .. } => Code::FailedPrecondition,
+            | PathInfoError::BadTree { .. }
+            | PathInfoError::Incomplete { .. } => Code::FailedPrecondition,
             PathInfoError::Untrusted(_) => Code::PermissionDenied,
             PathInfoError::NarMismatch { .. } => Code::InvalidArgument,
             PathInfoError::AlreadyPublished { .. } => Code::AlreadyExists,
@@ -104,9 +105,9 @@ impl From<PathInfoError> for Status {
                 .field(STORE_PATH, store_path)
                 .bytes(NAR_HASH, &published[..]),
             // The message (with its causes) says it all.
-            PathInfoError::BadTree { .. } | PathInfoError::Upstream { .. } => {
-                ErrorStatus::new(code, &e, None)
-            }
+            PathInfoError::BadTree { .. }
+            | PathInfoError::Incomplete { .. }
+            | PathInfoError::Upstream { .. } => ErrorStatus::new(code, &e, None),
             PathInfoError::Invalid(_)
             | PathInfoError::Corrupt(_)
             | PathInfoError::Backend(_)

@@ -1,7 +1,9 @@
-//! Garbage collection's mark ([`live`]): everything the published paths
-//! reach — their directories, chunk lists and chunks — read through the
-//! store's services. The sweep is the backend's
-//! ([`RedbStore::sweep`](lazystore_castore::RedbStore::sweep)).
+//! Garbage collection: the mark ([`live`], [`mark`]) — everything the kept
+//! paths reach, their directories, chunk lists and chunks, read through the
+//! store's services — and a [`Collector`] that applies retention rules,
+//! marks and has the backend sweep
+//! ([`RedbStore::sweep`](lazystore_castore::RedbStore::sweep)), offline or
+//! beside a serving store's writers.
 //!
 //! Memory: three sets of 32-byte digests, about 100 bytes per live object
 //! (some 100 MB per million chunks).
@@ -11,6 +13,10 @@ use lazystore_castore::{BlobError, DirectoryError, Live, Node};
 
 use crate::Store;
 use crate::pathinfos::PathInfoError;
+
+mod collect;
+
+pub use collect::{Collector, GcError, Report, Retention, collected_while_serving};
 
 /// Why the mark could not finish. Nothing was dropped.
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +36,22 @@ pub enum MarkError {
 /// Everything the paths `store` publishes reach, calling `progress` with
 /// the paths marked so far.
 pub async fn live(store: &Store, progress: impl Fn(u64)) -> Result<Live, MarkError> {
-    let mut live = Live::default();
     let mut roots = Vec::new();
     let mut infos = store.path_infos.list();
     while let Some(info) = infos.try_next().await? {
         roots.push(info.root);
     }
+    mark(store, roots, progress).await
+}
+
+/// Everything `roots` reach in `store`, calling `progress` with the roots
+/// marked so far.
+pub async fn mark(
+    store: &Store,
+    roots: Vec<Node>,
+    progress: impl Fn(u64),
+) -> Result<Live, MarkError> {
+    let mut live = Live::default();
     let mut files = Vec::new();
     for (marked, root) in roots.into_iter().enumerate() {
         let mut stack = vec![root];
