@@ -394,8 +394,8 @@ impl Shared {
         }
     }
 
-    /// Indexes a stored NAR in memory only: a path found present, whose
-    /// NAR a later process would not download either.
+    /// Indexes a stored NAR in memory only: that of a path found present,
+    /// which a later process finds published without looking its NAR up.
     pub(super) fn remember_in_memory(&self, info: &PathInfo) {
         self.remember_root((info.nar_sha256, info.nar_size), info.root.clone());
     }
