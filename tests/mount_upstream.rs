@@ -5,7 +5,9 @@
 //! in `Content-Encoding`); 16 processes reading a file
 //! at once cause one NAR download; `nix hash path` through the mount gives
 //! Nix's NarHash; bad upstream input of every kind is logged with the path
-//! and the reason, publishes nothing, and is asked again.
+//! and the reason, publishes nothing, and is asked again; a mount started
+//! again over the same store and local cache reads a path it substituted
+//! before but could not publish without downloading its NAR again.
 
 mod common;
 
@@ -178,6 +180,122 @@ async fn ls_lr_over_brotli_listings_downloads_no_nar() {
     let log = blocking(move || mount.stop()).await;
     assert!(log.contains("upstream_listing_fallbacks=0"), "{log}");
     assert!(!log.contains("ignoring the listing"), "{log}");
+}
+
+/// The acceptance test of the durable NAR index: a path read through a
+/// mount whose references are not published is not published; a mount
+/// started again over the same store (and local cache) reads it without
+/// downloading its NAR again, from the root its first download was
+/// recorded under. Reading its references then publishes them, and the
+/// path with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_mount_reads_an_unpublished_path_without_downloading_it() {
+    restarted_mount_reads_without_downloading(false).await;
+}
+
+/// The same over a `lazystore serve` store: the index is in the local
+/// cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_mount_over_grpc_reads_an_unpublished_path_without_downloading_it() {
+    restarted_mount_reads_without_downloading(true).await;
+}
+
+async fn restarted_mount_reads_without_downloading(over_grpc: bool) {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "lazystore-mount-restart-1");
+    let cache = make_cache(&[closure.top()], "zstd", Some(&secret));
+    let upstream = TestServer::start(cache.path()).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let redb = format!("redb://{}/store.redb", work.path().display());
+    let (server, store, local_cache) = if over_grpc {
+        let (server, grpc) = blocking(move || common::serve(&redb, "127.0.0.1:0")).await;
+        let cache = format!("redb://{}/cache.redb", work.path().display());
+        (Some(server), grpc, cache)
+    } else {
+        (None, redb, "none".to_owned())
+    };
+    let mountpoint = work.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let start = || {
+        let (mountpoint, store, cache) = (mountpoint.clone(), store.clone(), local_cache.clone());
+        let (url, public) = (upstream.url.clone(), public.clone());
+        blocking(move || {
+            Mount::start(
+                &mountpoint,
+                &store,
+                &cache,
+                &["--upstream", &url, "--trusted-public-key", &public],
+            )
+        })
+    };
+    let read = |mount: &Mount, file: String| {
+        let path = mount.path.join(file.trim_start_matches("/nix/store/"));
+        blocking(move || std::fs::read(&path).unwrap())
+    };
+    let refs = format!("{}/refs", closure.c);
+    let want = std::fs::read(&refs).unwrap();
+
+    let mount = start().await;
+    assert_eq!(read(&mount, refs.clone()).await, want);
+    assert_eq!(upstream.nar_requests(), 1);
+    let log = blocking(move || mount.stop()).await;
+    assert!(log.contains("upstream_nar_downloads=1"), "{log}");
+
+    let mount = start().await;
+    let narinfos = upstream.narinfo_requests();
+    assert_eq!(read(&mount, refs.clone()).await, want);
+    assert_eq!(
+        upstream.nar_requests(),
+        1,
+        "the restarted mount downloaded the NAR"
+    );
+    assert!(upstream.narinfo_requests() > narinfos);
+    let counters = stats(&mount.path);
+    assert_eq!(
+        (
+            counters["upstream_nar_downloads"],
+            counters["upstream_nar_peeks"],
+            counters["io_errors"]
+        ),
+        (0, 0, 0),
+        "{counters:?}"
+    );
+
+    // b, then a: a is published at once, then b, then c, pending since it
+    // was read.
+    assert_eq!(
+        read(&mount, closure.b.clone()).await,
+        std::fs::read(&closure.b).unwrap()
+    );
+    assert_eq!(
+        read(&mount, closure.a.clone()).await,
+        std::fs::read(&closure.a).unwrap()
+    );
+    assert_eq!(upstream.nar_requests(), 3);
+    let log = blocking(move || mount.stop()).await;
+    for path in closure.paths() {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(path) && l.contains("substituted from upstream and published")),
+            "{path} not published:\n{log}"
+        );
+    }
+    let store =
+        lazystore_pathinfo::Store::open(&store, lazystore_pathinfo::StoreOptions::default())
+            .await
+            .unwrap();
+    for path in closure.paths() {
+        let hash = lazystore_pathinfo::StorePath::from_absolute_path(path)
+            .unwrap()
+            .hash();
+        assert!(
+            store.path_infos.get(&hash).await.unwrap().is_some(),
+            "{path}"
+        );
+    }
+    drop(server);
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -8,7 +8,8 @@
 //! fallback, and the first use inside fetches it; bad
 //! upstream input (untrusted signature, wrong NarHash, another StorePath,
 //! 404, server down) shows or reads nothing, publishes nothing, and the
-//! next access tries again.
+//! next access tries again. A path read before its references is
+//! published once they have been read too.
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -237,8 +238,8 @@ async fn listed_path_shows_without_its_nar(behaviour: Behaviour) {
     );
 
     // a refers to nothing, so once fetched it was published: another mount
-    // of the same store finds it there, without asking upstream. c, whose
-    // references were not published when it was fetched, was not.
+    // of the same store finds it there, without asking upstream. c, which
+    // also refers to b, waits for b.
     assert!(published(&store, &f.closure.a).await);
     assert!(!published(&store, c).await);
     let other = fs_over(&store, options(&server.url, f.public_key.clone()));
@@ -247,6 +248,13 @@ async fn listed_path_shows_without_its_nar(behaviour: Behaviour) {
         (server.narinfo_requests(), server.nar_requests()),
         (narinfos, 2)
     );
+
+    // Reading b publishes it (a is published), and then c, pending since
+    // it was read: its NAR is not downloaded again.
+    assert_reads_file(&fs, &f.closure.b).await;
+    assert!(published(&store, &f.closure.b).await);
+    assert!(published(&store, c).await);
+    assert_eq!(server.nar_requests(), 3);
 }
 
 /// Without listings, a lookup reads only the start of the NAR: a directory

@@ -111,8 +111,10 @@ pub(crate) struct Shared {
     pub(crate) downloaded: Arc<AtomicU64>,
     /// NAR downloads started.
     pub(crate) nar_downloads: AtomicU64,
-    /// Root node of every NAR seen this run, by (NarHash, NarSize): a path
-    /// whose NAR is already stored is published without a download.
+    /// Root node of every NAR seen by this importer, by (NarHash, NarSize):
+    /// a path whose NAR is already stored is published without a download.
+    /// In front of the store's durable index (`Store::nar_roots`), which
+    /// outlives the process.
     // A std Mutex: each use is one map operation, never held across await.
     nar_index: Mutex<HashMap<NarKey, Node>>,
     /// NARs being downloaded: one download at a time for each, across runs.
@@ -316,7 +318,7 @@ impl Plan {
             Err(error) => self.fail(hash, error, progress),
             Ok(Outcome::Present(info)) => {
                 self.names.insert(hash, info.store_path.clone().into());
-                shared.remember_nar(&info);
+                shared.remember_in_memory(&info);
                 self.discovered(info.references.clone(), progress);
                 self.summary.present += 1;
                 progress.path_done(&format!("present {}", info.store_path.to_absolute()), false);

@@ -225,11 +225,12 @@ impl UpstreamCaches {
     /// symlink), read from the start of its NAR: the first 256 KiB asked
     /// for with a `Range` request, and the whole NAR (read only as far as
     /// the root's header) if the decoder needs more. Transient failures are
-    /// retried as downloads are; a NAR already stored this run is not
-    /// asked for at all. Nothing is stored.
+    /// retried as downloads are; a NAR already stored (by this mount, or
+    /// before, as the store's index of NARs says) is not asked for at all.
+    /// Nothing is stored.
     pub async fn peek(&self, found: &Found) -> Result<Peeked, PathError> {
         let narinfo = &found.narinfo;
-        if let Some(root) = self.shared.known_root(narinfo) {
+        if let Some(root) = self.shared.known_root(narinfo, &self.progress).await {
             return Ok(match root {
                 Node::File {
                     size, executable, ..

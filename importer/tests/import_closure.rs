@@ -5,8 +5,9 @@
 mod common;
 
 use common::*;
+use lazystore_castore::{Digest, Node};
 use lazystore_importer::{CacheError, Importer, SetupError};
-use lazystore_pathinfo::Store;
+use lazystore_pathinfo::{Store, StoreOptions};
 use lazystore_testkit::{add_tree, make_cache};
 
 async fn imports_closure_over_http(compression: &str) {
@@ -179,6 +180,67 @@ async fn identical_nar_is_not_downloaded_twice() {
     assert_eq!((summary.imported.len(), summary.deduplicated.len()), (1, 1));
     assert_eq!(server.nar_requests(), 1);
     check_imported(&store, cache.path(), &[&one, &two]).await;
+}
+
+/// The index of stored NARs outlives the importer: a later one, over the
+/// same redb store opened again, publishes a path whose NAR an earlier one
+/// stored under another path, without downloading it. An entry whose tree
+/// the store lacks (as after garbage collection) is not trusted: the NAR
+/// is downloaded, and the entry mended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_importer_finds_nars_stored_before() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<String> = [
+        ("lazystore-durable-one", "same"),
+        ("lazystore-durable-two", "same"),
+        ("lazystore-durable-three", "other"),
+    ]
+    .iter()
+    .map(|(name, text)| {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+        let file = dir.path().join(name).join(name);
+        std::fs::write(&file, format!("{text} contents {}\n", fx.closure.a)).unwrap();
+        add_tree(&file)
+    })
+    .collect();
+    let [one, two, three] = [&paths[0], &paths[1], &paths[2]];
+    let cache = make_cache(&[one, two, three], "none", Some(&fx.secret_key));
+    let server = TestServer::start(cache.path()).await;
+    let url = format!("redb://{}/store.redb", dir.path().display());
+    let open = || Store::open(&url, StoreOptions::default());
+    let opts = options(vec![server.url.clone()]);
+
+    let store = open().await.unwrap();
+    let summary = import(&store, opts.clone(), &[one]).await;
+    assert_eq!(summary.imported.len(), 1, "{summary}");
+    drop(store);
+
+    let store = open().await.unwrap();
+    let summary = import(&store, opts.clone(), &[two]).await;
+    assert!(summary.success(), "{summary}");
+    assert_eq!((summary.imported.len(), summary.deduplicated.len()), (0, 1));
+    assert_eq!(server.nar_requests(), 1);
+    check_imported(&store, cache.path(), &[one, two]).await;
+
+    let narinfo = read_narinfo(cache.path(), three);
+    let gone = Node::Directory {
+        digest: Digest::of(b"not in the store"),
+        size: 1,
+    };
+    let roots = &store.nar_roots;
+    roots
+        .put(&narinfo.nar_hash, narinfo.nar_size, &gone)
+        .await
+        .unwrap();
+    let summary = import(&store, opts, &[three]).await;
+    assert_eq!(summary.imported.len(), 1, "{summary}");
+    assert_eq!(server.nar_requests(), 2);
+    check_imported(&store, cache.path(), &[three]).await;
+    let root = store.path_infos.get(&store_path(three).hash()).await;
+    let root = root.unwrap().unwrap().root;
+    let recorded = roots.get(&narinfo.nar_hash, narinfo.nar_size).await;
+    assert_eq!(recorded.unwrap(), Some(root));
 }
 
 /// A cache for another store directory is refused when it is opened.

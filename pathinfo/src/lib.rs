@@ -6,6 +6,7 @@ pub mod gc;
 pub mod ingest;
 pub mod listing;
 pub mod nar;
+mod nar_roots;
 pub mod pathinfos;
 pub mod publish;
 pub mod render;
@@ -19,6 +20,7 @@ mod store_path;
 mod wanted;
 mod whole;
 
+pub use nar_roots::{NarRoots, NarRootsError};
 pub use narinfo::{
     Compression, FieldError, HashError, MAX_NARINFO_SIZE, NarInfo, NarInfoError, format_sha256,
     parse_sha256,

@@ -10,6 +10,11 @@
 //! A command given a token passes it here, and only here: every call to a
 //! remote store then carries it.
 //!
+//! Beside the services a store carries its [`NarRoots`], the index of the
+//! NARs it has ingested, kept in the nearest redb file: the constructor of
+//! a redb store puts it in the store's file, [`Store::with_cache`] moves it
+//! into the cache's, and the others keep none.
+//!
 //! A new backend is one file per service (in `castore::blobs`,
 //! `castore::directories`, `pathinfos`), a constructor here beside
 //! [`Store::redb`] and [`Store::grpc`], and one arm in [`Store::open`].
@@ -33,6 +38,7 @@ use lazystore_castore::{
     DirectoryService, Node, OpenError, RedbOptions, RedbStore, RetryPolicy, SyncMode,
 };
 
+use crate::nar_roots::NarRoots;
 use crate::pathinfos::{
     GrpcPathInfoService, MemoryPathInfoService, PathInfo, PathInfoError, PathInfoService,
     RedbPathInfoService,
@@ -76,6 +82,10 @@ pub struct Store {
     /// The local chunk cache in front of the blobs and directories, if
     /// [`Store::open`] (or [`Store::with_cache`]) put one there.
     pub local_cache: Option<CacheStore>,
+    /// Which root each NAR stored here was ingested as, kept in the nearest
+    /// redb file: the local cache's, else a redb store's own; none for a
+    /// memory store or a remote one without a cache.
+    pub nar_roots: NarRoots,
     /// The connection of a remote store, shared by its three clients: its
     /// outages are counted there ([`Connection::outages`]).
     pub connection: Option<Connection>,
@@ -343,6 +353,7 @@ impl Store {
             directories: Arc::new(MemoryDirectoryService::new()),
             path_infos: Arc::new(MemoryPathInfoService::new()),
             local_cache: None,
+            nar_roots: NarRoots::none(),
             connection: None,
             redb: None,
         }
@@ -359,6 +370,7 @@ impl Store {
             directories: Arc::new(RedbDirectoryService::new(store.clone())),
             path_infos: Arc::new(RedbPathInfoService::new(store.clone())),
             local_cache: None,
+            nar_roots: NarRoots::in_store(store),
             connection: None,
             redb: Some(store),
         }
@@ -376,6 +388,7 @@ impl Store {
             directories: Arc::new(GrpcDirectoryService::new(connection.clone())),
             path_infos: Arc::new(GrpcPathInfoService::new(connection.clone())),
             local_cache: None,
+            nar_roots: NarRoots::none(),
             connection: Some(connection),
             redb: None,
         }
@@ -458,7 +471,8 @@ impl Store {
     /// Puts the local `cache` in front of this store's blobs and
     /// directories: reads are served from it when it holds the data (each
     /// chunk verified), fetched from this store and kept when it doesn't;
-    /// writes and path infos go to this store.
+    /// writes and path infos go to this store. The NAR root index moves
+    /// into the cache's file, the nearest.
     pub fn with_cache(self, cache: CacheStore) -> Store {
         let params = self.blobs.params();
         Store {
@@ -474,6 +488,7 @@ impl Store {
                 self.directories,
             )),
             path_infos: self.path_infos,
+            nar_roots: NarRoots::in_cache(cache.clone()),
             local_cache: Some(cache),
             connection: self.connection,
             redb: self.redb,
@@ -692,11 +707,25 @@ mod tests {
         assert!(local.unwrap().local_cache.is_none());
         assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 0);
         let remote = "grpc+http://127.0.0.1:1";
-        let cached = Store::open(remote, with_cache(LocalCache::At(cache_url.clone()))).await;
-        assert!(cached.unwrap().local_cache.is_some());
+        let cached = Store::open(remote, with_cache(LocalCache::At(cache_url.clone())))
+            .await
+            .unwrap();
+        assert!(cached.local_cache.is_some());
         assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // The NAR root index is in the nearest redb file.
+        let cache_file = dir.path().join("cache.redb");
+        assert_eq!(cached.nar_roots.path(), Some(cache_file.as_path()));
+        drop(cached);
         let bare = Store::open(remote, with_cache(LocalCache::None)).await;
-        assert!(bare.unwrap().local_cache.is_none());
+        let bare = bare.unwrap();
+        assert!(bare.local_cache.is_none());
+        assert_eq!(bare.nar_roots.path(), None);
+        let store_file = dir.path().join("store.redb");
+        let url = format!("redb://{}", store_file.display());
+        let redb = Store::open(&url, with_cache(LocalCache::None)).await;
+        assert_eq!(redb.unwrap().nar_roots.path(), Some(store_file.as_path()));
+        let redb = Store::open(&url, with_cache(LocalCache::At(cache_url.clone()))).await;
+        assert_eq!(redb.unwrap().nar_roots.path(), Some(cache_file.as_path()));
         let bad = Store::open(remote, with_cache(LocalCache::At("memory://".into()))).await;
         assert!(
             bad.err()

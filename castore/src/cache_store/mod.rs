@@ -40,7 +40,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 use crate::blobs::EncodedChunk;
 use crate::digest::Digest;
@@ -239,6 +241,23 @@ impl CacheStore {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The database, for tables of other crates kept in the same file
+    /// (`lazystore-pathinfo`'s NAR roots). Their records are not counted
+    /// against the bound and never evicted. Commit writes with
+    /// [`CacheStore::commit`].
+    pub fn database(&self) -> &Database {
+        &self.inner.db
+    }
+
+    /// Commits a write of another crate's table as the cache commits its
+    /// own: without an fsync. The next durable commit, or closing the
+    /// cache, makes it durable; a crash may lose it.
+    pub fn commit(&self, mut txn: WriteTransaction) -> Result<(), redb::Error> {
+        txn.set_durability(Durability::None)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// The bound, in bytes.

@@ -15,7 +15,7 @@ use lazystore_castore::{
     BlobError, Blobs, ChunkerParams, Digest, Directory, Node, PathComponent, SymlinkTarget,
 };
 use lazystore_pathinfo::pathinfos::{MemoryPathInfoService, PathInfo};
-use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Store, StorePath};
+use lazystore_pathinfo::{NarRoots, STORE_PATH_HASH_LEN, Store, StorePath};
 
 /// A tree to store.
 pub enum Tree {
@@ -132,6 +132,7 @@ pub fn test_store() -> (Store, Arc<MemoryBlobService>, Arc<Faults>) {
         directories: Arc::new(MemoryDirectoryService::new()),
         path_infos: Arc::new(MemoryPathInfoService::new()),
         local_cache: None,
+        nar_roots: NarRoots::none(),
         connection: None,
         redb: None,
     };

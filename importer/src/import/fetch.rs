@@ -2,7 +2,10 @@
 //! fetched and checked (the path asked for, a signature by a trusted key),
 //! its NAR downloaded, decompressed and ingested as it streams, and its
 //! NarSize and NarHash checked, giving a PathInfo ready to publish. Runs at
-//! once that want one NAR take turns, so it is downloaded once.
+//! once that want one NAR take turns, so it is downloaded once. A NAR
+//! stored already is not downloaded: one this importer stored, or one the
+//! store's durable index names (`Store::nar_roots`, kept across processes)
+//! whose tree is checked whole first.
 
 use super::*;
 
@@ -175,7 +178,8 @@ impl Shared {
     }
 
     /// Fetches, checks and ingests the NAR of a checked narinfo (unless an
-    /// identical NAR was stored this run); publishes nothing.
+    /// identical NAR is stored already, [`Shared::known_root`]); publishes
+    /// nothing.
     pub(crate) async fn nar_from(
         &self,
         cache: &BinaryCache,
@@ -209,7 +213,7 @@ impl Shared {
         narinfo: NarInfo,
         progress: &Progress,
     ) -> Result<Outcome, Miss> {
-        if let Some(root) = self.known_root(&narinfo) {
+        if let Some(root) = self.known_root(&narinfo, progress).await {
             return Ok(Outcome::Ready {
                 info: PathInfo::from_narinfo(narinfo, root),
                 downloaded: false,
@@ -243,7 +247,7 @@ impl Shared {
             }));
         }
         let info = PathInfo::from_narinfo(narinfo, ingested.root);
-        self.remember_nar(&info);
+        self.remember_nar(&info, progress).await;
         Ok(Outcome::Ready {
             info,
             downloaded: true,
@@ -317,14 +321,51 @@ impl Shared {
         Ok(decompress(compressed, narinfo.compression))
     }
 
-    /// The root of a NAR stored this run with `narinfo`'s NarHash and
-    /// NarSize, if any.
-    pub(crate) fn known_root(&self, narinfo: &NarInfo) -> Option<Node> {
-        self.nar_index
-            .lock()
-            .expect("lock poisoned")
-            .get(&(narinfo.nar_hash, narinfo.nar_size))
-            .cloned()
+    /// The root of a NAR already stored with `narinfo`'s NarHash and
+    /// NarSize, if any: one this importer stored or found, else one the
+    /// store's durable index names ([`Store::nar_roots`], written by
+    /// earlier processes) whose tree is still whole, since garbage
+    /// collection or a cache's eviction may have dropped part of it. The
+    /// check reads every directory and chunk list of the tree and asks the
+    /// store which of their chunks it lacks, in batches; a root that passes
+    /// is remembered in memory, so it is checked once.
+    pub(crate) async fn known_root(&self, narinfo: &NarInfo, progress: &Progress) -> Option<Node> {
+        let key = (narinfo.nar_hash, narinfo.nar_size);
+        if let Some(root) = self.nar_index.lock().expect("lock poisoned").get(&key) {
+            return Some(root.clone());
+        }
+        let path = narinfo.store_path.to_absolute();
+        let root = match self.store.nar_roots.get(&key.0, key.1).await {
+            Ok(root) => root?,
+            Err(e) => {
+                progress.warn(&format!(
+                    "{path}: cannot look its NAR up in the index of stored NARs: {}",
+                    error_chain(&e)
+                ));
+                return None;
+            }
+        };
+        match self.store.find_missing(&root).await {
+            Ok(None) => {
+                self.remember_root(key, root.clone());
+                Some(root)
+            }
+            Ok(Some(missing)) => {
+                tracing::info!(
+                    "{path}: its NAR was stored before, but part of the tree is gone \
+                     ({missing}); downloading it again"
+                );
+                None
+            }
+            Err(e) => {
+                progress.warn(&format!(
+                    "{path}: its NAR was stored before, but checking that its tree is whole \
+                     failed: {}; downloading it again",
+                    error_chain(&e)
+                ));
+                None
+            }
+        }
     }
 
     /// The retry policy of transient download failures.
@@ -332,17 +373,43 @@ impl Shared {
         self.retry
     }
 
-    /// Indexes a stored NAR so an identical one is not downloaded again.
+    /// Indexes a NAR just stored, in memory and in the store's durable
+    /// index, so that an identical one is not downloaded again, by this
+    /// importer or by a later process. The durable record is best effort:
+    /// a failure is warned about and costs a download later, never this
+    /// import.
+    pub(super) async fn remember_nar(&self, info: &PathInfo, progress: &Progress) {
+        self.remember_in_memory(info);
+        let recorded = self
+            .store
+            .nar_roots
+            .put(&info.nar_sha256, info.nar_size, &info.root)
+            .await;
+        if let Err(e) = recorded {
+            progress.warn(&format!(
+                "{}: cannot record its NAR in the index of stored NARs: {}",
+                info.store_path.to_absolute(),
+                error_chain(&e)
+            ));
+        }
+    }
+
+    /// Indexes a stored NAR in memory only: that of a path found present,
+    /// which a later process finds published without looking its NAR up.
+    pub(super) fn remember_in_memory(&self, info: &PathInfo) {
+        self.remember_root((info.nar_sha256, info.nar_size), info.root.clone());
+    }
+
     /// An importer that lives as long as a pull-through server would
     /// otherwise keep one entry per NAR it ever stored: past
-    /// [`MAX_REMEMBERED_NARS`] the index starts again (it only saves
-    /// downloads of identical NARs under other paths).
-    pub(super) fn remember_nar(&self, info: &PathInfo) {
+    /// [`MAX_REMEMBERED_NARS`] the map starts again (it only saves
+    /// downloads of identical NARs, and the durable index still has them).
+    fn remember_root(&self, key: NarKey, root: Node) {
         let mut index = self.nar_index.lock().expect("lock poisoned");
         if index.len() >= MAX_REMEMBERED_NARS {
             index.clear();
         }
-        index.insert((info.nar_sha256, info.nar_size), info.root.clone());
+        index.insert(key, root);
     }
 }
 

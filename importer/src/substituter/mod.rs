@@ -40,10 +40,20 @@
 //! published in the store's path-info service (as an import would: its
 //! signature and NarHash are checked) when every path it refers to is
 //! published there already, since a published path promises its closure;
-//! later mounts of the store then find it there, without upstream. With
-//! signature checks off nothing is published.
+//! later mounts of the store then find it there, without upstream.
+//! Otherwise it is kept pending (at most [`MAX_PENDING`] paths, the oldest
+//! dropped first). After each path it publishes, the substituter goes
+//! through the pending paths and publishes every one whose references are
+//! all published now, and again until a pass publishes nothing; so a path
+//! read before its references is published once they have been read too.
+//! A reference published by another process is seen at the next such pass.
+//! Publishing runs one path at a time. What is still pending when the mount
+//! exits is forgotten, but its NAR is not: the store's index of NARs
+//! (`Store::nar_roots`) names its tree, so the next mount that reads the
+//! path fetches only its narinfo. With signature checks off nothing is
+//! published.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,6 +78,10 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
 /// Paths remembered as missing before the expired ones are dropped.
 const MAX_MISSING: usize = 4096;
+
+/// Fetched paths kept waiting for their references to be published; past
+/// it the oldest is dropped. Each publish goes through all of them.
+const MAX_PENDING: usize = 1024;
 
 /// A path found upstream.
 struct UpstreamPath {
@@ -154,6 +168,10 @@ pub struct UpstreamSubstituter {
     directories: Arc<dyn DirectoryService>,
     /// Where fetched paths are published once their closure is.
     path_infos: Arc<dyn PathInfoService>,
+    /// Fetched paths not published for want of a published reference,
+    /// oldest first. Held while a path is published, so paths are
+    /// published one at a time.
+    pending: tokio::sync::Mutex<Vec<PathInfo>>,
     key: [u8; 32],
     /// One cell per path asked for: concurrent lookups wait on one fetch.
     // std Mutexes: one map operation per call, no await.
@@ -194,6 +212,7 @@ impl UpstreamSubstituter {
             upstream,
             directories: store.directories,
             path_infos: store.path_infos,
+            pending: tokio::sync::Mutex::new(Vec::new()),
             key: rand_key(),
             paths: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
@@ -467,38 +486,120 @@ impl UpstreamSubstituter {
 
     /// Publishes the fetched (checked and stored) path `info` if every path
     /// it refers to is published, so the store's promise that a published
-    /// path has its closure holds. Best effort: a failure is logged, and
-    /// the path is then fetched again by the next mount that wants it.
+    /// path has its closure holds, and then every pending path that this
+    /// lets through; else keeps `info` pending. Best effort: a failure is
+    /// logged, and the path is then fetched again by the next mount that
+    /// wants it.
     async fn publish_if_closed(&self, info: &PathInfo) {
         // Unchecked signatures vouch for nothing: such paths stay the
         // mount's own, not the store's.
         if !self.upstream.checks_signatures() {
             return;
         }
-        let path = info.store_path.to_absolute();
-        for reference in &info.references {
-            if *reference == info.store_path {
-                continue;
-            }
-            match self.path_infos.get(&reference.hash()).await {
-                Ok(Some(r)) if r.store_path == *reference => {}
-                Ok(_) => {
-                    tracing::debug!("{path}: not published: {} is not", reference.to_absolute());
+        let mut pending = self.pending.lock().await;
+        let mut known = Known::default();
+        match self.try_publish(info, &mut known).await {
+            Attempt::Published => {}
+            Attempt::Failed => return,
+            Attempt::Open(reference) => {
+                let path = info.store_path.to_absolute();
+                tracing::debug!(
+                    "{path}: not published yet: {} is not; pending until it is",
+                    reference.to_absolute()
+                );
+                if pending.iter().any(|p| p.store_path == info.store_path) {
                     return;
                 }
+                if pending.len() >= MAX_PENDING {
+                    let dropped = pending.remove(0);
+                    tracing::debug!(
+                        "{}: no longer pending publication: {MAX_PENDING} paths newer wait",
+                        dropped.store_path.to_absolute()
+                    );
+                }
+                pending.push(info.clone());
+                return;
+            }
+        }
+        // Passes until one publishes nothing: a pending path may come
+        // before the pending reference it waits for.
+        loop {
+            let mut progressed = false;
+            let mut i = 0;
+            while i < pending.len() {
+                match self.try_publish(&pending[i], &mut known).await {
+                    Attempt::Published => {
+                        pending.remove(i);
+                        progressed = true;
+                    }
+                    Attempt::Failed => {
+                        pending.remove(i);
+                    }
+                    Attempt::Open(_) => i += 1,
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    /// Publishes `info` if every path it refers to is published; `known`
+    /// remembers the answers of one pass through the pending paths.
+    async fn try_publish(&self, info: &PathInfo, known: &mut Known) -> Attempt {
+        let path = info.store_path.to_absolute();
+        for reference in &info.references {
+            let hash = reference.hash();
+            if *reference == info.store_path || known.published.contains(&hash) {
+                continue;
+            }
+            if known.unpublished.contains(&hash) {
+                return Attempt::Open(reference.clone());
+            }
+            match self.path_infos.get(&hash).await {
+                Ok(Some(r)) if r.store_path == *reference => {
+                    known.published.insert(hash);
+                }
+                Ok(_) => {
+                    known.unpublished.insert(hash);
+                    return Attempt::Open(reference.clone());
+                }
                 Err(e) => {
-                    tracing::warn!("{path}: not published: looking up {reference}: {e}");
-                    return;
+                    tracing::warn!("{path}: not published yet: looking up {reference}: {e}");
+                    return Attempt::Open(reference.clone());
                 }
             }
         }
         match self.path_infos.put(info.clone()).await {
-            Ok(()) => tracing::info!("{path}: substituted from upstream and published"),
+            Ok(()) => {
+                tracing::info!("{path}: substituted from upstream and published");
+                let hash = info.store_path.hash();
+                known.unpublished.remove(&hash);
+                known.published.insert(hash);
+                Attempt::Published
+            }
             Err(e) => {
-                tracing::warn!("{path}: substituted from upstream, but publishing failed: {e}")
+                tracing::warn!("{path}: substituted from upstream, but publishing failed: {e}");
+                Attempt::Failed
             }
         }
     }
+}
+
+/// How an attempt to publish a fetched path ended.
+enum Attempt {
+    Published,
+    /// This reference (the first found) is not published.
+    Open(StorePath),
+    /// Publishing failed (logged).
+    Failed,
+}
+
+/// Which references are published, as found by one pass of publishing.
+#[derive(Default)]
+struct Known {
+    published: HashSet<StorePathHash>,
+    unpublished: HashSet<StorePathHash>,
 }
 
 #[async_trait]
