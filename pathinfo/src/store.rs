@@ -370,7 +370,7 @@ impl Store {
             directories: Arc::new(RedbDirectoryService::new(store.clone())),
             path_infos: Arc::new(RedbPathInfoService::new(store.clone())),
             local_cache: None,
-            nar_roots: NarRoots::in_store(store),
+            nar_roots: NarRoots::in_store(store.clone()),
             connection: None,
             redb: Some(store),
         }
