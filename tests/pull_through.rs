@@ -294,3 +294,80 @@ fn bad_nars_publish_nothing_and_the_next_lookup_tries_again() {
     assert!(log.contains(&a_nar[1..]), "the log names the NAR:\n{log}");
     assert!(log.contains("NarHash"), "the log says why:\n{log}");
 }
+
+/// A builder's first read of a path waits for that path's own NAR, not
+/// for its closure: with the NAR of `a` (which `c` refers to) stalled
+/// upstream for 10 s, a file of `c` reads through a mount of the service
+/// in well under that, and `a` reads too once its NAR comes. b's and c's
+/// NARs are downloaded once each (c's is not downloaded again by the
+/// closure's import).
+#[test]
+fn a_first_read_waits_for_its_own_nar_not_the_closure() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "pull-through-first-read-1");
+    let cache = make_cache(&[closure.top()], "zstd", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    let a_narinfo = cache
+        .path()
+        .join(format!("{}.narinfo", &basename(&closure.a)[..32]));
+    let a_nar = format!(
+        "/{}",
+        NarInfo::parse(&std::fs::read_to_string(a_narinfo).unwrap())
+            .unwrap()
+            .url
+    );
+    const STALL: std::time::Duration = std::time::Duration::from_secs(10);
+    upstream.inject(&a_nar, vec![Fault::Stall(0, STALL)]);
+
+    let (service, urls) = start_lines(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory://",
+            "--upstream",
+            &upstream.url,
+            "--trusted-public-key",
+            &public,
+        ],
+        1,
+    );
+    let work = tempfile::tempdir().unwrap();
+    let mountpoint = work.path().join("builder");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let local = format!("redb://{}/cache.redb", work.path().display());
+    let mount = Mount::start(&mountpoint, &urls[0], &local, &[]);
+
+    let started = std::time::Instant::now();
+    let refs = std::fs::read(mount.path.join(basename(&closure.c)).join("refs")).unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        refs,
+        std::fs::read(Path::new(&closure.c).join("refs")).unwrap()
+    );
+    assert!(
+        took < STALL / 2,
+        "the read of c waited {took:?}, as if for a's stalled NAR"
+    );
+    // a comes once its NAR does, and then everything is published.
+    let a = std::fs::read(mount.path.join(basename(&closure.a))).unwrap();
+    assert_eq!(a, std::fs::read(&closure.a).unwrap());
+    // b's and c's NAR once each; a's once, or again if the download
+    // gave up on the stalled one.
+    let a_requests = upstream.count(|r| r == a_nar);
+    assert_eq!(
+        upstream.nar_requests() - a_requests,
+        2,
+        "b's and c's NAR once each"
+    );
+    assert!(
+        (1..=2).contains(&a_requests),
+        "a's NAR asked {a_requests} times"
+    );
+    mount.stop();
+    let log = service.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}

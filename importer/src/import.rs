@@ -124,6 +124,9 @@ pub(crate) struct Shared {
     may_lack_data: AtomicBool,
 }
 
+/// A cache's `Priority` when its `nix-cache-info` gives none (Nix's).
+const DEFAULT_PRIORITY: u32 = 50;
+
 /// NARs remembered for deduplication at most: some 10 MiB of index.
 const MAX_REMEMBERED_NARS: usize = 100_000;
 
@@ -187,12 +190,33 @@ impl Importer {
                 })?;
             caches.push(cache);
         }
+        // Nix asks its substituters in the order of their `Priority`
+        // (lower first, 50 when a cache gives none); the order given
+        // breaks ties.
+        caches.sort_by_key(|cache| cache.priority().unwrap_or(DEFAULT_PRIORITY));
         Ok(Importer {
             shared: Arc::new(Shared::new(store, caches, &options)?),
             jobs: options.jobs.max(1),
             closure: options.closure,
             progress: options.progress,
         })
+    }
+
+    /// Takes `wanted` alone as far as a verified, stored PathInfo — its
+    /// narinfo checked, its NAR downloaded (once, shared with any run that
+    /// wants it), checked and ingested — and returns it unpublished, its
+    /// references not looked at: what a pull-through server answers with
+    /// while the closure is imported behind it.
+    pub async fn fetch_one(&self, wanted: &Wanted) -> Result<PathInfo, PathError> {
+        let (references, _) = mpsc::unbounded_channel();
+        let progress = Progress::new(ProgressMode::Quiet);
+        match self
+            .shared
+            .import_one(wanted, &references, &progress)
+            .await?
+        {
+            Outcome::Present(info) | Outcome::Ready { info, .. } => Ok(info),
+        }
     }
 
     /// Imports `wanted` (and their closures, unless disabled) and returns

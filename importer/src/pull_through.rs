@@ -4,11 +4,17 @@
 //! see every path of those caches without an import beforehand, and each
 //! NAR is downloaded once for the whole fleet.
 //!
-//! A lookup of a path the store lacks imports it, with its closure, from
-//! the caches — checked exactly as `lazystore import` checks (signature by
-//! a trusted key, NarHash and NarSize of the NAR) — publishes it, and then
-//! answers from the store. Concurrent lookups of one path, from gRPC and
-//! HTTP clients alike, share one import. A path no cache has is believed
+//! A lookup of a path the store lacks fetches that path alone from the
+//! caches — checked exactly as `lazystore import` checks (signature by a
+//! trusted key, NarHash and NarSize of the NAR) and ingested — and answers
+//! with it at once; its closure is imported behind, and the path is
+//! published once every path it refers to is (a published path promises
+//! its closure). Until then the fetched PathInfo is kept in memory and
+//! answered from, for [`READY_TTL`] at most (the durable NAR index then
+//! saves a second download). So a builder's first read waits for one NAR,
+//! not for the closure of the path it reads. Concurrent lookups of one
+//! path, from gRPC and HTTP clients alike, share one fetch, and the
+//! closure's import finds that NAR stored. A path no cache has is believed
 //! missing for the negative TTL; any other failure (a bad signature, a NAR
 //! that does not match, a cache down) is logged with the path and the
 //! reason, answered as [`PathInfoError::Upstream`] (gRPC `NOT_FOUND`, HTTP
@@ -17,12 +23,13 @@
 //! Writes and listings go to the store itself; the server's publishing
 //! checks read the store itself too, so a put never pulls from upstream.
 //!
-//! At most [`MAX_PULLS`] imports run at once; runs that want one NAR take
-//! turns, so it is downloaded once (`import/fetch.rs`).
+//! At most [`MAX_PULLS`] fetches and [`MAX_PULLS`] closure imports run at
+//! once; runs that want one NAR take turns, so it is downloaded once
+//! (`import/fetch.rs`). Caches are asked in the order of their `Priority`,
+//! as Nix asks them.
 //!
 //! Not yet: answering a lookup from the narinfo and listing before the NAR
-//! is downloaded (a lookup waits for its path's closure to be imported),
-//! and fetching the rest of a closure in the background.
+//! is downloaded (a lookup waits for its own path's NAR).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,10 +78,25 @@ pub struct PullThrough {
 /// streamed: memory is bounded per download, not per NAR).
 pub const MAX_PULLS: usize = 8;
 
+/// How long a fetched path whose closure is not yet published is answered
+/// from memory: past this, a lookup fetches it again (finding its NAR
+/// stored, through the durable index, unless a garbage collection dropped
+/// its unpublished data).
+pub const READY_TTL: Duration = Duration::from_secs(600);
+
+/// What one fetch of a path ended with, shared by its waiters.
+type Fetch = Shared<BoxFuture<'static, Result<PathInfo, Arc<PullFailed>>>>;
+
 struct State {
     importer: Importer,
-    /// Bounds the pulls running at once to [`MAX_PULLS`].
+    /// Bounds the closure imports running at once to [`MAX_PULLS`].
     running: tokio::sync::Semaphore,
+    /// Bounds the single-path fetches running at once to [`MAX_PULLS`].
+    fetching: tokio::sync::Semaphore,
+    /// Fetches in progress, by path.
+    fetches: Mutex<HashMap<StorePathHash, Fetch>>,
+    /// Paths fetched whose closure is not yet published, and when.
+    ready: Mutex<HashMap<StorePathHash, (PathInfo, Instant)>>,
     negative_ttl: Duration,
     // A std Mutex: each use is one map operation, never held across await.
     /// Pulls in progress, by path.
@@ -99,6 +121,9 @@ impl PullThrough {
             state: Arc::new(State {
                 importer,
                 running: tokio::sync::Semaphore::new(MAX_PULLS),
+                fetching: tokio::sync::Semaphore::new(MAX_PULLS),
+                fetches: Mutex::default(),
+                ready: Mutex::default(),
                 negative_ttl,
                 pulls: Mutex::default(),
                 missing: Mutex::default(),
@@ -133,14 +158,89 @@ impl PullThrough {
         }
     }
 
-    /// The pull of `hash`: the one in progress, or a new one.
-    fn pull(&self, hash: StorePathHash) -> Pull {
-        let mut pulls = self.state.pulls.lock().expect("no panics while held");
-        if let Some(pull) = pulls.get(&hash) {
-            return pull.clone();
+    /// The fetched, unpublished PathInfo of `hash`, if it is recent.
+    fn ready(&self, hash: &StorePathHash) -> Option<PathInfo> {
+        let mut ready = self.state.ready.lock().expect("no panics while held");
+        match ready.get(hash) {
+            Some((info, at)) if at.elapsed() < READY_TTL => Some(info.clone()),
+            Some(_) => {
+                ready.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The fetch of `hash` alone: the one in progress, or a new one, which
+    /// starts the import of its closure once it has the path.
+    fn fetch(&self, hash: StorePathHash) -> Fetch {
+        let mut fetches = self.state.fetches.lock().expect("no panics while held");
+        if let Some(fetch) = fetches.get(&hash) {
+            return fetch.clone();
         }
         let state = self.state.clone();
         let task = tokio::spawn(async move {
+            let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
+            let fetched = {
+                let _turn = state.fetching.acquire().await.expect("never closed");
+                state.importer.fetch_one(&wanted).await
+            };
+            state
+                .fetches
+                .lock()
+                .expect("no panics while held")
+                .remove(&hash);
+            match fetched {
+                Ok(info) => {
+                    state
+                        .ready
+                        .lock()
+                        .expect("no panics while held")
+                        .insert(hash, (info.clone(), Instant::now()));
+                    // The closure behind, published when whole.
+                    drop(pull(&state, hash));
+                    Ok(info)
+                }
+                Err(e) => {
+                    if matches!(e.kind, PathErrorKind::NotFound { .. }) {
+                        state
+                            .missing
+                            .lock()
+                            .expect("no panics while held")
+                            .insert(hash, Instant::now());
+                    } else {
+                        tracing::warn!("cannot pull {e}");
+                    }
+                    Err(Arc::new(PullFailed::Import(e)))
+                }
+            }
+        });
+        let fetch: Fetch = async move {
+            match task.await {
+                Ok(result) => result,
+                Err(e) => {
+                    tracing::error!("fetching {hash}: {e}");
+                    Err(Arc::new(PullFailed::Panicked(hash)))
+                }
+            }
+        }
+        .boxed()
+        .shared();
+        fetches.insert(hash, fetch.clone());
+        fetch
+    }
+}
+
+/// The import of `hash`'s closure, which publishes it: the one in
+/// progress, or a new one.
+fn pull(state: &Arc<State>, hash: StorePathHash) -> Pull {
+    let mut pulls = state.pulls.lock().expect("no panics while held");
+    if let Some(pull) = pulls.get(&hash) {
+        return pull.clone();
+    }
+    let task = tokio::spawn({
+        let state = state.clone();
+        async move {
             let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
             let summary = {
                 let _turn = state.running.acquire().await.expect("never closed");
@@ -162,7 +262,15 @@ impl PullThrough {
                 }
             });
             match failure {
-                None => Ok(()),
+                None => {
+                    // Published: answered from the store from now on.
+                    state
+                        .ready
+                        .lock()
+                        .expect("no panics while held")
+                        .remove(&hash);
+                    Ok(())
+                }
                 Some(e) => {
                     if matches!(e.kind, PathErrorKind::NotFound { .. })
                         && e.path == wanted.hash_str()
@@ -173,41 +281,45 @@ impl PullThrough {
                             .expect("no panics while held")
                             .insert(hash, Instant::now());
                     } else {
-                        tracing::warn!("cannot pull {e}");
+                        tracing::warn!("cannot pull the closure of {hash}: {e}");
                     }
                     Err(Arc::new(PullFailed::Import(e)))
                 }
             }
-        });
-        let pull: Pull = async move {
-            match task.await {
-                Ok(result) => result,
-                Err(e) => {
-                    tracing::error!("pulling {hash}: {e}");
-                    Err(Arc::new(PullFailed::Panicked(hash)))
-                }
+        }
+    });
+    let pull: Pull = async move {
+        match task.await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!("pulling {hash}: {e}");
+                Err(Arc::new(PullFailed::Panicked(hash)))
             }
         }
-        .boxed()
-        .shared();
-        pulls.insert(hash, pull.clone());
-        pull
     }
+    .boxed()
+    .shared();
+    pulls.insert(hash, pull.clone());
+    pull
 }
 
 #[async_trait]
 impl PathInfoService for PullThrough {
-    /// From the store; a path it lacks is imported first, unless the
-    /// caches were found lately not to have it.
+    /// From the store; a path it lacks is fetched first (its closure
+    /// imported behind), unless the caches were found lately not to have
+    /// it.
     async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
         if let Some(info) = self.inner.get(hash).await? {
+            return Ok(Some(info));
+        }
+        if let Some(info) = self.ready(hash) {
             return Ok(Some(info));
         }
         if self.known_missing(hash) {
             return Ok(None);
         }
-        match self.pull(*hash).await {
-            Ok(()) => self.inner.get(hash).await,
+        match self.fetch(*hash).await {
+            Ok(info) => Ok(Some(info)),
             Err(e) if e.not_found() => Ok(None),
             Err(e) => Err(PathInfoError::Upstream {
                 path: hash.to_string(),
