@@ -371,3 +371,54 @@ fn a_first_read_waits_for_its_own_nar_not_the_closure() {
     let log = service.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A builder registering a closure's validity through a pull-through
+/// service (`lazystore nix-db --store grpc+…`) gets exactly what real Nix
+/// has for it, from the upstream narinfos: no NAR is downloaded, and
+/// nothing is published.
+#[test]
+fn validity_through_the_service_downloads_no_nar() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "pull-through-validity-1");
+    let cache = make_cache(&[closure.top()], "xz", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    let (service, urls) = start_lines(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory://",
+            "--upstream",
+            &upstream.url,
+            "--trusted-public-key",
+            &public,
+        ],
+        1,
+    );
+    let out = std::process::Command::new(common::LAZYSTORE)
+        .args([
+            "nix-db",
+            "--store",
+            &urls[0],
+            "--trusted-public-key",
+            &public,
+        ])
+        .arg(closure.top())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dump = vec!["nix-store", "--dump-db"];
+    dump.extend(closure.paths());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), nix_cmd(dump));
+    assert_eq!(upstream.nar_requests(), 0, "a NAR was downloaded");
+    assert_eq!(upstream.narinfo_requests(), closure.paths().len());
+    let log = service.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}

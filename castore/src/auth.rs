@@ -264,6 +264,7 @@ impl Need {
         let reads = matches!(
             method,
             "Get"
+                | "Facts"
                 | "List"
                 | "Stat"
                 | "ReadChunks"
@@ -431,6 +432,11 @@ mod tests {
             ("/lazystore.castore.v1.DirectoryService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/List", Read),
+            ("/lazystore.pathinfo.v1.PathInfoService/Facts", Read),
+            (
+                "/lazystore.pathinfo.v1.PathInfoService/CollectGarbage",
+                Write,
+            ),
             ("/grpc.health.v1.Health/Check", Nothing),
             ("/grpc.health.v1.Health/Watch", Nothing),
             ("/some.other.Service/Get", Write),

@@ -219,6 +219,29 @@ impl Importer {
         }
     }
 
+    /// The checked narinfo of `wanted` from the first cache (in priority
+    /// order) that has it — signature and store path checked as an import
+    /// checks them — with no NAR downloaded; `None` if no cache has it.
+    pub async fn narinfo_one(&self, wanted: &Wanted) -> Result<Option<NarInfo>, PathError> {
+        let mut first_failure = None;
+        for cache in &self.shared.caches {
+            match self.shared.narinfo_from(cache, wanted).await {
+                Ok(narinfo) => return Ok(Some(narinfo)),
+                Err(Miss::NotThere) => {}
+                Err(Miss::Failed(kind)) => {
+                    first_failure.get_or_insert(kind);
+                }
+            }
+        }
+        match first_failure {
+            None => Ok(None),
+            Some(kind) => Err(PathError {
+                path: wanted.to_string(),
+                kind,
+            }),
+        }
+    }
+
     /// Imports `wanted` (and their closures, unless disabled) and returns
     /// what happened. Failures of single paths are in the summary; the run
     /// itself does not fail. May be called again: paths imported by an

@@ -28,8 +28,15 @@
 //! (`import/fetch.rs`). Caches are asked in the order of their `Priority`,
 //! as Nix asks them.
 //!
-//! Not yet: answering a lookup from the narinfo and listing before the NAR
-//! is downloaded (a lookup waits for its own path's NAR).
+//! What a path is without its contents ([`PathInfoService::facts`]: the
+//! gRPC `Facts` call a builder's `lazystore nix-db` makes for every path of
+//! a closure) is answered from the upstream narinfo, checked, with no NAR
+//! downloaded; so registering a closure's validity costs one narinfo per
+//! path, and only what a build reads is fetched.
+//!
+//! Not yet: answering a mount's lookup (`ls`, `stat`) from the narinfo and
+//! listing before the NAR is downloaded (a lookup waits for its own path's
+//! NAR; the mount's own `--upstream` layer does this for a builder).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,7 +46,7 @@ use async_trait::async_trait;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use futures::stream::BoxStream;
-use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoError, PathInfoService};
+use lazystore_pathinfo::pathinfos::{Facts, PathInfo, PathInfoError, PathInfoService};
 use lazystore_pathinfo::{Store, StorePathHash, Wanted};
 
 use crate::error::{PathError, PathErrorKind, SetupError};
@@ -84,6 +91,10 @@ pub const MAX_PULLS: usize = 8;
 /// its unpublished data).
 pub const READY_TTL: Duration = Duration::from_secs(600);
 
+/// Upstream facts remembered at most (some 300 bytes each) before the
+/// memory starts again.
+const MAX_FACTS: usize = 100_000;
+
 /// What one fetch of a path ended with, shared by its waiters.
 type Fetch = Shared<BoxFuture<'static, Result<PathInfo, Arc<PullFailed>>>>;
 
@@ -97,6 +108,8 @@ struct State {
     fetches: Mutex<HashMap<StorePathHash, Fetch>>,
     /// Paths fetched whose closure is not yet published, and when.
     ready: Mutex<HashMap<StorePathHash, (PathInfo, Instant)>>,
+    /// Upstream narinfos' facts asked for (a narinfo never changes).
+    facts: Mutex<HashMap<StorePathHash, Facts>>,
     negative_ttl: Duration,
     // A std Mutex: each use is one map operation, never held across await.
     /// Pulls in progress, by path.
@@ -124,6 +137,7 @@ impl PullThrough {
                 fetching: tokio::sync::Semaphore::new(MAX_PULLS),
                 fetches: Mutex::default(),
                 ready: Mutex::default(),
+                facts: Mutex::default(),
                 negative_ttl,
                 pulls: Mutex::default(),
                 missing: Mutex::default(),
@@ -325,6 +339,56 @@ impl PathInfoService for PullThrough {
                 path: hash.to_string(),
                 source: Box::new(e),
             }),
+        }
+    }
+
+    /// From the store, or from the upstream narinfo (checked as an import
+    /// checks it): no NAR is downloaded.
+    async fn facts(&self, hash: &StorePathHash) -> Result<Option<Facts>, PathInfoError> {
+        if let Some(info) = self.inner.get(hash).await? {
+            return Ok(Some(Facts::from(info)));
+        }
+        if let Some(info) = self.ready(hash) {
+            return Ok(Some(Facts::from(info)));
+        }
+        if let Some(facts) = self
+            .state
+            .facts
+            .lock()
+            .expect("no panics while held")
+            .get(hash)
+        {
+            return Ok(Some(facts.clone()));
+        }
+        if self.known_missing(hash) {
+            return Ok(None);
+        }
+        let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
+        match self.state.importer.narinfo_one(&wanted).await {
+            Ok(Some(narinfo)) => {
+                let facts = Facts::from(narinfo);
+                let mut known = self.state.facts.lock().expect("no panics while held");
+                if known.len() >= MAX_FACTS {
+                    known.clear();
+                }
+                known.insert(*hash, facts.clone());
+                Ok(Some(facts))
+            }
+            Ok(None) => {
+                self.state
+                    .missing
+                    .lock()
+                    .expect("no panics while held")
+                    .insert(*hash, Instant::now());
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!("cannot look up {e}");
+                Err(PathInfoError::Upstream {
+                    path: hash.to_string(),
+                    source: Box::new(e),
+                })
+            }
         }
     }
 

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use lazystore_castore::{Digest, Directory, ErrorClass, Retryable};
 
-use crate::pathinfos::{PathInfo, PathInfoError, PathInfoService};
+use crate::pathinfos::{Facts, PathInfo, PathInfoError, PathInfoService};
+use crate::signature::VerifyError;
 use crate::{NarInfo, PublicKey, StorePath, Wanted};
 
 /// How long a reader may keep attributes shown from a cache's claims (a
@@ -76,13 +77,19 @@ pub struct Validity {
 
 impl From<PathInfo> for Validity {
     fn from(info: PathInfo) -> Self {
-        let mut references = info.references;
+        Validity::from(Facts::from(info))
+    }
+}
+
+impl From<Facts> for Validity {
+    fn from(facts: Facts) -> Self {
+        let mut references = facts.references;
         references.sort();
         Validity {
-            store_path: info.store_path,
-            nar_sha256: info.nar_sha256,
-            nar_size: info.nar_size,
-            deriver: info.deriver,
+            store_path: facts.store_path,
+            nar_sha256: facts.nar_sha256,
+            nar_size: facts.nar_size,
+            deriver: facts.deriver,
             references,
         }
     }
@@ -228,17 +235,26 @@ impl StoreSubstituter {
         let Some(info) = info.filter(|info| wanted(&info.store_path)) else {
             return Ok(None);
         };
+        let trusted = self.trusted(&info.store_path, || {
+            info.verify(&self.trusted_keys).map(drop)
+        });
+        Ok(trusted.then_some(info))
+    }
+
+    /// Whether `path`, checked by `verify`, may be shown: always without
+    /// trusted keys; a refusal is logged once per path.
+    fn trusted(&self, path: &StorePath, verify: impl FnOnce() -> Result<(), VerifyError>) -> bool {
         if self.trusted_keys.is_empty() {
-            return Ok(Some(info));
+            return true;
         }
-        match info.verify(&self.trusted_keys) {
-            Ok(_) => Ok(Some(info)),
+        match verify() {
+            Ok(()) => true,
             Err(e) => {
                 let mut refused = self.refused.lock().expect("no panics while held");
-                if refused.insert(info.store_path.clone()) {
-                    tracing::warn!(store = %self.url, "not showing {}: {e}", info.store_path);
+                if refused.insert(path.clone()) {
+                    tracing::warn!(store = %self.url, "not showing {path}: {e}");
                 }
-                Ok(None)
+                false
             }
         }
     }
@@ -254,11 +270,18 @@ impl Substituter for StoreSubstituter {
         self.get(&path.hash(), |found| found == path).await
     }
 
+    /// From the store's facts: a pull-through store answers from the
+    /// upstream narinfo, downloading no NAR.
     async fn validity(&self, wanted: &Wanted) -> Result<Option<Validity>, SubstituteError> {
-        let info = self
-            .get(&wanted.hash(), |found| wanted.matches(found))
-            .await?;
-        Ok(info.map(Validity::from))
+        let facts = self.path_infos.facts(&wanted.hash()).await;
+        let facts = facts.map_err(|e| SubstituteError::Store(Arc::new(e)))?;
+        let Some(facts) = facts.filter(|facts| wanted.matches(&facts.store_path)) else {
+            return Ok(None);
+        };
+        let trusted = self.trusted(&facts.store_path, || {
+            facts.verify(&self.trusted_keys).map(drop)
+        });
+        Ok(trusted.then(|| Validity::from(facts)))
     }
 }
 

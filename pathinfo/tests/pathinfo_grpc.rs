@@ -18,7 +18,7 @@ use lazystore_castore::grpc::{Connection, GrpcError, Services, serve};
 use lazystore_castore::{Digest, Directory, ErrorClass, RetryPolicy, Retryable, error_chain};
 use lazystore_castore::{Node, SymlinkTarget};
 use lazystore_pathinfo::pathinfos::{
-    GrpcPathInfoService, PathInfo, PathInfoError, PathInfoServer, PathInfoService,
+    Facts, GrpcPathInfoService, PathInfo, PathInfoError, PathInfoServer, PathInfoService,
 };
 use lazystore_pathinfo::proto;
 use lazystore_pathinfo::proto::path_info_service_client::PathInfoServiceClient;
@@ -160,6 +160,13 @@ impl path_info_service_server::PathInfoService for Liar {
         Ok(Response::new(self.0.clone()))
     }
 
+    async fn facts(
+        &self,
+        _: Request<proto::GetPathInfoRequest>,
+    ) -> Result<Response<proto::PathInfo>, Status> {
+        Ok(Response::new(self.0.clone()))
+    }
+
     async fn put(
         &self,
         _: Request<proto::PathInfo>,
@@ -218,6 +225,16 @@ async fn answers_are_checked() {
     let grpc = inner.downcast_ref::<GrpcError>().expect("a GrpcError");
     assert!(matches!(grpc, GrpcError::BadReply { .. }), "{grpc}");
     assert!(grpc.to_string().contains(&url), "{grpc}");
+    // Facts are held to the same: the path asked for.
+    assert_eq!(
+        client.facts(&sent.store_path.hash()).await.unwrap(),
+        Some(Facts::from(sent.clone()))
+    );
+    let e = client.facts(&other.store_path.hash()).await.unwrap_err();
+    assert!(
+        lazystore_castore::error_chain(&e).contains("asked for hash"),
+        "{e}"
+    );
 
     let listed: Vec<_> = futures::StreamExt::collect::<Vec<_>>(client.list()).await;
     assert_eq!(listed.len(), 2, "{listed:?}");

@@ -6,6 +6,7 @@
 //! only thing that makes a store path visible; so a reader that finds one can
 //! rely on its data being present.
 
+mod facts;
 pub mod grpc;
 mod memory;
 mod redb;
@@ -21,6 +22,7 @@ use crate::proto;
 use crate::signature::{PublicKey, Signature, SignatureError, VerifyError, fingerprint, verify};
 use crate::store_path::{StorePath, StorePathError, StorePathHash};
 
+pub use self::facts::Facts;
 pub use self::grpc::{GrpcPathInfoService, PathInfoServer};
 pub use self::redb::RedbPathInfoService;
 pub use self::uses::{PathUses, UsedPathInfos};
@@ -52,17 +54,20 @@ impl PathInfo {
     /// (references sorted; the narinfo's URL, compression and file hash
     /// belong to the cache it came from and are not kept).
     pub fn from_narinfo(narinfo: NarInfo, root: Node) -> PathInfo {
-        let mut references = narinfo.references;
-        references.sort();
+        PathInfo::from_facts(Facts::from(narinfo), root)
+    }
+
+    /// The PathInfo of `facts`, its NAR stored under `root`.
+    pub fn from_facts(facts: Facts, root: Node) -> PathInfo {
         PathInfo {
-            store_path: narinfo.store_path,
+            store_path: facts.store_path,
             root,
-            references,
-            nar_size: narinfo.nar_size,
-            nar_sha256: narinfo.nar_hash,
-            signatures: narinfo.signatures,
-            deriver: narinfo.deriver,
-            ca: narinfo.ca,
+            references: facts.references,
+            nar_size: facts.nar_size,
+            nar_sha256: facts.nar_sha256,
+            signatures: facts.signatures,
+            deriver: facts.deriver,
+            ca: facts.ca,
         }
     }
 
@@ -124,36 +129,14 @@ fn store_path(path: &str) -> Result<StorePath, PathInfoDecodeError> {
 impl TryFrom<proto::PathInfo> for PathInfo {
     type Error = PathInfoDecodeError;
     fn try_from(wire: proto::PathInfo) -> Result<Self, Self::Error> {
+        let facts = Facts::try_from(&wire)?;
         let root = wire
             .root
             .ok_or(PathInfoDecodeError::Root(ValidateError::EmptyNode))?;
-        let mut references = wire
-            .references
-            .iter()
-            .map(|r| store_path(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        references.sort();
-        if wire.nar_size == 0 {
-            return Err(PathInfoDecodeError::EmptyNar);
-        }
-        Ok(PathInfo {
-            store_path: store_path(&wire.store_path)?,
-            root: Node::try_from(root).map_err(PathInfoDecodeError::Root)?,
-            references,
-            nar_size: wire.nar_size,
-            nar_sha256: <[u8; 32]>::try_from(wire.nar_sha256.as_ref())
-                .map_err(|_| PathInfoDecodeError::NarHashLength(wire.nar_sha256.len()))?,
-            signatures: wire
-                .signatures
-                .iter()
-                .map(|s| s.parse().map_err(PathInfoDecodeError::Signature))
-                .collect::<Result<_, _>>()?,
-            deriver: match wire.deriver.as_str() {
-                "" => None,
-                d => Some(store_path(d)?),
-            },
-            ca: Some(wire.ca).filter(|ca| !ca.is_empty()),
-        })
+        Ok(PathInfo::from_facts(
+            facts,
+            Node::try_from(root).map_err(PathInfoDecodeError::Root)?,
+        ))
     }
 }
 
@@ -331,6 +314,15 @@ pub trait PathInfoService: Send + Sync {
     /// put with [`PathInfoError::MissingRoot`] otherwise). Once it returns,
     /// the PathInfo must be as durable as the backend is.
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError>;
+
+    /// What the store knows of the path whose hash is `hash` without its
+    /// contents: a published path's facts, or — for a store with upstream
+    /// caches behind it — what a checked upstream narinfo says, with no
+    /// NAR downloaded. `None` where [`get`](PathInfoService::get) would
+    /// find nothing.
+    async fn facts(&self, hash: &StorePathHash) -> Result<Option<Facts>, PathInfoError> {
+        Ok(self.get(hash).await?.map(Facts::from))
+    }
 
     /// Every PathInfo, in no particular order. Must yield each published
     /// path once, as [`get`](PathInfoService::get) would return it.

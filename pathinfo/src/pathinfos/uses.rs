@@ -27,7 +27,7 @@ use futures::stream::BoxStream;
 use lazystore_castore::RedbStore;
 use redb::{ReadableDatabase, ReadableTable as _, TableDefinition, TableError};
 
-use super::{PathInfo, PathInfoError, PathInfoService};
+use super::{Facts, PathInfo, PathInfoError, PathInfoService};
 use crate::store_path::{STORE_PATH_HASH_LEN, StorePathHash};
 
 const PATH_USES: TableDefinition<&[u8; STORE_PATH_HASH_LEN], &[u8; 16]> =
@@ -188,6 +188,14 @@ impl UsedPathInfos {
 impl PathInfoService for UsedPathInfos {
     async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
         let got = self.inner.get(hash).await?;
+        if got.is_some() {
+            self.uses.used(hash);
+        }
+        Ok(got)
+    }
+
+    async fn facts(&self, hash: &StorePathHash) -> Result<Option<Facts>, PathInfoError> {
+        let got = self.inner.facts(hash).await?;
         if got.is_some() {
             self.uses.used(hash);
         }

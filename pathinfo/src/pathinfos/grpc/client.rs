@@ -20,7 +20,7 @@ use tonic::{Code, Streaming};
 
 use super::MAX_PATH_INFO_SIZE;
 use super::status::into_pathinfo_error;
-use crate::pathinfos::{PathInfo, PathInfoError, PathInfoService};
+use crate::pathinfos::{Facts, PathInfo, PathInfoError, PathInfoService};
 use crate::proto;
 use crate::proto::path_info_service_client::PathInfoServiceClient;
 use crate::store_path::StorePathHash;
@@ -79,6 +79,37 @@ impl GrpcPathInfoService {
             .into());
         }
         Ok(Some(info))
+    }
+}
+
+impl GrpcPathInfoService {
+    /// One `Facts` attempt: the facts, checked, `None` on `NOT_FOUND`, or
+    /// `Err(None)` from a server that does not know the call.
+    async fn facts_attempt(
+        &self,
+        hash: StorePathHash,
+    ) -> Result<Option<Option<Facts>>, AttemptError> {
+        let request = proto::GetPathInfoRequest {
+            hash: bytes::Bytes::copy_from_slice(hash.as_bytes()),
+        };
+        let mut client = self.client.clone();
+        let timeout = self.connection.attempt_timeout();
+        let wire = match timeout.timed(client.facts(request)).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) if status.code() == Code::NotFound => return Ok(Some(None)),
+            Err(status) if status.code() == Code::Unimplemented => return Ok(None),
+            Err(status) => return Err(status.into()),
+        };
+        let facts =
+            Facts::try_from(&wire).map_err(|e| BadMessage::new("path_info", error_chain(&e)))?;
+        if facts.store_path.hash() != hash {
+            return Err(BadMessage::new(
+                "store_path",
+                format!("asked for hash {hash}, got {}", facts.store_path),
+            )
+            .into());
+        }
+        Ok(Some(Some(facts)))
     }
 }
 
@@ -163,6 +194,19 @@ impl PathInfoService for GrpcPathInfoService {
             .call("Get", || self.get_attempt(*hash))
             .await
             .map_err(|e| self.error(e))
+    }
+
+    /// The server's `Facts`; from `Get` if the server predates the call.
+    async fn facts(&self, hash: &StorePathHash) -> Result<Option<Facts>, PathInfoError> {
+        let answer = self
+            .connection
+            .call("Facts", || self.facts_attempt(*hash))
+            .await
+            .map_err(|e| self.error(e))?;
+        match answer {
+            Some(facts) => Ok(facts),
+            None => Ok(self.get(hash).await?.map(Facts::from)),
+        }
     }
 
     /// The server checks the root's data is stored before it publishes, and

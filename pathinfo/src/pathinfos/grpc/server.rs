@@ -96,6 +96,20 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         }
     }
 
+    /// A PathInfo with no root; an unknown path is `NOT_FOUND`.
+    async fn facts(
+        &self,
+        request: Request<proto::GetPathInfoRequest>,
+    ) -> Result<Response<proto::PathInfo>, Status> {
+        let request = request.into_inner();
+        let hash = StorePathHash::try_from(request.hash.as_ref())
+            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        match self.store().path_infos.facts(&hash).await? {
+            Some(facts) => Ok(Response::new(proto::PathInfo::from(&facts))),
+            None => Err(not_found(&hash)),
+        }
+    }
+
     /// An invalid PathInfo is `INVALID_ARGUMENT`; one the publisher refuses
     /// gets the code of its [`PathInfoError`](crate::pathinfos::PathInfoError)
     /// (root data not stored: `FAILED_PRECONDITION`; no trusted signature:
