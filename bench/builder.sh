@@ -9,8 +9,12 @@
 #          written by real Nix (zstd) and served by python3 -m http.server,
 #          into a scratch overlay of /nix/store -> the same nix-build
 #
-#   upstream: lazystore serve empty, the binary cache given as --upstream:
-#          the mount downloads the NARs of the paths read from
+#   upstream: lazystore serve empty, the binary cache given as --upstream
+#          of the mount: the mount downloads the NARs of the paths read from
+#   pull:  lazystore serve empty with the binary cache as its own --upstream
+#          (a pull-through service, behind a counting relay): the builder
+#          has no --upstream; its nix-db is answered from narinfos, and the
+#          service fetches the NAR of the path read from
 #
 # Each is run in its own network namespace (servers and clients inside it),
 # once on plain loopback and once with loopback throttled to 100 Mbit/s
@@ -31,7 +35,7 @@ export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-
 work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 rust_tree=${RUST_TREE:-$HOME/.rustup/toolchains/stable-x86_64-unknown-linux-gnu}
 python_tree=${PYTHON_TREE:-$HOME/.pyenv/versions/3.12.1}
-lazystore=$repo/target/release/lazystore
+lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 builder=$repo/scripts/lazystore-builder
 THROTTLE=(tbf rate 100mbit burst 256kb latency 50ms)
 
@@ -61,13 +65,14 @@ scratch_nix() {
   done
 }
 
-# Starts `lazystore serve` of the redb store $2 in this network namespace;
-# prints its URL.
+# Starts `lazystore serve` of the redb store $2 in this network namespace
+# (more serve arguments after it); prints its URL.
 start_serve() {
   local name=$1 store=$2
+  shift 2
   rm -f "$work/$name.serve"
   mkdir -p "$(dirname "$store")"
-  "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$store" \
+  "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$store" "$@" \
     >"$work/$name.serve" 2>"$work/$name.serve.log" &
   local pid=$!
   echo "$pid" >>"$work/pids"
@@ -103,6 +108,21 @@ EOF
   cat "$work/$name.port"
 }
 
+# Starts a relay to 127.0.0.1:$2 that counts the bytes it carries into
+# $work/$1.relay ("to_client to_server"); prints its port.
+start_relay() {
+  local name=$1 port=$2
+  rm -f "$work/$name.relay-port"
+  python3 "$repo/bench/throttle.py" "$port" 1e12 "$work/$name.relay" >"$work/$name.relay-port" 2>/dev/null &
+  local pid=$!
+  echo "$pid" >>"$work/pids"
+  until [[ -s $work/$name.relay-port ]]; do
+    kill -0 "$pid" 2>/dev/null || die "the counting relay died"
+    sleep 0.1
+  done
+  cat "$work/$name.relay-port"
+}
+
 # One lazy run: setup with an empty local cache (setup arguments "$@"),
 # the build, teardown. Prints "bytes seconds counters-file".
 lazy_run() {
@@ -136,7 +156,7 @@ run_case() {
   : >"$work/pids"
   bench_case=$case
   trap 'while read -r p; do kill "$p" 2>/dev/null || true; done <"$work/pids"
-        for r in imported upstream; do "$builder" teardown --state-dir "$work/state-$bench_case-$r" >/dev/null 2>&1 || true; done' EXIT
+        for r in imported upstream pull; do "$builder" teardown --state-dir "$work/state-$bench_case-$r" >/dev/null 2>&1 || true; done' EXIT
   ip link set lo up
   if [[ $throttle == yes ]]; then tc qdisc add dev lo root "${THROTTLE[@]}"; fi
   local http_port grpc_url empty_url
@@ -157,6 +177,17 @@ run_case() {
     --upstream "http://127.0.0.1:$http_port" --trusted-public-key "$public")
   [[ -n $stats ]] || die "the upstream run of $case failed (see $work/$case-upstream.log)"
   echo "$case upstream $bytes $secs $(counter upstream_nar_downloads "$stats")_NAR(s),_$(counter upstream_bytes_downloaded "$stats")_bytes_from_upstream"
+
+  # Pull-through: the service empty, the binary cache behind it (through a
+  # relay that counts what the service takes from it).
+  local relay_port pull_url
+  rm -rf "$work/pull-$case"
+  relay_port=$(start_relay "$case" "$http_port")
+  pull_url=$(start_serve "$case-pull" "$work/pull-$case/store.redb" \
+    --upstream "http://127.0.0.1:$relay_port" --trusted-public-key "$public")
+  read -r bytes secs stats < <(lazy_run "$case-pull" --store "$pull_url")
+  [[ -n $stats ]] || die "the pull-through run of $case failed (see $work/$case-pull.log)"
+  echo "$case pull $bytes $secs $(cut -d' ' -f1 "$work/$case.relay")_bytes_from_upstream_to_the_service,_$(counter remote_wire_bytes "$stats")_bytes_of_chunks_to_the_builder"
 
   # Eager: the whole closure first, then the same build.
   local scratch=$work/scratch-$case b0 t0 b1 t1 out
@@ -275,7 +306,9 @@ main() {
   done
   echo
   echo "lazy: the closure imported into lazystore serve beforehand; upstream: lazystore serve"
-  echo "empty, the binary cache given as --upstream; eager: nix copy --from the binary cache."
+  echo "empty, the binary cache given as --upstream; pull: lazystore serve empty with the"
+  echo "binary cache as its own --upstream (pull-through; the builder has none); eager: nix"
+  echo "copy --from the binary cache. pull's link bytes count the service's download too."
   echo "upstream's link bytes include the mount storing the downloaded path into the service"
   echo "(gRPC, same loopback); the builder received the NAR(s) in the detail column."
   echo "throttled: loopback with tc qdisc ${THROTTLE[*]}."
