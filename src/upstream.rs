@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lazystore_castore::tls::CaCerts;
-use lazystore_importer::{HttpOptions, UpstreamSubstituter};
+use lazystore_importer::{HttpOptions, ServiceSource, UpstreamSubstituter};
 use lazystore_pathinfo::substitute::{StoreSubstituter, Substituters};
 use lazystore_pathinfo::{PublicKey, Store};
 
@@ -47,7 +47,22 @@ impl UpstreamArgs {
     ) -> anyhow::Result<Substituters> {
         let in_store = StoreSubstituter::new(store.path_infos.clone(), store_url)
             .require_signatures(self.trusted_keys.clone());
-        let paths = Substituters::new().then(Arc::new(in_store));
+        let mut paths = Substituters::new().then(Arc::new(in_store));
+        // A service may pull paths it has not published from caches behind
+        // it: shown from their facts and listings, fetched by it on first
+        // read.
+        if store.connection.is_some() {
+            let service = ServiceSource::new(
+                store_url,
+                store.path_infos.clone(),
+                self.trusted_keys.clone(),
+            );
+            paths = paths.then(Arc::new(UpstreamSubstituter::with_source(
+                store.clone(),
+                Arc::new(service),
+                negative_ttl,
+            )));
+        }
         if self.upstreams.is_empty() {
             return Ok(paths);
         }

@@ -422,3 +422,64 @@ fn validity_through_the_service_downloads_no_nar() {
     let log = service.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Through a pull-through service, a builder's `ls` and `stat` of a path
+/// cost no NAR download anywhere: the mount shows the tree from the
+/// service's facts and the upstream's listing; the first read of a file
+/// has the service fetch that path's NAR, and the bytes are the original's.
+#[test]
+fn listing_a_path_through_the_service_downloads_no_nar() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = gen_key(keys.path(), "pull-through-listing-1");
+    let cache = make_cache(&[closure.top()], "zstd", Some(&secret));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    let (service, urls) = start_lines(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory://",
+            "--upstream",
+            &upstream.url,
+            "--trusted-public-key",
+            &public,
+        ],
+        1,
+    );
+    let work = tempfile::tempdir().unwrap();
+    let mountpoint = work.path().join("builder");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let local = format!("redb://{}/cache.redb", work.path().display());
+    let mount = Mount::start(&mountpoint, &urls[0], &local, &[]);
+    let c = mount.path.join(basename(&closure.c));
+
+    let mut names: Vec<String> = std::fs::read_dir(&c)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["b", "bin", "refs"]);
+    let refs = Path::new(&closure.c).join("refs");
+    assert_eq!(
+        std::fs::metadata(c.join("refs")).unwrap().len(),
+        std::fs::metadata(&refs).unwrap().len()
+    );
+    assert!(std::fs::metadata(c.join("bin/hi")).unwrap().is_file());
+    assert_eq!(upstream.nar_requests(), 0, "ls and stat downloaded a NAR");
+    assert!(upstream.listing_requests() >= 1);
+
+    assert_eq!(
+        std::fs::read(c.join("refs")).unwrap(),
+        std::fs::read(&refs).unwrap()
+    );
+    assert!(upstream.nar_requests() >= 1);
+    let stats = common::stats(&mount.path);
+    assert_eq!(stats["service_fetches"], 1, "{stats:?}");
+    assert_eq!(stats["io_errors"], 0, "{stats:?}");
+    mount.stop();
+    let log = service.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -265,6 +265,8 @@ impl Need {
             method,
             "Get"
                 | "Facts"
+                | "GetPublished"
+                | "Listing"
                 | "List"
                 | "Stat"
                 | "ReadChunks"
@@ -433,6 +435,8 @@ mod tests {
             ("/lazystore.pathinfo.v1.PathInfoService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/List", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/Facts", Read),
+            ("/lazystore.pathinfo.v1.PathInfoService/GetPublished", Read),
+            ("/lazystore.pathinfo.v1.PathInfoService/Listing", Read),
             (
                 "/lazystore.pathinfo.v1.PathInfoService/CollectGarbage",
                 Write,

@@ -19,6 +19,7 @@ use lazystore_castore::error_chain;
 use lazystore_castore::{Node, RetryPolicy};
 use lazystore_pathinfo::decompress::Decompressed;
 use lazystore_pathinfo::ingest::{IngestError, Ingested, ingest_hashed_nar};
+use lazystore_pathinfo::listing::MAX_LISTING_SIZE;
 use lazystore_pathinfo::nar::{NarError, NarErrorKind};
 use lazystore_pathinfo::pathinfos::PathInfo;
 use lazystore_pathinfo::{MAX_NARINFO_SIZE, NarInfo, PublicKey, Store, StorePath, StorePathHash};
@@ -240,6 +241,39 @@ impl Importer {
                 kind,
             }),
         }
+    }
+
+    /// The JSON `.ls` listing of `wanted`'s NAR from the first cache (in
+    /// priority order) with a checked narinfo for it, decompressed; `None`
+    /// if that cache has none (or no cache has the path). Not parsed: the
+    /// reader checks it against the signed NarSize.
+    pub async fn listing_json(&self, wanted: &Wanted) -> Result<Option<Vec<u8>>, PathError> {
+        for cache in &self.shared.caches {
+            match self.shared.narinfo_from(cache, wanted).await {
+                Ok(_) => {}
+                Err(Miss::NotThere) => continue,
+                Err(Miss::Failed(kind)) => {
+                    return Err(PathError {
+                        path: wanted.to_string(),
+                        kind,
+                    });
+                }
+            }
+            let file = format!("{}.ls", wanted.hash_str());
+            let raw = match cache.read_small(&file, MAX_LISTING_SIZE).await {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    tracing::warn!("{wanted}: cannot fetch its listing: {}", error_chain(&e));
+                    return Ok(None);
+                }
+            };
+            self.shared
+                .downloaded
+                .fetch_add(raw.received, Ordering::Relaxed);
+            return Ok(crate::upstream::decompress_listing(raw.data).await.ok());
+        }
+        Ok(None)
     }
 
     /// Imports `wanted` (and their closures, unless disabled) and returns

@@ -392,6 +392,31 @@ impl PathInfoService for PullThrough {
         }
     }
 
+    /// The store's own only: nothing is pulled.
+    async fn get_published(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
+        self.inner.get(hash).await
+    }
+
+    /// The upstream `.ls` of a path the store has neither published nor
+    /// fetched: no NAR is downloaded.
+    async fn listing(&self, hash: &StorePathHash) -> Result<Option<Vec<u8>>, PathInfoError> {
+        if self.inner.get(hash).await?.is_some()
+            || self.ready(hash).is_some()
+            || self.known_missing(hash)
+        {
+            return Ok(None);
+        }
+        let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
+        self.state
+            .importer
+            .listing_json(&wanted)
+            .await
+            .map_err(|e| PathInfoError::Upstream {
+                path: hash.to_string(),
+                source: Box::new(e),
+            })
+    }
+
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
         self.inner.put(info).await
     }

@@ -22,7 +22,7 @@ use lazystore_castore::{Node, Retryable};
 use lazystore_pathinfo::ingest::IngestError;
 use lazystore_pathinfo::listing::{Listing, MAX_LISTING_SIZE};
 use lazystore_pathinfo::nar::{Event, NarError, NarErrorKind, NarReader};
-use lazystore_pathinfo::pathinfos::PathInfo;
+use lazystore_pathinfo::pathinfos::{Facts, PathInfo};
 use lazystore_pathinfo::{Compression, NarInfo, Store};
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::OnceCell;
@@ -31,6 +31,7 @@ use crate::cache::{BinaryCache, http_client};
 use crate::error::{PathError, PathErrorKind, SetupError};
 use crate::import::{Miss, Options, Outcome, Shared, classify};
 use crate::progress::{Progress, ProgressMode};
+use crate::source::Source;
 use crate::stream::decompress;
 use lazystore_pathinfo::Wanted;
 
@@ -66,13 +67,33 @@ pub enum Peeked {
 /// compression but bzip2's (which then reads on).
 const PEEK_BYTES: u64 = 256 << 10;
 
-/// A path's checked narinfo and the cache it came from.
+/// A path a [`Source`] found: its checked facts, and where it is.
 #[derive(Clone, Debug)]
 pub struct Found {
-    /// The narinfo, its signature and store path checked.
-    pub narinfo: NarInfo,
-    /// Index of the cache in [`Options::caches`].
-    cache: usize,
+    /// From its narinfo, signature and store path checked.
+    pub facts: Facts,
+    pub(crate) via: Via,
+}
+
+/// Where a found path is.
+#[derive(Clone, Debug)]
+pub(crate) enum Via {
+    /// In a binary cache: its narinfo, and the cache's index in
+    /// [`Options::caches`].
+    Cache { narinfo: Box<NarInfo>, cache: usize },
+    /// Behind a pull-through service.
+    Service,
+}
+
+impl Found {
+    /// The narinfo and cache of a path found in a binary cache.
+    fn in_cache(&self) -> (&NarInfo, usize) {
+        match &self.via {
+            Via::Cache { narinfo, cache } => (narinfo, *cache),
+            // Each source is handed back only what it found.
+            Via::Service => unreachable!("a service's path handed to binary caches"),
+        }
+    }
 }
 
 impl UpstreamCaches {
@@ -149,7 +170,15 @@ impl UpstreamCaches {
                 Err(kind) => Err(Miss::Failed(kind)),
             };
             match result {
-                Ok(narinfo) => return Ok(Some(Found { narinfo, cache: i })),
+                Ok(narinfo) => {
+                    return Ok(Some(Found {
+                        facts: Facts::from(narinfo.clone()),
+                        via: Via::Cache {
+                            narinfo: Box::new(narinfo),
+                            cache: i,
+                        },
+                    }));
+                }
                 Err(Miss::NotThere) => {}
                 Err(Miss::Failed(kind)) => {
                     if first_failure.is_some() {
@@ -175,9 +204,10 @@ impl UpstreamCaches {
     /// a listing this reads (logged with the reason; the path is then shown
     /// from the start of its NAR).
     pub async fn listing(&self, found: &Found) -> Option<Listing> {
-        let path = found.narinfo.store_path.to_absolute();
-        let file = format!("{}.ls", found.narinfo.store_path.hash_str());
-        let cache = self.cache(found.cache).await.ok()?;
+        let (narinfo, cache) = found.in_cache();
+        let path = narinfo.store_path.to_absolute();
+        let file = format!("{}.ls", narinfo.store_path.hash_str());
+        let cache = self.cache(cache).await.ok()?;
         let raw = match cache.read_small(&file, MAX_LISTING_SIZE).await {
             Ok(Some(raw)) => raw,
             Ok(None) => {
@@ -229,7 +259,7 @@ impl UpstreamCaches {
     /// before, as the store's index of NARs says) is not asked for at all.
     /// Nothing is stored.
     pub async fn peek(&self, found: &Found) -> Result<Peeked, PathError> {
-        let narinfo = &found.narinfo;
+        let (narinfo, cache) = found.in_cache();
         if let Some(root) = self.shared.known_root(narinfo, &self.progress).await {
             return Ok(match root {
                 Node::File {
@@ -243,7 +273,7 @@ impl UpstreamCaches {
             path: narinfo.store_path.to_absolute(),
             kind,
         };
-        let cache = self.cache(found.cache).await.map_err(error)?;
+        let cache = self.cache(cache).await.map_err(error)?;
         let nar_url = cache.file_url(&narinfo.url);
         if !narinfo.compression.supported() {
             return Err(error(PathErrorKind::UnsupportedCompression {
@@ -311,14 +341,15 @@ impl UpstreamCaches {
     /// ingesting it into the store, and returns its PathInfo, unpublished.
     /// Transient failures are retried; nothing is kept of a NAR that fails.
     pub async fn fetch(&self, found: &Found) -> Result<PathInfo, PathError> {
+        let (narinfo, cache) = found.in_cache();
         let error = |kind| PathError {
-            path: found.narinfo.store_path.to_absolute(),
+            path: narinfo.store_path.to_absolute(),
             kind,
         };
-        let cache = self.cache(found.cache).await.map_err(error)?;
+        let cache = self.cache(cache).await.map_err(error)?;
         match self
             .shared
-            .nar_from(cache, found.narinfo.clone(), &self.progress)
+            .nar_from(cache, narinfo.clone(), &self.progress)
             .await
         {
             Ok(Outcome::Ready { info, .. } | Outcome::Present(info)) => Ok(info),
@@ -330,6 +361,43 @@ impl UpstreamCaches {
     }
 }
 
+#[async_trait::async_trait]
+impl Source for UpstreamCaches {
+    fn describe(&self) -> String {
+        self.urls().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Checked paths only: unchecked signatures vouch for nothing, so such
+    /// paths stay the mount's own.
+    fn publishes_fetched(&self) -> bool {
+        self.checks_signatures()
+    }
+
+    async fn find(&self, wanted: &Wanted) -> Result<Option<Found>, PathError> {
+        self.narinfo(wanted).await
+    }
+
+    async fn listing(&self, found: &Found) -> Option<Listing> {
+        UpstreamCaches::listing(self, found).await
+    }
+
+    async fn peek(&self, found: &Found) -> Result<Option<Peeked>, PathError> {
+        UpstreamCaches::peek(self, found).await.map(Some)
+    }
+
+    async fn fetch(&self, found: &Found) -> Result<PathInfo, PathError> {
+        UpstreamCaches::fetch(self, found).await
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("upstream_nar_peeks", self.nar_peeks()),
+            ("upstream_nar_downloads", self.nar_downloads()),
+            ("upstream_bytes_downloaded", self.downloaded_bytes()),
+        ]
+    }
+}
+
 /// A listing's JSON from the bytes a cache sent, its `Content-Encoding`
 /// already undone: as they are if they start as every listing does (`{`),
 /// else decompressed by their magic bytes, else as brotli, which has none.
@@ -338,7 +406,7 @@ impl UpstreamCaches {
 /// its brotli listings without the header that named the coding. No
 /// compressed stream starts with `{`: xz, zstd, bzip2 and gzip have other
 /// magic bytes, and a brotli stream whose first byte is `{` is empty.
-async fn decompress_listing(raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn decompress_listing(raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
     if raw.starts_with(b"{") {
         return Ok(raw);
     }

@@ -229,7 +229,9 @@ impl StoreSubstituter {
         hash: &crate::StorePathHash,
         wanted: impl Fn(&StorePath) -> bool,
     ) -> Result<Option<PathInfo>, SubstituteError> {
-        let info = self.path_infos.get(hash).await;
+        // Published paths only: a pull-through service's other paths come
+        // through its own layer, shown before their NARs are fetched.
+        let info = self.path_infos.get_published(hash).await;
         let info = info.map_err(|e| SubstituteError::Store(Arc::new(e)))?;
         // Keyed by hash: the name must match too.
         let Some(info) = info.filter(|info| wanted(&info.store_path)) else {

@@ -167,6 +167,20 @@ impl path_info_service_server::PathInfoService for Liar {
         Ok(Response::new(self.0.clone()))
     }
 
+    async fn get_published(
+        &self,
+        _: Request<proto::GetPathInfoRequest>,
+    ) -> Result<Response<proto::PathInfo>, Status> {
+        Ok(Response::new(self.0.clone()))
+    }
+
+    async fn listing(
+        &self,
+        _: Request<proto::GetPathInfoRequest>,
+    ) -> Result<Response<proto::ListingResponse>, Status> {
+        Ok(Response::new(proto::ListingResponse::default()))
+    }
+
     async fn put(
         &self,
         _: Request<proto::PathInfo>,
@@ -225,7 +239,13 @@ async fn answers_are_checked() {
     let grpc = inner.downcast_ref::<GrpcError>().expect("a GrpcError");
     assert!(matches!(grpc, GrpcError::BadReply { .. }), "{grpc}");
     assert!(grpc.to_string().contains(&url), "{grpc}");
-    // Facts are held to the same: the path asked for.
+    // Published PathInfos and facts are held to the same: the path asked
+    // for.
+    let e = client.get_published(&other.store_path.hash()).await.unwrap_err();
+    assert!(
+        lazystore_castore::error_chain(&e).contains("asked for hash"),
+        "{e}"
+    );
     assert_eq!(
         client.facts(&sent.store_path.hash()).await.unwrap(),
         Some(Facts::from(sent.clone()))

@@ -71,6 +71,7 @@ mod placeholders;
 use placeholders::{Tree, placeholder, rand_key};
 
 use crate::error::PathError;
+use crate::source::Source;
 use crate::upstream::{Found, Peeked, UpstreamCaches};
 
 /// How long "no upstream has this path" is believed, by default.
@@ -163,7 +164,7 @@ impl From<FetchError> for SubstituteError {
 /// Upstream binary caches as a [`Substituter`]: paths shown from their
 /// narinfos and listings, fetched into the store on first use.
 pub struct UpstreamSubstituter {
-    upstream: UpstreamCaches,
+    upstream: Arc<dyn Source>,
     /// Where fetched trees are read back from, to check them.
     directories: Arc<dyn DirectoryService>,
     /// Where fetched paths are published once their closure is.
@@ -208,8 +209,20 @@ impl UpstreamSubstituter {
         negative_ttl: Duration,
     ) -> Result<Self, crate::SetupError> {
         let upstream = UpstreamCaches::new(store.clone(), options)?;
-        Ok(UpstreamSubstituter {
-            upstream,
+        Ok(UpstreamSubstituter::with_source(
+            store,
+            Arc::new(upstream),
+            negative_ttl,
+        ))
+    }
+
+    /// Paths from `source` in front of `store`: shown from their facts and
+    /// listings, their contents fetched on first read; fetched paths are
+    /// published in `store` once their closure is, if the source says they
+    /// are ours to publish. "Not there" is believed for `negative_ttl`.
+    pub fn with_source(store: Store, source: Arc<dyn Source>, negative_ttl: Duration) -> Self {
+        UpstreamSubstituter {
+            upstream: source,
             directories: store.directories,
             path_infos: store.path_infos,
             pending: tokio::sync::Mutex::new(Vec::new()),
@@ -221,7 +234,7 @@ impl UpstreamSubstituter {
             resolved: Mutex::new(HashMap::new()),
             narinfos_fetched: AtomicU64::new(0),
             listing_fallbacks: AtomicU64::new(0),
-        })
+        }
     }
 
     /// The path to show for `path`, looked up upstream (once, however many
@@ -254,7 +267,7 @@ impl UpstreamSubstituter {
             }
         };
         // The cell is keyed by hash; the name must match too.
-        if found.found.narinfo.store_path != *path {
+        if found.found.facts.store_path != *path {
             return Err(LookupError::Missing);
         }
         Ok(found.clone())
@@ -280,7 +293,7 @@ impl UpstreamSubstituter {
         let failed = |e| LookupError::Failed(FetchError::Upstream(Arc::new(e)));
         let wanted = Wanted::from(path.clone());
         self.narinfos_fetched.fetch_add(1, Ordering::Relaxed);
-        let found = match self.upstream.narinfo(&wanted).await {
+        let found = match self.upstream.find(&wanted).await {
             Ok(Some(found)) => found,
             Ok(None) => {
                 let mut missing = self.missing.lock().expect("poisoned");
@@ -300,19 +313,19 @@ impl UpstreamSubstituter {
         };
         if let Some(listing) = self.upstream.listing(&found).await {
             let implied = listing.nar_size();
-            if implied == found.narinfo.nar_size {
+            if implied == found.facts.nar_size {
                 return Ok(self.show_listing(found, listing).await);
             }
             tracing::warn!(
                 "{}: ignoring its listing, which implies a NAR of {implied} bytes, not the \
                  signed NarSize {}",
                 path.to_absolute(),
-                found.narinfo.nar_size
+                found.facts.nar_size
             );
         }
         self.listing_fallbacks.fetch_add(1, Ordering::Relaxed);
         match self.upstream.peek(&found).await.map_err(failed)? {
-            Peeked::File { size, executable } => {
+            Some(Peeked::File { size, executable }) => {
                 let listing = Listing {
                     root: ListingEntry::Regular {
                         size,
@@ -321,19 +334,20 @@ impl UpstreamSubstituter {
                     },
                 };
                 // Held to the signed NarSize, as a listing is.
-                if listing.nar_size() == found.narinfo.nar_size {
+                if listing.nar_size() == found.facts.nar_size {
                     return Ok(self.show_listing(found, listing).await);
                 }
                 tracing::warn!(
                     "{}: the start of its NAR claims a file of {size} bytes, which does not \
                      fit the signed NarSize {}; fetching the NAR now",
                     path.to_absolute(),
-                    found.narinfo.nar_size
+                    found.facts.nar_size
                 );
             }
-            Peeked::Directory => return Ok(self.show_unfetched(found)),
-            // A symlink's NAR is its header: fetched now.
-            Peeked::Symlink => {}
+            Some(Peeked::Directory) => return Ok(self.show_unfetched(found)),
+            // A symlink's NAR is its header: fetched now; and a path whose
+            // root the source cannot tell without it.
+            Some(Peeked::Symlink) | None => {}
         }
         let real = self.upstream.fetch(&found).await.map_err(failed)?;
         self.publish_if_closed(&real).await;
@@ -348,7 +362,7 @@ impl UpstreamSubstituter {
     /// The path `found`, a directory, shown with a placeholder root whose
     /// entries are known once its NAR is fetched.
     fn show_unfetched(&self, found: Found) -> Arc<UpstreamPath> {
-        let base = found.narinfo.store_path.to_string();
+        let base = found.facts.store_path.to_string();
         let digest = placeholder(&self.key, b'r', base.as_bytes());
         let shown = Node::Directory { digest, size: 0 };
         let path = Arc::new(UpstreamPath::new(found, shown, ShownFrom::Peek, None));
@@ -371,7 +385,7 @@ impl UpstreamSubstituter {
     /// The path `found`, shown as `listing` says, its placeholders
     /// registered.
     async fn show_listing(&self, found: Found, listing: Listing) -> Arc<UpstreamPath> {
-        let base = found.narinfo.store_path.to_string();
+        let base = found.facts.store_path.to_string();
         let key = self.key;
         // A large listing is CPU work: off the runtime's threads.
         let built = tokio::task::spawn_blocking(move || {
@@ -493,7 +507,7 @@ impl UpstreamSubstituter {
     async fn publish_if_closed(&self, info: &PathInfo) {
         // Unchecked signatures vouch for nothing: such paths stay the
         // mount's own, not the store's.
-        if !self.upstream.checks_signatures() {
+        if !self.upstream.publishes_fetched() {
             return;
         }
         let mut pending = self.pending.lock().await;
@@ -605,14 +619,14 @@ struct Known {
 #[async_trait]
 impl Substituter for UpstreamSubstituter {
     fn describe(&self) -> String {
-        self.upstream.urls().collect::<Vec<_>>().join(", ")
+        self.upstream.describe()
     }
 
     async fn find(&self, path: &StorePath) -> Result<Option<PathInfo>, SubstituteError> {
         match self.lookup(path).await {
             Ok(found) => {
-                let narinfo = found.found.narinfo.clone();
-                Ok(Some(PathInfo::from_narinfo(narinfo, found.root())))
+                let facts = found.found.facts.clone();
+                Ok(Some(PathInfo::from_facts(facts, found.root())))
             }
             Err(LookupError::Missing) => Ok(None),
             Err(LookupError::Failed(e)) => Err(e.into()),
@@ -622,9 +636,9 @@ impl Substituter for UpstreamSubstituter {
     /// The checked narinfo only: no listing, no NAR.
     async fn validity(&self, wanted: &Wanted) -> Result<Option<Validity>, SubstituteError> {
         self.narinfos_fetched.fetch_add(1, Ordering::Relaxed);
-        let found = self.upstream.narinfo(wanted).await;
+        let found = self.upstream.find(wanted).await;
         let found = found.map_err(|e| SubstituteError::Source(Arc::new(e)))?;
-        Ok(found.map(|found| Validity::from(found.narinfo)))
+        Ok(found.map(|found| Validity::from(found.facts)))
     }
 
     async fn directory(
@@ -682,22 +696,13 @@ impl Substituter for UpstreamSubstituter {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            (
-                "upstream_narinfos_fetched",
-                self.narinfos_fetched.load(Ordering::Relaxed),
-            ),
-            (
-                "upstream_listing_fallbacks",
-                self.listing_fallbacks.load(Ordering::Relaxed),
-            ),
-            ("upstream_nar_peeks", self.upstream.nar_peeks()),
-            ("upstream_nar_downloads", self.upstream.nar_downloads()),
-            (
-                "upstream_bytes_downloaded",
-                self.upstream.downloaded_bytes(),
-            ),
-        ]
+        let [looked_up, fell_back] = self.upstream.lookup_counters();
+        let mut counters = vec![
+            (looked_up, self.narinfos_fetched.load(Ordering::Relaxed)),
+            (fell_back, self.listing_fallbacks.load(Ordering::Relaxed)),
+        ];
+        counters.extend(self.upstream.counters());
+        counters
     }
 }
 

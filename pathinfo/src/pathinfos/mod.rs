@@ -324,6 +324,19 @@ pub trait PathInfoService: Send + Sync {
         Ok(self.get(hash).await?.map(Facts::from))
     }
 
+    /// The published PathInfo of `hash` only: never one a layer pulls from
+    /// elsewhere to answer. Default: [`get`](PathInfoService::get).
+    async fn get_published(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
+        self.get(hash).await
+    }
+
+    /// The JSON listing of the NAR of a path this service could get but
+    /// has not published (a pull-through store's upstream `.ls`), so a
+    /// client can show its tree first; `None` when there is none.
+    async fn listing(&self, _hash: &StorePathHash) -> Result<Option<Vec<u8>>, PathInfoError> {
+        Ok(None)
+    }
+
     /// Every PathInfo, in no particular order. Must yield each published
     /// path once, as [`get`](PathInfoService::get) would return it.
     fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>>;

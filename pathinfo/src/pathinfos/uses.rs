@@ -194,6 +194,18 @@ impl PathInfoService for UsedPathInfos {
         Ok(got)
     }
 
+    async fn get_published(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
+        let got = self.inner.get_published(hash).await?;
+        if got.is_some() {
+            self.uses.used(hash);
+        }
+        Ok(got)
+    }
+
+    async fn listing(&self, hash: &StorePathHash) -> Result<Option<Vec<u8>>, PathInfoError> {
+        self.inner.listing(hash).await
+    }
+
     async fn facts(&self, hash: &StorePathHash) -> Result<Option<Facts>, PathInfoError> {
         let got = self.inner.facts(hash).await?;
         if got.is_some() {

@@ -209,6 +209,66 @@ impl PathInfoService for GrpcPathInfoService {
         }
     }
 
+    /// The server's `GetPublished`; `Get` if the server predates the call
+    /// (it then pulled nothing: it had no such layer).
+    async fn get_published(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
+        let answer = self
+            .connection
+            .call("GetPublished", || async {
+                let request = proto::GetPathInfoRequest {
+                    hash: bytes::Bytes::copy_from_slice(hash.as_bytes()),
+                };
+                let mut client = self.client.clone();
+                let timeout = self.connection.attempt_timeout();
+                match timeout.timed(client.get_published(request)).await {
+                    Ok(answer) => Ok(Some(Some(answer.into_inner()))),
+                    Err(status) if status.code() == Code::NotFound => Ok(Some(None)),
+                    Err(status) if status.code() == Code::Unimplemented => Ok(None),
+                    Err(status) => Err(AttemptError::from(status)),
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        let Some(wire) = answer else {
+            return self.get(hash).await;
+        };
+        let Some(wire) = wire else {
+            return Ok(None);
+        };
+        let info = checked(wire)
+            .map_err(|bad| self.error(CallError::not_retried("GetPublished", bad.into())))?;
+        if info.store_path.hash() != *hash {
+            let bad = BadMessage::new(
+                "store_path",
+                format!("asked for hash {hash}, got {}", info.store_path),
+            );
+            return Err(self.error(CallError::not_retried("GetPublished", bad.into())));
+        }
+        Ok(Some(info))
+    }
+
+    /// The server's `Listing`; none from a server that predates the call.
+    async fn listing(&self, hash: &StorePathHash) -> Result<Option<Vec<u8>>, PathInfoError> {
+        self.connection
+            .call("Listing", || async {
+                let request = proto::GetPathInfoRequest {
+                    hash: bytes::Bytes::copy_from_slice(hash.as_bytes()),
+                };
+                let mut client = self.client.clone();
+                let timeout = self.connection.attempt_timeout();
+                match timeout.timed(client.listing(request)).await {
+                    Ok(answer) => {
+                        let json = answer.into_inner().listing;
+                        Ok((!json.is_empty()).then(|| json.to_vec()))
+                    }
+                    Err(status) if status.code() == Code::Unimplemented => Ok(None),
+                    Err(status) => Err(AttemptError::from(status)),
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     /// The server checks the root's data is stored before it publishes, and
     /// refuses with [`PathInfoError::MissingRoot`] otherwise; it may check
     /// more (signatures, the tree's NarHash: `publish`), and does not

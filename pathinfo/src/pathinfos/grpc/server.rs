@@ -110,6 +110,37 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         }
     }
 
+    /// Published only; an unknown path is `NOT_FOUND`.
+    async fn get_published(
+        &self,
+        request: Request<proto::GetPathInfoRequest>,
+    ) -> Result<Response<proto::PathInfo>, Status> {
+        let request = request.into_inner();
+        let hash = StorePathHash::try_from(request.hash.as_ref())
+            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        match self.store().path_infos.get_published(&hash).await? {
+            Some(info) => Ok(Response::new(proto::PathInfo::from(&info))),
+            None => Err(not_found(&hash)),
+        }
+    }
+
+    /// Empty when there is no listing (or one too large for a message).
+    async fn listing(
+        &self,
+        request: Request<proto::GetPathInfoRequest>,
+    ) -> Result<Response<proto::ListingResponse>, Status> {
+        let request = request.into_inner();
+        let hash = StorePathHash::try_from(request.hash.as_ref())
+            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        let listing = self.store().path_infos.listing(&hash).await?;
+        let listing = listing
+            .filter(|json| json.len() < MAX_PATH_INFO_SIZE - 1024)
+            .unwrap_or_default();
+        Ok(Response::new(proto::ListingResponse {
+            listing: listing.into(),
+        }))
+    }
+
     /// An invalid PathInfo is `INVALID_ARGUMENT`; one the publisher refuses
     /// gets the code of its [`PathInfoError`](crate::pathinfos::PathInfoError)
     /// (root data not stored: `FAILED_PRECONDITION`; no trusted signature:
