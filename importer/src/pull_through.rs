@@ -34,9 +34,13 @@
 //! downloaded; so registering a closure's validity costs one narinfo per
 //! path, and only what a build reads is fetched.
 //!
-//! Not yet: answering a mount's lookup (`ls`, `stat`) from the narinfo and
-//! listing before the NAR is downloaded (a lookup waits for its own path's
-//! NAR; the mount's own `--upstream` layer does this for a builder).
+//! A path's NAR listing ([`PathInfoService::listing`], the gRPC `Listing`
+//! call) is the upstream `.ls`, so a builder's mount shows the tree of a
+//! path the service has not fetched (`source.rs`, [`ServiceSource`]) and
+//! `ls`/`stat` download no NAR; `get_published` answers from the store
+//! alone, so the mount's store layer never triggers a pull.
+//!
+//! [`ServiceSource`]: crate::ServiceSource
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
