@@ -9,6 +9,7 @@ mod delete;
 mod fsck;
 mod gc;
 mod import;
+mod metrics;
 mod mount;
 mod nar_check;
 mod nix_db;

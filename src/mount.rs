@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use lazystore_castore::blobs::ObservedBlobService;
 use lazystore_castore::grpc::Connection;
 use lazystore_castore::{BlobService, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
@@ -19,6 +20,7 @@ use lazystore_pathinfo::substitute::Substituter;
 use lazystore_pathinfo::{LocalCache, SERVER_WAIT, Store, StoreOptions, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::metrics::{FetchTimer, Metrics};
 use crate::remote::RemoteArgs;
 use crate::upstream::UpstreamArgs;
 
@@ -32,7 +34,8 @@ const UNMOUNT_GRACE: Duration = Duration::from_secs(10);
 ///
 /// Runs in the foreground until SIGINT or SIGTERM, then unmounts; if the
 /// process dies, fusermount3 unmounts. Prints the mountpoint on standard
-/// output once the mount is ready. Counters are readable while mounted in
+/// output once the mount is ready (then, with --metrics-listen, the metrics
+/// URL, `http://HOST:PORT/metrics`). Counters are readable while mounted in
 /// MOUNTPOINT/.lazystore/stats and printed at exit. Needs /dev/fuse and
 /// fusermount3 (apt-get install fuse3).
 ///
@@ -107,6 +110,11 @@ pub struct Args {
     /// lookup asks the caches again (failures are never remembered).
     #[arg(long, value_name = "SECS", default_value_t = NEGATIVE_TTL.as_secs())]
     upstream_negative_ttl: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9101): the counters of the stats file, the local cache's
+    /// hits, misses and evictions, and how long fetches from the store take.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 /// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
@@ -152,6 +160,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let stats = Arc::new(Stats::new());
     let counting = stats.clone();
+    let mut metrics = Metrics::default();
+    let fetch_seconds = metrics.seconds(
+        "mount_fetch",
+        "How long a fetch of chunks from the store behind the local cache took",
+    );
     let store = Store::open(
         &url,
         args.remote.store_options(StoreOptions {
@@ -166,9 +179,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .then(|| Duration::from_secs(args.wait_for_store)),
             // Count what the local cache has to fetch from the store.
             cache_fetches: Some(Arc::new(move |inner: Arc<dyn BlobService>| {
-                Arc::new(CountingBlobService::new(
+                let counted = Arc::new(CountingBlobService::new(
                     inner,
                     RemoteReads(counting.clone()),
+                ));
+                Arc::new(ObservedBlobService::new(
+                    counted,
+                    FetchTimer(fetch_seconds.clone()),
                 )) as Arc<dyn BlobService>
             })),
             ..StoreOptions::default()
@@ -194,6 +211,33 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     )?);
     let passthrough_cache = store.local_cache.clone().filter(|_| !args.no_passthrough);
     let outages = store.connection.clone().map(|c| Arc::new(Outages(c)));
+    let metrics_task = match &args.metrics_listen {
+        Some(addr) => {
+            let (s, p, o) = (stats.clone(), paths.clone(), outages.clone());
+            metrics.counters("mount", move || {
+                let mut all = s.snapshot().fields().to_vec();
+                all.extend(p.counters());
+                all.extend(o.iter().flat_map(|o| o.counters()));
+                all
+            });
+            if let Some(cache) = store.local_cache.clone() {
+                metrics.counters("local_cache", move || {
+                    let c = cache.stats();
+                    vec![
+                        ("hits", c.hits),
+                        ("misses", c.misses),
+                        ("evictions", c.evictions),
+                        ("chunks", c.chunks),
+                        ("bytes", c.bytes),
+                        ("max_bytes", c.max_bytes),
+                    ]
+                });
+            }
+            Some(metrics.serve(addr, std::future::pending()).await?)
+        }
+        None => None,
+    };
+    let metrics_url = metrics_task.as_ref().map(|(url, _)| url.clone());
     let mut fs = LazyFs::new(store, options, stats.clone()).with_substituter(paths.clone());
     if let Some(outages) = &outages {
         fs = fs.with_counters(outages.clone());
@@ -219,6 +263,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shown = mounted.mountpoint().display().to_string();
     tracing::info!(store = %url, cache = ?cache_url, upstreams = ?upstreams, "mounted at {shown}");
     println!("{shown}");
+    if let Some(url) = metrics_url {
+        println!("{url}");
+    }
 
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     let why = loop {
@@ -251,6 +298,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     eprintln!("lazystore: unmounted {shown} ({why}); {summary}");
+    if let Some((_, task)) = metrics_task {
+        task.abort();
+    }
     Ok(ExitCode::SUCCESS)
 }
 

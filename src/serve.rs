@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use lazystore_castore::Blobs;
 use lazystore_castore::auth::{Access, Tokens};
-use lazystore_castore::grpc::{DEFAULT_MAX_UPLOAD_SIZE, Listener, Services, serve};
+use lazystore_castore::blobs::ObservedBlobService;
+use lazystore_castore::grpc::{CallCounts, DEFAULT_MAX_UPLOAD_SIZE, Listener, Services, serve};
 use lazystore_castore::tls::ServerTls;
 use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, NarCompression};
 use lazystore_importer::{NEGATIVE_TTL, PullThrough};
@@ -26,6 +28,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::metrics::{Metrics, StoreTraffic};
 use crate::remote::RemoteArgs;
 use crate::upstream::UpstreamArgs;
 
@@ -36,7 +39,8 @@ use crate::upstream::UpstreamArgs;
 /// line: the gRPC one first (`grpc+http://HOST:PORT` with the port
 /// actually bound, `grpc+https://HOST:PORT` with --tls-cert, or
 /// `grpc+unix:///PATH`), then the HTTP one (`http://HOST:PORT`, or
-/// `https://HOST:PORT` with --tls-cert). On SIGINT or SIGTERM it stops accepting
+/// `https://HOST:PORT` with --tls-cert), then the metrics one
+/// (`http://HOST:PORT/metrics`, with --metrics-listen). On SIGINT or SIGTERM it stops accepting
 /// connections, lets the calls in flight finish and exits 0; a second
 /// signal exits at once. Logs go to standard error, filtered by `RUST_LOG`
 /// (by default warnings and the HTTP access log, `lazystore::http=info`, of
@@ -150,6 +154,12 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
           default_value = "1h")]
     gc_lease: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9100): gRPC calls by method and status, chunks and bytes
+    /// read from and written to the store, upstream downloads and
+    /// failures, garbage collections.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     // --token-file, --ca-file: what to send to, and trust of, a remote
     // --store (grpc+…).
     #[command(flatten)]
@@ -179,7 +189,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let store = Store::open(&url, options).await?;
     // An embedded store is collected by this process when asked
     // (`lazystore gc --store grpc+…`), beside its writers.
-    let (store, collector) = collected_while_serving(store, args.gc_lease);
+    let (mut store, collector) = collected_while_serving(store, args.gc_lease);
+    let mut metrics = Metrics::default();
+    let traffic = Arc::new(StoreTraffic::default());
+    store.blobs = Blobs::new(
+        Arc::new(ObservedBlobService::new(
+            store.blobs.service().clone(),
+            traffic.clone(),
+        )),
+        store.blobs.params(),
+    );
+    metrics.counters("store", move || traffic.counters());
+    if let Some(collector) = &collector {
+        let collector = collector.clone();
+        metrics.counters("gc", move || collector.counters());
+    }
     let mut policy = publish_policy(&args)?;
     policy.check_whole = collector.is_some();
     let publisher = Publisher::new(store.clone(), policy);
@@ -196,9 +220,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         let caches = args.upstream.importer_options(args.remote.ca_certs()?);
         let ttl = Duration::from_secs(args.upstream_negative_ttl);
-        let reads = PullThrough::store(store, caches, ttl)
+        let pull = PullThrough::new(store.clone(), caches, ttl)
             .await
             .context("cannot set up the upstream caches")?;
+        metrics.counters("upstream", pull.counters());
+        let reads = Store {
+            path_infos: Arc::new(pull),
+            ..store
+        };
         tracing::info!(upstream = ?args.upstream.upstreams, "paths the store lacks are pulled from upstream");
         (reads.clone(), publisher.with_reads(reads))
     };
@@ -214,10 +243,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
+    let calls = Arc::new(CallCounts::default());
+    metrics.calls(calls.clone());
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(metrics.serve(addr, std::future::pending()).await?),
+        None => None,
+    };
     let urls = grpc
         .iter()
         .map(|(_, u)| u)
-        .chain(http.iter().map(|(_, u)| u));
+        .chain(http.iter().map(|(_, u)| u))
+        .chain(metrics.iter().map(|(u, _)| u));
     let mut stdout = std::io::stdout().lock();
     for client_url in urls {
         writeln!(stdout, "{client_url}").context("cannot write the address to standard output")?;
@@ -245,7 +281,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let mut services = Services::new(store.blobs.service().clone(), store.directories.clone())
             .add_service(path_info_server(&publisher, &collector).into_service())
             .with_access(access.clone())
-            .with_max_upload_size(args.max_upload_size);
+            .with_max_upload_size(args.max_upload_size)
+            .with_call_counts(calls.clone());
         if let Some(tls) = &tls {
             services = services.with_tls(tls.clone());
         }
@@ -297,6 +334,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     while let Some(result) = tasks.join_next().await {
         result.context("a server task panicked")??;
+    }
+    if let Some((_, task)) = metrics {
+        task.abort();
     }
     // The last clone of the store: closing it flushes the redb file.
     drop(store);

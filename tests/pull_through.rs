@@ -218,18 +218,7 @@ fn untrusted_upstream_paths_are_not_published_and_asked_again() {
 
 /// The status code of a GET of `url` (http://HOST:PORT/PATH).
 fn http_status(url: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (addr, path) = rest.split_once('/').unwrap();
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer.split(' ').nth(1).unwrap().to_owned()
+    common::http_get(url).0
 }
 
 #[test]

@@ -203,6 +203,16 @@ impl Importer {
         })
     }
 
+    /// NAR downloads started by this importer so far (retries count again).
+    pub fn nar_downloads(&self) -> u64 {
+        self.shared.nar_downloads.load(Ordering::Relaxed)
+    }
+
+    /// Compressed NAR and narinfo bytes received so far.
+    pub fn downloaded_bytes(&self) -> u64 {
+        self.shared.downloaded.load(Ordering::Relaxed)
+    }
+
     /// Takes `wanted` alone as far as a verified, stored PathInfo — its
     /// narinfo checked, its NAR downloaded (once, shared with any run that
     /// wants it), checked and ingested — and returns it unpublished, its

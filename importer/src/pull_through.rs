@@ -114,6 +114,8 @@ struct State {
     ready: Mutex<HashMap<StorePathHash, (PathInfo, Instant)>>,
     /// Upstream narinfos' facts asked for (a narinfo never changes).
     facts: Mutex<HashMap<StorePathHash, Facts>>,
+    /// Fetches of one path that failed (absent paths not counted).
+    failures: std::sync::atomic::AtomicU64,
     negative_ttl: Duration,
     // A std Mutex: each use is one map operation, never held across await.
     /// Pulls in progress, by path.
@@ -142,6 +144,7 @@ impl PullThrough {
                 fetches: Mutex::default(),
                 ready: Mutex::default(),
                 facts: Mutex::default(),
+                failures: Default::default(),
                 negative_ttl,
                 pulls: Mutex::default(),
                 missing: Mutex::default(),
@@ -161,6 +164,22 @@ impl PullThrough {
             path_infos: Arc::new(pull_through),
             ..store
         })
+    }
+
+    /// What this layer did so far, for metrics: NARs downloaded, bytes
+    /// received from the caches, failed fetches.
+    pub fn counters(&self) -> impl Fn() -> Vec<(&'static str, u64)> + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || {
+            vec![
+                ("nar_downloads", state.importer.nar_downloads()),
+                ("bytes_downloaded", state.importer.downloaded_bytes()),
+                (
+                    "failures",
+                    state.failures.load(std::sync::atomic::Ordering::Relaxed),
+                ),
+            ]
+        }
     }
 
     /// Whether the caches were found lately not to have `hash`.
@@ -228,6 +247,9 @@ impl PullThrough {
                             .insert(hash, Instant::now());
                     } else {
                         tracing::warn!("cannot pull {e}");
+                        state
+                            .failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(Arc::new(PullFailed::Import(e)))
                 }

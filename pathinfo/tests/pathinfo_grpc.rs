@@ -241,7 +241,10 @@ async fn answers_are_checked() {
     assert!(grpc.to_string().contains(&url), "{grpc}");
     // Published PathInfos and facts are held to the same: the path asked
     // for.
-    let e = client.get_published(&other.store_path.hash()).await.unwrap_err();
+    let e = client
+        .get_published(&other.store_path.hash())
+        .await
+        .unwrap_err();
     assert!(
         lazystore_castore::error_chain(&e).contains("asked for hash"),
         "{e}"

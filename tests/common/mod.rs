@@ -140,6 +140,32 @@ impl Mount {
         }
     }
 
+    /// The same, reading `n` lines of its standard output (the mountpoint,
+    /// then what options add).
+    pub fn start_lines(
+        mountpoint: &Path,
+        store: &str,
+        cache: &str,
+        extra: &[&str],
+        n: usize,
+    ) -> (Mount, Vec<String>) {
+        let mut args = vec![
+            "mount",
+            mountpoint.to_str().unwrap(),
+            "--store",
+            store,
+            "--cache",
+            cache,
+        ];
+        args.extend(extra);
+        let (proc, lines) = start_lines(&args, n);
+        let mount = Mount {
+            proc: Some(proc),
+            path: PathBuf::from(&lines[0]),
+        };
+        (mount, lines)
+    }
+
     pub fn stop(mut self) -> String {
         self.proc.take().unwrap().stop()
     }
@@ -226,4 +252,26 @@ pub fn nix_hash_path(path: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// `GET url` (`http://HOST:PORT/PATH`) over a fresh connection: the status
+/// code and the body (as sent: the servers here announce their lengths).
+pub fn http_get(url: &str) -> (String, String) {
+    use std::io::Write as _;
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_once('/').unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).unwrap().to_owned();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

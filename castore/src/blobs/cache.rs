@@ -176,6 +176,8 @@ impl BlobService for CachingBlobService {
             drops.push(e.key());
         }
 
+        let hits = found.iter().filter(|f| matches!(f, Found::Hit(_))).count() as u64;
+        self.local.count_lookups(hits, found.len() as u64 - hits);
         // Each chunk the cache lacks, once, in the order first asked.
         let mut fetch = Vec::new();
         let mut fetched_at: HashMap<Digest, usize> = HashMap::new();

@@ -25,6 +25,10 @@ pub trait BlobObserver: Send + Sync {
     /// After a read returned `chunks` (as stored: encoded).
     fn after_read(&self, _chunks: &[EncodedChunk]) {}
 
+    /// After a read that succeeded, how long it took (from the call to the
+    /// inner service to its answer).
+    fn read_took(&self, _elapsed: std::time::Duration) {}
+
     /// Before a stat of `blob` reaches the inner service.
     fn before_stat(&self, _blob: &Digest) {}
 
@@ -70,7 +74,9 @@ impl<O: BlobObserver> BlobService for ObservedBlobService<O> {
 
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
         self.observer.before_read(chunks).await?;
+        let started = std::time::Instant::now();
         let got = self.inner.read_chunks(chunks).await?;
+        self.observer.read_took(started.elapsed());
         self.observer.after_read(&got);
         Ok(got)
     }
@@ -127,6 +133,10 @@ impl<T: BlobObserver + ?Sized> BlobObserver for Arc<T> {
 
     fn after_read(&self, chunks: &[EncodedChunk]) {
         (**self).after_read(chunks)
+    }
+
+    fn read_took(&self, elapsed: std::time::Duration) {
+        (**self).read_took(elapsed)
     }
 
     fn before_stat(&self, blob: &Digest) {

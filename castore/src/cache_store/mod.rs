@@ -100,6 +100,12 @@ pub struct CacheStats {
     pub bytes: u64,
     /// The bound.
     pub max_bytes: u64,
+    /// Chunks asked of the cache that it had, since it was opened.
+    pub hits: u64,
+    /// Chunks asked of the cache that it lacked (fetched from the store).
+    pub misses: u64,
+    /// Records evicted to stay within the bound, since it was opened.
+    pub evictions: u64,
 }
 
 struct Inner {
@@ -110,6 +116,10 @@ struct Inner {
     packs: Arc<Packs>,
     path: PathBuf,
     max_bytes: u64,
+    /// Counted for [`CacheStats`].
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
+    evictions: std::sync::atomic::AtomicU64,
     // A std Mutex: every critical section is a few map operations with no
     // I/O and no await, taken on each hit and once per write transaction.
     // Entries are added and removed only while their writer also holds
@@ -231,11 +241,21 @@ impl CacheStore {
                 packs: Arc::new(packs),
                 path: path.to_owned(),
                 max_bytes: options.max_bytes,
+                hits: Default::default(),
+                misses: Default::default(),
+                evictions: Default::default(),
                 index: Mutex::new(index),
             }),
         };
         store.inner.write(&[], &[], false).map_err(db_err)?;
         Ok(store)
+    }
+
+    /// Counts chunk lookups: `hits` found, `misses` not.
+    pub(crate) fn count_lookups(&self, hits: u64, misses: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.hits.fetch_add(hits, Relaxed);
+        self.inner.misses.fetch_add(misses, Relaxed);
     }
 
     /// The file.
@@ -268,9 +288,13 @@ impl CacheStore {
     /// What is cached, and how much it costs against the bound.
     pub fn stats(&self) -> CacheStats {
         let index = self.inner.index();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let mut stats = CacheStats {
             bytes: index.bytes,
             max_bytes: self.inner.max_bytes,
+            hits: get(&self.inner.hits),
+            misses: get(&self.inner.misses),
+            evictions: get(&self.inner.evictions),
             ..CacheStats::default()
         };
         for key in index.entries.keys() {

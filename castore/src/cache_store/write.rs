@@ -147,6 +147,8 @@ impl Inner {
                 index.upsert(r.key(), r.cost());
             }
             let victims = index.evict_to(self.max_bytes);
+            self.evictions
+                .fetch_add(victims.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut keys = std::mem::take(&mut index.dirty);
             keys.extend(inserts.iter().map(|r| r.key()));
             let entries: Vec<(Key, Entry)> = keys

@@ -19,6 +19,7 @@
 
 mod blob_server;
 mod call;
+mod calls;
 mod connection;
 mod directory_server;
 pub mod metadata;
@@ -28,6 +29,7 @@ pub(crate) mod wire;
 
 pub use blob_server::{BlobServer, UploadTooLarge};
 pub use call::{AttemptError, AttemptTimeout, CallError};
+pub use calls::CallCounts;
 pub use connection::{AuthChannel, Connection, InvalidUrl, SendToken, Unreachable};
 pub use directory_server::DirectoryServer;
 pub use serve::{

@@ -158,6 +158,7 @@ pub struct Services {
     blobs: BlobServer,
     tls: Option<ServerTls>,
     max_connections: usize,
+    calls: Option<Arc<super::CallCounts>>,
 }
 
 impl Services {
@@ -175,6 +176,7 @@ impl Services {
             blobs: BlobServer::new(blobs).with_max_upload_size(DEFAULT_MAX_UPLOAD_SIZE),
             tls: None,
             max_connections: MAX_CONNECTIONS,
+            calls: None,
         }
         .add_service(DirectoryServer::new(directories).into_service())
     }
@@ -228,6 +230,12 @@ impl Services {
         self
     }
 
+    /// Counts every call answered in `calls`, by method and status.
+    pub fn with_call_counts(mut self, calls: Arc<super::CallCounts>) -> Self {
+        self.calls = Some(calls);
+        self
+    }
+
     /// The health reporter, to mark a service `NOT_SERVING` while it can't
     /// answer (and back).
     pub fn health_reporter(&self) -> HealthReporter {
@@ -260,9 +268,16 @@ pub async fn serve(
         blobs,
         tls,
         max_connections,
+        calls,
     } = services;
     routes.add_service(blobs.into_service());
     let mut routes = routes.routes();
+    if let Some(calls) = calls {
+        let router = routes.into_axum_router();
+        routes = router
+            .layer(middleware::from_fn_with_state(calls, super::calls::count))
+            .into();
+    }
     if !access.is_open() {
         let router = routes.into_axum_router();
         routes = router

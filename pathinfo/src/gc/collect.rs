@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::TryStreamExt as _;
@@ -78,6 +79,17 @@ pub struct Collector {
     leases: Option<Leases>,
     uses: Arc<PathUses>,
     running: tokio::sync::Mutex<()>,
+    counts: Counts,
+}
+
+/// What the collections so far did, for metrics.
+#[derive(Default)]
+struct Counts {
+    runs: AtomicU64,
+    failures: AtomicU64,
+    paths_deleted: AtomicU64,
+    chunks_dropped: AtomicU64,
+    bytes_reclaimed: AtomicU64,
 }
 
 impl Collector {
@@ -92,7 +104,22 @@ impl Collector {
             leases,
             uses,
             running: tokio::sync::Mutex::new(()),
+            counts: Counts::default(),
         }
+    }
+
+    /// What the collections so far did (not dry runs): runs finished,
+    /// failed, paths deleted, chunks dropped, pack bytes reclaimed.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counts;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("runs", get(&c.runs)),
+            ("failures", get(&c.failures)),
+            ("paths_deleted", get(&c.paths_deleted)),
+            ("chunks_dropped", get(&c.chunks_dropped)),
+            ("bytes_reclaimed", get(&c.bytes_reclaimed)),
+        ]
     }
 
     /// The last-use record.
@@ -102,6 +129,32 @@ impl Collector {
 
     /// One collection under `retention`; with `dry_run`, only counts.
     pub async fn collect(&self, retention: &Retention, dry_run: bool) -> Result<Report, GcError> {
+        let result = self.collect_once(retention, dry_run).await;
+        let c = &self.counts;
+        match &result {
+            Ok(report) if !dry_run => {
+                c.runs.fetch_add(1, Ordering::Relaxed);
+                c.paths_deleted
+                    .fetch_add(report.paths_deleted.len() as u64, Ordering::Relaxed);
+                c.chunks_dropped
+                    .fetch_add(report.swept.chunks, Ordering::Relaxed);
+                c.bytes_reclaimed.fetch_add(
+                    report
+                        .swept
+                        .packs_before
+                        .saturating_sub(report.swept.packs_after),
+                    Ordering::Relaxed,
+                );
+            }
+            Ok(_) | Err(GcError::Running) => {}
+            Err(_) => {
+                c.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn collect_once(&self, retention: &Retention, dry_run: bool) -> Result<Report, GcError> {
         let _one = self.running.try_lock().map_err(|_| GcError::Running)?;
         // Before anything is listed: what writers touch from a lease ago
         // on stays in the leases until the sweep is done.
