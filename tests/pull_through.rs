@@ -472,3 +472,75 @@ fn listing_a_path_through_the_service_downloads_no_nar() {
     let log = service.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// More bad upstream input, each a 502 with the path and the reason in the
+/// service's log, nothing published, and the next request asking again: a
+/// narinfo with no signature, a narinfo naming another store path under
+/// the hash asked for, and an upstream that is down.
+#[test]
+fn unsigned_mismatched_and_unreachable_upstreams_are_502() {
+    let closure = build_closure();
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = gen_key(keys.path(), "pull-through-unsigned-1");
+    // No key: narinfos carry no signature.
+    let cache = make_cache(&[&closure.b], "zstd", None);
+    // a's hash, b's narinfo.
+    let (a_hash, b_hash) = (&basename(&closure.a)[..32], &basename(&closure.b)[..32]);
+    std::fs::copy(
+        cache.path().join(format!("{b_hash}.narinfo")),
+        cache.path().join(format!("{a_hash}.narinfo")),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(TestServer::start(cache.path()));
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    for (upstream_url, hash, reason) in [
+        (upstream.url.as_str(), b_hash, "trusted key"),
+        (upstream.url.as_str(), a_hash, "lazystore-test-b"),
+        (down.as_str(), b_hash, down.as_str()),
+    ] {
+        let (service, urls) = start_lines(
+            &[
+                "serve",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--store",
+                "memory://",
+                "--upstream",
+                upstream_url,
+                "--trusted-public-key",
+                &public,
+            ],
+            1,
+        );
+        let narinfo_url = format!("{}/{hash}.narinfo", urls[0]);
+        let before = upstream.narinfo_requests();
+        for attempt in 1..=2 {
+            assert_eq!(
+                http_status(&narinfo_url),
+                "502",
+                "{reason}: attempt {attempt}"
+            );
+        }
+        if upstream_url == upstream.url {
+            assert_eq!(
+                upstream.narinfo_requests(),
+                before + 2,
+                "{reason}: asked again"
+            );
+        }
+        let log = service.stop();
+        assert!(
+            log.contains(hash) && log.contains(reason),
+            "the log names the path and the reason ({reason}):\n{log}"
+        );
+    }
+    assert_eq!(
+        upstream.nar_requests(),
+        0,
+        "a NAR of a refused path was downloaded"
+    );
+}

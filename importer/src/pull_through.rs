@@ -103,7 +103,12 @@ const MAX_FACTS: usize = 100_000;
 type Fetch = Shared<BoxFuture<'static, Result<PathInfo, Arc<PullFailed>>>>;
 
 struct State {
-    importer: Importer,
+    /// Made on first use, and again after a cache could not be opened, so
+    /// the service starts (and serves its store) while an upstream is down.
+    importer: tokio::sync::OnceCell<Importer>,
+    /// What the importer is made of.
+    store: Store,
+    options: Options,
     /// Bounds the closure imports running at once to [`MAX_PULLS`].
     running: tokio::sync::Semaphore,
     /// Bounds the single-path fetches running at once to [`MAX_PULLS`].
@@ -134,11 +139,24 @@ impl PullThrough {
         negative_ttl: Duration,
     ) -> Result<PullThrough, SetupError> {
         let inner = store.path_infos.clone();
-        let importer = Importer::new(store, options).await?;
+        let importer = tokio::sync::OnceCell::new();
+        match Importer::new(store.clone(), options.clone()).await {
+            Ok(opened) => {
+                let _ = importer.set(opened);
+            }
+            // Not fatal: the store is served meanwhile, and lookups try again.
+            Err(e @ SetupError::Cache { .. }) => tracing::warn!(
+                "{}; paths the store lacks are answered with that error until it can be opened",
+                lazystore_castore::error_chain(&e)
+            ),
+            Err(e) => return Err(e),
+        }
         Ok(PullThrough {
             inner,
             state: Arc::new(State {
                 importer,
+                store,
+                options,
                 running: tokio::sync::Semaphore::new(MAX_PULLS),
                 fetching: tokio::sync::Semaphore::new(MAX_PULLS),
                 fetches: Mutex::default(),
@@ -172,8 +190,14 @@ impl PullThrough {
         let state = self.state.clone();
         move || {
             vec![
-                ("nar_downloads", state.importer.nar_downloads()),
-                ("bytes_downloaded", state.importer.downloaded_bytes()),
+                (
+                    "nar_downloads",
+                    state.importer.get().map_or(0, Importer::nar_downloads),
+                ),
+                (
+                    "bytes_downloaded",
+                    state.importer.get().map_or(0, Importer::downloaded_bytes),
+                ),
                 (
                     "failures",
                     state.failures.load(std::sync::atomic::Ordering::Relaxed),
@@ -220,7 +244,10 @@ impl PullThrough {
             let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
             let fetched = {
                 let _turn = state.fetching.acquire().await.expect("never closed");
-                state.importer.fetch_one(&wanted).await
+                match state.importer(&wanted).await {
+                    Ok(importer) => importer.fetch_one(&wanted).await,
+                    Err(e) => Err(e),
+                }
             };
             state
                 .fetches
@@ -284,7 +311,13 @@ fn pull(state: &Arc<State>, hash: StorePathHash) -> Pull {
             let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
             let summary = {
                 let _turn = state.running.acquire().await.expect("never closed");
-                state.importer.run(std::slice::from_ref(&wanted)).await
+                match state.importer(&wanted).await {
+                    Ok(importer) => importer.run(std::slice::from_ref(&wanted)).await,
+                    Err(e) => crate::Summary {
+                        failed: vec![e],
+                        ..crate::Summary::default()
+                    },
+                }
             };
             state
                 .pulls
@@ -343,6 +376,25 @@ fn pull(state: &Arc<State>, hash: StorePathHash) -> Pull {
     pull
 }
 
+impl State {
+    /// The importer, opening the caches if they are not yet; an error
+    /// about `wanted` if a cache cannot be opened now.
+    async fn importer(&self, wanted: &Wanted) -> Result<&Importer, PathError> {
+        self.importer
+            .get_or_try_init(|| Importer::new(self.store.clone(), self.options.clone()))
+            .await
+            .map_err(|e| PathError {
+                path: wanted.to_string(),
+                kind: match e {
+                    SetupError::Cache { url, source } => {
+                        PathErrorKind::NarInfoFetch { cache: url, source }
+                    }
+                    other => PathErrorKind::Lookup(PathInfoError::Backend(Box::new(other))),
+                },
+            })
+    }
+}
+
 #[async_trait]
 impl PathInfoService for PullThrough {
     /// From the store; a path it lacks is fetched first (its closure
@@ -390,7 +442,8 @@ impl PathInfoService for PullThrough {
             return Ok(None);
         }
         let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
-        match self.state.importer.narinfo_one(&wanted).await {
+        let importer = self.state.importer(&wanted).await;
+        match async { importer?.narinfo_one(&wanted).await }.await {
             Ok(Some(narinfo)) => {
                 let facts = Facts::from(narinfo);
                 let mut known = self.state.facts.lock().expect("no panics while held");
@@ -433,9 +486,8 @@ impl PathInfoService for PullThrough {
             return Ok(None);
         }
         let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
-        self.state
-            .importer
-            .listing_json(&wanted)
+        let importer = self.state.importer(&wanted).await;
+        async { importer?.listing_json(&wanted).await }
             .await
             .map_err(|e| PathInfoError::Upstream {
                 path: hash.to_string(),
