@@ -8,7 +8,9 @@
 //! cache has is absent (and asked for once in the negative TTL); a cache
 //! whose signatures are not trusted, a NAR missing, cut short or not the
 //! signed NarHash publish nothing: 502, the log says why, and the next
-//! lookup asks again (and publishes once the cache is right).
+//! lookup asks again (and publishes once the cache is right). Metadata
+//! first: `nix-db` and `ls`/`stat` through the service download no NAR,
+//! and a first read waits for its own path's NAR, not its closure's.
 
 mod common;
 
