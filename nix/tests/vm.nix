@@ -14,10 +14,6 @@
 # interactively with `nix run .#checks.x86_64-linux.vm.driverInteractive`.
 { pkgs, self }:
 let
-  inherit (pkgs) lib;
-  system = pkgs.stdenv.hostPlatform.system;
-  lazystore = self.packages.${system}.default;
-
   # Test secrets in the store, world-readable: fine in a throwaway VM,
   # never on a real machine (docs/operations.md).
   writeToken = "vm-test-write-token-0123456789abcdef";
