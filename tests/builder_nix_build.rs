@@ -391,9 +391,14 @@ fn nix_build_through_a_pull_through_service() {
         "pull-through: {} NAR download(s) by the service; builder counters: {stats:?}",
         upstream.nar_requests()
     );
-    // The service pulled the closure once; the builder fetched only what
-    // the build read.
-    assert_eq!(upstream.nar_requests(), inputs.closure.len(), "{stats:?}");
+    // The service fetched the NAR of the path the build read from (and
+    // perhaps, behind, some of its closure), each at most once; the
+    // builder fetched only what the build read.
+    assert!(
+        (1..=inputs.closure.len()).contains(&upstream.nar_requests()),
+        "{} NAR requests: {stats:?}",
+        upstream.nar_requests()
+    );
     assert!(
         stats["chunk_bytes_fetched"] * 1000 < inputs.nar_bytes,
         "{stats:?}"
