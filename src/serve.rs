@@ -204,9 +204,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let collector = collector.clone();
         metrics.counters("gc", move || collector.counters());
     }
-    let mut policy = publish_policy(&args)?;
-    policy.check_whole = collector.is_some();
-    let publisher = Publisher::new(store.clone(), policy);
+    let publisher = Publisher::new(store.clone(), publish_policy(&args)?);
     // With upstream caches, clients read through them; writes and the
     // publishing checks stay on the store itself.
     let (store, publisher) = if args.upstream.upstreams.is_empty() {
@@ -224,6 +222,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .await
             .context("cannot set up the upstream caches")?;
         metrics.counters("upstream", pull.counters());
+        if let Some(collector) = &collector {
+            collector.keep_roots(pull.ready_roots());
+        }
         let reads = Store {
             path_infos: Arc::new(pull),
             ..store
@@ -411,7 +412,6 @@ fn publish_policy(args: &Args) -> anyhow::Result<PublishPolicy> {
     let policy = PublishPolicy {
         trusted_keys: args.upstream.trusted_keys.clone(),
         sign_with,
-        check_whole: false,
     };
     if !policy.verifies() && (args.listen.is_some() || args.allow_upload) {
         tracing::info!(

@@ -17,8 +17,11 @@
 //! writes the object again). The proof sketch is in `docs/design.md`
 //! ("Garbage collection").
 //!
-//! Reads (`read_chunks`, directory `get`) touch nothing: what readers read
-//! through a published path is marked from that path.
+//! Reads of contents (`read_chunks`, directory `get`) touch nothing: what
+//! readers read through a published path is marked from that path. A
+//! chunk list's `stat` and a tree's `get_recursive` do touch: they are how
+//! a writer learns that a file or a tree is stored (a mount's `stat`s
+//! touch too, which only keeps more).
 //!
 //! Memory: touches are kept in two generations of at most `W` each, so
 //! the sets hold the objects touched in the last `W` to `2W`, about 80
@@ -134,6 +137,14 @@ impl Leases {
         Touched(self.lock())
     }
 
+    /// A copy of the touches now, to do the slow part of a sweep's check
+    /// without holding them still (then only what was touched since needs
+    /// the hold).
+    pub fn snapshot(&self) -> HashSet<Digest> {
+        let state = self.lock();
+        state.current.union(&state.previous).copied().collect()
+    }
+
     /// Objects in the sets now.
     pub fn len(&self) -> usize {
         let state = self.lock();
@@ -220,7 +231,11 @@ impl DirectoryService for LeasedDirectories {
         self.inner.put_all(dirs).await
     }
 
+    /// Touches `root` first: a whole tree is read to check it is all there
+    /// (`Store::find_missing`, before reusing it or publishing it), and a
+    /// touched directory keeps its subtree.
     async fn get_recursive(&self, root: &Digest) -> Result<Vec<Directory>, DirectoryError> {
+        self.leases.touch([root]);
         self.inner.get_recursive(root).await
     }
 }

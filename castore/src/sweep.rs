@@ -22,7 +22,6 @@ use std::collections::{HashMap, HashSet};
 
 use redb::ReadableTable as _;
 
-use crate::leases::Touched;
 use crate::packs::IndexRecord;
 use crate::redb_store::{BLOBS, CHUNKS, DIRECTORIES};
 use crate::{Digest, Leases, Node, RedbStore};
@@ -94,16 +93,17 @@ fn unreached(
     Ok(gone)
 }
 
-/// The objects `touched` names and everything they name in turn: a
-/// touched directory's subtree, a touched chunk list's chunks. A digest no
-/// table holds is kept as a chunk (a writer may be about to put it).
-fn leased(
-    touched: &Touched<'_>,
+/// Adds to `kept` the objects `touched` names and everything they name in
+/// turn: a touched directory's subtree, a touched chunk list's chunks. A
+/// digest no table holds is kept as a chunk (a writer may be about to put
+/// it).
+fn leased<'a>(
+    kept: &mut Live,
+    touched: impl IntoIterator<Item = &'a Digest>,
     directories: &impl redb::ReadableTable<&'static [u8; 32], &'static [u8]>,
     blobs: &impl redb::ReadableTable<&'static [u8; 32], &'static [u8]>,
-) -> Result<Live, SweepError> {
-    let mut kept = Live::default();
-    let mut stack: Vec<Digest> = touched.iter().copied().collect();
+) -> Result<(), SweepError> {
+    let mut stack: Vec<Digest> = touched.into_iter().copied().collect();
     while let Some(digest) = stack.pop() {
         if let Some(record) = directories.get(digest.as_bytes()).map_err(db)? {
             if kept.directories.insert(digest) {
@@ -125,7 +125,7 @@ fn leased(
             kept.chunks.insert(digest);
         }
     }
-    Ok(kept)
+    Ok(())
 }
 
 impl RedbStore {
@@ -174,10 +174,16 @@ impl RedbStore {
                 }
             }
             if let Some(leases) = leases {
-                // From here to the commit no writer can learn that an
-                // object is present.
+                // The slow part on a copy of the touches; then, from the
+                // hold to the commit, no writer can learn that an object is
+                // present, and only what was touched since the copy is
+                // walked.
+                let copy = leases.snapshot();
+                let mut kept = Live::default();
+                leased(&mut kept, &copy, &directories, &blobs)?;
                 let touched = leases.hold();
-                let kept = leased(&touched, &directories, &blobs)?;
+                let since = touched.iter().filter(|d| !copy.contains(d));
+                leased(&mut kept, since, &directories, &blobs)?;
                 drop_dirs.retain(|k| !kept.directories.contains(&Digest::from_bytes(*k)));
                 drop_blobs.retain(|k| !kept.blobs.contains(&Digest::from_bytes(*k)));
                 drop_chunks.retain(|(k, _)| !kept.chunks.contains(&Digest::from_bytes(*k)));

@@ -206,6 +206,21 @@ impl PullThrough {
         }
     }
 
+    /// The roots of the paths fetched and not yet published, for a garbage
+    /// collection to keep: readers may be reading them.
+    pub fn ready_roots(&self) -> Box<dyn Fn() -> Vec<lazystore_castore::Node> + Send + Sync> {
+        let state = self.state.clone();
+        Box::new(move || {
+            state
+                .ready
+                .lock()
+                .expect("no panics while held")
+                .values()
+                .map(|(info, _)| info.root.clone())
+                .collect()
+        })
+    }
+
     /// Whether the caches were found lately not to have `hash`.
     fn known_missing(&self, hash: &StorePathHash) -> bool {
         let mut missing = self.state.missing.lock().expect("no panics while held");

@@ -23,9 +23,9 @@
 //! own store and a SHA-256 over its NAR: `bench/publish_verify.sh`
 //! measures it per GB.
 //!
-//! A store collected while it serves also checks every tree whole first
-//! ([`PublishPolicy::check_whole`]; `docs/design.md`, "Garbage
-//! collection").
+//! A store collected while it serves also checks every tree whole first,
+//! in its PathInfo layer (`gc::CollectedPathInfos`; `docs/design.md`,
+//! "Garbage collection").
 //!
 //! Without trusted keys nothing but step 1 and 3 is checked — a store a
 //! single trusted writer fills — and the server says so when it starts.
@@ -49,12 +49,6 @@ pub struct PublishPolicy {
     /// writers themselves), after checking their tree renders to their
     /// NarHash; its public key is trusted as well.
     pub sign_with: Option<Arc<SigningKey>>,
-    /// Checks every tree whole before publishing it — each directory,
-    /// chunk list and chunk present ([`Store::find_missing`]) — as a
-    /// store collected while it serves must: the check's own calls renew
-    /// the writers' leases on the tree, and a tree a collection dropped
-    /// (an upload older than the lease) is refused, to be uploaded again.
-    pub check_whole: bool,
 }
 
 impl PublishPolicy {
@@ -194,18 +188,6 @@ impl Publisher {
         replace: Replace,
     ) -> Result<(), PathInfoError> {
         self.store.check_root(info).await?;
-        if self.policy.check_whole {
-            let missing = self.store.find_missing(&info.root).await;
-            match missing.map_err(|e| PathInfoError::Backend(Box::new(e)))? {
-                None => {}
-                Some(missing) => {
-                    return Err(PathInfoError::Incomplete {
-                        store_path: info.store_path.clone(),
-                        missing,
-                    });
-                }
-            }
-        }
         if !self.policy.verifies() {
             return Ok(());
         }
@@ -349,7 +331,6 @@ mod tests {
         let policy = PublishPolicy {
             trusted_keys: vec![trusted.public_key()],
             sign_with: None,
-            ..PublishPolicy::default()
         };
         let publisher = Publisher::new(store.clone(), policy);
         let good = stored(&store, b"the tree that was signed").await;
@@ -391,7 +372,6 @@ mod tests {
         let policy = PublishPolicy {
             trusted_keys: Vec::new(),
             sign_with: Some(own.clone()),
-            ..PublishPolicy::default()
         };
         let publisher = Publisher::new(store.clone(), policy);
         let good = stored(&store, b"built in house").await;
@@ -449,7 +429,6 @@ mod tests {
         let policy = PublishPolicy {
             trusted_keys: vec![a.public_key(), b.public_key()],
             sign_with: None,
-            ..PublishPolicy::default()
         };
         let publisher = Publisher::new(store.clone(), policy);
         let tree = stored(&store, b"one tree, two signers").await;

@@ -61,6 +61,12 @@ pub(crate) async fn count(
 ) -> axum::response::Response {
     let method = request.uri().path().to_owned();
     let response = next.run(request).await;
+    // Only the methods served are labels of their own: a client cannot
+    // grow the map (and the metrics) by calling made-up ones.
+    let method = match status(response.headers()) {
+        Some(Code::Unimplemented) => "other".to_owned(),
+        _ => method,
+    };
     if let Some(code) = status(response.headers()) {
         counts.add(&method, code);
         return response;

@@ -272,16 +272,17 @@ pub async fn serve(
     } = services;
     routes.add_service(blobs.into_service());
     let mut routes = routes.routes();
-    if let Some(calls) = calls {
-        let router = routes.into_axum_router();
-        routes = router
-            .layer(middleware::from_fn_with_state(calls, super::calls::count))
-            .into();
-    }
     if !access.is_open() {
         let router = routes.into_axum_router();
         routes = router
             .layer(middleware::from_fn_with_state(Arc::new(access), authorize))
+            .into();
+    }
+    // Outside the token check, so refusals are counted too.
+    if let Some(calls) = calls {
+        let router = routes.into_axum_router();
+        routes = router
+            .layer(middleware::from_fn_with_state(calls, super::calls::count))
             .into();
     }
     for name in &names {

@@ -322,28 +322,39 @@ impl Shared {
     }
 
     /// The root of a NAR already stored with `narinfo`'s NarHash and
-    /// NarSize, if any: one this importer stored or found, else one the
-    /// store's durable index names ([`Store::nar_roots`], written by
-    /// earlier processes) whose tree is still whole, since garbage
-    /// collection or a cache's eviction may have dropped part of it. The
-    /// check reads every directory and chunk list of the tree and asks the
-    /// store which of their chunks it lacks, in batches; a root that passes
-    /// is remembered in memory, so it is checked once.
+    /// NarSize, if any and still whole: one this importer stored or found,
+    /// else one the store's durable index names ([`Store::nar_roots`],
+    /// written by earlier processes). Either is checked before use, since
+    /// a garbage collection (this importer may live as long as a
+    /// pull-through server) or a cache's eviction may have dropped part of
+    /// it: the check reads every directory and chunk list of the tree and
+    /// asks the store which of their chunks it lacks, in batches — calls
+    /// that also renew a collected store's leases on the tree. A root that
+    /// fails is forgotten and the NAR downloaded again.
     pub(crate) async fn known_root(&self, narinfo: &NarInfo, progress: &Progress) -> Option<Node> {
         let key = (narinfo.nar_hash, narinfo.nar_size);
-        if let Some(root) = self.nar_index.lock().expect("lock poisoned").get(&key) {
-            return Some(root.clone());
-        }
         let path = narinfo.store_path.to_absolute();
-        let root = match self.store.nar_roots.get(&key.0, key.1).await {
-            Ok(root) => root?,
-            Err(e) => {
-                progress.warn(&format!(
-                    "{path}: cannot look its NAR up in the index of stored NARs: {}",
-                    error_chain(&e)
-                ));
-                return None;
-            }
+        let remembered = self
+            .nar_index
+            .lock()
+            .expect("lock poisoned")
+            .get(&key)
+            .cloned();
+        let root = match remembered {
+            Some(root) => root,
+            None => match self.store.nar_roots.get(&key.0, key.1).await {
+                Ok(root) => root?,
+                Err(e) => {
+                    progress.warn(&format!(
+                        "{path}: cannot look its NAR up in the index of stored NARs: {}",
+                        error_chain(&e)
+                    ));
+                    return None;
+                }
+            },
+        };
+        let forget = || {
+            self.nar_index.lock().expect("lock poisoned").remove(&key);
         };
         match self.store.find_missing(&root).await {
             Ok(None) => {
@@ -351,6 +362,7 @@ impl Shared {
                 Some(root)
             }
             Ok(Some(missing)) => {
+                forget();
                 tracing::info!(
                     "{path}: its NAR was stored before, but part of the tree is gone \
                      ({missing}); downloading it again"
@@ -358,6 +370,7 @@ impl Shared {
                 None
             }
             Err(e) => {
+                forget();
                 progress.warn(&format!(
                     "{path}: its NAR was stored before, but checking that its tree is whole \
                      failed: {}; downloading it again",

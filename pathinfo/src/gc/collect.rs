@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::TryStreamExt as _;
-use lazystore_castore::{Leases, RedbStore, SweepError, Swept};
+use futures::stream::BoxStream;
+use lazystore_castore::{Leases, Node, RedbStore, SweepError, Swept};
 
 use super::{MarkError, mark};
 use crate::pathinfos::uses::now_secs;
-use crate::pathinfos::{PathInfo, PathInfoError, PathUses};
+use crate::pathinfos::{Facts, PathInfo, PathInfoError, PathInfoService, PathUses, UsedPathInfos};
 use crate::{Store, StorePath, StorePathHash, Wanted};
 
 /// Which published paths a collection keeps. With no rule, every one (a
@@ -80,7 +81,17 @@ pub struct Collector {
     uses: Arc<PathUses>,
     running: tokio::sync::Mutex<()>,
     counts: Counts,
+    /// Held for writing while paths are deleted, so no path that refers
+    /// to one is published meanwhile (every publication of a collected
+    /// store holds it for reading: [`CollectedPathInfos`]).
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// Roots kept besides the published paths (a pull-through service's
+    /// paths fetched and not yet published).
+    extra_roots: std::sync::Mutex<Vec<RootSource>>,
 }
+
+/// Roots to keep, asked at each collection.
+pub type RootSource = Box<dyn Fn() -> Vec<Node> + Send + Sync>;
 
 /// What the collections so far did, for metrics.
 #[derive(Default)]
@@ -105,7 +116,17 @@ impl Collector {
             uses,
             running: tokio::sync::Mutex::new(()),
             counts: Counts::default(),
+            gate: Arc::default(),
+            extra_roots: std::sync::Mutex::default(),
         }
+    }
+
+    /// Keeps what `roots` gives at each collection too.
+    pub fn keep_roots(&self, roots: RootSource) {
+        self.extra_roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(roots);
     }
 
     /// What the collections so far did (not dry runs): runs finished,
@@ -160,13 +181,24 @@ impl Collector {
         // on stays in the leases until the sweep is done.
         let _collecting = self.leases.as_ref().map(Leases::begin_collection);
         let infos: Vec<PathInfo> = self.store.path_infos.list().try_collect().await?;
-        let (kept, doomed) = self.retain(infos, retention).await?;
+        let (kept, mut doomed) = self.retain(infos, retention).await?;
         let mut report = Report {
             dry_run,
             paths_kept: kept.len() as u64,
             ..Report::default()
         };
-        if !dry_run {
+        let roots: Vec<Node> = if dry_run || doomed.is_empty() {
+            kept.into_iter().map(|info| info.root).collect()
+        } else {
+            // With publication stopped, decide again from what is
+            // published and used now: a path published since the listing
+            // may refer to a doomed one, or a builder may have asked for
+            // it. Only what both decisions doom goes.
+            let _no_puts = self.gate.write().await;
+            let infos: Vec<PathInfo> = self.store.path_infos.list().try_collect().await?;
+            let (kept, again) = self.retain(infos, retention).await?;
+            let again: HashSet<StorePathHash> = again.iter().map(|i| i.store_path.hash()).collect();
+            doomed.retain(|info| again.contains(&info.store_path.hash()));
             for info in &doomed {
                 if self
                     .store
@@ -177,9 +209,19 @@ impl Collector {
                     tracing::info!(path = %info.store_path, "deleted by the retention rules");
                 }
             }
-        }
+            report.paths_kept = kept.len() as u64;
+            kept.into_iter().map(|info| info.root).collect()
+        };
         report.paths_deleted = doomed.into_iter().map(|i| i.store_path).collect();
-        let roots = kept.into_iter().map(|info| info.root).collect();
+        let mut roots = roots;
+        for source in self
+            .extra_roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            roots.extend(source());
+        }
         let live = mark(&self.store, roots, |_| {}).await?;
         report.live = (
             live.directories.len() as u64,
@@ -243,10 +285,64 @@ impl Collector {
     }
 }
 
+/// The PathInfos of a store collected while it serves: uses recorded
+/// ([`UsedPathInfos`]), and every put checked whole first — each
+/// directory, chunk list and chunk of its tree present
+/// ([`Store::find_missing`], through the leased services, so the check
+/// renews the writers' leases on the tree) — while no collection is
+/// deleting paths. A tree a collection dropped (an upload older than the
+/// lease) is refused ([`PathInfoError::Incomplete`]), to be uploaded again.
+pub struct CollectedPathInfos {
+    inner: Arc<dyn PathInfoService>,
+    /// The leased blobs and directories the check reads.
+    leased: Store,
+    gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+#[async_trait::async_trait]
+impl PathInfoService for CollectedPathInfos {
+    async fn get(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
+        self.inner.get(hash).await
+    }
+
+    async fn get_published(&self, hash: &StorePathHash) -> Result<Option<PathInfo>, PathInfoError> {
+        self.inner.get_published(hash).await
+    }
+
+    async fn facts(&self, hash: &StorePathHash) -> Result<Option<Facts>, PathInfoError> {
+        self.inner.facts(hash).await
+    }
+
+    async fn listing(&self, hash: &StorePathHash) -> Result<Option<Vec<u8>>, PathInfoError> {
+        self.inner.listing(hash).await
+    }
+
+    async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
+        let _no_deletes = self.gate.read().await;
+        let missing = self.leased.find_missing(&info.root).await;
+        if let Some(missing) = missing.map_err(|e| PathInfoError::Backend(Box::new(e)))? {
+            return Err(PathInfoError::Incomplete {
+                store_path: info.store_path,
+                missing,
+            });
+        }
+        self.inner.put(info).await
+    }
+
+    fn list(&self) -> BoxStream<'static, Result<PathInfo, PathInfoError>> {
+        self.inner.list()
+    }
+
+    async fn delete(&self, hash: &StorePathHash) -> Result<bool, PathInfoError> {
+        self.inner.delete(hash).await
+    }
+}
+
 /// `store` as a server that collects it while serving uses it: when it is
 /// an embedded redb store, its blobs and directories leased to writers
-/// ([`Leases`] of `lease`), its PathInfos' uses recorded, and the
-/// [`Collector`] of it; any other store as it is, with none.
+/// ([`Leases`] of `lease`), its PathInfos [`CollectedPathInfos`], and the
+/// [`Collector`] of it (which marks through `store` itself, so its own
+/// reads touch nothing); any other store as it is, with none.
 pub fn collected_while_serving(store: Store, lease: Duration) -> (Store, Option<Arc<Collector>>) {
     let Some(redb) = store.redb.clone() else {
         return (store, None);
@@ -266,12 +362,51 @@ pub fn collected_while_serving(store: Store, lease: Duration) -> (Store, Option<
             store.directories.clone(),
             leases.clone(),
         )),
-        path_infos: Arc::new(crate::pathinfos::UsedPathInfos::new(
-            store.path_infos.clone(),
-            uses.clone(),
-        )),
-        ..store
+        ..store.clone()
     };
-    let collector = Collector::new(leased.clone(), redb, Some(leases), uses);
-    (leased, Some(Arc::new(collector)))
+    let collector = Collector::new(store, redb, Some(leases), uses.clone());
+    let path_infos = CollectedPathInfos {
+        inner: Arc::new(UsedPathInfos::new(leased.path_infos.clone(), uses)),
+        leased: leased.clone(),
+        gate: collector.gate.clone(),
+    };
+    let served = Store {
+        path_infos: Arc::new(path_infos),
+        ..leased
+    };
+    (served, Some(Arc::new(collector)))
+}
+
+#[cfg(test)]
+mod tests {
+    use lazystore_castore::{Digest, RedbStore};
+
+    use super::*;
+
+    /// On a store collected while it serves, a PathInfo whose tree is not
+    /// all there is refused, whoever puts it.
+    #[tokio::test]
+    async fn an_incomplete_tree_is_not_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::redb(RedbStore::open(dir.path().join("s.redb")).unwrap());
+        let (served, collector) = collected_while_serving(store, Duration::from_secs(60));
+        assert!(collector.is_some());
+        let info = PathInfo {
+            store_path: "00bgd045z0d4icpbc2yyz4gx48ak44la-gone".parse().unwrap(),
+            root: Node::File {
+                digest: Digest::of(b"never stored"),
+                size: 12,
+                executable: false,
+            },
+            references: Vec::new(),
+            nar_size: 200,
+            nar_sha256: [0; 32],
+            signatures: Vec::new(),
+            deriver: None,
+            ca: None,
+        };
+        let e = served.path_infos.put(info).await.unwrap_err();
+        assert!(matches!(e, PathInfoError::Incomplete { .. }), "{e}");
+        assert!(e.to_string().contains("upload the path again"), "{e}");
+    }
 }

@@ -104,10 +104,25 @@ impl PathUses {
         if pending.is_empty() && !durable {
             return Ok(());
         }
+        let written = self.write(&pending, durable);
+        if written.is_err() {
+            // Not lost: written with the next flush.
+            for (hash, secs) in pending {
+                self.used_at(&hash, secs);
+            }
+        }
+        written
+    }
+
+    fn write(
+        &self,
+        pending: &HashMap<StorePathHash, u64>,
+        durable: bool,
+    ) -> Result<(), PathInfoError> {
         let txn = self.store.database().begin_write().map_err(backend)?;
         {
             let mut table = txn.open_table(PATH_USES).map_err(backend)?;
-            for (hash, secs) in &pending {
+            for (hash, secs) in pending {
                 let stored = table
                     .get(hash.as_bytes())
                     .map_err(backend)?

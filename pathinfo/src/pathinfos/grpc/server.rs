@@ -202,9 +202,15 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
             ?retention,
             "garbage collection asked for"
         );
-        let report = collector
-            .collect(&retention, request.dry_run)
+        // In a task of its own: a client that goes away does not cut a
+        // collection short between its steps.
+        let dry_run = request.dry_run;
+        let collecting = collector.clone();
+        let report = tokio::spawn(async move { collecting.collect(&retention, dry_run).await })
             .await
+            .map_err(|e| {
+                Status::internal(format!("the garbage collection failed internally: {e}"))
+            })?
             .map_err(|e| {
                 tracing::warn!(
                     "garbage collection failed: {}",
