@@ -258,3 +258,49 @@ fn server_outages_cost_readers_time_never_wrong_bytes() {
     assert_eq!(s["io_errors"], 0, "{s:?}");
     mount.stop();
 }
+
+/// A small file (no longer than the store chunker's minimum) is one chunk
+/// whose digest is the file's: once the mount knows the chunker, reading
+/// one costs its chunk and no chunk-list fetch.
+#[test]
+fn small_files_are_read_without_their_chunk_lists() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("small-files");
+    let files: Vec<Vec<u8>> = (0..40)
+        .map(|i| noise(100 + i * 37, 9400 + i as u64))
+        .collect();
+    for (i, bytes) in files.iter().enumerate() {
+        write(&dir.join(format!("f{i:02}")), bytes);
+    }
+    let path = add_tree(&dir);
+    let store = format!("redb://{}/store.redb", work.path().display());
+    import(&store, &path);
+    let (_server, url) = serve(&store, "127.0.0.1:0");
+    let mountpoint = work.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mount = Mount::start(&mountpoint, &url, "none", &["--no-passthrough"]);
+    let on_mount = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
+    // The first read has the mount ask the store's chunker in the
+    // background.
+    assert_eq!(std::fs::read(on_mount.join("f00")).unwrap(), files[0]);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = stats(&mount.path);
+    for (i, bytes) in files.iter().enumerate().skip(1) {
+        assert_eq!(
+            &std::fs::read(on_mount.join(format!("f{i:02}"))).unwrap(),
+            bytes
+        );
+    }
+    let after = stats(&mount.path);
+    assert_eq!(
+        after["chunk_lists_fetched"], before["chunk_lists_fetched"],
+        "{after:?}"
+    );
+    assert_eq!(
+        after["chunks_fetched"] - before["chunks_fetched"],
+        files.len() as u64 - 1,
+        "{after:?}"
+    );
+    assert_eq!(after["io_errors"], 0);
+    mount.stop();
+}

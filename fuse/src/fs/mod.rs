@@ -152,6 +152,11 @@ pub struct LazyFs {
     passthrough: Option<Arc<Passthrough>>,
     /// Counters shown after the filesystem's own.
     more_counters: Vec<Arc<dyn CounterSource>>,
+    /// The size up to which a file is a single chunk, asked of the store
+    /// once, in the background (`read.rs`, `chunk_index`); whether the
+    /// question is out.
+    one_chunk_up_to: Arc<std::sync::OnceLock<Option<u64>>>,
+    asking_chunker: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LazyFs {
@@ -174,6 +179,8 @@ impl LazyFs {
             directories: Mutex::new(DirectoryCache::default()),
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            one_chunk_up_to: Arc::default(),
+            asking_chunker: Arc::default(),
             paths,
             passthrough: None,
             more_counters: Vec::new(),

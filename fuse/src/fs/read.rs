@@ -3,6 +3,9 @@
 //! stored), the chunks a read overlaps fetched and verified, and
 //! readahead for sequential readers.
 
+use lazystore_castore::BlobMeta;
+use lazystore_castore::blobs::ChunkMeta;
+
 use super::*;
 
 /// Reads within this distance of the previous read's end count as
@@ -98,6 +101,19 @@ impl LazyFs {
         started: Instant,
     ) -> Result<Arc<ChunkIndex>, FsError> {
         let digest = &self.real_file(inode, digest, started).await?;
+        // A file no longer than the chunker's minimum is one chunk, whose
+        // digest is the file's (both are the BLAKE3 of the same bytes): its
+        // chunk list is known without asking, and its chunk is checked
+        // against that digest as any is. One round trip less per small file.
+        if size > 0 && self.one_chunk_up_to().is_some_and(|min| size <= min) {
+            let one = vec![ChunkMeta {
+                digest: *digest,
+                size,
+            }];
+            if let Ok(meta) = BlobMeta::new(*digest, size, one) {
+                return Ok(Arc::new(ChunkIndex::new(meta)));
+            }
+        }
         let what = || format!("{}: fetching its chunk list", inode.path);
         let meta = retried(&self.options.retry, &self.stats, &what, || {
             self.store.blobs.stat(digest)
@@ -118,6 +134,29 @@ impl LazyFs {
                 &Inconsistent("blob missing from the store"),
             )),
         }
+    }
+
+    /// The store chunker's minimum chunk size; `None` while it is not
+    /// known (then every chunk list is fetched). Asked of the store once,
+    /// in the background, so no read waits on the question (a failed one
+    /// is asked again by a later read).
+    fn one_chunk_up_to(&self) -> Option<u64> {
+        if let Some(known) = self.one_chunk_up_to.get() {
+            return *known;
+        }
+        if !self.asking_chunker.swap(true, Ordering::AcqRel) {
+            let (known, asking) = (self.one_chunk_up_to.clone(), self.asking_chunker.clone());
+            let service = self.store.blobs.service().clone();
+            tokio::spawn(async move {
+                match service.chunker_params().await {
+                    Ok(params) => {
+                        let _ = known.set(params.map(|p| u64::from(p.min)));
+                    }
+                    Err(_) => asking.store(false, Ordering::Release),
+                }
+            });
+        }
+        None
     }
 
     /// The real digest of a file shown as `digest`: itself, or for a
