@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Cold builders: `nix hash path` (reads every file) of a large tree through
+# a builder's mount of `lazystore serve` with an empty local cache, against
+# eager `nix copy --from` of the same path from its zstd binary cache on
+# the same loopback (then the hash of the copy), and against the native
+# filesystem cold. Page cache dropped before each cold measure. Uses the
+# corpus bench/builder.sh prepares (a Rust toolchain and a Python install
+# as store paths, their binary cache and a lazystore store): run that
+# once first.
+#
+# Usage: bench/cold.sh   (as root; release build)
+#   BENCH_DIR  the builder bench's directory (default
+#              /var/tmp/lazystore-builder-bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
+work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
+lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
+[[ -s $work/closure && -s $work/server/store.redb ]] ||
+  { echo "bench/cold.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
+cargo build --quiet --release --bin lazystore
+public=$(cat "$work/bench.pub")
+now() { date +%s.%N; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  mountpoint -q "$work/cold-mnt" && fusermount3 -u -z "$work/cold-mnt" || true
+}
+trap cleanup EXIT
+
+"$lazystore" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb" \
+  >"$work/cold.serve" 2>"$work/cold.serve.log" &
+pids+=($!)
+until [[ -s $work/cold.serve ]]; do sleep 0.1; done
+grpc=$(head -n 1 "$work/cold.serve")
+
+python3 - "$work/cache" "$work/cold.port" >/dev/null 2>&1 <<'EOF' &
+import functools, http.server, sys
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=sys.argv[1])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+open(sys.argv[2], "w").write(str(server.server_address[1]))
+server.serve_forever()
+EOF
+pids+=($!)
+until [[ -s $work/cold.port ]]; do sleep 0.1; done
+http="http://127.0.0.1:$(cat "$work/cold.port")"
+
+printf '%-8s %9s %8s %9s %8s %9s %12s\n' tree files 'lazy s' 'eager s' 'native s' 'lazy/eager' 'lazy/native'
+for p in $(grep -e -rust -e -python "$work/closure"); do
+  name=${p##*-}
+  files=$(python3 -c "
+import json,sys
+def count(e):
+    t=e.get('type')
+    return 1 if t=='regular' else sum(count(c) for c in e.get('entries',{}).values()) if t=='directory' else 0
+print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p" | cut -c1-32).ls")
+
+  # Lazy: an empty cache, the page cache dropped.
+  rm -rf "$work/cold-mnt" "$work/cold-cache.redb" "$work/cold.mount"
+  mkdir -p "$work/cold-mnt"
+  "$lazystore" mount "$work/cold-mnt" --store "$grpc" --cache "redb://$work/cold-cache.redb" \
+    >"$work/cold.mount" 2>"$work/cold.mount.log" &
+  mount_pid=$!
+  until [[ -s $work/cold.mount ]]; do sleep 0.1; done
+  drop_caches
+  t0=$(now)
+  lazy_hash=$(nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")")
+  t1=$(now)
+  kill "$mount_pid"; wait "$mount_pid" 2>/dev/null || true
+
+  # Eager: copy the path from its binary cache into a fresh store, then hash it.
+  rm -rf "$work/cold-eager"
+  drop_caches
+  t2=$(now)
+  nix copy --from "$http" --to "local?root=$work/cold-eager" --option trusted-public-keys "$public" "$p" 2>>"$work/cold.log"
+  eager_hash=$(nix hash path --type sha256 --base32 "$work/cold-eager$p")
+  t3=$(now)
+
+  # Native: the copy, cold.
+  drop_caches
+  t4=$(now)
+  nix hash path --type sha256 --base32 "$work/cold-eager$p" >/dev/null
+  t5=$(now)
+  [[ $lazy_hash == "$eager_hash" ]] || { echo "bench/cold.sh: $name hashes differ" >&2; exit 1; }
+  awk -v n="$name" -v f="$files" -v l="$(awk "BEGIN{print $t1-$t0}")" -v e="$(awk "BEGIN{print $t3-$t2}")" \
+    -v nat="$(awk "BEGIN{print $t5-$t4}")" \
+    'BEGIN { printf "%-8s %9d %8.2f %9.2f %8.2f %9.2f× %11.2f×\n", n, f, l, e, nat, l/e, l/nat }'
+  rm -rf "$work/cold-eager"
+done
