@@ -9,6 +9,7 @@
 pub mod grpc;
 mod memory;
 mod redb;
+mod s3;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -22,6 +23,7 @@ use crate::store_path::{StorePath, StorePathError, StorePathHash};
 
 pub use self::grpc::{GrpcPathInfoService, PathInfoServer};
 pub use self::redb::RedbPathInfoService;
+pub use self::s3::S3PathInfoService;
 pub use memory::MemoryPathInfoService;
 
 /// A store path in the store: its root node and its narinfo metadata.
