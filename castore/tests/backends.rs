@@ -45,6 +45,7 @@ async fn backends() -> Vec<Backend> {
         redb("redb-deferred", SyncMode::Deferred).await,
         grpc().await,
         cache().await,
+        s3().await,
     ]
 }
 
@@ -155,6 +156,37 @@ async fn cache() -> Backend {
             remote || cached
         })),
         _keep: Box::new((dir, server)),
+    }
+}
+
+/// The S3 backends on the shared Garage cluster of this test process
+/// (`lazystore_testkit::garage`), each under a prefix of its own: a fresh
+/// store.
+async fn s3() -> Backend {
+    use lazystore_castore::blobs::S3BlobService;
+    use lazystore_castore::directories::S3DirectoryService;
+    use lazystore_castore::{RetryPolicy, S3Credentials, S3Options, S3Store};
+    use lazystore_testkit::garage::{Garage, unique_prefix};
+    let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
+    let (key_id, secret) = garage.key();
+    let options = S3Options {
+        credentials: Some(S3Credentials {
+            key_id: key_id.to_owned(),
+            secret: secret.to_owned(),
+            session_token: None,
+        }),
+        retry: RetryPolicy::default(),
+        ..S3Options::default()
+    };
+    let store = S3Store::open(&garage.store_url(&unique_prefix()), options).unwrap();
+    Backend {
+        name: "s3",
+        blobs: Arc::new(S3BlobService::new(store.clone(), None)),
+        directories: Arc::new(S3DirectoryService::new(store)),
+        params: ChunkerParams::default(),
+        corrupt_chunk: None,
+        corrupt_directory: None,
+        _keep: Box::new(()),
     }
 }
 
@@ -335,7 +367,7 @@ impl BlobObserver for CountingPuts {
 #[tokio::test]
 async fn uploads_send_only_missing_chunks_however_small() {
     for b in backends().await {
-        let remote = matches!(b.name, "grpc" | "cache");
+        let remote = matches!(b.name, "grpc" | "cache" | "s3");
         assert_eq!(b.blobs.uploads_travel(), remote, "{}", b.name);
         if !remote {
             continue;
