@@ -20,9 +20,8 @@
 //! (object_store's `get_ranges`), so reading a file's chunks costs about
 //! one GET per pack they are in.
 //!
-//! Costs, per operation: an import of 1 GB of NAR is ~400 MB of zstd
-//! chunks, ~50 packs, ~100 PUTs plus one per PathInfo (measured figures
-//! in `docs/design.md`, "S3 store").
+//! Costs per operation are in the backends' docs; measured figures in
+//! `docs/design.md`, "S3 store".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

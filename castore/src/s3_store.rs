@@ -21,7 +21,7 @@
 //! Cost per object is what shapes the layout: an object store charges (in
 //! money and latency, 10–50 ms a request) per request, not per byte. So
 //! records are never one object each: writes are gathered into packs of
-//! 8 MiB (`s3_packs.rs`) and each pack costs two PUTs (its bytes, then its
+//! up to 16 MiB (`s3_packs.rs`) and each pack costs two PUTs (its bytes, then its
 //! index); reads are Range GETs of the records asked for, nearby ranges of
 //! one pack merged into one request (`s3_index.rs`). What each operation
 //! costs is in the backends' docs and `docs/design.md` ("S3 store").

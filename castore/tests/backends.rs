@@ -513,7 +513,7 @@ async fn corrupt_chunk_fails_its_range_and_returns_no_bytes() {
             let err = blobs
                 .read_range(&digest, &meta, victim_at + 10, 100)
                 .await
-                .unwrap_err();
+                .expect_err(b.name);
             assert!(
                 matches!(err, BlobError::Corrupt { chunk, .. } | BlobError::Decompress { chunk, .. } if chunk == victim.digest),
                 "{}: {err}",
