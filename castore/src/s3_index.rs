@@ -39,6 +39,10 @@ use crate::s3_store::{PARALLEL_GETS, S3Store};
 /// How far before the newest index it knows a replica lists again.
 pub(crate) const LIST_WINDOW: Duration = Duration::from_secs(300);
 
+/// How old a replica's last listing may be before it lists again to
+/// answer which chunks are missing.
+pub(crate) const STALE_AFTER: Duration = Duration::from_secs(10);
+
 /// First bytes of an index object.
 const INDEX_MAGIC: &[u8; 8] = b"LZS3IX01";
 
@@ -99,6 +103,8 @@ pub(crate) struct Entry {
 pub(crate) struct Index {
     pub(crate) known: RwLock<Known>,
     pub(crate) loaded: AtomicBool,
+    /// When the last listing started.
+    last_listed: std::sync::Mutex<Option<Instant>>,
     /// Held while listing; when the last listing of each kind started.
     listing: tokio::sync::Mutex<Listed>,
 }
@@ -138,6 +144,8 @@ impl Known {
 /// How hard a lookup tries before it calls a record absent.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Miss {
+    /// What this replica knows is the answer.
+    Known,
     /// List new indexes within the window.
     Recent,
     /// Then list every index.
@@ -159,7 +167,12 @@ impl S3Store {
         }
         let mut found = self.known(kind, digests);
         for full in [false, true] {
-            if found.iter().all(Option::is_some) || (full && miss == Miss::Recent) {
+            let enough = match miss {
+                Miss::Known => true,
+                Miss::Recent => full,
+                Miss::Everything => false,
+            };
+            if found.iter().all(Option::is_some) || enough {
                 break;
             }
             self.list_indexes(full, since).await?;
@@ -175,14 +188,23 @@ impl S3Store {
     }
 
     /// Whether each of `digests` is stored or being stored by this
-    /// process, listing recent indexes once if any is not.
+    /// process, as far as this replica knows: it lists again only if its
+    /// last listing is over [`STALE_AFTER`] old. A chunk another replica
+    /// stored since is called missing and sent again (stored twice, read
+    /// either way); a LIST per call made every writer of small files
+    /// wait on the one before (`present` is asked for every batch).
     pub(crate) async fn present(
         &self,
         kind: Kind,
         digests: &[Digest],
     ) -> Result<Vec<bool>, S3Error> {
         let pending = |d: &Digest| self.writer().is_pending(kind, d);
-        let found = self.locate(kind, digests, Miss::Recent).await?;
+        let stale = {
+            let last = self.index().last_listed.lock().expect("lock poisoned");
+            last.is_none_or(|t| t.elapsed() >= STALE_AFTER)
+        };
+        let miss = if stale { Miss::Recent } else { Miss::Known };
+        let found = self.locate(kind, digests, miss).await?;
         Ok(digests
             .iter()
             .zip(found)
@@ -270,6 +292,7 @@ impl S3Store {
         }
         index.loaded.store(true, Ordering::Release);
         listed.any = Some(started);
+        *index.last_listed.lock().expect("lock poisoned") = Some(started);
         if full || !loaded {
             listed.full = Some(started);
         }

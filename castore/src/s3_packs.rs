@@ -56,11 +56,11 @@ pub(crate) const PACK_TARGET_BYTES: usize = 16 << 20;
 /// enough not to seal between the appends of writers busy compressing:
 /// 20 ms sealed packs of 1 MB on average in `castore/tests/s3.rs` (debug
 /// build, two cores).
-pub(crate) const IDLE: Duration = Duration::from_millis(50);
+pub(crate) const IDLE: Duration = Duration::from_millis(100);
 
 /// A pack is sealed this long after its first record at the latest, so
 /// a steady trickle of writes still returns.
-pub(crate) const MAX_AGE: Duration = Duration::from_millis(1000);
+pub(crate) const MAX_AGE: Duration = Duration::from_millis(500);
 
 /// The writer of one process: its open pack and the records not yet
 /// visible.
@@ -257,7 +257,7 @@ impl S3Store {
             .as_ref()
             .is_some_and(|o| o.bytes.len() >= PACK_TARGET_BYTES)
         {
-            self.seal(state);
+            self.seal(state, "full");
         }
         waits
     }
@@ -274,17 +274,29 @@ impl S3Store {
             };
             wake = (open.last_append + IDLE).min(open.opened + MAX_AGE);
             if wake <= Instant::now() {
-                self.seal(&mut state);
+                let why = if open.last_append + IDLE <= Instant::now() {
+                    "idle"
+                } else {
+                    "age"
+                };
+                self.seal(&mut state, why);
                 return;
             }
         }
     }
 
     /// Seals the open pack and starts storing it.
-    fn seal(&self, state: &mut WriterState) {
+    fn seal(&self, state: &mut WriterState, why: &'static str) {
         let Some(pack) = state.open.take() else {
             return;
         };
+        tracing::debug!(
+            records = pack.entries.len(),
+            bytes = pack.bytes.len(),
+            age_ms = pack.opened.elapsed().as_millis() as u64,
+            why,
+            "sealing an S3 pack"
+        );
         let store = self.clone();
         tokio::spawn(async move {
             let OpenPack {
