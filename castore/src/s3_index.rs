@@ -2,9 +2,11 @@
 //! of an `s3://` store ([`S3Store`]) keeps, and the Range GETs that read
 //! records out of packs. How packs are written is in `s3_packs.rs`.
 //!
-//! **Finding records.** A replica keeps every index it has read in memory
-//! (about 90 bytes a record: a 2.5 GB store of 64 KiB chunks is some
-//! 40,000 records, 3.5 MB). The first lookup lists `index/` and reads
+//! **Finding records.** A replica keeps every index it has read in memory,
+//! about 90 bytes a record (a 33-byte key, a 32-byte entry, the hash
+//! map's share): 1 GB stored in 64 KiB chunks is 16,000 records, 1.4 MB;
+//! a store of many TB would want the index on disk, which is not built.
+//! The first lookup lists `index/` and reads
 //! every index; a lookup that misses lists again, from [`LIST_WINDOW`]
 //! before the newest index it knows (index keys start with the writer's
 //! clock at the time of writing, so one written late by a slow or skewed
