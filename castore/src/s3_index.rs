@@ -15,7 +15,7 @@
 //! read, or a needed record for a write, lists everything before the store
 //! says it is absent, so a clock skewed past the window costs time, never
 //! a wrong answer. Two replicas that store one record both keep it; the
-//! first index read wins.
+//! index read last (the newest, as listings go in key order) wins.
 //!
 //! **Reading.** A record is a Range GET of its pack; records of one pack
 //! asked together are merged into one request when less than 1 MiB apart
@@ -134,11 +134,15 @@ impl Known {
         self.indexes.insert(index);
         let number = self.packs.len() as u32;
         self.packs.push(pack.into());
+        // The newest index read wins: listings read indexes oldest first,
+        // so a record stored again (a directory put to repair it) is read
+        // from its new copy.
         for (key, entry) in entries {
-            self.records.entry(key).or_insert(Entry {
+            let entry = Entry {
                 pack: number,
                 ..entry
-            });
+            };
+            self.records.insert(key, entry);
         }
     }
 }
@@ -245,6 +249,29 @@ impl S3Store {
             }
         }
         Ok(out)
+    }
+
+    /// Flips one byte in the middle of a stored record, in its pack, for
+    /// corruption tests; false if it is not stored (or has no bytes).
+    pub(crate) async fn corrupt_record(&self, kind: Kind, digest: Digest) -> Result<bool, S3Error> {
+        let digests = [digest];
+        let Some(entry) = self.locate(kind, &digests, Miss::Everything).await?[0] else {
+            return Ok(false);
+        };
+        if entry.len == 0 {
+            return Ok(false);
+        }
+        let key = {
+            let known = self.index().known.read().expect("lock poisoned");
+            format!("packs/{}", known.packs[entry.pack as usize])
+        };
+        let Some(pack) = self.get(&key).await? else {
+            return Ok(false);
+        };
+        let mut pack = pack.to_vec();
+        pack[(entry.offset + u64::from(entry.len) / 2) as usize] ^= 1;
+        self.put(&key, pack.into()).await?;
+        Ok(true)
     }
 
     /// Lists `index/` (everything, or from [`LIST_WINDOW`] before the

@@ -211,9 +211,13 @@ impl S3Store {
     fn append(&self, state: &mut WriterState, records: Vec<Record>) -> Vec<Done> {
         let mut waits = Vec::new();
         let keys: Vec<_> = records.iter().map(|r| (r.kind, r.digest)).collect();
+        // A directory is written again even when stored: it is small, a
+        // put of a stored one is rare, and the newest copy is the one read,
+        // so putting a damaged directory again repairs it (as in redb).
         let stored: HashSet<(Kind, Digest)> = {
             let known = self.index().known.read().expect("lock poisoned");
-            let is_stored = |k: &&(Kind, Digest)| known.records.contains_key(k);
+            let is_stored =
+                |k: &&(Kind, Digest)| k.0 != Kind::Directory && known.records.contains_key(*k);
             keys.iter().filter(is_stored).copied().collect()
         };
         for record in records {

@@ -178,16 +178,43 @@ async fn s3() -> Backend {
         retry: RetryPolicy::default(),
         ..S3Options::default()
     };
-    let store = S3Store::open(&garage.store_url(&unique_prefix()), options).unwrap();
+    let url = garage.store_url(&unique_prefix());
+    let store = S3Store::open(&url, options.clone()).unwrap();
+    // The hooks are synchronous: each rewrites a pack through a client of
+    // its own on a runtime of its own (the test's is blocked meanwhile).
+    let (url2, options2) = (url.clone(), options.clone());
+    let corrupt_chunk: CorruptChunk = Box::new(move |c| {
+        let service = S3BlobService::new(S3Store::open(&url, options.clone()).unwrap(), None);
+        let c = *c;
+        on_own_runtime(async move { service.corrupt_chunk(&c).await.unwrap() })
+    });
+    let corrupt_directory: CorruptDirectory = Box::new(move |d| {
+        let service = S3DirectoryService::new(S3Store::open(&url2, options2.clone()).unwrap());
+        let d = *d;
+        on_own_runtime(async move { service.corrupt_directory(&d).await.unwrap() })
+    });
     Backend {
         name: "s3",
         blobs: Arc::new(S3BlobService::new(store.clone(), None)),
         directories: Arc::new(S3DirectoryService::new(store)),
         params: ChunkerParams::default(),
-        corrupt_chunk: None,
-        corrupt_directory: None,
+        corrupt_chunk: Some(corrupt_chunk),
+        corrupt_directory: Some(corrupt_directory),
         _keep: Box::new(()),
     }
+}
+
+/// Runs `work` to completion on a new thread and runtime.
+fn on_own_runtime<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(work)
+    })
+    .join()
+    .unwrap()
 }
 
 fn flip(bytes: &mut [u8]) {

@@ -44,6 +44,16 @@ impl S3BlobService {
     }
 }
 
+impl S3BlobService {
+    /// Flips a byte of a stored chunk in its pack, for corruption tests.
+    /// False if it is not stored.
+    #[doc(hidden)]
+    pub async fn corrupt_chunk(&self, chunk: &Digest) -> Result<bool, BlobError> {
+        let corrupted = self.store.corrupt_record(Kind::Chunk, *chunk).await;
+        corrupted.map_err(backend)
+    }
+}
+
 fn backend(e: S3Error) -> BlobError {
     BlobError::Backend(Box::new(e))
 }

@@ -34,6 +34,16 @@ impl S3DirectoryService {
     }
 }
 
+impl S3DirectoryService {
+    /// Flips a byte of a stored directory in its pack, for corruption
+    /// tests. False if it is not stored.
+    #[doc(hidden)]
+    pub async fn corrupt_directory(&self, digest: &Digest) -> Result<bool, DirectoryError> {
+        let corrupted = self.store.corrupt_record(Kind::Directory, *digest).await;
+        corrupted.map_err(backend)
+    }
+}
+
 fn backend(e: S3Error) -> DirectoryError {
     DirectoryError::Backend(Box::new(e))
 }
