@@ -25,6 +25,7 @@ pub mod retry;
 mod s3_config;
 mod s3_index;
 mod s3_packs;
+mod s3_quarantine;
 mod s3_store;
 mod sweep;
 pub mod tls;

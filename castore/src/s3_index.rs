@@ -114,7 +114,10 @@ pub(crate) struct Index {
 #[derive(Debug, Default)]
 pub(crate) struct Known {
     pub(crate) records: HashMap<(Kind, Digest), Entry>,
-    packs: Vec<Arc<str>>,
+    pub(crate) packs: Vec<Arc<str>>,
+    /// Quarantined chunks, with the pack of the copy that failed
+    /// (`s3_quarantine.rs`): that copy is never read again.
+    pub(crate) bad: HashMap<Digest, Arc<str>>,
     /// Index objects read (or found damaged), by name.
     indexes: HashSet<String>,
     newest_millis: u64,
@@ -124,6 +127,7 @@ pub(crate) struct Known {
 struct Listed {
     any: Option<Instant>,
     full: Option<Instant>,
+    quarantine: Option<Instant>,
 }
 
 impl Known {
@@ -138,6 +142,9 @@ impl Known {
         // so a record stored again (a directory put to repair it) is read
         // from its new copy.
         for (key, entry) in entries {
+            if key.0 == Kind::Chunk && self.bad.get(&key.1).is_some_and(|p| **p == *pack) {
+                continue;
+            }
             let entry = Entry {
                 pack: number,
                 ..entry
@@ -307,6 +314,13 @@ impl S3Store {
             .collect();
         let keys = names.iter().map(|n| format!("index/{n}")).collect();
         let objects = self.get_many(keys).await?;
+        // Records of damaged chunks: on every full listing, else at most
+        // every STALE_AFTER (a replica that reads a damaged copy finds out
+        // itself anyway).
+        if full || !loaded || listed.quarantine.is_none_or(|t| t.elapsed() >= STALE_AFTER) {
+            self.list_quarantine().await?;
+            listed.quarantine = Some(started);
+        }
         let mut known = index.known.write().expect("lock poisoned");
         for (name, object) in names.into_iter().zip(objects) {
             let Some(bytes) = object else { continue };

@@ -348,8 +348,17 @@ impl S3Store {
             .as_millis();
         let name = format!("{millis:013}-{}", &Digest::of(&index).to_string()[..16]);
         self.put(&format!("index/{name}"), index.into()).await?;
-        let mut known = self.index().known.write().expect("lock poisoned");
-        known.add(name, &pack, entries);
-        Ok(())
+        let released: Vec<Digest> = {
+            let mut known = self.index().known.write().expect("lock poisoned");
+            let chunks = entries.iter().filter(|((kind, _), _)| *kind == Kind::Chunk);
+            let bad: Vec<Digest> = chunks
+                .map(|((_, d), _)| *d)
+                .filter(|d| known.bad.contains_key(d))
+                .collect();
+            known.add(name, &pack, entries);
+            bad
+        };
+        // Stored anew: no longer missing.
+        self.release_quarantined(&released).await
     }
 }

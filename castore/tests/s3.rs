@@ -155,3 +155,46 @@ async fn storing_many_files_costs_a_few_puts_per_pack() {
     // 2004 files and ~1,100 chunks: far fewer requests than either.
     assert!(puts < 80, "{puts} PUTs");
 }
+
+/// A chunk damaged in its pack: the read fails, the replica checks its
+/// copy and records it, every replica then reports it missing, and
+/// storing the blob again stores it anew and clears the record.
+#[tokio::test]
+async fn a_damaged_chunk_is_quarantined_for_every_replica_until_stored_again() {
+    let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
+    let url = garage.store_url(&unique_prefix());
+    let (store, blobs, _) = replica(garage, &url);
+    let service = S3BlobService::new(store.clone(), None);
+    let data = random(1 << 20);
+    let digest = blobs.put(&data).await.unwrap();
+    let meta = blobs.stat(&digest).await.unwrap().unwrap();
+    let victim = meta.chunks[1].digest;
+    assert!(service.corrupt_chunk(&victim).await.unwrap());
+
+    let (_, other, _) = replica(garage, &url);
+    let meta_other = other.stat(&digest).await.unwrap().unwrap();
+    assert!(
+        other
+            .read_range(&digest, &meta_other, 0, 1 << 20)
+            .await
+            .is_err()
+    );
+    let other_service = other.service().clone();
+    assert_eq!(other_service.quarantined().await.unwrap(), 1);
+    assert_eq!(
+        other_service.missing_chunks(&[victim]).await.unwrap(),
+        vec![victim]
+    );
+    // A third replica, started since, knows it too.
+    let (_, third, _) = replica(garage, &url);
+    assert_eq!(
+        third.service().missing_chunks(&[victim]).await.unwrap(),
+        vec![victim]
+    );
+    // Stored again through it: read whole by a fresh replica, and no
+    // longer recorded.
+    third.put(&data).await.unwrap();
+    let (_, fresh, _) = replica(garage, &url);
+    assert_eq!(read_all(&fresh, digest).await, data);
+    assert_eq!(fresh.service().quarantined().await.unwrap(), 0);
+}

@@ -13,8 +13,9 @@
 //! the list as `blobs-v1` keeps it (`encode_chunk_list`): a damaged or
 //! misfiled record is an error, never another blob's chunks.
 //!
-//! Quarantine is not built for this backend: a chunk that fails
-//! verification fails its reads, but the store goes on reporting it.
+//! Quarantine (`s3_quarantine.rs`): a chunk reported corrupt is read
+//! again from its pack and, if that copy fails too, recorded and no longer
+//! read by any replica, so it reads as missing until it is stored again.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use crate::chunker::ChunkerParams;
 use crate::digest::{DIGEST_LEN, Digest};
 use crate::proto::ChunkEncoding;
 use crate::s3_config::S3Error;
-use crate::s3_index::{Kind, Miss, Record};
+use crate::s3_index::{Entry, Kind, Miss, Record};
 use crate::s3_packs::WriteError;
 use crate::s3_store::S3Store;
 
@@ -103,6 +104,35 @@ fn decode_list(blob: Digest, record: &[u8]) -> Result<BlobMeta, BlobError> {
 }
 
 impl S3BlobService {
+    /// The chunks at `entries`, as stored; a chunk whose index entry names
+    /// an unknown encoding is an error of its own.
+    async fn read_entries(
+        &self,
+        chunks: &[Digest],
+        entries: &[Entry],
+    ) -> Result<Vec<Result<EncodedChunk, BlobError>>, BlobError> {
+        let bytes = self.store.read(entries).await.map_err(backend)?;
+        let chunk = |((digest, entry), data): ((&Digest, &Entry), Bytes)| {
+            let encoding = match entry.encoding {
+                0 => ChunkEncoding::Raw,
+                1 => ChunkEncoding::Zstd,
+                _ => {
+                    return Err(BlobError::Corrupt {
+                        chunk: *digest,
+                        reason: "unknown encoding in the S3 index",
+                    });
+                }
+            };
+            Ok(EncodedChunk {
+                digest: *digest,
+                encoding,
+                size: entry.size,
+                data,
+            })
+        };
+        Ok(chunks.iter().zip(entries).zip(bytes).map(chunk).collect())
+    }
+
     /// Stores `records`, refusing them unless every chunk of `list` is
     /// stored or among them.
     async fn write(&self, records: Vec<Record>, list: &[Digest]) -> Result<(), BlobError> {
@@ -142,30 +172,8 @@ impl BlobService for S3BlobService {
         for (digest, entry) in chunks.iter().zip(found) {
             entries.push(entry.ok_or(BlobError::ChunkNotFound(*digest))?);
         }
-        let bytes = self.store.read(&entries).await.map_err(backend)?;
-        chunks
-            .iter()
-            .zip(entries)
-            .zip(bytes)
-            .map(|((digest, entry), data): ((&Digest, _), Bytes)| {
-                let encoding = match entry.encoding {
-                    0 => ChunkEncoding::Raw,
-                    1 => ChunkEncoding::Zstd,
-                    _ => {
-                        return Err(BlobError::Corrupt {
-                            chunk: *digest,
-                            reason: "unknown encoding in the S3 index",
-                        });
-                    }
-                };
-                Ok(EncodedChunk {
-                    digest: *digest,
-                    encoding,
-                    size: entry.size,
-                    data,
-                })
-            })
-            .collect()
+        let read = self.read_entries(chunks, &entries).await?;
+        read.into_iter().collect()
     }
 
     async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
@@ -198,6 +206,32 @@ impl BlobService for S3BlobService {
 
     async fn put_blob(&self, blob: Digest, meta: BlobMeta) -> Result<(), BlobError> {
         self.put_chunks_and_blob(Vec::new(), blob, meta).await
+    }
+
+    /// Each chunk's stored copy is read again (one GET per pack) and
+    /// decoded; those that fail are recorded, one PUT each.
+    async fn quarantine(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        let found = self.store.locate(Kind::Chunk, chunks, Miss::Known);
+        let found = found.await.map_err(backend)?;
+        let (digests, entries): (Vec<Digest>, Vec<_>) = chunks
+            .iter()
+            .zip(found)
+            .filter_map(|(d, e)| Some((*d, e?)))
+            .unzip();
+        let stored = self.read_entries(&digests, &entries).await?;
+        let mut bad = Vec::new();
+        for ((digest, entry), chunk) in digests.into_iter().zip(entries).zip(stored) {
+            if chunk.and_then(|c| c.decode()).is_err() {
+                let recorded = self.store.quarantine_chunk(digest, entry).await;
+                recorded.map_err(backend)?;
+                bad.push(digest);
+            }
+        }
+        Ok(bad)
+    }
+
+    async fn quarantined(&self) -> Result<u64, BlobError> {
+        self.store.quarantined().await.map_err(backend)
     }
 
     fn uploads_travel(&self) -> bool {
