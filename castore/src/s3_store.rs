@@ -10,6 +10,7 @@
 //! | `index/<millis>-<hash>` | where each record of one pack is (format in `s3_index.rs`)    |
 //! | `meta/chunker-params`   | the chunker parameters, 12 bytes as in redb's `meta-v1`       |
 //! | `pathinfo/<nixbase32>`  | one PathInfo, BLAKE3 + protobuf as in redb's `pathinfo-v2`    |
+//! | `quarantine/<digest>`   | a chunk whose copy failed, naming its pack (`s3_quarantine.rs`) |
 //!
 //! Everything but a PathInfo is content-addressed and never changes, so
 //! writes are idempotent and replicas need no coordination: two replicas
