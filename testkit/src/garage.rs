@@ -165,7 +165,7 @@ impl Garage {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let secret = format!("{:064x}", rand_u128(&dir));
+        let secret = format!("{:032x}{:032x}", rand_u128(&dir), rand_u128(&dir));
         let mut nodes = Vec::new();
         let mut rpc_addrs = Vec::new();
         for n in 0..NODES {
