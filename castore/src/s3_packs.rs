@@ -31,10 +31,10 @@
 //! took 31 PUTs in 4.3 s — 363 PUTs per GB stored, where a record per
 //! object would have been ~5,000. `lazystore import` of a 97.5 MB NAR
 //! through a `serve` on the bucket (`tests/s3_replicas.rs`, same machine)
-//! wrote 56 MB in 14–24 packs, an index each and a PathInfo: 29 and 49 PUTs
-//! in two runs, 300–500 per GB of NAR, where full packs would be 9. The client is the limit there:
-//! compressing in a debug build, its batches came further apart than
-//! [`IDLE`]. A lone writer (one small put at a time) pays two PUTs and
+//! wrote 56 MB in 14 and 24 packs in two runs, an index each and a
+//! PathInfo: 29 and 49 PUTs, 300–500 per GB of NAR, where full packs
+//! would be 9. The client is the limit there: compressing in a debug
+//! build, its batches came further apart than [`IDLE`]. A lone writer (one small put at a time) pays two PUTs and
 //! [`IDLE`] per write: batching needs writers in flight.
 
 use std::collections::{HashMap, HashSet};
