@@ -14,6 +14,11 @@ for tool in nix nix-store; do
   }
 done
 
+command -v "${GARAGE_BIN:-garage}" >/dev/null || {
+  echo "test.sh: garage is missing; the S3 store's tests run a real Garage cluster. Try: cargo install garage --no-default-features --features bundled-libs,lmdb,sqlite --locked" >&2
+  exit 1
+}
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

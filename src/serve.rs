@@ -124,7 +124,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE", group = "write_tokens", hide = true)]
     upload_token_file: Option<PathBuf>,
     /// The store to serve: redb:///abs/path/store.redb, memory://,
-    /// grpc+http://HOST:PORT or grpc+unix:///PATH [default:
+    /// grpc+http://HOST:PORT, grpc+unix:///PATH or
+    /// s3://BUCKET/PREFIX?endpoint=URL&region=NAME [default:
     /// redb://$LAZYSTORE_DIR/store.redb, $LAZYSTORE_DIR defaulting to
     /// ~/.local/share/lazystore].
     #[arg(long, value_name = "URL")]

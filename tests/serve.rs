@@ -323,8 +323,10 @@ async fn taken_store_or_address_is_a_clear_error() {
 
     let e = serve_fails("127.0.0.1:0", "redb://relative/store.redb");
     assert!(e.contains("absolute"), "{e}");
-    let e = serve_fails("127.0.0.1:0", "s3://bucket");
+    let e = serve_fails("127.0.0.1:0", "gs://bucket");
     assert!(e.contains("unsupported store URL"), "{e}");
+    let e = serve_fails("127.0.0.1:0", "s3://bucket/p?sync=no");
+    assert!(e.contains("unknown option"), "{e}");
     let e = serve_fails("nonsense", "memory://");
     assert!(e.contains("HOST:PORT"), "{e}");
 

@@ -23,6 +23,11 @@ pub mod nodes;
 mod packs;
 mod redb_store;
 pub mod retry;
+mod s3_config;
+mod s3_index;
+mod s3_packs;
+mod s3_quarantine;
+mod s3_store;
 mod sweep;
 pub mod tls;
 
@@ -42,4 +47,6 @@ pub use leases::{LeasedDirectories, Leases, leased_blobs};
 pub use nodes::{Directory, Node, PathComponent, SymlinkTarget, ValidateError};
 pub use redb_store::{OpenError, RedbOptions, RedbStore, SyncMode};
 pub use retry::{Backoff, ErrorClass, RetryPolicy, Retryable};
+pub use s3_config::{OpenS3Error, S3Credentials, S3Error, S3Options};
+pub use s3_store::{S3Requests, S3Store};
 pub use sweep::{Live, SweepError, Swept};

@@ -14,6 +14,7 @@ use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use crate::grpc::GrpcError;
+use crate::s3_config::S3Error;
 use crate::{BlobError, DirectoryError};
 
 /// How a failure is retried.
@@ -36,7 +37,8 @@ pub enum ErrorClass {
 impl ErrorClass {
     /// The class of a backend failure (the source of a `Backend` variant):
     /// that of the first error in its source chain that knows its class (a
-    /// [`GrpcError`], or a store error wrapped by another store's backend),
+    /// [`GrpcError`], an [`S3Error`], or a store error wrapped by another
+    /// store's backend),
     /// or else [`Transient`](ErrorClass::Transient): a database or I/O
     /// error may heal.
     pub fn of_backend(error: &(dyn Error + 'static)) -> ErrorClass {
@@ -49,6 +51,9 @@ impl ErrorClass {
                 return e.class();
             }
             if let Some(e) = e.downcast_ref::<DirectoryError>() {
+                return e.class();
+            }
+            if let Some(e) = e.downcast_ref::<S3Error>() {
                 return e.class();
             }
             next = e.source();

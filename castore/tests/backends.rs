@@ -45,6 +45,7 @@ async fn backends() -> Vec<Backend> {
         redb("redb-deferred", SyncMode::Deferred).await,
         grpc().await,
         cache().await,
+        s3().await,
     ]
 }
 
@@ -156,6 +157,64 @@ async fn cache() -> Backend {
         })),
         _keep: Box::new((dir, server)),
     }
+}
+
+/// The S3 backends on the shared Garage cluster of this test process
+/// (`lazystore_testkit::garage`), each under a prefix of its own: a fresh
+/// store.
+async fn s3() -> Backend {
+    use lazystore_castore::blobs::S3BlobService;
+    use lazystore_castore::directories::S3DirectoryService;
+    use lazystore_castore::{RetryPolicy, S3Credentials, S3Options, S3Store};
+    use lazystore_testkit::garage::{Garage, unique_prefix};
+    let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
+    let (key_id, secret) = garage.key();
+    let options = S3Options {
+        credentials: Some(S3Credentials {
+            key_id: key_id.to_owned(),
+            secret: secret.to_owned(),
+            session_token: None,
+        }),
+        retry: RetryPolicy::default(),
+        ..S3Options::default()
+    };
+    let url = garage.store_url(&unique_prefix());
+    let store = S3Store::open(&url, options.clone()).unwrap();
+    // The hooks are synchronous: each rewrites a pack through a client of
+    // its own on a runtime of its own (the test's is blocked meanwhile).
+    let (url2, options2) = (url.clone(), options.clone());
+    let corrupt_chunk: CorruptChunk = Box::new(move |c| {
+        let service = S3BlobService::new(S3Store::open(&url, options.clone()).unwrap(), None);
+        let c = *c;
+        on_own_runtime(async move { service.corrupt_chunk(&c).await.unwrap() })
+    });
+    let corrupt_directory: CorruptDirectory = Box::new(move |d| {
+        let service = S3DirectoryService::new(S3Store::open(&url2, options2.clone()).unwrap());
+        let d = *d;
+        on_own_runtime(async move { service.corrupt_directory(&d).await.unwrap() })
+    });
+    Backend {
+        name: "s3",
+        blobs: Arc::new(S3BlobService::new(store.clone(), None)),
+        directories: Arc::new(S3DirectoryService::new(store)),
+        params: ChunkerParams::default(),
+        corrupt_chunk: Some(corrupt_chunk),
+        corrupt_directory: Some(corrupt_directory),
+        _keep: Box::new(()),
+    }
+}
+
+/// Runs `work` to completion on a new thread and runtime.
+fn on_own_runtime<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(work)
+    })
+    .join()
+    .unwrap()
 }
 
 fn flip(bytes: &mut [u8]) {
@@ -335,7 +394,7 @@ impl BlobObserver for CountingPuts {
 #[tokio::test]
 async fn uploads_send_only_missing_chunks_however_small() {
     for b in backends().await {
-        let remote = matches!(b.name, "grpc" | "cache");
+        let remote = matches!(b.name, "grpc" | "cache" | "s3");
         assert_eq!(b.blobs.uploads_travel(), remote, "{}", b.name);
         if !remote {
             continue;
@@ -481,7 +540,7 @@ async fn corrupt_chunk_fails_its_range_and_returns_no_bytes() {
             let err = blobs
                 .read_range(&digest, &meta, victim_at + 10, 100)
                 .await
-                .unwrap_err();
+                .expect_err(b.name);
             assert!(
                 matches!(err, BlobError::Corrupt { chunk, .. } | BlobError::Decompress { chunk, .. } if chunk == victim.digest),
                 "{}: {err}",

@@ -17,7 +17,8 @@
 //!
 //! A new backend is one file per service (in `castore::blobs`,
 //! `castore::directories`, `pathinfos`), a constructor here beside
-//! [`Store::redb`] and [`Store::grpc`], and one arm in [`Store::open`].
+//! [`Store::redb`], [`Store::grpc`] and [`Store::s3`], and one arm in
+//! [`Store::open`].
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -26,22 +27,24 @@ use std::time::Duration;
 
 use lazystore_castore::auth::Token;
 use lazystore_castore::blobs::{
-    CachingBlobService, GrpcBlobService, MemoryBlobService, RedbBlobService,
+    CachingBlobService, GrpcBlobService, MemoryBlobService, RedbBlobService, S3BlobService,
 };
 use lazystore_castore::directories::{
     CachingDirectoryService, GrpcDirectoryService, MemoryDirectoryService, RedbDirectoryService,
+    S3DirectoryService,
 };
 use lazystore_castore::grpc::{Connection, InvalidUrl, Unreachable};
 use lazystore_castore::tls::CaCerts;
 use lazystore_castore::{
     BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, DEFAULT_CACHE_SIZE,
-    DirectoryService, Node, OpenError, RedbOptions, RedbStore, RetryPolicy, SyncMode,
+    DirectoryService, Node, OpenError, OpenS3Error, RedbOptions, RedbStore, RetryPolicy, S3Options,
+    S3Store, SyncMode,
 };
 
 use crate::nar_roots::NarRoots;
 use crate::pathinfos::{
     GrpcPathInfoService, MemoryPathInfoService, PathInfo, PathInfoError, PathInfoService,
-    RedbPathInfoService,
+    RedbPathInfoService, S3PathInfoService,
 };
 
 /// How long commands wait for a remote store's server to answer before
@@ -169,9 +172,13 @@ pub enum OpenStoreError {
     /// The URL's scheme is not one [`Store::open`] knows.
     #[error(
         "unsupported store URL {0:?}: expected memory://, redb:///abs/path/store.redb, \
-         grpc+http://host:port, grpc+https://host:port or grpc+unix:///path/to.sock"
+         grpc+http://host:port, grpc+https://host:port, grpc+unix:///path/to.sock or \
+         s3://bucket/prefix?endpoint=…&region=…"
     )]
     UnknownScheme(String),
+    /// An `s3://` URL that cannot be opened (its form, or no credentials).
+    #[error(transparent)]
+    S3(#[from] OpenS3Error),
     /// A `redb://` URL whose path is not absolute, or that has a query.
     #[error(
         "invalid store URL {url:?}: {reason} (expected redb:///abs/path/store.redb, \
@@ -394,6 +401,24 @@ impl Store {
         }
     }
 
+    /// The three services of one object store bucket (and prefix), shared
+    /// with every other replica opened on it; a store that records no
+    /// chunker parameters yet records `params` (the defaults if `None`).
+    pub fn s3(store: S3Store, params: Option<ChunkerParams>) -> Store {
+        Store {
+            blobs: Blobs::new(
+                Arc::new(S3BlobService::new(store.clone(), params)),
+                params.unwrap_or_default(),
+            ),
+            directories: Arc::new(S3DirectoryService::new(store.clone())),
+            path_infos: Arc::new(S3PathInfoService::new(store)),
+            local_cache: None,
+            nar_roots: NarRoots::none(),
+            connection: None,
+            redb: None,
+        }
+    }
+
     /// Opens the store at `url`, with the layers `options` ask for:
     ///
     /// - `memory://` — a fresh store in memory, gone when the process exits.
@@ -405,6 +430,10 @@ impl Store {
     /// - `grpc+https://host:port` — the same over TLS, its certificate
     ///   signed by a CA of the system's or of `options.ca_certs`.
     /// - `grpc+unix:///path/to.sock` — a `lazystore serve` on a Unix socket.
+    /// - `s3://bucket/prefix?endpoint=http://host:port&region=name` — an
+    ///   S3-compatible object store, with the key of the standard AWS
+    ///   environment variables ([`S3Options::from_env`]); requests retried
+    ///   as `options.retry` says. Several servers may share one.
     ///
     /// gRPC stores connect on first use (and retry while the server is
     /// unreachable, as `options.retry` says), so opening one always
@@ -464,6 +493,11 @@ impl Store {
                 connection.probe(wait).await?;
             }
             return Ok((Store::grpc(connection), true));
+        }
+        if url.starts_with("s3://") {
+            let s3 = S3Store::open(url, S3Options::from_env(options.retry))?;
+            // Remote: a mount keeps a local cache in front of it.
+            return Ok((Store::s3(s3, options.chunker), true));
         }
         Err(OpenStoreError::UnknownScheme(url.to_owned()))
     }

@@ -38,7 +38,7 @@ struct Backend {
 
 /// Every backend the suite runs against: one line each.
 async fn backends() -> Vec<Backend> {
-    vec![memory(), redb().await, grpc().await]
+    vec![memory(), redb().await, grpc().await, s3().await]
 }
 
 fn memory() -> Backend {
@@ -99,6 +99,54 @@ async fn grpc() -> Backend {
         replaces: Some(GrpcPathInfoService::connect_lazy(&url).unwrap()),
         corrupt_record: Some(corrupt),
         _keep: Box::new((stop, dir)),
+    }
+}
+
+/// The three S3 services on the shared Garage cluster of this test
+/// process (`lazystore_testkit::garage`), under a prefix of their own.
+async fn s3() -> Backend {
+    use lazystore_castore::{RetryPolicy, S3Credentials, S3Options, S3Store};
+    use lazystore_pathinfo::pathinfos::S3PathInfoService;
+    use lazystore_testkit::garage::{Garage, unique_prefix};
+    let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
+    let (key_id, secret) = garage.key();
+    let options = S3Options {
+        credentials: Some(S3Credentials {
+            key_id: key_id.to_owned(),
+            secret: secret.to_owned(),
+            session_token: None,
+        }),
+        retry: RetryPolicy::default(),
+        ..S3Options::default()
+    };
+    let url = garage.store_url(&unique_prefix());
+    let s3 = S3Store::open(&url, options.clone()).unwrap();
+    // The hook is synchronous: the record is rewritten by a client of its
+    // own on a runtime of its own (the test's is blocked meanwhile).
+    let corrupt: CorruptRecord = Box::new(move |hash| {
+        let hash = *hash;
+        let raw = S3PathInfoService::new(S3Store::open(&url, options.clone()).unwrap());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(raw.corrupt_record(&hash, |record| {
+                    record.pop();
+                }))
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    Backend {
+        name: "s3",
+        store: Store::s3(s3, None),
+        checks_root: false,
+        replaces: None,
+        corrupt_record: Some(corrupt),
+        _keep: Box::new(()),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Real Nix for integration tests: running Nix commands as root without a daemon,
 //! sandbox or build users, building small closures with references, adding trees,
 //! making signing keys, and writing binary caches with `nix copy`; and TLS
-//! certificates for servers (`tls`).
+//! certificates for servers (`tls`); and a real Garage cluster for the S3
+//! store (`garage`).
 //!
 //! Every helper panics on failure with the command line and Nix's stderr, and a
 //! missing `nix` is a failure, never a skip: these tests compare against Nix, and
@@ -17,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tempfile::TempDir;
 
+pub mod garage;
 pub mod http;
 pub mod tls;
 
@@ -115,7 +117,7 @@ impl Closure {
 }
 
 /// A value no earlier call, in this process or another, has used.
-fn nonce() -> String {
+pub(crate) fn nonce() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -19,6 +19,7 @@ mod observed;
 mod quarantine;
 mod reader;
 pub(crate) mod redb;
+mod s3;
 mod writer;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub use self::grpc::GrpcBlobService;
 pub use self::index::{ChunkIndex, cut};
 pub use self::reader::BlobReader;
 pub use self::redb::RedbBlobService;
+pub use self::s3::S3BlobService;
 pub use self::writer::BlobWriter;
 use self::writer::IN_FLIGHT_BYTES;
 pub use memory::{MemoryBlobService, MemoryStats};

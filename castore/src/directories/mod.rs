@@ -9,6 +9,7 @@ mod cache;
 mod grpc;
 mod memory;
 pub(crate) mod redb;
+mod s3;
 
 use async_trait::async_trait;
 
@@ -19,6 +20,7 @@ use crate::retry::{ErrorClass, Retryable};
 pub use self::cache::CachingDirectoryService;
 pub use self::grpc::GrpcDirectoryService;
 pub use self::redb::RedbDirectoryService;
+pub use self::s3::S3DirectoryService;
 pub use memory::MemoryDirectoryService;
 
 /// What can go wrong storing or reading directories.

@@ -14,6 +14,12 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::MAX_MESSAGE_SIZE;
+
+/// Most directories, and most bytes of them, a `Put` stores at once: a
+/// path's whole tree is usually one run, and a client streaming without
+/// end holds at most this much of the server's memory.
+const PUT_RUN: usize = 256;
+const PUT_RUN_BYTES: usize = 4 << 20;
 use super::wire::{self, BadMessage};
 use crate::digest::Digest;
 use crate::directories::{DirectoryError, DirectoryService};
@@ -106,14 +112,27 @@ impl directory_service_server::DirectoryService for DirectoryServer {
         Ok(Response::new(stream::unfold(walk, Walk::next).boxed()))
     }
 
-    /// Leaves first, root last; answers with the last digest.
+    /// Leaves first, root last; answers with the last digest. Stored in
+    /// runs of up to [`PUT_RUN`] directories or [`PUT_RUN_BYTES`]
+    /// (`put_all`), so a backend that
+    /// batches writes (S3: one pack per write) gets them together.
     async fn put(
         &self,
         request: Request<Streaming<proto::Directory>>,
     ) -> Result<Response<proto::PutDirectoryResponse>, Status> {
         let mut stream = request.into_inner();
         let mut last = None;
-        while let Some(wire_dir) = stream.message().await? {
+        let (mut run, mut run_bytes) = (Vec::new(), 0);
+        loop {
+            let wire_dir = stream.message().await?;
+            let full = run.len() >= PUT_RUN || run_bytes >= PUT_RUN_BYTES;
+            if !run.is_empty() && (wire_dir.is_none() || full) {
+                let stored = self.directories.put_all(std::mem::take(&mut run)).await?;
+                last = stored.or(last);
+                run_bytes = 0;
+            }
+            let Some(wire_dir) = wire_dir else { break };
+            run_bytes += wire_dir.encoded_len();
             let dir = match Directory::try_from(wire_dir.clone()) {
                 Ok(dir) => dir,
                 Err(source) => {
@@ -122,7 +141,7 @@ impl directory_service_server::DirectoryService for DirectoryServer {
                     return Err(DirectoryError::Invalid(e).into());
                 }
             };
-            last = Some(self.directories.put(dir).await?);
+            run.push(dir);
         }
         let root = last.ok_or_else(|| BadMessage::new("stream", "no directories"))?;
         Ok(Response::new(proto::PutDirectoryResponse {

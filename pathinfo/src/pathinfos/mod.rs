@@ -10,6 +10,7 @@ mod facts;
 pub mod grpc;
 mod memory;
 mod redb;
+mod s3;
 pub mod uses;
 
 use async_trait::async_trait;
@@ -25,6 +26,7 @@ use crate::store_path::{StorePath, StorePathError, StorePathHash};
 pub use self::facts::Facts;
 pub use self::grpc::{GrpcPathInfoService, PathInfoServer};
 pub use self::redb::RedbPathInfoService;
+pub use self::s3::S3PathInfoService;
 pub use self::uses::{PathUses, UsedPathInfos};
 pub use memory::MemoryPathInfoService;
 

@@ -191,7 +191,7 @@ fn join_error(e: tokio::task::JoinError) -> PathInfoError {
 }
 
 /// `encoded` with its checksum in front: a record.
-fn with_checksum(encoded: &[u8]) -> Vec<u8> {
+pub(super) fn with_checksum(encoded: &[u8]) -> Vec<u8> {
     let mut record = Vec::with_capacity(CHECKSUM_LEN + encoded.len());
     record.extend_from_slice(Digest::of(encoded).as_bytes());
     record.extend_from_slice(encoded);
@@ -200,7 +200,7 @@ fn with_checksum(encoded: &[u8]) -> Vec<u8> {
 
 /// Checks a stored record's checksum, decodes and validates it, and checks
 /// it against its key.
-fn decode(hash: StorePathHash, record: &[u8]) -> Result<PathInfo, PathInfoError> {
+pub(super) fn decode(hash: StorePathHash, record: &[u8]) -> Result<PathInfo, PathInfoError> {
     let checksum_fails = || {
         PathInfoError::Corrupt(Box::new(CorruptRecord::Checksum {
             hash: hash.to_string(),
