@@ -32,10 +32,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+rm -f "$work/cold.serve" "$work/cold.port"
 "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb" \
   >"$work/cold.serve" 2>"$work/cold.serve.log" &
 pids+=($!)
-until [[ -s $work/cold.serve ]]; do sleep 0.1; done
+until [[ -s $work/cold.serve ]]; do
+  kill -0 "${pids[0]}" 2>/dev/null || { echo "bench/cold.sh: serve died (see $work/cold.serve.log)" >&2; exit 1; }
+  sleep 0.1
+done
 grpc=$(head -n 1 "$work/cold.serve")
 
 python3 - "$work/cache" "$work/cold.port" >/dev/null 2>&1 <<'EOF' &
@@ -63,17 +67,22 @@ def count(e):
 print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p" | cut -c1-32).ls")
 
   # Lazy: an empty cache, the page cache dropped.
-  rm -rf "$work/cold-mnt" "$work/cold-cache.redb" "$work/cold.mount"
+  rm -rf "$work/cold-cache.redb" "$work/cold.mount"
   mkdir -p "$work/cold-mnt"
   "$lazystore" mount "$work/cold-mnt" --store "$grpc" --cache "redb://$work/cold-cache.redb" \
     >"$work/cold.mount" 2>"$work/cold.mount.log" &
   mount_pid=$!
-  until [[ -s $work/cold.mount ]]; do sleep 0.1; done
+  pids+=("$mount_pid")
+  until [[ -s $work/cold.mount ]]; do
+  kill -0 "$mount_pid" 2>/dev/null || { echo "bench/cold.sh: the mount died (see $work/cold.mount.log)" >&2; exit 1; }
+    sleep 0.1
+  done
   drop_caches
   t0=$(now)
   lazy_hash=$(nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")")
   t1=$(now)
-  kill "$mount_pid"; wait "$mount_pid" 2>/dev/null || true
+  kill "$mount_pid"
+  wait "$mount_pid" 2>/dev/null || true
 
   # Eager: copy the path from its binary cache into a fresh store, then hash it.
   rm -rf "$work/cold-eager"
