@@ -39,7 +39,7 @@ async fn ingest(store: &Store, path: &str) -> (lazystore_castore::Node, u64, [u8
     (ingested.root, ingested.nar_size, ingested.nar_sha256)
 }
 
-fn s3_store(garage: &Garage, url: &str) -> (S3Store, Store) {
+fn open_s3(garage: &Garage, url: &str) -> (S3Store, Store) {
     let (key_id, secret) = garage.key();
     let options = S3Options {
         credentials: Some(S3Credentials {
@@ -90,7 +90,7 @@ fn s3_against_redb() {
         let (root, nar_size, sha) = ingest(&redb, &path).await;
         let redb_import = started.elapsed().as_secs_f64();
         drop(redb);
-        let (s3, s3_store) = s3_store(garage, &url);
+        let (s3, s3_store) = open_s3(garage, &url);
         let started = Instant::now();
         let (s3_root, _, s3_sha) = ingest(&s3_store, &path).await;
         let s3_import = started.elapsed().as_secs_f64();
@@ -107,7 +107,7 @@ fn s3_against_redb() {
         assert_eq!((size, hash), (nar_size, sha));
         drop(redb);
         drop_caches();
-        let (s3, s3_store) = s3_store(garage, &url);
+        let (s3, s3_store) = open_s3(garage, &url);
         let started = Instant::now();
         let (size, hash) = nar_hash(&s3_store.blobs, &*s3_store.directories, &root)
             .await
