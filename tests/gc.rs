@@ -6,44 +6,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use common::{lazystore, number_before, tree};
 use lazystore_castore::blobs::RedbBlobService;
 use lazystore_castore::{BlobService, Digest, RedbStore};
-use lazystore_testkit::{add_tree, nix_cmd, noise};
-
-fn lazystore(args: &[&str]) -> Output {
-    let out = Command::new(common::LAZYSTORE).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "lazystore {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The number just before `word` in `text`.
-fn number_before(text: &str, word: &str) -> u64 {
-    let at = text
-        .find(word)
-        .unwrap_or_else(|| panic!("no {word:?} in {text}"));
-    text[..at]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .trim_start_matches('(')
-        .parse()
-        .unwrap()
-}
-
-fn tree(dir: &Path, files: &[(&str, &[u8])]) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    for (name, bytes) in files {
-        std::fs::write(dir.join(name), bytes).unwrap();
-    }
-    add_tree(dir)
-}
+use lazystore_testkit::{nix_cmd, noise};
 
 #[test]
 fn gc_reclaims_what_only_deleted_paths_reached() {

@@ -12,35 +12,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Mount, lazystore, nix_hash_path, serve};
-use lazystore_testkit::{add_tree, nix_cmd, noise};
-
-fn tree(dir: &Path, files: &[(&str, &[u8])]) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    for (name, bytes) in files {
-        std::fs::write(dir.join(name), bytes).unwrap();
-    }
-    add_tree(dir)
-}
-
-/// The number just before `word` in `text`.
-fn number_before(text: &str, word: &str) -> u64 {
-    let at = text
-        .find(word)
-        .unwrap_or_else(|| panic!("no {word:?} in {text}"));
-    text[..at]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .trim_start_matches('(')
-        .parse()
-        .unwrap()
-}
+use common::{Mount, lazystore, nix_hash_path, number_before, serve, tree};
+use lazystore_testkit::{nix_cmd, noise};
 
 fn nar_hash(path: &str) -> String {
     nix_cmd(["nix-store", "--query", "--hash", path])

@@ -11,10 +11,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
-use common::{Mount, stats};
+use common::{Mount, nix_hash_path, stats};
 use lazystore_pathinfo::{NarInfo, SigningKey};
 use lazystore_testkit::http::{Behaviour, Encoding, TestServer};
 use lazystore_testkit::{build_closure, build_paths, gen_key, make_cache, nix_cmd};
@@ -300,20 +299,6 @@ async fn restarted_mount_reads_without_downloading(over_grpc: bool) {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
-}
-
-fn nix_hash_path(path: &Path) -> String {
-    let out = lazystore_testkit::nix_command("nix")
-        .args(["hash", "path", "--type", "sha256", "--base32"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// A path of thousands of small files, substituted by a mount whose store

@@ -275,3 +275,26 @@ pub fn http_get(url: &str) -> (String, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Writes `files` into `dir` and adds it to the Nix store; its path.
+pub fn tree(dir: &Path, files: &[(&str, &[u8])]) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    lazystore_testkit::add_tree(dir)
+}
+
+/// The number just before `word` in `text` (a command's report).
+pub fn number_before(text: &str, word: &str) -> u64 {
+    let at = text
+        .find(word)
+        .unwrap_or_else(|| panic!("no {word:?} in {text}"));
+    text[..at]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .trim_start_matches('(')
+        .parse()
+        .unwrap()
+}

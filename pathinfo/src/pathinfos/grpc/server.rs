@@ -87,9 +87,7 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         &self,
         request: Request<proto::GetPathInfoRequest>,
     ) -> Result<Response<proto::PathInfo>, Status> {
-        let request = request.into_inner();
-        let hash = StorePathHash::try_from(request.hash.as_ref())
-            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        let hash = hash_of(&request.into_inner().hash)?;
         match self.store().path_infos.get(&hash).await? {
             Some(info) => Ok(Response::new(proto::PathInfo::from(&info))),
             None => Err(not_found(&hash)),
@@ -101,9 +99,7 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         &self,
         request: Request<proto::GetPathInfoRequest>,
     ) -> Result<Response<proto::PathInfo>, Status> {
-        let request = request.into_inner();
-        let hash = StorePathHash::try_from(request.hash.as_ref())
-            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        let hash = hash_of(&request.into_inner().hash)?;
         match self.store().path_infos.facts(&hash).await? {
             Some(facts) => Ok(Response::new(proto::PathInfo::from(&facts))),
             None => Err(not_found(&hash)),
@@ -115,9 +111,7 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         &self,
         request: Request<proto::GetPathInfoRequest>,
     ) -> Result<Response<proto::PathInfo>, Status> {
-        let request = request.into_inner();
-        let hash = StorePathHash::try_from(request.hash.as_ref())
-            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        let hash = hash_of(&request.into_inner().hash)?;
         match self.store().path_infos.get_published(&hash).await? {
             Some(info) => Ok(Response::new(proto::PathInfo::from(&info))),
             None => Err(not_found(&hash)),
@@ -129,9 +123,7 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         &self,
         request: Request<proto::GetPathInfoRequest>,
     ) -> Result<Response<proto::ListingResponse>, Status> {
-        let request = request.into_inner();
-        let hash = StorePathHash::try_from(request.hash.as_ref())
-            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        let hash = hash_of(&request.into_inner().hash)?;
         let listing = self.store().path_infos.listing(&hash).await?;
         let listing = listing
             .filter(|json| json.len() < MAX_PATH_INFO_SIZE - 1024)
@@ -164,9 +156,7 @@ impl path_info_service_server::PathInfoService for PathInfoServer {
         &self,
         request: Request<proto::DeletePathInfoRequest>,
     ) -> Result<Response<proto::DeletePathInfoResponse>, Status> {
-        let request = request.into_inner();
-        let hash = StorePathHash::try_from(request.hash.as_ref())
-            .map_err(|e| BadMessage::new("hash", e.to_string()))?;
+        let hash = hash_of(&request.into_inner().hash)?;
         let deleted = self.publisher.store().path_infos.delete(&hash).await?;
         if deleted {
             tracing::warn!("unpublished the path with hash {hash}, as asked");
@@ -264,4 +254,10 @@ impl From<Report> for proto::CollectGarbageResponse {
             pack_bytes_after: r.swept.packs_after,
         }
     }
+}
+
+/// The store path hash a request names (its `hash` field); `INVALID_ARGUMENT` if it is not 20
+/// bytes long.
+fn hash_of(hash: &[u8]) -> Result<StorePathHash, BadMessage> {
+    StorePathHash::try_from(hash).map_err(|e| BadMessage::new("hash", e.to_string()))
 }
