@@ -177,8 +177,14 @@ fn a_gc_killed_part_way_loses_nothing_kept() {
         .to_owned();
     let store = format!("redb://{}/store.redb", work.path().display());
     common::ingest(&store, &[&kept]);
+    // Until ten collections were killed while running: a kill that comes
+    // after the collection ended makes the next come sooner.
     let mut killed_running = 0;
-    for round in 0..10u64 {
+    let mut delay_ms = 150u64;
+    for round in 0..30u64 {
+        if killed_running == 10 {
+            break;
+        }
         let doomed = make(&format!("doomed{round}"), 10_000 + round * 1000);
         common::ingest(&store, &[&doomed]);
         common::lazystore(&["delete", "--store", &store, &doomed]);
@@ -188,9 +194,13 @@ fn a_gc_killed_part_way_loses_nothing_kept() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(5 + round * 37 % 300));
+        std::thread::sleep(Duration::from_millis(delay_ms));
         if child.try_wait().unwrap().is_none() {
             killed_running += 1;
+            // Spread the next kill over another moment of the run.
+            delay_ms = 5 + (delay_ms + 37) % 200;
+        } else {
+            delay_ms = delay_ms * 2 / 3;
         }
         let _ = child.kill();
         child.wait().unwrap();
@@ -202,8 +212,8 @@ fn a_gc_killed_part_way_loses_nothing_kept() {
             "{fsck}"
         );
     }
-    assert!(
-        killed_running >= 5,
+    assert_eq!(
+        killed_running, 10,
         "only {killed_running} collections were running at their kill"
     );
     let gc = common::lazystore(&["gc", "--store", &store]);
