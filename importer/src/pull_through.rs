@@ -256,7 +256,7 @@ impl PullThrough {
         }
         let state = self.state.clone();
         let task = tokio::spawn(async move {
-            let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
+            let wanted = wanted(hash);
             let fetched = {
                 let _turn = state.fetching.acquire().await.expect("never closed");
                 match state.importer(&wanted).await {
@@ -282,11 +282,7 @@ impl PullThrough {
                 }
                 Err(e) => {
                     if matches!(e.kind, PathErrorKind::NotFound { .. }) {
-                        state
-                            .missing
-                            .lock()
-                            .expect("no panics while held")
-                            .insert(hash, Instant::now());
+                        state.remember_missing(hash);
                     } else {
                         tracing::warn!("cannot pull {e}");
                         state
@@ -297,17 +293,7 @@ impl PullThrough {
                 }
             }
         });
-        let fetch: Fetch = async move {
-            match task.await {
-                Ok(result) => result,
-                Err(e) => {
-                    tracing::error!("fetching {hash}: {e}");
-                    Err(Arc::new(PullFailed::Panicked(hash)))
-                }
-            }
-        }
-        .boxed()
-        .shared();
+        let fetch = shared_task("fetching", hash, task);
         fetches.insert(hash, fetch.clone());
         fetch
     }
@@ -323,7 +309,7 @@ fn pull(state: &Arc<State>, hash: StorePathHash) -> Pull {
     let task = tokio::spawn({
         let state = state.clone();
         async move {
-            let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
+            let wanted = wanted(hash);
             let summary = {
                 let _turn = state.running.acquire().await.expect("never closed");
                 match state.importer(&wanted).await {
@@ -363,11 +349,7 @@ fn pull(state: &Arc<State>, hash: StorePathHash) -> Pull {
                     if matches!(e.kind, PathErrorKind::NotFound { .. })
                         && e.path == wanted.hash_str()
                     {
-                        state
-                            .missing
-                            .lock()
-                            .expect("no panics while held")
-                            .insert(hash, Instant::now());
+                        state.remember_missing(hash);
                     } else {
                         tracing::warn!("cannot pull the closure of {hash}: {e}");
                     }
@@ -376,22 +358,45 @@ fn pull(state: &Arc<State>, hash: StorePathHash) -> Pull {
             }
         }
     });
-    let pull: Pull = async move {
+    let pull = shared_task("pulling", hash, task);
+    pulls.insert(hash, pull.clone());
+    pull
+}
+
+/// `task` as a future every waiter on `hash` shares; a panic in it is
+/// logged (`doing` `hash`) and is every waiter's failure.
+fn shared_task<T: Clone + Send + Sync + 'static>(
+    doing: &'static str,
+    hash: StorePathHash,
+    task: tokio::task::JoinHandle<Result<T, Arc<PullFailed>>>,
+) -> Shared<BoxFuture<'static, Result<T, Arc<PullFailed>>>> {
+    async move {
         match task.await {
             Ok(result) => result,
             Err(e) => {
-                tracing::error!("pulling {hash}: {e}");
+                tracing::error!("{doing} {hash}: {e}");
                 Err(Arc::new(PullFailed::Panicked(hash)))
             }
         }
     }
     .boxed()
-    .shared();
-    pulls.insert(hash, pull.clone());
-    pull
+    .shared()
+}
+
+/// The path a hash names, as the importer is asked for it.
+fn wanted(hash: StorePathHash) -> Wanted {
+    hash.to_string().parse().expect("a hash is a wanted path")
 }
 
 impl State {
+    /// Remembers that no cache has `hash`, for the negative TTL.
+    fn remember_missing(&self, hash: StorePathHash) {
+        self.missing
+            .lock()
+            .expect("no panics while held")
+            .insert(hash, Instant::now());
+    }
+
     /// The importer, opening the caches if they are not yet; an error
     /// about `wanted` if a cache cannot be opened now.
     async fn importer(&self, wanted: &Wanted) -> Result<&Importer, PathError> {
@@ -456,7 +461,7 @@ impl PathInfoService for PullThrough {
         if self.known_missing(hash) {
             return Ok(None);
         }
-        let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
+        let wanted = wanted(*hash);
         let importer = self.state.importer(&wanted).await;
         match async { importer?.narinfo_one(&wanted).await }.await {
             Ok(Some(narinfo)) => {
@@ -469,11 +474,7 @@ impl PathInfoService for PullThrough {
                 Ok(Some(facts))
             }
             Ok(None) => {
-                self.state
-                    .missing
-                    .lock()
-                    .expect("no panics while held")
-                    .insert(*hash, Instant::now());
+                self.state.remember_missing(*hash);
                 Ok(None)
             }
             Err(e) => {
@@ -500,7 +501,7 @@ impl PathInfoService for PullThrough {
         {
             return Ok(None);
         }
-        let wanted: Wanted = hash.to_string().parse().expect("a hash is a wanted path");
+        let wanted = wanted(*hash);
         let importer = self.state.importer(&wanted).await;
         async { importer?.listing_json(&wanted).await }
             .await
