@@ -89,11 +89,13 @@ fn s3_against_redb() {
         let started = Instant::now();
         let (root, nar_size, sha) = ingest(&redb, &path).await;
         let redb_import = started.elapsed().as_secs_f64();
+        eprintln!("redb import: {redb_import:.2} s");
         drop(redb);
         let (s3, s3_store) = open_s3(garage, &url);
         let started = Instant::now();
         let (s3_root, _, s3_sha) = ingest(&s3_store, &path).await;
         let s3_import = started.elapsed().as_secs_f64();
+        eprintln!("S3 import: {s3_import:.2} s");
         assert_eq!((&s3_root, s3_sha), (&root, sha));
         let imported = s3.requests();
         drop(s3_store);
@@ -104,6 +106,7 @@ fn s3_against_redb() {
         let started = Instant::now();
         let (size, hash) = nar_hash(&redb.blobs, &*redb.directories, &root).await.unwrap();
         let redb_read = started.elapsed().as_secs_f64();
+        eprintln!("redb cold read: {redb_read:.2} s");
         assert_eq!((size, hash), (nar_size, sha));
         drop(redb);
         drop_caches();

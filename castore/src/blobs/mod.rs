@@ -197,6 +197,9 @@ pub struct WrongChunkCount {
     pub got: usize,
 }
 
+/// Chunk lists [`BlobService::stat_many`] asks at once by default.
+pub const STAT_MANY_PARALLEL: usize = 16;
+
 /// A chunk store backend.
 #[async_trait]
 pub trait BlobService: Send + Sync {
@@ -212,6 +215,22 @@ pub trait BlobService: Send + Sync {
     ///
     /// [`put_blob`]: BlobService::put_blob
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError>;
+
+    /// The chunk lists of `blobs`, in the order asked, as [`stat`] answers
+    /// each. By default asked [`STAT_MANY_PARALLEL`] at a time; a backend
+    /// that answers several in one request (an object store reads the
+    /// lists of one pack in one GET) does so, and a store that wraps
+    /// another passes the batch on.
+    ///
+    /// [`stat`]: BlobService::stat
+    async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(blobs.iter().copied())
+            .map(|blob| async move { self.stat(&blob).await })
+            .buffered(STAT_MANY_PARALLEL)
+            .try_collect()
+            .await
+    }
 
     /// The stored chunks, in the order asked. Must fail with
     /// [`BlobError::ChunkNotFound`] if any is unknown. Need not verify them:

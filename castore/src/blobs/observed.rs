@@ -72,6 +72,13 @@ impl<O: BlobObserver> BlobService for ObservedBlobService<O> {
         self.inner.stat(blob).await
     }
 
+    async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+        for blob in blobs {
+            self.observer.before_stat(blob);
+        }
+        self.inner.stat_many(blobs).await
+    }
+
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
         self.observer.before_read(chunks).await?;
         let started = std::time::Instant::now();

@@ -17,6 +17,20 @@ impl Blobs {
         self.service.stat(blob).await
     }
 
+    /// The chunk lists of `blobs`, in order (see [`BlobService::stat_many`]).
+    ///
+    /// [`BlobService::stat_many`]: super::BlobService::stat_many
+    pub async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+        let metas = self.service.stat_many(blobs).await?;
+        if metas.len() != blobs.len() {
+            return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
+                asked: blobs.len(),
+                got: metas.len(),
+            })));
+        }
+        Ok(metas)
+    }
+
     /// Reads `len` bytes at `offset` of the blob with chunk list `meta`,
     /// fetching only the chunks that overlap and verifying each one.
     pub async fn read_range(

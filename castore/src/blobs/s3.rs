@@ -156,13 +156,23 @@ impl BlobService for S3BlobService {
     }
 
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
-        let blobs = [*blob];
-        let found = self.store.locate(Kind::ChunkList, &blobs, Miss::Recent);
-        let Some(entry) = found.await.map_err(backend)?[0] else {
-            return Ok(None);
-        };
-        let record = self.store.read(&[entry]).await.map_err(backend)?;
-        decode_list(*blob, &record[0]).map(Some)
+        Ok(self.stat_many(&[*blob]).await?.pop().flatten())
+    }
+
+    /// One LIST at most to find them, then one GET per pack they are in.
+    async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+        let found = self.store.locate(Kind::ChunkList, blobs, Miss::Recent);
+        let found = found.await.map_err(backend)?;
+        let stored: Vec<(usize, Entry)> = (found.iter().enumerate())
+            .filter_map(|(i, entry)| entry.map(|entry| (i, entry)))
+            .collect();
+        let entries: Vec<Entry> = stored.iter().map(|(_, entry)| *entry).collect();
+        let records = self.store.read(&entries).await.map_err(backend)?;
+        let mut metas = vec![None; blobs.len()];
+        for ((i, _), record) in stored.iter().zip(records) {
+            metas[*i] = Some(decode_list(blobs[*i], &record)?);
+        }
+        Ok(metas)
     }
 
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {

@@ -62,12 +62,12 @@ use crate::tls::ServerTls;
 /// accept queue, and their clients' connect timeouts decide how long.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Calls (HTTP/2 streams) open at once on one connection. A client
-/// ingesting a path runs up to 256 file uploads at once
-/// (`pathinfo::ingest::MAX_FILES_IN_FLIGHT`) beside its reads; twice that
-/// leaves it room, and bounds the memory one connection's calls can hold
-/// to a few hundred times a call's stream window. A client that opens
-/// more queues them itself (HTTP/2 clients wait for a free stream).
+/// Calls (HTTP/2 streams) open at once on one connection: this bounds the
+/// memory one connection's calls can hold to a few hundred times a call's
+/// stream window. A client ingesting a path has up to 1,024 files in
+/// flight (`pathinfo::ingest::MAX_FILES_IN_FLIGHT`), most of them waiting
+/// for the store to commit; what it opens past this limit it queues
+/// itself (HTTP/2 clients wait for a free stream).
 pub const MAX_CONCURRENT_STREAMS: u32 = 512;
 
 /// How often the server pings a connection from which nothing has come,
