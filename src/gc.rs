@@ -1,7 +1,8 @@
 //! `lazystore gc`: deletes the paths the retention rules do not keep,
 //! drops what no kept path reaches and gives its space back
-//! (`pathinfo::gc::Collector`): in the serving process, over gRPC, or
-//! offline on a redb store nobody holds.
+//! (`pathinfo::gc::Collector`): in the serving process, over gRPC,
+//! offline on a redb store nobody holds, or on an S3 store beside its
+//! replicas.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use lazystore_castore::RedbStore;
+use lazystore_castore::{RedbStore, RetryPolicy, S3Options, S3Store, S3Swept};
 use lazystore_pathinfo::gc::{Collector, Retention, live};
 use lazystore_pathinfo::pathinfos::{GrpcPathInfoService, PathUses};
 use lazystore_pathinfo::proto::{CollectGarbageRequest, CollectGarbageResponse};
@@ -27,13 +28,17 @@ use crate::remote::RemoteArgs;
 /// server, beside imports, uploads and builders' reads: writers' recent
 /// touches are kept (docs/design.md, "Garbage collection"). A redb:// store
 /// is collected offline, by this process (stop the server holding it).
+/// An s3:// store is collected by this process while its replicas serve
+/// it: packs nothing needs are condemned, and deleted by a collection at
+/// least --grace later (run gc regularly; docs/design.md, "S3 store").
 /// A path is kept with its whole closure. Prints what was deleted and
 /// dropped, and the pack bytes before and after.
 #[derive(clap::Args)]
 pub struct Args {
     /// The store: grpc+http://HOST:PORT (its server collects it),
-    /// redb:///abs/path/store.redb (offline) [default: the embedded store
-    /// under $LAZYSTORE_DIR].
+    /// redb:///abs/path/store.redb (offline), s3://BUCKET/PREFIX?… (beside
+    /// its replicas; AWS_* credentials) [default: the embedded store under
+    /// $LAZYSTORE_DIR].
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// Count what would be deleted and dropped; change nothing.
@@ -52,6 +57,13 @@ pub struct Args {
     /// comments ignored).
     #[arg(long, value_name = "FILE")]
     roots: Option<PathBuf>,
+    /// For an s3:// store: how long a condemned pack stays before a later
+    /// collection deletes it. It must exceed the time between a
+    /// replica's check of an upload and its publication, and the clock
+    /// skew between machines.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
+          default_value = "1h")]
+    grace: Duration,
     // --token-file (a write token), --ca-file: for a grpc+ store.
     #[command(flatten)]
     remote: RemoteArgs,
@@ -71,6 +83,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let report = if is_remote(&url) {
         collect_remote(&url, &args, &retention).await?
+    } else if url.starts_with("s3://") {
+        let options = S3Options::from_env(RetryPolicy::default());
+        let s3 = S3Store::open(&url, options)?;
+        let collector = Collector::s3(s3, args.grace);
+        let report = collector
+            .collect(&retention, args.dry_run)
+            .await
+            .with_context(|| format!("collecting the garbage of {url}"))?;
+        if let Some(s) = &report.s3 {
+            print_s3(args.dry_run, s);
+        }
+        report.into()
     } else {
         let Some(redb) = open_redb(&url).await? else {
             bail!(
@@ -159,6 +183,25 @@ fn print(url: &str, dry_run: bool, r: &CollectGarbageResponse) {
         r.pack_bytes_before,
         r.pack_bytes_after,
         r.pack_bytes_before.saturating_sub(r.pack_bytes_after)
+    );
+}
+
+fn print_s3(dry_run: bool, s: &S3Swept) {
+    let would = if dry_run { "would be " } else { "" };
+    println!(
+        "S3 packs: {} ({} bytes); {} {would}condemned ({} compacted: {} records, {} bytes \
+         copied); {} condemned earlier {would}deleted ({} bytes, {} records copied first); \
+         {} condemned and waiting out the grace period",
+        s.packs_before,
+        s.bytes_before,
+        s.condemned,
+        s.compacted,
+        s.copied_records,
+        s.copied_bytes,
+        s.deleted,
+        s.deleted_bytes,
+        s.rescued,
+        s.waiting
     );
 }
 

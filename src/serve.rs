@@ -309,8 +309,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving {url} as a binary cache on {client_url}"))
         });
     }
-    if let Some(collector) = &collector {
-        let uses = collector.uses().clone();
+    if let Some(uses) = collector.as_ref().and_then(|c| c.uses()).cloned() {
         tasks.spawn(async move {
             let mut every = tokio::time::interval(FLUSH_EVERY);
             let mut stop = std::pin::pin!(stopping());

@@ -29,6 +29,13 @@ pub enum S3Error {
     /// broken, not the store.
     #[error("the S3 pack writer is gone")]
     WriterGone,
+    /// A pack named by an index this replica read is gone: a collection
+    /// deleted it (after copying what was live elsewhere).
+    #[error("S3 pack {pack} is gone (deleted by a garbage collection)")]
+    PackGone {
+        /// The pack's name.
+        pack: String,
+    },
     /// A stored object is damaged: not what its checksum or format says.
     #[error("S3 object {key} is damaged: {reason}")]
     Corrupt {
@@ -60,6 +67,8 @@ impl Retryable for S3Error {
             },
             S3Error::PackNotStored(source) => source.class(),
             S3Error::WriterGone => ErrorClass::Permanent,
+            // Reading again lists the indexes again and finds the copy.
+            S3Error::PackGone { .. } => ErrorClass::Transient,
             S3Error::Corrupt { .. } => ErrorClass::Corrupt,
         }
     }

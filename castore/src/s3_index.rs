@@ -45,6 +45,16 @@ pub(crate) const LIST_WINDOW: Duration = Duration::from_secs(300);
 /// answer which chunks are missing.
 pub(crate) const STALE_AFTER: Duration = Duration::from_secs(10);
 
+/// How old a replica's last full listing may be before its next listing
+/// is a full one: what bounds how long it may count a record in a pack a
+/// collection deleted as stored (a read finds out at once). Collections
+/// keep a deleted pack's condemnation [`s3_gc::FORGET_AFTER`], more than
+/// this, so a replica that lists in between still sees the pack as
+/// condemned.
+///
+/// [`s3_gc::FORGET_AFTER`]: crate::s3_gc::FORGET_AFTER
+pub(crate) const FULL_EVERY: Duration = Duration::from_secs(6 * 3600);
+
 /// First bytes of an index object.
 const INDEX_MAGIC: &[u8; 8] = b"LZS3IX01";
 
@@ -120,6 +130,13 @@ pub(crate) struct Known {
     pub(crate) bad: HashMap<Digest, Arc<str>>,
     /// Index objects read (or found damaged), by name.
     indexes: HashSet<String>,
+    /// The index objects naming each pack.
+    pub(crate) pack_indexes: HashMap<Arc<str>, Vec<String>>,
+    /// Bytes of each pack, as its indexes say.
+    pub(crate) pack_bytes: HashMap<Arc<str>, u64>,
+    /// Packs a collection condemned (`s3_gc.rs`), with when: their
+    /// records count as absent, except to a collection.
+    pub(crate) condemned: HashMap<Arc<str>, u64>,
     newest_millis: u64,
 }
 
@@ -135,14 +152,31 @@ impl Known {
         if let Some(millis) = index.split('-').next().and_then(|m| m.parse().ok()) {
             self.newest_millis = self.newest_millis.max(millis);
         }
-        self.indexes.insert(index);
+        self.indexes.insert(index.clone());
         let number = self.packs.len() as u32;
-        self.packs.push(pack.into());
+        let pack: Arc<str> = pack.into();
+        self.packs.push(pack.clone());
+        self.pack_indexes
+            .entry(pack.clone())
+            .or_default()
+            .push(index);
+        *self.pack_bytes.entry(pack.clone()).or_default() +=
+            entries.iter().map(|(_, e)| u64::from(e.len)).sum::<u64>();
+        let condemned = self.condemned.contains_key(&pack);
         // The newest index read wins: listings read indexes oldest first,
-        // so a record stored again (a directory put to repair it) is read
-        // from its new copy.
+        // so a record stored again (a directory put to repair it, a
+        // collection's copy) is read from its new copy. A condemned pack
+        // never takes a record from one that is not.
         for (key, entry) in entries {
-            if key.0 == Kind::Chunk && self.bad.get(&key.1).is_some_and(|p| **p == *pack) {
+            if key.0 == Kind::Chunk && self.bad.get(&key.1).is_some_and(|p| *p == pack) {
+                continue;
+            }
+            if condemned
+                && self
+                    .records
+                    .get(&key)
+                    .is_some_and(|e| !self.is_condemned(e))
+            {
                 continue;
             }
             let entry = Entry {
@@ -151,6 +185,24 @@ impl Known {
             };
             self.records.insert(key, entry);
         }
+    }
+
+    /// Whether `entry`'s pack is condemned.
+    pub(crate) fn is_condemned(&self, entry: &Entry) -> bool {
+        !self.condemned.is_empty()
+            && self
+                .condemned
+                .contains_key(&self.packs[entry.pack as usize])
+    }
+
+    /// Forgets every record of a pack that is gone (deleted by a
+    /// collection), so a lookup finds another copy or none.
+    pub(crate) fn forget_pack(&mut self, pack: &str) {
+        let numbers: HashSet<u32> = (self.packs.iter().enumerate())
+            .filter(|(_, p)| &***p == pack)
+            .map(|(i, _)| i as u32)
+            .collect();
+        self.records.retain(|_, e| !numbers.contains(&e.pack));
     }
 }
 
@@ -194,10 +246,53 @@ impl S3Store {
         Ok(found)
     }
 
+    /// Where each of `digests` is as far as this replica knows. A record
+    /// whose copy is in a condemned pack is absent, unless this handle
+    /// sees condemned packs ([`S3Store::seeing_condemned`]).
     pub(crate) fn known(&self, kind: Kind, digests: &[Digest]) -> Vec<Option<Entry>> {
         let known = self.index().known.read().expect("lock poisoned");
-        let get = |d: &Digest| known.records.get(&(kind, *d)).copied();
+        let all = self.sees_condemned();
+        let get = |d: &Digest| {
+            let entry = known.records.get(&(kind, *d)).copied()?;
+            (all || !known.is_condemned(&entry)).then_some(entry)
+        };
         digests.iter().map(get).collect()
+    }
+
+    /// The stored bytes of each of `digests`, located as [`locate`] does
+    /// (`None` for one absent), with where each was. A pack deleted by a
+    /// collection since this replica read its index is forgotten, the
+    /// indexes listed again, and the read made once more: a collection
+    /// copies a live record elsewhere before it deletes its pack.
+    ///
+    /// [`locate`]: S3Store::locate
+    pub(crate) async fn locate_and_read(
+        &self,
+        kind: Kind,
+        digests: &[Digest],
+        miss: Miss,
+    ) -> Result<Vec<Option<(Entry, Bytes)>>, S3Error> {
+        let mut again = true;
+        loop {
+            let found = self.locate(kind, digests, miss).await?;
+            let entries: Vec<Entry> = found.iter().flatten().copied().collect();
+            match self.read(&entries).await {
+                Ok(bytes) => {
+                    let mut bytes = bytes.into_iter();
+                    return Ok(found
+                        .into_iter()
+                        .map(|e| e.map(|e| (e, bytes.next().expect("one per entry"))))
+                        .collect());
+                }
+                Err(S3Error::PackGone { pack }) if again => {
+                    again = false;
+                    tracing::debug!(%pack, "an S3 pack was deleted; listing the indexes again");
+                    (self.index().known.write().expect("lock poisoned")).forget_pack(&pack);
+                    self.list_indexes(true, Instant::now()).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Whether each of `digests` is stored or being stored by this
@@ -245,7 +340,15 @@ impl S3Store {
                 .iter()
                 .map(|&i| entries[i].offset..entries[i].offset + u64::from(entries[i].len))
                 .collect();
-            let got = self.get_ranges(&format!("packs/{pack}"), &ranges).await?;
+            let got = match self.get_ranges(&format!("packs/{pack}"), &ranges).await {
+                Err(S3Error::Request {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) => Err(S3Error::PackGone {
+                    pack: pack.to_string(),
+                }),
+                got => got,
+            }?;
             Ok::<_, S3Error>(at.into_iter().zip(got))
         });
         let mut out = vec![Bytes::new(); entries.len()];
@@ -288,6 +391,9 @@ impl S3Store {
         let index = self.index();
         let mut listed = index.listing.lock().await;
         let loaded = index.loaded.load(Ordering::Acquire);
+        // A replica lists everything at least every FULL_EVERY, so it
+        // learns of packs deleted even if it never misses a record.
+        let full = full || listed.full.is_none_or(|t| t.elapsed() >= FULL_EVERY);
         let last = if full || !loaded {
             listed.full
         } else {
@@ -306,9 +412,28 @@ impl S3Store {
                 .map(|m| format!("{m:013}"));
             (after, known.indexes.clone())
         };
-        let names: Vec<String> = self
-            .list("index/", after.as_deref())
-            .await?
+        let listed_names = self.list("index/", after.as_deref()).await?;
+        // On a full listing, the packs whose every index is gone were
+        // deleted by a collection: forgotten, so that no copy of theirs
+        // counts as stored.
+        if after.is_none() {
+            let present: HashSet<&str> = listed_names.iter().map(String::as_str).collect();
+            let mut known = index.known.write().expect("lock poisoned");
+            let gone: Vec<Arc<str>> = (known.pack_indexes.iter())
+                .filter(|(_, names)| names.iter().all(|n| !present.contains(n.as_str())))
+                .map(|(pack, _)| pack.clone())
+                .collect();
+            for pack in gone {
+                known.forget_pack(&pack);
+                known.pack_bytes.remove(&pack);
+                if let Some(names) = known.pack_indexes.remove(&pack) {
+                    for name in names {
+                        known.indexes.remove(&name);
+                    }
+                }
+            }
+        }
+        let names: Vec<String> = listed_names
             .into_iter()
             .filter(|n| !known.contains(n))
             .collect();
@@ -317,8 +442,11 @@ impl S3Store {
         // Records of damaged chunks: on every full listing, else at most
         // every STALE_AFTER (a replica that reads a damaged copy finds out
         // itself anyway).
+        // The same for condemned packs, listed first so that no index of
+        // one read now takes a record from a pack that is not.
         if full || !loaded || listed.quarantine.is_none_or(|t| t.elapsed() >= STALE_AFTER) {
             self.list_quarantine().await?;
+            self.list_condemned().await?;
             listed.quarantine = Some(started);
         }
         let mut known = index.known.write().expect("lock poisoned");

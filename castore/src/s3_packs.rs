@@ -8,7 +8,7 @@
 //! once it holds [`PACK_TARGET_BYTES`], once no record has come for
 //! [`IDLE`] (its writers are all waiting for it), or [`MAX_AGE`] after its
 //! first record, whichever comes first, and then costs two PUTs: the pack
-//! (`packs/<BLAKE3 of its bytes>`), then its index
+//! (`packs/<name>`, [`pack_name`]), then its index
 //! (`index/<millis>-<hash>`), which names the pack and says where each
 //! record is. Only an index makes records visible, and it is written after
 //! its pack, so no reader finds a record whose bytes are not stored. A
@@ -138,6 +138,29 @@ impl S3Store {
         needs: (Kind, &[Digest]),
         check: impl Fn(&[Option<u64>]) -> Result<(), E>,
     ) -> Result<(), WriteError<E>> {
+        self.write_records(records, needs, check, false).await
+    }
+
+    /// Stores `records` in a new pack even where a copy is stored: how a
+    /// collection moves the live records out of a pack it compacts.
+    pub(crate) async fn write_copies(&self, records: Vec<Record>) -> Result<(), S3Error> {
+        let ok = |_: &[Option<u64>]| Ok::<(), S3Error>(());
+        match self
+            .write_records(records, (Kind::Chunk, &[]), ok, true)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(WriteError::Refused(e) | WriteError::Store(e)) => Err(e),
+        }
+    }
+
+    async fn write_records<E>(
+        &self,
+        records: Vec<Record>,
+        needs: (Kind, &[Digest]),
+        check: impl Fn(&[Option<u64>]) -> Result<(), E>,
+        copies: bool,
+    ) -> Result<(), WriteError<E>> {
         let (kind, needs) = needs;
         let since = Instant::now();
         if !self.index().loaded.load(Ordering::Acquire) {
@@ -178,7 +201,7 @@ impl S3Store {
                 } else {
                     check(&sizes).map_err(WriteError::Refused)?;
                     let records = records.take().expect("appended once");
-                    Step::Appended(self.append(&mut state, records))
+                    Step::Appended(self.append(&mut state, records, copies))
                 }
             };
             match step {
@@ -208,16 +231,23 @@ impl S3Store {
 
     /// Appends the records not yet stored or pending to the open pack
     /// (opening one if needed, sealing it when full); what to wait for.
-    fn append(&self, state: &mut WriterState, records: Vec<Record>) -> Vec<Done> {
+    fn append(&self, state: &mut WriterState, records: Vec<Record>, copies: bool) -> Vec<Done> {
         let mut waits = Vec::new();
         let keys: Vec<_> = records.iter().map(|r| (r.kind, r.digest)).collect();
         // A directory is written again even when stored: it is small, a
         // put of a stored one is rare, and the newest copy is the one read,
-        // so putting a damaged directory again repairs it (as in redb).
+        // so putting a damaged directory again repairs it (as in redb). A
+        // record only in a condemned pack is written again too.
         let stored: HashSet<(Kind, Digest)> = {
             let known = self.index().known.read().expect("lock poisoned");
-            let is_stored =
-                |k: &&(Kind, Digest)| k.0 != Kind::Directory && known.records.contains_key(*k);
+            let is_stored = |k: &&(Kind, Digest)| {
+                !copies
+                    && k.0 != Kind::Directory
+                    && known
+                        .records
+                        .get(*k)
+                        .is_some_and(|e| !known.is_condemned(e))
+            };
             keys.iter().filter(is_stored).copied().collect()
         };
         for record in records {
@@ -336,7 +366,7 @@ impl S3Store {
     ) -> Result<(), S3Error> {
         let bytes = Bytes::from(bytes);
         let hashed = bytes.clone();
-        let pack = tokio::task::spawn_blocking(move || Digest::of(&hashed))
+        let pack = tokio::task::spawn_blocking(move || pack_name(&hashed))
             .await
             .map_err(|_| S3Error::WriterGone)?
             .to_string();
@@ -361,4 +391,23 @@ impl S3Store {
         // Stored anew: no longer missing.
         self.release_quarantined(&released).await
     }
+}
+
+/// A pack's name: the BLAKE3 of its bytes and of who wrote it when (the
+/// clock, the process, a sequence number), so no two writes share one. A
+/// collection condemns a pack by name (`s3_gc.rs`); the same records
+/// written again (a path uploaded anew after its packs were condemned)
+/// make the same bytes, and must not land in the condemned pack's name.
+fn pack_name(bytes: &[u8]) -> Digest {
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(bytes);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    hasher.update(&nanos.to_le_bytes());
+    hasher.update(&std::process::id().to_le_bytes());
+    hasher.update(&SEQUENCE.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    Digest::from(hasher.finalize())
 }

@@ -6,11 +6,12 @@
 //!
 //! | key                     | what                                                          |
 //! |-------------------------|---------------------------------------------------------------|
-//! | `packs/<BLAKE3>`        | records back to back: chunks, chunk lists, directories        |
+//! | `packs/<name>`          | records back to back: chunks, chunk lists, directories        |
 //! | `index/<millis>-<hash>` | where each record of one pack is (format in `s3_index.rs`)    |
 //! | `meta/chunker-params`   | the chunker parameters, 12 bytes as in redb's `meta-v1`       |
 //! | `pathinfo/<nixbase32>`  | one PathInfo, BLAKE3 + protobuf as in redb's `pathinfo-v2`    |
 //! | `quarantine/<digest>`   | a chunk whose copy failed, naming its pack (`s3_quarantine.rs`) |
+//! | `condemned/<millis>-<pack>` | a pack a collection condemned, and when (`s3_gc.rs`)      |
 //!
 //! Everything but a PathInfo is content-addressed and never changes, so
 //! writes are idempotent and replicas need no coordination: two replicas
@@ -92,6 +93,9 @@ struct Counters {
 #[derive(Clone, Debug)]
 pub struct S3Store {
     inner: Arc<Inner>,
+    /// Whether records only in condemned packs count (for a collection's
+    /// mark), or are absent (everyone else).
+    sees_condemned: bool,
 }
 
 #[derive(Debug)]
@@ -159,7 +163,23 @@ impl S3Store {
                 writer: Writer::default(),
                 params: tokio::sync::OnceCell::new(),
             }),
+            sees_condemned: false,
         })
+    }
+
+    /// The same store, sharing everything, for which records only in
+    /// packs a collection condemned still count: what a collection marks
+    /// through, so that a record a path came to need after its pack was
+    /// condemned is found, and copied before the pack is deleted.
+    pub fn seeing_condemned(&self) -> S3Store {
+        S3Store {
+            inner: self.inner.clone(),
+            sees_condemned: true,
+        }
+    }
+
+    pub(crate) fn sees_condemned(&self) -> bool {
+        self.sees_condemned
     }
 
     /// The URL it was opened with.

@@ -24,9 +24,11 @@ use lazystore_castore::{BlobError, Digest, DirectoryError, ErrorClass, Node, Ret
 
 use crate::store::Store;
 
-/// Chunk lists asked for at once while walking a tree: enough to hide a
-/// remote store's round trips, few enough not to crowd out other calls.
-const STATS_IN_FLIGHT: usize = 16;
+/// Chunk lists asked for in one `stat_many` while walking a tree (an
+/// object store answers them in about one GET per pack; a store that
+/// answers one at a time asks 16 at once), and such calls at once.
+const STATS_BATCH: usize = 64;
+const STATS_IN_FLIGHT: usize = 4;
 
 /// Chunks asked about in one `missing_chunks` call.
 const MISSING_BATCH: usize = 4096;
@@ -100,12 +102,17 @@ impl Store {
                 }
             }
         }
-        let metas: Vec<_> = futures::stream::iter(blobs)
-            .map(|blob| async move { Ok::<_, BlobError>((blob, self.blobs.stat(&blob).await?)) })
+        let batches: Vec<Vec<Digest>> = blobs.chunks(STATS_BATCH).map(<[_]>::to_vec).collect();
+        let batches: Vec<Vec<_>> = futures::stream::iter(batches)
+            .map(|batch| async move {
+                let metas = self.blobs.stat_many(&batch).await?;
+                Ok::<_, BlobError>(batch.into_iter().zip(metas).collect())
+            })
             .buffered(STATS_IN_FLIGHT)
             .try_collect()
             .await
             .map_err(CheckError::Blob)?;
+        let metas = batches.into_iter().flatten();
         let mut chunks = Vec::new();
         let mut seen = HashSet::new();
         for (blob, meta) in metas {

@@ -25,7 +25,7 @@ struct Backend {
     name: &'static str,
     store: Store,
     /// Whether a put whose root's data is missing is refused (the server
-    /// checks; local backends leave that to their callers).
+    /// and the S3 store check; local backends leave that to their callers).
     checks_root: bool,
     /// The server's client, which replaces a path published with another
     /// tree only when asked (`replace`); local backends replace on `put`.
@@ -143,7 +143,7 @@ async fn s3() -> Backend {
     Backend {
         name: "s3",
         store: Store::s3(s3, None),
-        checks_root: false,
+        checks_root: true,
         replaces: None,
         corrupt_record: Some(corrupt),
         _keep: Box::new(()),

@@ -59,6 +59,26 @@ fn backend(e: S3Error) -> BlobError {
     BlobError::Backend(Box::new(e))
 }
 
+/// A chunk as stored at `entry`.
+fn encoded(digest: Digest, entry: &Entry, data: Bytes) -> Result<EncodedChunk, BlobError> {
+    let encoding = match entry.encoding {
+        0 => ChunkEncoding::Raw,
+        1 => ChunkEncoding::Zstd,
+        _ => {
+            return Err(BlobError::Corrupt {
+                chunk: digest,
+                reason: "unknown encoding in the S3 index",
+            });
+        }
+    };
+    Ok(EncodedChunk {
+        digest,
+        encoding,
+        size: entry.size,
+        data,
+    })
+}
+
 fn chunk_record(chunk: EncodedChunk) -> Record {
     Record {
         kind: Kind::Chunk,
@@ -112,29 +132,11 @@ impl S3BlobService {
         entries: &[Entry],
     ) -> Result<Vec<Result<EncodedChunk, BlobError>>, BlobError> {
         let bytes = self.store.read(entries).await.map_err(backend)?;
-        let chunk = |((digest, entry), data): ((&Digest, &Entry), Bytes)| {
-            let encoding = match entry.encoding {
-                0 => ChunkEncoding::Raw,
-                1 => ChunkEncoding::Zstd,
-                _ => {
-                    return Err(BlobError::Corrupt {
-                        chunk: *digest,
-                        reason: "unknown encoding in the S3 index",
-                    });
-                }
-            };
-            Ok(EncodedChunk {
-                digest: *digest,
-                encoding,
-                size: entry.size,
-                data,
-            })
-        };
-        Ok(chunks.iter().zip(entries).zip(bytes).map(chunk).collect())
+        Ok((chunks.iter().zip(entries).zip(bytes))
+            .map(|((digest, entry), data)| encoded(*digest, entry, data))
+            .collect())
     }
 
-    /// Stores `records`, refusing them unless every chunk of `list` is
-    /// stored or among them.
     async fn write(&self, records: Vec<Record>, list: &[Digest]) -> Result<(), BlobError> {
         let check = |sizes: &[Option<u64>]| match sizes.iter().position(Option::is_none) {
             Some(i) => Err(BlobError::ChunkNotFound(list[i])),
@@ -161,29 +163,30 @@ impl BlobService for S3BlobService {
 
     /// One LIST at most to find them, then one GET per pack they are in.
     async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
-        let found = self.store.locate(Kind::ChunkList, blobs, Miss::Recent);
-        let found = found.await.map_err(backend)?;
-        let stored: Vec<(usize, Entry)> = (found.iter().enumerate())
-            .filter_map(|(i, entry)| entry.map(|entry| (i, entry)))
-            .collect();
-        let entries: Vec<Entry> = stored.iter().map(|(_, entry)| *entry).collect();
-        let records = self.store.read(&entries).await.map_err(backend)?;
-        let mut metas = vec![None; blobs.len()];
-        for ((i, _), record) in stored.iter().zip(records) {
-            metas[*i] = Some(decode_list(blobs[*i], &record)?);
-        }
-        Ok(metas)
+        let read = self
+            .store
+            .locate_and_read(Kind::ChunkList, blobs, Miss::Recent);
+        let read = read.await.map_err(backend)?;
+        (blobs.iter().zip(read))
+            .map(|(blob, record)| {
+                record
+                    .map(|(_, bytes)| decode_list(*blob, &bytes))
+                    .transpose()
+            })
+            .collect()
     }
 
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
-        let found = self.store.locate(Kind::Chunk, chunks, Miss::Everything);
-        let found = found.await.map_err(backend)?;
-        let mut entries = Vec::with_capacity(chunks.len());
-        for (digest, entry) in chunks.iter().zip(found) {
-            entries.push(entry.ok_or(BlobError::ChunkNotFound(*digest))?);
-        }
-        let read = self.read_entries(chunks, &entries).await?;
-        read.into_iter().collect()
+        let read = self
+            .store
+            .locate_and_read(Kind::Chunk, chunks, Miss::Everything);
+        let read = read.await.map_err(backend)?;
+        (chunks.iter().zip(read))
+            .map(|(digest, record)| {
+                let (entry, data) = record.ok_or(BlobError::ChunkNotFound(*digest))?;
+                encoded(*digest, &entry, data)
+            })
+            .collect()
     }
 
     async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {

@@ -52,12 +52,13 @@ fn backend(e: S3Error) -> DirectoryError {
 impl DirectoryService for S3DirectoryService {
     async fn get(&self, digest: &Digest) -> Result<Option<Directory>, DirectoryError> {
         let digests = [*digest];
-        let found = self.store.locate(Kind::Directory, &digests, Miss::Recent);
-        let Some(entry) = found.await.map_err(backend)?[0] else {
+        let read = self
+            .store
+            .locate_and_read(Kind::Directory, &digests, Miss::Recent);
+        let Some((_, bytes)) = read.await.map_err(backend)?.pop().flatten() else {
             return Ok(None);
         };
-        let bytes = self.store.read(&[entry]).await.map_err(backend)?;
-        Ok(Some(Directory::decode_verified(*digest, &bytes[0])?))
+        Ok(Some(Directory::decode_verified(*digest, &bytes)?))
     }
 
     async fn put(&self, dir: Directory) -> Result<Digest, DirectoryError> {
@@ -120,15 +121,13 @@ impl DirectoryService for S3DirectoryService {
         let mut seen = HashSet::from([*root]);
         let mut level = vec![*root];
         while !level.is_empty() {
-            let found = self.store.locate(Kind::Directory, &level, Miss::Recent);
-            let found = found.await.map_err(backend)?;
-            let mut entries = Vec::with_capacity(level.len());
-            for (digest, entry) in level.iter().zip(found) {
-                entries.push(entry.ok_or(DirectoryError::NotFound(*digest))?);
-            }
-            let bytes = self.store.read(&entries).await.map_err(backend)?;
+            let read = self
+                .store
+                .locate_and_read(Kind::Directory, &level, Miss::Recent);
+            let read = read.await.map_err(backend)?;
             let mut next = Vec::new();
-            for (digest, bytes) in level.iter().zip(bytes) {
+            for (digest, record) in level.iter().zip(read) {
+                let (_, bytes) = record.ok_or(DirectoryError::NotFound(*digest))?;
                 let dir = Directory::decode_verified(*digest, &bytes)?;
                 for (_, child, _) in dir.subdirectories() {
                     if seen.insert(child) {

@@ -1,8 +1,10 @@
-//! [`Collector`]: one garbage collection of a redb store — retention rules
+//! [`Collector`]: one garbage collection of a store — retention rules
 //! applied (paths not kept are deleted), the kept paths marked, the rest
-//! swept — offline (`lazystore gc` holding the store) or in a serving
-//! process beside its writers, whose [`Leases`] keep what they are about to
-//! publish.
+//! swept. A redb store is collected offline (`lazystore gc` holding the
+//! store) or in a serving process beside its writers, whose [`Leases`]
+//! keep what they are about to publish; an S3 store from any machine
+//! beside its replicas, which a grace period protects instead
+//! (`castore/src/s3_gc.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt as _;
 use futures::stream::BoxStream;
-use lazystore_castore::{Leases, Node, RedbStore, SweepError, Swept};
+use lazystore_castore::{Leases, Node, RedbStore, S3Error, S3Store, S3Swept, SweepError, Swept};
 
 use super::{MarkError, mark};
 use crate::pathinfos::uses::now_secs;
@@ -49,6 +51,8 @@ pub struct Report {
     pub live: (u64, u64, u64),
     /// What the sweep dropped and the pack bytes before and after.
     pub swept: Swept,
+    /// For an S3 store, what happened to its packs.
+    pub s3: Option<S3Swept>,
 }
 
 /// Why a collection stopped. What it deleted or dropped before is gone;
@@ -70,15 +74,26 @@ pub enum GcError {
     /// The sweep failed.
     #[error("sweeping")]
     Sweep(#[from] SweepError),
+    /// The sweep of an S3 store failed. Packs it condemned stay condemned
+    /// (deleted by a later collection); none is deleted half.
+    #[error("sweeping the S3 store")]
+    S3(#[from] S3Error),
+    /// `keep_since` on a store that keeps no record of use.
+    #[error(
+        "--keep-since needs the record of last uses that a redb store keeps; this store has          none (keep paths with --keep-closure-of or --roots)"
+    )]
+    NoUses,
 }
 
-/// Collects a redb store's garbage; one collection at a time.
+/// Collects a store's garbage; one collection at a time.
 pub struct Collector {
     /// The store as its writers see it (leased, if they run).
     store: Store,
-    redb: RedbStore,
-    leases: Option<Leases>,
-    uses: Arc<PathUses>,
+    /// What is marked through: `store`, or for S3 a handle that still
+    /// sees condemned packs.
+    marked: Store,
+    backend: Backend,
+    uses: Option<Arc<PathUses>>,
     running: tokio::sync::Mutex<()>,
     counts: Counts,
     /// Held for writing while paths are deleted, so no path that refers
@@ -88,6 +103,18 @@ pub struct Collector {
     /// Roots kept besides the published paths (a pull-through service's
     /// paths fetched and not yet published).
     extra_roots: std::sync::Mutex<Vec<RootSource>>,
+}
+
+/// What the sweep works on.
+enum Backend {
+    Redb {
+        redb: RedbStore,
+        leases: Option<Leases>,
+    },
+    S3 {
+        s3: S3Store,
+        grace: Duration,
+    },
 }
 
 /// Roots to keep, asked at each collection.
@@ -110,10 +137,25 @@ impl Collector {
     /// record `keep_since` reads.
     pub fn new(store: Store, redb: RedbStore, leases: Option<Leases>, uses: Arc<PathUses>) -> Self {
         Collector {
+            marked: store.clone(),
             store,
-            redb,
-            leases,
-            uses,
+            backend: Backend::Redb { redb, leases },
+            uses: Some(uses),
+            running: tokio::sync::Mutex::new(()),
+            counts: Counts::default(),
+            gate: Arc::default(),
+            extra_roots: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Collects the S3 store `s3`, deleting condemned packs `grace` after
+    /// their condemnation (see `castore/src/s3_gc.rs`).
+    pub fn s3(s3: S3Store, grace: Duration) -> Self {
+        Collector {
+            store: Store::s3(s3.clone(), None),
+            marked: Store::s3(s3.seeing_condemned(), None),
+            backend: Backend::S3 { s3, grace },
+            uses: None,
             running: tokio::sync::Mutex::new(()),
             counts: Counts::default(),
             gate: Arc::default(),
@@ -143,9 +185,9 @@ impl Collector {
         ]
     }
 
-    /// The last-use record.
-    pub fn uses(&self) -> &Arc<PathUses> {
-        &self.uses
+    /// The last-use record, if the store keeps one.
+    pub fn uses(&self) -> Option<&Arc<PathUses>> {
+        self.uses.as_ref()
     }
 
     /// One collection under `retention`; with `dry_run`, only counts.
@@ -179,7 +221,10 @@ impl Collector {
         let _one = self.running.try_lock().map_err(|_| GcError::Running)?;
         // Before anything is listed: what writers touch from a lease ago
         // on stays in the leases until the sweep is done.
-        let _collecting = self.leases.as_ref().map(Leases::begin_collection);
+        let _collecting = match &self.backend {
+            Backend::Redb { leases, .. } => leases.as_ref().map(Leases::begin_collection),
+            Backend::S3 { .. } => None,
+        };
         let infos: Vec<PathInfo> = self.store.path_infos.list().try_collect().await?;
         let (kept, mut doomed) = self.retain(infos, retention).await?;
         let mut report = Report {
@@ -222,17 +267,34 @@ impl Collector {
         {
             roots.extend(source());
         }
-        let live = mark(&self.store, roots, |_| {}).await?;
+        let live = mark(&self.marked, roots, |_| {}).await?;
         report.live = (
             live.directories.len() as u64,
             live.blobs.len() as u64,
             live.chunks.len() as u64,
         );
-        let (redb, leases) = (self.redb.clone(), self.leases.clone());
-        report.swept =
-            tokio::task::spawn_blocking(move || redb.sweep(&live, leases.as_ref(), dry_run))
+        match &self.backend {
+            Backend::Redb { redb, leases } => {
+                let (redb, leases) = (redb.clone(), leases.clone());
+                report.swept = tokio::task::spawn_blocking(move || {
+                    redb.sweep(&live, leases.as_ref(), dry_run)
+                })
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+            }
+            Backend::S3 { s3, grace } => {
+                let s = s3.sweep(&live, *grace, dry_run).await?;
+                report.swept = Swept {
+                    directories: s.dead_directories,
+                    blobs: s.dead_blobs,
+                    chunks: s.dead_chunks,
+                    chunk_bytes: 0,
+                    packs_before: s.bytes_before,
+                    packs_after: s.bytes_before - s.deleted_bytes + s.copied_bytes,
+                };
+                report.s3 = Some(s);
+            }
+        }
         Ok(report)
     }
 
@@ -257,7 +319,7 @@ impl Collector {
         }
         if let Some(since) = retention.keep_since {
             let hashes: Vec<StorePathHash> = by_hash.keys().copied().collect();
-            let uses = self.uses.clone();
+            let uses = self.uses.clone().ok_or(GcError::NoUses)?;
             let now = now_secs();
             let last = tokio::task::spawn_blocking(move || uses.last_uses(&hashes, now))
                 .await

@@ -71,9 +71,25 @@ impl PathInfoService for S3PathInfoService {
         record.map(|r| decode(*hash, &r)).transpose()
     }
 
-    /// One PUT: once it returns, the object store holds the record (Garage
-    /// on a write quorum of its nodes).
+    /// Checks the tree whole, then one PUT: once it returns, the object
+    /// store holds the record (Garage on a write quorum of its nodes).
+    ///
+    /// The check sees the store as replicas see it after the latest
+    /// collection: the condemned packs listed first (one LIST), a record
+    /// only in one of them missing. So a path never comes to need a pack
+    /// about to be deleted (`castore/src/s3_gc.rs`); one refused is
+    /// uploaded again, and its writer stores such records anew.
     async fn put(&self, info: PathInfo) -> Result<(), PathInfoError> {
+        self.store.refresh_condemned().await.map_err(backend)?;
+        let store = crate::Store::s3(self.store.clone(), None);
+        store.check_root(&info).await?;
+        let missing = store.find_missing(&info.root).await;
+        if let Some(missing) = missing.map_err(|e| PathInfoError::Backend(Box::new(e)))? {
+            return Err(PathInfoError::Incomplete {
+                store_path: info.store_path,
+                missing,
+            });
+        }
         let record = with_checksum(&proto::PathInfo::from(&info).encode_to_vec());
         let key = key(&info.store_path.hash());
         self.store.put(&key, record.into()).await.map_err(backend)

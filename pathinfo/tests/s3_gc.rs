@@ -1,0 +1,171 @@
+//! Garbage collection of an S3 store on a real 3-node Garage cluster,
+//! with another replica reading and writing beside it: a deleted path's
+//! packs are condemned (a pack shared with a kept path compacted), a
+//! replica that knew the old packs still reads the kept path before and
+//! after they are deleted, a publication that needs a condemned record is
+//! refused until the path is uploaded again, and the bucket shrinks.
+
+use std::time::Duration;
+
+use lazystore_castore::{RetryPolicy, S3Credentials, S3Options, S3Store};
+use lazystore_pathinfo::gc::{Collector, Retention};
+use lazystore_pathinfo::ingest::ingest_nar;
+use lazystore_pathinfo::nar::NarWriter;
+use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoError};
+use lazystore_pathinfo::render::nar_hash;
+use lazystore_pathinfo::{Store, StorePath};
+use lazystore_testkit::garage::{Garage, unique_prefix};
+use lazystore_testkit::noise;
+
+fn options(garage: &Garage) -> S3Options {
+    let (key_id, secret) = garage.key();
+    S3Options {
+        credentials: Some(S3Credentials {
+            key_id: key_id.to_owned(),
+            secret: secret.to_owned(),
+            session_token: None,
+        }),
+        retry: RetryPolicy::default(),
+        ..S3Options::default()
+    }
+}
+
+/// A NAR of a directory holding `files`, in name order.
+async fn nar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut nar = NarWriter::new(Vec::new());
+    nar.start_directory(None).await.unwrap();
+    for (name, data) in files {
+        nar.file(Some(name.as_bytes()), false, data.len() as u64)
+            .await
+            .unwrap();
+        nar.write_content(data).await.unwrap();
+    }
+    nar.end_directory().await.unwrap();
+    nar.finish().await.unwrap()
+}
+
+/// Ingests `nar` through `store` and publishes it as `path`.
+async fn publish(store: &Store, path: &str, nar: &[u8]) -> Result<PathInfo, PathInfoError> {
+    let ingested = ingest_nar(&store.blobs, &*store.directories, nar)
+        .await
+        .unwrap();
+    let info = PathInfo {
+        store_path: path.parse::<StorePath>().unwrap(),
+        root: ingested.root,
+        references: Vec::new(),
+        nar_size: ingested.nar_size,
+        nar_sha256: ingested.nar_sha256,
+        signatures: Vec::new(),
+        deriver: None,
+        ca: None,
+    };
+    store.path_infos.put(info.clone()).await?;
+    Ok(info)
+}
+
+async fn hashes_to(store: &Store, info: &PathInfo) {
+    let rendered = nar_hash(&store.blobs, &*store.directories, &info.root)
+        .await
+        .unwrap();
+    assert_eq!(rendered, (info.nar_size, info.nar_sha256));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_beside_a_replica() {
+    let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
+    let url = garage.store_url(&unique_prefix());
+    let open = || S3Store::open(&url, options(garage)).unwrap();
+    let (writer, reader) = (open(), open());
+    let (writes, reads) = (Store::s3(writer, None), Store::s3(reader.clone(), None));
+
+    // X: 6 MB of its own plus a 1 MB file Y shares; Y: 1 MB of its own
+    // too. Stored one after the other, so X's packs are X's.
+    let shared = noise(1 << 20, 7);
+    let x_nar = nar_of(&[("own", noise(6 << 20, 1)), ("shared", shared.clone())]).await;
+    let y_nar = nar_of(&[("mine", noise(1 << 20, 2)), ("shared", shared)]).await;
+    let x_path = "00bgd045z0d4icpbc2yyz4gx48ak44la-x";
+    let x = publish(&writes, x_path, &x_nar).await.unwrap();
+    let y = publish(&writes, "0c6kzph7l0dcbq4iddc1ngabvk2c6y5f-y", &y_nar)
+        .await
+        .unwrap();
+    // The other replica reads Y: it knows Y's records in their packs.
+    hashes_to(&reads, &y).await;
+
+    assert!(
+        writes
+            .path_infos
+            .delete(&x.store_path.hash())
+            .await
+            .unwrap()
+    );
+    let collect = || async {
+        Collector::s3(open(), Duration::ZERO)
+            .collect(&Retention::default(), false)
+            .await
+            .unwrap()
+    };
+    let first = collect().await;
+    let s3 = first.s3.unwrap();
+    eprintln!("first collection: {s3:?}");
+    assert!(s3.condemned >= 1, "{s3:?}");
+    assert!(
+        s3.compacted >= 1,
+        "the pack X shares with Y is compacted: {s3:?}"
+    );
+    assert_eq!(s3.deleted, 0, "nothing was condemned before: {s3:?}");
+    // Y reads on, through the replica and through a fresh one.
+    hashes_to(&reads, &y).await;
+    hashes_to(&Store::s3(open(), None), &y).await;
+
+    // X's data is condemned: publishing X again without its data is
+    // refused, even through the replica that wrote it; uploading it again
+    // stores it anew and publishes.
+    let refused = writes.path_infos.put(x.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            PathInfoError::Incomplete { .. } | PathInfoError::MissingRoot { .. }
+        ),
+        "{refused}"
+    );
+    let again = Store::s3(open(), None);
+    let x = publish(&again, x_path, &x_nar).await.unwrap();
+
+    // The next collection deletes the condemned packs; both replicas read
+    // X and Y from the copies.
+    let second = collect().await;
+    let s3 = second.s3.unwrap();
+    eprintln!("second collection: {s3:?}");
+    assert!(s3.deleted >= 1 && s3.deleted_bytes > 0, "{s3:?}");
+    hashes_to(&reads, &y).await;
+    hashes_to(&reads, &x).await;
+    hashes_to(&Store::s3(open(), None), &x).await;
+
+    // X deleted for good: the bucket gives its bytes back.
+    assert!(
+        writes
+            .path_infos
+            .delete(&x.store_path.hash())
+            .await
+            .unwrap()
+    );
+    let before = collect().await.s3.unwrap();
+    let after = collect().await.s3.unwrap();
+    eprintln!("X deleted: {before:?}, then {after:?}");
+    let live_after = after.bytes_before - after.deleted_bytes + after.copied_bytes;
+    let dry = Collector::s3(open(), Duration::ZERO)
+        .collect(&Retention::default(), true)
+        .await
+        .unwrap();
+    assert_eq!(dry.s3.unwrap().bytes_before, live_after);
+    assert!(
+        live_after < (y_nar.len() as u64) * 3 / 2,
+        "{live_after} bytes of packs left for a {}-byte NAR",
+        y_nar.len()
+    );
+    hashes_to(&reads, &y).await;
+    let fresh = Store::s3(open(), None);
+    hashes_to(&fresh, &y).await;
+    let report = lazystore_pathinfo::fsck::check_path(&fresh, &y).await;
+    assert_eq!(report, Ok(()));
+}
