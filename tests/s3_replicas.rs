@@ -1,16 +1,18 @@
 //! Two `lazystore serve` replicas on one S3 bucket (a real 3-node Garage
-//! cluster, `lazystore_testkit::garage`): a closure imported through one
-//! from a `file://` binary cache is mounted through the other with an
-//! empty local cache, and `nix hash path` on the mount is Nix's NarHash;
-//! with a Garage node killed, a fresh mount reads it again. Prints what the
-//! import cost in objects written.
+//! cluster, `lazystore_testkit::garage`): a 330 MB closure of four paths
+//! imported through one from a `file://` binary cache is mounted through
+//! the other with an empty local cache, and `nix hash path` of every path
+//! on the mount is Nix's NarHash, though a Garage node is killed two
+//! seconds into the reads; an import and a read with the node down work
+//! too, as do `lazystore fsck` and `lazystore gc` of the bucket. Prints
+//! what the import cost in objects written.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
 use lazystore_testkit::garage::{Garage, unique_prefix};
-use lazystore_testkit::{add_tree, gen_key, make_cache, nix_cmd, noise};
+use lazystore_testkit::{add_tree, gen_key, make_cache, nix_build, nix_cmd, noise};
 
 mod common;
 
@@ -48,6 +50,39 @@ fn objects(url: &str, dir: &str) -> (usize, u64) {
     (out.len(), bytes)
 }
 
+/// A tree of `mb` MB: half incompressible, half a compressible log, and
+/// 500 small files.
+fn tree(at: &Path, mb: usize, seed: u64) {
+    write(&at.join("data/noise.bin"), &noise((mb / 2) << 20, seed));
+    let text: Vec<u8> = (0..)
+        .flat_map(|i: u64| format!("line {i} of log {seed} that compresses\n").into_bytes())
+        .take((mb / 2) << 20)
+        .collect();
+    write(&at.join("data/log.txt"), &text);
+    for i in 0..500 {
+        let bytes = noise(1024 + i * 37, seed * 1000 + i as u64);
+        write(&at.join(format!("small/{}/{i}.bin", i % 20)), &bytes);
+    }
+}
+
+/// `nix hash path` of every path of `closure` on `mount`, against Nix's.
+fn hashes_match(mount: &Mount, closure: &[(String, String)]) {
+    for (path, nar_hash) in closure {
+        let on_mount = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
+        assert_eq!(&nix_hash_path(&on_mount), nar_hash, "{path}");
+    }
+}
+
+fn lazystore(args: &[&str]) -> String {
+    let out = Command::new(common::LAZYSTORE).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "lazystore {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn replicas_share_one_bucket_and_survive_a_node_down() {
     let garage = Garage::start();
@@ -58,81 +93,135 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
     }
     let store = garage.store_url(&unique_prefix());
 
-    // A path of 96 MB: incompressible, compressible and many small files.
+    // Three trees of 96, 110 and 120 MB, and a path built to refer to
+    // them: a closure of four paths, 330 MB of NAR.
     let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
-    write(&tree.join("data/noise.bin"), &noise(48 << 20, 7));
-    let text: Vec<u8> = (0..)
-        .flat_map(|i: u64| format!("line {i} of a log that compresses\n").into_bytes())
-        .take(40 << 20)
+    let trees: Vec<String> = [(96, 7), (110, 8), (120, 9)]
+        .iter()
+        .map(|&(mb, seed)| {
+            let at = work.path().join(format!("tree{seed}"));
+            tree(&at, mb, seed);
+            add_tree(&at)
+        })
         .collect();
-    write(&tree.join("data/log.txt"), &text);
-    for i in 0..500 {
-        let bytes = noise(1024 + i * 37, 100 + i as u64);
-        write(&tree.join(format!("small/{}/{i}.bin", i % 20)), &bytes);
-    }
-    let path = add_tree(&tree);
-    let nar_hash = nix_cmd(["nix-store", "--query", "--hash", &path]);
-    let nar_size: u64 = nix_cmd(["nix-store", "--query", "--size", &path])
-        .trim()
-        .parse()
-        .unwrap();
+    let refs: Vec<String> = trees
+        .iter()
+        .map(|t| format!("${{builtins.storePath \"{t}\"}}"))
+        .collect();
+    let top = nix_build(
+        "",
+        &format!(
+            r#"mk "lazystore-s3-top-{}" "echo {} > $out""#,
+            std::process::id(),
+            refs.join(" ")
+        ),
+    )
+    .trim()
+    .to_owned();
+    let requisites = nix_cmd(["nix-store", "--query", "--requisites", &top]);
+    let closure: Vec<(String, String)> = requisites
+        .lines()
+        .map(|p| {
+            let hash = nix_cmd(["nix-store", "--query", "--hash", p]);
+            (p.to_owned(), hash.trim().to_owned())
+        })
+        .collect();
+    assert_eq!(closure.len(), 4, "{requisites}");
+    let nar_size: u64 = closure
+        .iter()
+        .map(|(p, _)| {
+            let size = nix_cmd(["nix-store", "--query", "--size", p]);
+            size.trim().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(nar_size >= 300_000_000, "{nar_size}");
     let keys = tempfile::tempdir().unwrap();
     let (secret, public) = gen_key(keys.path(), "s3-replicas-1");
-    let cache = make_cache(&[&path], "zstd", Some(&secret));
+    let paths: Vec<&str> = closure.iter().map(|(p, _)| p.as_str()).collect();
+    let cache = make_cache(&paths, "zstd", Some(&secret));
+    let cache_from = format!("file://{}", cache.path().display());
 
     let (writer, writer_url) = serve(&store, "127.0.0.1:0");
-    let out = Command::new(common::LAZYSTORE)
-        .args(["import", "--from"])
-        .arg(format!("file://{}", cache.path().display()))
-        .args([
-            "--trusted-public-key",
-            &public,
-            "--store",
-            &writer_url,
-            &path,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let import = |url: &str, path: &str| {
+        let key = ["--trusted-public-key", &public];
+        lazystore(
+            &[
+                &["import", "--from", &cache_from][..],
+                &key,
+                &["--store", url, path],
+            ]
+            .concat(),
+        );
+    };
+    import(&writer_url, &top);
     let (packs, pack_bytes) = objects(&store, "packs/");
     let (indexes, _) = objects(&store, "index/");
     let (infos, _) = objects(&store, "pathinfo/");
     let written = packs + indexes + infos;
     eprintln!(
-        "imported a {:.1} MB NAR: {written} objects written ({packs} packs of \
-         {:.1} MB in all, {indexes} indexes, {infos} PathInfo), {:.0} per GB of NAR",
+        "imported {:.1} MB of NAR: {written} objects written ({packs} packs of \
+         {:.1} MB in all, {indexes} indexes, {infos} PathInfos), {:.0} per GB of NAR",
         nar_size as f64 / 1e6,
         pack_bytes as f64 / 1e6,
         written as f64 * 1e9 / nar_size as f64
     );
-    // A debug build on two cores wrote 29–49 (ideally 4 packs of 16 MiB,
-    // and an index each); one object per record would be some 2,000.
-    assert!(written < 100, "{written} objects");
+    // About 60 packs of 16 MiB and an index each at best; one object per
+    // record would be some 6,000.
+    assert!(written < 400, "{written} objects");
     let log = writer.stop();
     assert!(!log.contains("panicked"), "{log}");
 
     // The other replica has never seen any of it; its mount's cache is
-    // empty.
+    // empty. One Garage node (not the endpoint the replicas use) is killed
+    // two seconds into the reads.
     let (reader, reader_url) = serve(&store, "127.0.0.1:0");
-    let root_of = |mount: &Mount| mount.path.join(path.strip_prefix("/nix/store/").unwrap());
     let mountpoint = work.path().join("mnt");
     std::fs::create_dir(&mountpoint).unwrap();
     let cache_url = |name: &str| format!("redb://{}/{name}.redb", work.path().display());
     let mount = Mount::start(&mountpoint, &reader_url, &cache_url("cache1"), &[]);
-    assert_eq!(nix_hash_path(&root_of(&mount)), nar_hash.trim());
+    std::thread::scope(|s| {
+        let reading = s.spawn(|| hashes_match(&mount, &closure));
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        garage.kill(2);
+        reading.join().unwrap();
+    });
     mount.stop();
 
-    // One Garage node down (not the endpoint the replicas use): a fresh
-    // mount with an empty cache reads everything from S3 again.
-    garage.kill(2);
+    // With the node down, writes too (quorum 2 of 3): a new path imported
+    // through a writer and read through the reader.
+    let extra_tree = work.path().join("extra");
+    tree(&extra_tree, 8, 10);
+    let extra = add_tree(&extra_tree);
+    let extra_hash = nix_cmd(["nix-store", "--query", "--hash", &extra]);
+    let extra_cache = make_cache(&[&extra], "zstd", Some(&secret));
+    let (writer, writer_url) = serve(&store, "127.0.0.1:0");
+    let key = ["--trusted-public-key", &public];
+    let from = format!("file://{}", extra_cache.path().display());
+    lazystore(
+        &[
+            &["import", "--from", &from][..],
+            &key,
+            &["--store", &writer_url, &extra],
+        ]
+        .concat(),
+    );
     let mount = Mount::start(&mountpoint, &reader_url, &cache_url("cache2"), &[]);
-    assert_eq!(nix_hash_path(&root_of(&mount)), nar_hash.trim());
+    hashes_match(&mount, &[(extra.clone(), extra_hash.trim().to_owned())]);
     mount.stop();
+    let log = writer.stop();
+    assert!(!log.contains("panicked"), "{log}");
     let log = reader.stop();
     assert!(!log.contains("panicked"), "{log}");
+
+    // fsck and gc of the bucket itself, the node still down.
+    let fsck = lazystore(&["fsck", "--store", &store]);
+    assert!(
+        fsck.contains("5 paths") && !fsck.contains("damaged:"),
+        "{fsck}"
+    );
+    let gc = lazystore(&["gc", "--store", &store, "--dry-run"]);
+    assert!(
+        gc.contains("S3 packs:") && gc.contains("kept 5 paths"),
+        "{gc}"
+    );
 }
