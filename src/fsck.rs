@@ -43,7 +43,7 @@ pub struct Args {
         requires = "repair"
     )]
     trusted_keys: Vec<PublicKey>,
-    /// The store to check: redb:///abs/path/store.redb, grpc+http://HOST:PORT,
+    /// The store to check: redb:///abs/path/store.redb, s3://BUCKET/PREFIX?…, grpc+http://HOST:PORT,
     /// grpc+https://…, grpc+unix:///PATH [default: the embedded store under
     /// $LAZYSTORE_DIR].
     #[arg(long, value_name = "URL")]
