@@ -35,7 +35,7 @@ enum Command {
     Mount(mount::Args),
     NarCheck(nar_check::Args),
     NixDb(nix_db::Args),
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
 }
 
 /// Keeps glibc's allocator from holding on to freed memory. Chunk buffers
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
             Command::Mount(args) => mount::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,
             Command::NixDb(args) => nix_db::run(args).await,
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
         }
     });
     match result {

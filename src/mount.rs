@@ -118,7 +118,7 @@ pub struct Args {
 }
 
 /// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, shift) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {

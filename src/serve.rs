@@ -21,7 +21,7 @@ use lazystore_pathinfo::pathinfos::PathInfoServer;
 use lazystore_pathinfo::pathinfos::uses::FLUSH_EVERY;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
-    SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
+    LocalCache, SigningKey, Store, StoreOptions, default_store_url, is_remote, grpc_https_url, grpc_tcp_url,
     grpc_unix_url, is_ephemeral,
 };
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -130,6 +130,18 @@ pub struct Args {
     /// ~/.local/share/lazystore].
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    /// A local chunk cache (redb:///abs/path) in front of a remote store:
+    /// an s3:// or grpc+ one. Chunks, chunk lists and directories read
+    /// through this server are kept there, so reads a replica answered
+    /// once cost the object store nothing again. Each server needs its own
+    /// file. Publication checks bypass it.
+    #[arg(long, value_name = "URL")]
+    cache: Option<String>,
+    /// Most bytes the --cache keeps (suffixes K, M, G, T: powers of 1024);
+    /// the least recently used go first.
+    #[arg(long, value_name = "BYTES", value_parser = crate::mount::parse_size,
+          default_value_t = lazystore_castore::DEFAULT_CACHE_SIZE, requires = "cache")]
+    cache_size: u64,
     /// Serve TLS on both listeners with the certificate (chain) in FILE,
     /// PEM, whose key is in --tls-key: clients then use
     /// grpc+https://HOST:PORT and https://HOST:PORT, and need to trust
@@ -186,7 +198,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let tls = server_tls(&args)?;
-    let options = args.remote.store_options(StoreOptions::default())?;
+    if args.cache.is_some() && !(url.starts_with("s3://") || is_remote(&url)) {
+        bail!(
+            "--cache is for a remote store (s3://… or grpc+…); {url} is local: serve it without \
+             --cache"
+        );
+    }
+    let options = args.remote.store_options(StoreOptions {
+        local_cache: match &args.cache {
+            Some(url) => LocalCache::At(url.clone()),
+            None => LocalCache::None,
+        },
+        local_cache_bytes: args.cache_size,
+        ..StoreOptions::default()
+    })?;
     let store = Store::open(&url, options).await?;
     // An embedded store is collected by this process when asked
     // (`lazystore gc --store grpc+…`), beside its writers.

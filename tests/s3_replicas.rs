@@ -4,7 +4,8 @@
 //! the other with an empty local cache, and `nix hash path` of every path
 //! on the mount is Nix's NarHash, though a Garage node is killed two
 //! seconds into the reads; an import and a read with the node down work
-//! too, as do `lazystore fsck` and `lazystore gc` of the bucket. Prints
+//! too, as do `lazystore fsck` and `lazystore gc` of the bucket. The
+//! reading replica keeps a local chunk cache in front of the bucket. Prints
 //! what the import cost in objects written.
 
 use std::os::unix::fs::PermissionsExt;
@@ -92,6 +93,8 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
         unsafe { std::env::set_var(name, value) };
     }
     let store = garage.store_url(&unique_prefix());
+    let started = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("{:6.1} s: {what}", started.elapsed().as_secs_f64());
 
     // Three trees of 96, 110 and 120 MB, and a path built to refer to
     // them: a closure of four paths, 330 MB of NAR.
@@ -140,6 +143,7 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
     let paths: Vec<&str> = closure.iter().map(|(p, _)| p.as_str()).collect();
     let cache = make_cache(&paths, "zstd", Some(&secret));
     let cache_from = format!("file://{}", cache.path().display());
+    phase("closure built and in a binary cache");
 
     let (writer, writer_url) = serve(&store, "127.0.0.1:0");
     let import = |url: &str, path: &str| {
@@ -154,6 +158,7 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
         );
     };
     import(&writer_url, &top);
+    phase("imported");
     let (packs, pack_bytes) = objects(&store, "packs/");
     let (indexes, _) = objects(&store, "index/");
     let (infos, _) = objects(&store, "pathinfo/");
@@ -174,7 +179,18 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
     // The other replica has never seen any of it; its mount's cache is
     // empty. One Garage node (not the endpoint the replicas use) is killed
     // two seconds into the reads.
-    let (reader, reader_url) = serve(&store, "127.0.0.1:0");
+    // The reader keeps a local chunk cache in front of the bucket.
+    let replica_cache = work.path().join("replica-cache.redb");
+    let replica_cache_url = format!("redb://{}", replica_cache.display());
+    let (reader, reader_url) = common::start(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+        "--cache",
+        &replica_cache_url,
+    ]);
     let mountpoint = work.path().join("mnt");
     std::fs::create_dir(&mountpoint).unwrap();
     let cache_url = |name: &str| format!("redb://{}/{name}.redb", work.path().display());
@@ -186,6 +202,15 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
         reading.join().unwrap();
     });
     mount.stop();
+    phase("read through the other replica, a node killed");
+    let cached: u64 = std::fs::read_dir(replica_cache.with_extension("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        cached > pack_bytes / 2,
+        "the replica's cache holds {cached} bytes of {pack_bytes} read"
+    );
 
     // With the node down, writes too (quorum 2 of 3): a new path imported
     // through a writer and read through the reader.
@@ -205,6 +230,7 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
         ]
         .concat(),
     );
+    phase("imported with the node down");
     let mount = Mount::start(&mountpoint, &reader_url, &cache_url("cache2"), &[]);
     hashes_match(&mount, &[(extra.clone(), extra_hash.trim().to_owned())]);
     mount.stop();
@@ -214,7 +240,9 @@ fn replicas_share_one_bucket_and_survive_a_node_down() {
     assert!(!log.contains("panicked"), "{log}");
 
     // fsck and gc of the bucket itself, the node still down.
+    phase("read with the node down");
     let fsck = lazystore(&["fsck", "--store", &store]);
+    phase("fsck");
     assert!(
         fsck.contains("5 paths") && !fsck.contains("damaged:"),
         "{fsck}"

@@ -8,8 +8,8 @@
 //! Memory: three sets of 32-byte digests, about 100 bytes per live object
 //! (some 100 MB per million chunks).
 
-use futures::TryStreamExt as _;
-use lazystore_castore::{BlobError, DirectoryError, Live, Node};
+use futures::{StreamExt as _, TryStreamExt as _};
+use lazystore_castore::{BlobError, Digest, DirectoryError, Live, Node};
 
 use crate::Store;
 use crate::pathinfos::PathInfoError;
@@ -54,39 +54,53 @@ pub async fn mark(
     let mut live = Live::default();
     let mut files = Vec::new();
     for (marked, root) in roots.into_iter().enumerate() {
-        let mut stack = vec![root];
-        while let Some(node) = stack.pop() {
-            match node {
-                Node::Directory { digest, .. } => {
-                    if !live.directories.insert(digest) {
-                        continue;
+        match root {
+            Node::Directory { digest, .. } if !live.directories.contains(&digest) => {
+                // The whole tree in one call: one streamed request to a
+                // server, a level at a time from an object store.
+                let tree = store.directories.get_recursive(&digest).await;
+                let tree = tree.map_err(|e| match e {
+                    DirectoryError::NotFound(d) => MarkError::Directory(d, None),
+                    e => MarkError::Directory(digest, Some(e)),
+                })?;
+                for dir in tree {
+                    live.directories.insert(dir.digest());
+                    for (_, node) in dir.entries() {
+                        if let Node::File { digest, .. } = node
+                            && live.blobs.insert(*digest)
+                        {
+                            files.push(*digest);
+                        }
                     }
-                    let dir = store
-                        .directories
-                        .get(&digest)
-                        .await
-                        .map_err(|e| MarkError::Directory(digest, Some(e)))?
-                        .ok_or(MarkError::Directory(digest, None))?;
-                    stack.extend(dir.entries().map(|(_, node)| node.clone()));
                 }
-                Node::File { digest, .. } => {
-                    if live.blobs.insert(digest) {
-                        files.push(digest);
-                    }
-                }
-                Node::Symlink { .. } => {}
             }
+            Node::File { digest, .. } => {
+                if live.blobs.insert(digest) {
+                    files.push(digest);
+                }
+            }
+            Node::Directory { .. } | Node::Symlink { .. } => {}
         }
         progress(marked as u64 + 1);
     }
-    for digest in files {
-        let meta = store
-            .blobs
-            .stat(&digest)
-            .await
-            .map_err(|e| MarkError::Blob(digest, Some(e)))?
-            .ok_or(MarkError::Blob(digest, None))?;
-        live.chunks.extend(meta.chunks.iter().map(|c| c.digest));
+    // Chunk lists [`STAT_BATCH`] to a request, [`STATS_IN_FLIGHT`] at once.
+    let batches: Vec<Vec<Digest>> = files.chunks(STAT_BATCH).map(<[_]>::to_vec).collect();
+    let mut stats = futures::stream::iter(batches)
+        .map(|batch| async move {
+            let metas = store.blobs.stat_many(&batch).await;
+            (batch, metas)
+        })
+        .buffered(STATS_IN_FLIGHT);
+    while let Some((batch, metas)) = stats.next().await {
+        let metas = metas.map_err(|e| MarkError::Blob(batch[0], Some(e)))?;
+        for (digest, meta) in batch.iter().zip(metas) {
+            let meta = meta.ok_or(MarkError::Blob(*digest, None))?;
+            live.chunks.extend(meta.chunks.iter().map(|c| c.digest));
+        }
     }
     Ok(live)
 }
+
+/// Chunk lists the mark asks in one call, and calls at once.
+const STAT_BATCH: usize = 64;
+const STATS_IN_FLIGHT: usize = 4;
