@@ -21,8 +21,8 @@ use lazystore_pathinfo::pathinfos::PathInfoServer;
 use lazystore_pathinfo::pathinfos::uses::FLUSH_EVERY;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
-    LocalCache, SigningKey, Store, StoreOptions, default_store_url, is_remote, grpc_https_url, grpc_tcp_url,
-    grpc_unix_url, is_ephemeral,
+    LocalCache, SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
+    grpc_unix_url, is_ephemeral, is_remote,
 };
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};

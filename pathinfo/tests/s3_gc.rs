@@ -169,3 +169,92 @@ async fn collections_beside_a_replica() {
     let report = lazystore_pathinfo::fsck::check_path(&fresh, &y).await;
     assert_eq!(report, Ok(()));
 }
+
+/// Collections every two seconds (grace 12 s, above the 10 s a replica's
+/// view of condemned packs may lag) while another replica keeps
+/// publishing paths that share files with paths deleted 15 s before:
+/// every publication either lands or is refused and goes through once
+/// uploaded again, and every published path renders to its NarHash at the
+/// end, through the writer and through a fresh replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_while_a_replica_publishes() {
+    let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
+    let url = garage.store_url(&unique_prefix());
+    let open = || S3Store::open(&url, options(garage)).unwrap();
+    let writes = Store::s3(open(), None);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector = {
+        let (stop, gc) = (stop.clone(), Collector::s3(open(), Duration::from_secs(12)));
+        tokio::spawn(async move {
+            let mut runs = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                runs.push(gc.collect(&Retention::default(), false).await.unwrap());
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            runs
+        })
+    };
+    let names = ["a", "b", "c", "d", "f", "g", "h", "i", "j", "k"];
+    let mut kept = Vec::new();
+    let mut refused = 0;
+    let started = std::time::Instant::now();
+    for round in 0u64.. {
+        if started.elapsed() > Duration::from_secs(45) {
+            break;
+        }
+        // A path with a file of its own and a file of the path twenty
+        // rounds back (some 15 s): every other round's path is deleted as
+        // soon as published, so an even round shares a file whose packs a
+        // collection may have condemned by now while the writer still
+        // dedups against them.
+        let mut files = vec![("own", noise(500_000, round))];
+        files.push(("shared", noise(300_000, 1000 + round)));
+        if round >= 20 {
+            files.push(("tail", noise(300_000, 1000 + round - 20)));
+        }
+        let nar = nar_of(&files).await;
+        // Hashes of their own: a PathInfo is stored under its hash.
+        let (tens, ones) = (round as usize / 10 % 10, round as usize % 10);
+        let path = format!(
+            "{}{}6kzph7l0dcbq4iddc1ngabvk2c6y5f-r{round}",
+            names[tens], names[ones]
+        );
+        let info = loop {
+            match publish(&writes, &path, &nar).await {
+                Ok(info) => break info,
+                Err(PathInfoError::Incomplete { .. } | PathInfoError::MissingRoot { .. }) => {
+                    refused += 1;
+                }
+                Err(e) => panic!("{path}: {e}"),
+            }
+        };
+        if round % 2 == 0 {
+            assert!(
+                writes
+                    .path_infos
+                    .delete(&info.store_path.hash())
+                    .await
+                    .unwrap()
+            );
+        } else {
+            kept.push(info);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = collector.await.unwrap();
+    let s3: Vec<_> = runs.iter().filter_map(|r| r.s3).collect();
+    let condemned: u64 = s3.iter().map(|s| s.condemned).sum();
+    let deleted: u64 = s3.iter().map(|s| s.deleted).sum();
+    eprintln!(
+        "{} collections: {condemned} packs condemned, {deleted} deleted; {} paths kept, \
+         {refused} publications refused and uploaded again",
+        runs.len(),
+        kept.len()
+    );
+    assert!(condemned > 0 && deleted > 0, "{s3:?}");
+    for info in &kept {
+        hashes_to(&writes, info).await;
+        hashes_to(&Store::s3(open(), None), info).await;
+    }
+}
