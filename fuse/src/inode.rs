@@ -58,6 +58,8 @@ pub(crate) enum Kind {
     Directory {
         digest: Digest,
         dir: tokio::sync::OnceCell<Arc<Directory>>,
+        /// Whether its small files were fetched together (`read.rs`).
+        small_files_fetched: std::sync::atomic::AtomicBool,
     },
     /// A regular file; its chunk list is fetched on the first read.
     File {

@@ -113,7 +113,11 @@ impl LazyFs {
                 if !self.paths.defers(&digest) {
                     let _ = dir.set(self.directory(&digest, &path, Instant::now()).await?);
                 }
-                Kind::Directory { digest, dir }
+                Kind::Directory {
+                    digest,
+                    dir,
+                    small_files_fetched: Default::default(),
+                }
             }
             Node::File {
                 digest,
@@ -151,7 +155,7 @@ impl LazyFs {
         inode: &Inode,
         started: Instant,
     ) -> Result<Arc<Directory>, FsError> {
-        let Kind::Directory { digest, dir } = &inode.kind else {
+        let Kind::Directory { digest, dir, .. } = &inode.kind else {
             return Err(FsError::NotADirectory);
         };
         dir.get_or_try_init(|| self.directory(digest, &inode.path, started))

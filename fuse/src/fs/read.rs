@@ -20,6 +20,12 @@ const READAHEAD_INITIAL: u64 = 1 << 20;
 /// so they arrive in parallel.
 const READAHEAD_BATCH: u64 = 1 << 20;
 
+/// Most bytes of a directory's small files fetched with the first one
+/// read: enough for a directory of headers or modules, little beside a
+/// build's one file (the builder benchmark's bound is 2 % of the eager
+/// bytes).
+const SMALL_FILES_BYTES: u64 = 2 << 20;
+
 impl LazyFs {
     /// Reads up to `size` bytes of file `ino` at `offset`: only the chunks
     /// overlapping the range are fetched (each verified), and a sequential
@@ -100,17 +106,26 @@ impl LazyFs {
         size: u64,
         started: Instant,
     ) -> Result<Arc<ChunkIndex>, FsError> {
+        let shown = *digest;
         let digest = &self.real_file(inode, digest, started).await?;
         // A file no longer than the chunker's minimum is one chunk, whose
         // digest is the file's (both are the BLAKE3 of the same bytes): its
         // chunk list is known without asking, and its chunk is checked
         // against that digest as any is. One round trip less per small file.
-        if size > 0 && self.one_chunk_up_to().is_some_and(|min| size <= min) {
+        if let Some(min) = self.one_chunk_up_to()
+            && size > 0
+            && size <= min
+        {
             let one = vec![ChunkMeta {
                 digest: *digest,
                 size,
             }];
             if let Ok(meta) = BlobMeta::new(*digest, size, one) {
+                // Shown as stored (not a placeholder of a path being
+                // fetched): its directory's files are stored too.
+                if *digest == shown {
+                    self.fetch_small_files_with(inode, min);
+                }
                 return Ok(Arc::new(ChunkIndex::new(meta)));
             }
         }
@@ -136,6 +151,47 @@ impl LazyFs {
         }
     }
 
+    /// On the first read of a small file of a directory, fetches the
+    /// directory's other small files (one chunk each) with it, up to
+    /// [`SMALL_FILES_BYTES`], in batches of [`READAHEAD_BATCH`] within the
+    /// overall readahead bound: a build that opens one file of a directory
+    /// of headers or modules opens its neighbours next, and each would
+    /// otherwise cost a round trip of its own.
+    fn fetch_small_files_with(&self, inode: &Inode, min: u64) {
+        let Ok(parent) = self.inode(inode.parent) else {
+            return;
+        };
+        let Kind::Directory {
+            dir,
+            small_files_fetched,
+            ..
+        } = &parent.kind
+        else {
+            return;
+        };
+        let Some(dir) = dir.get() else {
+            return;
+        };
+        if small_files_fetched.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut bytes = 0;
+        let small: Vec<(Digest, u64)> = dir
+            .entries()
+            .filter_map(|(_, node)| match node {
+                Node::File { digest, size, .. } if *size > 0 && *size <= min => {
+                    Some((*digest, *size))
+                }
+                _ => None,
+            })
+            .take_while(|(_, size)| {
+                bytes += size;
+                bytes <= SMALL_FILES_BYTES
+            })
+            .collect();
+        self.chunks.prefetch(&small, READAHEAD_BATCH, &parent.path);
+    }
+
     /// The store chunker's minimum chunk size; `None` while it is not
     /// known (then every chunk list is fetched). Asked of the store once,
     /// in the background, so no read waits on the question (a failed one
@@ -146,11 +202,13 @@ impl LazyFs {
         }
         if !self.asking_chunker.swap(true, Ordering::AcqRel) {
             let (known, asking) = (self.one_chunk_up_to.clone(), self.asking_chunker.clone());
-            let service = self.store.blobs.service().clone();
+            let blobs = self.store.blobs.clone();
             tokio::spawn(async move {
-                match service.chunker_params().await {
+                // The store's parameters, or those writes to it use when
+                // it records none: what cut its files either way.
+                match blobs.write_params().await {
                     Ok(params) => {
-                        let _ = known.set(params.map(|p| u64::from(p.min)));
+                        let _ = known.set(Some(u64::from(params.min)));
                     }
                     Err(_) => asking.store(false, Ordering::Release),
                 }
