@@ -715,3 +715,41 @@ async fn a_directory_s_small_files_travel_together() {
         "each fetched once"
     );
 }
+
+/// The first file read in a directory has the chunk lists of its larger
+/// neighbours asked in one call: reading them after asks for none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_s_chunk_lists_come_together() {
+    let (store, _, _) = test_store();
+    let contents: Vec<Vec<u8>> = (0..10).map(|i| noise(200_000 + i, 50 + i as u64)).collect();
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    let files: Vec<(&'static str, Tree)> = names
+        .iter()
+        .zip(&contents)
+        .map(|(n, c)| (*n, Tree::File(c.clone())))
+        .collect();
+    let root = put_tree(&store, &Tree::Dir(vec![("lib", Tree::Dir(files))])).await;
+    let path = publish(&store, "libs", root).await;
+    let fs = fs(&store, FsOptions::default());
+    let top = fs
+        .lookup(Ino::ROOT, path.to_string().as_bytes())
+        .await
+        .unwrap();
+    let lib = fs.lookup(top.ino, b"lib").await.unwrap();
+    let mut inos = Vec::new();
+    for n in names {
+        inos.push(fs.lookup(lib.ino, n.as_bytes()).await.unwrap().ino);
+    }
+    // The first read asks the store's chunker minimum in the background;
+    // the second brings the neighbours' chunk lists.
+    for i in 0..2 {
+        let got = read_all(&fs, inos[i], contents[i].len() as u64, 65536).await;
+        assert!(got == contents[i]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 2..10 {
+        let got = read_all(&fs, inos[i], contents[i].len() as u64, 65536).await;
+        assert!(got == contents[i], "file {i}");
+    }
+    assert_eq!(fs.stats().chunk_lists_fetched, 2, "{:?}", fs.stats());
+}

@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use lazystore_castore::blobs::{ChunkIndex, cut};
 use lazystore_castore::error_chain;
-use lazystore_castore::{Digest, Directory, Node, RetryPolicy};
+use lazystore_castore::{BlobMeta, Digest, Directory, Node, RetryPolicy};
 use lazystore_pathinfo::substitute::{
     PROVISIONAL_TTL, Standing, StoreSubstituter, SubstituteError, Substituter,
 };
@@ -157,6 +157,37 @@ pub struct LazyFs {
     /// question is out.
     one_chunk_up_to: Arc<std::sync::OnceLock<Option<u64>>>,
     asking_chunker: Arc<std::sync::atomic::AtomicBool>,
+    /// Chunk lists fetched ahead of their files' first reads (`read.rs`).
+    chunk_lists_ahead: Arc<Mutex<ChunkListsAhead>>,
+}
+
+/// Chunk lists fetched ahead, each taken by its file's first read; the
+/// oldest dropped past [`CHUNK_LISTS_KEPT`].
+#[derive(Default)]
+pub(super) struct ChunkListsAhead {
+    map: HashMap<Digest, BlobMeta>,
+    order: VecDeque<Digest>,
+}
+
+/// Chunk lists kept ahead at most (some 100 bytes each plus 40 a chunk).
+const CHUNK_LISTS_KEPT: usize = 4096;
+
+impl ChunkListsAhead {
+    pub(super) fn insert(&mut self, digest: Digest, meta: BlobMeta) {
+        if self.map.insert(digest, meta).is_none() {
+            self.order.push_back(digest);
+            while self.order.len() > CHUNK_LISTS_KEPT {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub(super) fn take(&mut self, digest: &Digest) -> Option<BlobMeta> {
+        // Its place in `order` goes when it comes to the front.
+        self.map.remove(digest)
+    }
 }
 
 impl LazyFs {
@@ -181,6 +212,7 @@ impl LazyFs {
             next_handle: AtomicU64::new(1),
             one_chunk_up_to: Arc::default(),
             asking_chunker: Arc::default(),
+            chunk_lists_ahead: Arc::default(),
             paths,
             passthrough: None,
             more_counters: Vec::new(),

@@ -20,11 +20,15 @@ const READAHEAD_INITIAL: u64 = 1 << 20;
 /// so they arrive in parallel.
 const READAHEAD_BATCH: u64 = 1 << 20;
 
-/// Most bytes of a directory's small files fetched with the first one
+/// Most bytes of a directory's small files fetched with the first file
 /// read: enough for a directory of headers or modules, little beside a
 /// build's one file (the builder benchmark's bound is 2 % of the eager
 /// bytes).
 const SMALL_FILES_BYTES: u64 = 2 << 20;
+
+/// Most chunk lists of a directory's larger files asked with the first
+/// file read.
+const CHUNK_LISTS_AHEAD: usize = 64;
 
 impl LazyFs {
     /// Reads up to `size` bytes of file `ino` at `offset`: only the chunks
@@ -108,11 +112,19 @@ impl LazyFs {
     ) -> Result<Arc<ChunkIndex>, FsError> {
         let shown = *digest;
         let digest = &self.real_file(inode, digest, started).await?;
+        let min = self.one_chunk_up_to();
+        // Shown as stored (not a placeholder of a path being fetched): its
+        // directory's files are stored too.
+        if let Some(min) = min
+            && *digest == shown
+        {
+            self.fetch_neighbours(inode, min);
+        }
         // A file no longer than the chunker's minimum is one chunk, whose
         // digest is the file's (both are the BLAKE3 of the same bytes): its
         // chunk list is known without asking, and its chunk is checked
         // against that digest as any is. One round trip less per small file.
-        if let Some(min) = self.one_chunk_up_to()
+        if let Some(min) = min
             && size > 0
             && size <= min
         {
@@ -121,13 +133,16 @@ impl LazyFs {
                 size,
             }];
             if let Ok(meta) = BlobMeta::new(*digest, size, one) {
-                // Shown as stored (not a placeholder of a path being
-                // fetched): its directory's files are stored too.
-                if *digest == shown {
-                    self.fetch_small_files_with(inode, min);
-                }
                 return Ok(Arc::new(ChunkIndex::new(meta)));
             }
+        }
+        let ahead = self
+            .chunk_lists_ahead
+            .lock()
+            .expect("lock poisoned")
+            .take(digest);
+        if let Some(meta) = ahead.filter(|meta| meta.size == size) {
+            return Ok(Arc::new(ChunkIndex::new(meta)));
         }
         let what = || format!("{}: fetching its chunk list", inode.path);
         let meta = retried(&self.options.retry, &self.stats, &what, || {
@@ -151,13 +166,14 @@ impl LazyFs {
         }
     }
 
-    /// On the first read of a small file of a directory, fetches the
-    /// directory's other small files (one chunk each) with it, up to
+    /// On the first read of a file of a directory, fetches the rest of the
+    /// directory's files as a build opening one header or module of it
+    /// will want them: the small files (one chunk each) up to
     /// [`SMALL_FILES_BYTES`], in batches of [`READAHEAD_BATCH`] within the
-    /// overall readahead bound: a build that opens one file of a directory
-    /// of headers or modules opens its neighbours next, and each would
-    /// otherwise cost a round trip of its own.
-    fn fetch_small_files_with(&self, inode: &Inode, min: u64) {
+    /// overall readahead bound, and the chunk lists of up to
+    /// [`CHUNK_LISTS_AHEAD`] larger ones in one `stat_many`, kept until
+    /// their first read. Otherwise each would cost round trips of its own.
+    fn fetch_neighbours(&self, inode: &Inode, min: u64) {
         let Ok(parent) = self.inode(inode.parent) else {
             return;
         };
@@ -175,21 +191,38 @@ impl LazyFs {
         if small_files_fetched.swap(true, Ordering::AcqRel) {
             return;
         }
-        let mut bytes = 0;
-        let small: Vec<(Digest, u64)> = dir
-            .entries()
-            .filter_map(|(_, node)| match node {
-                Node::File { digest, size, .. } if *size > 0 && *size <= min => {
-                    Some((*digest, *size))
+        let (mut small, mut large, mut bytes) = (Vec::new(), Vec::new(), 0);
+        for (_, node) in dir.entries() {
+            match node {
+                Node::File { digest, size, .. }
+                    if *size > 0 && *size <= min && bytes + size <= SMALL_FILES_BYTES =>
+                {
+                    bytes += size;
+                    small.push((*digest, *size));
                 }
-                _ => None,
-            })
-            .take_while(|(_, size)| {
-                bytes += size;
-                bytes <= SMALL_FILES_BYTES
-            })
-            .collect();
+                Node::File { digest, size, .. }
+                    if *size > min && large.len() < CHUNK_LISTS_AHEAD =>
+                {
+                    large.push(*digest);
+                }
+                _ => {}
+            }
+        }
         self.chunks.prefetch(&small, READAHEAD_BATCH, &parent.path);
+        if large.len() > 1 {
+            let (blobs, ahead) = (self.store.blobs.clone(), self.chunk_lists_ahead.clone());
+            tokio::spawn(async move {
+                // A failure costs nothing: each file asks for itself.
+                if let Ok(metas) = blobs.stat_many(&large).await {
+                    let mut ahead = ahead.lock().expect("lock poisoned");
+                    for (digest, meta) in large.into_iter().zip(metas) {
+                        if let Some(meta) = meta {
+                            ahead.insert(digest, meta);
+                        }
+                    }
+                }
+            });
+        }
     }
 
     /// The store chunker's minimum chunk size; `None` while it is not
