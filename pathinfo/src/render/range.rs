@@ -40,6 +40,11 @@ use super::layout::{FileSpan, NarLayout};
 const RANGE_BATCH_FIRST: usize = 2;
 const RANGE_BATCH_MAX: usize = 64;
 
+/// Bytes of chunks in one batch at most (one chunk more if it is larger):
+/// a quarter of [`RANGE_READ_AHEAD_BYTES`], so that large files are read
+/// and decoded by several batches at once, on every core.
+const BATCH_BYTES: u64 = 1 << 20;
+
 /// Chunk batches read ahead of the one being sent, each read and verified
 /// by a task of its own, so that reading, decompressing and hashing use
 /// every core while the bytes before them are sent.
@@ -160,6 +165,8 @@ struct Producer<'a> {
     reading: VecDeque<(u64, Reading<Vec<Bytes>>)>,
     /// The batch being gathered (number `next_batch`).
     open: Vec<Digest>,
+    /// Bytes of the chunks of the batch being gathered.
+    open_bytes: u64,
     next_batch: u64,
     batch_len: usize,
     /// The batch read last, whose chunks are being sent.
@@ -201,6 +208,7 @@ impl<'a> Producer<'a> {
             pending: VecDeque::new(),
             reading: VecDeque::new(),
             open: Vec::new(),
+            open_bytes: 0,
             next_batch: 0,
             batch_len: RANGE_BATCH_FIRST,
             read: None,
@@ -316,7 +324,7 @@ impl<'a> Producer<'a> {
             let first = index.overlapping(within, within + 1).start;
             self.current = Some((i, index, first));
         }
-        if self.open.len() >= self.batch_len {
+        if self.open.len() >= self.batch_len || self.open_bytes >= BATCH_BYTES {
             self.seal();
         }
         let (_, index, next) = self.current.as_mut().expect("just set");
@@ -328,7 +336,10 @@ impl<'a> Producer<'a> {
         while self.open.len() < self.batch_len && batch_end < to {
             let chunk = index.meta.chunks[*next];
             let bytes = batch_end - first_start;
-            if bytes > 0 && self.ahead + bytes + chunk.size > RANGE_READ_AHEAD_BYTES {
+            if bytes > 0
+                && (self.ahead + bytes + chunk.size > RANGE_READ_AHEAD_BYTES
+                    || self.open_bytes + bytes + chunk.size > BATCH_BYTES)
+            {
                 break;
             }
             self.open.push(chunk.digest);
@@ -336,6 +347,7 @@ impl<'a> Producer<'a> {
             *next += 1;
         }
         let bytes = batch_end - first_start;
+        self.open_bytes += bytes;
         self.ahead += bytes;
         #[cfg(test)]
         MAX_AHEAD_SEEN.fetch_max(self.ahead, std::sync::atomic::Ordering::Relaxed);
@@ -363,6 +375,7 @@ impl<'a> Producer<'a> {
             return;
         }
         let digests = std::mem::take(&mut self.open);
+        self.open_bytes = 0;
         let blobs = self.blobs.clone();
         self.reading.push_back((
             self.next_batch,
