@@ -669,33 +669,47 @@ async fn counters_count_what_was_presented() {
     assert_eq!(s.path_infos_fetched, 1);
 }
 
-/// The first small file read in a directory brings its neighbours in one
-/// batch: with every store read taking 50 ms, reading 98 more small files
-/// of the directory one after another takes about one read's time, not 98.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_directory_s_small_files_travel_together() {
-    let (store, _, faults) = test_store();
-    let names: Vec<&'static str> = (0..100)
-        .map(|i| &*Box::leak(format!("m{i:03}.py").into_boxed_str()))
-        .collect();
+/// A store path holding `lib/` with files `names` of `contents`, looked
+/// up through a fresh filesystem: it and the files' inodes.
+async fn one_directory(
+    store: &Store,
+    names: &[String],
+    contents: &[Vec<u8>],
+) -> (LazyFs, Vec<Ino>) {
     let files: Vec<(&'static str, Tree)> = names
         .iter()
-        .enumerate()
-        .map(|(i, n)| (*n, Tree::File(noise(1000 + i, i as u64))))
+        .zip(contents)
+        .map(|(n, c)| {
+            (
+                &*Box::leak(n.clone().into_boxed_str()),
+                Tree::File(c.clone()),
+            )
+        })
         .collect();
-    let contents: Vec<Vec<u8>> = (0..100).map(|i| noise(1000 + i, i as u64)).collect();
-    let root = put_tree(&store, &Tree::Dir(vec![("lib", Tree::Dir(files))])).await;
-    let path = publish(&store, "modules", root).await;
-    let fs = fs(&store, FsOptions::default());
+    let root = put_tree(store, &Tree::Dir(vec![("lib", Tree::Dir(files))])).await;
+    let path = publish(store, "lib", root).await;
+    let fs = fs(store, FsOptions::default());
     let top = fs
         .lookup(Ino::ROOT, path.to_string().as_bytes())
         .await
         .unwrap();
     let lib = fs.lookup(top.ino, b"lib").await.unwrap();
     let mut inos = Vec::new();
-    for n in &names {
+    for n in names {
         inos.push(fs.lookup(lib.ino, n.as_bytes()).await.unwrap().ino);
     }
+    (fs, inos)
+}
+
+/// The first small file read in a directory brings its neighbours in one
+/// batch: with every store read taking 50 ms, reading 98 more small files
+/// of the directory one after another takes about one read's time, not 98.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_s_small_files_travel_together() {
+    let (store, _, faults) = test_store();
+    let contents: Vec<Vec<u8>> = (0..100).map(|i| noise(1000 + i, i as u64)).collect();
+    let names: Vec<String> = (0..100).map(|i| format!("m{i:03}.py")).collect();
+    let (fs, inos) = one_directory(&store, &names, &contents).await;
     // The first read asks the store's chunker minimum in the background.
     assert_eq!(read_all(&fs, inos[0], 1000, 4096).await, contents[0]);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -722,24 +736,8 @@ async fn a_directory_s_small_files_travel_together() {
 async fn a_directory_s_chunk_lists_come_together() {
     let (store, _, _) = test_store();
     let contents: Vec<Vec<u8>> = (0..10).map(|i| noise(200_000 + i, 50 + i as u64)).collect();
-    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
-    let files: Vec<(&'static str, Tree)> = names
-        .iter()
-        .zip(&contents)
-        .map(|(n, c)| (*n, Tree::File(c.clone())))
-        .collect();
-    let root = put_tree(&store, &Tree::Dir(vec![("lib", Tree::Dir(files))])).await;
-    let path = publish(&store, "libs", root).await;
-    let fs = fs(&store, FsOptions::default());
-    let top = fs
-        .lookup(Ino::ROOT, path.to_string().as_bytes())
-        .await
-        .unwrap();
-    let lib = fs.lookup(top.ino, b"lib").await.unwrap();
-    let mut inos = Vec::new();
-    for n in names {
-        inos.push(fs.lookup(lib.ino, n.as_bytes()).await.unwrap().ino);
-    }
+    let names: Vec<String> = (0..10).map(|i| format!("lib{i}.so")).collect();
+    let (fs, inos) = one_directory(&store, &names, &contents).await;
     // The first read asks the store's chunker minimum in the background;
     // the second brings the neighbours' chunk lists.
     for i in 0..2 {

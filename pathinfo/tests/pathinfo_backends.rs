@@ -16,6 +16,8 @@ use lazystore_pathinfo::pathinfos::{
 };
 use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Signature, Store, StorePath, StorePathHash};
 
+mod common;
+
 /// Cuts the last byte off the stored record of a PathInfo, so it no longer
 /// decodes; false if it is not stored.
 type CorruptRecord = Box<dyn Fn(&StorePathHash) -> bool + Send + Sync>;
@@ -105,20 +107,11 @@ async fn grpc() -> Backend {
 /// The three S3 services on the shared Garage cluster of this test
 /// process (`lazystore_testkit::garage`), under a prefix of their own.
 async fn s3() -> Backend {
-    use lazystore_castore::{RetryPolicy, S3Credentials, S3Options, S3Store};
+    use lazystore_castore::S3Store;
     use lazystore_pathinfo::pathinfos::S3PathInfoService;
     use lazystore_testkit::garage::{Garage, unique_prefix};
     let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
-    let (key_id, secret) = garage.key();
-    let options = S3Options {
-        credentials: Some(S3Credentials {
-            key_id: key_id.to_owned(),
-            secret: secret.to_owned(),
-            session_token: None,
-        }),
-        retry: RetryPolicy::default(),
-        ..S3Options::default()
-    };
+    let options = common::s3_options(garage);
     let url = garage.store_url(&unique_prefix());
     let s3 = S3Store::open(&url, options.clone()).unwrap();
     // The hook is synchronous: the record is rewritten by a client of its

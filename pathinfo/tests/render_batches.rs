@@ -13,9 +13,12 @@ use lazystore_castore::blobs::{
 use lazystore_castore::directories::MemoryDirectoryService;
 use lazystore_castore::{Blobs, ChunkerParams, Digest, Node};
 use lazystore_pathinfo::ingest::ingest_nar;
-use lazystore_pathinfo::nar::NarWriter;
 use lazystore_pathinfo::render::{RenderError, nar_hash, nar_layout, render_range};
 use lazystore_testkit::noise;
+
+mod common;
+
+use common::nar_of;
 
 #[derive(Default)]
 struct Counts {
@@ -43,20 +46,6 @@ fn params() -> ChunkerParams {
     }
     .validate()
     .unwrap()
-}
-
-/// A NAR of a directory holding `files` (name, contents), in name order.
-async fn nar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut nar = NarWriter::new(Vec::new());
-    nar.start_directory(None).await.unwrap();
-    for (name, data) in files {
-        nar.file(Some(name.as_bytes()), false, data.len() as u64)
-            .await
-            .unwrap();
-        nar.write_content(data).await.unwrap();
-    }
-    nar.end_directory().await.unwrap();
-    nar.finish().await.unwrap()
 }
 
 struct Stored {
@@ -127,7 +116,7 @@ async fn small_files_travel_in_batches() {
 async fn a_whole_rendering_checks_every_file() {
     let a = noise(300_000, 1);
     let b = noise(300_000, 2);
-    let nar = nar_of(&[("a".into(), a.clone()), ("b".into(), b.clone())]).await;
+    let nar = nar_of(&[("a", a.clone()), ("b", b.clone())]).await;
     let stored = store(&nar).await;
     let digest_a = Digest::from(blake3::hash(&a));
     let digest_b = Digest::from(blake3::hash(&b));

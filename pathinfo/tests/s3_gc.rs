@@ -7,42 +7,18 @@
 
 use std::time::Duration;
 
-use lazystore_castore::{RetryPolicy, S3Credentials, S3Options, S3Store};
+use lazystore_castore::S3Store;
 use lazystore_pathinfo::gc::{Collector, Retention};
 use lazystore_pathinfo::ingest::ingest_nar;
-use lazystore_pathinfo::nar::NarWriter;
 use lazystore_pathinfo::pathinfos::{PathInfo, PathInfoError};
 use lazystore_pathinfo::render::nar_hash;
 use lazystore_pathinfo::{Store, StorePath};
 use lazystore_testkit::garage::{Garage, unique_prefix};
 use lazystore_testkit::noise;
 
-fn options(garage: &Garage) -> S3Options {
-    let (key_id, secret) = garage.key();
-    S3Options {
-        credentials: Some(S3Credentials {
-            key_id: key_id.to_owned(),
-            secret: secret.to_owned(),
-            session_token: None,
-        }),
-        retry: RetryPolicy::default(),
-        ..S3Options::default()
-    }
-}
+mod common;
 
-/// A NAR of a directory holding `files`, in name order.
-async fn nar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut nar = NarWriter::new(Vec::new());
-    nar.start_directory(None).await.unwrap();
-    for (name, data) in files {
-        nar.file(Some(name.as_bytes()), false, data.len() as u64)
-            .await
-            .unwrap();
-        nar.write_content(data).await.unwrap();
-    }
-    nar.end_directory().await.unwrap();
-    nar.finish().await.unwrap()
-}
+use common::{nar_of, s3_options as options};
 
 /// Ingests `nar` through `store` and publishes it as `path`.
 async fn publish(store: &Store, path: &str, nar: &[u8]) -> Result<PathInfo, PathInfoError> {
@@ -61,6 +37,14 @@ async fn publish(store: &Store, path: &str, nar: &[u8]) -> Result<PathInfo, Path
     };
     store.path_infos.put(info.clone()).await?;
     Ok(info)
+}
+
+async fn unpublish(store: &Store, info: &PathInfo) -> bool {
+    store
+        .path_infos
+        .delete(&info.store_path.hash())
+        .await
+        .unwrap()
 }
 
 async fn hashes_to(store: &Store, info: &PathInfo) {
@@ -91,13 +75,7 @@ async fn collections_beside_a_replica() {
     // The other replica reads Y: it knows Y's records in their packs.
     hashes_to(&reads, &y).await;
 
-    assert!(
-        writes
-            .path_infos
-            .delete(&x.store_path.hash())
-            .await
-            .unwrap()
-    );
+    assert!(unpublish(&writes, &x).await);
     let collect = || async {
         Collector::s3(open(), Duration::ZERO)
             .collect(&Retention::default(), false)
@@ -142,13 +120,7 @@ async fn collections_beside_a_replica() {
     hashes_to(&Store::s3(open(), None), &x).await;
 
     // X deleted for good: the bucket gives its bytes back.
-    assert!(
-        writes
-            .path_infos
-            .delete(&x.store_path.hash())
-            .await
-            .unwrap()
-    );
+    assert!(unpublish(&writes, &x).await);
     let before = collect().await.s3.unwrap();
     let after = collect().await.s3.unwrap();
     eprintln!("X deleted: {before:?}, then {after:?}");
