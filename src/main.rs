@@ -15,6 +15,7 @@ mod nar_check;
 mod nix_db;
 mod remote;
 mod serve;
+mod stats;
 mod upstream;
 
 /// Lazy /nix/store for Nix builders: store paths split into a
@@ -36,6 +37,7 @@ enum Command {
     NarCheck(nar_check::Args),
     NixDb(nix_db::Args),
     Serve(Box<serve::Args>),
+    Stats(stats::Args),
 }
 
 /// Keeps glibc's allocator from holding on to freed memory. Chunk buffers
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
             Command::NarCheck(args) => nar_check::run(args).await,
             Command::NixDb(args) => nix_db::run(args).await,
             Command::Serve(args) => serve::run(*args).await,
+            Command::Stats(args) => stats::run(args).await,
         }
     });
     match result {

@@ -10,6 +10,7 @@ mod nar_roots;
 pub mod pathinfos;
 pub mod publish;
 pub mod render;
+pub mod stats;
 mod store;
 pub mod substitute;
 
