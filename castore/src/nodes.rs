@@ -375,6 +375,15 @@ impl Directory {
         self.entries.iter()
     }
 
+    /// The entries from `from` on, in name order.
+    pub fn entries_from(
+        &self,
+        from: std::ops::Bound<&[u8]>,
+    ) -> impl Iterator<Item = (&PathComponent, &Node)> {
+        self.entries
+            .range::<[u8], _>((from, std::ops::Bound::Unbounded))
+    }
+
     /// The entry called `name`.
     pub fn get(&self, name: &[u8]) -> Option<&Node> {
         // PathComponent orders like its bytes, so a borrowed lookup would do;

@@ -51,6 +51,23 @@ pub(crate) struct ReadState {
     pub(crate) ahead_until: usize,
 }
 
+/// How far a directory's files were fetched ahead of its readers: in
+/// windows, the next asked for once a read reaches the middle of the last.
+#[derive(Debug, Default)]
+pub(crate) enum Neighbours {
+    /// Nothing yet.
+    #[default]
+    None,
+    /// Entries up to `resume_after` were fetched; the next window is
+    /// asked when a file from `refill_at` on is read.
+    Until {
+        refill_at: Bytes,
+        resume_after: Bytes,
+    },
+    /// Every entry was.
+    All,
+}
+
 /// What an inode is.
 pub(crate) enum Kind {
     /// A directory of a store path, fetched when its inode was made, or
@@ -58,8 +75,8 @@ pub(crate) enum Kind {
     Directory {
         digest: Digest,
         dir: tokio::sync::OnceCell<Arc<Directory>>,
-        /// Whether its small files were fetched together (`read.rs`).
-        small_files_fetched: std::sync::atomic::AtomicBool,
+        /// How far its files were fetched ahead of reads (`read.rs`).
+        ahead: Mutex<Neighbours>,
     },
     /// A regular file; its chunk list is fetched on the first read.
     File {

@@ -116,7 +116,7 @@ impl LazyFs {
                 Kind::Directory {
                     digest,
                     dir,
-                    small_files_fetched: Default::default(),
+                    ahead: Default::default(),
                 }
             }
             Node::File {

@@ -36,7 +36,7 @@ use lazystore_pathinfo::{Store, StorePath};
 
 use crate::chunks::ChunkFetcher;
 use crate::error::FsError;
-use crate::inode::{Ino, Inode, InodeTable, Kind, ReadState};
+use crate::inode::{Ino, Inode, InodeTable, Kind, Neighbours, ReadState};
 use crate::passthrough::Passthrough;
 
 use crate::stats::{CounterSource, Stats, StatsSnapshot, retried};

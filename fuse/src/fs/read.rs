@@ -20,14 +20,12 @@ const READAHEAD_INITIAL: u64 = 1 << 20;
 /// so they arrive in parallel.
 const READAHEAD_BATCH: u64 = 1 << 20;
 
-/// Most bytes of a directory's small files fetched with the first file
-/// read: enough for a directory of headers or modules, little beside a
-/// build's one file (the builder benchmark's bound is 2 % of the eager
-/// bytes).
+/// Most bytes of a directory's small files in one window fetched ahead:
+/// enough for a directory of headers or modules, little beside a build's
+/// one file (the builder benchmark's bound is 2 % of the eager bytes).
 const SMALL_FILES_BYTES: u64 = 2 << 20;
 
-/// Most chunk lists of a directory's larger files asked with the first
-/// file read.
+/// Most chunk lists of a directory's larger files in one window.
 const CHUNK_LISTS_AHEAD: usize = 64;
 
 impl LazyFs {
@@ -166,50 +164,71 @@ impl LazyFs {
         }
     }
 
-    /// On the first read of a file of a directory, fetches the rest of the
-    /// directory's files as a build opening one header or module of it
-    /// will want them: the small files (one chunk each) up to
-    /// [`SMALL_FILES_BYTES`], in batches of [`READAHEAD_BATCH`] within the
-    /// overall readahead bound, and the chunk lists of up to
-    /// [`CHUNK_LISTS_AHEAD`] larger ones in one `stat_many`, kept until
-    /// their first read. Otherwise each would cost round trips of its own.
+    /// Fetches a directory's files ahead of a build walking it, in
+    /// windows: the first read of a file of the directory asks for the
+    /// window from that file on, a read past the middle of the last window
+    /// for the next. A window holds the small files (one chunk each) up to
+    /// [`SMALL_FILES_BYTES`], fetched in batches of [`READAHEAD_BATCH`]
+    /// within the overall readahead bound, and the chunk lists of up to
+    /// [`CHUNK_LISTS_AHEAD`] larger files in one `stat_many`, kept until
+    /// their first reads. A build that opens one header or module of a
+    /// directory opens its neighbours next, and each would otherwise cost
+    /// round trips of its own; one that reads a single file pays one
+    /// window beside it.
     fn fetch_neighbours(&self, inode: &Inode, min: u64) {
         let Ok(parent) = self.inode(inode.parent) else {
             return;
         };
-        let Kind::Directory {
-            dir,
-            small_files_fetched,
-            ..
-        } = &parent.kind
-        else {
+        let Kind::Directory { dir, ahead, .. } = &parent.kind else {
             return;
         };
         let Some(dir) = dir.get() else {
             return;
         };
-        if small_files_fetched.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        let name = inode.path.rsplit('/').next().unwrap_or_default().as_bytes();
         let (mut small, mut large, mut bytes) = (Vec::new(), Vec::new(), 0);
-        for (_, node) in dir.entries() {
-            match node {
-                Node::File { digest, size, .. }
-                    if *size > 0 && *size <= min && bytes + size <= SMALL_FILES_BYTES =>
-                {
-                    bytes += size;
-                    small.push((*digest, *size));
+        {
+            let mut ahead = ahead.lock().expect("lock poisoned");
+            // The first window from this file on, the next after the last.
+            let resume: Bytes;
+            let from = match &*ahead {
+                Neighbours::None => std::ops::Bound::Included(name),
+                Neighbours::Until {
+                    refill_at,
+                    resume_after,
+                } if name >= &refill_at[..] => {
+                    resume = resume_after.clone();
+                    std::ops::Bound::Excluded(&resume[..])
                 }
-                Node::File { digest, size, .. }
-                    if *size > min && large.len() < CHUNK_LISTS_AHEAD =>
-                {
-                    large.push(*digest);
+                _ => return,
+            };
+            let mut visited: Vec<&[u8]> = Vec::new();
+            let mut full = false;
+            for (entry, node) in dir.entries_from(from) {
+                match node {
+                    Node::File { digest, size, .. } if *size > 0 && *size <= min => {
+                        bytes += size;
+                        small.push((*digest, *size));
+                    }
+                    Node::File { digest, size, .. } if *size > min => large.push(*digest),
+                    _ => {}
                 }
-                _ => {}
+                visited.push(entry.as_bytes());
+                if bytes >= SMALL_FILES_BYTES || large.len() >= CHUNK_LISTS_AHEAD {
+                    full = true;
+                    break;
+                }
             }
+            *ahead = match visited.last() {
+                Some(last) if full => Neighbours::Until {
+                    refill_at: Bytes::copy_from_slice(visited[visited.len() / 2]),
+                    resume_after: Bytes::copy_from_slice(last),
+                },
+                _ => Neighbours::All,
+            };
         }
         self.chunks.prefetch(&small, READAHEAD_BATCH, &parent.path);
-        if large.len() > 1 {
+        if !large.is_empty() {
             let (blobs, ahead) = (self.store.blobs.clone(), self.chunk_lists_ahead.clone());
             tokio::spawn(async move {
                 // A failure costs nothing: each file asks for itself.
