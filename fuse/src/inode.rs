@@ -63,6 +63,8 @@ pub(crate) enum Neighbours {
     Until {
         refill_at: Bytes,
         resume_after: Bytes,
+        /// The last window's size, in first windows.
+        scale: usize,
     },
     /// Every entry was.
     All,

@@ -25,6 +25,12 @@ const READAHEAD_BATCH: u64 = 1 << 20;
 /// one file (the builder benchmark's bound is 2 % of the eager bytes).
 const SMALL_FILES_BYTES: u64 = 2 << 20;
 
+/// How much larger than the first a window of a directory being walked
+/// grows, doubling at each: a walk of a large directory gets 16 MiB and
+/// 512 chunk lists ahead, a build reading one file still pays only the
+/// first window.
+const WINDOW_GROWTH: usize = 8;
+
 /// Most chunk lists of a directory's larger files in one window.
 const CHUNK_LISTS_AHEAD: usize = 64;
 
@@ -167,7 +173,7 @@ impl LazyFs {
     /// Fetches a directory's files ahead of a build walking it, in
     /// windows: the first read of a file of the directory asks for the
     /// window from that file on, a read past the middle of the last window
-    /// for the next. A window holds the small files (one chunk each) up to
+    /// for the next, twice as large (up to [`WINDOW_GROWTH`] times). A window holds the small files (one chunk each) up to
     /// [`SMALL_FILES_BYTES`], fetched in batches of [`READAHEAD_BATCH`]
     /// within the overall readahead bound, and the chunk lists of up to
     /// [`CHUNK_LISTS_AHEAD`] larger files in one `stat_many`, kept until
@@ -190,15 +196,19 @@ impl LazyFs {
         {
             let mut ahead = ahead.lock().expect("lock poisoned");
             // The first window from this file on, the next after the last.
+            // Each window of a directory being walked is twice the last,
+            // up to [`WINDOW_GROWTH`] times the first.
             let resume: Bytes;
-            let from = match &*ahead {
-                Neighbours::None => std::ops::Bound::Included(name),
+            let (from, scale) = match &*ahead {
+                Neighbours::None => (std::ops::Bound::Included(name), 1),
                 Neighbours::Until {
                     refill_at,
                     resume_after,
+                    scale,
                 } if name >= &refill_at[..] => {
                     resume = resume_after.clone();
-                    std::ops::Bound::Excluded(&resume[..])
+                    let scale = (scale * 2).min(WINDOW_GROWTH);
+                    (std::ops::Bound::Excluded(&resume[..]), scale)
                 }
                 _ => return,
             };
@@ -214,7 +224,9 @@ impl LazyFs {
                     _ => {}
                 }
                 visited.push(entry.as_bytes());
-                if bytes >= SMALL_FILES_BYTES || large.len() >= CHUNK_LISTS_AHEAD {
+                if bytes >= SMALL_FILES_BYTES * scale as u64
+                    || large.len() >= CHUNK_LISTS_AHEAD * scale
+                {
                     full = true;
                     break;
                 }
@@ -223,6 +235,7 @@ impl LazyFs {
                 Some(last) if full => Neighbours::Until {
                     refill_at: Bytes::copy_from_slice(visited[visited.len() / 2]),
                     resume_after: Bytes::copy_from_slice(last),
+                    scale,
                 },
                 _ => Neighbours::All,
             };
