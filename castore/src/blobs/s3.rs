@@ -137,6 +137,8 @@ impl S3BlobService {
             .collect())
     }
 
+    /// Stores `records`, refusing them unless every chunk of `list` is
+    /// stored or among them.
     async fn write(&self, records: Vec<Record>, list: &[Digest]) -> Result<(), BlobError> {
         let check = |sizes: &[Option<u64>]| match sizes.iter().position(Option::is_none) {
             Some(i) => Err(BlobError::ChunkNotFound(list[i])),

@@ -80,7 +80,8 @@ pub enum GcError {
     S3(#[from] S3Error),
     /// `keep_since` on a store that keeps no record of use.
     #[error(
-        "--keep-since needs the record of last uses that a redb store keeps; this store has          none (keep paths with --keep-closure-of or --roots)"
+        "--keep-since needs the record of last uses that a redb store keeps; this store has \
+         none (keep paths with --keep-closure-of or --roots)"
     )]
     NoUses,
 }
