@@ -260,10 +260,7 @@ impl S3Store {
             self.delete(&format!("index/{index}")).await?;
         }
         self.delete(&format!("packs/{pack}")).await?;
-        let mut known = self.index().known.write().expect("lock poisoned");
-        known.forget_pack(pack);
-        known.pack_bytes.remove(pack);
-        known.pack_indexes.remove(pack);
+        (self.index().known.write().expect("lock poisoned")).drop_pack(pack);
         Ok(())
     }
 

@@ -204,6 +204,16 @@ impl Known {
             .collect();
         self.records.retain(|_, e| !numbers.contains(&e.pack));
     }
+
+    /// Forgets a deleted pack whole: its records, its size and its
+    /// indexes (which a later listing no longer finds).
+    pub(crate) fn drop_pack(&mut self, pack: &str) {
+        self.forget_pack(pack);
+        self.pack_bytes.remove(pack);
+        for name in self.pack_indexes.remove(pack).unwrap_or_default() {
+            self.indexes.remove(&name);
+        }
+    }
 }
 
 /// How hard a lookup tries before it calls a record absent.
@@ -424,13 +434,7 @@ impl S3Store {
                 .map(|(pack, _)| pack.clone())
                 .collect();
             for pack in gone {
-                known.forget_pack(&pack);
-                known.pack_bytes.remove(&pack);
-                if let Some(names) = known.pack_indexes.remove(&pack) {
-                    for name in names {
-                        known.indexes.remove(&name);
-                    }
-                }
+                known.drop_pack(&pack);
             }
         }
         let names: Vec<String> = listed_names

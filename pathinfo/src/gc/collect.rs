@@ -137,26 +137,24 @@ impl Collector {
     /// `None` offline (no writer may run meanwhile); `uses`: the last-use
     /// record `keep_since` reads.
     pub fn new(store: Store, redb: RedbStore, leases: Option<Leases>, uses: Arc<PathUses>) -> Self {
-        Collector {
-            marked: store.clone(),
-            store,
-            backend: Backend::Redb { redb, leases },
-            uses: Some(uses),
-            running: tokio::sync::Mutex::new(()),
-            counts: Counts::default(),
-            gate: Arc::default(),
-            extra_roots: std::sync::Mutex::default(),
-        }
+        let marked = store.clone();
+        Collector::with(store, marked, Backend::Redb { redb, leases }, Some(uses))
     }
 
     /// Collects the S3 store `s3`, deleting condemned packs `grace` after
     /// their condemnation (see `castore/src/s3_gc.rs`).
     pub fn s3(s3: S3Store, grace: Duration) -> Self {
+        let store = Store::s3(s3.clone(), None);
+        let marked = Store::s3(s3.seeing_condemned(), None);
+        Collector::with(store, marked, Backend::S3 { s3, grace }, None)
+    }
+
+    fn with(store: Store, marked: Store, backend: Backend, uses: Option<Arc<PathUses>>) -> Self {
         Collector {
-            store: Store::s3(s3.clone(), None),
-            marked: Store::s3(s3.seeing_condemned(), None),
-            backend: Backend::S3 { s3, grace },
-            uses: None,
+            store,
+            marked,
+            backend,
+            uses,
             running: tokio::sync::Mutex::new(()),
             counts: Counts::default(),
             gate: Arc::default(),
