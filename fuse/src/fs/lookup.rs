@@ -7,7 +7,7 @@
 use super::*;
 
 /// Directories kept in memory after their inodes are gone.
-const DIRECTORY_CACHE_ENTRIES: usize = 4096;
+pub(super) const DIRECTORY_CACHE_ENTRIES: usize = 4096;
 
 impl LazyFs {
     /// Looks `name` up in `parent` and holds one lookup of the result
@@ -217,26 +217,44 @@ impl LazyFs {
     }
 }
 
-/// Directories by digest, the oldest dropped first when full.
-#[derive(Default)]
-pub(super) struct DirectoryCache {
-    map: HashMap<Digest, Arc<Directory>>,
+/// A map by digest bounded to a number of entries, the oldest dropped
+/// first when full: the directories kept after their inodes are gone, the
+/// chunk lists fetched ahead of their files' first reads (`read.rs`).
+pub(super) struct Fifo<V> {
+    map: HashMap<Digest, V>,
     order: VecDeque<Digest>,
+    capacity: usize,
 }
 
-impl DirectoryCache {
-    pub(super) fn get(&self, d: &Digest) -> Option<Arc<Directory>> {
-        self.map.get(d).cloned()
+impl<V> Fifo<V> {
+    pub(super) fn new(capacity: usize) -> Self {
+        Fifo {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
     }
 
-    pub(super) fn insert(&mut self, d: Digest, dir: Arc<Directory>) {
-        if self.map.insert(d, dir).is_none() {
+    pub(super) fn insert(&mut self, d: Digest, value: V) {
+        if self.map.insert(d, value).is_none() {
             self.order.push_back(d);
-            if self.order.len() > DIRECTORY_CACHE_ENTRIES
-                && let Some(old) = self.order.pop_front()
-            {
-                self.map.remove(&old);
+            while self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
             }
         }
+    }
+
+    /// Removes and returns the entry for `d` (its place in the order goes
+    /// when it comes to the front).
+    pub(super) fn take(&mut self, d: &Digest) -> Option<V> {
+        self.map.remove(d)
+    }
+}
+
+impl<V: Clone> Fifo<V> {
+    pub(super) fn get(&self, d: &Digest) -> Option<V> {
+        self.map.get(d).cloned()
     }
 }

@@ -45,7 +45,7 @@ mod control;
 mod lookup;
 
 pub use control::{CONTROL_DIR_NAME, DIGEST_XATTR, STATS_FILE_NAME};
-use lookup::DirectoryCache;
+use lookup::{DIRECTORY_CACHE_ENTRIES, Fifo};
 mod read;
 mod readdir;
 
@@ -141,7 +141,7 @@ pub struct LazyFs {
     chunks: Arc<ChunkFetcher>,
     stats: Arc<Stats>,
     // A std Mutex: a map lookup or insert per directory fetch, no await.
-    directories: Mutex<DirectoryCache>,
+    directories: Mutex<Fifo<Arc<Directory>>>,
     // A std Mutex: one insert per opendir of the root and one removal per
     // releasedir, no await.
     root_listings: Mutex<HashMap<u64, Listing>>,
@@ -155,40 +155,15 @@ pub struct LazyFs {
     /// The size up to which a file is a single chunk, asked of the store
     /// once, in the background (`read.rs`, `chunk_index`); whether the
     /// question is out.
-    one_chunk_up_to: Arc<std::sync::OnceLock<Option<u64>>>,
+    one_chunk_up_to: Arc<std::sync::OnceLock<u64>>,
     asking_chunker: Arc<std::sync::atomic::AtomicBool>,
-    /// Chunk lists fetched ahead of their files' first reads (`read.rs`).
-    chunk_lists_ahead: Arc<Mutex<ChunkListsAhead>>,
-}
-
-/// Chunk lists fetched ahead, each taken by its file's first read; the
-/// oldest dropped past [`CHUNK_LISTS_KEPT`].
-#[derive(Default)]
-pub(super) struct ChunkListsAhead {
-    map: HashMap<Digest, BlobMeta>,
-    order: VecDeque<Digest>,
+    /// Chunk lists fetched ahead of their files' first reads (`read.rs`),
+    /// taken by those reads.
+    chunk_lists_ahead: Arc<Mutex<Fifo<BlobMeta>>>,
 }
 
 /// Chunk lists kept ahead at most (some 100 bytes each plus 40 a chunk).
 const CHUNK_LISTS_KEPT: usize = 4096;
-
-impl ChunkListsAhead {
-    pub(super) fn insert(&mut self, digest: Digest, meta: BlobMeta) {
-        if self.map.insert(digest, meta).is_none() {
-            self.order.push_back(digest);
-            while self.order.len() > CHUNK_LISTS_KEPT {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                }
-            }
-        }
-    }
-
-    pub(super) fn take(&mut self, digest: &Digest) -> Option<BlobMeta> {
-        // Its place in `order` goes when it comes to the front.
-        self.map.remove(digest)
-    }
-}
 
 impl LazyFs {
     /// A filesystem presenting `store`, counting into `stats`.
@@ -207,12 +182,12 @@ impl LazyFs {
             inodes: InodeTable::new(),
             chunks,
             stats,
-            directories: Mutex::new(DirectoryCache::default()),
+            directories: Mutex::new(Fifo::new(DIRECTORY_CACHE_ENTRIES)),
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             one_chunk_up_to: Arc::default(),
             asking_chunker: Arc::default(),
-            chunk_lists_ahead: Arc::default(),
+            chunk_lists_ahead: Arc::new(Mutex::new(Fifo::new(CHUNK_LISTS_KEPT))),
             paths,
             passthrough: None,
             more_counters: Vec::new(),

@@ -173,7 +173,8 @@ impl LazyFs {
     /// Fetches a directory's files ahead of a build walking it, in
     /// windows: the first read of a file of the directory asks for the
     /// window from that file on, a read past the middle of the last window
-    /// for the next, twice as large (up to [`WINDOW_GROWTH`] times). A window holds the small files (one chunk each) up to
+    /// for the next, twice as large (up to [`WINDOW_GROWTH`] times). A
+    /// window holds the small files (one chunk each) up to
     /// [`SMALL_FILES_BYTES`], fetched in batches of [`READAHEAD_BATCH`]
     /// within the overall readahead bound, and the chunk lists of up to
     /// [`CHUNK_LISTS_AHEAD`] larger files in one `stat_many`, kept until
@@ -263,7 +264,7 @@ impl LazyFs {
     /// is asked again by a later read).
     fn one_chunk_up_to(&self) -> Option<u64> {
         if let Some(known) = self.one_chunk_up_to.get() {
-            return *known;
+            return Some(*known);
         }
         if !self.asking_chunker.swap(true, Ordering::AcqRel) {
             let (known, asking) = (self.one_chunk_up_to.clone(), self.asking_chunker.clone());
@@ -273,7 +274,7 @@ impl LazyFs {
                 // it records none: what cut its files either way.
                 match blobs.write_params().await {
                     Ok(params) => {
-                        let _ = known.set(Some(u64::from(params.min)));
+                        let _ = known.set(u64::from(params.min));
                     }
                     Err(_) => asking.store(false, Ordering::Release),
                 }
