@@ -18,10 +18,9 @@ use crate::Store;
 use crate::pathinfos::{PathInfo, PathInfoError};
 use crate::store_path::StorePath;
 
-/// Chunk lists asked in one call, chunks read in one call, and calls at
-/// once.
-const BATCH: usize = 64;
-const IN_FLIGHT: usize = 4;
+/// Chunks read in one call, and calls at once.
+const BATCH: usize = lazystore_castore::blobs::STAT_BATCH;
+const IN_FLIGHT: usize = lazystore_castore::blobs::STAT_BATCHES;
 
 /// One path's figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,12 +142,9 @@ async fn path_chunks(store: &Store, info: &PathInfo) -> Result<HashMap<Digest, u
     }
     blobs.sort_unstable();
     blobs.dedup();
-    let batches: Vec<Vec<Digest>> = blobs.chunks(BATCH).map(<[_]>::to_vec).collect();
-    let mut metas = futures::stream::iter(batches)
-        .map(|batch| async move { (store.blobs.stat_many(&batch).await, batch) })
-        .buffered(IN_FLIGHT);
+    let mut metas = std::pin::pin!(store.blobs.stat_batches(&blobs));
     let mut chunks = HashMap::new();
-    while let Some((got, batch)) = metas.next().await {
+    while let Some((batch, got)) = metas.next().await {
         for (blob, meta) in batch.iter().zip(got?) {
             let meta =
                 meta.ok_or_else(|| StatsError::MissingBlob(info.store_path.clone(), *blob))?;

@@ -19,16 +19,10 @@
 
 use std::collections::HashSet;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use lazystore_castore::{BlobError, Digest, DirectoryError, ErrorClass, Node, Retryable};
 
 use crate::store::Store;
-
-/// Chunk lists asked for in one `stat_many` while walking a tree (an
-/// object store answers them in about one GET per pack; a store that
-/// answers one at a time asks 16 at once), and such calls at once.
-const STATS_BATCH: usize = 64;
-const STATS_IN_FLIGHT: usize = 4;
 
 /// Chunks asked about in one `missing_chunks` call.
 const MISSING_BATCH: usize = 4096;
@@ -102,29 +96,21 @@ impl Store {
                 }
             }
         }
-        let batches: Vec<Vec<Digest>> = blobs.chunks(STATS_BATCH).map(<[_]>::to_vec).collect();
-        let batches: Vec<Vec<_>> = futures::stream::iter(batches)
-            .map(|batch| async move {
-                let metas = self.blobs.stat_many(&batch).await?;
-                Ok::<_, BlobError>(batch.into_iter().zip(metas).collect())
-            })
-            .buffered(STATS_IN_FLIGHT)
-            .try_collect()
-            .await
-            .map_err(CheckError::Blob)?;
-        let metas = batches.into_iter().flatten();
         let mut chunks = Vec::new();
         let mut seen = HashSet::new();
-        for (blob, meta) in metas {
-            let Some(meta) = meta else {
-                return Ok(Some(Missing::Blob(blob)));
-            };
-            chunks.extend(
-                meta.chunks
-                    .iter()
-                    .map(|c| c.digest)
-                    .filter(|d| seen.insert(*d)),
-            );
+        let mut stats = std::pin::pin!(self.blobs.stat_batches(&blobs));
+        while let Some((batch, metas)) = stats.next().await {
+            for (blob, meta) in batch.into_iter().zip(metas.map_err(CheckError::Blob)?) {
+                let Some(meta) = meta else {
+                    return Ok(Some(Missing::Blob(blob)));
+                };
+                chunks.extend(
+                    meta.chunks
+                        .iter()
+                        .map(|c| c.digest)
+                        .filter(|d| seen.insert(*d)),
+                );
+            }
         }
         for batch in chunks.chunks(MISSING_BATCH) {
             let missing = self

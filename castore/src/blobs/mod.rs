@@ -18,6 +18,7 @@ mod memory;
 mod observed;
 mod quarantine;
 mod reader;
+pub use reader::{STAT_BATCH, STAT_BATCHES};
 pub(crate) mod redb;
 mod s3;
 mod writer;

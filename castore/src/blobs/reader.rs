@@ -8,6 +8,12 @@ use super::{BlobError, BlobMeta, Blobs, ChunkIndex, WrongChunkCount, cut};
 use crate::digest::Digest;
 use crate::proto::ChunkEncoding;
 
+/// Chunk lists asked in one [`Blobs::stat_many`] call by a walk over many
+/// files, and such calls at once ([`Blobs::stat_batches`]): an object
+/// store answers a batch in about one GET per pack.
+pub const STAT_BATCH: usize = 64;
+pub const STAT_BATCHES: usize = 4;
+
 /// Chunks asked for in one backend read.
 const READ_BATCH_CHUNKS: usize = 64;
 
@@ -29,6 +35,26 @@ impl Blobs {
             })));
         }
         Ok(metas)
+    }
+
+    /// The chunk lists of `blobs` as a stream of batches in order, each
+    /// batch's blobs with its answer: [`STAT_BATCH`] blobs to a
+    /// [`stat_many`](Blobs::stat_many) call, [`STAT_BATCHES`] calls at
+    /// once. How a walk over many files (a mark, a completeness check, a
+    /// report) asks for their chunk lists without holding them all.
+    pub fn stat_batches(
+        &self,
+        blobs: &[Digest],
+    ) -> impl futures::Stream<Item = (Vec<Digest>, Result<Vec<Option<BlobMeta>>, BlobError>)> + '_
+    {
+        use futures::StreamExt;
+        let batches: Vec<Vec<Digest>> = blobs.chunks(STAT_BATCH).map(<[_]>::to_vec).collect();
+        futures::stream::iter(batches)
+            .map(move |batch| async move {
+                let metas = self.stat_many(&batch).await;
+                (batch, metas)
+            })
+            .buffered(STAT_BATCHES)
     }
 
     /// Reads `len` bytes at `offset` of the blob with chunk list `meta`,

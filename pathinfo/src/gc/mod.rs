@@ -9,7 +9,7 @@
 //! (some 100 MB per million chunks).
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use lazystore_castore::{BlobError, Digest, DirectoryError, Live, Node};
+use lazystore_castore::{BlobError, DirectoryError, Live, Node};
 
 use crate::Store;
 use crate::pathinfos::PathInfoError;
@@ -83,14 +83,7 @@ pub async fn mark(
         }
         progress(marked as u64 + 1);
     }
-    // Chunk lists [`STAT_BATCH`] to a request, [`STATS_IN_FLIGHT`] at once.
-    let batches: Vec<Vec<Digest>> = files.chunks(STAT_BATCH).map(<[_]>::to_vec).collect();
-    let mut stats = futures::stream::iter(batches)
-        .map(|batch| async move {
-            let metas = store.blobs.stat_many(&batch).await;
-            (batch, metas)
-        })
-        .buffered(STATS_IN_FLIGHT);
+    let mut stats = std::pin::pin!(store.blobs.stat_batches(&files));
     while let Some((batch, metas)) = stats.next().await {
         let metas = metas.map_err(|e| MarkError::Blob(batch[0], Some(e)))?;
         for (digest, meta) in batch.iter().zip(metas) {
@@ -100,7 +93,3 @@ pub async fn mark(
     }
     Ok(live)
 }
-
-/// Chunk lists the mark asks in one call, and calls at once.
-const STAT_BATCH: usize = 64;
-const STATS_IN_FLIGHT: usize = 4;

@@ -28,8 +28,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::Stream;
 use lazystore_castore::Blobs;
+// Chunk lists are asked ahead in batches as a walk asks them
+// (`Blobs::stat_batches`).
 use lazystore_castore::Digest;
 use lazystore_castore::blobs::{BlobError, BlobMeta, ChunkIndex, ChunkMeta, cut};
+use lazystore_castore::blobs::{STAT_BATCH, STAT_BATCHES};
 use tokio::task::JoinHandle;
 
 use super::RenderError;
@@ -49,13 +52,6 @@ const BATCH_BYTES: u64 = 1 << 20;
 /// by a task of its own, so that reading, decompressing and hashing use
 /// every core while the bytes before them are sent.
 const RANGE_READ_AHEAD: usize = 8;
-
-/// Chunk lists asked in one request ahead of the file being planned, and
-/// such requests made at once: an object store answers a batch in about
-/// one GET per pack, a store that answers one at a time
-/// [`STAT_MANY_PARALLEL`](lazystore_castore::blobs::STAT_MANY_PARALLEL) at once.
-const STAT_BATCH: usize = 64;
-const STAT_BATCHES: usize = 4;
 
 /// Bytes of chunks read ahead per range, at most: a batch is cut short to
 /// stay within it, and none is started past it. A single chunk larger than
