@@ -67,6 +67,19 @@ pub struct BlobMeta {
 }
 
 impl BlobMeta {
+    /// The chunk list of a blob of `size` bytes no longer than the
+    /// chunker's minimum chunk `min`, known without asking the store: one
+    /// chunk, whose digest is the blob's (both are the BLAKE3 of the same
+    /// bytes), and which is verified against it as any chunk is. `None`
+    /// for an empty or a longer blob.
+    pub fn one_chunk(blob: Digest, size: u64, min: u64) -> Option<Self> {
+        if size == 0 || size > min {
+            return None;
+        }
+        let one = vec![ChunkMeta { digest: blob, size }];
+        BlobMeta::new(blob, size, one).ok()
+    }
+
     /// Builds a chunk list, checking the sizes add up to `size` and each
     /// chunk is within [`MAX_CHUNK_SIZE`].
     pub fn new(blob: Digest, size: u64, chunks: Vec<ChunkMeta>) -> Result<Self, BlobError> {

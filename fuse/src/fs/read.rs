@@ -4,7 +4,6 @@
 //! readahead for sequential readers.
 
 use lazystore_castore::BlobMeta;
-use lazystore_castore::blobs::ChunkMeta;
 
 use super::*;
 
@@ -128,17 +127,8 @@ impl LazyFs {
         // digest is the file's (both are the BLAKE3 of the same bytes): its
         // chunk list is known without asking, and its chunk is checked
         // against that digest as any is. One round trip less per small file.
-        if let Some(min) = min
-            && size > 0
-            && size <= min
-        {
-            let one = vec![ChunkMeta {
-                digest: *digest,
-                size,
-            }];
-            if let Ok(meta) = BlobMeta::new(*digest, size, one) {
-                return Ok(Arc::new(ChunkIndex::new(meta)));
-            }
+        if let Some(meta) = min.and_then(|min| BlobMeta::one_chunk(*digest, size, min)) {
+            return Ok(Arc::new(ChunkIndex::new(meta)));
         }
         let ahead = self
             .chunk_lists_ahead

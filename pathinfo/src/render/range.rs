@@ -31,7 +31,7 @@ use lazystore_castore::Blobs;
 // Chunk lists are asked ahead in batches as a walk asks them
 // (`Blobs::stat_batches`).
 use lazystore_castore::Digest;
-use lazystore_castore::blobs::{BlobError, BlobMeta, ChunkIndex, ChunkMeta, cut};
+use lazystore_castore::blobs::{BlobError, BlobMeta, ChunkIndex, cut};
 use lazystore_castore::blobs::{STAT_BATCH, STAT_BATCHES};
 use tokio::task::JoinHandle;
 
@@ -219,15 +219,8 @@ impl<'a> Producer<'a> {
 
     /// A file known to be one chunk without asking.
     fn one_chunk(&self, file: &FileSpan) -> Option<BlobMeta> {
-        if self.one_chunk_up_to.is_some_and(|min| file.size <= min) {
-            let one = vec![ChunkMeta {
-                digest: file.digest,
-                size: file.size,
-            }];
-            BlobMeta::new(file.digest, file.size, one).ok()
-        } else {
-            None
-        }
+        let min = self.one_chunk_up_to?;
+        BlobMeta::one_chunk(file.digest, file.size, min)
     }
 
     /// Plans and sends every piece, reading ahead within the bounds.
