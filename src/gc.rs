@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use lazystore_castore::{RedbStore, RetryPolicy, S3Options, S3Store, S3Swept};
+use lazystore_castore::{RedbStore, S3Swept};
 use lazystore_pathinfo::gc::{Collector, Retention, live};
 use lazystore_pathinfo::pathinfos::{GrpcPathInfoService, PathUses};
 use lazystore_pathinfo::proto::{CollectGarbageRequest, CollectGarbageResponse};
-use lazystore_pathinfo::{Store, Wanted, default_store_url, is_remote};
+use lazystore_pathinfo::{Store, Wanted, default_store_url, is_remote, is_s3};
 
 use crate::remote::RemoteArgs;
 
@@ -83,9 +83,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let report = if is_remote(&url) {
         collect_remote(&url, &args, &retention).await?
-    } else if url.starts_with("s3://") {
-        let options = S3Options::from_env(RetryPolicy::default());
-        let s3 = S3Store::open(&url, options)?;
+    } else if is_s3(&url) {
+        let (_, store) = args.remote.open_store(Some(url.clone())).await?;
+        let s3 = store.s3.context("an s3:// store is an object store")?;
         let collector = Collector::s3(s3, args.grace);
         let report = collector
             .collect(&retention, args.dry_run)

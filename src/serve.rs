@@ -22,7 +22,7 @@ use lazystore_pathinfo::pathinfos::uses::FLUSH_EVERY;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
     LocalCache, SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
-    grpc_unix_url, is_ephemeral, is_remote,
+    grpc_unix_url, is_ephemeral, is_remote, is_s3,
 };
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -198,7 +198,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let tls = server_tls(&args)?;
-    if args.cache.is_some() && !(url.starts_with("s3://") || is_remote(&url)) {
+    if args.cache.is_some() && !(is_s3(&url) || is_remote(&url)) {
         bail!(
             "--cache is for a remote store (s3://… or grpc+…); {url} is local: serve it without \
              --cache"

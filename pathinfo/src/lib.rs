@@ -33,7 +33,7 @@ pub use signature::{
 pub use store::{
     BlobLayer, LAZYSTORE_CA_FILE, LAZYSTORE_DIR, LAZYSTORE_TOKEN_FILE, LocalCache, OpenStoreError,
     SERVER_WAIT, Store, StoreOptions, default_cache_url, default_store_url, grpc_https_url,
-    grpc_tcp_url, grpc_unix_url, is_ephemeral, is_remote,
+    grpc_tcp_url, grpc_unix_url, is_ephemeral, is_remote, is_s3,
 };
 pub use store_path::{
     ENCODED_STORE_PATH_HASH_LEN, MAX_NAME_LEN, STORE_DIR, STORE_PATH_HASH_LEN, StorePath,

@@ -95,6 +95,9 @@ pub struct Store {
     /// The embedded store under the services, when they are one's: what
     /// only it can do (collect its garbage) is done on it.
     pub redb: Option<RedbStore>,
+    /// The object store under the services, when they are one's: what
+    /// only it can do (collect its garbage) is done on it.
+    pub s3: Option<S3Store>,
 }
 
 /// Wraps a blob service: a layer of a store (counters, say).
@@ -317,6 +320,11 @@ pub fn grpc_https_url(addr: std::net::SocketAddr) -> String {
     format!("grpc+https://{addr}")
 }
 
+/// Whether `url` names an object store (`s3://…`).
+pub fn is_s3(url: &str) -> bool {
+    url.starts_with("s3://")
+}
+
 /// Whether `url` names a remote store (`grpc+…`), one reached through a
 /// [`Connection`]: what `--token-file` and `--ca-file` are for.
 pub fn is_remote(url: &str) -> bool {
@@ -363,6 +371,7 @@ impl Store {
             nar_roots: NarRoots::none(),
             connection: None,
             redb: None,
+            s3: None,
         }
     }
 
@@ -380,6 +389,7 @@ impl Store {
             nar_roots: NarRoots::in_store(store.clone()),
             connection: None,
             redb: Some(store),
+            s3: None,
         }
     }
 
@@ -398,6 +408,7 @@ impl Store {
             nar_roots: NarRoots::none(),
             connection: Some(connection),
             redb: None,
+            s3: None,
         }
     }
 
@@ -411,11 +422,12 @@ impl Store {
                 params.unwrap_or_default(),
             ),
             directories: Arc::new(S3DirectoryService::new(store.clone())),
-            path_infos: Arc::new(S3PathInfoService::new(store)),
+            path_infos: Arc::new(S3PathInfoService::new(store.clone())),
             local_cache: None,
             nar_roots: NarRoots::none(),
             connection: None,
             redb: None,
+            s3: Some(store),
         }
     }
 
@@ -494,7 +506,7 @@ impl Store {
             }
             return Ok((Store::grpc(connection), true));
         }
-        if url.starts_with("s3://") {
+        if is_s3(url) {
             let s3 = S3Store::open(url, S3Options::from_env(options.retry))?;
             // Remote: a mount keeps a local cache in front of it.
             return Ok((Store::s3(s3, options.chunker), true));
@@ -526,6 +538,7 @@ impl Store {
             local_cache: Some(cache),
             connection: self.connection,
             redb: self.redb,
+            s3: self.s3,
         }
     }
 

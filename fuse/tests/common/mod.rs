@@ -135,6 +135,7 @@ pub fn test_store() -> (Store, Arc<MemoryBlobService>, Arc<Faults>) {
         nar_roots: NarRoots::none(),
         connection: None,
         redb: None,
+        s3: None,
     };
     (store, inner, faults)
 }
