@@ -749,9 +749,13 @@ async fn a_directory_s_chunk_lists_come_together() {
         assert!(got == contents[i]);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Files a and b asked for their own (b's may have come with the
+    // window, if the window's answer came first).
+    let before = fs.stats().chunk_lists_fetched;
+    assert!((1..=2).contains(&before), "{:?}", fs.stats());
     for i in 2..10 {
         let got = read_all(&fs, inos[i], contents[i].len() as u64, 65536).await;
         assert!(got == contents[i], "file {i}");
     }
-    assert_eq!(fs.stats().chunk_lists_fetched, 2, "{:?}", fs.stats());
+    assert_eq!(fs.stats().chunk_lists_fetched, before, "{:?}", fs.stats());
 }
