@@ -14,14 +14,20 @@ cd "$(dirname "$0")/.."
 need=()
 command -v nix-store >/dev/null || need+=(nix-bin)
 command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v python3 >/dev/null || need+=(python3)   # serves the binary cache over HTTP
 if ((${#need[@]})); then
   echo "quickstart: installing ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
 
-cargo build --quiet --bin lazystore
-lazystore=$PWD/target/debug/lazystore
+# LAZYSTORE_BIN: a lazystore already built (the test that runs this script).
+if [[ -n ${LAZYSTORE_BIN:-} ]]; then
+  lazystore=$LAZYSTORE_BIN
+else
+  cargo build --quiet --bin lazystore
+  lazystore=$PWD/target/debug/lazystore
+fi
 
 work=$(mktemp -d)
 pids=()

@@ -78,8 +78,15 @@ pub fn start(args: &[&str]) -> (Proc, String) {
 /// Starts `lazystore ARGS…` and returns it with the first `n` lines it
 /// prints (a server on two listeners prints two URLs).
 pub fn start_lines(args: &[&str], n: usize) -> (Proc, Vec<String>) {
-    let mut child = Command::new(LAZYSTORE)
-        .args(args)
+    let mut command = Command::new(LAZYSTORE);
+    command.args(args);
+    spawn_lines(command, n).unwrap_or_else(|stderr| panic!("lazystore {args:?} failed: {stderr}"))
+}
+
+/// Starts `command` and returns it with the first `n` lines it prints, or
+/// what it wrote to standard error if it exits before printing them.
+pub fn spawn_lines(mut command: Command, n: usize) -> Result<(Proc, Vec<String>), String> {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -96,11 +103,11 @@ pub fn start_lines(args: &[&str], n: usize) -> (Proc, Vec<String>) {
         if line.is_empty() {
             proc.child().wait().unwrap();
             proc.2.take().unwrap().join().unwrap();
-            panic!("lazystore {args:?} failed: {}", proc.stderr());
+            return Err(proc.stderr());
         }
         lines.push(line.trim().to_owned());
     }
-    (proc, lines)
+    Ok((proc, lines))
 }
 
 pub fn serve(store: &str, listen: &str) -> (Proc, String) {
