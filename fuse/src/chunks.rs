@@ -159,6 +159,30 @@ impl ChunkFetcher {
         }
     }
 
+    /// Starts fetching, in one batch, those of `chunks` neither in memory
+    /// nor being fetched, for a walk's stream (`fs/walk.rs`), which paces
+    /// itself: the future resolves once they are in memory or have failed
+    /// (a reader asking for them then fetches them itself). Not counted
+    /// against the readahead bound.
+    pub(crate) fn fetch_ahead(
+        self: &Arc<Self>,
+        chunks: &[Digest],
+        what: &Arc<str>,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let mut state = self.state.lock().expect("chunk state poisoned");
+        let mut batch: Vec<Digest> = Vec::new();
+        for d in chunks {
+            if !state.lru.contains(d) && !state.in_flight.contains_key(d) && !batch.contains(d) {
+                batch.push(*d);
+            }
+        }
+        if batch.is_empty() {
+            return None;
+        }
+        let fut = self.start_batch(&mut state, batch, what.clone(), true);
+        Some(fut.map(|_| ()).boxed())
+    }
+
     fn start_ahead(
         self: &Arc<Self>,
         state: &mut State,

@@ -50,6 +50,8 @@ pub struct Stats {
     pub readahead_chunks: AtomicU64,
     /// Chunks a read found in the mount's memory cache.
     pub memory_cache_hits: AtomicU64,
+    /// Store paths read in NAR order and so streamed (`fs/walk.rs`).
+    pub walks_streamed: AtomicU64,
     /// Opens served by passthrough from a whole file in the local cache.
     pub passthrough_opens: AtomicU64,
     /// Whole files written into the local cache for passthrough.
@@ -82,6 +84,7 @@ impl Default for Stats {
             chunk_bytes_fetched: AtomicU64::new(0),
             readahead_chunks: AtomicU64::new(0),
             memory_cache_hits: AtomicU64::new(0),
+            walks_streamed: AtomicU64::new(0),
             passthrough_opens: AtomicU64::new(0),
             files_written: AtomicU64::new(0),
             remote_chunks: AtomicU64::new(0),
@@ -121,6 +124,7 @@ impl Stats {
             chunk_bytes_fetched: get(&self.chunk_bytes_fetched),
             readahead_chunks: get(&self.readahead_chunks),
             memory_cache_hits: get(&self.memory_cache_hits),
+            walks_streamed: get(&self.walks_streamed),
             passthrough_opens: get(&self.passthrough_opens),
             files_written: get(&self.files_written),
             remote_chunks: get(&self.remote_chunks),
@@ -151,6 +155,7 @@ pub struct StatsSnapshot {
     pub chunk_bytes_fetched: u64,
     pub readahead_chunks: u64,
     pub memory_cache_hits: u64,
+    pub walks_streamed: u64,
     pub passthrough_opens: u64,
     pub files_written: u64,
     pub remote_chunks: u64,
@@ -162,7 +167,7 @@ pub struct StatsSnapshot {
 
 impl StatsSnapshot {
     /// The counters by name, in display order.
-    pub fn fields(&self) -> [(&'static str, u64); 20] {
+    pub fn fields(&self) -> [(&'static str, u64); 21] {
         [
             ("uptime_secs", self.uptime_secs),
             ("lookups", self.lookups),
@@ -177,6 +182,7 @@ impl StatsSnapshot {
             ("chunk_bytes_fetched", self.chunk_bytes_fetched),
             ("readahead_chunks", self.readahead_chunks),
             ("memory_cache_hits", self.memory_cache_hits),
+            ("walks_streamed", self.walks_streamed),
             ("passthrough_opens", self.passthrough_opens),
             ("files_written", self.files_written),
             ("remote_chunks", self.remote_chunks),
@@ -212,6 +218,7 @@ impl StatsSnapshot {
                 "chunk_bytes_fetched" => &mut s.chunk_bytes_fetched,
                 "readahead_chunks" => &mut s.readahead_chunks,
                 "memory_cache_hits" => &mut s.memory_cache_hits,
+                "walks_streamed" => &mut s.walks_streamed,
                 "passthrough_opens" => &mut s.passthrough_opens,
                 "files_written" => &mut s.files_written,
                 "remote_chunks" => &mut s.remote_chunks,

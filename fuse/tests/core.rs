@@ -759,3 +759,107 @@ async fn a_directory_s_chunk_lists_come_together() {
     }
     assert_eq!(fs.stats().chunk_lists_fetched, before, "{:?}", fs.stats());
 }
+
+/// A store path of `dirs` directories (`d0`, `d1`, …) of `per_dir` files
+/// each, every fourth file larger than the chunker's minimum: its tree,
+/// the files' contents and their paths inside it, both in NAR order.
+fn walk_tree(dirs: usize, per_dir: usize) -> (Tree, Vec<(String, String)>, Vec<Vec<u8>>) {
+    let mut top = Vec::new();
+    let (mut paths, mut contents) = (Vec::new(), Vec::new());
+    for d in 0..dirs {
+        let mut files = Vec::new();
+        for f in 0..per_dir {
+            let size = if f % 4 == 0 { 150_000 } else { 3000 + f };
+            let data = noise(size, (d * 1000 + f) as u64);
+            let name = format!("f{f:03}");
+            files.push((
+                &*Box::leak(name.clone().into_boxed_str()),
+                Tree::File(data.clone()),
+            ));
+            paths.push((format!("d{d}"), name));
+            contents.push(data);
+        }
+        top.push((
+            &*Box::leak(format!("d{d}").into_boxed_str()),
+            Tree::Dir(files),
+        ));
+    }
+    (Tree::Dir(top), paths, contents)
+}
+
+/// Reads the files of `paths` (in a store path named `top`) one after
+/// another, each looked up first, as `nix hash path` does; checks every byte.
+async fn walk_files(fs: &LazyFs, top: Ino, paths: &[(String, String)], contents: &[Vec<u8>]) {
+    for ((dir, name), data) in paths.iter().zip(contents) {
+        let d = fs.lookup(top, dir.as_bytes()).await.unwrap();
+        let f = fs.lookup(d.ino, name.as_bytes()).await.unwrap();
+        let got = read_all(fs, f.ino, data.len() as u64, 65536).await;
+        assert!(&got == data, "{dir}/{name}");
+    }
+}
+
+/// A store path read file after file in NAR order is streamed once 64
+/// first reads came in order: with every store read taking 60 ms, the
+/// 95 files after those take a few reads' time, not 95 (or more: the
+/// larger ones' chunk lists), and every chunk is fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_read_in_nar_order_is_streamed() {
+    let (store, _, faults) = test_store();
+    let (tree, paths, contents) = walk_tree(4, 40);
+    let root = put_tree(&store, &tree).await;
+    let path = publish(&store, "walked", root).await;
+    let fs = fs(&store, FsOptions::default());
+    let top = fs
+        .lookup(Ino::ROOT, path.to_string().as_bytes())
+        .await
+        .unwrap();
+    // The first read asks the store's chunker minimum in the background.
+    walk_files(&fs, top.ino, &paths[..1], &contents[..1]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // 64 first reads after that one (which could not count: the minimum
+    // was not known).
+    walk_files(&fs, top.ino, &paths[1..64], &contents[1..64]).await;
+    assert_eq!(fs.stats().walks_streamed, 0, "{:?}", fs.stats());
+    walk_files(&fs, top.ino, &paths[64..65], &contents[64..65]).await;
+    assert_eq!(fs.stats().walks_streamed, 1, "{:?}", fs.stats());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    faults.delay_ms.store(60, Ordering::Relaxed);
+    let started = Instant::now();
+    walk_files(&fs, top.ino, &paths[65..], &contents[65..]).await;
+    let took = started.elapsed();
+    // Without the stream, each larger file's first read waits on the store
+    // (the directory windows bring small files and chunk lists only): 1.4 s.
+    assert!(took < Duration::from_millis(800), "{took:?} for 95 files");
+    let mut distinct = std::collections::HashSet::new();
+    for c in &contents {
+        let meta = store.blobs.stat(&lazystore_castore::Digest::of(c)).await;
+        distinct.extend(meta.unwrap().unwrap().chunks.iter().map(|c| c.digest));
+    }
+    assert_eq!(
+        faults.chunks_read.load(Ordering::Relaxed),
+        distinct.len() as u64,
+        "each chunk fetched once"
+    );
+}
+
+/// Reads that are few, or not in NAR order, never start a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_or_unordered_reads_are_not_streamed() {
+    let (store, _, _) = test_store();
+    let (tree, paths, contents) = walk_tree(2, 50);
+    let root = put_tree(&store, &tree).await;
+    let path = publish(&store, "unordered", root).await;
+    let fs = fs(&store, FsOptions::default());
+    let top = fs
+        .lookup(Ino::ROOT, path.to_string().as_bytes())
+        .await
+        .unwrap();
+    walk_files(&fs, top.ino, &paths[..1], &contents[..1]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    walk_files(&fs, top.ino, &paths[1..40], &contents[1..40]).await;
+    // The rest backwards: each first read comes before the last in NAR order.
+    let rest: Vec<_> = paths[40..].iter().rev().cloned().collect();
+    let rest_contents: Vec<_> = contents[40..].iter().rev().cloned().collect();
+    walk_files(&fs, top.ino, &rest, &rest_contents).await;
+    assert_eq!(fs.stats().walks_streamed, 0, "{:?}", fs.stats());
+}

@@ -48,6 +48,7 @@ pub use control::{CONTROL_DIR_NAME, DIGEST_XATTR, STATS_FILE_NAME};
 use lookup::{DIRECTORY_CACHE_ENTRIES, Fifo};
 mod read;
 mod readdir;
+mod walk;
 
 /// How long the kernel may cache entries and attributes of store content:
 /// it never changes, so as long as the kernel likes.
@@ -141,7 +142,7 @@ pub struct LazyFs {
     chunks: Arc<ChunkFetcher>,
     stats: Arc<Stats>,
     // A std Mutex: a map lookup or insert per directory fetch, no await.
-    directories: Mutex<Fifo<Arc<Directory>>>,
+    directories: Arc<Mutex<Fifo<Arc<Directory>>>>,
     // A std Mutex: one insert per opendir of the root and one removal per
     // releasedir, no await.
     root_listings: Mutex<HashMap<u64, Listing>>,
@@ -160,6 +161,10 @@ pub struct LazyFs {
     /// Chunk lists fetched ahead of their files' first reads (`read.rs`),
     /// taken by those reads.
     chunk_lists_ahead: Arc<Mutex<Fifo<BlobMeta>>>,
+    /// The reads of each store path, by its basename: where a walk is
+    /// noticed and streamed (`walk.rs`).
+    // A std Mutex: a map lookup per read, no await.
+    walks: Mutex<HashMap<Arc<str>, Arc<walk::Walk>>>,
 }
 
 /// Chunk lists kept ahead at most (some 100 bytes each plus 40 a chunk).
@@ -182,7 +187,8 @@ impl LazyFs {
             inodes: InodeTable::new(),
             chunks,
             stats,
-            directories: Mutex::new(Fifo::new(DIRECTORY_CACHE_ENTRIES)),
+            directories: Arc::new(Mutex::new(Fifo::new(DIRECTORY_CACHE_ENTRIES))),
+            walks: Mutex::new(HashMap::new()),
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             one_chunk_up_to: Arc::default(),

@@ -68,6 +68,7 @@ impl LazyFs {
             .get_or_try_init(|| self.chunk_index(&inode, digest, *file_size, started))
             .await?;
         let range = index.overlapping(offset, end);
+        self.walked(&inode, digest, end);
         self.read_ahead(&inode, index, read_state, offset, end, range.end - 1);
         let digests: Vec<Digest> = index.meta.chunks[range.clone()]
             .iter()
@@ -122,6 +123,7 @@ impl LazyFs {
             && *digest == shown
         {
             self.fetch_neighbours(inode, min);
+            self.first_read(inode, digest, min);
         }
         // A file no longer than the chunker's minimum is one chunk, whose
         // digest is the file's (both are the BLAKE3 of the same bytes): its
