@@ -3,7 +3,7 @@
 # a builder's mount of `lazystore serve` with an empty local cache, against
 # eager `nix copy --from` of the same path from its zstd binary cache on
 # the same loopback (then the hash of the copy), and against the native
-# filesystem cold. Page cache dropped before each cold measure. Uses the
+# filesystem cold, with the mount's peak RSS. Page cache dropped before each cold measure. Uses the
 # corpus bench/builder.sh prepares (a Rust toolchain and a Python install
 # as store paths, their binary cache and a lazystore store): run that
 # once first.
@@ -56,7 +56,7 @@ pids+=($!)
 until [[ -s $work/cold.port ]]; do sleep 0.1; done
 http="http://127.0.0.1:$(cat "$work/cold.port")"
 
-printf '%-8s %9s %8s %9s %8s %9s %12s\n' tree files 'lazy s' 'eager s' 'native s' 'lazy/eager' 'lazy/native'
+printf '%-8s %9s %8s %9s %8s %9s %12s %14s\n' tree files 'lazy s' 'eager s' 'native s' 'lazy/eager' 'lazy/native' 'mount RSS MiB'
 for p in $(grep -e -rust -e -python "$work/closure"); do
   name=${p##*-}
   files=$(python3 -c "
@@ -81,6 +81,7 @@ print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p"
   t0=$(now)
   lazy_hash=$(nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")")
   t1=$(now)
+  rss_mib=$(awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$mount_pid/status")
   kill "$mount_pid"
   wait "$mount_pid" 2>/dev/null || true
 
@@ -99,7 +100,7 @@ print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p"
   t5=$(now)
   [[ $lazy_hash == "$eager_hash" ]] || { echo "bench/cold.sh: $name hashes differ" >&2; exit 1; }
   awk -v n="$name" -v f="$files" -v l="$(awk "BEGIN{print $t1-$t0}")" -v e="$(awk "BEGIN{print $t3-$t2}")" \
-    -v nat="$(awk "BEGIN{print $t5-$t4}")" \
-    'BEGIN { printf "%-8s %9d %8.2f %9.2f %8.2f %9.2f× %11.2f×\n", n, f, l, e, nat, l/e, l/nat }'
+    -v nat="$(awk "BEGIN{print $t5-$t4}")" -v rss="$rss_mib" \
+    'BEGIN { printf "%-8s %9d %8.2f %9.2f %8.2f %9.2f× %11.2f× %14d\n", n, f, l, e, nat, l/e, l/nat, rss }'
   rm -rf "$work/cold-eager"
 done

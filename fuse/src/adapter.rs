@@ -34,6 +34,10 @@ use crate::passthrough::{MIN_SIZE as PASSTHROUGH_MIN_SIZE, OpenAs};
 /// Kernel requests queued in the background (readahead) at most.
 const MAX_BACKGROUND: u16 = 64;
 
+/// How long after a release a file read through the chunks is written
+/// out whole for passthrough (see `release`).
+const WRITE_OUT_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(crate) struct Adapter {
     fs: Arc<LazyFs>,
     /// Reads that just failed, failed again at once when the kernel asks
@@ -263,13 +267,20 @@ impl Filesystem for Adapter {
             && passthrough.usable()
             && let Some((digest, size)) = self.fs.file_blob(Ino(ino.0))
             && size >= PASSTHROUGH_MIN_SIZE
-            // A walk reads each file once: writing it out whole would read
-            // it all again (a third of a cold walk's time); a later read
-            // through the chunks writes it then.
-            && !self.fs.streaming(Ino(ino.0))
         {
             let (fs, passthrough) = (self.fs.clone(), passthrough.clone());
+            let path = self.fs.store_path_of(Ino(ino.0));
             self.spawn(async move {
+                // A walk reads each file once: writing its files out whole
+                // would read them all again (the first 28 files of a cold
+                // walk of a toolchain, before the walk was seen, were 528
+                // MB of writes). So a write-out waits a moment and is
+                // dropped if the file's path is being streamed by then; a
+                // later read through the chunks writes the file out.
+                tokio::time::sleep(WRITE_OUT_DELAY).await;
+                if path.is_some_and(|p| fs.streaming(&p)) {
+                    return;
+                }
                 let blobs = fs.blobs().clone();
                 if passthrough.write_out(blobs, digest, size).await {
                     fs.counters().add(&fs.counters().files_written, 1);

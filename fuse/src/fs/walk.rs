@@ -170,14 +170,16 @@ impl LazyFs {
         tokio::spawn(async move { streamer.run(walk, root, name, from, min).await });
     }
 
-    /// Whether inode `ino` is in a store path being streamed.
-    pub(crate) fn streaming(&self, ino: Ino) -> bool {
-        let Some(inode) = self.inodes.get(ino) else {
-            return false;
-        };
-        let Some((base, _)) = inode.path.split_once('/') else {
-            return false;
-        };
+    /// The store path (its basename) inode `ino` is inside of, if it is
+    /// inside a directory.
+    pub(crate) fn store_path_of(&self, ino: Ino) -> Option<Arc<str>> {
+        let inode = self.inodes.get(ino)?;
+        let (base, _) = inode.path.split_once('/')?;
+        Some(base.into())
+    }
+
+    /// Whether the store path `base` is being streamed.
+    pub(crate) fn streaming(&self, base: &str) -> bool {
         self.walks
             .lock()
             .expect("lock poisoned")
