@@ -26,6 +26,7 @@ now() { date +%s.%N; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 pids=()
+declare -A native_s
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   mountpoint -q "$work/cold-mnt" && fusermount3 -u -z "$work/cold-mnt" || true
@@ -102,5 +103,33 @@ print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p"
   awk -v n="$name" -v f="$files" -v l="$(awk "BEGIN{print $t1-$t0}")" -v e="$(awk "BEGIN{print $t3-$t2}")" \
     -v nat="$(awk "BEGIN{print $t5-$t4}")" -v rss="$rss_mib" \
     'BEGIN { printf "%-8s %9d %8.2f %9.2f %8.2f %9.2f× %11.2f× %14d\n", n, f, l, e, nat, l/e, l/nat, rss }'
+  native_s[$name]=$(awk "BEGIN{print $t5-$t4}")
   rm -rf "$work/cold-eager"
+done
+
+# A mount of the local store itself (no service, no cache), against the
+# native cold times above: the service lets go of the store first.
+kill "${pids[0]}"
+wait "${pids[0]}" 2>/dev/null || true
+echo
+printf '%-8s %16s %8s %12s\n' tree 'local mount s' 'native s' 'local/native'
+for p in $(grep -e -rust -e -python "$work/closure"); do
+  name=${p##*-}
+  rm -f "$work/cold.mount"
+  "$lazystore" mount "$work/cold-mnt" --store "redb://$work/server/store.redb" \
+    >"$work/cold.mount" 2>"$work/cold.mount.log" &
+  mount_pid=$!
+  pids+=("$mount_pid")
+  until [[ -s $work/cold.mount ]]; do
+    kill -0 "$mount_pid" 2>/dev/null || { echo "bench/cold.sh: the mount died (see $work/cold.mount.log)" >&2; exit 1; }
+    sleep 0.1
+  done
+  drop_caches
+  t0=$(now)
+  nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")" >/dev/null
+  t1=$(now)
+  kill "$mount_pid"
+  wait "$mount_pid" 2>/dev/null || true
+  awk -v n="$name" -v l="$(awk "BEGIN{print $t1-$t0}")" -v nat="${native_s[$name]}" \
+    'BEGIN { printf "%-8s %16.2f %8.2f %11.2f×\n", n, l, nat, nat/l }'
 done
