@@ -3,7 +3,10 @@
 //! compiler's sweep of a toolchain) gets the path streamed to it.
 //!
 //! Every first read of a file is noted against its store path. Once
-//! [`WALK_AFTER_FILES`] first reads came in NAR order, the path is
+//! [`WALK_AFTER_FILES`] first reads came each of the file next after the
+//! one before in its directory (reads in NAR order that skip files, or
+//! move to another directory, neither count nor break the run; one out of
+//! NAR order starts it again), the path is
 //! streamed: its whole tree in one `get_recursive` (every directory the
 //! walk will look up is then in memory), then its files' chunk lists in
 //! groups of [`LISTS_AHEAD`] files to a `stat_many`, then its chunks in NAR
@@ -25,8 +28,8 @@ use futures::stream::FuturesUnordered;
 
 use super::*;
 
-/// First reads in NAR order within one store path after which the path
-/// is streamed.
+/// First reads in a row, each of the next file of its directory, after
+/// which a store path is streamed.
 pub(super) const WALK_AFTER_FILES: usize = 64;
 
 /// How far (bytes of file contents, in NAR order) the stream runs ahead of
@@ -65,8 +68,9 @@ pub(super) struct Walk {
 struct Watch {
     /// The last file read for the first time.
     last: Option<Arc<str>>,
-    /// First reads that came after the one before in NAR order.
-    in_order: usize,
+    /// First reads in a row each of the next file after the one before
+    /// in its directory (or in NAR order across directories).
+    adjacent: usize,
     streaming: bool,
 }
 
@@ -116,6 +120,32 @@ impl LazyFs {
         Some(walk)
     }
 
+    /// Whether file `inode` is the next non-empty file after `last` (a path
+    /// like an inode's) in their directory.
+    fn next_file(&self, last: &str, inode: &Inode) -> bool {
+        let (Some((last_dir, last_name)), Some((dir, name))) =
+            (last.rsplit_once('/'), inode.path.rsplit_once('/'))
+        else {
+            return false;
+        };
+        if last_dir != dir {
+            return false;
+        }
+        let Ok(parent) = self.inode(inode.parent) else {
+            return false;
+        };
+        let Kind::Directory { dir: listing, .. } = &parent.kind else {
+            return false;
+        };
+        let Some(listing) = listing.get() else {
+            return false;
+        };
+        listing
+            .entries_from(std::ops::Bound::Excluded(last_name.as_bytes()))
+            .find(|(_, node)| matches!(node, Node::File { size, .. } if *size > 0))
+            .is_some_and(|(next, _)| next.as_bytes() == name.as_bytes())
+    }
+
     /// Notes the first read of file `inode` (of contents `digest`, stored,
     /// with files up to `min` bytes one chunk each): starts streaming its
     /// store path once enough first reads came in NAR order.
@@ -131,15 +161,16 @@ impl LazyFs {
             if watch.streaming {
                 return;
             }
-            if watch
-                .last
-                .as_ref()
-                .is_none_or(|last| nar_before(last, &inode.path))
-            {
-                watch.in_order += 1;
+            match &watch.last {
+                None => watch.adjacent = 1,
+                Some(last) if !nar_before(last, &inode.path) => watch.adjacent = 0,
+                Some(last) if self.next_file(last, inode) => watch.adjacent += 1,
+                // In order, past files not read, or in another directory:
+                // a sparse reader never gets a stream, a walk goes on.
+                _ => {}
             }
             watch.last = Some(inode.path.clone());
-            if watch.in_order < WALK_AFTER_FILES {
+            if watch.adjacent < WALK_AFTER_FILES {
                 return;
             }
             watch.streaming = true;
