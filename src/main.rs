@@ -13,6 +13,7 @@ mod metrics;
 mod mount;
 mod nar_check;
 mod nix_db;
+mod prefetch;
 mod remote;
 mod serve;
 mod stats;
@@ -36,6 +37,7 @@ enum Command {
     Mount(mount::Args),
     NarCheck(nar_check::Args),
     NixDb(nix_db::Args),
+    Prefetch(prefetch::Args),
     Serve(Box<serve::Args>),
     Stats(stats::Args),
 }
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
             Command::Mount(args) => mount::run(args).await,
             Command::NarCheck(args) => nar_check::run(args).await,
             Command::NixDb(args) => nix_db::run(args).await,
+            Command::Prefetch(args) => prefetch::run(args).await,
             Command::Serve(args) => serve::run(*args).await,
             Command::Stats(args) => stats::run(args).await,
         }

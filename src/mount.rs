@@ -13,7 +13,7 @@ use lazystore_castore::grpc::Connection;
 use lazystore_castore::{BlobService, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
     CounterSource, CountingBlobService, FsOptions, LazyFs, MountConfig, RemoteReads, RetryPolicy,
-    Stats, StatsSnapshot,
+    Stats, StatsSnapshot, Traces,
 };
 use lazystore_importer::NEGATIVE_TTL;
 use lazystore_pathinfo::substitute::Substituter;
@@ -115,6 +115,12 @@ pub struct Args {
     /// hits, misses and evictions, and how long fetches from the store take.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Record which files each build reads into DIR: one trace per session
+    /// (Nix starts each builder in a session of its own), the absolute
+    /// paths of the files it read in the order of their first reads, for
+    /// `lazystore prefetch` to fetch ahead of the next build like it.
+    #[arg(long, value_name = "DIR")]
+    trace_dir: Option<std::path::PathBuf>,
 }
 
 /// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
@@ -246,6 +252,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(cache) => fs.with_passthrough(cache),
         None => fs,
     };
+    let traces = match &args.trace_dir {
+        Some(dir) => {
+            Some(Arc::new(Traces::new(dir).with_context(|| {
+                format!("cannot write traces into {}", dir.display())
+            })?))
+        }
+        None => None,
+    };
+    let fs = match &traces {
+        Some(traces) => fs.with_traces(traces.clone()),
+        None => fs,
+    };
     let fs = Arc::new(fs);
     let config = MountConfig {
         allow_other: args.allow_other,
@@ -275,6 +293,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             _ = poll.tick() => {
                 if mounted.is_finished() {
                     break "unmounted from outside";
+                }
+                if let Some(traces) = traces.clone() {
+                    // Written out as they grow, so a trace is there to
+                    // prefetch from while the mount still runs.
+                    tokio::task::spawn_blocking(move || traces.flush());
                 }
             }
         }

@@ -284,6 +284,7 @@ impl Stage {
         fixed.extend([
             ("runuser -u lazystore -- ".into(), String::new()),
             ("/var/lib/lazystore/store.redb".into(), dir_s(store)),
+            ("/var/lib/lazystore/".into(), format!("{}/", d.display())),
             ("/etc/lazystore/".into(), format!("{}/", etc.display())),
             ("/run/keys/".into(), format!("{}/", keys.display())),
             ("/var/cache/lazystore/".into(), format!("{}/", d.display())),
@@ -434,6 +435,10 @@ impl Stage {
             let (proc, _) = spawn_lines(self.shell(&exec(&line)), 1)?;
             self.mount = Some(proc);
             return Ok(());
+        }
+        // A prefetch fills the cache a mount will read: before the mount.
+        if sub.as_deref() == Some("prefetch") {
+            self.stop_mount();
         }
         // An offline command on the embedded store needs it free.
         if line.contains(&format!("redb://{}", self.dir.path().display())) {

@@ -304,6 +304,11 @@ impl Filesystem for Adapter {
         if self.failed_reads.failed_lately(ino.0, pid) {
             return reply.error(Errno::EIO);
         }
+        if let Some(traces) = self.fs.traces()
+            && Ino(ino.0) != Ino::STATS_FILE
+        {
+            traces.read(pid, ino.0, || self.fs.store_path_string(Ino(ino.0)));
+        }
         let (fs, failed_reads) = (self.fs.clone(), self.failed_reads.clone());
         self.spawn(async move {
             match fs.read(Ino(ino.0), offset, size).await {

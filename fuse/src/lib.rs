@@ -18,6 +18,7 @@ mod inode;
 mod mount;
 mod passthrough;
 mod stats;
+mod trace;
 
 pub use error::FsError;
 pub use fs::{
@@ -29,3 +30,4 @@ pub use inode::Ino;
 pub use lazystore_castore::RetryPolicy;
 pub use mount::{MountConfig, MountError, Mounted, mount};
 pub use stats::{CounterSource, CountingBlobService, RemoteReads, Stats, StatsSnapshot};
+pub use trace::Traces;

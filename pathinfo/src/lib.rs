@@ -8,6 +8,7 @@ pub mod listing;
 pub mod nar;
 mod nar_roots;
 pub mod pathinfos;
+pub mod prefetch;
 pub mod publish;
 pub mod render;
 pub mod stats;

@@ -165,6 +165,8 @@ pub struct LazyFs {
     /// noticed and streamed (`walk.rs`).
     // A std Mutex: a map lookup per read, no await.
     walks: Mutex<HashMap<Arc<str>, Arc<walk::Walk>>>,
+    /// Where each build's reads are recorded, if asked (`trace.rs`).
+    traces: Option<Arc<crate::trace::Traces>>,
 }
 
 /// Chunk lists kept ahead at most (some 100 bytes each plus 40 a chunk).
@@ -189,6 +191,7 @@ impl LazyFs {
             stats,
             directories: Arc::new(Mutex::new(Fifo::new(DIRECTORY_CACHE_ENTRIES))),
             walks: Mutex::new(HashMap::new()),
+            traces: None,
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             one_chunk_up_to: Arc::default(),
@@ -232,6 +235,25 @@ impl LazyFs {
             passthrough: Some(Arc::new(Passthrough::new(cache))),
             ..self
         }
+    }
+
+    /// Records which files each build reads into `traces`.
+    pub fn with_traces(self, traces: Arc<crate::trace::Traces>) -> Self {
+        LazyFs {
+            traces: Some(traces),
+            ..self
+        }
+    }
+
+    /// The traces reads are recorded into, if any.
+    pub(crate) fn traces(&self) -> Option<&Arc<crate::trace::Traces>> {
+        self.traces.as_ref()
+    }
+
+    /// The absolute path of inode `ino` under the store directory.
+    pub(crate) fn store_path_string(&self, ino: Ino) -> Option<String> {
+        let inode = self.inodes.get(ino)?;
+        Some(format!("{}/{}", lazystore_pathinfo::STORE_DIR, inode.path))
     }
 
     /// The passthrough state, if enabled.

@@ -1,0 +1,134 @@
+//! Access traces and prefetch, with the real binary: a mount given
+//! `--trace-dir` records the files a session (a build: Nix starts each
+//! in a session of its own) reads, once each, in order; `lazystore
+//! prefetch` of that trace fills a fresh local cache with exactly those
+//! files, so a mount over that cache reads them without asking the
+//! service for a chunk, and asks it for a file the trace does not name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Mount, lazystore, serve, stats};
+use lazystore_testkit::{add_tree, noise};
+
+/// Reads `files` in one new session, as a build would.
+fn read_in_a_session(files: &[PathBuf]) {
+    let status = Command::new("setsid")
+        .arg("--wait")
+        .arg("cat")
+        .args(files)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "cat {files:?}");
+}
+
+/// The traces in `dir` that list files, read once they are written out.
+fn traces(dir: &Path, at_least_lines: usize) -> Vec<(PathBuf, Vec<String>)> {
+    let started = Instant::now();
+    loop {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            found.push((path, lines));
+        }
+        if found.iter().map(|(_, l)| l.len()).sum::<usize>() >= at_least_lines {
+            return found;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "traces in {} stayed short: {found:?}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_traced_build_s_files_are_prefetched_and_read_from_the_cache() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // used/: what the build reads (small and large files); unused/: what
+    // it does not.
+    let tree = w.join("traced-tree");
+    let mut contents = Vec::new();
+    for (dir, n) in [("used", 6), ("unused", 6)] {
+        std::fs::create_dir_all(tree.join(dir)).unwrap();
+        for i in 0..n {
+            let size = if i % 2 == 0 { 5_000 + i } else { 400_000 + i };
+            let data = noise(size, 7000 + contents.len() as u64);
+            std::fs::write(tree.join(dir).join(format!("f{i}")), &data).unwrap();
+            contents.push((format!("{dir}/f{i}"), data));
+        }
+    }
+    let path = add_tree(&tree);
+    let store = format!("redb://{}/store.redb", w.display());
+    common::ingest(&store, &[&path]);
+    let (server, url) = serve(&store, "127.0.0.1:0");
+
+    // A traced build.
+    let trace_dir = w.join("traces");
+    let mnt = w.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let first_cache = format!("redb://{}/first.redb", w.display());
+    let mount = Mount::start(
+        &mnt,
+        &url,
+        &first_cache,
+        &["--trace-dir", trace_dir.to_str().unwrap()],
+    );
+    let inside = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
+    let read: Vec<&str> = vec![
+        "used/f0", "used/f1", "used/f2", "used/f3", "used/f4", "used/f5",
+    ];
+    // Twice, backwards the second time: each file once in the trace, in
+    // the order of its first read.
+    let mut files: Vec<PathBuf> = read.iter().map(|r| inside.join(r)).collect();
+    files.extend(read.iter().rev().map(|r| inside.join(r)));
+    read_in_a_session(&files);
+    let found = traces(&trace_dir, read.len());
+    mount.stop();
+    assert_eq!(found.len(), 1, "one session, one trace: {found:?}");
+    let expected: Vec<String> = read.iter().map(|r| format!("{path}/{r}")).collect();
+    assert_eq!(found[0].1, expected);
+
+    // Prefetched into a fresh cache: those files, nothing else.
+    let cache = format!("redb://{}/prefetched.redb", w.display());
+    let out = lazystore(&[
+        "prefetch",
+        "--store",
+        &url,
+        "--cache",
+        &cache,
+        found[0].0.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(": 6 files, "), "{said}");
+    assert!(said.contains("0 paths skipped"), "{said}");
+
+    // A mount over it reads them without a chunk from the service.
+    let mount = Mount::start(&mnt, &url, &cache, &["--no-passthrough"]);
+    let inside = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
+    for (name, data) in &contents {
+        if name.starts_with("used/") {
+            assert!(&std::fs::read(inside.join(name)).unwrap() == data, "{name}");
+        }
+    }
+    let s = stats(&mount.path);
+    assert_eq!(s["remote_chunks"], 0, "{s:?}");
+    let (name, data) = contents.iter().find(|(n, _)| n == "unused/f1").unwrap();
+    assert!(&std::fs::read(inside.join(name)).unwrap() == data);
+    let s = stats(&mount.path);
+    assert!(s["remote_chunks"] > 0, "{s:?}");
+    mount.stop();
+    drop(server);
+}
