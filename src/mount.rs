@@ -13,7 +13,7 @@ use lazystore_castore::grpc::Connection;
 use lazystore_castore::{BlobService, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
     CounterSource, CountingBlobService, FsOptions, LazyFs, MountConfig, RemoteReads, RetryPolicy,
-    Stats, StatsSnapshot, Traces,
+    Stats, StatsSnapshot, TracePrefetch, Traces,
 };
 use lazystore_importer::NEGATIVE_TTL;
 use lazystore_pathinfo::substitute::Substituter;
@@ -121,6 +121,12 @@ pub struct Args {
     /// `lazystore prefetch` to fetch ahead of the next build like it.
     #[arg(long, value_name = "DIR")]
     trace_dir: Option<std::path::PathBuf>,
+    /// Prefetch what these traces name (trace files, or directories of
+    /// them): when the first file of one is first read, every file it
+    /// names is fetched into the local cache in the background, in large
+    /// parallel batches, as `lazystore prefetch` does.
+    #[arg(long, value_name = "TRACE")]
+    prefetch: Vec<std::path::PathBuf>,
 }
 
 /// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
@@ -263,6 +269,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let fs = match &traces {
         Some(traces) => fs.with_traces(traces.clone()),
         None => fs,
+    };
+    let fs = if args.prefetch.is_empty() {
+        fs
+    } else {
+        let traces = crate::prefetch::read_traces(&args.prefetch)?;
+        fs.with_prefetch(Arc::new(TracePrefetch::new(traces)))
     };
     let fs = Arc::new(fs);
     let config = MountConfig {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use lazystore_fuse::read_trace;
 use lazystore_pathinfo::prefetch::prefetch;
 use lazystore_pathinfo::{LocalCache, SERVER_WAIT, Store, StoreOptions, default_store_url};
 
@@ -42,32 +43,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut traces = Vec::new();
-    for given in &args.traces {
-        if given.is_dir() {
-            let entries = std::fs::read_dir(given)
-                .with_context(|| format!("cannot list the traces in {}", given.display()))?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "trace"))
-                .collect();
-            found.sort();
-            traces.extend(found);
-        } else {
-            traces.push(given.clone());
-        }
-    }
-    let mut paths = Vec::new();
-    for trace in &traces {
-        let text = std::fs::read_to_string(trace)
-            .with_context(|| format!("cannot read the trace {}", trace.display()))?;
-        paths.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_owned),
-        );
-    }
+    let paths: Vec<String> = read_traces(&args.traces)?.into_iter().flatten().collect();
     let url = match args.store {
         Some(url) => url,
         None => default_store_url()?,
@@ -107,4 +83,32 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         done.missing.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The files each trace names, for trace files given or the `*.trace`
+/// files of directories given (in name order); errors name the file.
+pub(crate) fn read_traces(given: &[PathBuf]) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut files = Vec::new();
+    for path in given {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path)
+                .with_context(|| format!("cannot list the traces in {}", path.display()))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "trace"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|text| read_trace(&text))
+                .with_context(|| format!("cannot read the trace {}", f.display()))
+        })
+        .collect()
 }

@@ -3,7 +3,9 @@
 //! in a session of its own) reads, once each, in order; `lazystore
 //! prefetch` of that trace fills a fresh local cache with exactly those
 //! files, so a mount over that cache reads them without asking the
-//! service for a chunk, and asks it for a file the trace does not name.
+//! service for a chunk, and asks it for a file the trace does not name;
+//! a mount given `--prefetch TRACE` fetches the trace's files once its
+//! first is read, and reading them after asks for nothing more.
 
 mod common;
 
@@ -129,6 +131,41 @@ fn a_traced_build_s_files_are_prefetched_and_read_from_the_cache() {
     assert!(&std::fs::read(inside.join(name)).unwrap() == data);
     let s = stats(&mount.path);
     assert!(s["remote_chunks"] > 0, "{s:?}");
+    mount.stop();
+
+    // A mount given the trace with a fresh cache: the first read of the
+    // trace's first file fetches the rest in the background; reading
+    // them after asks the service for nothing more.
+    let cache = format!("redb://{}/third.redb", w.display());
+    let mount = Mount::start(
+        &mnt,
+        &url,
+        &cache,
+        &[
+            "--no-passthrough",
+            "--prefetch",
+            trace_dir.to_str().unwrap(),
+        ],
+    );
+    let inside = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
+    assert!(std::fs::read(inside.join("used/f0")).unwrap() == contents[0].1);
+    let started = Instant::now();
+    while stats(&mount.path)["prefetched_files"] < 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            stats(&mount.path)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fetched = stats(&mount.path)["remote_chunks"];
+    for (name, data) in &contents {
+        if name.starts_with("used/") {
+            assert!(&std::fs::read(inside.join(name)).unwrap() == data, "{name}");
+        }
+    }
+    let s = stats(&mount.path);
+    assert_eq!(s["remote_chunks"], fetched, "{s:?}");
     mount.stop();
     drop(server);
 }

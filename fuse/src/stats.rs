@@ -52,6 +52,8 @@ pub struct Stats {
     pub memory_cache_hits: AtomicU64,
     /// Store paths read in NAR order and so streamed (`fs/walk.rs`).
     pub walks_streamed: AtomicU64,
+    /// Files fetched ahead because a trace named them (`mount --prefetch`).
+    pub prefetched_files: AtomicU64,
     /// Opens served by passthrough from a whole file in the local cache.
     pub passthrough_opens: AtomicU64,
     /// Whole files written into the local cache for passthrough.
@@ -85,6 +87,7 @@ impl Default for Stats {
             readahead_chunks: AtomicU64::new(0),
             memory_cache_hits: AtomicU64::new(0),
             walks_streamed: AtomicU64::new(0),
+            prefetched_files: AtomicU64::new(0),
             passthrough_opens: AtomicU64::new(0),
             files_written: AtomicU64::new(0),
             remote_chunks: AtomicU64::new(0),
@@ -125,6 +128,7 @@ impl Stats {
             readahead_chunks: get(&self.readahead_chunks),
             memory_cache_hits: get(&self.memory_cache_hits),
             walks_streamed: get(&self.walks_streamed),
+            prefetched_files: get(&self.prefetched_files),
             passthrough_opens: get(&self.passthrough_opens),
             files_written: get(&self.files_written),
             remote_chunks: get(&self.remote_chunks),
@@ -156,6 +160,7 @@ pub struct StatsSnapshot {
     pub readahead_chunks: u64,
     pub memory_cache_hits: u64,
     pub walks_streamed: u64,
+    pub prefetched_files: u64,
     pub passthrough_opens: u64,
     pub files_written: u64,
     pub remote_chunks: u64,
@@ -167,7 +172,7 @@ pub struct StatsSnapshot {
 
 impl StatsSnapshot {
     /// The counters by name, in display order.
-    pub fn fields(&self) -> [(&'static str, u64); 21] {
+    pub fn fields(&self) -> [(&'static str, u64); 22] {
         [
             ("uptime_secs", self.uptime_secs),
             ("lookups", self.lookups),
@@ -183,6 +188,7 @@ impl StatsSnapshot {
             ("readahead_chunks", self.readahead_chunks),
             ("memory_cache_hits", self.memory_cache_hits),
             ("walks_streamed", self.walks_streamed),
+            ("prefetched_files", self.prefetched_files),
             ("passthrough_opens", self.passthrough_opens),
             ("files_written", self.files_written),
             ("remote_chunks", self.remote_chunks),
@@ -219,6 +225,7 @@ impl StatsSnapshot {
                 "readahead_chunks" => &mut s.readahead_chunks,
                 "memory_cache_hits" => &mut s.memory_cache_hits,
                 "walks_streamed" => &mut s.walks_streamed,
+                "prefetched_files" => &mut s.prefetched_files,
                 "passthrough_opens" => &mut s.passthrough_opens,
                 "files_written" => &mut s.files_written,
                 "remote_chunks" => &mut s.remote_chunks,

@@ -186,3 +186,56 @@ mod tests {
         );
     }
 }
+
+/// Traces to prefetch from (`mount --prefetch`): when a file that starts
+/// one of them is first read, every file it names is fetched into the
+/// local cache in the background, in large parallel batches
+/// (`lazystore_pathinfo::prefetch`), once per trace.
+pub struct TracePrefetch {
+    traces: Vec<Vec<String>>,
+    /// Traces by the file each starts with.
+    by_first: HashMap<String, Vec<usize>>,
+    // A std Mutex: one flag per trace, set once, no await.
+    started: Mutex<Vec<bool>>,
+}
+
+impl TracePrefetch {
+    /// Prefetching the files of `traces` (each a list of absolute paths,
+    /// as traces hold), each when its first file is first read.
+    pub fn new(traces: Vec<Vec<String>>) -> TracePrefetch {
+        let mut by_first: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, trace) in traces.iter().enumerate() {
+            if let Some(first) = trace.first() {
+                by_first.entry(first.clone()).or_default().push(i);
+            }
+        }
+        TracePrefetch {
+            started: Mutex::new(vec![false; traces.len()]),
+            traces,
+            by_first,
+        }
+    }
+
+    /// The files of the traces `path` starts that have not started yet,
+    /// marked started.
+    pub(crate) fn start(&self, path: &str) -> Option<Vec<String>> {
+        let indexes = self.by_first.get(path)?;
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        let mut files = Vec::new();
+        for &i in indexes {
+            if !std::mem::replace(&mut started[i], true) {
+                files.extend(self.traces[i].iter().cloned());
+            }
+        }
+        (!files.is_empty()).then_some(files)
+    }
+}
+
+/// The files a trace file names: its lines but comments and blank ones.
+pub fn read_trace(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}

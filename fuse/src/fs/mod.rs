@@ -167,6 +167,8 @@ pub struct LazyFs {
     walks: Mutex<HashMap<Arc<str>, Arc<walk::Walk>>>,
     /// Where each build's reads are recorded, if asked (`trace.rs`).
     traces: Option<Arc<crate::trace::Traces>>,
+    /// Traces to prefetch from when their first file is read (`read.rs`).
+    prefetch: Option<Arc<crate::trace::TracePrefetch>>,
 }
 
 /// Chunk lists kept ahead at most (some 100 bytes each plus 40 a chunk).
@@ -192,6 +194,7 @@ impl LazyFs {
             directories: Arc::new(Mutex::new(Fifo::new(DIRECTORY_CACHE_ENTRIES))),
             walks: Mutex::new(HashMap::new()),
             traces: None,
+            prefetch: None,
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             one_chunk_up_to: Arc::default(),
@@ -241,6 +244,14 @@ impl LazyFs {
     pub fn with_traces(self, traces: Arc<crate::trace::Traces>) -> Self {
         LazyFs {
             traces: Some(traces),
+            ..self
+        }
+    }
+
+    /// Prefetches the files of `traces`, each when its first file is read.
+    pub fn with_prefetch(self, traces: Arc<crate::trace::TracePrefetch>) -> Self {
+        LazyFs {
+            prefetch: Some(traces),
             ..self
         }
     }

@@ -115,6 +115,7 @@ impl LazyFs {
         started: Instant,
     ) -> Result<Arc<ChunkIndex>, FsError> {
         let shown = *digest;
+        self.prefetch_traces_starting_with(inode);
         let digest = &self.real_file(inode, digest, started).await?;
         let min = self.one_chunk_up_to();
         // Shown as stored (not a placeholder of a path being fetched): its
@@ -248,6 +249,38 @@ impl LazyFs {
                 }
             });
         }
+    }
+
+    /// Starts prefetching the traces whose first file `inode` is, if any
+    /// (`mount --prefetch`): in the background, into the local cache.
+    fn prefetch_traces_starting_with(&self, inode: &Inode) {
+        let Some(prefetch) = &self.prefetch else {
+            return;
+        };
+        let path = format!("{}/{}", lazystore_pathinfo::STORE_DIR, inode.path);
+        let Some(files) = prefetch.start(&path) else {
+            return;
+        };
+        let (store, stats) = (self.store.clone(), self.stats.clone());
+        tokio::spawn(async move {
+            match lazystore_pathinfo::prefetch::prefetch(&store, &files).await {
+                Ok(done) => {
+                    stats.add(&stats.prefetched_files, done.files);
+                    tracing::info!(
+                        "prefetched the trace starting with {path}: {} files, {} bytes, {} requests in {:?}",
+                        done.files,
+                        done.bytes,
+                        done.requests,
+                        done.elapsed
+                    );
+                }
+                // Nothing lost: each read fetches what it needs.
+                Err(e) => tracing::warn!(
+                    "prefetching the trace starting with {path}: {}",
+                    error_chain(&e)
+                ),
+            }
+        });
     }
 
     /// The store chunker's minimum chunk size; `None` while it is not
