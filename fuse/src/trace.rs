@@ -153,40 +153,6 @@ impl Drop for Traces {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_session_is_read() {
-        // SAFETY: getsid(0) reads this process's session.
-        let sid = unsafe { libc::getsid(0) };
-        assert_eq!(read_session(std::process::id()), Some(sid as u32));
-    }
-
-    #[test]
-    fn a_session_traces_each_file_once_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let traces = Traces::new(dir.path()).unwrap();
-        let pid = std::process::id();
-        for (ino, name) in [(7, "a"), (8, "b"), (7, "a"), (9, "c\nd"), (10, "e")] {
-            traces.read(pid, ino, || Some(format!("/nix/store/x-p/{name}")));
-        }
-        traces.flush();
-        let file = std::fs::read_dir(dir.path())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap();
-        let text = std::fs::read_to_string(file.path()).unwrap();
-        let lines: Vec<&str> = text.lines().skip(1).collect();
-        assert_eq!(
-            lines,
-            ["/nix/store/x-p/a", "/nix/store/x-p/b", "/nix/store/x-p/e"]
-        );
-    }
-}
-
 /// Traces to prefetch from (`mount --prefetch`): when a file that starts
 /// one of them is first read, every file it names is fetched into the
 /// local cache in the background, in large parallel batches
@@ -238,4 +204,38 @@ pub fn read_trace(text: &str) -> Vec<String> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(str::to_owned)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_session_is_read() {
+        // SAFETY: getsid(0) reads this process's session.
+        let sid = unsafe { libc::getsid(0) };
+        assert_eq!(read_session(std::process::id()), Some(sid as u32));
+    }
+
+    #[test]
+    fn a_session_traces_each_file_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let traces = Traces::new(dir.path()).unwrap();
+        let pid = std::process::id();
+        for (ino, name) in [(7, "a"), (8, "b"), (7, "a"), (9, "c\nd"), (10, "e")] {
+            traces.read(pid, ino, || Some(format!("/nix/store/x-p/{name}")));
+        }
+        traces.flush();
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let text = std::fs::read_to_string(file.path()).unwrap();
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(
+            lines,
+            ["/nix/store/x-p/a", "/nix/store/x-p/b", "/nix/store/x-p/e"]
+        );
+    }
 }
