@@ -58,6 +58,9 @@ pub(crate) enum Neighbours {
     /// Nothing yet.
     #[default]
     None,
+    /// One file of it was read: nothing fetched ahead yet (a build reading
+    /// one file of a directory, or one here and one there, pays nothing).
+    Seen,
     /// Entries up to `resume_after` were fetched; the next window is
     /// asked when a file from `refill_at` on is read.
     Until {

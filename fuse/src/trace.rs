@@ -161,6 +161,8 @@ pub struct TracePrefetch {
     traces: Vec<Vec<String>>,
     /// Traces by the file each starts with.
     by_first: HashMap<String, Vec<usize>>,
+    /// Traces by every file each names.
+    by_file: HashMap<String, Vec<usize>>,
     // A std Mutex: one flag per trace, set once, no await.
     started: Mutex<Vec<bool>>,
 }
@@ -170,16 +172,31 @@ impl TracePrefetch {
     /// as traces hold), each when its first file is first read.
     pub fn new(traces: Vec<Vec<String>>) -> TracePrefetch {
         let mut by_first: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_file: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, trace) in traces.iter().enumerate() {
             if let Some(first) = trace.first() {
                 by_first.entry(first.clone()).or_default().push(i);
+            }
+            for file in trace {
+                by_file.entry(file.clone()).or_default().push(i);
             }
         }
         TracePrefetch {
             started: Mutex::new(vec![false; traces.len()]),
             traces,
             by_first,
+            by_file,
         }
+    }
+
+    /// Whether a trace being prefetched names `path`: then nothing else
+    /// is fetched ahead for it (the trace says what the build reads).
+    pub(crate) fn covers(&self, path: &str) -> bool {
+        let Some(indexes) = self.by_file.get(path) else {
+            return false;
+        };
+        let started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        indexes.iter().any(|&i| started[i])
     }
 
     /// The files of the traces `path` starts that have not started yet,
