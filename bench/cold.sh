@@ -27,6 +27,20 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 pids=()
 declare -A native_s
+
+# Mounts at $work/cold-mnt with the mount arguments given; sets mount_pid
+# once it is mounted.
+start_mount() {
+  rm -f "$work/cold.mount"
+  mkdir -p "$work/cold-mnt"
+  "$lazystore" mount "$work/cold-mnt" "$@" >"$work/cold.mount" 2>"$work/cold.mount.log" &
+  mount_pid=$!
+  pids+=("$mount_pid")
+  until [[ -s $work/cold.mount ]]; do
+    kill -0 "$mount_pid" 2>/dev/null || { echo "bench/cold.sh: the mount died (see $work/cold.mount.log)" >&2; exit 1; }
+    sleep 0.1
+  done
+}
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   mountpoint -q "$work/cold-mnt" && fusermount3 -u -z "$work/cold-mnt" || true
@@ -68,16 +82,8 @@ def count(e):
 print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p" | cut -c1-32).ls")
 
   # Lazy: an empty cache, the page cache dropped.
-  rm -rf "$work/cold-cache.redb" "$work/cold.mount"
-  mkdir -p "$work/cold-mnt"
-  "$lazystore" mount "$work/cold-mnt" --store "$grpc" --cache "redb://$work/cold-cache.redb" \
-    >"$work/cold.mount" 2>"$work/cold.mount.log" &
-  mount_pid=$!
-  pids+=("$mount_pid")
-  until [[ -s $work/cold.mount ]]; do
-  kill -0 "$mount_pid" 2>/dev/null || { echo "bench/cold.sh: the mount died (see $work/cold.mount.log)" >&2; exit 1; }
-    sleep 0.1
-  done
+  rm -rf "$work/cold-cache.redb"
+  start_mount --store "$grpc" --cache "redb://$work/cold-cache.redb"
   drop_caches
   t0=$(now)
   lazy_hash=$(nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")")
@@ -115,15 +121,7 @@ echo
 printf '%-8s %16s %8s %12s\n' tree 'local mount s' 'native s' 'local/native'
 for p in $(grep -e -rust -e -python "$work/closure"); do
   name=${p##*-}
-  rm -f "$work/cold.mount"
-  "$lazystore" mount "$work/cold-mnt" --store "redb://$work/server/store.redb" \
-    >"$work/cold.mount" 2>"$work/cold.mount.log" &
-  mount_pid=$!
-  pids+=("$mount_pid")
-  until [[ -s $work/cold.mount ]]; do
-    kill -0 "$mount_pid" 2>/dev/null || { echo "bench/cold.sh: the mount died (see $work/cold.mount.log)" >&2; exit 1; }
-    sleep 0.1
-  done
+  start_mount --store "redb://$work/server/store.redb"
   drop_caches
   t0=$(now)
   nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")" >/dev/null

@@ -800,6 +800,30 @@ async fn walk_files(fs: &LazyFs, top: Ino, paths: &[(String, String)], contents:
     }
 }
 
+/// `walk_tree(dirs, per_dir)` published as `name`, looked up through a
+/// fresh filesystem whose first read (of the first file, which asks the
+/// store's chunker minimum in the background) is done: the filesystem,
+/// the store path's inode, the files' paths and contents.
+async fn walked_path(
+    store: &Store,
+    name: &str,
+    dirs: usize,
+    per_dir: usize,
+) -> (LazyFs, Ino, Vec<(String, String)>, Vec<Vec<u8>>) {
+    let (tree, paths, contents) = walk_tree(dirs, per_dir);
+    let root = put_tree(store, &tree).await;
+    let path = publish(store, name, root).await;
+    let fs = fs(store, FsOptions::default());
+    let top = fs
+        .lookup(Ino::ROOT, path.to_string().as_bytes())
+        .await
+        .unwrap()
+        .ino;
+    walk_files(&fs, top, &paths[..1], &contents[..1]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (fs, top, paths, contents)
+}
+
 /// A store path read file after file in NAR order is streamed once 64
 /// first reads came each of the next file: with every store read taking 60 ms, the
 /// 94 files after those take a few reads' time, not 94 (or more: the
@@ -807,28 +831,18 @@ async fn walk_files(fs: &LazyFs, top: Ino, paths: &[(String, String)], contents:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_read_in_nar_order_is_streamed() {
     let (store, _, faults) = test_store();
-    let (tree, paths, contents) = walk_tree(4, 40);
-    let root = put_tree(&store, &tree).await;
-    let path = publish(&store, "walked", root).await;
-    let fs = fs(&store, FsOptions::default());
-    let top = fs
-        .lookup(Ino::ROOT, path.to_string().as_bytes())
-        .await
-        .unwrap();
-    // The first read asks the store's chunker minimum in the background.
-    walk_files(&fs, top.ino, &paths[..1], &contents[..1]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (fs, top, paths, contents) = walked_path(&store, "walked", 4, 40).await;
     // 64 first reads each of the next file after that one (which could not
     // count: the minimum was not known) and the first of d1, which starts
     // a directory.
-    walk_files(&fs, top.ino, &paths[1..65], &contents[1..65]).await;
+    walk_files(&fs, top, &paths[1..65], &contents[1..65]).await;
     assert_eq!(fs.stats().walks_streamed, 0, "{:?}", fs.stats());
-    walk_files(&fs, top.ino, &paths[65..66], &contents[65..66]).await;
+    walk_files(&fs, top, &paths[65..66], &contents[65..66]).await;
     assert_eq!(fs.stats().walks_streamed, 1, "{:?}", fs.stats());
     tokio::time::sleep(Duration::from_millis(300)).await;
     faults.delay_ms.store(60, Ordering::Relaxed);
     let started = Instant::now();
-    walk_files(&fs, top.ino, &paths[66..], &contents[66..]).await;
+    walk_files(&fs, top, &paths[66..], &contents[66..]).await;
     let took = started.elapsed();
     // Without the stream, each larger file's first read waits on the store
     // (the directory windows bring small files and chunk lists only): 1.4 s.
@@ -851,20 +865,11 @@ async fn a_path_read_in_nar_order_is_streamed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sparse_reader_in_nar_order_is_not_streamed() {
     let (store, _, _) = test_store();
-    let (tree, paths, contents) = walk_tree(2, 200);
-    let root = put_tree(&store, &tree).await;
-    let path = publish(&store, "sparse", root).await;
-    let fs = fs(&store, FsOptions::default());
-    let top = fs
-        .lookup(Ino::ROOT, path.to_string().as_bytes())
-        .await
-        .unwrap();
-    let picked: Vec<usize> = (0..paths.len()).step_by(3).collect();
+    let (fs, top, paths, contents) = walked_path(&store, "sparse", 2, 200).await;
+    let picked: Vec<usize> = (1..paths.len()).step_by(3).collect();
     let some: Vec<_> = picked.iter().map(|&i| paths[i].clone()).collect();
     let some_contents: Vec<_> = picked.iter().map(|&i| contents[i].clone()).collect();
-    walk_files(&fs, top.ino, &some[..1], &some_contents[..1]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    walk_files(&fs, top.ino, &some[1..], &some_contents[1..]).await;
+    walk_files(&fs, top, &some, &some_contents).await;
     assert_eq!(fs.stats().walks_streamed, 0, "{:?}", fs.stats());
 }
 
@@ -872,21 +877,12 @@ async fn a_sparse_reader_in_nar_order_is_not_streamed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_or_unordered_reads_are_not_streamed() {
     let (store, _, _) = test_store();
-    let (tree, paths, contents) = walk_tree(2, 50);
-    let root = put_tree(&store, &tree).await;
-    let path = publish(&store, "unordered", root).await;
-    let fs = fs(&store, FsOptions::default());
-    let top = fs
-        .lookup(Ino::ROOT, path.to_string().as_bytes())
-        .await
-        .unwrap();
-    walk_files(&fs, top.ino, &paths[..1], &contents[..1]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    walk_files(&fs, top.ino, &paths[1..40], &contents[1..40]).await;
+    let (fs, top, paths, contents) = walked_path(&store, "unordered", 2, 50).await;
+    walk_files(&fs, top, &paths[1..40], &contents[1..40]).await;
     assert_eq!(fs.stats().walks_streamed, 0, "{:?}", fs.stats());
     // The rest backwards: each first read comes before the last in NAR order.
     let rest: Vec<_> = paths[40..].iter().rev().cloned().collect();
     let rest_contents: Vec<_> = contents[40..].iter().rev().cloned().collect();
-    walk_files(&fs, top.ino, &rest, &rest_contents).await;
+    walk_files(&fs, top, &rest, &rest_contents).await;
     assert_eq!(fs.stats().walks_streamed, 0, "{:?}", fs.stats());
 }
