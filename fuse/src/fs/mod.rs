@@ -164,7 +164,7 @@ pub struct LazyFs {
     /// The reads of each store path, by its basename: where a walk is
     /// noticed and streamed (`walk.rs`).
     // A std Mutex: a map lookup per read, no await.
-    walks: Mutex<HashMap<Arc<str>, Arc<walk::Walk>>>,
+    walks: Arc<Mutex<HashMap<Arc<str>, Arc<walk::Walk>>>>,
     /// Where each build's reads are recorded, if asked (`trace.rs`).
     traces: Option<Arc<crate::trace::Traces>>,
     /// Traces to prefetch from when their first file is read (`read.rs`).
@@ -192,7 +192,7 @@ impl LazyFs {
             chunks,
             stats,
             directories: Arc::new(Mutex::new(Fifo::new(DIRECTORY_CACHE_ENTRIES))),
-            walks: Mutex::new(HashMap::new()),
+            walks: Arc::default(),
             traces: None,
             prefetch: None,
             root_listings: Mutex::new(HashMap::new()),

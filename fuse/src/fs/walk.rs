@@ -89,6 +89,9 @@ fn nar_before(a: &str, b: &str) -> bool {
 
 /// What a stream needs of the filesystem, owned by its task.
 struct Streamer {
+    /// The filesystem's walks, whose entry for this one goes when its
+    /// stream ends (its order of files is the size of the path's tree).
+    walks: Arc<Mutex<HashMap<Arc<str>, Arc<Walk>>>>,
     store: Store,
     chunks: Arc<ChunkFetcher>,
     directories: Arc<Mutex<Fifo<Arc<Directory>>>>,
@@ -190,6 +193,7 @@ impl LazyFs {
         self.stats.add(&self.stats.walks_streamed, 1);
         tracing::debug!("{base}: read in NAR order; streaming it from {inside}");
         let streamer = Streamer {
+            walks: self.walks.clone(),
             store: self.store.clone(),
             chunks: self.chunks.clone(),
             directories: self.directories.clone(),
@@ -242,6 +246,24 @@ impl LazyFs {
 
 impl Streamer {
     async fn run(self, walk: Arc<Walk>, root: Digest, name: Arc<str>, from: String, min: u64) {
+        self.stream_path(&walk, root, &name, from, min).await;
+        // Forgotten once streamed: a later walk of the path is noticed
+        // again, and a long-running mount holds no tree of a path it
+        // streamed long ago.
+        let mut walks = self.walks.lock().expect("lock poisoned");
+        if walks.get(&name).is_some_and(|w| Arc::ptr_eq(w, &walk)) {
+            walks.remove(&name);
+        }
+    }
+
+    async fn stream_path(
+        &self,
+        walk: &Arc<Walk>,
+        root: Digest,
+        name: &Arc<str>,
+        from: String,
+        min: u64,
+    ) {
         let what = || format!("{name}: fetching its tree to stream it");
         let tree = match retried(&self.retry, &self.stats, &what, || {
             self.store.directories.get_recursive(&root)
@@ -282,7 +304,7 @@ impl Streamer {
             .fetch_max(starts.get(first).copied().unwrap_or(at), Ordering::Relaxed);
         let starts_copy = starts.clone();
         let _ = walk.order.set(Order { index, starts });
-        self.stream(&walk, &files[first..], &starts_copy[first..], min, &name)
+        self.stream(walk, &files[first..], &starts_copy[first..], min, name)
             .await;
     }
 
