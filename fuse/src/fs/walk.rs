@@ -247,12 +247,15 @@ impl LazyFs {
 impl Streamer {
     async fn run(self, walk: Arc<Walk>, root: Digest, name: Arc<str>, from: String, min: u64) {
         self.stream_path(&walk, root, &name, from, min).await;
-        // Forgotten once streamed: a later walk of the path is noticed
-        // again, and a long-running mount holds no tree of a path it
-        // streamed long ago.
+        // Once streamed, the path's file order goes (a long-running mount
+        // holds none for paths it streamed long ago); the path stays
+        // marked as streamed, so the readers still behind the stream's
+        // end neither start another nor have their files written out.
         let mut walks = self.walks.lock().expect("lock poisoned");
         if walks.get(&name).is_some_and(|w| Arc::ptr_eq(w, &walk)) {
-            walks.remove(&name);
+            let done = Walk::default();
+            done.watch.lock().expect("lock poisoned").streaming = true;
+            walks.insert(name, Arc::new(done));
         }
     }
 
