@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
 
-use lazystore_castore::{RedbStore, RetryPolicy, S3Credentials, S3Options, S3Store};
+use lazystore_castore::{RedbStore, S3Options, S3Store};
 use lazystore_pathinfo::ingest::ingest_nar;
 use lazystore_pathinfo::render::nar_hash;
 use lazystore_pathinfo::{Store, nixbase32};
@@ -41,15 +41,7 @@ async fn ingest(store: &Store, path: &str) -> (lazystore_castore::Node, u64, [u8
 
 fn open_s3(garage: &Garage, url: &str) -> (S3Store, Store) {
     let (key_id, secret) = garage.key();
-    let options = S3Options {
-        credentials: Some(S3Credentials {
-            key_id: key_id.to_owned(),
-            secret: secret.to_owned(),
-            session_token: None,
-        }),
-        retry: RetryPolicy::default(),
-        ..S3Options::default()
-    };
+    let options = S3Options::with_key(key_id, secret);
     let s3 = S3Store::open(url, options).unwrap();
     (s3.clone(), Store::s3(s3, None))
 }

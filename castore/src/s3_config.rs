@@ -139,6 +139,19 @@ pub struct S3Options {
 }
 
 impl S3Options {
+    /// The defaults, with the static key `key_id`/`secret` (no session
+    /// token).
+    pub fn with_key(key_id: &str, secret: &str) -> Self {
+        S3Options {
+            credentials: Some(S3Credentials {
+                key_id: key_id.to_owned(),
+                secret: secret.to_owned(),
+                session_token: None,
+            }),
+            ..S3Options::default()
+        }
+    }
+
     /// Credentials, region and endpoint from the standard AWS environment
     /// variables, and the given retry policy.
     pub fn from_env(retry: RetryPolicy) -> Self {

@@ -165,19 +165,11 @@ async fn cache() -> Backend {
 async fn s3() -> Backend {
     use lazystore_castore::blobs::S3BlobService;
     use lazystore_castore::directories::S3DirectoryService;
-    use lazystore_castore::{RetryPolicy, S3Credentials, S3Options, S3Store};
+    use lazystore_castore::{S3Options, S3Store};
     use lazystore_testkit::garage::{Garage, unique_prefix};
     let garage = tokio::task::spawn_blocking(Garage::shared).await.unwrap();
     let (key_id, secret) = garage.key();
-    let options = S3Options {
-        credentials: Some(S3Credentials {
-            key_id: key_id.to_owned(),
-            secret: secret.to_owned(),
-            session_token: None,
-        }),
-        retry: RetryPolicy::default(),
-        ..S3Options::default()
-    };
+    let options = S3Options::with_key(key_id, secret);
     let url = garage.store_url(&unique_prefix());
     let store = S3Store::open(&url, options.clone()).unwrap();
     // The hooks are synchronous: each rewrites a pack through a client of

@@ -9,23 +9,15 @@ use futures::StreamExt;
 use lazystore_castore::blobs::S3BlobService;
 use lazystore_castore::directories::S3DirectoryService;
 use lazystore_castore::{
-    Blobs, ChunkerParams, Digest, Directory, DirectoryService, Node, PathComponent, RetryPolicy,
-    S3Credentials, S3Options, S3Store,
+    Blobs, ChunkerParams, Digest, Directory, DirectoryService, Node, PathComponent, S3Options,
+    S3Store,
 };
 use lazystore_testkit::garage::{Garage, unique_prefix};
 use rand::RngExt;
 
 fn options(garage: &Garage) -> S3Options {
     let (key_id, secret) = garage.key();
-    S3Options {
-        credentials: Some(S3Credentials {
-            key_id: key_id.to_owned(),
-            secret: secret.to_owned(),
-            session_token: None,
-        }),
-        retry: RetryPolicy::default(),
-        ..S3Options::default()
-    }
+    S3Options::with_key(key_id, secret)
 }
 
 /// A replica: its own client, index and writer on the store at `url`.

@@ -2,22 +2,14 @@
 
 #![allow(dead_code)]
 
-use lazystore_castore::{RetryPolicy, S3Credentials, S3Options};
+use lazystore_castore::S3Options;
 use lazystore_pathinfo::nar::NarWriter;
 use lazystore_testkit::garage::Garage;
 
 /// Options for the S3 store on `garage`, with its key.
 pub fn s3_options(garage: &Garage) -> S3Options {
     let (key_id, secret) = garage.key();
-    S3Options {
-        credentials: Some(S3Credentials {
-            key_id: key_id.to_owned(),
-            secret: secret.to_owned(),
-            session_token: None,
-        }),
-        retry: RetryPolicy::default(),
-        ..S3Options::default()
-    }
+    S3Options::with_key(key_id, secret)
 }
 
 /// A NAR of a directory holding `files` (name, contents), in name order.
