@@ -197,14 +197,8 @@ async fn publish_read_back_restart() {
         .unwrap();
     let path = StorePath::from_basename("0c3h9dkbdsx5zzs9y5a7gf5v5ja5xkrf-hello-2.12").unwrap();
     let info = PathInfo {
-        store_path: path.clone(),
-        root: ingested.root.clone(),
         references: vec![path.clone()],
-        nar_size: ingested.nar_size,
-        nar_sha256: ingested.nar_sha256,
-        signatures: vec![],
-        deriver: None,
-        ca: None,
+        ..ingested.path_info(path.clone())
     };
     client.path_infos.put(info.clone()).await.unwrap();
     assert_eq!(

@@ -46,6 +46,24 @@ pub struct Ingested {
     pub nar_sha256: [u8; 32],
 }
 
+impl Ingested {
+    /// The PathInfo publishing this tree as `store_path`, with its
+    /// NarHash and NarSize and nothing else: no references, signatures,
+    /// deriver or CA (a caller sets those it knows).
+    pub fn path_info(&self, store_path: crate::StorePath) -> crate::pathinfos::PathInfo {
+        crate::pathinfos::PathInfo {
+            store_path,
+            root: self.root.clone(),
+            references: Vec::new(),
+            nar_size: self.nar_size,
+            nar_sha256: self.nar_sha256,
+            signatures: Vec::new(),
+            deriver: None,
+            ca: None,
+        }
+    }
+}
+
 /// Why a NAR could not be ingested.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {

@@ -199,16 +199,7 @@ mod tests {
         let ingested = ingest_nar(&store.blobs, &*store.directories, &nar[..])
             .await
             .unwrap();
-        let info = PathInfo {
-            store_path: path.parse().unwrap(),
-            root: ingested.root,
-            references: Vec::new(),
-            nar_size: ingested.nar_size,
-            nar_sha256: ingested.nar_sha256,
-            signatures: Vec::new(),
-            deriver: None,
-            ca: None,
-        };
+        let info = ingested.path_info(path.parse().unwrap());
         store.path_infos.put(info).await.unwrap();
         ingested.nar_size
     }

@@ -25,16 +25,7 @@ async fn publish(store: &Store, path: &str, nar: &[u8]) -> Result<PathInfo, Path
     let ingested = ingest_nar(&store.blobs, &*store.directories, nar)
         .await
         .unwrap();
-    let info = PathInfo {
-        store_path: path.parse::<StorePath>().unwrap(),
-        root: ingested.root,
-        references: Vec::new(),
-        nar_size: ingested.nar_size,
-        nar_sha256: ingested.nar_sha256,
-        signatures: Vec::new(),
-        deriver: None,
-        ca: None,
-    };
+    let info = ingested.path_info(path.parse::<StorePath>().unwrap());
     store.path_infos.put(info.clone()).await?;
     Ok(info)
 }

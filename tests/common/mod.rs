@@ -193,7 +193,6 @@ impl Drop for Mount {
 /// this process; returns what each ingest produced.
 pub fn ingest(url: &str, paths: &[&str]) -> Vec<lazystore_pathinfo::ingest::Ingested> {
     use lazystore_pathinfo::ingest::ingest_nar;
-    use lazystore_pathinfo::pathinfos::PathInfo;
     use lazystore_pathinfo::{Store, StorePath};
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -217,16 +216,7 @@ pub fn ingest(url: &str, paths: &[&str]) -> Vec<lazystore_pathinfo::ingest::Inge
             );
             store
                 .path_infos
-                .put(PathInfo {
-                    store_path: StorePath::from_absolute_path(path).unwrap(),
-                    root: ingested.root.clone(),
-                    references: Vec::new(),
-                    nar_size: ingested.nar_size,
-                    nar_sha256: ingested.nar_sha256,
-                    signatures: Vec::new(),
-                    deriver: None,
-                    ca: None,
-                })
+                .put(ingested.path_info(StorePath::from_absolute_path(path).unwrap()))
                 .await
                 .unwrap();
             out.push(ingested);

@@ -233,14 +233,8 @@ pub async fn import(store: &Store, path: &str) -> PathInfo {
         .collect();
     references.sort();
     let info = PathInfo {
-        store_path: StorePath::from_absolute_path(path).unwrap(),
-        root: ingested.root,
         references,
-        nar_size: ingested.nar_size,
-        nar_sha256: ingested.nar_sha256,
-        signatures: vec![],
-        deriver: None,
-        ca: None,
+        ..ingested.path_info(StorePath::from_absolute_path(path).unwrap())
     };
     store.path_infos.put(info.clone()).await.unwrap();
     info
