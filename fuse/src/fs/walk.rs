@@ -305,9 +305,9 @@ impl Streamer {
         }
         walk.reached
             .fetch_max(starts.get(first).copied().unwrap_or(at), Ordering::Relaxed);
-        let starts_copy = starts.clone();
-        let _ = walk.order.set(Order { index, starts });
-        self.stream(walk, &files[first..], &starts_copy[first..], min, name)
+        // Set once: a walk's stream starts once (`first_read`).
+        let order = walk.order.get_or_init(|| Order { index, starts });
+        self.stream(walk, &files[first..], &order.starts[first..], min, name)
             .await;
     }
 
