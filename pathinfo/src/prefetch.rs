@@ -214,3 +214,64 @@ fn find(root: &Node, tree: &HashMap<Digest, Arc<Directory>>, inside: &str) -> Op
     }
     Some(node)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::ingest_nar;
+    use crate::nar::NarWriter;
+
+    /// A trace is a file anyone may hand over: lines that name nothing
+    /// (outside the store, not a store path, a path or file the store
+    /// lacks) are skipped with why, a directory is not a file, and a file
+    /// named twice is fetched once.
+    #[tokio::test]
+    async fn paths_that_name_nothing_are_skipped_with_why() {
+        let store = Store::memory();
+        let mut nar = NarWriter::new(Vec::new());
+        nar.start_directory(None).await.unwrap();
+        nar.file(Some(b"a"), false, 5).await.unwrap();
+        nar.write_content(b"hello").await.unwrap();
+        nar.end_directory().await.unwrap();
+        let nar = nar.finish().await.unwrap();
+        let ingested = ingest_nar(&store.blobs, &*store.directories, &nar[..])
+            .await
+            .unwrap();
+        let path = "/nix/store/0c3h9dkbdsx5zzs9y5a7gf5v5ja5xkrf-traced";
+        let info = ingested.path_info(StorePath::from_absolute_path(path).unwrap());
+        store.path_infos.put(info).await.unwrap();
+        let paths: Vec<String> = [
+            "/etc/passwd",
+            "/nix/store/not-a-store-path/a",
+            "/nix/store/1c3h9dkbdsx5zzs9y5a7gf5v5ja5xkrf-unknown/a",
+            &format!("{path}/missing"),
+            &format!("{path}/a/below-a-file"),
+            &format!("{path}/a"),
+            &format!("{path}/a"),
+            path,
+        ]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+        let done = prefetch(&store, &paths).await.unwrap();
+        assert_eq!((done.files, done.bytes, done.chunks), (1, 5, 1), "{done:?}");
+        let skipped: Vec<(&str, &str)> = done
+            .missing
+            .iter()
+            .map(|(p, why)| (p.as_str(), why.as_str()))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("/etc/passwd", "not under /nix/store"),
+                ("/nix/store/not-a-store-path/a", "not a store path"),
+                (
+                    "/nix/store/1c3h9dkbdsx5zzs9y5a7gf5v5ja5xkrf-unknown/a",
+                    "the store does not have it"
+                ),
+                (&*format!("{path}/missing"), "no such file in it"),
+                (&*format!("{path}/a/below-a-file"), "no such file in it"),
+            ]
+        );
+    }
+}
