@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod compact;
 mod delete;
 mod fsck;
 mod gc;
@@ -30,6 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Compact(compact::Args),
     Delete(delete::Args),
     Fsck(fsck::Args),
     Gc(gc::Args),
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Compact(args) => compact::run(args).await,
             Command::Delete(args) => delete::run(args).await,
             Command::Fsck(args) => fsck::run(args).await,
             Command::Gc(args) => gc::run(args).await,

@@ -33,6 +33,7 @@ use redb::{
 
 use crate::chunker::{ChunkerParams, InvalidChunkerParams};
 use crate::digest::DIGEST_LEN;
+use crate::frames::FrameCache;
 use crate::packs::Packs;
 
 /// Key of every content-addressed table: a raw BLAKE3 digest.
@@ -258,6 +259,8 @@ pub struct RedbStore {
     // Before `db`: the last clone syncs the packs (dropping them) before it
     // closes the database, whose close may make the index durable.
     packs: Arc<Packs>,
+    /// Frames read lately (`frames.rs`).
+    frames: Arc<FrameCache>,
     db: Arc<Database>,
     path: Arc<Path>,
     params: ChunkerParams,
@@ -351,6 +354,7 @@ impl RedbStore {
         })?;
         Ok(RedbStore {
             packs: Arc::new(packs),
+            frames: Arc::default(),
             db: Arc::new(db),
             path: path.into(),
             params,
@@ -387,6 +391,10 @@ impl RedbStore {
     /// The pack files of the chunk bytes.
     pub(crate) fn packs(&self) -> &Packs {
         &self.packs
+    }
+
+    pub(crate) fn frames(&self) -> &FrameCache {
+        &self.frames
     }
 
     /// When chunk lists and directories reach the disk.

@@ -151,6 +151,8 @@ impl RedbStore {
         let txn = self.database().begin_write().map_err(db)?;
         let mut live_chunks: HashMap<u32, Vec<crate::packs::Location>> = HashMap::new();
         let mut dropped_at = Vec::new();
+        // Chunks in frames (`frames.rs`), which share their frame's bytes.
+        let mut framed = Vec::new();
         let mut held = None;
         {
             let mut directories = txn.open_table(DIRECTORIES).map_err(db)?;
@@ -170,7 +172,10 @@ impl RedbStore {
                         .or_default()
                         .push(record.at);
                 } else {
-                    drop_chunks.push((*key.value(), record.at));
+                    drop_chunks.push((*key.value(), record));
+                }
+                if record.frame.is_some() {
+                    framed.push((*key.value(), record.at));
                 }
             }
             if let Some(leases) = leases {
@@ -192,7 +197,7 @@ impl RedbStore {
             swept.directories = drop_dirs.len() as u64;
             swept.blobs = drop_blobs.len() as u64;
             swept.chunks = drop_chunks.len() as u64;
-            swept.chunk_bytes = drop_chunks.iter().map(|(_, at)| u64::from(at.len)).sum();
+            swept.chunk_bytes = drop_chunks.iter().map(|(_, r)| r.stored_bytes()).sum();
             if !dry_run {
                 for key in &drop_dirs {
                     directories.remove(key).map_err(db)?;
@@ -200,9 +205,25 @@ impl RedbStore {
                 for key in &drop_blobs {
                     blobs.remove(key).map_err(db)?;
                 }
-                for (key, at) in &drop_chunks {
+                // A frame's bytes are freed only with its last chunk.
+                let dropped: HashSet<&[u8; 32]> = drop_chunks.iter().map(|(k, _)| k).collect();
+                let kept_frames: HashSet<crate::packs::Location> = framed
+                    .iter()
+                    .filter(|(k, _)| !dropped.contains(k))
+                    .map(|(_, at)| *at)
+                    .collect();
+                let mut freed_frames = HashSet::new();
+                for (key, record) in &drop_chunks {
                     chunks.remove(key).map_err(db)?;
-                    dropped_at.push(*at);
+                    let free = match record.frame {
+                        None => true,
+                        Some(_) => {
+                            !kept_frames.contains(&record.at) && freed_frames.insert(record.at)
+                        }
+                    };
+                    if free {
+                        dropped_at.push(record.at);
+                    }
                 }
             }
         }

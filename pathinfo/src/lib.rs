@@ -1,5 +1,6 @@
 //! The Nix layer.
 
+pub mod compact;
 pub mod decompress;
 pub mod fsck;
 pub mod gc;

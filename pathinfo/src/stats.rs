@@ -5,9 +5,10 @@
 //! compression ratio (distinct / stored) can be read apart.
 //!
 //! Every directory and chunk list a path reaches is read (trees whole,
-//! chunk lists 64 to a request), and every distinct chunk once, to learn
-//! its stored size (`read_chunks` answers chunks as stored): about what
-//! `fsck` reads, without decoding.
+//! chunk lists 64 to a request), and every distinct chunk's stored size
+//! (`BlobService::stored_sizes`: from the index of a redb store, where a
+//! chunk in a frame counts its share of the frame; elsewhere the length of
+//! the chunk as read, about what `fsck` reads, without decoding).
 
 use std::collections::HashMap;
 
@@ -166,14 +167,15 @@ async fn stored_sizes(
     let mut reads = futures::stream::iter(batches)
         .map(|batch| {
             let service = service.clone();
-            async move { service.read_chunks(&batch).await }
+            async move {
+                let sizes = service.stored_sizes(&batch).await?;
+                Ok::<_, BlobError>(batch.into_iter().zip(sizes))
+            }
         })
         .buffered(IN_FLIGHT);
     let mut sizes = HashMap::with_capacity(chunks.len());
     while let Some(read) = reads.next().await {
-        for chunk in read? {
-            sizes.insert(chunk.digest, chunk.data.len() as u64);
-        }
+        sizes.extend(read?);
         progress("chunks", sizes.len() as u64, total);
     }
     Ok(sizes)

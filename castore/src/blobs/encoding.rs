@@ -70,7 +70,13 @@ pub struct EncodedChunk {
 impl EncodedChunk {
     /// Encodes `raw`, compressing it when that makes it smaller.
     pub fn encode(raw: Bytes) -> Self {
-        let digest = Digest::of(&raw);
+        Self::encode_as(Digest::of(&raw), raw)
+    }
+
+    /// Encodes `raw` as the chunk `digest`, which is not checked: for bytes
+    /// read back from a store, which whoever decodes them checks, as they
+    /// check every chunk read.
+    pub(crate) fn encode_as(digest: Digest, raw: Bytes) -> Self {
         let size = raw.len() as u64;
         // One compression context per thread: making one per chunk (what
         // `zstd::bulk::compress` does) cost 5% of an import's CPU.

@@ -251,6 +251,17 @@ pub trait BlobService: Send + Sync {
     /// [`Blobs`] does, whatever the backend.
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError>;
 
+    /// The bytes each chunk takes where it is stored, in the order asked
+    /// (for `lazystore stats`); fails as [`read_chunks`] does. By default
+    /// the length of what `read_chunks` answers, which is the stored length
+    /// wherever chunks are stored on their own.
+    ///
+    /// [`read_chunks`]: BlobService::read_chunks
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
+        let read = self.read_chunks(chunks).await?;
+        Ok(read.iter().map(|c| c.data.len() as u64).collect())
+    }
+
     /// The subset of `chunks` that is not stored, in the order asked.
     async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError>;
 

@@ -79,6 +79,10 @@ impl<O: BlobObserver> BlobService for ObservedBlobService<O> {
         self.inner.stat_many(blobs).await
     }
 
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
+        self.inner.stored_sizes(chunks).await
+    }
+
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
         self.observer.before_read(chunks).await?;
         let started = std::time::Instant::now();

@@ -133,6 +133,7 @@ fn insert_chunk(
         encoding: chunk.encoding,
         size: chunk.size,
         at,
+        frame: None,
     };
     tables
         .chunks
@@ -159,6 +160,9 @@ pub(super) fn read_chunk(
         chunk: digest,
         reason,
     })?;
+    if let Some(in_frame) = record.frame {
+        return crate::frames::read_framed(store, digest, &record, in_frame);
+    }
     let data = store.packs().read(record.at).map_err(backend)?;
     Ok(EncodedChunk {
         digest,
@@ -214,6 +218,28 @@ impl BlobService for RedbBlobService {
                         .map_err(backend)?
                         .ok_or(BlobError::ChunkNotFound(*d))?;
                     read_chunk(&store, *d, v.value())
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// From the index alone; a chunk in a frame counts its share of the
+    /// frame's bytes (`frames.rs`).
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
+        let chunks = chunks.to_vec();
+        self.read(move |t| {
+            chunks
+                .iter()
+                .map(|d| {
+                    let v = t
+                        .chunks
+                        .get(d.as_bytes())
+                        .map_err(backend)?
+                        .ok_or(BlobError::ChunkNotFound(*d))?;
+                    let record = IndexRecord::from_bytes(v.value())
+                        .map_err(|reason| BlobError::Corrupt { chunk: *d, reason })?;
+                    Ok(record.stored_bytes())
                 })
                 .collect()
         })

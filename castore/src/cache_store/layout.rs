@@ -235,6 +235,7 @@ impl Record {
                     encoding: c.encoding,
                     size: c.size,
                     at,
+                    frame: None,
                 };
                 if let Some(old) = t
                     .chunks

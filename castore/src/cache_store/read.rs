@@ -83,6 +83,13 @@ pub(super) fn parse_chunk(
     let key = Key::chunk(digest);
     let record =
         IndexRecord::from_bytes(record).map_err(|reason| Damaged::new(key, BadRecord(reason)))?;
+    if record.frame.is_some() {
+        // The cache keeps every chunk on its own.
+        return Err(Damaged::new(
+            key,
+            BadRecord("a frame record in the local cache"),
+        ));
+    }
     let data = packs.read(record.at).map_err(|e| Damaged::new(key, e))?;
     Ok(EncodedChunk {
         digest,
