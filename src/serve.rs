@@ -158,6 +158,13 @@ pub struct Args {
     /// stages nothing.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UPLOAD_SIZE)]
     max_upload_size: u64,
+    /// Compress raw chunks for gRPC readers (zstd level 1). The chunks a
+    /// compacted store (`lazystore compact`) keeps in frames go out raw,
+    /// which is cheapest where the link is faster than that compression
+    /// (about 350 MB/s per core); set this where builders reach the
+    /// service over a slower link.
+    #[arg(long)]
+    compress_wire: bool,
     /// How long a writer's touch of an object (asking whether it is
     /// stored, writing it) keeps it from a garbage collection run while
     /// serving (`lazystore gc --store grpc+…`): an upload that takes
@@ -309,6 +316,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .add_service(path_info_server(&publisher, &collector).into_service())
             .with_access(access.clone())
             .with_max_upload_size(args.max_upload_size)
+            .with_compressed_wire(args.compress_wire)
             .with_call_counts(calls.clone());
         if let Some(tls) = &tls {
             services = services.with_tls(tls.clone());

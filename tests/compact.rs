@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Mount, lazystore, nix_hash_path, number_before, serve, tree};
+use common::{Mount, lazystore, nix_hash_path, number_before, tree};
 use lazystore_testkit::{nix_cmd, noise};
 
 /// Modules that share most of their text, each with two near twins.
@@ -77,20 +77,38 @@ fn compacted_store_is_smaller_and_reads_the_same() {
     );
 
     // A builder reads it through the service: the chunks cut from frames
-    // and checked on the way.
-    let (server, grpc) = serve(&store, "127.0.0.1:0");
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let cache = format!("redb://{}", work.path().join("cache.redb").display());
-    let mount = Mount::start(&mnt, &grpc, &cache, &[]);
+    // and checked on the way; they travel raw, or compressed with
+    // `serve --compress-wire`.
     let name = path.strip_prefix("/nix/store/").unwrap();
-    assert_eq!(nix_hash_path(&mount.path.join(name)), nar_hash.trim());
-    for (file, bytes) in files.iter().step_by(7) {
-        assert_eq!(
-            &std::fs::read(mount.path.join(name).join(file)).unwrap(),
-            bytes
+    let mut wire = Vec::new();
+    for (i, extra) in [&[][..], &["--compress-wire"][..]].into_iter().enumerate() {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--store", &store];
+        args.extend(extra);
+        let (server, grpc) = common::start(&args);
+        let mnt = work.path().join(format!("mnt{i}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let cache = format!(
+            "redb://{}",
+            work.path().join(format!("cache{i}.redb")).display()
         );
+        let mount = Mount::start(&mnt, &grpc, &cache, &[]);
+        assert_eq!(nix_hash_path(&mount.path.join(name)), nar_hash.trim());
+        for (file, bytes) in files.iter().step_by(7) {
+            assert_eq!(
+                &std::fs::read(mount.path.join(name).join(file)).unwrap(),
+                bytes
+            );
+        }
+        let counters = common::stats(&mount.path);
+        wire.push((counters["remote_bytes"], counters["remote_wire_bytes"]));
+        mount.stop();
+        server.stop();
     }
-    mount.stop();
-    server.stop();
+    let [(raw, raw_wire), (decoded, compressed_wire)] = wire[..] else {
+        unreachable!()
+    };
+    assert_eq!(raw, decoded, "{wire:?}");
+    assert!(raw_wire >= raw, "{wire:?}");
+    // Hex text: about half its size, chunk by chunk.
+    assert!(compressed_wire * 3 < raw_wire * 2, "{wire:?}");
 }

@@ -23,17 +23,25 @@
 //! moved to its frame (`packs.rs`, record encoding 2: the frame's place
 //! and the chunk's offset in it). A frame is kept only where it takes fewer
 //! bytes than its chunks did; chunks stored raw (they did not compress on
-//! their own) stay as they are. Imports stay as fast as before, and what
-//! is read often is read the same way as what is not: a chunk in a frame
-//! leaves the store on its own, compressed as an import would have
-//! compressed it, so the wire, the local cache and every check downstream
-//! are unchanged.
+//! their own) stay as they are. Imports stay as fast as before.
 //!
-//! What a frame costs a reader: the frame's bytes (about a quarter of a
-//! MiB) and its decoding (under a millisecond) instead of one chunk's, and
-//! a level 1 compression of the chunk for the wire. Readers in NAR order
-//! (a walk, a stream, a directory window) read a frame's chunks one after
-//! another, so the last [`CACHED_FRAMES`] decoded frames are kept.
+//! A chunk in a frame leaves the store on its own and decoded (raw): the
+//! wire, the local cache and every check downstream see a chunk as
+//! before. Decoded rather than compressed again for the wire because that
+//! compression (zstd 1, about 350 MB/s per core) was the whole cost of
+//! reading a compacted store: a cold `nix hash path` through `serve` took
+//! 1.12 × (toolchain) and 1.23 × (Python) as long as from the store as
+//! imported, and 1.01 × and 0.98 × once framed chunks went out raw (the
+//! reader then has nothing to decompress either). What that trades: on the
+//! wire a compacted chunk is its decoded size, about 3 × what it was;
+//! fine inside a data centre, not on a slow link (docs/design.md,
+//! "Frames").
+//!
+//! What a frame costs a reader of one chunk: the frame's bytes (about a
+//! quarter of a MiB) and its decoding (under a millisecond) instead of one
+//! chunk's. Readers in NAR order (a walk, a stream, a directory window)
+//! read a frame's chunks one after another, so the last [`CACHED_FRAMES`]
+//! decoded frames are kept.
 //!
 //! Verification is unchanged: the bytes cut from a frame go out under the
 //! digest the index names, and whoever decodes them checks their BLAKE3 (as
@@ -144,8 +152,8 @@ enum FrameError {
     Length,
 }
 
-/// The chunk `digest` that `record` places in a frame, encoded on its own
-/// as an import would have (its bytes are checked by whoever decodes it).
+/// The chunk `digest` that `record` places in a frame, raw (its bytes are
+/// checked by whoever decodes it).
 pub(crate) fn read_framed(
     store: &RedbStore,
     digest: Digest,
@@ -169,7 +177,12 @@ pub(crate) fn read_framed(
     // `IndexRecord::from_bytes` refused a chunk past its frame's end.
     let start = in_frame.offset as usize;
     let raw = Bytes::copy_from_slice(&frame[start..start + record.size as usize]);
-    Ok(EncodedChunk::encode_as(digest, raw))
+    Ok(EncodedChunk {
+        digest,
+        encoding: ChunkEncoding::Raw,
+        size: record.size,
+        data: raw,
+    })
 }
 
 fn backend(e: impl Into<redb::Error>) -> BlobError {

@@ -215,6 +215,12 @@ impl Services {
         self
     }
 
+    /// Compresses raw chunks for the wire ([`BlobServer::with_compressed_wire`]).
+    pub fn with_compressed_wire(mut self, on: bool) -> Self {
+        self.blobs = self.blobs.with_compressed_wire(on);
+        self
+    }
+
     /// Refuses a blob `Put` whose chunks add up to more than `bytes`
     /// (encoded, as sent), or that records a blob larger than `bytes`,
     /// with `RESOURCE_EXHAUSTED` (default [`DEFAULT_MAX_UPLOAD_SIZE`]).
