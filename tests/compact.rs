@@ -85,6 +85,11 @@ fn compacted_store_is_smaller_and_reads_the_same() {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--store", &store];
         args.extend(extra);
         let (server, grpc) = common::start(&args);
+        // Through the service, stats count what the store keeps, not what
+        // it sends.
+        let served = lazystore(&["stats", "--store", &grpc, "--summary"]).stdout;
+        let served = String::from_utf8(served).unwrap();
+        assert_eq!(stored_mb(&served), stored_mb(&after), "{served}\n{after}");
         let mnt = work.path().join(format!("mnt{i}"));
         std::fs::create_dir_all(&mnt).unwrap();
         let cache = format!(

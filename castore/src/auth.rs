@@ -274,6 +274,7 @@ impl Need {
                 | "ChunkerParams"
                 | "ReportCorrupt"
                 | "Quarantined"
+                | "StoredSizes"
         );
         if ours && reads {
             Need::Read
@@ -431,6 +432,7 @@ mod tests {
             ("/lazystore.castore.v1.BlobService/ChunkerParams", Read),
             ("/lazystore.castore.v1.BlobService/ReportCorrupt", Read),
             ("/lazystore.castore.v1.BlobService/Quarantined", Read),
+            ("/lazystore.castore.v1.BlobService/StoredSizes", Read),
             ("/lazystore.castore.v1.DirectoryService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/List", Read),

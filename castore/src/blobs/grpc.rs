@@ -203,6 +203,36 @@ impl BlobService for GrpcBlobService {
         Ok(out)
     }
 
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
+        let mut sizes = Vec::with_capacity(chunks.len());
+        for batch in chunks.chunks(MAX_MISSING_CHUNKS) {
+            let request = proto::StoredSizesRequest {
+                digests: wire::digests_to_wire(batch),
+            };
+            let answer = self
+                .connection
+                .call("StoredSizes", || {
+                    let mut client = self.client.clone();
+                    let request = request.clone();
+                    let timeout = self.connection.attempt_timeout();
+                    async move {
+                        let answer = timeout.timed(client.stored_sizes(request)).await?;
+                        Ok::<_, AttemptError>(answer.into_inner().sizes)
+                    }
+                })
+                .await
+                .map_err(|e| self.error(e))?;
+            if answer.len() != batch.len() {
+                return Err(self.error(CallError::bad_reply(
+                    "StoredSizes",
+                    BadMessage::new("sizes", "one size per chunk asked"),
+                )));
+            }
+            sizes.extend(answer);
+        }
+        Ok(sizes)
+    }
+
     async fn missing_chunks(&self, chunks: &[Digest]) -> Result<Vec<Digest>, BlobError> {
         let mut missing = Vec::new();
         for batch in chunks.chunks(MAX_MISSING_CHUNKS) {

@@ -238,6 +238,15 @@ impl blob_service_server::BlobService for BlobServer {
         Ok(Response::new(stream.boxed()))
     }
 
+    async fn stored_sizes(
+        &self,
+        request: Request<proto::StoredSizesRequest>,
+    ) -> Result<Response<proto::StoredSizesResponse>, Status> {
+        let digests = wire::digests("digests", &request.get_ref().digests, MAX_MISSING_CHUNKS)?;
+        let sizes = self.blobs.stored_sizes(&digests).await?;
+        Ok(Response::new(proto::StoredSizesResponse { sizes }))
+    }
+
     async fn missing_chunks(
         &self,
         request: Request<proto::MissingChunksRequest>,
