@@ -51,7 +51,7 @@
 //! bytes are freed only after it has.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable};
@@ -120,23 +120,36 @@ pub struct Compacted {
 /// The last few decoded frames, by where they are.
 #[derive(Debug, Default)]
 pub(crate) struct FrameCache {
-    frames: Mutex<VecDeque<(Location, Arc<[u8]>)>>,
+    frames: Mutex<VecDeque<(Location, Bytes)>>,
 }
 
 impl FrameCache {
     /// The decoded frame at `at`, `frame_len` bytes long.
-    fn get(&self, packs: &Packs, at: Location, frame_len: u32) -> Result<Arc<[u8]>, FrameError> {
+    fn get(&self, packs: &Packs, at: Location, frame_len: u32) -> Result<Bytes, FrameError> {
         let lock = || self.frames.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, frame)) = lock().iter().find(|(l, _)| *l == at) {
             return Ok(frame.clone());
         }
         let data = packs.read(at).map_err(FrameError::Read)?;
-        let decoded =
-            zstd::bulk::decompress(&data, frame_len as usize).map_err(FrameError::Decompress)?;
+        // One context per thread, as for chunks (`blobs/encoding.rs`).
+        thread_local! {
+            static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let decoded = DECOMPRESSOR
+            .with_borrow_mut(|d| {
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                d.as_mut()
+                    .expect("just made")
+                    .decompress(&data, frame_len as usize)
+            })
+            .map_err(FrameError::Decompress)?;
         if decoded.len() != frame_len as usize {
             return Err(FrameError::Length);
         }
-        let frame: Arc<[u8]> = decoded.into();
+        let frame = Bytes::from(decoded);
         let mut frames = lock();
         if frames.len() == CACHED_FRAMES {
             frames.pop_front();
@@ -176,6 +189,8 @@ pub(crate) fn read_framed(
         })?;
     // `IndexRecord::from_bytes` refused a chunk past its frame's end.
     let start = in_frame.offset as usize;
+    // A copy, not a view (`Bytes::slice`): a chunk kept in a reader's
+    // memory cache would keep its whole frame alive.
     let raw = Bytes::copy_from_slice(&frame[start..start + record.size as usize]);
     Ok(EncodedChunk {
         digest,
