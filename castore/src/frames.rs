@@ -20,7 +20,7 @@
 //! compact`): the chunks of every published path, in NAR order, each once,
 //! are gathered into frames of [`FRAME_BYTES`] decoded bytes, compressed at
 //! [`FRAME_LEVEL`], appended to the packs, and each chunk's index record
-//! moved to its frame (`packs.rs`, record encoding 2: the frame's place
+//! moved to its frame (`chunk_record.rs`, record encoding 2: the frame's place
 //! and the chunk's offset in it). A frame is kept only where it takes fewer
 //! bytes than its chunks did; chunks stored raw (they did not compress on
 //! their own) stay as they are. Imports stay as fast as before.
@@ -57,8 +57,9 @@ use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable};
 
 use crate::blobs::{BlobError, EncodedChunk};
+use crate::chunk_record::{InFrame, IndexRecord};
 use crate::digest::Digest;
-use crate::packs::{InFrame, IndexRecord, Location, Packs};
+use crate::packs::{Location, Packs};
 use crate::proto::ChunkEncoding;
 use crate::redb_store::{ReadTables, RedbStore, Tables};
 

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod blobs;
 mod cache_store;
+mod chunk_record;
 mod chunker;
 mod digest;
 pub mod directories;

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 
 use redb::ReadableTable as _;
 
-use crate::packs::IndexRecord;
+use crate::chunk_record::IndexRecord;
 use crate::redb_store::{BLOBS, CHUNKS, DIRECTORIES};
 use crate::{Digest, Leases, Node, RedbStore};
 

@@ -24,13 +24,13 @@ use super::{
     BlobError, BlobMeta, BlobService, EncodedChunk, decode_chunk_list, encode_chunk_list,
     quarantine,
 };
+use crate::chunk_record::IndexRecord;
 use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
-use crate::packs::IndexRecord;
 use crate::redb_store::{ReadTables, RedbStore, Tables};
 
 // Chunk index record (`chunks-v2`, keyed by the chunk digest): an
-// `IndexRecord` (`packs.rs`), where the encoded bytes are in the packs.
+// `IndexRecord` (`chunk_record.rs`), where the encoded bytes are in the packs.
 
 // Blob record (`blobs-v1`, keyed by the blob digest): a fixed-width chunk
 // list, so the number of chunks follows from the record length.

@@ -9,8 +9,9 @@ use redb::{Table, TableDefinition, TableError, WriteTransaction};
 use super::accounting::{ENTRY_OVERHEAD, Entry, cost_of};
 use super::write::Freed;
 use crate::blobs::{BlobMeta, CHUNK_ENTRY_LEN, EncodedChunk, encode_chunk_list};
+use crate::chunk_record::{INDEX_RECORD_LEN, IndexRecord};
 use crate::digest::{DIGEST_LEN, Digest};
-use crate::packs::{INDEX_RECORD_LEN, IndexRecord, Packs};
+use crate::packs::Packs;
 use crate::redb_store::DigestKey;
 
 /// Chunk digest → where its bytes are in the packs (layout below).
@@ -36,7 +37,7 @@ pub(super) const DIRECTORIES: TableDefinition<DigestKey, &[u8]> =
 pub(super) const LRU: TableDefinition<&[u8; LRU_KEY_LEN], &[u8; LRU_VALUE_LEN]> =
     TableDefinition::new("cache-lru-v1");
 
-// Chunk record (`cache-chunks-v2`): an `IndexRecord` (`packs.rs`), where
+// Chunk record (`cache-chunks-v2`): an `IndexRecord` (`chunk_record.rs`), where
 // the chunk's bytes are in the cache's packs.
 
 // Chunk list record (`cache-blobs-v1`). Unlike a chunk or a directory, a

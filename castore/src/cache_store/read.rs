@@ -11,9 +11,10 @@ use redb::{ReadOnlyTable, ReadableDatabase};
 use super::CacheStore;
 use super::layout::{BLOB_SIZE_AT, BLOBS, CHUNKS, DIRECTORIES, Key, Kind, blob_checksum};
 use crate::blobs::{BlobMeta, EncodedChunk, decode_chunk_list};
+use crate::chunk_record::IndexRecord;
 use crate::digest::Digest;
 use crate::nodes::Directory;
-use crate::packs::{IndexRecord, Packs};
+use crate::packs::Packs;
 use crate::proto::ChunkEncoding;
 use crate::redb_store::DigestKey;
 
