@@ -71,13 +71,17 @@ pub struct FsOptions {
 }
 
 impl Default for FsOptions {
-    /// Root not listable, default retries, 64 MiB of chunks in memory,
-    /// 8 MiB readahead per reader and 32 MiB overall.
+    /// Root not listable, default retries, 32 MiB of chunks in memory,
+    /// 8 MiB readahead per reader and 32 MiB overall. (64 MiB of chunks
+    /// took the mount to 231–242 MiB resident in a cold walk of a 1.3 GB
+    /// toolchain; 32 MiB, with the local cache's 16 MiB page cache, to 186–
+    /// 188 MiB, and the walk refetched no chunk and was no slower: the walk
+    /// stream leads its readers by at most 16 MiB.)
     fn default() -> Self {
         FsOptions {
             list_root: false,
             retry: RetryPolicy::default(),
-            memory_cache_bytes: 64 << 20,
+            memory_cache_bytes: 32 << 20,
             readahead_bytes: 8 << 20,
             readahead_total_bytes: 32 << 20,
         }
