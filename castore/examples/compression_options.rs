@@ -52,7 +52,12 @@ fn main() {
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     for f in &files {
         let data = std::fs::read(f).expect("readable file");
-        let cuts = fastcdc::v2020::FastCDC::new(&data, params.min, params.avg, params.max);
+        let (min, avg, max) = (
+            params.min as usize,
+            params.avg as usize,
+            params.max as usize,
+        );
+        let cuts = fastcdc::v2020::FastCDC::new(&data, min, avg, max);
         for c in cuts {
             let bytes = &data[c.offset..c.offset + c.length];
             if seen.insert(blake3::hash(bytes)) {
