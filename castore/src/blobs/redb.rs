@@ -78,6 +78,30 @@ impl RedbBlobService {
         .map_err(|e| BlobError::Internal(e.into()))?
     }
 
+    /// `f` of each chunk's index record, in the order asked, in one read
+    /// transaction; [`BlobError::ChunkNotFound`] for the first not stored.
+    async fn map_records<T: Send + 'static>(
+        &self,
+        chunks: &[Digest],
+        f: impl Fn(Digest, &[u8]) -> Result<T, BlobError> + Send + 'static,
+    ) -> Result<Vec<T>, BlobError> {
+        let chunks = chunks.to_vec();
+        self.read(move |t| {
+            chunks
+                .iter()
+                .map(|d| {
+                    let v = t
+                        .chunks
+                        .get(d.as_bytes())
+                        .map_err(backend)?
+                        .ok_or(BlobError::ChunkNotFound(*d))?;
+                    f(*d, v.value())
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// Replaces a stored chunk, for corruption tests: `f` gets the chunk as
     /// stored and what it leaves is written back. False if it is not stored.
     #[doc(hidden)]
@@ -206,42 +230,18 @@ impl BlobService for RedbBlobService {
     }
 
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
-        let chunks = chunks.to_vec();
         let store = self.store.clone();
-        self.read(move |t| {
-            chunks
-                .iter()
-                .map(|d| {
-                    let v = t
-                        .chunks
-                        .get(d.as_bytes())
-                        .map_err(backend)?
-                        .ok_or(BlobError::ChunkNotFound(*d))?;
-                    read_chunk(&store, *d, v.value())
-                })
-                .collect()
-        })
-        .await
+        self.map_records(chunks, move |d, record| read_chunk(&store, d, record))
+            .await
     }
 
     /// From the index alone; a chunk in a frame counts its share of the
     /// frame's bytes (`frames.rs`).
     async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
-        let chunks = chunks.to_vec();
-        self.read(move |t| {
-            chunks
-                .iter()
-                .map(|d| {
-                    let v = t
-                        .chunks
-                        .get(d.as_bytes())
-                        .map_err(backend)?
-                        .ok_or(BlobError::ChunkNotFound(*d))?;
-                    let record = IndexRecord::from_bytes(v.value())
-                        .map_err(|reason| BlobError::Corrupt { chunk: *d, reason })?;
-                    Ok(record.stored_bytes())
-                })
-                .collect()
+        self.map_records(chunks, |chunk, record| {
+            let record = IndexRecord::from_bytes(record)
+                .map_err(|reason| BlobError::Corrupt { chunk, reason })?;
+            Ok(record.stored_bytes())
         })
         .await
     }
