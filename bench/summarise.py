@@ -49,6 +49,11 @@ for m in re.finditer(r"^(rust|python)\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s*$", cold,
     tree, ratio = m.groups()
     add("cold", f"{tree}: local-store mount / native, cold (speed)", ratio, "×", 0.5, lower=False)
 
+m = re.search(r"lazy / native speed: ([\d.]+)×", text("bigfile"))
+if m:
+    add("bigfile", "cold read of a 200 MB file through serve / native (speed)", m.group(1), "×",
+        0.5, lower=False)
+
 m = re.search(r"^--prefetch\s+[\d.]+\s+\d+\s+\d+\s+([\d.]+)×\s+([\d.]+)×", text("trace"), re.M)
 if m:
     add("trace", "500 files at 100 Mbit/s with --prefetch: wall / none", m.group(1), "×", 0.5)
@@ -90,14 +95,19 @@ def met(value, target, lower):
 
 
 out = ["# Benchmark results", "",
-       f"Written by `bench/run` in {total_seconds} s. Ratios are against a baseline "
+       f"Written by `bench/run` (its last call took {total_seconds} s; each step's time is "
+       "below). Ratios are against a baseline "
        "measured in the same run; absolute figures follow.", "",
        "| benchmark | figure | value | target | |", "|---|---|---:|---:|---|"]
 for step, what, value, unit, target, lower in figures:
     t = "" if target is None else f"{'≤' if lower else '≥'} {target:g} {unit}"
     out.append(f"| {step} | {what} | {value:g} {unit} | {t} | {met(value, target, lower)} |")
 out += ["", "| step | seconds | exit |", "|---|---:|---:|"]
-steps = (results / "steps.tsv").read_text().split("\n")
+ORDER = "builder cold bigfile trace storage versions fsck gc".split()
+steps = sorted(
+    filter(None, (results / "steps.tsv").read_text().split("\n")),
+    key=lambda line: ORDER.index(line.split("\t")[0]) if line.split("\t")[0] in ORDER else 99,
+)
 for line in filter(None, steps):
     step, secs, status = line.split("\t")
     out.append(f"| `bench/{step}.sh` | {secs} | {status} |")
