@@ -41,7 +41,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => default_store_url()?,
     };
-    let Some(redb) = open_redb(&url).await? else {
+    let held = "compaction runs offline: stop it, compact, start it again";
+    let Some(redb) = open_redb(&url, held).await? else {
         bail!("cannot compact {url}: compact runs on a redb:// store, offline");
     };
     let options = CompactOptions {

@@ -60,7 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(url) => url,
         None => lazystore_pathinfo::default_store_url()?,
     };
-    let redb = crate::gc::open_redb(&url).await?;
+    let redb = crate::gc::open_redb(&url, "check through it: --store grpc+http://…").await?;
     let store = match &redb {
         Some(redb) => lazystore_pathinfo::Store::redb(redb.clone()),
         None => {

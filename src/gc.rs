@@ -96,7 +96,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         report.into()
     } else {
-        let Some(redb) = open_redb(&url).await? else {
+        let Some(redb) = open_redb(&url, "collect through it: --store grpc+http://…").await?
+        else {
             bail!(
                 "cannot collect garbage in {url}: gc runs on a redb:// store (offline) or through \
                  the grpc+ server of one"
@@ -206,8 +207,9 @@ fn print_s3(dry_run: bool, s: &S3Swept) {
 }
 
 /// The redb store at `url` opened by this process, or `None` if `url` is
-/// not a `redb://` one. Fails if another process holds it.
-pub async fn open_redb(url: &str) -> anyhow::Result<Option<RedbStore>> {
+/// not a `redb://` one. Fails if another process holds it, saying `held`:
+/// what to do instead.
+pub async fn open_redb(url: &str, held: &str) -> anyhow::Result<Option<RedbStore>> {
     let Some(path) = url.strip_prefix("redb://") else {
         return Ok(None);
     };
@@ -215,7 +217,7 @@ pub async fn open_redb(url: &str) -> anyhow::Result<Option<RedbStore>> {
     let redb = tokio::task::spawn_blocking(move || RedbStore::open(&path))
         .await?
         .with_context(|| {
-            format!("cannot open {url} (is a lazystore serve or mount holding it? collect through it: --store grpc+http://…)")
+            format!("cannot open {url} (is a lazystore serve or mount holding it? {held})")
         })?;
     Ok(Some(redb))
 }

@@ -90,6 +90,18 @@ fn compacted_store_is_smaller_and_reads_the_same() {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--store", &store];
         args.extend(extra);
         let (server, grpc) = common::start(&args);
+        if i == 0 {
+            // The served store cannot be compacted; the error says why.
+            let held = std::process::Command::new(common::LAZYSTORE)
+                .args(["compact", "--store", &store])
+                .output()
+                .unwrap();
+            let why = String::from_utf8_lossy(&held.stderr);
+            assert!(
+                !held.status.success() && why.contains("compaction runs offline"),
+                "{why}"
+            );
+        }
         // Through the service, stats count what the store keeps, not what
         // it sends.
         let served = lazystore(&["stats", "--store", &grpc, "--summary"]).stdout;
