@@ -56,7 +56,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable};
 
-use crate::blobs::{BlobError, EncodedChunk};
+use crate::blobs::redb::{backend, read_chunk};
+use crate::blobs::{BlobError, EncodedChunk, zstd_decompress};
 use crate::chunk_record::{InFrame, IndexRecord};
 use crate::digest::Digest;
 use crate::packs::{Location, Packs};
@@ -132,21 +133,7 @@ impl FrameCache {
             return Ok(frame.clone());
         }
         let data = packs.read(at).map_err(FrameError::Read)?;
-        // One context per thread, as for chunks (`blobs/encoding.rs`).
-        thread_local! {
-            static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
-        let decoded = DECOMPRESSOR
-            .with_borrow_mut(|d| {
-                if d.is_none() {
-                    *d = Some(zstd::bulk::Decompressor::new()?);
-                }
-                d.as_mut()
-                    .expect("just made")
-                    .decompress(&data, frame_len as usize)
-            })
-            .map_err(FrameError::Decompress)?;
+        let decoded = zstd_decompress(&data, frame_len as usize).map_err(FrameError::Decompress)?;
         if decoded.len() != frame_len as usize {
             return Err(FrameError::Length);
         }
@@ -201,10 +188,6 @@ pub(crate) fn read_framed(
     })
 }
 
-fn backend(e: impl Into<redb::Error>) -> BlobError {
-    BlobError::Backend(Box::new(e.into()))
-}
-
 /// A chunk to move: its digest, its record as stored, parsed.
 struct Move {
     digest: Digest,
@@ -244,13 +227,7 @@ impl RedbStore {
                 let mut frame = Frame::default();
                 while frame.bytes.len() < options.frame_bytes && next < moves.len() {
                     let m = &moves[next];
-                    let stored = EncodedChunk {
-                        digest: m.digest,
-                        encoding: m.record.encoding,
-                        size: m.record.size,
-                        data: self.packs().read(m.record.at).map_err(backend_io)?.into(),
-                    };
-                    match stored.decode() {
+                    match read_chunk(self, m.digest, &m.stored)?.decode() {
                         Ok(raw) => {
                             frame.members.push((next, frame.bytes.len() as u32));
                             frame.bytes.extend_from_slice(&raw);
@@ -326,7 +303,7 @@ impl RedbStore {
                     report.left += frame.members.len() as u64;
                     continue;
                 }
-                let at = self.packs().append(&z).map_err(backend_io)?;
+                let at = self.packs().append(&z).map_err(backend)?;
                 report.frames += 1;
                 report.bytes_after += z.len() as u64;
                 for (i, offset) in &frame.members {
@@ -359,12 +336,8 @@ impl RedbStore {
         }
         self.commit(txn, redb::Durability::Immediate)
             .map_err(backend)?;
-        self.packs().punch(&freed).map_err(backend_io)
+        self.packs().punch(&freed).map_err(backend)
     }
-}
-
-fn backend_io(e: std::io::Error) -> BlobError {
-    BlobError::Backend(Box::new(e))
 }
 
 /// Compresses each frame at `level`, on every core.
@@ -386,7 +359,7 @@ fn compress_all(frames: &[Frame], level: i32) -> Result<Vec<Vec<u8>>, BlobError>
             out.extend(
                 w.join()
                     .expect("compression does not panic")
-                    .map_err(backend_io)?,
+                    .map_err(backend)?,
             );
         }
         Ok(out)

@@ -212,16 +212,11 @@ impl RedbStore {
                     .filter(|(k, _)| !dropped.contains(k))
                     .map(|(_, at)| *at)
                     .collect();
-                let mut freed_frames = HashSet::new();
                 for (key, record) in &drop_chunks {
                     chunks.remove(key).map_err(db)?;
-                    let free = match record.frame {
-                        None => true,
-                        Some(_) => {
-                            !kept_frames.contains(&record.at) && freed_frames.insert(record.at)
-                        }
-                    };
-                    if free {
+                    // Chunks of one frame name it again and again; a punch
+                    // merges the repeats.
+                    if record.frame.is_none() || !kept_frames.contains(&record.at) {
                         dropped_at.push(record.at);
                     }
                 }

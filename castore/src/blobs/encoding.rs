@@ -54,6 +54,23 @@ pub(crate) fn decode_chunk_list(bytes: &[u8]) -> Result<(u64, Vec<ChunkMeta>), &
     Ok((size, chunks))
 }
 
+/// Decompresses a zstd frame of at most `capacity` bytes, with one
+/// decompression context per thread: making one per call
+/// (`zstd::bulk::decompress`) was 4 % of a mount's CPU in a cold walk of a
+/// toolchain. For chunks, and for frames (`frames.rs`).
+pub(crate) fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with_borrow_mut(|d| {
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("just made").decompress(data, capacity)
+    })
+}
+
 /// A chunk as stored and sent: its digest and its possibly compressed bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncodedChunk {
@@ -118,26 +135,9 @@ impl EncodedChunk {
         }
         let raw: Bytes = match self.encoding {
             ChunkEncoding::Raw => self.data.clone(),
-            ChunkEncoding::Zstd => {
-                // One decompression context per thread, as for compression:
-                // making one per chunk (`zstd::bulk::decompress`) was 4 % of
-                // a mount's CPU in a cold walk of a toolchain.
-                thread_local! {
-                    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                        const { std::cell::RefCell::new(None) };
-                }
-                DECOMPRESSOR
-                    .with_borrow_mut(|d| {
-                        if d.is_none() {
-                            *d = Some(zstd::bulk::Decompressor::new()?);
-                        }
-                        d.as_mut()
-                            .expect("just made")
-                            .decompress(&self.data, self.size as usize)
-                    })
-                    .map_err(|source| BlobError::Decompress { chunk, source })?
-                    .into()
-            }
+            ChunkEncoding::Zstd => zstd_decompress(&self.data, self.size as usize)
+                .map_err(|source| BlobError::Decompress { chunk, source })?
+                .into(),
         };
         if raw.len() as u64 != self.size {
             return Err(BlobError::Corrupt {

@@ -33,7 +33,9 @@ use crate::retry::{ErrorClass, Retryable};
 
 pub use self::cache::CachingBlobService;
 pub use self::encoding::EncodedChunk;
-pub(crate) use self::encoding::{CHUNK_ENTRY_LEN, decode_chunk_list, encode_chunk_list};
+pub(crate) use self::encoding::{
+    CHUNK_ENTRY_LEN, decode_chunk_list, encode_chunk_list, zstd_decompress,
+};
 pub use self::grpc::GrpcBlobService;
 pub use self::index::{ChunkIndex, cut};
 pub use self::reader::BlobReader;

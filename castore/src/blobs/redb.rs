@@ -132,7 +132,7 @@ impl RedbBlobService {
     }
 }
 
-pub(super) fn backend(e: impl Into<redb::Error>) -> BlobError {
+pub(crate) fn backend(e: impl Into<redb::Error>) -> BlobError {
     BlobError::Backend(Box::new(e.into()))
 }
 
@@ -175,7 +175,7 @@ fn insert_chunk(
 /// The chunk an index record names, read from its pack. A record that is
 /// not one is [`BlobError::Corrupt`]; the bytes are checked by whoever
 /// decodes them ([`Blobs`](crate::Blobs) checks every chunk's BLAKE3).
-pub(super) fn read_chunk(
+pub(crate) fn read_chunk(
     store: &RedbStore,
     digest: Digest,
     record: &[u8],

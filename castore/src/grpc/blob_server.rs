@@ -3,9 +3,9 @@
 //! Chunks go out as stored (zstd stays compressed on the wire; the reader
 //! decodes and verifies them), except that with
 //! [`BlobServer::with_compressed_wire`] raw chunks (those a store keeps in
-//! frames, `frames.rs`, leave it raw) are compressed for the wire. Chunks coming in are decoded and checked
-//! against their digest before they are stored, so a client can never plant
-//! bytes under the wrong name.
+//! frames, `frames.rs`, leave it raw) are compressed for the wire. Chunks
+//! coming in are decoded and checked against their digest before they are
+//! stored, so a client can never plant bytes under the wrong name.
 //!
 //! One `Put` may upload at most its server's upload limit: a client that
 //! sends more gets `RESOURCE_EXHAUSTED`, and the chunk that passed the
