@@ -141,7 +141,6 @@ fn compacted_store_is_smaller_and_reads_the_same() {
 /// fsck finds whole.
 #[test]
 fn a_compaction_killed_part_way_loses_nothing() {
-    use std::process::{Command, Stdio};
     use std::time::Duration;
 
     let work = tempfile::tempdir().unwrap();
@@ -158,22 +157,14 @@ fn a_compaction_killed_part_way_loses_nothing() {
         let path = tree(&work.path().join(format!("lib{round}")), &named);
         common::ingest(&store, &[&path]);
         paths.push(path);
-        let mut child = Command::new(common::LAZYSTORE)
-            .args(["compact", "--store", &store])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
+        let compact = ["compact", "--store", &store];
+        if common::killed_part_way(&compact, Duration::from_millis(delay_ms)) {
             killed_running += 1;
             // Spread the next kill over another moment of the run.
             delay_ms = 5 + (delay_ms + 53) % 300;
         } else {
             delay_ms = delay_ms * 2 / 3;
         }
-        let _ = child.kill();
-        child.wait().unwrap();
         let fsck = String::from_utf8(lazystore(&["fsck", "--store", &store]).stdout).unwrap();
         assert!(
             fsck.contains(&format!("{} paths", paths.len())) && fsck.contains("0 damaged"),

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use lazystore_pathinfo::render::nar_hash;
@@ -61,32 +61,22 @@ fn an_import_killed_part_way_leaves_a_store_that_imports_again() {
     let cache = make_cache(&[&path], "none", None);
     let from = format!("file://{}", cache.path().display());
     let store = format!("redb://{}/store.redb", work.path().display());
-    let import = || {
-        let mut cmd = Command::new(LAZYSTORE);
-        cmd.args([
-            "import",
-            "--no-check-sigs",
-            "--from",
-            &from,
-            "--store",
-            &store,
-            &path,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        cmd
-    };
+    let import = [
+        "import",
+        "--no-check-sigs",
+        "--from",
+        &from,
+        "--store",
+        &store,
+        &path,
+    ];
 
     // Twenty kills at moments spread over the import's first second.
     let mut killed_running = 0;
     for after_ms in (0..20).map(|i| 60 + i * 47 % 900) {
-        let mut child = import().spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(after_ms));
-        if child.try_wait().unwrap().is_none() {
+        if common::killed_part_way(&import, Duration::from_millis(after_ms)) {
             killed_running += 1;
         }
-        let _ = child.kill();
-        child.wait().unwrap();
         // Opens, and anything published is whole.
         published_and_right(&store, &path, &want);
     }
@@ -95,7 +85,7 @@ fn an_import_killed_part_way_leaves_a_store_that_imports_again() {
         "only {killed_running} imports were running at their kill"
     );
 
-    let out = import().output().unwrap();
+    let out = Command::new(LAZYSTORE).args(import).output().unwrap();
     assert!(
         out.status.success(),
         "import after the kills failed: {}",
@@ -188,22 +178,14 @@ fn a_gc_killed_part_way_loses_nothing_kept() {
         let doomed = make(&format!("doomed{round}"), 10_000 + round * 1000);
         common::ingest(&store, &[&doomed]);
         common::lazystore(&["delete", "--store", &store, &doomed]);
-        let mut child = Command::new(LAZYSTORE)
-            .args(["gc", "--store", &store])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
+        let gc = ["gc", "--store", &store];
+        if common::killed_part_way(&gc, Duration::from_millis(delay_ms)) {
             killed_running += 1;
             // Spread the next kill over another moment of the run.
             delay_ms = 5 + (delay_ms + 37) % 200;
         } else {
             delay_ms = delay_ms * 2 / 3;
         }
-        let _ = child.kill();
-        child.wait().unwrap();
         assert!(published_and_right(&store, &kept, &want), "{kept} lost");
         let fsck = common::lazystore(&["fsck", "--store", &store]);
         let fsck = String::from_utf8_lossy(&fsck.stdout);

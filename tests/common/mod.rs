@@ -225,6 +225,23 @@ pub fn ingest(url: &str, paths: &[&str]) -> Vec<lazystore_pathinfo::ingest::Inge
     })
 }
 
+/// Starts `lazystore args…` (its output thrown away), kills it (SIGKILL)
+/// `after` later, and says whether it was still running then: the crash
+/// tests' kill part way.
+pub fn killed_part_way(args: &[&str], after: std::time::Duration) -> bool {
+    let mut child = Command::new(LAZYSTORE)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    child.wait().unwrap();
+    running
+}
+
 /// Runs `lazystore args…`, which must succeed; its output.
 pub fn lazystore(args: &[&str]) -> std::process::Output {
     let out = Command::new(LAZYSTORE).args(args).output().unwrap();
