@@ -15,19 +15,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
-export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
 work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 runs=${RUNS:-3}
 lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
+. bench/lib.sh
 [[ -s $work/closure && -s $work/server/store.redb ]] ||
   { echo "bench/bigfile.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
 cargo build --quiet --release --bin lazystore
 public=$(cat "$work/bench.pub")
 rust=$(grep -e -rust "$work/closure")
 dir=$work/bigfile
-now() { date +%s.%N; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   mountpoint -q "$dir/mnt" && fusermount3 -u -z "$dir/mnt" || true
@@ -41,33 +38,19 @@ nix copy --from "file://$work/cache" --to "local?root=$dir/native" \
 file=$(cd "$dir/native$rust" && find . -type f -printf '%s %P\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
 size=$(stat -c %s "$dir/native$rust/$file")
 
-"$lazystore" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb" \
-  >"$dir/serve.out" 2>"$dir/serve.log" &
-pids+=($!)
-until [[ -s $dir/serve.out ]]; do
-  kill -0 "${pids[0]}" 2>/dev/null || { echo "bench/bigfile.sh: serve died (see $dir/serve.log)" >&2; exit 1; }
-  sleep 0.1
-done
+started "$dir/serve.out" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb"
 grpc=$(head -n 1 "$dir/serve.out")
 
 lazy=() native=()
 for i in $(seq "$runs"); do
-  rm -rf "$dir/cache.redb" "$dir/cache.packs" "$dir/cache.files" "$dir/mount.out"
-  "$lazystore" mount "$dir/mnt" --store "$grpc" --cache "redb://$dir/cache.redb" \
-    >"$dir/mount.out" 2>"$dir/mount.log" &
-  mount_pid=$!
-  pids+=("$mount_pid")
-  until [[ -s $dir/mount.out ]]; do
-    kill -0 "$mount_pid" 2>/dev/null || { echo "bench/bigfile.sh: the mount died (see $dir/mount.log)" >&2; exit 1; }
-    sleep 0.1
-  done
+  rm -rf "$dir/cache.redb" "$dir/cache.packs" "$dir/cache.files"
+  started "$dir/mount.out" mount "$dir/mnt" --store "$grpc" --cache "redb://$dir/cache.redb"
   drop_caches
   t0=$(now)
   cat "$dir/mnt/$(basename "$rust")/$file" >/dev/null
   t1=$(now)
   lazy+=("$(awk "BEGIN{print $t1-$t0}")")
-  kill "$mount_pid"
-  wait "$mount_pid" 2>/dev/null || true
+  stopped "$started_pid"
   drop_caches
   t0=$(now)
   cat "$dir/native$rust/$file" >/dev/null

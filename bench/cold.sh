@@ -15,31 +15,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
-export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
 work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
+. bench/lib.sh
 [[ -s $work/closure && -s $work/server/store.redb ]] ||
   { echo "bench/cold.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
 cargo build --quiet --release --bin lazystore
 public=$(cat "$work/bench.pub")
-now() { date +%s.%N; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-
-pids=()
 declare -A native_s
 
 # Mounts at $work/cold-mnt with the mount arguments given; sets mount_pid
 # once it is mounted.
 start_mount() {
-  rm -f "$work/cold.mount"
   mkdir -p "$work/cold-mnt"
-  "$lazystore" mount "$work/cold-mnt" "$@" >"$work/cold.mount" 2>"$work/cold.mount.log" &
-  mount_pid=$!
-  pids+=("$mount_pid")
-  until [[ -s $work/cold.mount ]]; do
-    kill -0 "$mount_pid" 2>/dev/null || { echo "bench/cold.sh: the mount died (see $work/cold.mount.log)" >&2; exit 1; }
-    sleep 0.1
-  done
+  started "$work/cold.mount" mount "$work/cold-mnt" "$@"
+  mount_pid=$started_pid
 }
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -47,14 +37,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rm -f "$work/cold.serve" "$work/cold.port"
-"$lazystore" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb" \
-  >"$work/cold.serve" 2>"$work/cold.serve.log" &
-pids+=($!)
-until [[ -s $work/cold.serve ]]; do
-  kill -0 "${pids[0]}" 2>/dev/null || { echo "bench/cold.sh: serve died (see $work/cold.serve.log)" >&2; exit 1; }
-  sleep 0.1
-done
+rm -f "$work/cold.port"
+started "$work/cold.serve" serve --listen 127.0.0.1:0 --store "redb://$work/server/store.redb"
+serve_pid=$started_pid
 grpc=$(head -n 1 "$work/cold.serve")
 
 python3 - "$work/cache" "$work/cold.port" >/dev/null 2>&1 <<'EOF' &
@@ -89,8 +74,7 @@ print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p"
   lazy_hash=$(nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")")
   t1=$(now)
   rss_mib=$(awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$mount_pid/status")
-  kill "$mount_pid"
-  wait "$mount_pid" 2>/dev/null || true
+  stopped "$mount_pid"
 
   # Eager: copy the path from its binary cache into a fresh store, then hash it.
   rm -rf "$work/cold-eager"
@@ -115,8 +99,7 @@ done
 
 # A mount of the local store itself (no service, no cache), against the
 # native cold times above: the service lets go of the store first.
-kill "${pids[0]}"
-wait "${pids[0]}" 2>/dev/null || true
+stopped "$serve_pid"
 echo
 printf '%-8s %16s %8s %12s\n' tree 'local mount s' 'native s' 'local/native'
 for p in $(grep -e -rust -e -python "$work/closure"); do
@@ -126,8 +109,7 @@ for p in $(grep -e -rust -e -python "$work/closure"); do
   t0=$(now)
   nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")" >/dev/null
   t1=$(now)
-  kill "$mount_pid"
-  wait "$mount_pid" 2>/dev/null || true
+  stopped "$mount_pid"
   awk -v n="$name" -v l="$(awk "BEGIN{print $t1-$t0}")" -v nat="${native_s[$name]}" \
     'BEGIN { printf "%-8s %16.2f %8.2f %11.2f×\n", n, l, nat, nat/l }'
 done

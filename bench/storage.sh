@@ -16,19 +16,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
-export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
 work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
+. bench/lib.sh
 [[ -s $work/closure && -d $work/cache ]] ||
   { echo "bench/storage.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
 cargo build --quiet --release --bin lazystore
 public=$(cat "$work/bench.pub")
 paths=$(grep -e -rust -e -python "$work/closure")
 dir=$work/storage
-now() { date +%s.%N; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 secs() { awk "BEGIN{printf \"%.2f\", $2-$1}"; }
-pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   mountpoint -q "$dir/mnt" && fusermount3 -u -z "$dir/mnt" || true
@@ -87,37 +84,22 @@ echo
 printf '%-8s %12s %14s %12s\n' path 'imported s' 'compacted s' 'comp/imp'
 declare -A cold cpu
 for s in store compacted; do
-  rm -f "$dir/serve.out"
-  "$lazystore" serve --listen 127.0.0.1:0 --store "redb://$dir/$s.redb" >"$dir/serve.out" 2>"$dir/serve.log" &
-  serve_pid=$!
-  pids+=("$serve_pid")
-  until [[ -s $dir/serve.out ]]; do
-    kill -0 "$serve_pid" 2>/dev/null || { echo "bench/storage.sh: serve died (see $dir/serve.log)" >&2; exit 1; }
-    sleep 0.1
-  done
+  started "$dir/serve.out" serve --listen 127.0.0.1:0 --store "redb://$dir/$s.redb"
+  serve_pid=$started_pid
   grpc=$(head -n 1 "$dir/serve.out")
   for p in $paths; do
-    rm -rf "$dir/cache.redb" "$dir/cache.packs" "$dir/mount.out"
-    "$lazystore" mount "$dir/mnt" --store "$grpc" --cache "redb://$dir/cache.redb" \
-      >"$dir/mount.out" 2>"$dir/mount.log" &
-    mount_pid=$!
-    pids+=("$mount_pid")
-    until [[ -s $dir/mount.out ]]; do
-      kill -0 "$mount_pid" 2>/dev/null || { echo "bench/storage.sh: the mount died (see $dir/mount.log)" >&2; exit 1; }
-      sleep 0.1
-    done
+    rm -rf "$dir/cache.redb" "$dir/cache.packs"
+    started "$dir/mount.out" mount "$dir/mnt" --store "$grpc" --cache "redb://$dir/cache.redb"
     drop_caches
     t0=$(now)
     nix hash path --type sha256 --base32 "$dir/mnt/$(basename "$p")" >/dev/null
     t1=$(now)
     cold[$s/${p##*-}]=$(awk "BEGIN{print $t1-$t0}")
-    kill "$mount_pid"
-    wait "$mount_pid" 2>/dev/null || true
+    stopped "$started_pid"
   done
   # The service's CPU seconds (user + system) over both walks.
   cpu[$s]=$(awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$serve_pid/stat")
-  kill "$serve_pid"
-  wait "$serve_pid" 2>/dev/null || true
+  stopped "$serve_pid"
 done
 for p in $paths; do
   n=${p##*-}

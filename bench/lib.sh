@@ -1,0 +1,31 @@
+# Shared by the bench scripts that run lazystore processes (cold.sh,
+# storage.sh, bigfile.sh): sourced after they set $lazystore.
+export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
+now() { date +%s.%N; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# Every process started below, for the caller's cleanup to kill.
+pids=()
+
+# started OUT ARGS…: runs `lazystore ARGS…` in the background, its standard
+# output to OUT and its log to OUT.log, and returns once OUT has its first
+# line (serve prints its URL, mount its mountpoint); its pid is in
+# $started_pid.
+started() {
+  local out=$1
+  shift
+  rm -f "$out"
+  "$lazystore" "$@" >"$out" 2>"$out.log" &
+  started_pid=$!
+  pids+=("$started_pid")
+  until [[ -s $out ]]; do
+    kill -0 "$started_pid" 2>/dev/null ||
+      { echo "$0: lazystore $1 died (see $out.log)" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+
+# stopped PID: kills it and waits for it.
+stopped() {
+  kill "$1"
+  wait "$1" 2>/dev/null || true
+}
