@@ -264,7 +264,7 @@ async fn round_trip_over_a_unix_socket() {
 #[tokio::test]
 async fn malformed_requests_are_invalid_arguments() {
     use lazystore_castore::proto::blob_service_client::BlobServiceClient;
-    use lazystore_castore::proto::{ReadChunksRequest, StatBlobRequest};
+    use lazystore_castore::proto::{ReadChunksRequest, StatBlobRequest, StoredSizesRequest};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("grpc+http://{}", listener.local_addr().unwrap());
     let server = start(listener);
@@ -281,5 +281,26 @@ async fn malformed_requests_are_invalid_arguments() {
     };
     let err = client.read_chunks(too_many).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // StoredSizes: a short digest and too many are refused, an unknown
+    // chunk is not found.
+    let short = client
+        .stored_sizes(StoredSizesRequest {
+            digests: vec![vec![0u8; 31].into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), tonic::Code::InvalidArgument, "{short:?}");
+    let too_many = StoredSizesRequest {
+        digests: vec![Digest::EMPTY.into(); lazystore_castore::grpc::MAX_MISSING_CHUNKS + 1],
+    };
+    let err = client.stored_sizes(too_many).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let unknown = client
+        .stored_sizes(StoredSizesRequest {
+            digests: vec![Digest::of(b"never stored").into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
     server.stop().await;
 }
