@@ -75,6 +75,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs_f64(),
         report.left,
     );
+    if report.patched > 0 {
+        println!(
+            "{} of them stored without their store path hashes, {} of those on bytes stored \
+             already (a rebuild's)",
+            report.patched, report.shared_base,
+        );
+    }
     if report.absent > 0 {
         println!(
             "{} chunks named by paths are not stored (lazystore fsck)",

@@ -3,8 +3,12 @@
 //! same layout in a store (`chunks-v2`) and in the local cache
 //! (`cache-chunks-v2`).
 
+use bytes::Bytes;
+
+use crate::digest::{DIGEST_LEN, Digest};
 use crate::packs::Location;
 use crate::proto::ChunkEncoding;
+use crate::store_hashes::{self, HASH_LEN};
 
 /// A chunk's index record, the same in a store (`chunks-v2`) and in the
 /// local cache (`cache-chunks-v2`), 25 bytes, little endian:
@@ -25,6 +29,10 @@ use crate::proto::ChunkEncoding;
 /// |--------|------|----------------------------------------------|
 /// | 25     | 4    | offset of the chunk in the decoded frame     |
 /// | 29     | 4    | decoded length of the whole frame            |
+///
+/// A chunk whose store path hashes compaction took out (record encoding
+/// 3, [`PatchedRecord`]) has no bytes of its own: it names the chunk of
+/// its normalised bytes.
 ///
 /// Stores written before frames existed hold only 25-byte records, which
 /// read as they always did.
@@ -135,9 +143,164 @@ impl IndexRecord {
     }
 }
 
+/// A chunk stored as its bytes with their store path hashes replaced (its
+/// base: a chunk of its own, under the digest of those bytes, shared by
+/// every rebuild that differs only in the hashes) and the hashes taken out
+/// (`store_hashes.rs`, `frames.rs`). Record encoding 3, little endian:
+///
+/// | offset    | size | field                                  |
+/// |-----------|------|----------------------------------------|
+/// | 0         | 1    | encoding: 3                            |
+/// | 1         | 8    | decoded size                           |
+/// | 9         | 32   | the base's digest                      |
+/// | 41 + 36·i | 4    | offset of hash i in the chunk          |
+/// | 45 + 36·i | 32   | hash i, as it was (nixbase32 text)     |
+///
+/// At least one hash; offsets ascending, hashes apart and inside the
+/// chunk. Binaries from before this encoding refuse such records ("unknown
+/// encoding") rather than misread them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PatchedRecord {
+    pub size: u64,
+    pub base: Digest,
+    pub hashes: Vec<(u32, [u8; HASH_LEN])>,
+}
+
+const PATCHED_BASE_AT: usize = 9;
+const PATCHED_HASHES_AT: usize = PATCHED_BASE_AT + DIGEST_LEN;
+const PATCHED_HASH_LEN: usize = 4 + HASH_LEN;
+
+impl PatchedRecord {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut record = Vec::with_capacity(self.record_len());
+        record.push(3);
+        record.extend_from_slice(&self.size.to_le_bytes());
+        record.extend_from_slice(self.base.as_bytes());
+        for (at, hash) in &self.hashes {
+            record.extend_from_slice(&at.to_le_bytes());
+            record.extend_from_slice(hash);
+        }
+        record
+    }
+
+    /// The record's length: what the chunk takes in the store besides its
+    /// base.
+    pub fn record_len(&self) -> usize {
+        PATCHED_HASHES_AT + PATCHED_HASH_LEN * self.hashes.len()
+    }
+
+    /// Parses a record of encoding 3; the error says what is wrong.
+    pub fn from_bytes(record: &[u8]) -> Result<Self, &'static str> {
+        if record.first() != Some(&3) {
+            return Err("index record is not a patched one");
+        }
+        let entries = record
+            .get(PATCHED_HASHES_AT..)
+            .filter(|e| !e.is_empty() && e.len() % PATCHED_HASH_LEN == 0)
+            .ok_or("index record has the wrong length for its encoding")?;
+        let size = u64::from_le_bytes(record[1..PATCHED_BASE_AT].try_into().expect("8 bytes"));
+        let base = Digest::try_from(&record[PATCHED_BASE_AT..PATCHED_HASHES_AT]).expect("32 bytes");
+        let mut hashes = Vec::with_capacity(entries.len() / PATCHED_HASH_LEN);
+        let mut free_from = 0u64;
+        for e in entries.chunks_exact(PATCHED_HASH_LEN) {
+            let at = u32::from_le_bytes(e[..4].try_into().expect("4 bytes"));
+            let hash: [u8; HASH_LEN] = e[4..].try_into().expect("32 bytes");
+            let end = u64::from(at) + HASH_LEN as u64;
+            if u64::from(at) < free_from || end > size {
+                return Err("index record places a hash out of order or past its chunk");
+            }
+            if !store_hashes::is_hash(&hash) {
+                return Err("index record holds a hash that is not nixbase32");
+            }
+            free_from = end;
+            hashes.push((at, hash));
+        }
+        Ok(PatchedRecord { size, base, hashes })
+    }
+
+    /// The chunk: `base`'s bytes with the hashes put back. Its digest is
+    /// checked by whoever decodes it, as for every chunk read.
+    pub fn apply(&self, base: &[u8]) -> Result<Bytes, &'static str> {
+        if base.len() as u64 != self.size {
+            return Err("its base has the wrong length");
+        }
+        let mut chunk = base.to_vec();
+        for (at, hash) in &self.hashes {
+            let at = *at as usize;
+            chunk[at..at + HASH_LEN].copy_from_slice(hash);
+        }
+        Ok(chunk.into())
+    }
+}
+
+/// Any record of a store's chunk index (`chunks-v2`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StoredRecord {
+    /// Bytes of its own in the packs, alone or in a frame.
+    Placed(IndexRecord),
+    /// Its base's bytes with hashes put back.
+    Patched(PatchedRecord),
+}
+
+impl StoredRecord {
+    /// Parses any record; the error says what is wrong with it.
+    pub fn from_bytes(record: &[u8]) -> Result<Self, &'static str> {
+        match record.first() {
+            Some(3) => PatchedRecord::from_bytes(record).map(StoredRecord::Patched),
+            _ => IndexRecord::from_bytes(record).map(StoredRecord::Placed),
+        }
+    }
+
+    /// The bytes of the store this chunk accounts for, besides a base it
+    /// names: its own or its share of its frame's, or its patch record.
+    pub fn stored_bytes(&self) -> u64 {
+        match self {
+            StoredRecord::Placed(r) => r.stored_bytes(),
+            StoredRecord::Patched(p) => p.record_len() as u64,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patched_records_round_trip_and_bad_ones_are_named() {
+        let hash = *b"0c9k8m1v5dz0qh4x3a6rj2wyb7sil5nf";
+        let p = PatchedRecord {
+            size: 100,
+            base: Digest::of(b"base"),
+            hashes: vec![(0, hash), (32, hash), (68, hash)],
+        };
+        let bytes = p.to_bytes();
+        assert_eq!(bytes.len(), p.record_len());
+        assert_eq!(
+            StoredRecord::from_bytes(&bytes),
+            Ok(StoredRecord::Patched(p.clone()))
+        );
+        let base = vec![b'e'; 100];
+        let chunk = p.apply(&base).unwrap();
+        assert_eq!(&chunk[68..100], &hash);
+        assert_eq!(&chunk[64..68], b"eeee");
+        assert!(p.apply(&base[..99]).is_err());
+        // Truncated, without hashes, overlapping, past the end, not a hash.
+        assert!(StoredRecord::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        assert!(StoredRecord::from_bytes(&bytes[..PATCHED_HASHES_AT]).is_err());
+        for bad in [
+            vec![(0, hash), (31, hash)],
+            vec![(69, hash)],
+            vec![(0, *b"0c9k8m1v5dz0qh4x3a6rj2wyb7sil5ne")],
+        ] {
+            let r = PatchedRecord {
+                hashes: bad.clone(),
+                ..p.clone()
+            };
+            assert!(StoredRecord::from_bytes(&r.to_bytes()).is_err(), "{bad:?}");
+        }
+        // An old reader's parser refuses it.
+        assert!(IndexRecord::from_bytes(&bytes).is_err());
+    }
 
     #[test]
     fn index_records_round_trip_and_bad_ones_are_named() {

@@ -1,9 +1,18 @@
 //! Content-defined chunking: cuts a byte stream into FastCDC (v2020) chunks
 //! as it arrives, holding at most one maximum-size chunk plus one input
 //! buffer, so blobs of any size stream through in bounded memory.
+//!
+//! Cut points are chosen on the bytes with their store path hashes
+//! replaced (`store_hashes.rs`), and never inside `/nix/store/<hash>`: a
+//! rebuild that changes only those hashes is cut at the same offsets, so
+//! its chunks differ from the first build's only where the hashes are,
+//! which compaction stores once (`frames.rs`). Bytes without a store path
+//! are cut exactly as FastCDC cuts them.
 
 use bytes::{Bytes, BytesMut};
 use fastcdc::v2020::{self, Normalization};
+
+use crate::store_hashes;
 
 /// FastCDC size bounds in bytes. Part of a store's identity: the same bytes
 /// chunked with other parameters give other chunks, so a store records the
@@ -66,13 +75,16 @@ impl ChunkerParams {
 }
 
 /// Cuts pushed bytes into chunks. A cut point depends only on the bytes
-/// before it within the current chunk, and the scan never looks past `max`,
-/// so once `max` bytes are buffered the next cut is final.
+/// before it within the current chunk and on at most a store path after
+/// it, and the scan never looks past `max`, so once `max` plus a store
+/// path's bytes are buffered the next cut is final.
 pub struct Chunker {
     params: ChunkerParams,
     mask_s: u64,
     mask_l: u64,
     buf: BytesMut,
+    /// The bytes a cut is chosen on when they hold store path hashes.
+    normalised: Vec<u8>,
 }
 
 impl Chunker {
@@ -84,13 +96,40 @@ impl Chunker {
             mask_s,
             mask_l,
             buf: BytesMut::new(),
+            normalised: Vec::new(),
         }
     }
 
-    fn cut(&self) -> usize {
+    /// The length of the next chunk.
+    fn cut(&mut self) -> usize {
+        // Every byte a cut at up to `max` can depend on.
+        let window = self
+            .buf
+            .len()
+            .min(self.params.max as usize + store_hashes::SPAN);
+        let hashes = store_hashes::find(&self.buf[..window]);
+        let len = if hashes.is_empty() {
+            self.fastcdc(&self.buf)
+        } else {
+            self.normalised.clear();
+            self.normalised.extend_from_slice(&self.buf[..window]);
+            store_hashes::normalise(&mut self.normalised, &hashes);
+            self.fastcdc(&self.normalised)
+        };
+        match store_hashes::split_by(&self.buf, len) {
+            // Before the store path, or after it if the chunk would be
+            // empty.
+            Some(0) => store_hashes::SPAN,
+            Some(start) => start,
+            None => len,
+        }
+    }
+
+    /// FastCDC's cut of `data`.
+    fn fastcdc(&self, data: &[u8]) -> usize {
         let p = self.params;
         let (_, len) = v2020::cut(
-            &self.buf,
+            data,
             p.min as usize,
             p.avg as usize,
             p.max as usize,
@@ -112,7 +151,7 @@ impl Chunker {
             let take = room.min(data.len());
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
-            while self.buf.len() >= max {
+            while self.buf.len() >= max + store_hashes::SPAN {
                 let len = self.cut();
                 out.push(self.buf.split_to(len).freeze());
             }
@@ -156,6 +195,42 @@ mod tests {
             let lens: Vec<usize> = chunk_all(&data, piece).iter().map(|c| c.len()).collect();
             assert_eq!(lens, reference, "piece size {piece}");
         }
+    }
+
+    /// `n` random bytes with a store path of `hash` every 1,000 or so.
+    fn with_store_paths(n: usize, hash: &[u8; 32], seed: &[u8]) -> Vec<u8> {
+        let mut data = vec![0u8; n];
+        // Deterministic "random" bytes, the same for both builds.
+        let mut x = blake3::Hasher::new();
+        x.update(seed);
+        x.finalize_xof().fill(&mut data);
+        let mut at = 0;
+        while at + 60 < n {
+            data[at..at + 11].copy_from_slice(b"/nix/store/");
+            data[at + 11..at + 43].copy_from_slice(hash);
+            at += 700 + usize::from(data[at + 50]) * 4;
+        }
+        data
+    }
+
+    #[test]
+    fn a_rebuild_with_other_store_hashes_is_cut_at_the_same_offsets() {
+        let first = with_store_paths(2 << 20, b"0c9k8m1v5dz0qh4x3a6rj2wyb7sil5nf", b"t");
+        let rebuild = with_store_paths(2 << 20, b"1111111111aaaaaaaaaa2222222222zz", b"t");
+        let a = chunk_all(&first, 4096);
+        let b = chunk_all(&rebuild, 100_000);
+        let lens = |c: &[Bytes]| c.iter().map(|c| c.len()).collect::<Vec<_>>();
+        assert_eq!(lens(&a), lens(&b));
+        assert!(a.len() > 10, "{} chunks", a.len());
+        let p = ChunkerParams::default();
+        // No cut is inside a store path, and none makes a chunk too long.
+        let mut at = 0;
+        for c in &a[..a.len() - 1] {
+            at += c.len();
+            assert_eq!(store_hashes::split_by(&first, at), None, "cut at {at}");
+            assert!(c.len() <= p.max as usize);
+        }
+        assert_eq!(a.concat(), first);
     }
 
     #[test]

@@ -49,6 +49,20 @@
 //! Crash safety is the packs' rule: the frame is in the packs and fsynced
 //! before the transaction moving the records commits, and the chunks' old
 //! bytes are freed only after it has.
+//!
+//! Compaction also takes store path hashes out (reference normalisation,
+//! `store_hashes.rs`): a chunk holding `/nix/store/<hash>` goes into its
+//! frame with those hashes replaced, as a chunk of its own (its base,
+//! under the digest of the replaced bytes), and its record becomes the
+//! base's digest and the hashes it had (`chunk_record.rs`, encoding 3).
+//! A rebuild that changed only the hashes of its dependencies (and so its
+//! own) has chunks with the same bases, since the chunker cut it at the
+//! same offsets: each of them then costs its record (41 bytes and 36 per
+//! hash), not its bytes. Reading such a chunk reads its base, puts the
+//! hashes back and sends the chunk raw, checked by its reader against the
+//! digest of the real bytes as every chunk is; the base is never sent for
+//! it. A garbage collection keeps the base of every chunk it keeps
+//! (`sweep.rs`).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
@@ -58,11 +72,12 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use crate::blobs::redb::{backend, read_chunk};
 use crate::blobs::{BlobError, EncodedChunk, zstd_decompress};
-use crate::chunk_record::{InFrame, IndexRecord};
+use crate::chunk_record::{InFrame, IndexRecord, PatchedRecord, StoredRecord};
 use crate::digest::Digest;
 use crate::packs::{Location, Packs};
 use crate::proto::ChunkEncoding;
 use crate::redb_store::{ReadTables, RedbStore, Tables};
+use crate::store_hashes::{self, HASH_LEN};
 
 /// Decoded bytes gathered into one frame (it ends with the chunk that
 /// passes this, so a frame is at most this plus one chunk).
@@ -109,6 +124,12 @@ pub struct Compacted {
     /// Pack bytes of the moved chunks before, and of their frames.
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// Of the moved chunks, those stored as their normalised bytes (their
+    /// base) and the store path hashes taken out of them; and of those,
+    /// the ones whose base was stored already (a rebuild's), which took
+    /// only their record.
+    pub patched: u64,
+    pub shared_base: u64,
     /// Chunks left as they were: in a frame already, stored raw, or in a
     /// frame that would not have been smaller.
     pub left: u64,
@@ -195,11 +216,28 @@ struct Move {
     record: IndexRecord,
 }
 
-/// One frame being built: its chunks (index into the moves, offset) and
-/// their decoded bytes.
+/// Where a moved chunk goes.
+enum Placement {
+    /// Its bytes at this offset of the frame.
+    Own(u32),
+    /// Its normalised bytes at this offset of the frame, as the chunk
+    /// `base`, and a record of the hashes.
+    Base(u32, Patch),
+    /// A record of the hashes; its base is stored already.
+    Shared(Patch),
+}
+
+/// A chunk's hashes, taken out, and the digest of what is left.
+struct Patch {
+    base: Digest,
+    hashes: Vec<(u32, [u8; HASH_LEN])>,
+}
+
+/// One frame being built: its chunks (index into the moves, where each
+/// goes) and the decoded bytes.
 #[derive(Default)]
 struct Frame {
-    members: Vec<(usize, u32)>,
+    members: Vec<(usize, Placement)>,
     bytes: Vec<u8>,
 }
 
@@ -221,16 +259,28 @@ impl RedbStore {
         let total: u64 = moves.iter().map(|m| m.record.size).sum();
         let mut done = 0;
         let mut next = 0;
+        // Bases put in a frame by this compaction.
+        let mut placed = HashSet::new();
         while next < moves.len() {
             let mut frames = Vec::new();
+            // Bases stored before are looked up as of the last commit.
+            let txn = self.database().begin_read().map_err(backend)?;
+            let tables = ReadTables::new(&txn).map_err(backend)?;
             while frames.len() < FRAMES_PER_COMMIT && next < moves.len() {
                 let mut frame = Frame::default();
                 while frame.bytes.len() < options.frame_bytes && next < moves.len() {
                     let m = &moves[next];
-                    match read_chunk(self, m.digest, &m.stored)?.decode() {
+                    match read_chunk(self, &tables.chunks, m.digest, &m.stored)?.decode() {
                         Ok(raw) => {
-                            frame.members.push((next, frame.bytes.len() as u32));
-                            frame.bytes.extend_from_slice(&raw);
+                            let placement = place(&raw, &mut frame.bytes, |base| {
+                                Ok(!placed.insert(*base)
+                                    || tables
+                                        .chunks
+                                        .get(base.as_bytes())
+                                        .map_err(backend)?
+                                        .is_some())
+                            })?;
+                            frame.members.push((next, placement));
                         }
                         Err(_) => report.damaged.push(m.digest),
                     }
@@ -241,6 +291,7 @@ impl RedbStore {
                     frames.push(frame);
                 }
             }
+            drop((tables, txn));
             let compressed = compress_all(&frames, options.level)?;
             self.write_frames(&moves, &frames, compressed, &mut report)?;
             progress(done, total);
@@ -263,9 +314,16 @@ impl RedbStore {
                 continue;
             };
             let stored = value.value().to_vec();
-            let Ok(record) = IndexRecord::from_bytes(&stored) else {
-                report.damaged.push(*digest);
-                continue;
+            let record = match StoredRecord::from_bytes(&stored) {
+                Ok(StoredRecord::Placed(record)) => record,
+                Ok(StoredRecord::Patched(_)) => {
+                    report.left += 1;
+                    continue;
+                }
+                Err(_) => {
+                    report.damaged.push(*digest);
+                    continue;
+                }
             };
             if record.frame.is_some() || record.encoding == ChunkEncoding::Raw {
                 report.left += 1;
@@ -294,19 +352,33 @@ impl RedbStore {
         {
             let mut tables = Tables::new(&txn).map_err(backend)?;
             for (frame, z) in frames.iter().zip(compressed) {
-                let before: u64 = frame
-                    .members
-                    .iter()
+                let has_bytes = |p: &Placement| !matches!(p, Placement::Shared(_));
+                let with_bytes = frame.members.iter().filter(|(_, p)| has_bytes(p));
+                let before: u64 = with_bytes
+                    .clone()
                     .map(|(i, _)| u64::from(moves[*i].record.at.len))
                     .sum();
-                if z.len() as u64 >= before {
-                    report.left += frame.members.len() as u64;
-                    continue;
-                }
-                let at = self.packs().append(&z).map_err(backend)?;
-                report.frames += 1;
-                report.bytes_after += z.len() as u64;
-                for (i, offset) in &frame.members {
+                // The frame, where it pays; a chunk whose base is stored
+                // already is moved either way.
+                let at = if before > z.len() as u64 {
+                    let at = self.packs().append(&z).map_err(backend)?;
+                    report.frames += 1;
+                    report.bytes_after += z.len() as u64;
+                    Some(at)
+                } else {
+                    report.left += with_bytes.count() as u64;
+                    None
+                };
+                let in_frame = |offset: u32| IndexRecord {
+                    encoding: ChunkEncoding::Zstd,
+                    size: 0,
+                    at: at.expect("only with a frame"),
+                    frame: Some(InFrame {
+                        offset,
+                        frame_len: frame.bytes.len() as u32,
+                    }),
+                };
+                for (i, placement) in &frame.members {
                     let m = &moves[*i];
                     // Moved only if still as planned (written again or
                     // quarantined since: left alone).
@@ -314,18 +386,51 @@ impl RedbStore {
                     if current.is_none_or(|v| v.value() != &m.stored[..]) {
                         continue;
                     }
-                    let record = IndexRecord {
-                        encoding: ChunkEncoding::Zstd,
+                    let patched = |p: &Patch| PatchedRecord {
                         size: m.record.size,
-                        at,
-                        frame: Some(InFrame {
-                            offset: *offset,
-                            frame_len: frame.bytes.len() as u32,
-                        }),
+                        base: p.base,
+                        hashes: p.hashes.clone(),
+                    };
+                    let record = match placement {
+                        _ if at.is_none() && has_bytes(placement) => continue,
+                        Placement::Own(offset) => IndexRecord {
+                            size: m.record.size,
+                            ..in_frame(*offset)
+                        }
+                        .to_bytes(),
+                        Placement::Base(offset, p) => {
+                            let base = IndexRecord {
+                                size: m.record.size,
+                                ..in_frame(*offset)
+                            };
+                            tables
+                                .chunks
+                                .insert(p.base.as_bytes(), &base.to_bytes()[..])
+                                .map_err(backend)?;
+                            report.patched += 1;
+                            patched(p).to_bytes()
+                        }
+                        Placement::Shared(p) => {
+                            // Its base went into a frame that did not pay.
+                            if tables
+                                .chunks
+                                .get(p.base.as_bytes())
+                                .map_err(backend)?
+                                .is_none()
+                            {
+                                report.left += 1;
+                                continue;
+                            }
+                            report.patched += 1;
+                            report.shared_base += 1;
+                            let record = patched(p);
+                            report.bytes_after += record.record_len() as u64;
+                            record.to_bytes()
+                        }
                     };
                     tables
                         .chunks
-                        .insert(m.digest.as_bytes(), &record.to_bytes()[..])
+                        .insert(m.digest.as_bytes(), &record[..])
                         .map_err(backend)?;
                     freed.push(m.record.at);
                     report.chunks += 1;
@@ -338,6 +443,38 @@ impl RedbStore {
             .map_err(backend)?;
         self.packs().punch(&freed).map_err(backend)
     }
+}
+
+/// Where the chunk `raw` goes: appended to `frame` as it is, or with its
+/// store path hashes replaced (unless `stored(base)` says those bytes are
+/// stored or placed already; it is asked once per chunk with hashes).
+fn place(
+    raw: &[u8],
+    frame: &mut Vec<u8>,
+    stored: impl FnOnce(&Digest) -> Result<bool, BlobError>,
+) -> Result<Placement, BlobError> {
+    let offset = frame.len() as u32;
+    let found = store_hashes::find(raw);
+    if found.is_empty() {
+        frame.extend_from_slice(raw);
+        return Ok(Placement::Own(offset));
+    }
+    let hashes = found
+        .iter()
+        .map(|&at| {
+            let hash = raw[at..at + HASH_LEN].try_into().expect("32 bytes");
+            (at as u32, hash)
+        })
+        .collect();
+    let mut normalised = raw.to_vec();
+    store_hashes::normalise(&mut normalised, &found);
+    let base = Digest::of(&normalised);
+    let patch = Patch { base, hashes };
+    if stored(&base)? {
+        return Ok(Placement::Shared(patch));
+    }
+    frame.extend_from_slice(&normalised);
+    Ok(Placement::Base(offset, patch))
 }
 
 /// Compresses each frame at `level`, on every core.
@@ -418,7 +555,13 @@ mod tests {
         let mut chunks = texts(40);
         chunks.push(Bytes::from(lazystore_testkit::noise(50_000, 1)));
         let (blobs, digests) = stored(&store, &chunks).await;
-        let before: u64 = blobs.stored_sizes(&digests).await.unwrap().iter().sum();
+        let before: u64 = blobs
+            .stored_sizes(&digests)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.bytes)
+            .sum();
 
         // Named twice, and one absent chunk: each moved once.
         let mut order = digests.clone();
@@ -433,7 +576,13 @@ mod tests {
         assert!(report.damaged.is_empty());
         assert!(report.bytes_after * 3 < report.bytes_before, "{report:?}");
         assert_eq!(read_back(&blobs, &digests).await, chunks);
-        let after: u64 = blobs.stored_sizes(&digests).await.unwrap().iter().sum();
+        let after: u64 = blobs
+            .stored_sizes(&digests)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.bytes)
+            .sum();
         let raw = chunks.last().unwrap().len() as u64;
         assert!(after < before, "{after} {before}");
         // Shares of frames add up to the frames' bytes, give or take the
@@ -509,6 +658,78 @@ mod tests {
     }
 
     /// An online sweep drops a frame's bytes only with its last chunk: a
+    /// `texts(n)` naming a store path of `hash` here and there, as a
+    /// build's files name their dependencies and their own path.
+    fn built(n: u32, hash: &str) -> Vec<Bytes> {
+        texts(n)
+            .into_iter()
+            .map(|t| {
+                let path = format!("/nix/store/{hash}-python3-3.12/lib");
+                let (head, tail) = t.split_at(t.len() / 2);
+                let mut b = format!("#!{path}/bin/python\n").into_bytes();
+                b.extend_from_slice(head);
+                b.extend_from_slice(format!("{path}/site-packages:{path}").as_bytes());
+                b.extend_from_slice(tail);
+                Bytes::from(b)
+            })
+            .collect()
+    }
+
+    /// A rebuild whose chunks differ only in store path hashes costs their
+    /// records once compacted; both builds read back whole; a sweep keeps
+    /// the bases of the chunks it keeps, whoever stored them, and frees
+    /// them with the last.
+    #[tokio::test]
+    async fn a_rebuild_with_other_hashes_takes_only_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open(&path).unwrap();
+        let first = built(30, "0c9k8m1v5dz0qh4x3a6rj2wyb7sil5nf");
+        let (blobs, a) = stored(&store, &first).await;
+        let report = store.compact(&a, options(1 << 20), &|_, _| {}).unwrap();
+        assert_eq!(
+            (report.chunks, report.patched, report.shared_base),
+            (30, 30, 0)
+        );
+        let first_bytes = report.bytes_after;
+
+        let rebuild = built(30, "1111111111aaaaaaaaaa2222222222zz");
+        let (_, b) = stored(&store, &rebuild).await;
+        let report = store.compact(&b, options(1 << 20), &|_, _| {}).unwrap();
+        assert_eq!((report.patched, report.shared_base), (30, 30), "{report:?}");
+        assert_eq!(report.frames, 0);
+        // Each chunk: its record (41 bytes and 36 per hash), three hashes.
+        assert_eq!(report.bytes_after, 30 * (41 + 3 * 36));
+        assert!(report.bytes_after * 20 < report.bytes_before, "{report:?}");
+        assert!(report.bytes_after < first_bytes, "{report:?}");
+        assert_eq!(read_back(&blobs, &a).await, first);
+        assert_eq!(read_back(&blobs, &b).await, rebuild);
+        let sizes = blobs.stored_sizes(&b).await.unwrap();
+        let base = sizes[0].base.expect("patched");
+        assert_eq!(
+            blobs.stored_sizes(&a[..1]).await.unwrap()[0].base,
+            Some(base)
+        );
+        assert_eq!(sizes[0].bytes, 41 + 3 * 36);
+
+        // Only the rebuild kept: its bases (placed for the first build)
+        // stay; then nothing kept: they go, and their frame's bytes.
+        drop(blobs);
+        drop(store);
+        let store = RedbStore::open(&path).unwrap();
+        let blobs = RedbBlobService::new(store.clone());
+        let live = Live {
+            chunks: b.iter().copied().collect(),
+            ..Live::default()
+        };
+        let swept = store.sweep(&live, None, false).unwrap();
+        assert_eq!(swept.chunks, 30, "{swept:?}");
+        assert_eq!(read_back(&blobs, &b).await, rebuild);
+        let swept = store.sweep(&Live::default(), None, false).unwrap();
+        assert_eq!(swept.chunks, 60, "{swept:?}");
+        assert!(swept.packs_after < 4096, "{swept:?}");
+    }
+
     /// frame whose other chunks are kept still reads.
     #[tokio::test]
     async fn a_sweep_frees_a_frame_with_its_last_chunk() {

@@ -31,6 +31,7 @@ mod s3_index;
 mod s3_packs;
 mod s3_quarantine;
 mod s3_store;
+mod store_hashes;
 mod sweep;
 pub mod tls;
 
@@ -40,7 +41,7 @@ pub mod proto {
     tonic::include_proto!("lazystore.castore.v1");
 }
 
-pub use blobs::{BlobError, BlobMeta, BlobService, Blobs};
+pub use blobs::{BlobError, BlobMeta, BlobService, Blobs, StoredSize};
 pub use cache_store::{CacheOptions, CacheStats, CacheStore, DEFAULT_CACHE_SIZE};
 pub use chunker::{Chunker, ChunkerParams, InvalidChunkerParams};
 pub use digest::{DIGEST_LEN, Digest, InvalidDigest};

@@ -12,6 +12,10 @@
 //! names — space the next sweep does not see, as after any crash — never
 //! an index naming freed bytes.
 //!
+//! A chunk stored as its base and the hashes taken out of it
+//! (`chunk_record.rs`, encoding 3) has no bytes of its own: its base is
+//! kept whenever it is, whether or not any path names the base.
+//!
 //! Offline (no [`Leases`]), the live set must be taken from the same store
 //! with no writer in between: `lazystore gc` opens the store itself (redb
 //! admits one process). Online, in a serving process, the writers' leases
@@ -22,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 
 use redb::ReadableTable as _;
 
-use crate::chunk_record::IndexRecord;
+use crate::chunk_record::StoredRecord;
 use crate::redb_store::{BLOBS, CHUNKS, DIRECTORIES};
 use crate::{Digest, Leases, Node, RedbStore};
 
@@ -161,21 +165,29 @@ impl RedbStore {
             let mut drop_dirs = unreached(&directories, &live.directories)?;
             let mut drop_blobs = unreached(&blobs, &live.blobs)?;
             let mut drop_chunks = Vec::new();
+            // Patched chunks and their bases.
+            let mut patched = Vec::new();
             for entry in chunks.iter().map_err(db)? {
                 let (key, value) = entry.map_err(db)?;
                 let digest = Digest::from_bytes(*key.value());
-                let record = IndexRecord::from_bytes(value.value())
+                let record = StoredRecord::from_bytes(value.value())
                     .map_err(|reason| SweepError::Record { digest, reason })?;
-                if live.chunks.contains(&digest) {
-                    live_chunks
-                        .entry(record.at.pack)
-                        .or_default()
-                        .push(record.at);
-                } else {
-                    drop_chunks.push((*key.value(), record));
+                if let StoredRecord::Placed(r) = &record
+                    && r.frame.is_some()
+                {
+                    framed.push((*key.value(), r.at));
                 }
-                if record.frame.is_some() {
-                    framed.push((*key.value(), record.at));
+                match &record {
+                    StoredRecord::Placed(r) if live.chunks.contains(&digest) => {
+                        live_chunks.entry(r.at.pack).or_default().push(r.at);
+                    }
+                    StoredRecord::Patched(p) => {
+                        patched.push((digest, p.base));
+                        if !live.chunks.contains(&digest) {
+                            drop_chunks.push((*key.value(), record));
+                        }
+                    }
+                    StoredRecord::Placed(_) => drop_chunks.push((*key.value(), record)),
                 }
             }
             if let Some(leases) = leases {
@@ -194,6 +206,20 @@ impl RedbStore {
                 drop_chunks.retain(|(k, _)| !kept.chunks.contains(&Digest::from_bytes(*k)));
                 held = Some(touched);
             }
+            // The bases of the patched chunks kept.
+            let dropped: HashSet<&[u8; 32]> = drop_chunks.iter().map(|(k, _)| k).collect();
+            let bases: HashSet<Digest> = patched
+                .iter()
+                .filter(|(digest, _)| !dropped.contains(digest.as_bytes()))
+                .map(|(_, base)| *base)
+                .collect();
+            drop_chunks.retain(|(k, record)| {
+                let base = bases.contains(&Digest::from_bytes(*k));
+                if base && let StoredRecord::Placed(r) = record {
+                    live_chunks.entry(r.at.pack).or_default().push(r.at);
+                }
+                !base
+            });
             swept.directories = drop_dirs.len() as u64;
             swept.blobs = drop_blobs.len() as u64;
             swept.chunks = drop_chunks.len() as u64;
@@ -216,8 +242,10 @@ impl RedbStore {
                     chunks.remove(key).map_err(db)?;
                     // Chunks of one frame name it again and again; a punch
                     // merges the repeats.
-                    if record.frame.is_none() || !kept_frames.contains(&record.at) {
-                        dropped_at.push(record.at);
+                    if let StoredRecord::Placed(r) = record
+                        && (r.frame.is_none() || !kept_frames.contains(&r.at))
+                    {
+                        dropped_at.push(r.at);
                     }
                 }
             }

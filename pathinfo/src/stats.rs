@@ -8,12 +8,15 @@
 //! chunk lists 64 to a request), and every distinct chunk's stored size
 //! (`BlobService::stored_sizes`: from the index of a redb store, where a
 //! chunk in a frame counts its share of the frame; elsewhere the length of
-//! the chunk as read, about what `fsck` reads, without decoding).
+//! the chunk as read, about what `fsck` reads, without decoding). A chunk
+//! stored as a base shared with others and its store path hashes counts
+//! its record, and the base counts once, in the store's figure and in each
+//! path's.
 
 use std::collections::HashMap;
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use lazystore_castore::{BlobError, Digest, DirectoryError, Node};
+use lazystore_castore::{BlobError, Digest, DirectoryError, Node, StoredSize};
 
 use crate::Store;
 use crate::pathinfos::{PathInfo, PathInfoError};
@@ -102,6 +105,30 @@ pub async fn store_stats(
         }
     }
     let stored = stored_sizes(store, owners.keys().copied().collect(), &progress).await?;
+    // Bases that are not chunks of a path themselves, counted once each.
+    let mut bases: Vec<Digest> = stored
+        .values()
+        .filter_map(|s| s.base)
+        .filter(|b| !stored.contains_key(b))
+        .collect();
+    bases.sort_unstable();
+    bases.dedup();
+    let base_bytes = stored_sizes(store, bases, &progress).await?;
+    // What `chunks` take: their own bytes and each base of theirs once.
+    let stored_of = |chunks: &mut dyn Iterator<Item = &Digest>| -> u64 {
+        let mut named = std::collections::HashSet::new();
+        let mut bytes = 0;
+        for d in chunks {
+            bytes += stored[d].bytes;
+            if let Some(base) = stored[d].base
+                && let Some(b) = base_bytes.get(&base)
+                && named.insert(base)
+            {
+                bytes += b.bytes;
+            }
+        }
+        bytes
+    };
     let mut stats = StoreStats::default();
     for (info, chunks) in infos.iter().zip(&per_path) {
         let sum = |f: &dyn Fn(&Digest, u64) -> u64| -> u64 {
@@ -112,14 +139,14 @@ pub async fn store_stats(
             nar_bytes: info.nar_size,
             chunks: chunks.len() as u64,
             chunk_bytes: sum(&|_, size| size),
-            stored_bytes: sum(&|d, _| stored[d]),
+            stored_bytes: stored_of(&mut chunks.keys()),
             own_chunk_bytes: sum(&|d, size| if owners[d].1 == 1 { size } else { 0 }),
         });
         stats.nar_bytes += info.nar_size;
     }
     stats.chunks = owners.len() as u64;
     stats.chunk_bytes = owners.values().map(|(size, _)| size).sum();
-    stats.stored_bytes = stored.values().sum();
+    stats.stored_bytes = stored_of(&mut stored.keys());
     Ok(stats)
 }
 
@@ -160,7 +187,7 @@ async fn stored_sizes(
     store: &Store,
     chunks: Vec<Digest>,
     progress: &impl Fn(&str, u64, u64),
-) -> Result<HashMap<Digest, u64>, StatsError> {
+) -> Result<HashMap<Digest, StoredSize>, StatsError> {
     let total = chunks.len() as u64;
     let batches: Vec<Vec<Digest>> = chunks.chunks(BATCH).map(<[_]>::to_vec).collect();
     let service = store.blobs.service().clone();

@@ -10,7 +10,7 @@
 use async_trait::async_trait;
 use futures::stream;
 
-use super::{BlobError, BlobMeta, BlobService, EncodedChunk};
+use super::{BlobError, BlobMeta, BlobService, EncodedChunk, StoredSize};
 use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::grpc::{
@@ -206,7 +206,7 @@ impl BlobService for GrpcBlobService {
     /// `StoredSizes`; a server before the call is asked for the chunks
     /// themselves, whose lengths as sent are what it stores unless it keeps
     /// frames (which only servers with the call do).
-    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<StoredSize>, BlobError> {
         let mut sizes = Vec::with_capacity(chunks.len());
         for batch in chunks.chunks(MAX_MISSING_CHUNKS) {
             let request = proto::StoredSizesRequest {
@@ -220,7 +220,7 @@ impl BlobService for GrpcBlobService {
                     let timeout = self.connection.attempt_timeout();
                     async move {
                         let answer = timeout.timed(client.stored_sizes(request)).await?;
-                        Ok::<_, AttemptError>(answer.into_inner().sizes)
+                        Ok::<_, AttemptError>(answer.into_inner())
                     }
                 })
                 .await;
@@ -228,17 +228,46 @@ impl BlobService for GrpcBlobService {
                 Ok(answer) => answer,
                 Err(e) if e.code() == Some(tonic::Code::Unimplemented) => {
                     let read = self.read_chunks(batch).await?;
-                    read.iter().map(|c| c.data.len() as u64).collect()
+                    proto::StoredSizesResponse {
+                        sizes: read.iter().map(|c| c.data.len() as u64).collect(),
+                        bases: Vec::new(),
+                    }
                 }
                 Err(e) => return Err(self.error(e)),
             };
-            if answer.len() != batch.len() {
-                return Err(self.error(CallError::bad_reply(
+            let bad = |field, why| {
+                self.error(CallError::bad_reply(
                     "StoredSizes",
-                    BadMessage::new("sizes", "one size per chunk asked"),
-                )));
+                    BadMessage::new(field, why),
+                ))
+            };
+            if answer.sizes.len() != batch.len() {
+                return Err(bad("sizes", "one size per chunk asked"));
             }
-            sizes.extend(answer);
+            // A server without patched chunks sends no bases.
+            let bases = if answer.bases.is_empty() {
+                vec![None; batch.len()]
+            } else if answer.bases.len() != batch.len() {
+                return Err(bad("bases", "one (or an empty) base per chunk asked"));
+            } else {
+                answer
+                    .bases
+                    .iter()
+                    .map(|b| {
+                        (!b.is_empty())
+                            .then(|| wire::digest("bases", b))
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| self.error(CallError::bad_reply("StoredSizes", e)))?
+            };
+            sizes.extend(
+                answer
+                    .sizes
+                    .into_iter()
+                    .zip(bases)
+                    .map(|(bytes, base)| StoredSize { bytes, base }),
+            );
         }
         Ok(sizes)
     }

@@ -59,6 +59,18 @@ pub struct ChunkMeta {
     pub size: u64,
 }
 
+/// What one chunk takes where it is stored (`BlobService::stored_sizes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoredSize {
+    /// Its own bytes: alone, its share of a frame's, or its patch record's.
+    pub bytes: u64,
+    /// The chunk of its bytes with their store path hashes taken out,
+    /// which it is read from and which other chunks may share: its bytes
+    /// count once however many chunks name it (a redb store after
+    /// `lazystore compact`, `chunk_record.rs`).
+    pub base: Option<Digest>,
+}
+
 /// A blob's length and chunk list, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlobMeta {
@@ -259,9 +271,15 @@ pub trait BlobService: Send + Sync {
     /// wherever chunks are stored on their own.
     ///
     /// [`read_chunks`]: BlobService::read_chunks
-    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<StoredSize>, BlobError> {
         let read = self.read_chunks(chunks).await?;
-        Ok(read.iter().map(|c| c.data.len() as u64).collect())
+        Ok(read
+            .iter()
+            .map(|c| StoredSize {
+                bytes: c.data.len() as u64,
+                base: None,
+            })
+            .collect())
     }
 
     /// The subset of `chunks` that is not stored, in the order asked.

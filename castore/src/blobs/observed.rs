@@ -79,7 +79,7 @@ impl<O: BlobObserver> BlobService for ObservedBlobService<O> {
         self.inner.stat_many(blobs).await
     }
 
-    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<super::StoredSize>, BlobError> {
         self.inner.stored_sizes(chunks).await
     }
 

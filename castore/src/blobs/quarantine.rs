@@ -116,7 +116,8 @@ pub(super) fn stored_copy_fails(
     let Some(record) = tables.chunks.get(digest.as_bytes()).map_err(backend)? else {
         return Ok(false);
     };
-    let checked = read_chunk(store, *digest, record.value()).and_then(|c| c.decode());
+    let checked =
+        read_chunk(store, &tables.chunks, *digest, record.value()).and_then(|c| c.decode());
     match checked {
         Ok(_) => Ok(false),
         Err(e) if e.corrupt_chunk().is_some() => Ok(true),

@@ -21,16 +21,19 @@ use bytes::Bytes;
 use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::{
-    BlobError, BlobMeta, BlobService, EncodedChunk, decode_chunk_list, encode_chunk_list,
-    quarantine,
+    BlobError, BlobMeta, BlobService, EncodedChunk, StoredSize, decode_chunk_list,
+    encode_chunk_list, quarantine,
 };
-use crate::chunk_record::IndexRecord;
+use crate::chunk_record::{IndexRecord, StoredRecord};
 use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
-use crate::redb_store::{ReadTables, RedbStore, Tables};
+use crate::proto::ChunkEncoding;
+use crate::redb_store::{DigestKey, ReadTables, RedbStore, Tables};
 
 // Chunk index record (`chunks-v2`, keyed by the chunk digest): an
-// `IndexRecord` (`chunk_record.rs`), where the encoded bytes are in the packs.
+// `IndexRecord` (`chunk_record.rs`), where the encoded bytes are in the
+// packs, or a `PatchedRecord`, which names the chunk of its bytes with
+// their store path hashes taken out.
 
 // Blob record (`blobs-v1`, keyed by the blob digest): a fixed-width chunk
 // list, so the number of chunks follows from the record length.
@@ -79,11 +82,12 @@ impl RedbBlobService {
     }
 
     /// `f` of each chunk's index record, in the order asked, in one read
-    /// transaction; [`BlobError::ChunkNotFound`] for the first not stored.
+    /// transaction (whose tables `f` gets too); [`BlobError::ChunkNotFound`]
+    /// for the first not stored.
     async fn map_records<T: Send + 'static>(
         &self,
         chunks: &[Digest],
-        f: impl Fn(Digest, &[u8]) -> Result<T, BlobError> + Send + 'static,
+        f: impl Fn(&ReadTables, Digest, &[u8]) -> Result<T, BlobError> + Send + 'static,
     ) -> Result<Vec<T>, BlobError> {
         let chunks = chunks.to_vec();
         self.read(move |t| {
@@ -95,7 +99,7 @@ impl RedbBlobService {
                         .get(d.as_bytes())
                         .map_err(backend)?
                         .ok_or(BlobError::ChunkNotFound(*d))?;
-                    f(*d, v.value())
+                    f(t, *d, v.value())
                 })
                 .collect()
         })
@@ -117,7 +121,7 @@ impl RedbBlobService {
                 .chunks
                 .get(digest.as_bytes())
                 .map_err(backend)?
-                .map(|v| read_chunk(&self.store, *digest, v.value()))
+                .map(|v| read_chunk(&self.store, &tables.chunks, *digest, v.value()))
                 .transpose()?
             else {
                 return Ok(false);
@@ -172,20 +176,54 @@ fn insert_chunk(
     Ok(())
 }
 
-/// The chunk an index record names, read from its pack. A record that is
+/// The chunk an index record names, read from its pack (a patched one's
+/// base looked up in `chunks`, the index it came from). A record that is
 /// not one is [`BlobError::Corrupt`]; the bytes are checked by whoever
 /// decodes them ([`Blobs`](crate::Blobs) checks every chunk's BLAKE3).
 pub(crate) fn read_chunk(
     store: &RedbStore,
+    chunks: &impl ReadableTable<DigestKey, &'static [u8]>,
     digest: Digest,
     record: &[u8],
 ) -> Result<EncodedChunk, BlobError> {
-    let record = IndexRecord::from_bytes(record).map_err(|reason| BlobError::Corrupt {
+    let corrupt = |reason| BlobError::Corrupt {
         chunk: digest,
         reason,
-    })?;
+    };
+    let patched = match StoredRecord::from_bytes(record).map_err(corrupt)? {
+        StoredRecord::Placed(record) => return read_placed(store, digest, &record),
+        StoredRecord::Patched(p) => p,
+    };
+    let base = chunks
+        .get(patched.base.as_bytes())
+        .map_err(backend)?
+        .ok_or(corrupt("the chunk of its normalised bytes is not stored"))?;
+    let base = match StoredRecord::from_bytes(base.value()) {
+        Ok(StoredRecord::Placed(record)) => read_placed(store, patched.base, &record)?,
+        _ => {
+            return Err(corrupt(
+                "the chunk of its normalised bytes has a bad record",
+            ));
+        }
+    };
+    // Not checked on its own: the chunk made of it is, by its reader.
+    let data = patched.apply(&base.decode_unchecked()?).map_err(corrupt)?;
+    Ok(EncodedChunk {
+        digest,
+        encoding: ChunkEncoding::Raw,
+        size: patched.size,
+        data,
+    })
+}
+
+/// The chunk a record with bytes of its own names.
+fn read_placed(
+    store: &RedbStore,
+    digest: Digest,
+    record: &IndexRecord,
+) -> Result<EncodedChunk, BlobError> {
     if let Some(in_frame) = record.frame {
-        return crate::frames::read_framed(store, digest, &record, in_frame);
+        return crate::frames::read_framed(store, digest, record, in_frame);
     }
     let data = store.packs().read(record.at).map_err(backend)?;
     Ok(EncodedChunk {
@@ -231,17 +269,26 @@ impl BlobService for RedbBlobService {
 
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
         let store = self.store.clone();
-        self.map_records(chunks, move |d, record| read_chunk(&store, d, record))
-            .await
+        self.map_records(chunks, move |t, d, record| {
+            read_chunk(&store, &t.chunks, d, record)
+        })
+        .await
     }
 
     /// From the index alone; a chunk in a frame counts its share of the
-    /// frame's bytes (`frames.rs`).
-    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<u64>, BlobError> {
-        self.map_records(chunks, |chunk, record| {
-            let record = IndexRecord::from_bytes(record)
+    /// frame's bytes (`frames.rs`), a patched one its record and names its
+    /// base (`chunk_record.rs`).
+    async fn stored_sizes(&self, chunks: &[Digest]) -> Result<Vec<StoredSize>, BlobError> {
+        self.map_records(chunks, |_, chunk, record| {
+            let record = StoredRecord::from_bytes(record)
                 .map_err(|reason| BlobError::Corrupt { chunk, reason })?;
-            Ok(record.stored_bytes())
+            Ok(StoredSize {
+                bytes: record.stored_bytes(),
+                base: match record {
+                    StoredRecord::Patched(p) => Some(p.base),
+                    StoredRecord::Placed(_) => None,
+                },
+            })
         })
         .await
     }
