@@ -135,6 +135,100 @@ fn compacted_store_is_smaller_and_reads_the_same() {
     assert!(compressed_wire * 3 < raw_wire * 2, "{wire:?}");
 }
 
+/// A build of `modules_from(seed, 30)` and a copy of `/bin/bash` against
+/// the dependency `dep`: every module starts with a `#!` naming it and
+/// names it and the build's `lib` again (as `.pyc` files name their
+/// source), and the "library" names it in its middle (as an ELF's RUNPATH
+/// does). Under `dir`, as a real store path named `python`.
+fn built_against(dir: &std::path::Path, dep: &str) -> String {
+    let mut files = Vec::new();
+    for (name, text) in modules_from(9300, 30) {
+        let (head, tail) = text.split_at(text.len() / 3);
+        let mut bytes = format!("#!{dep}/bin/python3\n").into_bytes();
+        bytes.extend_from_slice(head);
+        bytes.extend_from_slice(format!("\n{dep}/lib/python3.12\n").as_bytes());
+        bytes.extend_from_slice(tail);
+        files.push((name, bytes));
+    }
+    let bash = std::fs::read("/bin/bash").unwrap();
+    let mut lib = bash[..bash.len() / 2].to_vec();
+    lib.extend_from_slice(format!("\0{dep}/lib\0").as_bytes());
+    lib.extend_from_slice(&bash[bash.len() / 2..]);
+    files.push(("libpython3.12.so".into(), lib));
+    let named: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
+    tree(&dir.join("python"), &named)
+}
+
+/// A rebuild against another dependency (every file that names it
+/// changed, binary included) costs almost nothing once compacted: its
+/// chunks differ from the first build's only in the dependency's hash, so
+/// they are stored as the first build's normalised bytes and a record of
+/// the hash. Both builds still render Nix's NarHash (fsck), read through a
+/// builder's mount, and survive a gc.
+#[test]
+fn a_rebuild_against_another_dependency_costs_its_records() {
+    let work = tempfile::tempdir().unwrap();
+    let dep = |v: &str| {
+        tree(
+            &work.path().join(v).join("dep"),
+            &[("version", v.as_bytes())],
+        )
+    };
+    let (dep1, dep2) = (dep("1"), dep("2"));
+    assert_eq!(dep1.len(), dep2.len());
+    let first = built_against(&work.path().join("b1"), &dep1);
+    let rebuild = built_against(&work.path().join("b2"), &dep2);
+    let store = format!("redb://{}", work.path().join("store.redb").display());
+    let stored = || {
+        let out = lazystore(&["stats", "--store", &store, "--summary"]).stdout;
+        stored_mb(&String::from_utf8(out).unwrap())
+    };
+    common::ingest(&store, &[&first]);
+    lazystore(&["compact", "--store", &store]);
+    let alone = stored();
+
+    common::ingest(&store, &[&rebuild]);
+    let imported = stored();
+    let out = lazystore(&["compact", "--store", &store]);
+    let report = String::from_utf8(out.stdout).unwrap();
+    eprintln!("{report}");
+    // Every module and the library's middle chunk: on bytes stored already.
+    assert!(
+        number_before(&report, "of those on bytes stored already") >= 90,
+        "{report}"
+    );
+    let both = stored();
+    eprintln!(
+        "first build {alone} MB; with the rebuild {imported} MB imported, {both} MB compacted"
+    );
+    assert!(both - alone <= 0.05 * alone, "{alone} {both}");
+    assert!(
+        imported - alone > 4.0 * (both - alone),
+        "{alone} {imported} {both}"
+    );
+
+    let fsck = String::from_utf8(lazystore(&["fsck", "--store", &store]).stdout).unwrap();
+    assert!(fsck.contains("0 damaged"), "{fsck}");
+    let gc = String::from_utf8(lazystore(&["gc", "--store", &store]).stdout).unwrap();
+    assert!(
+        gc.contains("dropped 0 directories, 0 chunk lists, 0 chunks"),
+        "{gc}"
+    );
+
+    let (server, grpc) = common::start(&["serve", "--listen", "127.0.0.1:0", "--store", &store]);
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let cache = format!("redb://{}", work.path().join("cache.redb").display());
+    let mount = Mount::start(&mnt, &grpc, &cache, &[]);
+    for path in [&first, &rebuild] {
+        let nar_hash = nix_cmd(["nix-store", "--query", "--hash", path]);
+        let name = path.strip_prefix("/nix/store/").unwrap();
+        assert_eq!(nix_hash_path(&mount.path.join(name)), nar_hash.trim());
+    }
+    mount.stop();
+    server.stop();
+}
+
 /// `lazystore compact` killed (SIGKILL) part way, each time with a freshly
 /// imported path to move: every path still renders to Nix's NarHash, fsck
 /// finds nothing damaged, and a compaction run to its end leaves a store
