@@ -80,6 +80,13 @@ m = re.search(r"^[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s+[\d.]+×", versions, re
 if m:
     add("versions", "the corpus compacted / sum of zstd NARs", m.group(1), "×", 0.8)
 
+rebuild = text("rebuild")
+for m in re.finditer(r"^(imported|compacted) \((stored bytes|packs \+ index)\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)×",
+                     rebuild, re.M):
+    mode, what, ratio = m.groups()
+    add("rebuild", f"a rebuild against another dependency, {mode}: extra / first ({what})",
+        ratio, "×", 0.05 if (mode, what) == ("compacted", "stored bytes") else None)
+
 m = re.search(r"fsck / nix hash path: ([\d.]+) x", text("fsck"))
 if m:
     add("fsck", "fsck speed / nix hash path", m.group(1), "×", lower=False)
@@ -103,7 +110,7 @@ for step, what, value, unit, target, lower in figures:
     t = "" if target is None else f"{'≤' if lower else '≥'} {target:g} {unit}"
     out.append(f"| {step} | {what} | {value:g} {unit} | {t} | {met(value, target, lower)} |")
 out += ["", "| step | seconds | exit |", "|---|---:|---:|"]
-ORDER = "builder cold bigfile trace storage versions fsck gc".split()
+ORDER = "builder cold bigfile trace storage versions rebuild fsck gc".split()
 steps = sorted(
     filter(None, (results / "steps.tsv").read_text().split("\n")),
     key=lambda line: ORDER.index(line.split("\t")[0]) if line.split("\t")[0] in ORDER else 99,

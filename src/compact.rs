@@ -1,5 +1,5 @@
 //! `lazystore compact`: a redb store's chunks compressed together at rest
-//! (`pathinfo::compact`, castore's `frames.rs`).
+//! (`pathinfo::compact`, castore's `compaction.rs`).
 
 use std::process::ExitCode;
 
@@ -52,16 +52,26 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let store = Store::redb(redb.clone());
     let last = std::sync::Mutex::new(std::time::Instant::now());
-    let report =
-        lazystore_pathinfo::compact::compact(&store, redb, options, move |what, done, total| {
+    let report = lazystore_pathinfo::compact::compact(
+        &store,
+        redb.clone(),
+        options,
+        move |what, done, total| {
             let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
             if done == total || last.elapsed().as_secs() >= 2 {
                 *last = std::time::Instant::now();
                 eprintln!("lazystore compact: {done} of {total} {what}");
             }
-        })
-        .await
-        .with_context(|| format!("compacting {url} (lazystore fsck says what is damaged)"))?;
+        },
+    )
+    .await
+    .with_context(|| format!("compacting {url} (lazystore fsck says what is damaged)"))?;
+    // The index too, once nothing else holds the store.
+    drop(store);
+    let mut redb = redb;
+    let index = tokio::task::spawn_blocking(move || redb.compact_index())
+        .await?
+        .with_context(|| format!("compacting the index of {url}"))?;
     let mb = |b: u64| b as f64 / 1e6;
     println!(
         "{url}: {} chunks ({:.2} MB) moved into {} frames: {:.2} MB stored before, {:.2} MB \
@@ -81,6 +91,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
              already (a rebuild's)",
             report.patched, report.shared_base,
         );
+    }
+    match index {
+        Some((before, after)) => println!(
+            "index file: {:.2} MB before, {:.2} MB after",
+            mb(before),
+            mb(after)
+        ),
+        None => println!("index file: not compacted (the store is still held)"),
     }
     if report.absent > 0 {
         println!(

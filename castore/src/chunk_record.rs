@@ -146,7 +146,7 @@ impl IndexRecord {
 /// A chunk stored as its bytes with their store path hashes replaced (its
 /// base: a chunk of its own, under the digest of those bytes, shared by
 /// every rebuild that differs only in the hashes) and the hashes taken out
-/// (`store_hashes.rs`, `frames.rs`). Record encoding 3, little endian:
+/// (`store_hashes.rs`, `compaction.rs`). Record encoding 3, little endian:
 ///
 /// | offset    | size | field                                  |
 /// |-----------|------|----------------------------------------|

@@ -6,7 +6,7 @@
 //! replaced (`store_hashes.rs`), and never inside `/nix/store/<hash>`: a
 //! rebuild that changes only those hashes is cut at the same offsets, so
 //! its chunks differ from the first build's only where the hashes are,
-//! which compaction stores once (`frames.rs`). Bytes without a store path
+//! which compaction stores once (`compaction.rs`). Bytes without a store path
 //! are cut exactly as FastCDC cuts them.
 
 use bytes::{Bytes, BytesMut};

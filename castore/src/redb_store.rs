@@ -388,6 +388,21 @@ impl RedbStore {
         Ok(())
     }
 
+    /// Gives the index file's free pages back (redb's `compact`): what
+    /// rewriting records left behind (a compaction moves every chunk's
+    /// record). The file's size before and after, or `None` if another
+    /// handle on the store (a service, a clone) is still open. Blocks;
+    /// call it on a blocking thread, offline.
+    pub fn compact_index(&mut self) -> Result<Option<(u64, u64)>, redb::Error> {
+        let size = || std::fs::metadata(&*self.path).map(|m| m.len());
+        let before = size().map_err(redb::Error::Io)?;
+        let Some(db) = Arc::get_mut(&mut self.db) else {
+            return Ok(None);
+        };
+        while db.compact().map_err(redb::Error::from)? {}
+        Ok(Some((before, size().map_err(redb::Error::Io)?)))
+    }
+
     /// The pack files of the chunk bytes.
     pub(crate) fn packs(&self) -> &Packs {
         &self.packs

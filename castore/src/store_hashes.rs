@@ -8,7 +8,7 @@
 //! here, those hashes are what the chunker ignores when it chooses cut
 //! points (so a rebuild's chunks start and end where the first build's
 //! did) and what compaction takes out of a chunk before storing it (so the
-//! bytes stored for both builds are the same, `frames.rs`).
+//! bytes stored for both builds are the same, `compaction.rs`).
 //!
 //! A hash is found by its prefix: the 32 characters of the nixbase32
 //! alphabet after `/nix/store/`. That finds every reference Nix itself

@@ -1,5 +1,5 @@
 //! Compacting a redb store into frames (`RedbStore::compact`, the module
-//! doc of castore's `frames.rs`): the chunks of every published path in
+//! doc of castore's `compaction.rs`): the chunks of every published path in
 //! NAR order, which is the order a walk, a stream and a directory window
 //! read them in, and the order in which a stream compressor would have met
 //! them, so neighbours that resemble each other share a frame.
