@@ -31,8 +31,8 @@ use std::collections::HashSet;
 
 use redb::{ReadableDatabase, ReadableTable};
 
-use crate::blobs::redb::{backend, read_chunk};
 use crate::blobs::BlobError;
+use crate::blobs::redb::{backend, read_chunk};
 use crate::chunk_record::{InFrame, IndexRecord, PatchedRecord, StoredRecord};
 use crate::digest::Digest;
 use crate::proto::ChunkEncoding;
