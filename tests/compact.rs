@@ -216,6 +216,9 @@ fn a_rebuild_against_another_dependency_costs_its_records() {
     );
 
     let (server, grpc) = common::start(&["serve", "--listen", "127.0.0.1:0", "--store", &store]);
+    // Through the service too, each base is counted once.
+    let served = lazystore(&["stats", "--store", &grpc, "--summary"]).stdout;
+    assert_eq!(stored_mb(&String::from_utf8(served).unwrap()), both);
     let mnt = work.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let cache = format!("redb://{}", work.path().join("cache.redb").display());

@@ -620,6 +620,49 @@ mod tests {
         assert!(swept.packs_after < 4096, "{swept:?}");
     }
 
+    /// A damaged base fails every chunk read from it, by the check of the
+    /// chunk's own digest: no wrong byte leaves the store, and the chunk is
+    /// quarantined (then healed like any damaged chunk, whole).
+    #[tokio::test]
+    async fn a_damaged_base_fails_the_chunks_read_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+        let chunks = built(4, "0c9k8m1v5dz0qh4x3a6rj2wyb7sil5nf");
+        let (blobs, digests) = stored(&store, &chunks).await;
+        store
+            .compact(&digests, options(1 << 20), &|_, _| {})
+            .unwrap();
+        let base = blobs.stored_sizes(&digests[..1]).await.unwrap()[0]
+            .base
+            .expect("patched");
+        assert!(
+            blobs
+                .corrupt_chunk(&base, |c| {
+                    let mut data = c.data.to_vec();
+                    data[100] ^= 1;
+                    c.data = data.into();
+                })
+                .unwrap()
+        );
+        let read = blobs.read_chunks(&digests[..1]).await.unwrap();
+        let err = read[0].decode().unwrap_err();
+        assert!(err.corrupt_chunk() == Some(digests[0]), "{err}");
+        assert_eq!(
+            blobs.quarantine(&digests[..1]).await.unwrap(),
+            digests[..1].to_vec()
+        );
+        // Written again (a repair), it reads whole, on its own.
+        blobs
+            .put_chunks(vec![EncodedChunk::encode(chunks[0].clone())])
+            .await
+            .unwrap();
+        assert_eq!(read_back(&blobs, &digests[..1]).await, chunks[..1].to_vec());
+        assert_eq!(
+            blobs.stored_sizes(&digests[..1]).await.unwrap()[0].base,
+            None
+        );
+    }
+
     /// frame whose other chunks are kept still reads.
     #[tokio::test]
     async fn a_sweep_frees_a_frame_with_its_last_chunk() {
