@@ -49,6 +49,13 @@ for m in re.finditer(r"^(rust|python)\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s*$", cold,
     tree, ratio = m.groups()
     add("cold", f"{tree}: local-store mount / native, cold (speed)", ratio, "×", 0.5, lower=False)
 
+for m in re.finditer(r"^(rust|python)\s+(default|--passthrough)\s+(hash|stats)\s+[\d.]+\s+[\d.]+\s+([\d.]+)×",
+                     text("warm"), re.M):
+    tree, mode, walk, ratio = m.groups()
+    what = "nix hash path" if walk == "hash" else "find | xargs stat"
+    add("warm", f"{tree}: warm {what} / native (speed), {mode}", ratio, "×",
+        (0.8 if walk == "hash" else 0.9) if mode == "default" else None, lower=False)
+
 m = re.search(r"lazy / native speed: ([\d.]+)×", text("bigfile"))
 if m:
     add("bigfile", "cold read of a 200 MB file through serve / native (speed)", m.group(1), "×",
@@ -110,7 +117,7 @@ for step, what, value, unit, target, lower in figures:
     t = "" if target is None else f"{'≤' if lower else '≥'} {target:g} {unit}"
     out.append(f"| {step} | {what} | {value:g} {unit} | {t} | {met(value, target, lower)} |")
 out += ["", "| step | seconds | exit |", "|---|---:|---:|"]
-ORDER = "builder cold bigfile trace storage versions rebuild fsck gc".split()
+ORDER = "builder cold warm bigfile trace storage versions rebuild fsck gc".split()
 steps = sorted(
     filter(None, (results / "steps.tsv").read_text().split("\n")),
     key=lambda line: ORDER.index(line.split("\t")[0]) if line.split("\t")[0] in ORDER else 99,

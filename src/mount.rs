@@ -71,14 +71,22 @@ pub struct Args {
     /// 1024); the least recently used go first.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_CACHE_SIZE)]
     cache_size: u64,
-    /// Read every file through the chunk checks, never by FUSE passthrough.
-    /// By default, a file of 256 KiB or more whose chunks are all in the
-    /// local cache is written out whole into it (checked against its BLAKE3
-    /// as it is written, and counted against --cache-size), and later opens
-    /// of it are passthrough opens: the kernel reads the plain file, at the
-    /// speed of a local file, without checking it again. Needs Linux 6.9+
-    /// and root; without them reads go through the chunks anyway.
-    #[arg(long)]
+    /// Read large files by FUSE passthrough: a file of 256 KiB or more
+    /// whose chunks are all in the local cache is written out whole into it
+    /// (checked against its BLAKE3 as it is written, and counted against
+    /// --cache-size), and later opens of it are passthrough opens: the
+    /// kernel reads the plain file, at the speed of a local file, without
+    /// checking it again. Needs Linux 6.9+ and root. The price: the kernel
+    /// then sends every open and release of every file to the mount, a
+    /// round trip each, which makes open-heavy work (compilers,
+    /// interpreters, `nix hash path`) 2-3 times slower warm. Off by
+    /// default: every read goes through the chunk checks, each file's pages
+    /// stay in the kernel's cache, and opens cost nothing.
+    #[arg(long, overrides_with = "no_passthrough")]
+    passthrough: bool,
+    /// Never use FUSE passthrough (the default; overrides an earlier
+    /// --passthrough).
+    #[arg(long, overrides_with = "passthrough")]
     no_passthrough: bool,
     /// List every known store path at the root (costs a listing of all
     /// path infos per directory read).
@@ -221,7 +229,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         negative_ttl,
         args.remote.ca_certs()?,
     )?);
-    let passthrough_cache = store.local_cache.clone().filter(|_| !args.no_passthrough);
+    let passthrough = args.passthrough && !args.no_passthrough;
+    let passthrough_cache = store.local_cache.clone().filter(|_| passthrough);
     let outages = store.connection.clone().map(|c| Arc::new(Outages(c)));
     let metrics_task = match &args.metrics_listen {
         Some(addr) => {

@@ -204,8 +204,8 @@ fn mount_against_native() {
             "--cache",
             &cache,
         ];
-        if !passthrough {
-            args.push("--no-passthrough");
+        if passthrough {
+            args.push("--passthrough");
         }
         let mount = start(&args);
         let m = PathBuf::from(&mount.1);
@@ -240,7 +240,7 @@ fn mount_against_native() {
 
     // 2. New mounts on the now full cache: cold for the kernel, local for
     //    the data; then warm. First every read through the chunks
-    //    (--no-passthrough), then by passthrough from the written-out file.
+    //    (the default), then by passthrough from the written-out file.
     let big_n = PathBuf::from(&big).join("data.bin");
     let evict_cache = || {
         evict(&work.path().join("cache.redb"));
@@ -271,9 +271,9 @@ fn mount_against_native() {
             read_file(&big_m);
         });
         let how = if passthrough {
-            "by passthrough (the default)"
+            "by passthrough (--passthrough)"
         } else {
-            "through the chunks (--no-passthrough)"
+            "through the chunks (the default)"
         };
         rows.push((
             format!("sequential read, 1 GiB, warm, {how}"),
@@ -305,9 +305,9 @@ fn mount_against_native() {
     for passthrough in [true, false] {
         let (mount, m) = mount_cached(passthrough);
         let how = if passthrough {
-            "default"
+            "--passthrough"
         } else {
-            "--no-passthrough"
+            "default"
         };
         let py_m = m.join(base(&py));
         // Warm: read once, and let the files of 256 KiB or more be written

@@ -1,4 +1,5 @@
-//! FUSE passthrough from the local cache: a file of 256 KiB or more whose
+//! FUSE passthrough from the local cache (`mount --passthrough`; off by
+//! default): a file of 256 KiB or more whose
 //! chunks are all cached once a reader is done is written out whole, and later
 //! opens read that plain file through the kernel — the same bytes, a
 //! program runs from it (mmap), and `--no-passthrough` keeps every read
@@ -57,7 +58,7 @@ fn whole_cached_files_are_read_by_passthrough() {
     let files_dir = work.path().join("cache.files");
     let base = path.strip_prefix("/nix/store/").unwrap();
 
-    let mount = Mount::start(&mountpoint, &url, &cache, &[]);
+    let mount = Mount::start(&mountpoint, &url, &cache, &["--passthrough"]);
     let root = mount.path.join(base);
     let run_bash = || {
         let out = Command::new(root.join("bin/bash"))
@@ -110,7 +111,7 @@ fn whole_cached_files_are_read_by_passthrough() {
     );
     mount.stop();
 
-    let mount = Mount::start(&mountpoint, &url, &cache, &[]);
+    let mount = Mount::start(&mountpoint, &url, &cache, &["--passthrough"]);
     let root = mount.path.join(base);
     assert_eq!(std::fs::read(root.join("data.bin")).unwrap(), data);
     let s = stats(&mount.path);

@@ -7,7 +7,11 @@
 //! plain backing file and the kernel reads it directly, as fast as any
 //! local file.
 //!
-//! So a file of at least [`MIN_SIZE`], once every chunk of it is in the
+//! So with `lazystore mount --passthrough` (off by default: the backing
+//! file is chosen at open, so every open and release of every file becomes
+//! a round trip to the mount, and builds open thousands of files; warm
+//! `nix hash path` of a toolchain ran at 0.33× native with it, 0.93×
+//! without, `bench/warm.sh`), a file of at least [`MIN_SIZE`], once every chunk of it is in the
 //! local cache when a handle that read through the chunks is released, is
 //! written out whole into the cache's files directory
 //! (`CacheStore::file_path`), in the background (after the reader, not
@@ -16,8 +20,8 @@
 //! against the cache's bound (evicted like any record, least recently used
 //! first). Later opens of it are passthrough opens. What that trades: the
 //! file's bytes were verified once, when written, not on every read, as
-//! the kernel's page cache trusts what it holds; `--no-passthrough` keeps
-//! every read going through the chunk checks.
+//! the kernel's page cache trusts what it holds; without `--passthrough`
+//! every read goes through the chunk checks.
 //!
 //! The kernel refuses (EIO, to the reader) an open whose mode differs from
 //! other opens of the same inode that are still open, and wants one backing
