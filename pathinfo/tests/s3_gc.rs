@@ -53,11 +53,21 @@ async fn collections_beside_a_replica() {
     let (writer, reader) = (open(), open());
     let (writes, reads) = (Store::s3(writer, None), Store::s3(reader.clone(), None));
 
-    // X: 6 MB of its own plus a 1 MB file Y shares; Y: 1 MB of its own
-    // too. Stored one after the other, so X's packs are X's.
-    let shared = noise(1 << 20, 7);
-    let x_nar = nar_of(&[("own", noise(6 << 20, 1)), ("shared", shared.clone())]).await;
-    let y_nar = nar_of(&[("mine", noise(1 << 20, 2)), ("shared", shared)]).await;
+    // X: 6 MB of its own with a 256 KiB file Y shares in the middle (in
+    // NAR order); Y: 1 MB of its own too. Stored one after the other, so
+    // X's packs are X's. Packs are sealed by time as well as size, so the
+    // shared file is written between two of X's own: whichever pack holds
+    // it holds more of X's own bytes than of it, unless X's writes were
+    // slower than 0.5 MB/s (with the shared file last, a pack sealed just
+    // before it left it mostly live, one run in three on a busy machine).
+    let shared = noise(256 << 10, 7);
+    let x_nar = nar_of(&[
+        ("a-own", noise(3 << 20, 1)),
+        ("b-shared", shared.clone()),
+        ("c-own", noise(3 << 20, 3)),
+    ])
+    .await;
+    let y_nar = nar_of(&[("b-shared", shared), ("mine", noise(1 << 20, 2))]).await;
     let x_path = "00bgd045z0d4icpbc2yyz4gx48ak44la-x";
     let x = publish(&writes, x_path, &x_nar).await.unwrap();
     let y = publish(&writes, "0c6kzph7l0dcbq4iddc1ngabvk2c6y5f-y", &y_nar)
