@@ -19,10 +19,7 @@ work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 runs=${RUNS:-3}
 lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 . bench/lib.sh
-[[ -s $work/closure && -s $work/server/store.redb ]] ||
-  { echo "bench/bigfile.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
-cargo build --quiet --release --bin lazystore
-public=$(cat "$work/bench.pub")
+builder_corpus
 rust=$(grep -e -rust "$work/closure")
 dir=$work/bigfile
 cleanup() {

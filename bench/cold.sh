@@ -18,10 +18,7 @@ repo=$PWD
 work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 . bench/lib.sh
-[[ -s $work/closure && -s $work/server/store.redb ]] ||
-  { echo "bench/cold.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
-cargo build --quiet --release --bin lazystore
-public=$(cat "$work/bench.pub")
+builder_corpus
 declare -A native_s
 
 # Mounts at $work/cold-mnt with the mount arguments given; sets mount_pid

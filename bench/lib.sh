@@ -1,7 +1,17 @@
-# Shared by the bench scripts that run lazystore processes (cold.sh,
+# Shared by the bench scripts that run lazystore processes (cold.sh, warm.sh,
 # storage.sh, bigfile.sh): sourced after they set $lazystore.
 export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
 now() { date +%s.%N; }
+
+# builder_corpus: checks that $work holds the builder bench's corpus (its
+# closure, zstd cache and store: bench/builder.sh makes them), builds the
+# release binary and sets $public, the corpus's signing key.
+builder_corpus() {
+  [[ -s $work/closure && -d $work/cache && -s $work/server/store.redb ]] ||
+    { echo "$0: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
+  cargo build --quiet --release --bin lazystore
+  public=$(cat "$work/bench.pub")
+}
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # Every process started below, for the caller's cleanup to kill.
 pids=()

@@ -19,10 +19,7 @@ repo=$PWD
 work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 . bench/lib.sh
-[[ -s $work/closure && -d $work/cache ]] ||
-  { echo "bench/storage.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
-cargo build --quiet --release --bin lazystore
-public=$(cat "$work/bench.pub")
+builder_corpus
 paths=$(grep -e -rust -e -python "$work/closure")
 dir=$work/storage
 secs() { awk "BEGIN{printf \"%.2f\", $2-$1}"; }

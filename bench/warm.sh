@@ -20,10 +20,7 @@ repo=$PWD
 work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 . bench/lib.sh
-[[ -s $work/closure && -s $work/server/store.redb ]] ||
-  { echo "bench/warm.sh: no corpus in $work: run bench/builder.sh first" >&2; exit 1; }
-cargo build --quiet --release --bin lazystore
-public=$(cat "$work/bench.pub")
+builder_corpus
 mnt=$work/warm-mnt
 native=$work/warm-native
 cleanup() {

@@ -427,6 +427,12 @@ mod tests {
         read.iter().map(|c| c.decode().unwrap()).collect()
     }
 
+    /// What `digests` take in the store, besides any base.
+    async fn stored_bytes(blobs: &RedbBlobService, digests: &[Digest]) -> u64 {
+        let sizes = blobs.stored_sizes(digests).await.unwrap();
+        sizes.iter().map(|s| s.bytes).sum()
+    }
+
     fn options(frame_bytes: usize) -> CompactOptions {
         CompactOptions {
             frame_bytes,
@@ -445,13 +451,7 @@ mod tests {
         let mut chunks = texts(40);
         chunks.push(Bytes::from(lazystore_testkit::noise(50_000, 1)));
         let (blobs, digests) = stored(&store, &chunks).await;
-        let before: u64 = blobs
-            .stored_sizes(&digests)
-            .await
-            .unwrap()
-            .iter()
-            .map(|s| s.bytes)
-            .sum();
+        let before = stored_bytes(&blobs, &digests).await;
 
         // Named twice, and one absent chunk: each moved once.
         let mut order = digests.clone();
@@ -466,13 +466,7 @@ mod tests {
         assert!(report.damaged.is_empty());
         assert!(report.bytes_after * 3 < report.bytes_before, "{report:?}");
         assert_eq!(read_back(&blobs, &digests).await, chunks);
-        let after: u64 = blobs
-            .stored_sizes(&digests)
-            .await
-            .unwrap()
-            .iter()
-            .map(|s| s.bytes)
-            .sum();
+        let after = stored_bytes(&blobs, &digests).await;
         let raw = chunks.last().unwrap().len() as u64;
         assert!(after < before, "{after} {before}");
         // Shares of frames add up to the frames' bytes, give or take the
