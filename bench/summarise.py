@@ -52,7 +52,7 @@ for m in re.finditer(r"^(rust|python)\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s*$", cold,
 for m in re.finditer(r"^(rust|python)\s+(default|--passthrough)\s+(hash|stats)\s+[\d.]+\s+[\d.]+\s+([\d.]+)×",
                      text("warm"), re.M):
     tree, mode, walk, ratio = m.groups()
-    what = "nix hash path" if walk == "hash" else "find | xargs stat"
+    what = "nix hash path" if walk == "hash" else "find + stat"
     add("warm", f"{tree}: warm {what} / native (speed), {mode}", ratio, "×",
         (0.8 if walk == "hash" else 0.9) if mode == "default" else None, lower=False)
 
@@ -108,10 +108,12 @@ def met(value, target, lower):
     return "met" if (value <= target if lower else value >= target) else "**not met**"
 
 
+step_seconds = sum(int(line.split("\t")[1])
+                   for line in filter(None, (results / "steps.tsv").read_text().split("\n")))
 out = ["# Benchmark results", "",
-       f"Written by `bench/run` (its last call took {total_seconds} s; each step's time is "
-       "below). Ratios are against a baseline "
-       "measured in the same run; absolute figures follow.", "",
+       f"Written by `bench/run` (its last call took {total_seconds} s; the steps below took "
+       f"{step_seconds} s in all, each in the last call that ran it). Ratios are against a "
+       "baseline measured in the same run; absolute figures follow.", "",
        "| benchmark | figure | value | target | |", "|---|---|---:|---:|---|"]
 for step, what, value, unit, target, lower in figures:
     t = "" if target is None else f"{'≤' if lower else '≥'} {target:g} {unit}"
