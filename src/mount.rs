@@ -99,8 +99,13 @@ pub struct Args {
     /// kernel's allow_other. Store contents are world-readable anyway.
     #[arg(long)]
     allow_other: bool,
-    /// Threads reading requests from the kernel.
-    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Threads reading requests from the kernel. One by default: requests
+    /// that wait run on the async runtime, and a second thread on the same
+    /// queue made a cold walk of a toolchain 10-20 % slower on two cores
+    /// (the threads contend for the kernel's queue); eight parallel readers
+    /// ran as fast with one as with two. More may help a builder with many
+    /// cores and many parallel readers.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
     /// Seconds to keep retrying a failing store before a read fails with
     /// EIO.
