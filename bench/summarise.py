@@ -66,6 +66,10 @@ if m:
     add("trace", "500 files at 100 Mbit/s with --prefetch: wall / none", m.group(1), "×", 0.5)
     add("trace", "... gRPC requests / none", m.group(2), "×", 0.2)
 
+m = re.search(r"^fetched \(chunks\)\s+\d+\s+([\d.]+)%", text("partial"), re.M)
+if m:
+    add("partial", "a build reading 5 % of the closure: fetched / closure", m.group(1), "%", 10)
+
 storage = text("storage")
 for m in re.finditer(
     r"^(rust|python)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s+[\d.]+\s+([\d.]+)×", storage, re.M
@@ -119,7 +123,7 @@ for step, what, value, unit, target, lower in figures:
     t = "" if target is None else f"{'≤' if lower else '≥'} {target:g} {unit}"
     out.append(f"| {step} | {what} | {value:g} {unit} | {t} | {met(value, target, lower)} |")
 out += ["", "| step | seconds | exit |", "|---|---:|---:|"]
-ORDER = "builder cold warm bigfile trace storage versions rebuild fsck gc".split()
+ORDER = "builder cold warm bigfile trace partial storage versions rebuild fsck gc".split()
 steps = sorted(
     filter(None, (results / "steps.tsv").read_text().split("\n")),
     key=lambda line: ORDER.index(line.split("\t")[0]) if line.split("\t")[0] in ORDER else 99,

@@ -112,12 +112,19 @@ fn spawn(mut command: Command) -> Child {
     rx.recv().expect("keeper thread").expect("spawn garage")
 }
 
+/// A port no one listens on, below the kernel's ephemeral range (32768
+/// and up here), so no listener on port 0 and no outgoing connection can
+/// take it between this check and the node's bind: ports from
+/// `bind(":0")` were, now and then, and a node then failed to start.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let seed = std::env::temp_dir().join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
+        let port = 10_000 + (rand_u128(&seed) % 20_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Removes the directories of shared clusters whose process is gone.
