@@ -116,7 +116,9 @@ impl Chunker {
             store_hashes::normalise(&mut self.normalised, &hashes);
             self.fastcdc(&self.normalised)
         };
-        match store_hashes::split_by(&self.buf, len) {
+        // The window holds every store path a cut at up to `max` could
+        // split, so the hashes found in it are all that can be split.
+        match store_hashes::split_by(&hashes, len) {
             // Before the store path, or after it if the chunk would be
             // empty.
             Some(0) => store_hashes::SPAN,
@@ -224,10 +226,11 @@ mod tests {
         assert!(a.len() > 10, "{} chunks", a.len());
         let p = ChunkerParams::default();
         // No cut is inside a store path, and none makes a chunk too long.
+        let found = store_hashes::find(&first);
         let mut at = 0;
         for c in &a[..a.len() - 1] {
             at += c.len();
-            assert_eq!(store_hashes::split_by(&first, at), None, "cut at {at}");
+            assert_eq!(store_hashes::split_by(&found, at), None, "cut at {at}");
             assert!(c.len() <= p.max as usize);
         }
         assert_eq!(a.concat(), first);

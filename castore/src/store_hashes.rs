@@ -63,14 +63,12 @@ pub(crate) fn normalise(data: &mut [u8], offsets: &[usize]) {
     }
 }
 
-/// The start of a `/nix/store/<hash>` in `data` that a cut at `cut`
-/// would split, if any.
-pub(crate) fn split_by(data: &[u8], cut: usize) -> Option<usize> {
-    let from = cut.saturating_sub(SPAN - 1);
-    let to = (cut + SPAN - 1).min(data.len());
-    find(&data[from..to])
-        .into_iter()
-        .map(|hash| from + hash - PREFIX.len())
+/// The start of the `/nix/store/<hash>` that a cut at `cut` would split,
+/// if any, of those whose hashes [`find`] found at `hashes`.
+pub(crate) fn split_by(hashes: &[usize], cut: usize) -> Option<usize> {
+    hashes
+        .iter()
+        .map(|hash| hash - PREFIX.len())
         .find(|&start| start < cut && cut < start + SPAN)
 }
 
@@ -107,11 +105,12 @@ mod tests {
     #[test]
     fn a_cut_inside_a_store_path_is_found() {
         let text = format!("0123456789{A}");
+        let found = find(text.as_bytes());
         let start = 10;
-        assert_eq!(split_by(text.as_bytes(), start), None);
+        assert_eq!(split_by(&found, start), None);
         for cut in start + 1..start + SPAN {
-            assert_eq!(split_by(text.as_bytes(), cut), Some(start), "cut at {cut}");
+            assert_eq!(split_by(&found, cut), Some(start), "cut at {cut}");
         }
-        assert_eq!(split_by(text.as_bytes(), start + SPAN), None);
+        assert_eq!(split_by(&found, start + SPAN), None);
     }
 }
