@@ -220,11 +220,13 @@ impl PatchedRecord {
 
     /// The chunk: `base`'s bytes with the hashes put back. Its digest is
     /// checked by whoever decodes it, as for every chunk read.
-    pub fn apply(&self, base: &[u8]) -> Result<Bytes, &'static str> {
+    pub fn apply(&self, base: Bytes) -> Result<Bytes, &'static str> {
         if base.len() as u64 != self.size {
             return Err("its base has the wrong length");
         }
-        let mut chunk = base.to_vec();
+        // The base as read is this reader's own copy (cut from its frame,
+        // or decompressed): written in place, not copied again.
+        let mut chunk = Vec::from(base);
         for (at, hash) in &self.hashes {
             let at = *at as usize;
             chunk[at..at + HASH_LEN].copy_from_slice(hash);
@@ -280,10 +282,10 @@ mod tests {
             Ok(StoredRecord::Patched(p.clone()))
         );
         let base = vec![b'e'; 100];
-        let chunk = p.apply(&base).unwrap();
+        let chunk = p.apply(Bytes::from(base.clone())).unwrap();
         assert_eq!(&chunk[68..100], &hash);
         assert_eq!(&chunk[64..68], b"eeee");
-        assert!(p.apply(&base[..99]).is_err());
+        assert!(p.apply(Bytes::copy_from_slice(&base[..99])).is_err());
         // Truncated, without hashes, overlapping, past the end, not a hash.
         assert!(StoredRecord::from_bytes(&bytes[..bytes.len() - 1]).is_err());
         assert!(StoredRecord::from_bytes(&bytes[..PATCHED_HASHES_AT]).is_err());

@@ -126,7 +126,7 @@ impl EncodedChunk {
     /// Decodes the chunk and checks it against its digest. The only way
     /// chunk bytes leave the store.
     pub fn decode(&self) -> Result<Bytes, BlobError> {
-        let raw = self.decode_unchecked()?;
+        let raw = self.clone().decode_unchecked()?;
         if Digest::of(&raw) != self.digest {
             return Err(BlobError::Corrupt {
                 chunk: self.digest,
@@ -138,8 +138,9 @@ impl EncodedChunk {
 
     /// Decodes the chunk without checking its digest: for a store that
     /// builds another chunk from these bytes, which is checked in turn
-    /// (`chunk_record.rs`, patched records).
-    pub(crate) fn decode_unchecked(&self) -> Result<Bytes, BlobError> {
+    /// (`chunk_record.rs`, patched records). Raw bytes are handed over,
+    /// not shared, so the caller may write them in place.
+    pub(crate) fn decode_unchecked(self) -> Result<Bytes, BlobError> {
         let chunk = self.digest;
         if self.size > MAX_CHUNK_SIZE {
             return Err(BlobError::Corrupt {
@@ -148,7 +149,7 @@ impl EncodedChunk {
             });
         }
         let raw: Bytes = match self.encoding {
-            ChunkEncoding::Raw => self.data.clone(),
+            ChunkEncoding::Raw => self.data,
             ChunkEncoding::Zstd => zstd_decompress(&self.data, self.size as usize)
                 .map_err(|source| BlobError::Decompress { chunk, source })?
                 .into(),

@@ -207,7 +207,7 @@ pub(crate) fn read_chunk(
         }
     };
     // Not checked on its own: the chunk made of it is, by its reader.
-    let data = patched.apply(&base.decode_unchecked()?).map_err(corrupt)?;
+    let data = patched.apply(base.decode_unchecked()?).map_err(corrupt)?;
     Ok(EncodedChunk {
         digest,
         encoding: ChunkEncoding::Raw,
