@@ -235,39 +235,9 @@ impl BlobService for GrpcBlobService {
                 }
                 Err(e) => return Err(self.error(e)),
             };
-            let bad = |field, why| {
-                self.error(CallError::bad_reply(
-                    "StoredSizes",
-                    BadMessage::new(field, why),
-                ))
-            };
-            if answer.sizes.len() != batch.len() {
-                return Err(bad("sizes", "one size per chunk asked"));
-            }
-            // A server without patched chunks sends no bases.
-            let bases = if answer.bases.is_empty() {
-                vec![None; batch.len()]
-            } else if answer.bases.len() != batch.len() {
-                return Err(bad("bases", "one (or an empty) base per chunk asked"));
-            } else {
-                answer
-                    .bases
-                    .iter()
-                    .map(|b| {
-                        (!b.is_empty())
-                            .then(|| wire::digest("bases", b))
-                            .transpose()
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| self.error(CallError::bad_reply("StoredSizes", e)))?
-            };
-            sizes.extend(
-                answer
-                    .sizes
-                    .into_iter()
-                    .zip(bases)
-                    .map(|(bytes, base)| StoredSize { bytes, base }),
-            );
+            let answer = wire::stored_sizes_from_wire(batch.len(), answer)
+                .map_err(|e| self.error(CallError::bad_reply("StoredSizes", e)))?;
+            sizes.extend(answer);
         }
         Ok(sizes)
     }

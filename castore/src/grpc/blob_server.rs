@@ -244,19 +244,7 @@ impl blob_service_server::BlobService for BlobServer {
     ) -> Result<Response<proto::StoredSizesResponse>, Status> {
         let digests = wire::digests("digests", &request.get_ref().digests, MAX_MISSING_CHUNKS)?;
         let stored = self.blobs.stored_sizes(&digests).await?;
-        // Bases only where there is one (an empty list for none at all).
-        let bases = if stored.iter().any(|s| s.base.is_some()) {
-            stored
-                .iter()
-                .map(|s| s.base.map(Into::into).unwrap_or_default())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(Response::new(proto::StoredSizesResponse {
-            sizes: stored.iter().map(|s| s.bytes).collect(),
-            bases,
-        }))
+        Ok(Response::new(wire::stored_sizes_to_wire(&stored)))
     }
 
     async fn missing_chunks(

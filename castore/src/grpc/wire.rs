@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE};
+use crate::blobs::{BlobMeta, ChunkMeta, EncodedChunk, MAX_CHUNK_SIZE, StoredSize};
 use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::proto;
@@ -140,4 +140,93 @@ pub(crate) fn chunk_list_from_wire(
         })
         .collect::<Result<Vec<_>, BadMessage>>()?;
     BlobMeta::new(blob, size, chunks).map_err(|e| BadMessage::new("chunks", e.to_string()))
+}
+
+/// A `StoredSizes` answer: bases only where a chunk has one, and an empty
+/// list when none has (what a server from before bases sends too).
+pub(crate) fn stored_sizes_to_wire(stored: &[StoredSize]) -> proto::StoredSizesResponse {
+    let bases = if stored.iter().any(|s| s.base.is_some()) {
+        stored
+            .iter()
+            .map(|s| s.base.map(Into::into).unwrap_or_default())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    proto::StoredSizesResponse {
+        sizes: stored.iter().map(|s| s.bytes).collect(),
+        bases,
+    }
+}
+
+/// A `StoredSizes` answer to a request for `asked` chunks, checked: one
+/// size per chunk, and either no bases or one (possibly empty) per chunk,
+/// each a digest.
+pub(crate) fn stored_sizes_from_wire(
+    asked: usize,
+    answer: proto::StoredSizesResponse,
+) -> Result<Vec<StoredSize>, BadMessage> {
+    if answer.sizes.len() != asked {
+        return Err(BadMessage::new("sizes", "one size per chunk asked"));
+    }
+    let bases = if answer.bases.is_empty() {
+        vec![None; asked]
+    } else if answer.bases.len() != asked {
+        return Err(BadMessage::new(
+            "bases",
+            "one (or an empty) base per chunk asked",
+        ));
+    } else {
+        answer
+            .bases
+            .iter()
+            .map(|b| (!b.is_empty()).then(|| digest("bases", b)).transpose())
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    Ok(answer
+        .sizes
+        .into_iter()
+        .zip(bases)
+        .map(|(bytes, base)| StoredSize { bytes, base })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_sizes_round_trip_and_bad_answers_are_refused() {
+        let base = Digest::of(b"base");
+        let sizes = vec![
+            StoredSize {
+                bytes: 149,
+                base: Some(base),
+            },
+            StoredSize {
+                bytes: 4096,
+                base: None,
+            },
+        ];
+        let wire = stored_sizes_to_wire(&sizes);
+        assert_eq!(wire.bases.len(), 2);
+        assert_eq!(stored_sizes_from_wire(2, wire.clone()).unwrap(), sizes);
+        // No base anywhere: no list, read as none.
+        let plain = stored_sizes_to_wire(&sizes[1..]);
+        assert!(plain.bases.is_empty());
+        assert_eq!(
+            stored_sizes_from_wire(1, plain).unwrap(),
+            sizes[1..].to_vec()
+        );
+
+        // Too few sizes, too few bases, a base that is not a digest.
+        let err = stored_sizes_from_wire(3, wire.clone()).unwrap_err();
+        assert_eq!(err.field, "sizes");
+        let mut short = wire.clone();
+        short.bases.pop();
+        assert_eq!(stored_sizes_from_wire(2, short).unwrap_err().field, "bases");
+        let mut bad = wire;
+        bad.bases[0] = Bytes::from_static(b"not a digest");
+        assert_eq!(stored_sizes_from_wire(2, bad).unwrap_err().field, "bases");
+    }
 }
