@@ -13,10 +13,11 @@ use lazystore_castore::grpc::Connection;
 use lazystore_castore::{BlobService, DEFAULT_CACHE_SIZE};
 use lazystore_fuse::{
     CounterSource, CountingBlobService, FsOptions, LazyFs, MountConfig, RemoteReads, RetryPolicy,
-    Stats, StatsSnapshot, TracePrefetch, Traces,
+    Stats, StatsSnapshot, TRACE_QUIET, TracePrefetch, Traces, read_trace,
 };
 use lazystore_importer::NEGATIVE_TTL;
 use lazystore_pathinfo::substitute::Substituter;
+use lazystore_pathinfo::traces::TraceService;
 use lazystore_pathinfo::{LocalCache, SERVER_WAIT, Store, StoreOptions, default_store_url};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -140,6 +141,47 @@ pub struct Args {
     /// parallel batches, as `lazystore prefetch` does.
     #[arg(long, value_name = "TRACE")]
     prefetch: Vec<std::path::PathBuf>,
+    /// Put the trace of each Nix build into the store (needs --trace-dir),
+    /// under the build's name (its output's name without the version), once
+    /// it has read no new file for 5 seconds, for --prefetch-shared on every
+    /// builder. A store with write tokens needs one (--token-file).
+    #[arg(long, requires = "trace_dir")]
+    share_traces: bool,
+    /// When a Nix build starts reading, fetch ahead what the store's trace
+    /// of the last build of its name (put by --share-traces) names, in the
+    /// background, into the local cache.
+    #[arg(long)]
+    prefetch_shared: bool,
+}
+
+/// Puts the traces of the builds that have read no new file for `quiet`
+/// into the store, one after another; a failure is logged, and the trace
+/// put again if it grows.
+async fn share_quiet(traces: Arc<Traces>, store: Arc<dyn TraceService>, quiet: Duration) {
+    let ready = tokio::task::spawn_blocking(move || traces.quiet(quiet))
+        .await
+        .unwrap_or_default();
+    for (name, path) in ready {
+        let files = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => read_trace(&text),
+            Err(e) => {
+                tracing::warn!("cannot read the trace {}: {e}", path.display());
+                continue;
+            }
+        };
+        match store.put(&name, &files).await {
+            Ok(()) => tracing::info!(
+                "shared the trace of a build of {name} ({} files, {})",
+                files.len(),
+                path.display()
+            ),
+            Err(e) => tracing::warn!(
+                "cannot share the trace {} of a build of {name}: {}",
+                path.display(),
+                lazystore_castore::error_chain(&e)
+            ),
+        }
+    }
 }
 
 /// Parses `123`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
@@ -264,6 +306,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let metrics_url = metrics_task.as_ref().map(|(url, _)| url.clone());
+    let shared_traces = store.traces.clone();
     let mut fs = LazyFs::new(store, options, stats.clone()).with_substituter(paths.clone());
     if let Some(outages) = &outages {
         fs = fs.with_counters(outages.clone());
@@ -284,11 +327,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(traces) => fs.with_traces(traces.clone()),
         None => fs,
     };
-    let fs = if args.prefetch.is_empty() {
+    let fs = if args.prefetch.is_empty() && !args.prefetch_shared {
         fs
     } else {
         let traces = crate::prefetch::read_traces(&args.prefetch)?;
-        fs.with_prefetch(Arc::new(TracePrefetch::new(traces)))
+        let prefetch = TracePrefetch::new(traces);
+        fs.with_prefetch(Arc::new(if args.prefetch_shared {
+            prefetch.with_shared(shared_traces.clone())
+        } else {
+            prefetch
+        }))
     };
     let fs = Arc::new(fs);
     let config = MountConfig {
@@ -323,12 +371,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if let Some(traces) = traces.clone() {
                     // Written out as they grow, so a trace is there to
                     // prefetch from while the mount still runs.
+                    if args.share_traces {
+                        tokio::spawn(share_quiet(traces.clone(), shared_traces.clone(), TRACE_QUIET));
+                    }
                     tokio::task::spawn_blocking(move || traces.flush());
                 }
             }
         }
     };
     tracing::info!("{why}: unmounting {shown}");
+    if let Some(traces) = traces.clone().filter(|_| args.share_traces) {
+        // The builds are over: their traces are shared now, not when quiet.
+        let shared = share_quiet(traces, shared_traces.clone(), Duration::ZERO);
+        if tokio::time::timeout(UNMOUNT_GRACE, shared).await.is_err() {
+            tracing::warn!("gave up sharing the last traces after {UNMOUNT_GRACE:?}");
+        }
+    }
     let unmount = tokio::task::spawn_blocking(move || mounted.unmount());
     let finished = tokio::time::timeout(UNMOUNT_GRACE, unmount).await;
     let mut more = paths.counters();

@@ -18,6 +18,7 @@ use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Nar
 use lazystore_importer::{NEGATIVE_TTL, PullThrough};
 use lazystore_pathinfo::gc::{Collector, collected_while_serving};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
+use lazystore_pathinfo::traces::TraceServer;
 use lazystore_pathinfo::pathinfos::uses::FLUSH_EVERY;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
 use lazystore_pathinfo::{
@@ -314,6 +315,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some((listener, client_url)) = grpc {
         let mut services = Services::new(store.blobs.service().clone(), store.directories.clone())
             .add_service(path_info_server(&publisher, &collector).into_service())
+            .add_service(TraceServer::new(store.traces.clone()).into_service())
             .with_access(access.clone())
             .with_max_upload_size(args.max_upload_size)
             .with_compressed_wire(args.compress_wire)

@@ -6,6 +6,11 @@
 //! service for a chunk, and asks it for a file the trace does not name;
 //! a mount given `--prefetch TRACE` fetches the trace's files once its
 //! first is read, and reading them after asks for nothing more.
+//!
+//! Shared traces: a mount given `--share-traces` puts the trace of a build
+//! (a session whose builder was given `out`) into the service under the
+//! build's name; another mount, with `--prefetch-shared` and an empty
+//! cache, prefetches it when the next version's build starts reading.
 
 mod common;
 
@@ -18,7 +23,17 @@ use lazystore_testkit::{add_tree, noise};
 
 /// Reads `files` in one new session, as a build would.
 fn read_in_a_session(files: &[PathBuf]) {
-    let status = Command::new("setsid")
+    read_in_a_build(files, None)
+}
+
+/// Reads `files` in one new session whose leader was given `out` (a Nix
+/// build of that output), if any.
+fn read_in_a_build(files: &[PathBuf], out: Option<&str>) {
+    let mut command = Command::new("setsid");
+    if let Some(out) = out {
+        command.env("out", out);
+    }
+    let status = command
         .arg("--wait")
         .arg("cat")
         .args(files)
@@ -166,6 +181,93 @@ fn a_traced_build_s_files_are_prefetched_and_read_from_the_cache() {
     }
     let s = stats(&mount.path);
     assert_eq!(s["remote_chunks"], fetched, "{s:?}");
+    mount.stop();
+    drop(server);
+}
+
+/// Waits until the mount at `mnt` counts `n` prefetched files.
+fn wait_prefetched(mnt: &Path, n: u64) {
+    let started = Instant::now();
+    while stats(mnt)["prefetched_files"] < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            stats(mnt)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_shared_trace_is_prefetched_by_the_next_build_of_its_name() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let tree = w.join("shared-tree");
+    let mut contents = Vec::new();
+    for (dir, n) in [("used", 6), ("unused", 4)] {
+        std::fs::create_dir_all(tree.join(dir)).unwrap();
+        for i in 0..n {
+            let size = if i % 2 == 0 { 6_000 + i } else { 300_000 + i };
+            let data = noise(size, 9000 + contents.len() as u64);
+            std::fs::write(tree.join(dir).join(format!("f{i}")), &data).unwrap();
+            contents.push((format!("{dir}/f{i}"), data));
+        }
+    }
+    let path = add_tree(&tree);
+    let store = format!("redb://{}/store.redb", w.display());
+    common::ingest(&store, &[&path]);
+    let (server, url) = serve(&store, "127.0.0.1:0");
+    let mnt = w.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let used: Vec<&(String, Vec<u8>)> =
+        contents.iter().filter(|(n, _)| n.starts_with("used/")).collect();
+
+    // A build of hello-2.12, traced and shared; and a session that is no
+    // build, traced but not shared.
+    let hash = "7rjj86a15146cq1d7sbfqbhb9ml0mbyl";
+    let cache = format!("redb://{}/first.redb", w.display());
+    let trace_dir = w.join("traces");
+    let mount = Mount::start(
+        &mnt,
+        &url,
+        &cache,
+        &["--trace-dir", trace_dir.to_str().unwrap(), "--share-traces"],
+    );
+    let inside = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
+    let files: Vec<PathBuf> = used.iter().map(|(n, _)| inside.join(n)).collect();
+    read_in_a_build(&files, Some(&format!("/nix/store/{hash}-hello-2.12")));
+    read_in_a_session(&[inside.join("unused/f0")]);
+    let found = traces(&trace_dir, used.len() + 1);
+    assert_eq!(found.len(), 2, "{found:?}");
+    // Shared at unmount at the latest.
+    mount.stop();
+
+    // The next version's build, on a mount with an empty cache: its first
+    // read starts the prefetch of what the last build read.
+    let cache = format!("redb://{}/second.redb", w.display());
+    let mount = Mount::start(&mnt, &url, &cache, &["--prefetch-shared"]);
+    let inside = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
+    read_in_a_build(
+        &[inside.join("used/f0")],
+        Some(&format!("/nix/store/{hash}-hello-2.13")),
+    );
+    wait_prefetched(&mount.path, used.len() as u64);
+    let fetched = stats(&mount.path)["remote_chunks"];
+    for (name, data) in &used {
+        assert!(&std::fs::read(inside.join(name)).unwrap() == data, "{name}");
+    }
+    let s = stats(&mount.path);
+    assert_eq!(s["remote_chunks"], fetched, "read after the prefetch: {s:?}");
+
+    // A build of another name, and a session that is no build, prefetch
+    // nothing: the file they read is the only one fetched.
+    read_in_a_build(
+        &[inside.join("unused/f2")],
+        Some(&format!("/nix/store/{hash}-bash-5.2")),
+    );
+    read_in_a_session(&[inside.join("unused/f3")]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(stats(&mount.path)["prefetched_files"], used.len() as u64);
     mount.stop();
     drop(server);
 }

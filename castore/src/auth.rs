@@ -235,7 +235,9 @@ pub enum Need {
 impl Need {
     /// What a gRPC call of `path` (`/package.Service/Method`) needs.
     ///
-    /// Puts write. Every other call of the store's services reads,
+    /// Puts write, a trace's included: a trace only steers what builders
+    /// fetch ahead, but a builder that may write one may make every other
+    /// builder fetch what it names. Every other call of the store's services reads,
     /// `MissingChunks` and `ChunkerParams` included: writers ask them
     /// before a `Put`, but they store nothing, and what they tell (which
     /// chunks the store holds) is the store's contents, for a read token
@@ -258,6 +260,7 @@ impl Need {
             "lazystore.castore.v1.BlobService"
                 | "lazystore.castore.v1.DirectoryService"
                 | "lazystore.pathinfo.v1.PathInfoService"
+                | "lazystore.pathinfo.v1.TraceService"
         );
         // The reads, by name: a method added later needs a write token
         // until it is listed here.
@@ -425,6 +428,8 @@ mod tests {
             ("/lazystore.castore.v1.DirectoryService/Put", Write),
             ("/lazystore.pathinfo.v1.PathInfoService/Put", Write),
             ("/lazystore.pathinfo.v1.PathInfoService/Delete", Write),
+            ("/lazystore.pathinfo.v1.TraceService/Put", Write),
+            ("/lazystore.pathinfo.v1.TraceService/Get", Read),
             ("/lazystore.pathinfo.v1.PathInfoService/SomethingNew", Write),
             ("/lazystore.castore.v1.BlobService/ReadChunks", Read),
             ("/lazystore.castore.v1.BlobService/Stat", Read),

@@ -311,6 +311,7 @@ impl Filesystem for Adapter {
         }
         let (fs, failed_reads) = (self.fs.clone(), self.failed_reads.clone());
         self.spawn(async move {
+            fs.build_started(pid);
             match fs.read(Ino(ino.0), offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {

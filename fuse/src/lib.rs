@@ -30,4 +30,4 @@ pub use inode::Ino;
 pub use lazystore_castore::RetryPolicy;
 pub use mount::{MountConfig, MountError, Mounted, mount};
 pub use stats::{CounterSource, CountingBlobService, RemoteReads, Stats, StatsSnapshot};
-pub use trace::{TracePrefetch, Traces, read_trace};
+pub use trace::{QUIET as TRACE_QUIET, TracePrefetch, Traces, read_trace};

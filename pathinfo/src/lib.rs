@@ -15,6 +15,7 @@ pub mod render;
 pub mod stats;
 mod store;
 pub mod substitute;
+pub mod traces;
 
 mod narinfo;
 pub mod nixbase32;

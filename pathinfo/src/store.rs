@@ -41,6 +41,9 @@ use lazystore_castore::{
     S3Store, SyncMode,
 };
 
+use crate::traces::{
+    GrpcTraceService, MemoryTraceService, RedbTraceService, S3TraceService, TraceService,
+};
 use crate::nar_roots::NarRoots;
 use crate::pathinfos::{
     GrpcPathInfoService, MemoryPathInfoService, PathInfo, PathInfoError, PathInfoService,
@@ -82,6 +85,9 @@ pub struct Store {
     pub directories: Arc<dyn DirectoryService>,
     /// Store paths, published last.
     pub path_infos: Arc<dyn PathInfoService>,
+    /// What builds read, kept for the next build of the same name
+    /// (`traces/`): beside the PathInfos, in the same backend.
+    pub traces: Arc<dyn TraceService>,
     /// The local chunk cache in front of the blobs and directories, if
     /// [`Store::open`] (or [`Store::with_cache`]) put one there.
     pub local_cache: Option<CacheStore>,
@@ -367,6 +373,7 @@ impl Store {
             blobs: Blobs::new(Arc::new(MemoryBlobService::new()), ChunkerParams::default()),
             directories: Arc::new(MemoryDirectoryService::new()),
             path_infos: Arc::new(MemoryPathInfoService::new()),
+            traces: Arc::new(MemoryTraceService::default()),
             local_cache: None,
             nar_roots: NarRoots::none(),
             connection: None,
@@ -385,6 +392,7 @@ impl Store {
             ),
             directories: Arc::new(RedbDirectoryService::new(store.clone())),
             path_infos: Arc::new(RedbPathInfoService::new(store.clone())),
+            traces: Arc::new(RedbTraceService::new(store.clone())),
             local_cache: None,
             nar_roots: NarRoots::in_store(store.clone()),
             connection: None,
@@ -404,6 +412,7 @@ impl Store {
             ),
             directories: Arc::new(GrpcDirectoryService::new(connection.clone())),
             path_infos: Arc::new(GrpcPathInfoService::new(connection.clone())),
+            traces: Arc::new(GrpcTraceService::new(connection.clone())),
             local_cache: None,
             nar_roots: NarRoots::none(),
             connection: Some(connection),
@@ -423,6 +432,7 @@ impl Store {
             ),
             directories: Arc::new(S3DirectoryService::new(store.clone())),
             path_infos: Arc::new(S3PathInfoService::new(store.clone())),
+            traces: Arc::new(S3TraceService::new(store.clone())),
             local_cache: None,
             nar_roots: NarRoots::none(),
             connection: None,
@@ -534,6 +544,7 @@ impl Store {
                 self.directories,
             )),
             path_infos: self.path_infos,
+            traces: self.traces,
             nar_roots: NarRoots::in_cache(cache.clone()),
             local_cache: Some(cache),
             connection: self.connection,

@@ -14,6 +14,7 @@ use lazystore_pathinfo::pathinfos::{
     GrpcPathInfoService, PathInfo, PathInfoError, PathInfoServer, PathInfoService,
     RedbPathInfoService,
 };
+use lazystore_pathinfo::traces::{TraceError, TraceServer};
 use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Signature, Store, StorePath, StorePathHash};
 
 mod common;
@@ -84,8 +85,10 @@ async fn redb() -> Backend {
 /// server stops with the backend.
 async fn grpc() -> Backend {
     let (served, corrupt, dir) = redb_store();
+    let traces = TraceServer::new(served.traces.clone()).into_service();
     let services = Services::new(served.blobs.service().clone(), served.directories.clone())
-        .add_service(PathInfoServer::new(served).into_service());
+        .add_service(PathInfoServer::new(served).into_service())
+        .add_service(traces);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("grpc+http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -243,6 +246,34 @@ async fn get_put_list() {
         assert_eq!(list_sorted(svc).await, vec![a, c, d], "{}", b.name);
         let unknown = store_path(4, "unknown");
         assert_eq!(svc.get(&unknown.hash()).await.unwrap(), None, "{}", b.name);
+    }
+}
+
+/// Traces: none until put, the latest put kept under its name, and a
+/// trace naming a file outside the store refused (by the server, for the
+/// gRPC client, which checks too: sent raw, it is refused there).
+#[tokio::test]
+async fn traces_are_kept_by_build_name() {
+    for b in backends().await {
+        let traces = &*b.store.traces;
+        let file = |n: u8| format!("/nix/store/{}/share/{n}", store_path(1, "hello-2.12"));
+        assert_eq!(traces.get("hello").await.unwrap(), None, "{}", b.name);
+        let first = vec![file(1), file(2)];
+        traces.put("hello", &first).await.unwrap();
+        assert_eq!(traces.get("hello").await.unwrap(), Some(first), "{}", b.name);
+        let second = vec![file(3)];
+        traces.put("hello", &second).await.unwrap();
+        traces.put("bash", &[file(4)]).await.unwrap();
+        assert_eq!(traces.get("hello").await.unwrap(), Some(second), "{}", b.name);
+        assert_eq!(traces.get("bash").await.unwrap(), Some(vec![file(4)]), "{}", b.name);
+        for (name, files) in [
+            ("hello", vec!["/etc/passwd".to_owned()]),
+            ("../hello", vec![file(1)]),
+        ] {
+            let e = traces.put(name, &files).await.unwrap_err();
+            assert!(matches!(e, TraceError::Invalid(_)), "{}: {e:?}", b.name);
+            assert_eq!(e.class(), ErrorClass::Permanent, "{}", b.name);
+        }
     }
 }
 

@@ -268,27 +268,47 @@ impl LazyFs {
         let Some(files) = prefetch.start(&path) else {
             return prefetch.covers(&path);
         };
-        let (store, stats) = (self.store.clone(), self.stats.clone());
+        self.spawn_prefetch(format!("the trace starting with {path}"), files);
+        true
+    }
+
+    /// On the first read of a build session (`mount --prefetch-shared`):
+    /// asks the store for the trace of the last build of its name, and
+    /// prefetches it, in the background. The read does not wait.
+    pub(crate) fn build_started(&self, pid: u32) {
+        let Some(prefetch) = &self.prefetch else {
+            return;
+        };
+        let Some((shared, name)) = prefetch.new_build(pid) else {
+            return;
+        };
+        let (fs, prefetch) = (self.clone_for_prefetch(), prefetch.clone());
         tokio::spawn(async move {
-            match lazystore_pathinfo::prefetch::prefetch(&store, &files).await {
-                Ok(done) => {
-                    stats.add(&stats.prefetched_files, done.files);
-                    tracing::info!(
-                        "prefetched the trace starting with {path}: {} files, {} bytes, {} requests in {:?}",
-                        done.files,
-                        done.bytes,
-                        done.requests,
-                        done.elapsed
-                    );
+            match shared.get(&name).await {
+                Ok(Some(files)) => {
+                    prefetch.add_started(files.clone());
+                    fs.spawn_prefetch(format!("the shared trace of {name}"), files);
                 }
+                Ok(None) => tracing::debug!("no shared trace of builds named {name}"),
                 // Nothing lost: each read fetches what it needs.
                 Err(e) => tracing::warn!(
-                    "prefetching the trace starting with {path}: {}",
+                    "cannot get the shared trace of builds named {name}: {}",
                     error_chain(&e)
                 ),
             }
         });
-        true
+    }
+
+    /// A handle on what a prefetch needs: the store and the counters.
+    fn clone_for_prefetch(&self) -> Prefetcher {
+        Prefetcher {
+            store: self.store.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    fn spawn_prefetch(&self, what: String, files: Vec<String>) {
+        self.clone_for_prefetch().spawn_prefetch(what, files);
     }
 
     /// The store chunker's minimum chunk size; `None` while it is not
@@ -395,5 +415,34 @@ impl LazyFs {
                 .collect();
             self.chunks.prefetch(&ahead, READAHEAD_BATCH, &inode.path);
         }
+    }
+}
+
+/// Fetches traces' files into the local cache, counting them.
+struct Prefetcher {
+    store: lazystore_pathinfo::Store,
+    stats: Arc<Stats>,
+}
+
+impl Prefetcher {
+    /// Prefetches `files` in the background; `what` names them in logs.
+    fn spawn_prefetch(self, what: String, files: Vec<String>) {
+        let Prefetcher { store, stats } = self;
+        tokio::spawn(async move {
+            match lazystore_pathinfo::prefetch::prefetch(&store, &files).await {
+                Ok(done) => {
+                    stats.add(&stats.prefetched_files, done.files);
+                    tracing::info!(
+                        "prefetched {what}: {} files, {} bytes, {} requests in {:?}",
+                        done.files,
+                        done.bytes,
+                        done.requests,
+                        done.elapsed
+                    );
+                }
+                // Nothing lost: each read fetches what it needs.
+                Err(e) => tracing::warn!("prefetching {what}: {}", error_chain(&e)),
+            }
+        });
     }
 }

@@ -131,6 +131,7 @@ pub fn test_store() -> (Store, Arc<MemoryBlobService>, Arc<Faults>) {
         blobs: Blobs::new(Arc::new(blobs), ChunkerParams::default()),
         directories: Arc::new(MemoryDirectoryService::new()),
         path_infos: Arc::new(MemoryPathInfoService::new()),
+        traces: Arc::new(lazystore_pathinfo::traces::MemoryTraceService::default()),
         local_cache: None,
         nar_roots: NarRoots::none(),
         connection: None,
