@@ -18,9 +18,9 @@ use lazystore_httpcache::{DEFAULT_MAX_REQUESTS, DEFAULT_PRIORITY, HttpCache, Nar
 use lazystore_importer::{NEGATIVE_TTL, PullThrough};
 use lazystore_pathinfo::gc::{Collector, collected_while_serving};
 use lazystore_pathinfo::pathinfos::PathInfoServer;
-use lazystore_pathinfo::traces::TraceServer;
 use lazystore_pathinfo::pathinfos::uses::FLUSH_EVERY;
 use lazystore_pathinfo::publish::{PublishPolicy, Publisher};
+use lazystore_pathinfo::traces::TraceServer;
 use lazystore_pathinfo::{
     LocalCache, SigningKey, Store, StoreOptions, default_store_url, grpc_https_url, grpc_tcp_url,
     grpc_unix_url, is_ephemeral, is_remote, is_s3,

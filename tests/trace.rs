@@ -219,8 +219,10 @@ fn a_shared_trace_is_prefetched_by_the_next_build_of_its_name() {
     let (server, url) = serve(&store, "127.0.0.1:0");
     let mnt = w.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let used: Vec<&(String, Vec<u8>)> =
-        contents.iter().filter(|(n, _)| n.starts_with("used/")).collect();
+    let used: Vec<&(String, Vec<u8>)> = contents
+        .iter()
+        .filter(|(n, _)| n.starts_with("used/"))
+        .collect();
 
     // A build of hello-2.12, traced and shared; and a session that is no
     // build, traced but not shared.
@@ -257,7 +259,10 @@ fn a_shared_trace_is_prefetched_by_the_next_build_of_its_name() {
         assert!(&std::fs::read(inside.join(name)).unwrap() == data, "{name}");
     }
     let s = stats(&mount.path);
-    assert_eq!(s["remote_chunks"], fetched, "read after the prefetch: {s:?}");
+    assert_eq!(
+        s["remote_chunks"], fetched,
+        "read after the prefetch: {s:?}"
+    );
 
     // A build of another name, and a session that is no build, prefetch
     // nothing: the file they read is the only one fetched.

@@ -41,13 +41,13 @@ use lazystore_castore::{
     S3Store, SyncMode,
 };
 
-use crate::traces::{
-    GrpcTraceService, MemoryTraceService, RedbTraceService, S3TraceService, TraceService,
-};
 use crate::nar_roots::NarRoots;
 use crate::pathinfos::{
     GrpcPathInfoService, MemoryPathInfoService, PathInfo, PathInfoError, PathInfoService,
     RedbPathInfoService, S3PathInfoService,
+};
+use crate::traces::{
+    GrpcTraceService, MemoryTraceService, RedbTraceService, S3TraceService, TraceService,
 };
 
 /// How long commands wait for a remote store's server to answer before

@@ -260,12 +260,27 @@ async fn traces_are_kept_by_build_name() {
         assert_eq!(traces.get("hello").await.unwrap(), None, "{}", b.name);
         let first = vec![file(1), file(2)];
         traces.put("hello", &first).await.unwrap();
-        assert_eq!(traces.get("hello").await.unwrap(), Some(first), "{}", b.name);
+        assert_eq!(
+            traces.get("hello").await.unwrap(),
+            Some(first),
+            "{}",
+            b.name
+        );
         let second = vec![file(3)];
         traces.put("hello", &second).await.unwrap();
         traces.put("bash", &[file(4)]).await.unwrap();
-        assert_eq!(traces.get("hello").await.unwrap(), Some(second), "{}", b.name);
-        assert_eq!(traces.get("bash").await.unwrap(), Some(vec![file(4)]), "{}", b.name);
+        assert_eq!(
+            traces.get("hello").await.unwrap(),
+            Some(second),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            traces.get("bash").await.unwrap(),
+            Some(vec![file(4)]),
+            "{}",
+            b.name
+        );
         for (name, files) in [
             ("hello", vec!["/etc/passwd".to_owned()]),
             ("../hello", vec![file(1)]),

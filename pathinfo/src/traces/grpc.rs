@@ -66,7 +66,9 @@ impl trace_service_server::TraceService for TraceServer {
         let name = request.into_inner().name;
         match self.traces.get(&name).await.map_err(status)? {
             Some(files) => Ok(Response::new(proto::Trace { name, files })),
-            None => Err(Status::not_found(format!("no trace of builds named {name:?}"))),
+            None => Err(Status::not_found(format!(
+                "no trace of builds named {name:?}"
+            ))),
         }
     }
 

@@ -17,7 +17,12 @@ pub struct MemoryTraceService {
 #[async_trait]
 impl TraceService for MemoryTraceService {
     async fn get(&self, name: &str) -> Result<Option<Vec<String>>, TraceError> {
-        Ok(self.traces.read().expect("lock poisoned").get(name).cloned())
+        Ok(self
+            .traces
+            .read()
+            .expect("lock poisoned")
+            .get(name)
+            .cloned())
     }
 
     async fn put(&self, name: &str, files: &[String]) -> Result<(), TraceError> {

@@ -180,7 +180,10 @@ mod tests {
             build_name(&p("rust-toolchain")).as_deref(),
             Some("rust-toolchain")
         );
-        assert_eq!(build_name(&p("foo-bar-1.0-dev")).as_deref(), Some("foo-bar"));
+        assert_eq!(
+            build_name(&p("foo-bar-1.0-dev")).as_deref(),
+            Some("foo-bar")
+        );
         assert_eq!(build_name("/tmp/x-hello"), None);
         assert_eq!(build_name("/nix/store/short-hello"), None);
     }
@@ -197,7 +200,10 @@ mod tests {
             vec!["/nix/store/a\nb".to_owned()],
             vec!["/nix/store/x".to_owned(); MAX_FILES + 1],
         ] {
-            assert!(matches!(check("hello", &files), Err(TraceError::Invalid(_))));
+            assert!(matches!(
+                check("hello", &files),
+                Err(TraceError::Invalid(_))
+            ));
         }
     }
 
