@@ -65,6 +65,10 @@ m = re.search(r"^--prefetch\s+[\d.]+\s+\d+\s+\d+\s+([\d.]+)×\s+([\d.]+)×", tex
 if m:
     add("trace", "500 files at 100 Mbit/s with --prefetch: wall / none", m.group(1), "×", 0.5)
     add("trace", "... gRPC requests / none", m.group(2), "×", 0.2)
+m = re.search(r"^shared\s+[\d.]+\s+\d+\s+\d+\s+([\d.]+)×\s+([\d.]+)×", text("trace"), re.M)
+if m:
+    add("trace", "... with the service's trace (--prefetch-shared): wall / none", m.group(1), "×", 0.5)
+    add("trace", "... gRPC requests / none", m.group(2), "×", 0.2)
 
 m = re.search(r"^fetched \(chunks\)\s+\d+\s+([\d.]+)%", text("partial"), re.M)
 if m:

@@ -9,6 +9,13 @@
 #              (the wall time counts both)
 #   --prefetch: the mount given the trace; it fetches the trace's files in
 #              the background once the workload reads the first of them
+#   shared:    the mount given no trace but --prefetch-shared: the first
+#              run's mount put its trace into the service (--share-traces)
+#              under the build's name; this run's workload is the next
+#              version of that build, and its first read starts the
+#              prefetch of what the service's trace names
+# The workload is a Nix build to the mount: its session's leader is given
+# `out` (as Nix gives a builder), so the trace has a build name.
 # Prints wall time, gRPC requests the service answered (its /metrics) and
 # chunk bytes the builder received, and the ratios to `none`.
 #
@@ -96,7 +103,8 @@ run() {
   local mount_pid=$!
   pids+=("$mount_pid")
   until [[ -s $t/mount.out ]]; do sleep 0.05; done
-  xargs -a "$t/mounted" -d '\n' setsid --wait cat >/dev/null
+  out=/nix/store/7rjj86a15146cq1d7sbfqbhb9ml0mbyl-trace-bench-$version \
+    xargs -a "$t/mounted" -d '\n' setsid --wait cat >/dev/null
   t1=$(now)
   r1=$(requests)
   local remote
@@ -106,9 +114,12 @@ run() {
   echo "$(awk "BEGIN { print $t1 - $t0 }") $((r1 - r0)) $remote"
 }
 
-read -r s_none q_none b_none < <(run none --trace-dir "$t/traces")
+version=1.0
+read -r s_none q_none b_none < <(run none --trace-dir "$t/traces" --share-traces)
+version=1.1
 read -r s_pre q_pre b_pre < <(run prefetch)
 read -r s_mnt q_mnt b_mnt < <(run mount-prefetch --prefetch "$t/traces")
+read -r s_sh q_sh b_sh < <(run shared --prefetch-shared)
 
 printf '%-12s %9s %9s %12s %10s %12s\n' run 'wall s' requests 'chunk bytes' 'wall/none' 'requests/none'
 row() {
@@ -118,4 +129,5 @@ row() {
 row none "$s_none" "$q_none" "$b_none"
 row prefetch "$s_pre" "$q_pre" "$b_pre"
 row --prefetch "$s_mnt" "$q_mnt" "$b_mnt"
+row shared "$s_sh" "$q_sh" "$b_sh"
 echo "prefetch: $(cat "$t/prefetch.out")"
