@@ -300,7 +300,28 @@ fn nix_build_over_a_lazy_closure_in_a_private_mount_namespace() {
     );
     inputs.forget();
 
-    let stats = build_in_namespace(dir, &url, &[], &inputs);
+    // Traced and shared: Nix gives its builder `out`, which names the trace.
+    let traces = dir.join("traces");
+    let stats = build_in_namespace(
+        dir,
+        &url,
+        &["--trace-dir", traces.to_str().unwrap(), "--share-traces"],
+        &inputs,
+    );
+    let traced: Vec<String> = std::fs::read_dir(&traces)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let small = format!("{}/share/small.txt", inputs.data);
+    assert!(
+        traced.iter().any(|t| t.starts_with("# lazystore trace v1")
+            && t.lines()
+                .next()
+                .unwrap()
+                .ends_with(", a build of lazystore-builder-reader")
+            && t.lines().any(|l| l == small)),
+        "no trace of the build names it and its read of {small}: {traced:?}"
+    );
     let fetched = stats["chunk_bytes_fetched"];
     let nar_bytes = inputs.nar_bytes;
     eprintln!("fetched {fetched} of {nar_bytes} bytes of NAR; counters: {stats:?}");
