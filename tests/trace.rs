@@ -70,19 +70,23 @@ fn traces(dir: &Path, at_least_lines: usize) -> Vec<(PathBuf, Vec<String>)> {
     }
 }
 
-#[test]
-fn a_traced_build_s_files_are_prefetched_and_read_from_the_cache() {
-    let work = tempfile::tempdir().unwrap();
-    let w = work.path();
-    // used/: what the build reads (small and large files); unused/: what
-    // it does not.
-    let tree = w.join("traced-tree");
+/// A tree of `used/f0…` (what the build reads) and `unused/f0…` (what it
+/// does not), small and large files in turn, seeded by `seed`, as a store
+/// path in a redb store in `w` served on 127.0.0.1: the server, its URL,
+/// the path and every file's contents by its name in the path.
+fn served_tree(
+    w: &Path,
+    used: u64,
+    unused: u64,
+    seed: u64,
+) -> (common::Proc, String, String, Vec<(String, Vec<u8>)>) {
+    let tree = w.join("tree");
     let mut contents = Vec::new();
-    for (dir, n) in [("used", 6), ("unused", 6)] {
+    for (dir, n) in [("used", used), ("unused", unused)] {
         std::fs::create_dir_all(tree.join(dir)).unwrap();
         for i in 0..n {
             let size = if i % 2 == 0 { 5_000 + i } else { 400_000 + i };
-            let data = noise(size, 7000 + contents.len() as u64);
+            let data = noise(size as usize, seed + contents.len() as u64);
             std::fs::write(tree.join(dir).join(format!("f{i}")), &data).unwrap();
             contents.push((format!("{dir}/f{i}"), data));
         }
@@ -91,6 +95,14 @@ fn a_traced_build_s_files_are_prefetched_and_read_from_the_cache() {
     let store = format!("redb://{}/store.redb", w.display());
     common::ingest(&store, &[&path]);
     let (server, url) = serve(&store, "127.0.0.1:0");
+    (server, url, path, contents)
+}
+
+#[test]
+fn a_traced_build_s_files_are_prefetched_and_read_from_the_cache() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (server, url, path, contents) = served_tree(w, 6, 6, 7000);
 
     // A traced build.
     let trace_dir = w.join("traces");
@@ -164,15 +176,7 @@ fn a_traced_build_s_files_are_prefetched_and_read_from_the_cache() {
     );
     let inside = mount.path.join(path.strip_prefix("/nix/store/").unwrap());
     assert!(std::fs::read(inside.join("used/f0")).unwrap() == contents[0].1);
-    let started = Instant::now();
-    while stats(&mount.path)["prefetched_files"] < 6 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            stats(&mount.path)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_prefetched(&mount.path, 6);
     let fetched = stats(&mount.path)["remote_chunks"];
     for (name, data) in &contents {
         if name.starts_with("used/") {
@@ -202,21 +206,7 @@ fn wait_prefetched(mnt: &Path, n: u64) {
 fn a_shared_trace_is_prefetched_by_the_next_build_of_its_name() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let tree = w.join("shared-tree");
-    let mut contents = Vec::new();
-    for (dir, n) in [("used", 6), ("unused", 4)] {
-        std::fs::create_dir_all(tree.join(dir)).unwrap();
-        for i in 0..n {
-            let size = if i % 2 == 0 { 6_000 + i } else { 300_000 + i };
-            let data = noise(size, 9000 + contents.len() as u64);
-            std::fs::write(tree.join(dir).join(format!("f{i}")), &data).unwrap();
-            contents.push((format!("{dir}/f{i}"), data));
-        }
-    }
-    let path = add_tree(&tree);
-    let store = format!("redb://{}/store.redb", w.display());
-    common::ingest(&store, &[&path]);
-    let (server, url) = serve(&store, "127.0.0.1:0");
+    let (server, url, path, contents) = served_tree(w, 6, 4, 9000);
     let mnt = w.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let used: Vec<&(String, Vec<u8>)> = contents
