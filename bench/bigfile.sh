@@ -13,11 +13,7 @@
 #   RUNS       runs of each (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$PWD
-
-work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 runs=${RUNS:-3}
-lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 . bench/lib.sh
 builder_corpus
 rust=$(grep -e -rust "$work/closure")

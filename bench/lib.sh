@@ -1,5 +1,9 @@
-# Shared by the bench scripts that run lazystore processes (cold.sh, warm.sh,
-# storage.sh, bigfile.sh): sourced after they set $lazystore.
+# Shared by the bench scripts that run lazystore processes on the builder
+# bench's corpus (bigfile.sh, cold.sh, partial.sh, storage.sh, warm.sh):
+# sourced from the repository's root. Sets $lazystore (the release binary)
+# and $work (the corpus: BENCH_DIR, default /var/tmp/lazystore-builder-bench).
+lazystore=${CARGO_TARGET_DIR:-$PWD/target}/release/lazystore
+work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
 export NIX_CONFIG=$'experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters ='
 now() { date +%s.%N; }
 

@@ -16,10 +16,6 @@
 #   SHARE      the share of the closure's NAR bytes to read (default 0.05)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$PWD
-
-work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
-lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 share=${SHARE:-0.05}
 . bench/lib.sh
 builder_corpus

@@ -14,10 +14,6 @@
 #              /var/tmp/lazystore-builder-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$PWD
-
-work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
-lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 . bench/lib.sh
 builder_corpus
 paths=$(grep -e -rust -e -python "$work/closure")

@@ -15,10 +15,6 @@
 #              /var/tmp/lazystore-builder-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$PWD
-
-work=${BENCH_DIR:-/var/tmp/lazystore-builder-bench}
-lazystore=${CARGO_TARGET_DIR:-$repo/target}/release/lazystore
 . bench/lib.sh
 builder_corpus
 mnt=$work/warm-mnt
