@@ -255,7 +255,7 @@ struct Prefetches {
 }
 
 impl Prefetches {
-    fn add(&mut self, trace: Vec<String>, started: bool) -> usize {
+    fn add(&mut self, trace: Vec<String>, started: bool) {
         let i = self.traces.len();
         if let Some(first) = trace.first() {
             self.by_first.entry(first.clone()).or_default().push(i);
@@ -265,7 +265,6 @@ impl Prefetches {
         }
         self.traces.push(trace);
         self.started.push(started);
-        i
     }
 }
 

@@ -268,7 +268,8 @@ impl LazyFs {
         let Some(files) = prefetch.start(&path) else {
             return prefetch.covers(&path);
         };
-        self.spawn_prefetch(format!("the trace starting with {path}"), files);
+        self.prefetcher()
+            .spawn(format!("the trace starting with {path}"), files);
         true
     }
 
@@ -282,12 +283,12 @@ impl LazyFs {
         let Some((shared, name)) = prefetch.new_build(pid) else {
             return;
         };
-        let (fs, prefetch) = (self.clone_for_prefetch(), prefetch.clone());
+        let (prefetcher, prefetch) = (self.prefetcher(), prefetch.clone());
         tokio::spawn(async move {
             match shared.get(&name).await {
                 Ok(Some(files)) => {
                     prefetch.add_started(files.clone());
-                    fs.spawn_prefetch(format!("the shared trace of {name}"), files);
+                    prefetcher.spawn(format!("the shared trace of {name}"), files);
                 }
                 Ok(None) => tracing::debug!("no shared trace of builds named {name}"),
                 // Nothing lost: each read fetches what it needs.
@@ -299,16 +300,13 @@ impl LazyFs {
         });
     }
 
-    /// A handle on what a prefetch needs: the store and the counters.
-    fn clone_for_prefetch(&self) -> Prefetcher {
+    /// What a prefetch needs, to run in the background: the store and the
+    /// counters.
+    fn prefetcher(&self) -> Prefetcher {
         Prefetcher {
             store: self.store.clone(),
             stats: self.stats.clone(),
         }
-    }
-
-    fn spawn_prefetch(&self, what: String, files: Vec<String>) {
-        self.clone_for_prefetch().spawn_prefetch(what, files);
     }
 
     /// The store chunker's minimum chunk size; `None` while it is not
@@ -426,7 +424,7 @@ struct Prefetcher {
 
 impl Prefetcher {
     /// Prefetches `files` in the background; `what` names them in logs.
-    fn spawn_prefetch(self, what: String, files: Vec<String>) {
+    fn spawn(self, what: String, files: Vec<String>) {
         let Prefetcher { store, stats } = self;
         tokio::spawn(async move {
             match lazystore_pathinfo::prefetch::prefetch(&store, &files).await {
