@@ -14,6 +14,8 @@ use lazystore_pathinfo::pathinfos::{
     GrpcPathInfoService, PathInfo, PathInfoError, PathInfoServer, PathInfoService,
     RedbPathInfoService,
 };
+use lazystore_pathinfo::proto;
+use lazystore_pathinfo::proto::trace_service_client::TraceServiceClient;
 use lazystore_pathinfo::traces::{TraceError, TraceServer};
 use lazystore_pathinfo::{STORE_PATH_HASH_LEN, Signature, Store, StorePath, StorePathHash};
 
@@ -271,7 +273,7 @@ async fn traces_are_kept_by_build_name() {
         traces.put("bash", &[file(4)]).await.unwrap();
         assert_eq!(
             traces.get("hello").await.unwrap(),
-            Some(second),
+            Some(second.clone()),
             "{}",
             b.name
         );
@@ -288,7 +290,26 @@ async fn traces_are_kept_by_build_name() {
             let e = traces.put(name, &files).await.unwrap_err();
             assert!(matches!(e, TraceError::Invalid(_)), "{}: {e:?}", b.name);
             assert_eq!(e.class(), ErrorClass::Permanent, "{}", b.name);
+            // Sent raw, past the client's own check: the server refuses it
+            // and keeps the trace it had.
+            if let Some(client) = &b.replaces {
+                let mut raw = TraceServiceClient::new(client.connection().channel());
+                let status = raw
+                    .put(proto::Trace {
+                        name: name.to_owned(),
+                        files,
+                    })
+                    .await
+                    .unwrap_err();
+                assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            }
         }
+        assert_eq!(
+            traces.get("hello").await.unwrap(),
+            Some(second),
+            "{}",
+            b.name
+        );
     }
 }
 

@@ -3,9 +3,9 @@
 //! [`GrpcTraceService`], the client, sharing the castore clients'
 //! [`Connection`] and retry policy. A put is idempotent (the same trace
 //! under the same name), so both calls are retried on transient failures.
-//! The server checks every trace put ([`check`]) and the client every
-//! trace got: a trace is a hint, but one naming files outside the store
-//! is refused on both sides.
+//! The server's backend checks every trace put ([`check`]) and the client
+//! every trace got: a trace is a hint, but one naming files outside the
+//! store is refused on both sides.
 
 use std::sync::Arc;
 
@@ -76,8 +76,8 @@ impl trace_service_server::TraceService for TraceServer {
         &self,
         request: Request<proto::Trace>,
     ) -> Result<Response<proto::PutTraceResponse>, Status> {
+        // Every backend checks what it is given ([`check`]).
         let trace = request.into_inner();
-        check(&trace.name, &trace.files).map_err(status)?;
         self.traces
             .put(&trace.name, &trace.files)
             .await
