@@ -15,8 +15,8 @@ use lazystore_castore::blobs::{
 };
 use lazystore_castore::directories::{CachingDirectoryService, MemoryDirectoryService};
 use lazystore_castore::{
-    BlobError, BlobService, Blobs, CacheOptions, CacheStore, ChunkerParams, Digest, Directory,
-    DirectoryError, DirectoryService, Node, PathComponent,
+    BlobError, BlobService, Blobs, CacheOptions, CacheStats, CacheStore, ChunkerParams, Digest,
+    Directory, DirectoryError, DirectoryService, Node, PathComponent,
 };
 use rand::RngExt;
 
@@ -119,6 +119,22 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Which of `chunks` the cache holds once what it queued is written
+    /// (evicting what no longer fits).
+    fn held(&self, chunks: &[Digest]) -> Vec<bool> {
+        self.local.write_queued();
+        chunks
+            .iter()
+            .map(|x| self.local.contains_chunk(x))
+            .collect()
+    }
+
+    /// The cache's stats once what it queued is written.
+    fn stats(&self) -> CacheStats {
+        self.local.write_queued();
+        self.local.stats()
+    }
+
     fn new(max_bytes: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let remote_memory = Arc::new(MemoryBlobService::new());
@@ -215,7 +231,7 @@ async fn cost_of_chunk(len: usize) -> u64 {
     let f = Fixture::new(u64::MAX);
     let c = f.put_chunks(1, len).await;
     f.read(c[0]).await;
-    f.local.stats().bytes
+    f.stats().bytes
 }
 
 #[tokio::test]
@@ -325,7 +341,7 @@ async fn cached_reads_do_not_touch_the_remote() {
         (1, n),
         "cached reads went to the remote"
     );
-    let stats = f.local.stats();
+    let stats = f.stats();
     assert_eq!((stats.chunks, stats.blobs), (n as u64, 1));
 
     // Directories: one get of each from the remote, then none.
@@ -420,13 +436,13 @@ async fn evicts_the_least_recently_used() {
     let f = Fixture::new(bound);
     let c = f.put_chunks(4, LEN).await;
     let (a, b, cc, d) = (c[0], c[1], c[2], c[3]);
-    let held = |f: &Fixture| -> Vec<bool> { c.iter().map(|x| f.local.contains_chunk(x)).collect() };
+    let held = |f: &Fixture| f.held(&c);
 
     for x in [a, b, cc] {
         f.read(x).await;
     }
     assert_eq!(held(&f), [false, true, true, false]);
-    assert_eq!(f.local.stats().bytes, 2 * cost);
+    assert_eq!(f.stats().bytes, 2 * cost);
     assert!(f.cached(&a).is_none());
 
     // B is read again (from the cache), so C is now the least recent.
@@ -436,11 +452,38 @@ async fn evicts_the_least_recently_used() {
     f.read(d).await;
     assert_eq!(held(&f), [false, true, false, true]);
     assert!(f.cached(&cc).is_none());
-    assert!(f.local.stats().bytes <= bound);
+    assert!(f.stats().bytes <= bound);
     // A comes back from the remote, and pushes out B.
     f.read(a).await;
     assert_eq!(f.remote.observer().calls().1, before + 2);
     assert_eq!(held(&f), [true, false, false, true]);
+}
+
+#[tokio::test]
+async fn queued_records_are_found_and_written_at_close() {
+    let _shared = ALONE.read().await;
+    const LEN: usize = 30_000;
+    let mut f = Fixture::new(1 << 30);
+    let c = f.put_chunks(3, LEN).await;
+    let mut read = Vec::new();
+    for &x in &c {
+        read.push(f.read(x).await);
+    }
+    let fetched = f.remote.observer().calls().1;
+    // Found while queued (a writer may have stored some by now): read
+    // again without the remote.
+    for (&x, data) in c.iter().zip(&read) {
+        assert!(f.local.contains_chunk(&x));
+        assert_eq!(&f.read(x).await, data);
+    }
+    assert_eq!(f.remote.observer().calls().1, fetched);
+    // Closing writes what is still queued: nothing is lost by a clean stop.
+    f = f.reopen(1 << 30);
+    assert_eq!(f.local.stats().chunks, 3);
+    for (&x, data) in c.iter().zip(&read) {
+        assert_eq!(&f.read(x).await, data);
+    }
+    assert_eq!(f.remote.observer().calls().1, fetched);
 }
 
 #[tokio::test]
@@ -456,12 +499,12 @@ async fn reopen_keeps_accounting_and_recency() {
     }
     // A use that lives only in memory until the cache is closed.
     f.read(c[0]).await;
-    let stats = f.local.stats();
+    let stats = f.stats();
     assert_eq!((stats.chunks, stats.bytes), (3, 3 * cost));
 
     f = f.reopen(bound);
     // What is stored survives; the counts of lookups are this opening's.
-    let reopened = f.local.stats();
+    let reopened = f.stats();
     assert_eq!(
         (reopened.hits, reopened.misses, reopened.evictions),
         (0, 0, 0)
@@ -481,7 +524,7 @@ async fn reopen_keeps_accounting_and_recency() {
     }
     // The order survived: B, not A, is the least recently used.
     f.read(c[3]).await;
-    let held: Vec<bool> = c.iter().map(|x| f.local.contains_chunk(x)).collect();
+    let held = f.held(&c);
     assert_eq!(held, [true, false, true, true]);
     assert!(f.cached(&c[1]).is_none());
 
@@ -489,14 +532,14 @@ async fn reopen_keeps_accounting_and_recency() {
     f.read(c[2]).await;
     f.local.flush().unwrap();
     f = f.reopen(cost + cost / 2);
-    let held: Vec<bool> = c.iter().map(|x| f.local.contains_chunk(x)).collect();
+    let held = f.held(&c);
     assert_eq!(held, [false, false, true, false]);
-    assert_eq!(f.local.stats().bytes, cost);
+    assert_eq!(f.stats().bytes, cost);
     for x in [c[0], c[1], c[3]] {
         assert!(f.cached(&x).is_none());
     }
     f = f.reopen(bound);
-    assert_eq!(f.local.stats().bytes, cost);
+    assert_eq!(f.stats().bytes, cost);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -528,7 +571,7 @@ async fn concurrent_readers_stay_within_the_bound() {
     for t in tasks {
         t.await.unwrap();
     }
-    let stats = f.local.stats();
+    let stats = f.stats();
     assert!(stats.bytes <= bound, "{stats:?}");
     assert!(stats.chunks > 0);
     assert_eq!(read_all(&f.blobs(), digest).await.unwrap(), *data);
@@ -541,7 +584,7 @@ async fn oversized_records_are_not_cached() {
     let c = f.put_chunks(1, 20_000).await;
     assert_eq!(f.read(c[0]).await.len(), 20_000);
     assert!(!f.local.contains_chunk(&c[0]));
-    assert_eq!(f.local.stats().bytes, 0);
+    assert_eq!(f.stats().bytes, 0);
 }
 
 /// Prints what verifying a cached chunk costs, for the choice documented in
@@ -617,7 +660,7 @@ async fn file_levels_off_near_the_bound() {
             let meta = blobs.stat(d).await.unwrap().unwrap();
             blobs.read_range(d, &meta, 0, meta.size).await.unwrap();
         }
-        assert!(f.local.stats().bytes <= bound);
+        assert!(f.stats().bytes <= bound);
         sizes.push(f.local.disk_bytes().unwrap());
     }
     println!("on disk after each pass: {sizes:?} (bound {bound})");

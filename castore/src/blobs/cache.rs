@@ -66,18 +66,17 @@ impl CachingBlobService {
         &self.remote
     }
 
-    /// Caches `inserts` and drops `drops`. A cache that cannot write still
+    /// Queues `inserts` to cache and `drops` to drop (the cache writes them
+    /// behind, `cache_store/queue.rs`). A cache that cannot write still
     /// serves reads, so a failure is logged, not returned.
     async fn write_back(&self, inserts: Vec<Record>, drops: Vec<Key>) {
         if inserts.is_empty() && drops.is_empty() {
             return;
         }
         let local = self.local.clone();
-        let result = tokio::task::spawn_blocking(move || local.write(&inserts, &drops)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.local.warn_failed("blob", &e),
-            Err(e) => self.local.warn_failed("blob", &e),
+        let result = tokio::task::spawn_blocking(move || local.write(inserts, drops)).await;
+        if let Err(e) = result {
+            self.local.warn_failed("blob", &e);
         }
     }
 }

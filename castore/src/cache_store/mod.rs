@@ -19,10 +19,11 @@
 //! The parts: `layout.rs` has the tables and the byte layout of every
 //! record; `read.rs` the verified lookups ([`LocalRead`]); `accounting.rs`
 //! what each record costs and the in-memory index by last use that picks
-//! what is evicted; `write.rs` the write transaction, durability and the
-//! freeing of evicted space; `repair.rs` how the file and the index are
-//! brought back into agreement, on open and after a failed write; and
-//! `files.rs` the whole files kept for FUSE passthrough.
+//! what is evicted; `queue.rs` the records waiting to be written, in
+//! batches, by a writer thread; `write.rs` the write transaction,
+//! durability and the freeing of evicted space; `repair.rs` how the file
+//! and the index are brought back into agreement, on open and after a
+//! failed write; and `files.rs` the whole files kept for FUSE passthrough.
 //!
 //! [`CachingBlobService`]: crate::blobs::CachingBlobService
 //! [`CachingDirectoryService`]: crate::directories::CachingDirectoryService
@@ -32,6 +33,7 @@
 mod accounting;
 mod files;
 mod layout;
+mod queue;
 mod read;
 mod repair;
 mod write;
@@ -53,6 +55,7 @@ use self::accounting::{Index, TOUCHES_PER_FLUSH};
 use self::files::remove_unlisted_files;
 use self::layout::{BLOBS, CHUNKS, DIRECTORIES, PACK_BLOCK, Tables};
 pub(crate) use self::layout::{Key, Kind, Record};
+use self::queue::{WriteQueue, Writer};
 pub(crate) use self::read::Local;
 use self::read::parse_chunk;
 use self::repair::{drop_inline_chunks, load_index};
@@ -128,6 +131,8 @@ struct Inner {
     // redb's write transaction, so the index and the file change together;
     // hits only reorder.
     index: Mutex<Index>,
+    /// Records waiting to be written (`queue.rs`).
+    queue: Arc<WriteQueue>,
 }
 
 impl Inner {
@@ -159,6 +164,8 @@ impl Inner {
 /// [`CachingDirectoryService`]: crate::directories::CachingDirectoryService
 #[derive(Clone)]
 pub struct CacheStore {
+    /// Dropped first: the last handle's drop writes what is queued.
+    _writer: Arc<Writer>,
     inner: Arc<Inner>,
 }
 
@@ -236,19 +243,23 @@ impl CacheStore {
             dir: files_dir.clone(),
             source,
         })?;
+        let inner = Arc::new(Inner {
+            db,
+            files_dir,
+            packs: Arc::new(packs),
+            path: path.to_owned(),
+            max_bytes: options.max_bytes,
+            hits: Default::default(),
+            misses: Default::default(),
+            evictions: Default::default(),
+            index: Mutex::new(index),
+            queue: Arc::default(),
+        });
         let store = CacheStore {
-            inner: Arc::new(Inner {
-                db,
-                files_dir,
-                packs: Arc::new(packs),
-                path: path.to_owned(),
-                max_bytes: options.max_bytes,
-                hits: Default::default(),
-                misses: Default::default(),
-                evictions: Default::default(),
-                index: Mutex::new(index),
-            }),
+            _writer: Arc::new(Writer::start(inner.clone())),
+            inner,
         };
+
         store.inner.write(&[], &[], false).map_err(db_err)?;
         Ok(store)
     }
@@ -316,24 +327,35 @@ impl CacheStore {
         Ok(std::fs::metadata(&self.inner.path)?.len() + self.inner.packs.allocated_bytes()?)
     }
 
-    /// Whether the chunk is cached.
+    /// Whether the chunk is cached, or queued to be.
     pub fn contains_chunk(&self, digest: &Digest) -> bool {
+        let key = Key::chunk(*digest);
         self.inner
-            .index()
-            .entries
-            .contains_key(&Key::chunk(*digest))
+            .queue
+            .queued(&key)
+            .unwrap_or_else(|| self.inner.index().entries.contains_key(&key))
     }
 
-    /// Writes the recency updates still in memory and makes every commit
-    /// durable. Blocks: call it from `spawn_blocking`.
+    /// Writes the queued records and the recency updates still in memory,
+    /// and makes every commit durable. Blocks: call it from
+    /// `spawn_blocking`.
     pub fn flush(&self) -> Result<(), redb::Error> {
+        self.inner.queue.flush();
         self.inner.write(&[], &[], true)
     }
 
+    /// Waits until the records queued so far are in the file (`queue.rs`),
+    /// for tests that look at it.
+    #[doc(hidden)]
+    pub fn write_queued(&self) {
+        self.inner.queue.flush();
+    }
+
     /// The chunk as stored, not decoded or verified: for tests that check
-    /// what the cache holds. Blocks.
+    /// what the cache holds. Writes what is queued first. Blocks.
     #[doc(hidden)]
     pub fn stored_chunk(&self, digest: &Digest) -> Result<Option<EncodedChunk>, redb::Error> {
+        self.inner.queue.flush();
         let txn = self.inner.db.begin_read()?;
         let chunks = txn.open_table(CHUNKS)?;
         let Some(v) = chunks.get(digest.as_bytes())? else {
@@ -388,6 +410,7 @@ impl CacheStore {
         digest: &Digest,
         f: impl FnOnce(&mut [u8]),
     ) -> Result<bool, redb::Error> {
+        self.inner.queue.flush();
         let txn = self.inner.db.begin_write()?;
         {
             let mut t = txn.open_table(table)?;
@@ -407,7 +430,11 @@ impl CacheStore {
         let pending = {
             let mut index = self.inner.index();
             for key in keys {
-                index.touch(key);
+                if index.entries.contains_key(&key) {
+                    index.touch(key);
+                } else {
+                    self.inner.queue.touch(key);
+                }
             }
             index.dirty.len()
         };
@@ -423,8 +450,12 @@ impl CacheStore {
     }
 
     /// Caches `inserts` (each verified by the caller) and drops `drops`,
-    /// evicting what no longer fits. Blocks: call it from `spawn_blocking`.
-    pub(crate) fn write(&self, inserts: &[Record], drops: &[Key]) -> Result<(), redb::Error> {
-        self.inner.write(inserts, drops, false)
+    /// evicting what no longer fits: queued, and written with others soon
+    /// after (`queue.rs`); lookups find them meanwhile. Blocks only while
+    /// the queue is full: call it from `spawn_blocking`.
+    pub(crate) fn write(&self, mut inserts: Vec<Record>, drops: Vec<Key>) {
+        // Never written (see `Inner::fill`), so not kept meanwhile either.
+        inserts.retain(|r| r.cost() <= self.inner.max_bytes);
+        self.inner.queue.push(inserts, drops);
     }
 }

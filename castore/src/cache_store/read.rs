@@ -10,6 +10,7 @@ use redb::{ReadOnlyTable, ReadableDatabase};
 
 use super::CacheStore;
 use super::layout::{BLOB_SIZE_AT, BLOBS, CHUNKS, DIRECTORIES, Key, Kind, blob_checksum};
+use super::queue::{Queued, WriteQueue};
 use crate::blobs::{BlobMeta, EncodedChunk, decode_chunk_list};
 use crate::chunk_record::IndexRecord;
 use crate::digest::Digest;
@@ -114,9 +115,12 @@ fn decode_chunk(packs: &Packs, digest: Digest, record: &[u8]) -> Result<EncodedC
     })
 }
 
-/// One snapshot of the cache file, for lookups. Every record it returns has
-/// been verified.
+/// One snapshot of the cache file, and the records queued for it
+/// (`queue.rs`), for lookups. Every record it returns has been verified:
+/// a queued one was before it was queued, and is checked again here all
+/// the same, as cheap insurance.
 pub(crate) struct LocalRead {
+    queue: Arc<WriteQueue>,
     packs: Arc<Packs>,
     chunks: ReadOnlyTable<DigestKey, &'static [u8]>,
     blobs: ReadOnlyTable<DigestKey, &'static [u8]>,
@@ -127,6 +131,16 @@ impl LocalRead {
     /// The chunk's decoded bytes, checked against its digest, as a raw
     /// [`EncodedChunk`].
     pub fn chunk(&self, digest: &Digest) -> Result<Local<EncodedChunk>, redb::Error> {
+        if let Some(Queued::Chunk(c)) = self.queue.find(&Key::chunk(*digest)) {
+            return Ok(match c.decode() {
+                Ok(data) => Local::Hit(EncodedChunk {
+                    encoding: ChunkEncoding::Raw,
+                    data,
+                    ..c
+                }),
+                Err(e) => Local::Damaged(Damaged::new(Key::chunk(*digest), e)),
+            });
+        }
         Ok(match self.chunks.get(digest.as_bytes())? {
             None => Local::Miss,
             Some(v) => match decode_chunk(&self.packs, *digest, v.value()) {
@@ -138,6 +152,9 @@ impl LocalRead {
 
     /// The blob's chunk list, checked against its checksum.
     pub fn blob(&self, digest: &Digest) -> Result<Local<BlobMeta>, redb::Error> {
+        if let Some(Queued::Blob(meta)) = self.queue.find(&Key::blob(*digest)) {
+            return Ok(Local::Hit(meta));
+        }
         Ok(match self.blobs.get(digest.as_bytes())? {
             None => Local::Miss,
             Some(v) => match decode_blob(*digest, v.value()) {
@@ -149,6 +166,12 @@ impl LocalRead {
 
     /// The directory, checked against its digest.
     pub fn directory(&self, digest: &Digest) -> Result<Local<Directory>, redb::Error> {
+        if let Some(Queued::Directory(encoding)) = self.queue.find(&Key::directory(*digest)) {
+            return Ok(match Directory::decode_verified(*digest, &encoding) {
+                Ok(d) => Local::Hit(d),
+                Err(e) => Local::Damaged(Damaged::new(Key::directory(*digest), e)),
+            });
+        }
         Ok(match self.directories.get(digest.as_bytes())? {
             None => Local::Miss,
             Some(v) => match Directory::decode_verified(*digest, v.value()) {
@@ -165,6 +188,7 @@ impl CacheStore {
     pub(crate) fn read(&self) -> Result<LocalRead, redb::Error> {
         let txn = self.inner.db.begin_read()?;
         Ok(LocalRead {
+            queue: self.inner.queue.clone(),
             packs: self.inner.packs.clone(),
             chunks: txn.open_table(CHUNKS)?,
             blobs: txn.open_table(BLOBS)?,

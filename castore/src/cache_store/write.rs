@@ -49,10 +49,22 @@ impl Inner {
         drops: &[Key],
         durable: bool,
     ) -> Result<(), redb::Error> {
+        self.write_touched(inserts, drops, &[], durable)
+    }
+
+    /// [`Inner::write`], and counts a use of each of `touched` after the
+    /// inserts: records used while they were queued (`queue.rs`).
+    pub(super) fn write_touched(
+        &self,
+        inserts: &[Record],
+        drops: &[Key],
+        touched: &[Key],
+        durable: bool,
+    ) -> Result<(), redb::Error> {
         let mut txn = self.db.begin_write()?;
         let mut freed = Freed::default();
         let planned = self
-            .fill(&txn, inserts, drops, &mut freed)
+            .fill(&txn, inserts, drops, touched, &mut freed)
             .and_then(|written| {
                 let Some(written) = written.or(durable.then_some(0)) else {
                     return Ok(None);
@@ -121,6 +133,7 @@ impl Inner {
         txn: &WriteTransaction,
         inserts: &[Record],
         drops: &[Key],
+        touched: &[Key],
         freed: &mut Freed,
     ) -> Result<Option<u64>, redb::Error> {
         let mut t = Tables::new(txn)?;
@@ -145,6 +158,9 @@ impl Inner {
             }
             for r in &inserts {
                 index.upsert(r.key(), r.cost());
+            }
+            for &key in touched {
+                index.touch(key);
             }
             let victims = index.evict_to(self.max_bytes);
             self.evictions
@@ -172,16 +188,21 @@ impl Inner {
 }
 
 impl Drop for Inner {
+    /// Writes what is queued and the uses still in memory, durably.
     fn drop(&mut self) {
+        let queued = self.queue.take();
         let pending = {
             let index = self.index();
             !index.dirty.is_empty() || index.undurable > 0
         };
-        if pending && let Err(e) = self.write(&[], &[], true) {
+        if (pending || !queued.inserts.is_empty() || !queued.drops.is_empty())
+            && let Err(e) =
+                self.write_touched(&queued.inserts, &queued.drops, &queued.touched, true)
+        {
             tracing::warn!(
                 path = %self.path.display(),
                 error = %e,
-                "cache: closing lost recency updates"
+                "cache: closing lost queued records and recency updates"
             );
         }
     }

@@ -108,7 +108,8 @@ impl CachingDirectoryService {
     }
 
     /// Caches `dirs` (each under the digest of its encoding, so nothing can
-    /// land under the wrong name) and drops `drops`. A failure is logged.
+    /// land under the wrong name) and drops `drops`, through the cache's
+    /// queue (`cache_store/queue.rs`). A failure is logged.
     async fn write_back(&self, dirs: Vec<Directory>, drops: Vec<Key>) {
         if dirs.is_empty() && drops.is_empty() {
             return;
@@ -122,13 +123,11 @@ impl CachingDirectoryService {
                     Record::Directory(Digest::of(&encoding), encoding)
                 })
                 .collect();
-            local.write(&inserts, &drops)
+            local.write(inserts, drops)
         })
         .await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.local.warn_failed("directory", &e),
-            Err(e) => self.local.warn_failed("directory", &e),
+        if let Err(e) = result {
+            self.local.warn_failed("directory", &e);
         }
     }
 }
