@@ -340,7 +340,7 @@ impl CacheStore {
     /// and makes every commit durable. Blocks: call it from
     /// `spawn_blocking`.
     pub fn flush(&self) -> Result<(), redb::Error> {
-        self.inner.queue.flush();
+        self.write_queued();
         self.inner.write(&[], &[], true)
     }
 

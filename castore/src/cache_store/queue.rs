@@ -65,6 +65,13 @@ struct State {
     closing: bool,
 }
 
+impl State {
+    /// The batches lookups see: the one filling, then the one being written.
+    fn batches(&self) -> impl Iterator<Item = &Batch> {
+        std::iter::once(&self.pending).chain(self.in_flight.as_deref())
+    }
+}
+
 /// The queue, shared by the cache and its writer thread.
 #[derive(Default)]
 pub(super) struct WriteQueue {
@@ -115,10 +122,7 @@ impl WriteQueue {
     /// The record queued under `key`, if any.
     pub(super) fn find(&self, key: &Key) -> Option<Queued> {
         let s = self.lock();
-        let record = s
-            .pending
-            .find(key)
-            .or_else(|| s.in_flight.as_deref().and_then(|b| b.find(key)))?;
+        let record = s.batches().find_map(|b| b.find(key))?;
         Some(match record {
             Record::Chunk(c) => Queued::Chunk(c.clone()),
             Record::Blob(_, meta) => Queued::Blob(meta.clone()),
@@ -142,11 +146,7 @@ impl WriteQueue {
     /// batch after the one holding it, when it is in the file.
     pub(super) fn touch(&self, key: Key) {
         let mut s = self.lock();
-        let queued = s.pending.at.contains_key(&key)
-            || s.in_flight
-                .as_deref()
-                .is_some_and(|b| b.at.contains_key(&key));
-        if queued {
+        if s.batches().any(|b| b.at.contains_key(&key)) {
             s.pending.touched.push(key);
         }
     }
@@ -155,9 +155,8 @@ impl WriteQueue {
     /// to be dropped (and nothing to be written in its place).
     pub(super) fn queued(&self, key: &Key) -> Option<bool> {
         let s = self.lock();
-        let batches = std::iter::once(&s.pending).chain(s.in_flight.as_deref());
         let mut dropped = false;
-        for b in batches {
+        for b in s.batches() {
             if b.at.contains_key(key) {
                 return Some(true);
             }
@@ -166,28 +165,25 @@ impl WriteQueue {
         dropped.then_some(false)
     }
 
-    /// Takes what is queued, if anything is: for the cache's close.
-    pub(super) fn take(&self) -> Batch {
-        std::mem::take(&mut self.lock().pending)
-    }
-
     /// The writer thread: writes each batch when it is due, and what is
-    /// queued when told to stop ([`Writer`]'s drop).
+    /// queued (uses of written records included) when told to stop
+    /// ([`Writer`]'s drop), durably.
     fn run(&self, cache: Arc<Inner>) {
         loop {
             let (batch, last) = {
                 let mut s = self.lock();
                 loop {
+                    if s.closing {
+                        if s.pending.since.is_none() && s.pending.touched.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
                     match s.pending.since {
-                        None if s.closing => return,
                         None => s = self.due.wait(s).expect("lock poisoned"),
                         Some(since) => {
                             let waited = since.elapsed();
-                            if s.pending.bytes >= BATCH_BYTES
-                                || waited >= DELAY
-                                || s.flushes > 0
-                                || s.closing
-                            {
+                            if s.pending.bytes >= BATCH_BYTES || waited >= DELAY || s.flushes > 0 {
                                 break;
                             }
                             s = self

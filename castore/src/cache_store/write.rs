@@ -188,21 +188,19 @@ impl Inner {
 }
 
 impl Drop for Inner {
-    /// Writes what is queued and the uses still in memory, durably.
+    /// Writes the uses still in memory, durably. What was queued is
+    /// written already: the writer stops, writing it, before the last
+    /// handle lets go of the cache (`queue.rs`).
     fn drop(&mut self) {
-        let queued = self.queue.take();
         let pending = {
             let index = self.index();
             !index.dirty.is_empty() || index.undurable > 0
         };
-        if (pending || !queued.inserts.is_empty() || !queued.drops.is_empty())
-            && let Err(e) =
-                self.write_touched(&queued.inserts, &queued.drops, &queued.touched, true)
-        {
+        if pending && let Err(e) = self.write(&[], &[], true) {
             tracing::warn!(
                 path = %self.path.display(),
                 error = %e,
-                "cache: closing lost queued records and recency updates"
+                "cache: closing lost recency updates"
             );
         }
     }
