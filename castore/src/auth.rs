@@ -272,6 +272,7 @@ impl Need {
                 | "Listing"
                 | "List"
                 | "Stat"
+                | "StatMany"
                 | "ReadChunks"
                 | "MissingChunks"
                 | "ChunkerParams"
@@ -433,6 +434,7 @@ mod tests {
             ("/lazystore.pathinfo.v1.PathInfoService/SomethingNew", Write),
             ("/lazystore.castore.v1.BlobService/ReadChunks", Read),
             ("/lazystore.castore.v1.BlobService/Stat", Read),
+            ("/lazystore.castore.v1.BlobService/StatMany", Read),
             ("/lazystore.castore.v1.BlobService/MissingChunks", Read),
             ("/lazystore.castore.v1.BlobService/ChunkerParams", Read),
             ("/lazystore.castore.v1.BlobService/ReportCorrupt", Read),

@@ -473,6 +473,55 @@ async fn missing_chunks_lists_the_absent_in_the_order_asked() {
     }
 }
 
+/// `stat_many` answers each blob asked, in order, an unknown one as `None`,
+/// however many are asked: more than one gRPC `StatMany` may carry
+/// (`MAX_STAT_BLOBS`), repeats, and none.
+#[tokio::test]
+async fn stat_many_answers_each_blob_in_the_order_asked() {
+    for b in backends().await {
+        let mut known = Vec::new();
+        for len in [100, 200, 300] {
+            let chunk = EncodedChunk::encode(random(len).into());
+            let only = vec![ChunkMeta {
+                digest: chunk.digest,
+                size: len as u64,
+            }];
+            let blob = Digest::of(&chunk.digest.as_bytes()[..8]);
+            let meta = BlobMeta::new(blob, len as u64, only).unwrap();
+            b.blobs
+                .put_chunks_and_blob(vec![chunk], blob, meta.clone())
+                .await
+                .unwrap();
+            known.push((blob, meta));
+        }
+        let unknown = Digest::of(b"never a blob");
+        let mut ask = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..1100 {
+            if i % 4 == 3 {
+                ask.push(unknown);
+                expected.push(None);
+            } else {
+                let (blob, meta) = &known[(i * 7) % 3];
+                ask.push(*blob);
+                expected.push(Some(meta.clone()));
+            }
+        }
+        let blobs = b.blobs();
+        assert_eq!(blobs.stat_many(&ask).await.unwrap(), expected, "{}", b.name);
+        // Again: from a cache's copies this time, where there is a cache.
+        assert_eq!(blobs.stat_many(&ask).await.unwrap(), expected, "{}", b.name);
+        assert_eq!(
+            blobs.stat_many(&[unknown, known[1].0]).await.unwrap(),
+            vec![None, Some(known[1].1.clone())],
+            "{}",
+            b.name
+        );
+        assert_eq!(blobs.stat_many(&[unknown]).await.unwrap(), vec![None]);
+        assert!(blobs.stat_many(&[]).await.unwrap().is_empty(), "{}", b.name);
+    }
+}
+
 #[tokio::test]
 async fn put_blob_refuses_missing_chunks() {
     for b in backends().await {

@@ -97,33 +97,89 @@ impl BlobService for CachingBlobService {
 
     /// From the cache if there, else from the remote and then cached.
     async fn stat(&self, blob: &Digest) -> Result<Option<BlobMeta>, BlobError> {
-        let (local, digest) = (self.local.clone(), *blob);
-        let found = tokio::task::spawn_blocking(move || {
-            let found = local.read()?.blob(&digest)?;
-            if let Local::Hit(_) = found {
-                local.touch([Key::blob(digest)]);
-            }
+        Ok(self.stat_many(&[*blob]).await?.pop().flatten())
+    }
+
+    /// Cached chunk lists from the cache (one lookup pass), the rest from
+    /// the remote in one `stat_many`, and what came back cached in one
+    /// write: a walk's lists cost a blocking task and a remote call per
+    /// batch, not per blob.
+    async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+        if blobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (local, want) = (self.local.clone(), blobs.to_vec());
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let read = local.read()?;
+            let found = want
+                .iter()
+                .map(|d| read.blob(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            local.touch(
+                want.iter()
+                    .zip(&found)
+                    .filter(|(_, f)| matches!(f, Local::Hit(_)))
+                    .map(|(d, _)| Key::blob(*d)),
+            );
             Ok::<_, redb::Error>(found)
         })
         .await;
-        let mut drops = Vec::new();
-        match found {
-            Ok(Ok(Local::Hit(meta))) => return Ok(Some(meta)),
-            Ok(Ok(Local::Miss)) => {}
-            Ok(Ok(Local::Damaged(e))) => {
-                self.local.warn_damaged("blob", &e);
-                drops.push(e.key());
+        let found = match looked_up {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                self.local.warn_failed("blob", &e);
+                blobs.iter().map(|_| Local::Miss).collect()
             }
-            Ok(Err(e)) => self.local.warn_failed("blob", &e),
-            Err(e) => self.local.warn_failed("blob", &e),
-        }
-        let meta = self.remote.stat(blob).await?;
-        let inserts = match &meta {
-            Some(m) => vec![Record::Blob(*blob, m.clone())],
-            None => Vec::new(),
+            Err(e) => {
+                self.local.warn_failed("blob", &e);
+                blobs.iter().map(|_| Local::Miss).collect()
+            }
         };
+        let mut drops = Vec::new();
+        let mut out = Vec::with_capacity(blobs.len());
+        let mut missed = Vec::new();
+        for (blob, found) in blobs.iter().zip(found) {
+            let meta = match found {
+                Local::Hit(meta) => Some(meta),
+                Local::Miss => None,
+                Local::Damaged(e) => {
+                    self.local.warn_damaged("blob", &e);
+                    drops.push(e.key());
+                    None
+                }
+            };
+            if meta.is_none() {
+                missed.push((out.len(), *blob));
+            }
+            out.push(meta);
+        }
+        if missed.is_empty() {
+            return Ok(out);
+        }
+        let ask: Vec<Digest> = missed.iter().map(|(_, d)| *d).collect();
+        let answers = match self.remote.stat_many(&ask).await {
+            Ok(answers) if answers.len() == ask.len() => answers,
+            Ok(answers) => {
+                return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
+                    asked: ask.len(),
+                    got: answers.len(),
+                })));
+            }
+            Err(e) => {
+                // The damaged copies go anyway: they are no use.
+                self.write_back(Vec::new(), drops).await;
+                return Err(e);
+            }
+        };
+        let mut inserts = Vec::new();
+        for ((at, blob), meta) in missed.into_iter().zip(answers) {
+            if let Some(meta) = &meta {
+                inserts.push(Record::Blob(blob, meta.clone()));
+            }
+            out[at] = meta;
+        }
         self.write_back(inserts, drops).await;
-        Ok(meta)
+        Ok(out)
     }
 
     /// Cached chunks from the cache, the rest from the remote in one call;

@@ -7,6 +7,9 @@
 //! idempotent, as the trait requires: storing a chunk or a chunk list twice
 //! stores it once.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
 use futures::stream;
 
@@ -15,7 +18,7 @@ use crate::chunker::ChunkerParams;
 use crate::digest::Digest;
 use crate::grpc::{
     AttemptError, BadMessage, Connection, InvalidUrl, MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS,
-    MAX_READ_CHUNKS,
+    MAX_READ_CHUNKS, MAX_STAT_BLOBS,
 };
 use crate::grpc::{AuthChannel, CallError, wire};
 use crate::proto;
@@ -27,6 +30,8 @@ use crate::proto::put_request::{BlobRecord, Item};
 pub struct GrpcBlobService {
     connection: Connection,
     client: BlobServiceClient<AuthChannel>,
+    /// The server answered `StatMany` with UNIMPLEMENTED: it predates it.
+    no_stat_many: Arc<AtomicBool>,
 }
 
 impl GrpcBlobService {
@@ -43,7 +48,11 @@ impl GrpcBlobService {
         let client = BlobServiceClient::new(connection.channel())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        GrpcBlobService { connection, client }
+        GrpcBlobService {
+            connection,
+            client,
+            no_stat_many: Arc::default(),
+        }
     }
 
     /// The connection it uses.
@@ -95,6 +104,48 @@ impl GrpcBlobService {
             .into());
         }
         Ok(())
+    }
+
+    /// One `StatMany` call for `blobs` (at most [`MAX_STAT_BLOBS`]), its
+    /// answers checked against what was asked.
+    async fn stat_batch(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, CallError> {
+        let request = proto::StatManyRequest {
+            digests: wire::digests_to_wire(blobs),
+        };
+        self.connection
+            .call("StatMany", || {
+                let mut client = self.client.clone();
+                let request = request.clone();
+                let timeout = self.connection.attempt_timeout();
+                async move {
+                    let mut stream = timeout.timed(client.stat_many(request)).await?.into_inner();
+                    let mut metas = Vec::with_capacity(blobs.len());
+                    while let Some(answer) = timeout.timed(stream.message()).await? {
+                        let Some(&blob) = blobs.get(metas.len()) else {
+                            return Err(BadMessage::new(
+                                "stream",
+                                "more chunk lists than asked for",
+                            )
+                            .into());
+                        };
+                        metas.push(match answer.unknown {
+                            true => None,
+                            false => Some(wire::chunk_list_from_wire(
+                                blob,
+                                answer.size,
+                                answer.chunks,
+                            )?),
+                        });
+                    }
+                    if metas.len() < blobs.len() {
+                        let got = metas.len();
+                        let message = format!("{got} chunk lists, {} asked for", blobs.len());
+                        return Err(BadMessage::new("stream", message).into());
+                    }
+                    Ok::<_, AttemptError>(metas)
+                }
+            })
+            .await
     }
 
     /// Sends `items` as one `Put` call, retried as a whole.
@@ -182,6 +233,28 @@ impl BlobService for GrpcBlobService {
             Err(BlobError::BlobNotFound(d)) if d == *blob => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// `StatMany`, [`MAX_STAT_BLOBS`] to a call: one round trip for a
+    /// batch instead of one per blob. A single blob is asked with `Stat`
+    /// (a unary call is the cheaper), and so is every blob of a server from
+    /// before `StatMany`, once it has said so.
+    async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+        if blobs.len() == 1 || self.no_stat_many.load(Ordering::Relaxed) {
+            return super::stat_each(self, blobs).await;
+        }
+        let mut metas = Vec::with_capacity(blobs.len());
+        for batch in blobs.chunks(MAX_STAT_BLOBS) {
+            match self.stat_batch(batch).await {
+                Ok(answer) => metas.extend(answer),
+                Err(e) if e.code() == Some(tonic::Code::Unimplemented) => {
+                    self.no_stat_many.store(true, Ordering::Relaxed);
+                    metas.extend(super::stat_each(self, batch).await?);
+                }
+                Err(e) => return Err(self.error(e)),
+            }
+        }
+        Ok(metas)
     }
 
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {

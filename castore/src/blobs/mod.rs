@@ -228,6 +228,21 @@ pub struct WrongChunkCount {
 /// Chunk lists [`BlobService::stat_many`] asks at once by default.
 pub const STAT_MANY_PARALLEL: usize = 16;
 
+/// The default [`BlobService::stat_many`]: one [`BlobService::stat`] per
+/// blob, [`STAT_MANY_PARALLEL`] at a time (also what a gRPC client falls
+/// back to against a server without `StatMany`).
+pub(crate) async fn stat_each<S: BlobService + ?Sized>(
+    service: &S,
+    blobs: &[Digest],
+) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(blobs.iter().copied())
+        .map(|blob| async move { service.stat(&blob).await })
+        .buffered(STAT_MANY_PARALLEL)
+        .try_collect()
+        .await
+}
+
 /// A chunk store backend.
 #[async_trait]
 pub trait BlobService: Send + Sync {
@@ -252,12 +267,7 @@ pub trait BlobService: Send + Sync {
     ///
     /// [`stat`]: BlobService::stat
     async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
-        use futures::{StreamExt, TryStreamExt};
-        futures::stream::iter(blobs.iter().copied())
-            .map(|blob| async move { self.stat(&blob).await })
-            .buffered(STAT_MANY_PARALLEL)
-            .try_collect()
-            .await
+        stat_each(self, blobs).await
     }
 
     /// The stored chunks, in the order asked. Must fail with

@@ -267,6 +267,24 @@ impl BlobService for RedbBlobService {
         .await
     }
 
+    /// All in one read transaction (a `Stat` each would open one per blob).
+    async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+        let blobs = blobs.to_vec();
+        self.read(move |t| {
+            blobs
+                .into_iter()
+                .map(|blob| {
+                    t.blobs
+                        .get(blob.as_bytes())
+                        .map_err(backend)?
+                        .map(|v| decode_blob(blob, v.value()))
+                        .transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn read_chunks(&self, chunks: &[Digest]) -> Result<Vec<EncodedChunk>, BlobError> {
         let store = self.store.clone();
         self.map_records(chunks, move |t, d, record| {

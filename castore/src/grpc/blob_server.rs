@@ -18,8 +18,8 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::wire::{self, BadMessage};
-use super::{MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS, MAX_READ_CHUNKS};
-use crate::blobs::{BlobError, BlobService, EncodedChunk};
+use super::{MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS, MAX_READ_CHUNKS, MAX_STAT_BLOBS};
+use crate::blobs::{BlobError, BlobService, EncodedChunk, STAT_BATCH, WrongChunkCount};
 use crate::digest::Digest;
 use crate::proto;
 use crate::proto::ChunkEncoding;
@@ -187,7 +187,61 @@ impl blob_service_server::BlobService for BlobServer {
         Ok(Response::new(proto::StatBlobResponse {
             size: meta.size,
             chunks: wire::chunk_list_to_wire(&meta),
+            unknown: false,
         }))
+    }
+
+    type StatManyStream = BoxStream<'static, Result<proto::StatBlobResponse, Status>>;
+
+    /// Asks the backend [`STAT_BATCH`] blobs at a time, one batch ahead of
+    /// what is sent, so an object store reads the lists of a pack once.
+    async fn stat_many(
+        &self,
+        request: Request<proto::StatManyRequest>,
+    ) -> Result<Response<Self::StatManyStream>, Status> {
+        let digests = wire::digests("digests", &request.get_ref().digests, MAX_STAT_BLOBS)?;
+        let batches: Vec<Vec<Digest>> = digests.chunks(STAT_BATCH).map(<[_]>::to_vec).collect();
+        let blobs = self.blobs.clone();
+        let mut failed = false;
+        let stream = stream::iter(batches)
+            .map(move |batch| {
+                let blobs = blobs.clone();
+                async move {
+                    let metas = blobs.stat_many(&batch).await?;
+                    if metas.len() != batch.len() {
+                        return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
+                            asked: batch.len(),
+                            got: metas.len(),
+                        })));
+                    }
+                    Ok(metas)
+                }
+            })
+            .buffered(2)
+            .flat_map(|batch| match batch {
+                Ok(metas) => stream::iter(metas.into_iter().map(|meta| {
+                    Ok(match meta {
+                        Some(meta) => proto::StatBlobResponse {
+                            size: meta.size,
+                            chunks: wire::chunk_list_to_wire(&meta),
+                            unknown: false,
+                        },
+                        None => proto::StatBlobResponse {
+                            unknown: true,
+                            ..Default::default()
+                        },
+                    })
+                }))
+                .left_stream(),
+                Err(e) => stream::once(async { Err(Status::from(e)) }).right_stream(),
+            })
+            // The first error ends the stream.
+            .take_while(move |item| {
+                let go = !failed;
+                failed |= item.is_err();
+                std::future::ready(go)
+            });
+        Ok(Response::new(stream.boxed()))
     }
 
     type ReadChunksStream = BoxStream<'static, Result<proto::ChunkData, Status>>;

@@ -55,6 +55,12 @@ pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// reads into several requests.
 pub const MAX_READ_CHUNKS: usize = 1024;
 
+/// Most blobs one `StatMany` request may ask for. The answer is streamed
+/// and read from the backend [`STAT_BATCH`](crate::blobs::STAT_BATCH) at a
+/// time, so, as for reads, this bounds the work of one request. Clients
+/// split longer lists into several requests.
+pub const MAX_STAT_BLOBS: usize = 1024;
+
 /// Most digests one `MissingChunks` request may carry (about 2.2 MiB).
 /// Clients split longer lists into several requests.
 pub const MAX_MISSING_CHUNKS: usize = 65536;
