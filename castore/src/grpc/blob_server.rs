@@ -193,34 +193,27 @@ impl blob_service_server::BlobService for BlobServer {
 
     type StatManyStream = BoxStream<'static, Result<proto::StatBlobResponse, Status>>;
 
-    /// Asks the backend [`STAT_BATCH`] blobs at a time, one batch ahead of
-    /// what is sent, so an object store reads the lists of a pack once.
+    /// Asks the backend [`STAT_BATCH`] blobs at a time, so an object store
+    /// reads the lists of a pack once.
     async fn stat_many(
         &self,
         request: Request<proto::StatManyRequest>,
     ) -> Result<Response<Self::StatManyStream>, Status> {
         let digests = wire::digests("digests", &request.get_ref().digests, MAX_STAT_BLOBS)?;
-        let batches: Vec<Vec<Digest>> = digests.chunks(STAT_BATCH).map(<[_]>::to_vec).collect();
         let blobs = self.blobs.clone();
-        let mut failed = false;
-        let stream = stream::iter(batches)
-            .map(move |batch| {
-                let blobs = blobs.clone();
-                async move {
-                    let metas = blobs.stat_many(&batch).await?;
-                    if metas.len() != batch.len() {
-                        return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
-                            asked: batch.len(),
-                            got: metas.len(),
-                        })));
-                    }
-                    Ok(metas)
+        let stream = answer_in_batches(digests, STAT_BATCH, move |batch| {
+            let blobs = blobs.clone();
+            async move {
+                let metas = blobs.stat_many(&batch).await?;
+                if metas.len() != batch.len() {
+                    return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
+                        asked: batch.len(),
+                        got: metas.len(),
+                    })));
                 }
-            })
-            .buffered(2)
-            .flat_map(|batch| match batch {
-                Ok(metas) => stream::iter(metas.into_iter().map(|meta| {
-                    Ok(match meta {
+                Ok(metas
+                    .into_iter()
+                    .map(|meta| match meta {
                         Some(meta) => proto::StatBlobResponse {
                             size: meta.size,
                             chunks: wire::chunk_list_to_wire(&meta),
@@ -231,17 +224,10 @@ impl blob_service_server::BlobService for BlobServer {
                             ..Default::default()
                         },
                     })
-                }))
-                .left_stream(),
-                Err(e) => stream::once(async { Err(Status::from(e)) }).right_stream(),
-            })
-            // The first error ends the stream.
-            .take_while(move |item| {
-                let go = !failed;
-                failed |= item.is_err();
-                std::future::ready(go)
-            });
-        Ok(Response::new(stream.boxed()))
+                    .collect())
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     type ReadChunksStream = BoxStream<'static, Result<proto::ChunkData, Status>>;
@@ -251,45 +237,29 @@ impl blob_service_server::BlobService for BlobServer {
         request: Request<proto::ReadChunksRequest>,
     ) -> Result<Response<Self::ReadChunksStream>, Status> {
         let digests = wire::digests("digests", &request.get_ref().digests, MAX_READ_CHUNKS)?;
-        let batches: Vec<Vec<Digest>> = digests
-            .chunks(READ_BATCH_CHUNKS)
-            .map(<[Digest]>::to_vec)
-            .collect();
         let (blobs, compress_raw) = (self.blobs.clone(), self.compress_raw);
-        let mut failed = false;
-        let stream = stream::iter(batches)
-            .map(move |batch| {
-                let blobs = blobs.clone();
-                async move {
-                    let chunks = blobs.read_chunks(&batch).await?;
-                    if !compress_raw || chunks.iter().all(|c| c.encoding != ChunkEncoding::Raw) {
-                        return Ok(chunks);
-                    }
-                    tokio::task::spawn_blocking(move || {
-                        chunks
-                            .into_iter()
-                            .map(|c| match c.encoding {
-                                ChunkEncoding::Raw => EncodedChunk::encode_as(c.digest, c.data),
-                                _ => c,
-                            })
-                            .collect()
-                    })
-                    .await
-                    .map_err(|e| BlobError::Internal(e.into()))
+        let stream = answer_in_batches(digests, READ_BATCH_CHUNKS, move |batch| {
+            let blobs = blobs.clone();
+            async move {
+                let chunks = blobs.read_chunks(&batch).await?;
+                if !compress_raw || chunks.iter().all(|c| c.encoding != ChunkEncoding::Raw) {
+                    return Ok(chunks.into_iter().map(Into::into).collect());
                 }
-            })
-            .buffered(2)
-            .flat_map(|batch| match batch {
-                Ok(chunks) => stream::iter(chunks.into_iter().map(|c| Ok(c.into()))).left_stream(),
-                Err(e) => stream::once(async { Err(Status::from(e)) }).right_stream(),
-            })
-            // The first error ends the stream.
-            .take_while(move |item| {
-                let go = !failed;
-                failed |= item.is_err();
-                std::future::ready(go)
-            });
-        Ok(Response::new(stream.boxed()))
+                tokio::task::spawn_blocking(move || {
+                    chunks
+                        .into_iter()
+                        .map(|c| match c.encoding {
+                            ChunkEncoding::Raw => EncodedChunk::encode_as(c.digest, c.data),
+                            _ => c,
+                        })
+                        .map(Into::into)
+                        .collect()
+                })
+                .await
+                .map_err(|e| BlobError::Internal(e.into()))
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     async fn stored_sizes(
@@ -394,4 +364,35 @@ impl blob_service_server::BlobService for BlobServer {
             blobs_stored,
         }))
     }
+}
+
+/// A streamed answer to a request for `digests`: `batch` of them at a
+/// time through `answer`, the next batch asked of the backend while one is
+/// sent; the items in order, and the first error ends the stream.
+fn answer_in_batches<T, F, Fut>(
+    digests: Vec<Digest>,
+    batch: usize,
+    answer: F,
+) -> BoxStream<'static, Result<T, Status>>
+where
+    T: Send + 'static,
+    F: FnMut(Vec<Digest>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Vec<T>, BlobError>> + Send + 'static,
+{
+    let batches: Vec<Vec<Digest>> = digests.chunks(batch).map(<[_]>::to_vec).collect();
+    let mut failed = false;
+    stream::iter(batches)
+        .map(answer)
+        .buffered(2)
+        .flat_map(|batch| match batch {
+            Ok(items) => stream::iter(items.into_iter().map(Ok)).left_stream(),
+            Err(e) => stream::once(async { Err(Status::from(e)) }).right_stream(),
+        })
+        // The first error ends the stream.
+        .take_while(move |item| {
+            let go = !failed;
+            failed |= item.is_err();
+            std::future::ready(go)
+        })
+        .boxed()
 }
