@@ -157,14 +157,8 @@ impl BlobService for CachingBlobService {
             return Ok(out);
         }
         let ask: Vec<Digest> = missed.iter().map(|(_, d)| *d).collect();
-        let answers = match self.remote.stat_many(&ask).await {
-            Ok(answers) if answers.len() == ask.len() => answers,
-            Ok(answers) => {
-                return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
-                    asked: ask.len(),
-                    got: answers.len(),
-                })));
-            }
+        let answers = match super::stat_many_checked(&*self.remote, &ask).await {
+            Ok(answers) => answers,
             Err(e) => {
                 // The damaged copies go anyway: they are no use.
                 self.write_back(Vec::new(), drops).await;

@@ -243,6 +243,23 @@ pub(crate) async fn stat_each<S: BlobService + ?Sized>(
         .await
 }
 
+/// `service.stat_many(blobs)`, failing with [`BlobError::BadAnswer`]
+/// unless it answers each blob asked: how a backend's batch is read by
+/// [`Blobs`], the gRPC server and the cache in front of a remote.
+pub(crate) async fn stat_many_checked<S: BlobService + ?Sized>(
+    service: &S,
+    blobs: &[Digest],
+) -> Result<Vec<Option<BlobMeta>>, BlobError> {
+    let metas = service.stat_many(blobs).await?;
+    if metas.len() != blobs.len() {
+        return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
+            asked: blobs.len(),
+            got: metas.len(),
+        })));
+    }
+    Ok(metas)
+}
+
 /// A chunk store backend.
 #[async_trait]
 pub trait BlobService: Send + Sync {

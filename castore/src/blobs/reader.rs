@@ -27,14 +27,7 @@ impl Blobs {
     ///
     /// [`BlobService::stat_many`]: super::BlobService::stat_many
     pub async fn stat_many(&self, blobs: &[Digest]) -> Result<Vec<Option<BlobMeta>>, BlobError> {
-        let metas = self.service.stat_many(blobs).await?;
-        if metas.len() != blobs.len() {
-            return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
-                asked: blobs.len(),
-                got: metas.len(),
-            })));
-        }
-        Ok(metas)
+        super::stat_many_checked(&*self.service, blobs).await
     }
 
     /// The chunk lists of `blobs` as a stream of batches in order, each

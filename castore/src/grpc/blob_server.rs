@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::wire::{self, BadMessage};
 use super::{MAX_MESSAGE_SIZE, MAX_MISSING_CHUNKS, MAX_READ_CHUNKS, MAX_STAT_BLOBS};
-use crate::blobs::{BlobError, BlobService, EncodedChunk, STAT_BATCH, WrongChunkCount};
+use crate::blobs::{BlobError, BlobService, EncodedChunk, STAT_BATCH, stat_many_checked};
 use crate::digest::Digest;
 use crate::proto;
 use crate::proto::ChunkEncoding;
@@ -184,11 +184,7 @@ impl blob_service_server::BlobService for BlobServer {
             .stat(&blob)
             .await?
             .ok_or(BlobError::BlobNotFound(blob))?;
-        Ok(Response::new(proto::StatBlobResponse {
-            size: meta.size,
-            chunks: wire::chunk_list_to_wire(&meta),
-            unknown: false,
-        }))
+        Ok(Response::new(wire::stat_to_wire(&meta)))
     }
 
     type StatManyStream = BoxStream<'static, Result<proto::StatBlobResponse, Status>>;
@@ -204,21 +200,11 @@ impl blob_service_server::BlobService for BlobServer {
         let stream = answer_in_batches(digests, STAT_BATCH, move |batch| {
             let blobs = blobs.clone();
             async move {
-                let metas = blobs.stat_many(&batch).await?;
-                if metas.len() != batch.len() {
-                    return Err(BlobError::BadAnswer(Box::new(WrongChunkCount {
-                        asked: batch.len(),
-                        got: metas.len(),
-                    })));
-                }
+                let metas = stat_many_checked(&*blobs, &batch).await?;
                 Ok(metas
                     .into_iter()
                     .map(|meta| match meta {
-                        Some(meta) => proto::StatBlobResponse {
-                            size: meta.size,
-                            chunks: wire::chunk_list_to_wire(&meta),
-                            unknown: false,
-                        },
+                        Some(meta) => wire::stat_to_wire(&meta),
                         None => proto::StatBlobResponse {
                             unknown: true,
                             ..Default::default()

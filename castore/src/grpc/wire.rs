@@ -124,6 +124,15 @@ pub(crate) fn chunk_list_to_wire(meta: &BlobMeta) -> Vec<proto::ChunkMeta> {
         .collect()
 }
 
+/// A known blob's answer to `Stat` and `StatMany`.
+pub(crate) fn stat_to_wire(meta: &BlobMeta) -> proto::StatBlobResponse {
+    proto::StatBlobResponse {
+        size: meta.size,
+        chunks: chunk_list_to_wire(meta),
+        unknown: false,
+    }
+}
+
 /// A wire chunk list, checked like any other ([`BlobMeta::new`]).
 pub(crate) fn chunk_list_from_wire(
     blob: Digest,
