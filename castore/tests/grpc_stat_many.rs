@@ -1,16 +1,18 @@
 //! Chunk lists over gRPC: a batch is one `StatMany` call, not a `Stat` per
 //! blob, and a server from before `StatMany` is still answered right, one
-//! `Stat` per blob, asked `StatMany` only once.
+//! `Stat` per blob, asked `StatMany` only once; requests over the bound are
+//! refused, and answers with more or fewer lists than asked are errors.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use lazystore_castore::blobs::{GrpcBlobService, MemoryBlobService};
 use lazystore_castore::directories::MemoryDirectoryService;
-use lazystore_castore::grpc::{BlobServer, CallCounts, Services, serve};
+use lazystore_castore::grpc::{BlobServer, CallCounts, MAX_STAT_BLOBS, Services, serve};
 use lazystore_castore::proto::{self, blob_service_server};
-use lazystore_castore::{BlobService, Blobs, ChunkerParams, Digest};
+use lazystore_castore::{BlobService, Blobs, ChunkerParams, Digest, error_chain};
 use tonic::{Request, Response, Status, Streaming};
 
 /// `n` one-chunk blobs stored through `blobs`, with their digests.
@@ -75,11 +77,14 @@ async fn a_batch_of_chunk_lists_is_one_call() {
     server.await.unwrap().unwrap();
 }
 
-/// A blob server from before `StatMany`: it answers `Stat` (from the real
-/// server) and nothing else, and counts the `StatMany` calls it refused.
+/// A blob server that answers `Stat` (from the real server) and nothing
+/// else but `StatMany` as set, counting those calls.
 struct OldServer {
     inner: BlobServer,
     stat_many_calls: Arc<AtomicUsize>,
+    /// `None`: UNIMPLEMENTED, a server from before `StatMany`; `Some(n)`:
+    /// `n` answers of unknown blobs, however many were asked.
+    stat_many_answers: Option<usize>,
 }
 
 fn too_old() -> Status {
@@ -109,7 +114,13 @@ impl blob_service_server::BlobService for OldServer {
         _: Request<proto::StatManyRequest>,
     ) -> Result<Response<Self::StatManyStream>, Status> {
         self.stat_many_calls.fetch_add(1, Ordering::SeqCst);
-        Err(too_old())
+        let n = self.stat_many_answers.ok_or_else(too_old)?;
+        let unknown = proto::StatBlobResponse {
+            unknown: true,
+            ..Default::default()
+        };
+        let answers = vec![Ok(unknown); n];
+        Ok(Response::new(Box::pin(futures::stream::iter(answers))))
     }
 
     type ReadChunksStream = BoxStream<'static, Result<proto::ChunkData, Status>>;
@@ -163,17 +174,12 @@ async fn a_server_without_stat_many_is_asked_blob_by_blob() {
     let local = Blobs::new(memory.clone(), ChunkerParams::default());
     let digests = put_blobs(&local, 40).await;
     let stat_many_calls = Arc::new(AtomicUsize::new(0));
-    let old = OldServer {
+    let (url, server) = serve_fake(OldServer {
         inner: BlobServer::new(memory),
         stat_many_calls: stat_many_calls.clone(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(blob_service_server::BlobServiceServer::new(old))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+        stat_many_answers: None,
+    })
+    .await;
 
     let remote = GrpcBlobService::connect_lazy(&url).unwrap();
     let mut ask = digests.clone();
@@ -190,4 +196,83 @@ async fn a_server_without_stat_many_is_asked_blob_by_blob() {
     // Refused once, then not asked again.
     assert_eq!(stat_many_calls.load(Ordering::SeqCst), 1);
     server.abort();
+}
+
+/// Serves `fake` on a free port of 127.0.0.1; its URL and task.
+async fn serve_fake(
+    fake: OldServer,
+) -> (
+    String,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(blob_service_server::BlobServiceServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (url, server)
+}
+
+/// A server that answers more or fewer chunk lists than asked is an error,
+/// never a list taken for another blob's.
+#[tokio::test]
+async fn more_or_fewer_chunk_lists_than_asked_are_an_error() {
+    let ask = [Digest::of(b"a"), Digest::of(b"b")];
+    for n in [1, 3] {
+        let (url, server) = serve_fake(OldServer {
+            inner: BlobServer::new(Arc::new(MemoryBlobService::new())),
+            stat_many_calls: Arc::default(),
+            stat_many_answers: Some(n),
+        })
+        .await;
+        let remote = GrpcBlobService::connect_lazy(&url).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(60), remote.stat_many(&ask))
+            .await
+            .expect("a bad answer is not retried forever");
+        let e = error_chain(&answer.expect_err("a wrong number of lists is refused"));
+        assert!(e.contains("chunk lists"), "{n} answers: {e}");
+        server.abort();
+    }
+}
+
+/// A `StatMany` over the bound, or with a digest that is none, is refused
+/// as INVALID_ARGUMENT before the backend is asked.
+#[tokio::test]
+async fn bad_stat_many_requests_are_refused() {
+    let services = Services::new(
+        Arc::new(MemoryBlobService::new()),
+        Arc::new(MemoryDirectoryService::new()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, services, async {
+        stopped.await.ok();
+    }));
+    let mut client = raw_client(addr).await;
+    let digest = |d: Digest| d.as_bytes().to_vec().into();
+    let too_many = (0..=MAX_STAT_BLOBS as u32)
+        .map(|i| digest(Digest::of(&i.to_le_bytes())))
+        .collect();
+    let short = vec![digest(Digest::of(b"a")), vec![1u8, 2, 3].into()];
+    for digests in [too_many, short] {
+        let refused = client
+            .stat_many(proto::StatManyRequest { digests })
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+/// A plain tonic client, past `GrpcBlobService`'s own checks.
+async fn raw_client(
+    addr: std::net::SocketAddr,
+) -> proto::blob_service_client::BlobServiceClient<tonic::transport::Channel> {
+    proto::blob_service_client::BlobServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
 }
