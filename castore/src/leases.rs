@@ -219,6 +219,10 @@ impl DirectoryService for LeasedDirectories {
         self.inner.get(digest).await
     }
 
+    async fn get_many(&self, digests: &[Digest]) -> Result<Vec<Option<Directory>>, DirectoryError> {
+        self.inner.get_many(digests).await
+    }
+
     async fn put(&self, dir: Directory) -> Result<Digest, DirectoryError> {
         self.touch(&dir);
         self.inner.put(dir).await

@@ -742,6 +742,70 @@ async fn get_recursive_is_breadth_first_each_once() {
     }
 }
 
+/// A tree wider than a server's batch of directories (64), with a
+/// subtree shared by many parents: `get_recursive` is still breadth first,
+/// each directory once, and `get_many` answers in the order asked.
+#[tokio::test]
+async fn wide_trees_come_whole_and_in_order() {
+    for b in backends().await {
+        let dirs = &b.directories;
+        let mut shared = Directory::new();
+        shared.add(name("s"), file(1)).unwrap();
+        let mut all = vec![shared.clone()];
+        let mut root = Directory::new();
+        let mut middles = Vec::new();
+        for i in 0..150u64 {
+            let mut leaf = Directory::new();
+            leaf.add(name("f"), file(i + 2)).unwrap();
+            let mut middle = Directory::new();
+            middle.add(name("leaf"), Node::directory(&leaf)).unwrap();
+            middle
+                .add(name("shared"), Node::directory(&shared))
+                .unwrap();
+            root.add(name(&format!("d{i:03}")), Node::directory(&middle))
+                .unwrap();
+            all.push(leaf);
+            middles.push(middle);
+        }
+        all.extend(middles.iter().cloned());
+        all.push(root.clone());
+        let root_digest = dirs.put_all(all).await.unwrap().unwrap();
+
+        // Breadth first: the root, its 150 children in name order, then
+        // the next level in the order their parents came, each once.
+        let mut want = vec![root.clone()];
+        want.extend(middles.iter().cloned());
+        let mut seen = HashSet::new();
+        for m in &middles {
+            for (_, child, _) in m.subdirectories() {
+                if seen.insert(child) {
+                    want.push(dirs.get(&child).await.unwrap().unwrap());
+                }
+            }
+        }
+        assert_eq!(want.len(), 1 + 150 + 150 + 1);
+        let got = dirs.get_recursive(&root_digest).await.unwrap();
+        assert!(got == want, "{}: {} directories", b.name, got.len());
+
+        let unknown = Digest::of(b"unknown");
+        let ask = [
+            middles[3].digest(),
+            unknown,
+            root_digest,
+            middles[3].digest(),
+        ];
+        let got = dirs.get_many(&ask).await.unwrap();
+        let want = vec![
+            Some(middles[3].clone()),
+            None,
+            Some(root.clone()),
+            Some(middles[3].clone()),
+        ];
+        assert!(got == want, "{}", b.name);
+        assert!(dirs.get_many(&[]).await.unwrap().is_empty(), "{}", b.name);
+    }
+}
+
 #[tokio::test]
 async fn corrupt_directory_fails_get() {
     for b in backends().await {

@@ -110,20 +110,37 @@ pub trait DirectoryService: Send + Sync {
         Ok(last)
     }
 
+    /// The directories stored under `digests`, in the order asked, each
+    /// verified as [`get`](DirectoryService::get) does. One at a time
+    /// unless the backend can do better (redb: one read transaction;
+    /// S3: one GET per pack).
+    async fn get_many(&self, digests: &[Digest]) -> Result<Vec<Option<Directory>>, DirectoryError> {
+        let mut out = Vec::with_capacity(digests.len());
+        for d in digests {
+            out.push(self.get(d).await?);
+        }
+        Ok(out)
+    }
+
     /// `root` and every directory below it, root first and each directory
-    /// after its parent (breadth first), each once.
+    /// after its parent (breadth first), each once: a level of the tree
+    /// to one [`get_many`](DirectoryService::get_many).
     async fn get_recursive(&self, root: &Digest) -> Result<Vec<Directory>, DirectoryError> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::from([*root]);
-        let mut queue = std::collections::VecDeque::from([*root]);
-        while let Some(d) = queue.pop_front() {
-            let dir = self.get(&d).await?.ok_or(DirectoryError::NotFound(d))?;
-            for (_, child, _) in dir.subdirectories() {
-                if seen.insert(child) {
-                    queue.push_back(child);
+        let mut level = vec![*root];
+        while !level.is_empty() {
+            let mut next = Vec::new();
+            for (digest, dir) in level.iter().zip(self.get_many(&level).await?) {
+                let dir = dir.ok_or(DirectoryError::NotFound(*digest))?;
+                for (_, child, _) in dir.subdirectories() {
+                    if seen.insert(child) {
+                        next.push(child);
+                    }
                 }
+                out.push(dir);
             }
-            out.push(dir);
+            level = next;
         }
         Ok(out)
     }

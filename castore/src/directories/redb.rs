@@ -191,6 +191,13 @@ impl DirectoryService for RedbDirectoryService {
         self.read(move |t| get(t, digest)).await
     }
 
+    /// In one read transaction.
+    async fn get_many(&self, digests: &[Digest]) -> Result<Vec<Option<Directory>>, DirectoryError> {
+        let digests = digests.to_vec();
+        self.read(move |t| digests.into_iter().map(|d| get(t, d)).collect())
+            .await
+    }
+
     async fn put(&self, dir: Directory) -> Result<Digest, DirectoryError> {
         let store = self.store.clone();
         let digests = tokio::task::spawn_blocking(move || put_dirs(&store, vec![dir]))

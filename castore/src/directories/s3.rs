@@ -4,8 +4,8 @@
 //! reading them.
 //!
 //! Costs: `get` is one Range GET (and a LIST when the directory is not
-//! known here); `get_recursive` one GET per pack per level of the tree,
-//! every directory of a level asked at once; `put_all` (how ingest stores
+//! known here); `get_many` one GET per pack, so `get_recursive` is one
+//! GET per pack per level of the tree; `put_all` (how ingest stores
 //! a path's directories) is one write, so a path's tree shares the two
 //! PUTs of the pack it lands in, and becomes visible at once.
 
@@ -115,29 +115,21 @@ impl DirectoryService for S3DirectoryService {
         }
     }
 
-    /// Level by level: every directory of a level located and read at once.
-    async fn get_recursive(&self, root: &Digest) -> Result<Vec<Directory>, DirectoryError> {
-        let mut out = Vec::new();
-        let mut seen = HashSet::from([*root]);
-        let mut level = vec![*root];
-        while !level.is_empty() {
-            let read = self
-                .store
-                .locate_and_read(Kind::Directory, &level, Miss::Recent);
-            let read = read.await.map_err(backend)?;
-            let mut next = Vec::new();
-            for (digest, record) in level.iter().zip(read) {
-                let (_, bytes) = record.ok_or(DirectoryError::NotFound(*digest))?;
-                let dir = Directory::decode_verified(*digest, &bytes)?;
-                for (_, child, _) in dir.subdirectories() {
-                    if seen.insert(child) {
-                        next.push(child);
-                    }
-                }
-                out.push(dir);
-            }
-            level = next;
-        }
-        Ok(out)
+    /// Every one located and read at once: one GET per pack.
+    async fn get_many(&self, digests: &[Digest]) -> Result<Vec<Option<Directory>>, DirectoryError> {
+        let read = self
+            .store
+            .locate_and_read(Kind::Directory, digests, Miss::Recent);
+        read.await
+            .map_err(backend)?
+            .into_iter()
+            .zip(digests)
+            .map(|(record, digest)| {
+                record
+                    .map(|(_, bytes)| Directory::decode_verified(*digest, &bytes))
+                    .transpose()
+                    .map_err(DirectoryError::from)
+            })
+            .collect()
     }
 }

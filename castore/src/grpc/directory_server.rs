@@ -47,32 +47,54 @@ impl DirectoryServer {
     }
 }
 
-/// A recursive get in progress: breadth first from the root, each directory
-/// fetched from the backend only when the stream is ready for it.
+/// Directories a recursive get asks its backend for at once: one call
+/// per [`WALK_BATCH`] directories instead of one per directory (a 433-
+/// directory tree took 200–290 ms, one redb read transaction each, while
+/// the walk that asked for it waited).
+const WALK_BATCH: usize = 64;
+
+/// A recursive get in progress: breadth first from the root, the next
+/// [`WALK_BATCH`] directories fetched from the backend only when the
+/// stream has sent the ones before.
 struct Walk {
     directories: Arc<dyn DirectoryService>,
-    root: Option<Directory>,
+    /// Fetched, not sent yet.
+    ready: VecDeque<Directory>,
     queue: VecDeque<Digest>,
     seen: HashSet<Digest>,
 }
 
 impl Walk {
     async fn next(mut self) -> Option<(Result<proto::Directory, Status>, Walk)> {
-        let dir = match self.root.take() {
-            Some(root) => root,
-            None => {
-                let digest = self.queue.pop_front()?;
-                match self.directories.get(&digest).await {
-                    Ok(Some(dir)) => dir,
-                    failed => {
-                        // Nothing after the first error.
-                        self.queue.clear();
-                        let e = failed.err().unwrap_or(DirectoryError::NotFound(digest));
-                        return Some((Err(e.into()), self));
+        if self.ready.is_empty() {
+            let n = self.queue.len().min(WALK_BATCH);
+            if n == 0 {
+                return None;
+            }
+            let batch: Vec<Digest> = self.queue.drain(..n).collect();
+            let failed = match self.directories.get_many(&batch).await {
+                Ok(dirs) if dirs.len() == batch.len() => {
+                    let missing = batch.iter().zip(&dirs).find(|(_, d)| d.is_none());
+                    match missing {
+                        Some((digest, _)) => Some(DirectoryError::NotFound(*digest)),
+                        None => {
+                            self.ready = dirs.into_iter().flatten().collect();
+                            None
+                        }
                     }
                 }
+                Ok(dirs) => Some(DirectoryError::Internal(
+                    format!("asked {} directories, got {}", batch.len(), dirs.len()).into(),
+                )),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                // Nothing after the first error.
+                self.queue.clear();
+                return Some((Err(e.into()), self));
             }
-        };
+        }
+        let dir = self.ready.pop_front()?;
         for (_, child, _) in dir.subdirectories() {
             if self.seen.insert(child) {
                 self.queue.push_back(child);
@@ -105,7 +127,7 @@ impl directory_service_server::DirectoryService for DirectoryServer {
         }
         let walk = Walk {
             directories: self.directories.clone(),
-            root: Some(dir),
+            ready: VecDeque::from([dir]),
             queue: VecDeque::new(),
             seen: HashSet::from([root]),
         };

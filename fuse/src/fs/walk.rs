@@ -268,6 +268,7 @@ impl Streamer {
         min: u64,
     ) {
         let what = || format!("{name}: fetching its tree to stream it");
+        let asked = Instant::now();
         let tree = match retried(&self.retry, &self.stats, &what, || {
             self.store.directories.get_recursive(&root)
         })
@@ -295,6 +296,12 @@ impl Streamer {
         self.stats
             .add(&self.stats.directories_fetched, tree.len() as u64);
         let (files, first) = nar_order(&tree, root, &from);
+        tracing::debug!(
+            "{name}: {} directories, {} files to stream, in {:?}",
+            tree.len(),
+            files.len() - first,
+            asked.elapsed()
+        );
         let mut starts = Vec::with_capacity(files.len());
         let mut index = HashMap::with_capacity(files.len());
         let mut at = 0;
@@ -414,6 +421,7 @@ impl Streamer {
             }
         }
         lists.clear();
+        let asked = Instant::now();
         let what = || {
             format!(
                 "{name}: fetching {} chunk lists to stream them",
@@ -426,6 +434,11 @@ impl Streamer {
         .await
         {
             Ok(metas) => {
+                tracing::trace!(
+                    "{name}: {} chunk lists in {:?}",
+                    wanted.len(),
+                    asked.elapsed()
+                );
                 self.stats
                     .add(&self.stats.chunk_lists_fetched, wanted.len() as u64);
                 let mut ahead = self.chunk_lists_ahead.lock().expect("lock poisoned");
