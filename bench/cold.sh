@@ -11,6 +11,9 @@
 # Usage: bench/cold.sh   (as root; release build)
 #   BENCH_DIR  the builder bench's directory (default
 #              /var/tmp/lazystore-builder-bench)
+#   PAIRS      lazy/eager pairs per tree (default 3): one pair's ratio
+#              moves by a tenth or more with the machine's load, so the
+#              table gives the median ratio and every pair's
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -51,7 +54,41 @@ pids+=($!)
 until [[ -s $work/cold.port ]]; do sleep 0.1; done
 http="http://127.0.0.1:$(cat "$work/cold.port")"
 
-printf '%-8s %9s %8s %9s %8s %9s %12s %14s\n' tree files 'lazy s' 'eager s' 'native s' 'lazy/eager' 'lazy/native' 'mount RSS MiB'
+# One cold lazy walk of $p: sets lazy_s, lazy_hash, rss_mib.
+lazy_once() {
+  rm -rf "$work/cold-cache.redb" "$work/cold-cache.packs" "$work/cold-cache.files"
+  start_mount --store "$grpc" --cache "redb://$work/cold-cache.redb"
+  drop_caches
+  local t0 t1
+  t0=$(now)
+  lazy_hash=$(nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")")
+  t1=$(now)
+  lazy_s=$(awk "BEGIN{print $t1-$t0}")
+  rss_mib=$(awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$mount_pid/status")
+  stopped "$mount_pid"
+}
+
+# One eager copy of $p from its binary cache into a fresh store, then the
+# hash of the copy: sets eager_s, eager_hash; the copy stays.
+eager_once() {
+  rm -rf "$work/cold-eager"
+  drop_caches
+  local t0 t1
+  t0=$(now)
+  nix copy --from "$http" --to "local?root=$work/cold-eager" --option trusted-public-keys "$public" "$p" 2>>"$work/cold.log"
+  eager_hash=$(nix hash path --type sha256 --base32 "$work/cold-eager$p")
+  t1=$(now)
+  eager_s=$(awk "BEGIN{print $t1-$t0}")
+}
+
+# The median of the numbers given.
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# PAIRS pairs of one lazy and one eager measure per tree, the order
+# alternating (lazy first, then eager first) so a drift of the machine
+# falls on both; each pair's ratio, and the medians.
+pairs=${PAIRS:-3}
+printf '%-8s %9s %8s %9s %8s %12s %-22s %12s %14s\n' tree files 'lazy s' 'eager s' 'native s' 'lazy/eager' 'each pair' 'lazy/native' 'mount RSS MiB'
 for p in $(grep -e -rust -e -python "$work/closure"); do
   name=${p##*-}
   files=$(python3 -c "
@@ -60,35 +97,26 @@ def count(e):
     t=e.get('type')
     return 1 if t=='regular' else sum(count(c) for c in e.get('entries',{}).values()) if t=='directory' else 0
 print(count(json.load(open(sys.argv[1]))['root']))" "$work/cache/$(basename "$p" | cut -c1-32).ls")
+  lazies=() eagers=() ratios=() peak=0
+  for i in $(seq "$pairs"); do
+    if (( i % 2 )); then lazy_once; eager_once; else eager_once; lazy_once; fi
+    [[ $lazy_hash == "$eager_hash" ]] || { echo "bench/cold.sh: $name hashes differ" >&2; exit 1; }
+    lazies+=("$lazy_s") eagers+=("$eager_s")
+    ratios+=("$(awk "BEGIN{printf \"%.2f\", $lazy_s/$eager_s}")")
+    (( rss_mib > peak )) && peak=$rss_mib
+  done
 
-  # Lazy: an empty cache, the page cache dropped.
-  rm -rf "$work/cold-cache.redb" "$work/cold-cache.packs" "$work/cold-cache.files"
-  start_mount --store "$grpc" --cache "redb://$work/cold-cache.redb"
-  drop_caches
-  t0=$(now)
-  lazy_hash=$(nix hash path --type sha256 --base32 "$work/cold-mnt/$(basename "$p")")
-  t1=$(now)
-  rss_mib=$(awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$mount_pid/status")
-  stopped "$mount_pid"
-
-  # Eager: copy the path from its binary cache into a fresh store, then hash it.
-  rm -rf "$work/cold-eager"
-  drop_caches
-  t2=$(now)
-  nix copy --from "$http" --to "local?root=$work/cold-eager" --option trusted-public-keys "$public" "$p" 2>>"$work/cold.log"
-  eager_hash=$(nix hash path --type sha256 --base32 "$work/cold-eager$p")
-  t3=$(now)
-
-  # Native: the copy, cold.
+  # Native: the last copy, cold.
   drop_caches
   t4=$(now)
   nix hash path --type sha256 --base32 "$work/cold-eager$p" >/dev/null
   t5=$(now)
-  [[ $lazy_hash == "$eager_hash" ]] || { echo "bench/cold.sh: $name hashes differ" >&2; exit 1; }
-  awk -v n="$name" -v f="$files" -v l="$(awk "BEGIN{print $t1-$t0}")" -v e="$(awk "BEGIN{print $t3-$t2}")" \
-    -v nat="$(awk "BEGIN{print $t5-$t4}")" -v rss="$rss_mib" \
-    'BEGIN { printf "%-8s %9d %8.2f %9.2f %8.2f %9.2f× %11.2f× %14d\n", n, f, l, e, nat, l/e, l/nat, rss }'
   native_s[$name]=$(awk "BEGIN{print $t5-$t4}")
+  lazy_med=$(median "${lazies[@]}") eager_med=$(median "${eagers[@]}")
+  each=$(IFS=' '; echo "${ratios[*]}")
+  awk -v n="$name" -v f="$files" -v l="$lazy_med" -v e="$eager_med" -v r="$(median "${ratios[@]}")" \
+    -v each="$each" -v nat="${native_s[$name]}" -v rss="$peak" \
+    'BEGIN { printf "%-8s %9d %8.2f %9.2f %8.2f %11.2f× %-22s %11.2f× %14d\n", n, f, l, e, nat, r, each, l/nat, rss }'
   rm -rf "$work/cold-eager"
 done
 

@@ -40,10 +40,10 @@ for m in re.finditer(
 
 cold = text("cold")
 for m in re.finditer(
-    r"^(rust|python)\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s+([\d.]+)×\s+(\d+)", cold, re.M
+    r"^(rust|python)\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s+(?:[\d.]+\s+)*([\d.]+)×\s+(\d+)", cold, re.M
 ):
     tree, vs_eager, vs_native, rss = m.groups()
-    add("cold", f"{tree}: cold walk through serve / eager nix copy", vs_eager, "×", 1.0)
+    add("cold", f"{tree}: cold walk through serve / eager nix copy (median pair)", vs_eager, "×", 1.0)
     add("cold", f"{tree}: mount peak RSS", rss, "MiB", 200 if tree == "rust" else None)
 for m in re.finditer(r"^(rust|python)\s+[\d.]+\s+[\d.]+\s+([\d.]+)×\s*$", cold, re.M):
     tree, ratio = m.groups()
