@@ -131,8 +131,7 @@ pub trait DirectoryService: Send + Sync {
         let mut level = vec![*root];
         while !level.is_empty() {
             let mut next = Vec::new();
-            for (digest, dir) in level.iter().zip(self.get_many(&level).await?) {
-                let dir = dir.ok_or(DirectoryError::NotFound(*digest))?;
+            for dir in get_all(self, &level).await? {
                 for (_, child, _) in dir.subdirectories() {
                     if seen.insert(child) {
                         next.push(child);
@@ -144,6 +143,26 @@ pub trait DirectoryService: Send + Sync {
         }
         Ok(out)
     }
+}
+
+/// Every directory of `digests` by one [`DirectoryService::get_many`], in
+/// order: one not stored is [`DirectoryError::NotFound`] naming it, and a
+/// backend answering more or fewer than asked is an internal error. How a
+/// recursive get (the default's, the gRPC server's) reads a batch.
+pub(crate) async fn get_all<S: DirectoryService + ?Sized>(
+    service: &S,
+    digests: &[Digest],
+) -> Result<Vec<Directory>, DirectoryError> {
+    let dirs = service.get_many(digests).await?;
+    if dirs.len() != digests.len() {
+        let message = format!("asked {} directories, got {}", digests.len(), dirs.len());
+        return Err(DirectoryError::Internal(message.into()));
+    }
+    digests
+        .iter()
+        .zip(dirs)
+        .map(|(digest, dir)| dir.ok_or(DirectoryError::NotFound(*digest)))
+        .collect()
 }
 
 /// Checks that `dir`'s subdirectories are stored with matching sizes, using

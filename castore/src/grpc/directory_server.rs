@@ -22,7 +22,7 @@ const PUT_RUN: usize = 256;
 const PUT_RUN_BYTES: usize = 4 << 20;
 use super::wire::{self, BadMessage};
 use crate::digest::Digest;
-use crate::directories::{DirectoryError, DirectoryService};
+use crate::directories::{DirectoryError, DirectoryService, get_all};
 use crate::nodes::{DecodeDirectoryError, Directory};
 use crate::proto;
 use crate::proto::directory_service_server::{self, DirectoryServiceServer};
@@ -72,26 +72,13 @@ impl Walk {
                 return None;
             }
             let batch: Vec<Digest> = self.queue.drain(..n).collect();
-            let failed = match self.directories.get_many(&batch).await {
-                Ok(dirs) if dirs.len() == batch.len() => {
-                    let missing = batch.iter().zip(&dirs).find(|(_, d)| d.is_none());
-                    match missing {
-                        Some((digest, _)) => Some(DirectoryError::NotFound(*digest)),
-                        None => {
-                            self.ready = dirs.into_iter().flatten().collect();
-                            None
-                        }
-                    }
+            match get_all(&*self.directories, &batch).await {
+                Ok(dirs) => self.ready = dirs.into(),
+                Err(e) => {
+                    // Nothing after the first error.
+                    self.queue.clear();
+                    return Some((Err(e.into()), self));
                 }
-                Ok(dirs) => Some(DirectoryError::Internal(
-                    format!("asked {} directories, got {}", batch.len(), dirs.len()).into(),
-                )),
-                Err(e) => Some(e),
-            };
-            if let Some(e) = failed {
-                // Nothing after the first error.
-                self.queue.clear();
-                return Some((Err(e.into()), self));
             }
         }
         let dir = self.ready.pop_front()?;
